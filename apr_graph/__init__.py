@@ -1,0 +1,48 @@
+"""apr-graph: adaptive parallel reasoning for LangGraph on any OpenAI-compatible server.
+
+The model decides per task whether to answer directly or to fork into parallel threads;
+the threads run concurrently and their results are merged.
+
+Example:
+    >>> from apr_graph import AprSettings, compile_apr_graph
+    >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:8000/v1"))
+    >>> # result = app.invoke({"task": "Solve (a) 17*23 (b) 2**10 (c) 99+1"})
+"""
+
+from apr_graph.errors import (
+    AprError,
+    AuthenticationError,
+    ConfigurationError,
+    InputError,
+    ModelCallError,
+    ModelNotFoundError,
+    ServerUnreachableError,
+    StructuredOutputError,
+)
+from apr_graph.graph import compile_apr_graph, create_apr_graph
+from apr_graph.llm import Completion, LLMClient
+from apr_graph.settings import AprSettings
+from apr_graph.state import AprInput, AprOutput, Plan, Subtask, ThreadRecord
+
+__all__ = [
+    "AprError",
+    "AprInput",
+    "AprOutput",
+    "AprSettings",
+    "AuthenticationError",
+    "Completion",
+    "ConfigurationError",
+    "InputError",
+    "LLMClient",
+    "ModelCallError",
+    "ModelNotFoundError",
+    "Plan",
+    "ServerUnreachableError",
+    "StructuredOutputError",
+    "Subtask",
+    "ThreadRecord",
+    "compile_apr_graph",
+    "create_apr_graph",
+]
+
+__version__ = "0.1.0"

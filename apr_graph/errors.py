@@ -1,0 +1,88 @@
+"""One exception hierarchy for everything apr-graph raises on purpose."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AprError",
+    "ModelCallError",
+    "AuthenticationError",
+    "ModelNotFoundError",
+    "ServerUnreachableError",
+    "StructuredOutputError",
+    "ConfigurationError",
+    "InputError",
+]
+
+
+class AprError(Exception):
+    """Base class of apr-graph errors."""
+
+
+class ConfigurationError(AprError, ValueError):
+    """The call or the settings cannot work; the message says how to fix them."""
+
+
+class InputError(AprError, ValueError):
+    """The graph input is unusable (e.g. no ``task``); the message says what is expected."""
+
+
+class ModelCallError(AprError):
+    """A model request failed for good (after the retries that were worth making).
+
+    Attributes:
+        status_code: HTTP status of the last response, if there was one.
+        attempts: how many requests were sent.
+        url: the endpoint that was called.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        attempts: int = 1,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.attempts = attempts
+        self.url = url
+
+
+class AuthenticationError(ModelCallError):
+    """The server refused the API key (401/403). Never retried."""
+
+
+class ModelNotFoundError(ModelCallError):
+    """The server does not serve the requested model (404)."""
+
+
+class ServerUnreachableError(ModelCallError):
+    """No connection to the server could be made, even after retries."""
+
+
+class StructuredOutputError(ModelCallError):
+    """The model did not produce valid structured output, even after re-asks.
+
+    Attributes:
+        last_response: the last text the model returned.
+        errors: the validation error of every attempt, oldest first.
+        prompt_tokens / completion_tokens: what the failed attempts cost.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        last_response: str | None,
+        errors: list[str],
+        attempts: int,
+        url: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
+        super().__init__(message, attempts=attempts, url=url)
+        self.last_response = last_response
+        self.errors = errors
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens

@@ -1,0 +1,117 @@
+"""The factory: wiring only. Prompts live in ``prompts``, HTTP in ``llm``, logic in ``nodes``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from langchain_core.runnables import RunnableLambda
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Checkpointer
+
+from apr_graph._portal import Portal
+from apr_graph.llm import LLMClient
+from apr_graph.nodes import (
+    finish,
+    make_decompose,
+    make_fan_out,
+    make_synthesize,
+    make_worker,
+)
+from apr_graph.settings import AprSettings
+from apr_graph.state import AprInput, AprOutput, AprState, WorkerInput
+
+__all__ = [
+    "DECOMPOSE",
+    "WORKER",
+    "SYNTHESIZE",
+    "FINISH",
+    "create_apr_graph",
+    "compile_apr_graph",
+]
+
+DECOMPOSE = "decompose"
+WORKER = "worker"
+SYNTHESIZE = "synthesize"
+FINISH = "finish"
+
+
+def _sync_and_async(
+    name: str, afunc: Callable[[Any], Awaitable[dict[str, Any]]], portal: Portal
+) -> RunnableLambda[Any, dict[str, Any]]:
+    """A node usable from both ``ainvoke`` and ``invoke``."""
+
+    def func(state: Any) -> dict[str, Any]:
+        return portal.run(afunc(state))  # type: ignore[arg-type]
+
+    return RunnableLambda(func, afunc=afunc, name=name)
+
+
+def create_apr_graph(
+    *,
+    settings: AprSettings | None = None,
+    client: LLMClient | None = None,
+) -> StateGraph[AprState, None, AprInput, AprOutput]:
+    """Build the adaptive parallel reasoning graph (uncompiled).
+
+    The model first decides whether to answer directly (one call) or to split the task into
+    independent subtasks; each subtask becomes a thread (a ``Send``) and the threads run
+    concurrently, then one call merges their results.
+
+    Args:
+        settings: endpoint, models and limits; default ``AprSettings()`` (read from the
+            environment: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``).
+        client: a ready client to share between graphs; built from ``settings`` if omitted.
+
+    Returns:
+        A ``StateGraph``; compile it with the checkpointer of your choice. Input
+        ``{"task": str, "context": str?}``; output ``answer``, ``plan``, ``threads``, ``metrics``.
+
+    Raises:
+        ConfigurationError: no ``base_url`` is configured.
+
+    Example:
+        >>> from apr_graph import AprSettings, create_apr_graph
+        >>> settings = AprSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B")
+        >>> app = create_apr_graph(settings=settings).compile()
+        >>> # result = await app.ainvoke({"task": "Compare A, B and C on cost and speed"})
+    """
+    settings = settings or AprSettings()
+    client = client or LLMClient(settings)
+    portal = Portal()
+    builder = StateGraph(AprState, input_schema=AprInput, output_schema=AprOutput)
+    builder.add_node(
+        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings), portal)
+    )
+    builder.add_node(
+        WORKER, _sync_and_async(WORKER, make_worker(client), portal), input_schema=WorkerInput
+    )
+    builder.add_node(SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client), portal))
+    builder.add_node(FINISH, finish)
+    builder.add_edge(START, DECOMPOSE)
+    builder.add_conditional_edges(
+        DECOMPOSE, make_fan_out(WORKER, FINISH), [WORKER, FINISH]  # type: ignore[arg-type]
+    )
+    builder.add_edge(WORKER, SYNTHESIZE)
+    builder.add_edge(SYNTHESIZE, FINISH)
+    builder.add_edge(FINISH, END)
+    return builder
+
+
+def compile_apr_graph(
+    *,
+    settings: AprSettings | None = None,
+    client: LLMClient | None = None,
+    checkpointer: Checkpointer = None,
+    name: str = "apr-graph",
+) -> CompiledStateGraph[AprState, None, AprInput, AprOutput]:
+    """``create_apr_graph(...).compile(...)`` in one call.
+
+    Example:
+        >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:11434/v1"))
+        >>> # result = app.invoke({"task": "What is 2 + 2?"})
+    """
+    return create_apr_graph(settings=settings, client=client).compile(
+        checkpointer=checkpointer, name=name
+    )

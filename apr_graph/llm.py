@@ -1,0 +1,503 @@
+"""The one place that talks to OpenAI-compatible servers.
+
+- ``AsyncOpenAI(max_retries=0)``: the SDK never retries; one tenacity layer here decides, and
+  retries only what is worth retrying (connection errors, timeouts, 408, 409, 429, 5xx,
+  malformed or empty responses), honouring ``Retry-After``. 400/401/403/404 fail at once.
+- Structured output that works on every common backend: ``json_schema``, then
+  ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server), then the schema in
+  the prompt; every answer is parsed and validated, and an invalid one is re-asked with the
+  error shown to the model. What worked is remembered per endpoint and model.
+- ``<think>...</think>`` reasoning is stripped; a JSON answer cut off by ``length`` is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import re
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
+
+import openai
+from pydantic import BaseModel, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from apr_graph.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ModelCallError,
+    ModelNotFoundError,
+    ServerUnreachableError,
+    StructuredOutputError,
+)
+from apr_graph.prompts import repair_message, schema_instruction
+from apr_graph.settings import AprSettings, Role
+
+__all__ = ["Completion", "LLMClient", "StructuredMode", "strip_reasoning", "extract_json"]
+
+T = TypeVar("T", bound=BaseModel)
+StructuredMode = Literal["json_schema", "json_object", "prompt"]
+Message = dict[str, str]
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_MODE_CHAIN: tuple[StructuredMode, ...] = ("json_schema", "json_object", "prompt")
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.I)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The outcome of one logical model call (its retries and re-asks included).
+
+    Attributes:
+        text: the answer, reasoning stripped.
+        finish_reason: as the server reported it.
+        prompt_tokens / completion_tokens: summed over every request of the call.
+        cached_tokens: prompt tokens the server served from its prefix cache, when it says.
+        requests: HTTP requests sent.
+        started_at / ended_at: wall-clock times (``time.time()``).
+        mode: how structured output was obtained, or ``text``.
+    """
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+    requests: int
+    started_at: float
+    ended_at: float
+    model: str
+    mode: str = "text"
+
+    def plus(self, other: Completion) -> Completion:
+        """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
+        cached: int | None = None
+        if self.cached_tokens is not None or other.cached_tokens is not None:
+            cached = (self.cached_tokens or 0) + (other.cached_tokens or 0)
+        return replace(
+            other,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=cached,
+            requests=self.requests + other.requests,
+            started_at=self.started_at,
+        )
+
+
+class _TransientResponseError(Exception):
+    """A 200 response that carries no usable completion (empty choices, broken body)."""
+
+
+class _ModeRejected(Exception):
+    """The server refused a ``response_format`` type."""
+
+
+def strip_reasoning(text: str) -> str:
+    """Remove ``<think>...</think>`` blocks (and an unclosed leading one) from ``text``."""
+    text = _THINK.sub("", text)
+    if text.lstrip().lower().startswith("<think>"):
+        return ""
+    return text.strip()
+
+
+def extract_json(text: str) -> Any:
+    """Parse the first JSON object in ``text`` (code fences and prose around it tolerated)."""
+    cleaned = _FENCE.sub("", text.strip())
+    start = cleaned.find("{")
+    if start < 0:
+        raise ValueError("the reply contains no JSON object")
+    value, _ = json.JSONDecoder().raw_decode(cleaned[start:])
+    return value
+
+
+def _retry_after_s(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError | _TransientResponseError):
+        return True  # includes APITimeoutError
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
+    return False
+
+
+class _LoopState:
+    """The SDK client and request limiter of one event loop (neither may cross loops)."""
+
+    def __init__(self, settings: AprSettings, base_url: str) -> None:
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=settings.api_key.get_secret_value(),
+            max_retries=0,
+            timeout=settings.request_timeout_s,
+        )
+        self.limit = asyncio.Semaphore(settings.max_concurrency)
+
+
+class LLMClient:
+    """An OpenAI-compatible chat client with one retry layer and robust structured output.
+
+    One instance serves a whole graph; it may be shared by concurrent runs and event loops.
+
+    Args:
+        settings: endpoint, models, limits and retries.
+    """
+
+    def __init__(self, settings: AprSettings) -> None:
+        if settings.base_url is None:
+            raise ConfigurationError(
+                "no model server configured: pass AprSettings(base_url=...) or set "
+                "OPENAI_BASE_URL (e.g. http://localhost:8000/v1 for vLLM, "
+                "http://localhost:11434/v1 for Ollama)"
+            )
+        self.settings = settings
+        self.base_url: str = settings.base_url
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._modes: dict[str, StructuredMode] = {}
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _LoopState(self.settings, self.base_url)
+        return state
+
+    def _redact(self, text: str) -> str:
+        key = self.settings.api_key.get_secret_value()
+        return text.replace(key, "***") if len(key) >= 4 else text
+
+    # -- plain chat ---------------------------------------------------------------------
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        role: Role,
+        max_tokens: int | None = None,
+        response_format: dict[str, Any] | None = None,
+    ) -> Completion:
+        """One chat completion, retried on transient errors.
+
+        Raises:
+            AuthenticationError: 401/403, after exactly one request.
+            ModelNotFoundError: 404.
+            ServerUnreachableError: no connection after the retries.
+            ModelCallError: any other failure that retries did not cure.
+        """
+        model = self.settings.model_for(role)
+        started = time.time()
+        requests = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_retryable),
+            stop=stop_after_attempt(self.settings.max_retries + 1) | self._stop_if_wait_too_long,
+            wait=self._wait,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    requests += 1
+                    completion = await self._request(
+                        messages,
+                        model=model,
+                        role=role,
+                        max_tokens=max_tokens or self.settings.max_tokens_for(role),
+                        response_format=response_format,
+                    )
+        except Exception as exc:
+            raise self._translate(exc, model=model, attempts=requests) from exc
+        return replace(completion, requests=requests, started_at=started)
+
+    def _stop_if_wait_too_long(self, state: RetryCallState) -> bool:
+        # A server that asks for a longer pause than we allow fails fast instead of hanging.
+        if state.outcome is None or not state.outcome.failed:
+            return False
+        delay = _retry_after_s(state.outcome.exception())
+        return delay is not None and delay > self.settings.retry_max_wait_s
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = _retry_after_s(exc) if exc is not None else None
+        if delay is None:
+            delay = wait_exponential_jitter(initial=0.25, max=self.settings.retry_max_wait_s)(
+                state
+            )
+        return min(delay, self.settings.retry_max_wait_s)
+
+    async def _request(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        role: Role,
+        max_tokens: int,
+        response_format: dict[str, Any] | None,
+    ) -> Completion:
+        state = self._state()
+        kwargs: dict[str, Any] = {}
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        started = time.time()
+        async with state.limit:
+            try:
+                result: Any = await state.client.chat.completions.create(
+                    model=model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    max_tokens=max_tokens,
+                    temperature=self.settings.temperature,
+                    extra_headers={"X-Apr-Role": role},
+                    **kwargs,
+                )
+            except ValueError as exc:  # a 200 whose JSON body does not parse
+                raise _TransientResponseError(f"malformed response body: {exc}") from exc
+        if not isinstance(result, openai.types.chat.ChatCompletion):
+            snippet = str(result)[:120]
+            raise _TransientResponseError(f"the server did not return a completion: {snippet!r}")
+        choices = getattr(result, "choices", None)
+        if not choices:
+            raise _TransientResponseError("the server returned no choices")
+        choice = choices[0]
+        content = getattr(getattr(choice, "message", None), "content", None) or ""
+        text = strip_reasoning(content)
+        usage = getattr(result, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion_tokens = getattr(usage, "completion_tokens", None)
+        if prompt_tokens is None or completion_tokens is None:
+            # Some servers omit usage; an estimate (4 chars a token) beats a silent zero.
+            prompt_tokens = sum(len(m.get("content", "")) for m in messages) // 4
+            completion_tokens = len(content) // 4
+        return Completion(
+            text=text,
+            finish_reason=getattr(choice, "finish_reason", None),
+            prompt_tokens=int(prompt_tokens),
+            completion_tokens=int(completion_tokens),
+            cached_tokens=_cached_tokens(result),
+            requests=1,
+            started_at=started,
+            ended_at=time.time(),
+            model=model,
+        )
+
+    def _translate(self, exc: Exception, *, model: str, attempts: int) -> Exception:
+        url = self.base_url
+        if isinstance(exc, AuthenticationError | ModelCallError):
+            return exc
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return AuthenticationError(
+                f"the server at {url} refused the API key (HTTP {exc.status_code}); "
+                "check --api-key / OPENAI_API_KEY",
+                status_code=exc.status_code,
+                attempts=attempts,
+                url=url,
+            )
+        if isinstance(exc, openai.NotFoundError):
+            return ModelNotFoundError(
+                f"HTTP 404 from {url} for model {model!r}: {self._redact(_server_message(exc))}",
+                status_code=404,
+                attempts=attempts,
+                url=url,
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return ModelCallError(
+                f"request to {url} timed out after {self.settings.request_timeout_s:g}s "
+                f"({attempts} attempts); raise request_timeout_s if the model is slow",
+                attempts=attempts,
+                url=url,
+            )
+        if isinstance(exc, openai.APIConnectionError):
+            return ServerUnreachableError(
+                f"cannot connect to {url} ({attempts} attempts): is the server running, "
+                "and is the URL right (it usually ends in /v1)?",
+                attempts=attempts,
+                url=url,
+            )
+        if isinstance(exc, openai.APIStatusError):
+            hint = ""
+            delay = _retry_after_s(exc)
+            if delay is not None and delay > self.settings.retry_max_wait_s:
+                hint = f"; the server asked to wait {delay:g}s, beyond retry_max_wait_s"
+            return ModelCallError(
+                f"HTTP {exc.status_code} from {url} after {attempts} attempts: "
+                f"{self._redact(_server_message(exc))}{hint}",
+                status_code=exc.status_code,
+                attempts=attempts,
+                url=url,
+            )
+        if isinstance(exc, _TransientResponseError):
+            return ModelCallError(
+                f"{exc} (from {url}, {attempts} attempts)", attempts=attempts, url=url
+            )
+        return exc
+
+    # -- structured output ----------------------------------------------------------------
+    async def structured(
+        self,
+        messages: Sequence[Message],
+        output_type: type[T],
+        *,
+        role: Role,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> tuple[T, Completion]:
+        """Ask for JSON matching ``output_type`` and return it validated.
+
+        ``schema`` overrides the JSON schema sent to the server (e.g. with tighter bounds).
+
+        Raises:
+            StructuredOutputError: no valid answer after ``max_repairs`` re-asks.
+            ModelCallError: the request itself failed.
+        """
+        schema = schema or output_type.model_json_schema()
+        key = f"{self.base_url}|{self.settings.model_for(role)}"
+        if self.settings.structured_output != "auto":
+            modes: tuple[StructuredMode, ...] = (self.settings.structured_output,)
+        elif key in self._modes:
+            modes = (self._modes[key],)
+        else:
+            modes = _MODE_CHAIN
+        spent: Completion | None = None
+        for mode in modes:
+            try:
+                value, completion = await self._structured_in_mode(
+                    mode, messages, output_type, schema, role=role, max_tokens=max_tokens
+                )
+            except _ModeRejected as rejected:
+                spent = rejected.args[0] if spent is None else spent.plus(rejected.args[0])
+                continue
+            self._modes[key] = mode
+            return value, completion if spent is None else spent.plus(completion)
+        raise ModelCallError(
+            f"the server at {self.base_url} rejected every structured-output mode "
+            f"({', '.join(modes)})",
+            status_code=400,
+            url=self.base_url,
+        )
+
+    async def _structured_in_mode(
+        self,
+        mode: StructuredMode,
+        messages: Sequence[Message],
+        output_type: type[T],
+        schema: dict[str, Any],
+        *,
+        role: Role,
+        max_tokens: int | None,
+    ) -> tuple[T, Completion]:
+        conversation = [dict(m) for m in messages]
+        response_format: dict[str, Any] | None
+        if mode == "json_schema":
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": output_type.__name__, "schema": schema},
+            }
+        elif mode == "json_object":
+            response_format = {"type": "json_object", "schema": schema}
+        else:
+            response_format = None
+        if mode != "json_schema":
+            # json_object needs the word JSON in the prompt (OpenAI), and prompt mode needs
+            # the schema itself; both gain from seeing it.
+            conversation[0] = {
+                **conversation[0],
+                "content": conversation[0]["content"] + schema_instruction(schema),
+            }
+        errors: list[str] = []
+        total: Completion | None = None
+        last_text: str | None = None
+        for _ in range(self.settings.max_repairs + 1):
+            try:
+                completion = await self.chat(
+                    conversation, role=role, max_tokens=max_tokens, response_format=response_format
+                )
+            except ModelCallError as exc:
+                if response_format is not None and exc.status_code in {400, 422, 501}:
+                    zero = Completion("", None, 0, 0, None, exc.attempts, time.time(),
+                                      time.time(), self.settings.model_for(role), mode)
+                    raise _ModeRejected(zero if total is None else total.plus(zero)) from exc
+                raise
+            total = completion if total is None else total.plus(completion)
+            last_text = completion.text
+            error = _validate_error(completion, output_type)
+            if isinstance(error, BaseModel):
+                return error, replace(total, mode=mode)  # type: ignore[return-value]
+            errors.append(error)
+            conversation.append({"role": "assistant", "content": completion.text[:4000]})
+            conversation.append(repair_message(error))
+        raise StructuredOutputError(
+            f"the model gave no valid {output_type.__name__} after "
+            f"{len(errors)} attempts ({mode} mode); last error: {errors[-1]}",
+            last_response=last_text,
+            errors=errors,
+            attempts=len(errors),
+            url=self.base_url,
+            prompt_tokens=total.prompt_tokens if total else 0,
+            completion_tokens=total.completion_tokens if total else 0,
+        )
+
+
+def _validate_error(completion: Completion, output_type: type[T]) -> T | str:
+    """The validated value, or the error message to show the model."""
+    if completion.finish_reason == "length":
+        return (
+            "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
+        )
+    try:
+        data = extract_json(completion.text)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    try:
+        return output_type.model_validate(data)
+    except ValidationError as exc:
+        return exc.json(include_url=False, include_context=False)[:2000]
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error")
+        if isinstance(message, dict):
+            message = message.get("message")
+        if message:
+            return str(message)[:300]
+    return str(exc.message)[:300]
+
+
+def _cached_tokens(result: Any) -> int | None:
+    usage = getattr(result, "usage", None)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None)
+    if cached is not None:
+        return int(cached)
+    timings = (getattr(result, "model_extra", None) or {}).get("timings")
+    if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
+        return int(timings["cache_n"])
+    return None

@@ -1,0 +1,9 @@
+"""The graph's nodes, one module each. Factories take the client; nodes never build one."""
+
+from apr_graph.nodes.decompose import make_decompose
+from apr_graph.nodes.fan_out import make_fan_out
+from apr_graph.nodes.finish import finish
+from apr_graph.nodes.synthesize import make_synthesize
+from apr_graph.nodes.worker import make_worker
+
+__all__ = ["make_decompose", "make_fan_out", "finish", "make_synthesize", "make_worker"]

@@ -1,0 +1,33 @@
+"""The fan-out edge: one ``Send`` per subtask, created at run time from the plan."""
+
+from __future__ import annotations
+
+from langgraph.types import Send
+
+from apr_graph.state import AprState, WorkerInput
+
+__all__ = ["make_fan_out"]
+
+
+def make_fan_out(worker: str, skip: str) -> object:
+    """Build the router after decompose: ``Send`` to ``worker`` per subtask, else ``skip``."""
+
+    def fan_out(state: AprState) -> list[Send] | str:
+        plan = state.get("plan") or {}
+        subtasks = plan.get("subtasks") or []
+        if plan.get("strategy") != "parallel" or not subtasks:
+            return skip
+        return [
+            Send(
+                worker,
+                WorkerInput(
+                    task=state.get("task", ""),
+                    context=state.get("context", "") or "",
+                    plan=plan,
+                    subtask=subtask,
+                ),
+            )
+            for subtask in subtasks
+        ]
+
+    return fan_out

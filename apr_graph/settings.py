@@ -1,0 +1,130 @@
+"""One settings object for a run: endpoint, models, limits and retries.
+
+Every field can be set in code, or through the environment: ``APR_<FIELD>`` (for example
+``APR_MAX_THREADS=4``), and the standard ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["AprSettings", "Role"]
+
+Role = Literal["planner", "worker", "synthesizer"]
+"""The three kinds of model call a run makes."""
+
+
+class AprSettings(BaseSettings):
+    """Settings for one apr-graph: where the model lives and how far a run may go.
+
+    Example:
+        >>> s = AprSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B")
+        >>> s.model_for("worker")
+        'Qwen/Qwen3-8B'
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="APR_",
+        extra="forbid",
+        validate_assignment=True,
+        populate_by_name=True,
+    )
+
+    base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("base_url", "APR_BASE_URL", "OPENAI_BASE_URL"),
+    )
+    """OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1``. ``None``: the caller
+    (the CLI) supplies one, or the client fails with a clear error."""
+
+    api_key: SecretStr = Field(
+        default=SecretStr("not-needed"),
+        validation_alias=AliasChoices("api_key", "APR_API_KEY", "OPENAI_API_KEY"),
+    )
+    """API key; local servers accept anything. Never stored in graph state or logs."""
+
+    model: str = "default"
+    """Model name sent with every request, unless a role override is set."""
+
+    planner_model: str | None = None
+    """Model for the decompose call (defaults to ``model``)."""
+
+    worker_model: str | None = None
+    """Model for thread calls (defaults to ``model``)."""
+
+    synthesizer_model: str | None = None
+    """Model for the merge call (defaults to ``model``)."""
+
+    max_threads: int = Field(default=8, ge=1, le=256)
+    """The most threads one decomposition may start; larger plans are clamped."""
+
+    max_concurrency: int = Field(default=8, ge=1, le=1024)
+    """The most model requests in flight at once toward the server."""
+
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    """Timeout of one HTTP request, in seconds."""
+
+    max_retries: int = Field(default=3, ge=0, le=20)
+    """Retries of one request after a transient error (connection, timeout, 408, 409, 429, 5xx)."""
+
+    retry_max_wait_s: float = Field(default=30.0, ge=0)
+    """The longest single wait between retries, including a server's ``Retry-After``."""
+
+    max_repairs: int = Field(default=2, ge=0, le=10)
+    """Re-asks of a structured answer that fails validation, showing the model its error."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature of every call."""
+
+    planner_max_tokens: int = Field(default=1024, ge=16)
+    """Output-token allowance of the decompose call."""
+
+    worker_max_tokens: int = Field(default=1024, ge=16)
+    """Output-token allowance of each thread."""
+
+    synthesizer_max_tokens: int = Field(default=1024, ge=16)
+    """Output-token allowance of the merge call."""
+
+    structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
+    """How to ask for JSON: ``auto`` tries ``json_schema``, then ``json_object`` with a schema,
+    then the schema in the prompt, and remembers per endpoint what worked."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {value!r} "
+                "(for example http://localhost:8000/v1)"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_models(self) -> AprSettings:
+        for name in ("model", "planner_model", "worker_model", "synthesizer_model"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{name} must not be empty")
+        return self
+
+    def model_for(self, role: Role) -> str:
+        """The model name used for ``role``."""
+        override = {
+            "planner": self.planner_model,
+            "worker": self.worker_model,
+            "synthesizer": self.synthesizer_model,
+        }[role]
+        return override or self.model
+
+    def max_tokens_for(self, role: Role) -> int:
+        """The output-token allowance of one call of ``role``."""
+        return {
+            "planner": self.planner_max_tokens,
+            "worker": self.worker_max_tokens,
+            "synthesizer": self.synthesizer_max_tokens,
+        }[role]

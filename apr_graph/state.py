@@ -1,0 +1,152 @@
+"""Graph state, the plan schema and the reducers that merge parallel updates.
+
+State stays JSON-shaped (dicts, lists, str, numbers) so any checkpointer can store it;
+pydantic validates at the edges (the model's plan, the caller's input).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Subtask",
+    "Plan",
+    "AprInput",
+    "AprOutput",
+    "AprState",
+    "WorkerInput",
+    "ThreadRecord",
+    "CallRecord",
+    "merge_threads",
+    "plan_json_schema",
+]
+
+
+class Subtask(BaseModel):
+    """One independent piece of the task, solved by one thread."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(description="Short unique id, e.g. 's1'.")
+    goal: str = Field(description="What this thread must find out or produce, self-contained.")
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_to_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
+
+
+class Plan(BaseModel):
+    """The model's decision: answer directly, or split into independent subtasks."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    strategy: Literal["direct", "parallel"] = Field(
+        description="'direct' for a simple task, 'parallel' when it splits into independent parts."
+    )
+    answer: str | None = Field(
+        default=None, description="For 'direct': the complete final answer. Else null."
+    )
+    subtasks: list[Subtask] = Field(
+        default_factory=list,
+        description="For 'parallel': the independent subtasks. Else empty.",
+    )
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _normalise_strategy(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("subtasks", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+def plan_json_schema(max_threads: int) -> dict[str, Any]:
+    """The JSON schema sent to the server, with the subtask array bounded by ``max_threads``.
+
+    The bound keeps small models from looping on junk subtasks until the token limit;
+    validation itself accepts longer lists, which are clamped afterwards.
+    """
+    schema = Plan.model_json_schema()
+    schema["properties"]["subtasks"]["maxItems"] = max_threads
+    return schema
+
+
+class CallRecord(TypedDict):
+    """One model call as seen by the client (after retries and re-asks)."""
+
+    role: str
+    thread_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+    requests: int
+    started_at: float
+    ended_at: float
+    mode: str
+
+
+class ThreadRecord(TypedDict):
+    """The record of one thread, as returned in the ``threads`` output key."""
+
+    id: str
+    goal: str
+    status: Literal["done", "failed"]
+    answer: str | None
+    error: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    started_at: float
+    ended_at: float
+
+
+def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[ThreadRecord]:
+    """Reducer for ``threads``: a newer record replaces the one with the same id."""
+    merged = {t["id"]: t for t in left}
+    for record in right:
+        merged[record["id"]] = record
+    return list(merged.values())
+
+
+class AprInput(TypedDict, total=False):
+    """What a caller passes in: the task, and optional context the model may use."""
+
+    task: str
+    context: str
+
+
+class AprOutput(TypedDict, total=False):
+    """What a run returns."""
+
+    answer: str
+    plan: dict[str, Any]
+    threads: list[ThreadRecord]
+    metrics: dict[str, Any]
+
+
+class AprState(TypedDict, total=False):
+    """The full graph state (input, output and the bookkeeping in between)."""
+
+    task: str
+    context: str
+    answer: str
+    plan: dict[str, Any]
+    threads: Annotated[list[ThreadRecord], merge_threads]
+    metrics: dict[str, Any]
+    calls: Annotated[list[CallRecord], operator.add]
+    started_at: float
+
+
+class WorkerInput(TypedDict):
+    """The payload of one ``Send`` to the worker node."""
+
+    task: str
+    context: str
+    plan: dict[str, Any]
+    subtask: dict[str, str]
