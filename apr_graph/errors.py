@@ -4,13 +4,13 @@ from __future__ import annotations
 
 __all__ = [
     "AprError",
-    "ModelCallError",
     "AuthenticationError",
+    "ConfigurationError",
+    "InputError",
+    "ModelCallError",
     "ModelNotFoundError",
     "ServerUnreachableError",
     "StructuredOutputError",
-    "ConfigurationError",
-    "InputError",
 ]
 
 

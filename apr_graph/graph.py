@@ -24,11 +24,11 @@ from apr_graph.state import AprInput, AprOutput, AprState, WorkerInput
 
 __all__ = [
     "DECOMPOSE",
-    "WORKER",
-    "SYNTHESIZE",
     "FINISH",
-    "create_apr_graph",
+    "SYNTHESIZE",
+    "WORKER",
     "compile_apr_graph",
+    "create_apr_graph",
 ]
 
 DECOMPOSE = "decompose"
@@ -91,7 +91,9 @@ def create_apr_graph(
     builder.add_node(FINISH, finish)
     builder.add_edge(START, DECOMPOSE)
     builder.add_conditional_edges(
-        DECOMPOSE, make_fan_out(WORKER, FINISH), [WORKER, FINISH]  # type: ignore[arg-type]
+        DECOMPOSE,
+        make_fan_out(WORKER, FINISH),
+        [WORKER, FINISH],
     )
     builder.add_edge(WORKER, SYNTHESIZE)
     builder.add_edge(SYNTHESIZE, FINISH)

@@ -29,8 +29,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_any,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from apr_graph.errors import (
     AuthenticationError,
@@ -43,7 +45,7 @@ from apr_graph.errors import (
 from apr_graph.prompts import repair_message, schema_instruction
 from apr_graph.settings import AprSettings, Role
 
-__all__ = ["Completion", "LLMClient", "StructuredMode", "strip_reasoning", "extract_json"]
+__all__ = ["Completion", "LLMClient", "StructuredMode", "extract_json", "strip_reasoning"]
 
 T = TypeVar("T", bound=BaseModel)
 StructuredMode = Literal["json_schema", "json_object", "prompt"]
@@ -99,7 +101,7 @@ class _TransientResponseError(Exception):
     """A 200 response that carries no usable completion (empty choices, broken body)."""
 
 
-class _ModeRejected(Exception):
+class _ModeRejectedError(Exception):
     """The server refused a ``response_format`` type."""
 
 
@@ -121,7 +123,7 @@ def extract_json(text: str) -> Any:
     return value
 
 
-def _retry_after_s(exc: BaseException) -> float | None:
+def _retry_after_s(exc: BaseException | None) -> float | None:
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     if headers is None:
@@ -147,6 +149,20 @@ def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
     return False
+
+
+class _StopIfWaitTooLong(stop_base):
+    """Stop when the server asks for a longer pause than allowed: fail fast, don't hang."""
+
+    def __init__(self, max_wait_s: float) -> None:
+        self.max_wait_s = max_wait_s
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        delay = _retry_after_s(outcome.exception())
+        return delay is not None and delay > self.max_wait_s
 
 
 class _LoopState:
@@ -184,6 +200,9 @@ class LLMClient:
             weakref.WeakKeyDictionary()
         )
         self._modes: dict[str, StructuredMode] = {}
+        self._backoff = wait_exponential_jitter(
+            multiplier=0.25, jitter=0.25, max=settings.retry_max_wait_s
+        )
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -218,7 +237,10 @@ class LLMClient:
         requests = 0
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_retryable),
-            stop=stop_after_attempt(self.settings.max_retries + 1) | self._stop_if_wait_too_long,
+            stop=stop_any(
+                stop_after_attempt(self.settings.max_retries + 1),
+                _StopIfWaitTooLong(self.settings.retry_max_wait_s),
+            ),
             wait=self._wait,
             reraise=True,
         )
@@ -237,20 +259,11 @@ class LLMClient:
             raise self._translate(exc, model=model, attempts=requests) from exc
         return replace(completion, requests=requests, started_at=started)
 
-    def _stop_if_wait_too_long(self, state: RetryCallState) -> bool:
-        # A server that asks for a longer pause than we allow fails fast instead of hanging.
-        if state.outcome is None or not state.outcome.failed:
-            return False
-        delay = _retry_after_s(state.outcome.exception())
-        return delay is not None and delay > self.settings.retry_max_wait_s
-
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
         delay = _retry_after_s(exc) if exc is not None else None
         if delay is None:
-            delay = wait_exponential_jitter(initial=0.25, max=self.settings.retry_max_wait_s)(
-                state
-            )
+            delay = self._backoff(state)
         return min(delay, self.settings.retry_max_wait_s)
 
     async def _request(
@@ -390,7 +403,7 @@ class LLMClient:
                 value, completion = await self._structured_in_mode(
                     mode, messages, output_type, schema, role=role, max_tokens=max_tokens
                 )
-            except _ModeRejected as rejected:
+            except _ModeRejectedError as rejected:
                 spent = rejected.args[0] if spent is None else spent.plus(rejected.args[0])
                 continue
             self._modes[key] = mode
@@ -440,15 +453,25 @@ class LLMClient:
                 )
             except ModelCallError as exc:
                 if response_format is not None and exc.status_code in {400, 422, 501}:
-                    zero = Completion("", None, 0, 0, None, exc.attempts, time.time(),
-                                      time.time(), self.settings.model_for(role), mode)
-                    raise _ModeRejected(zero if total is None else total.plus(zero)) from exc
+                    zero = Completion(
+                        "",
+                        None,
+                        0,
+                        0,
+                        None,
+                        exc.attempts,
+                        time.time(),
+                        time.time(),
+                        self.settings.model_for(role),
+                        mode,
+                    )
+                    raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
                 raise
             total = completion if total is None else total.plus(completion)
             last_text = completion.text
             error = _validate_error(completion, output_type)
             if isinstance(error, BaseModel):
-                return error, replace(total, mode=mode)  # type: ignore[return-value]
+                return error, replace(total, mode=mode)
             errors.append(error)
             conversation.append({"role": "assistant", "content": completion.text[:4000]})
             conversation.append(repair_message(error))
@@ -467,9 +490,7 @@ class LLMClient:
 def _validate_error(completion: Completion, output_type: type[T]) -> T | str:
     """The validated value, or the error message to show the model."""
     if completion.finish_reason == "length":
-        return (
-            "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
-        )
+        return "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
     try:
         data = extract_json(completion.text)
     except ValueError as exc:

@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal, TypedDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
-    "Subtask",
-    "Plan",
     "AprInput",
     "AprOutput",
     "AprState",
-    "WorkerInput",
-    "ThreadRecord",
     "CallRecord",
+    "Plan",
+    "Subtask",
+    "ThreadRecord",
+    "WorkerInput",
     "merge_threads",
     "plan_json_schema",
 ]

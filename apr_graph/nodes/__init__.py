@@ -6,4 +6,4 @@ from apr_graph.nodes.finish import finish
 from apr_graph.nodes.synthesize import make_synthesize
 from apr_graph.nodes.worker import make_worker
 
-__all__ = ["make_decompose", "make_fan_out", "finish", "make_synthesize", "make_worker"]
+__all__ = ["finish", "make_decompose", "make_fan_out", "make_synthesize", "make_worker"]

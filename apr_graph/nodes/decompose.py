@@ -27,8 +27,12 @@ def normalise_plan(plan: Plan, max_threads: int) -> dict[str, Any]:
     if plan.strategy == "direct":
         if plan.subtasks:
             notes.append(f"ignored {len(plan.subtasks)} subtasks of a direct plan")
-        return {"strategy": "direct", "answer": (plan.answer or "").strip(), "subtasks": [],
-                "notes": notes}
+        return {
+            "strategy": "direct",
+            "answer": (plan.answer or "").strip(),
+            "subtasks": [],
+            "notes": notes,
+        }
     subtasks: list[dict[str, str]] = []
     seen: set[str] = set()
     for index, subtask in enumerate(plan.subtasks, start=1):
@@ -50,8 +54,12 @@ def normalise_plan(plan: Plan, max_threads: int) -> dict[str, Any]:
         subtasks = subtasks[:max_threads]
     if not subtasks:
         notes.append("parallel plan had no subtasks: answering directly")
-        return {"strategy": "direct", "answer": (plan.answer or "").strip(), "subtasks": [],
-                "notes": notes}
+        return {
+            "strategy": "direct",
+            "answer": (plan.answer or "").strip(),
+            "subtasks": [],
+            "notes": notes,
+        }
     return {"strategy": "parallel", "answer": None, "subtasks": subtasks, "notes": notes}
 
 
@@ -90,14 +98,25 @@ def make_decompose(
             normalised = normalise_plan(plan, settings.max_threads)
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
-            normalised = {"strategy": "direct", "answer": "", "subtasks": [],
-                          "notes": [f"no valid plan ({exc.attempts} attempts): answering directly"]}
+            normalised = {
+                "strategy": "direct",
+                "answer": "",
+                "subtasks": [],
+                "notes": [f"no valid plan ({exc.attempts} attempts): answering directly"],
+            }
             calls.append(
-                CallRecord(role="planner", thread_id=None, model=settings.model_for("planner"),
-                           prompt_tokens=exc.prompt_tokens,
-                           completion_tokens=exc.completion_tokens, cached_tokens=None,
-                           requests=exc.attempts, started_at=started, ended_at=time.time(),
-                           mode="failed")
+                CallRecord(
+                    role="planner",
+                    thread_id=None,
+                    model=settings.model_for("planner"),
+                    prompt_tokens=exc.prompt_tokens,
+                    completion_tokens=exc.completion_tokens,
+                    cached_tokens=None,
+                    requests=exc.attempts,
+                    started_at=started,
+                    ended_at=time.time(),
+                    mode="failed",
+                )
             )
         update: dict[str, Any] = {"started_at": started, "plan": normalised, "calls": calls}
         if normalised["strategy"] == "direct":

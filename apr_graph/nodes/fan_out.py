@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from langgraph.types import Send
 
 from apr_graph.state import AprState, WorkerInput
@@ -9,7 +11,7 @@ from apr_graph.state import AprState, WorkerInput
 __all__ = ["make_fan_out"]
 
 
-def make_fan_out(worker: str, skip: str) -> object:
+def make_fan_out(worker: str, skip: str) -> Callable[[AprState], list[Send] | str]:
     """Build the router after decompose: ``Send`` to ``worker`` per subtask, else ``skip``."""
 
     def fan_out(state: AprState) -> list[Send] | str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from apr_graph.state import AprState
 
-__all__ = ["finish", "compute_metrics"]
+__all__ = ["compute_metrics", "finish"]
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:

@@ -33,8 +33,13 @@ def make_synthesize(client: LLMClient) -> Callable[[AprState], Awaitable[dict[st
                 url=client.base_url,
             )
         results = [
-            (t["id"], t["goal"], t["answer"] if t["status"] == "done" and t["answer"]
-             else f"(this thread failed: {t['error'] or 'empty answer'})")
+            (
+                t["id"],
+                t["goal"],
+                t["answer"]
+                if t["status"] == "done" and t["answer"]
+                else f"(this thread failed: {t['error'] or 'empty answer'})",
+            )
             for t in threads
         ]
         messages = synthesizer_messages(

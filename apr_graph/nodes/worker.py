@@ -29,16 +29,27 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
         except ModelCallError as exc:
             # One failed thread must not sink its siblings: record it, synthesis is told.
             failed = ThreadRecord(
-                id=subtask["id"], goal=subtask["goal"], status="failed", answer=None,
-                error=str(exc), prompt_tokens=0, completion_tokens=0,
-                started_at=started, ended_at=time.time(),
+                id=subtask["id"],
+                goal=subtask["goal"],
+                status="failed",
+                answer=None,
+                error=str(exc),
+                prompt_tokens=0,
+                completion_tokens=0,
+                started_at=started,
+                ended_at=time.time(),
             )
             return {"threads": [failed]}
         record = ThreadRecord(
-            id=subtask["id"], goal=subtask["goal"], status="done", answer=completion.text,
-            error=None, prompt_tokens=completion.prompt_tokens,
+            id=subtask["id"],
+            goal=subtask["goal"],
+            status="done",
+            answer=completion.text,
+            error=None,
+            prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
-            started_at=completion.started_at, ended_at=completion.ended_at,
+            started_at=completion.started_at,
+            ended_at=completion.ended_at,
         )
         return {
             "threads": [record],

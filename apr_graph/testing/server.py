@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Reply", "Rule", "RecordedRequest", "ScriptedServer"]
+__all__ = ["RecordedRequest", "Reply", "Rule", "ScriptedServer"]
 
 
 @dataclass
@@ -182,7 +182,7 @@ class ScriptedServer:
     def start(self) -> ScriptedServer:
         """Start serving on a free loopback port."""
         handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _QuietHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -234,6 +234,12 @@ class ScriptedServer:
                     f"last user message: {request.last_user_message[:200]!r}",
                 )
         return rule.answer(request)
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up mid-reply (cancellation, timeouts) are expected here.
+        return
 
 
 def _usage(request: RecordedRequest, text: str) -> dict[str, Any]:
@@ -333,9 +339,12 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 return True
             return self.headers.get("Authorization") == f"Bearer {server.api_key}"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             request = RecordedRequest(
-                "GET", self.path, {k.lower(): v for k, v in self.headers.items()}, None,
+                "GET",
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                None,
                 time.monotonic(),
             )
             server._record(request)
@@ -351,10 +360,13 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(404, _error_body(404, f"no route {self.path}"))
             request.ended_at = time.monotonic()
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self._read_body()
             request = RecordedRequest(
-                "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                "POST",
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                body,
                 time.monotonic(),
             )
             server._record(request)
@@ -382,9 +394,7 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             model = body.get("model")
             if server.strict_models and model not in server.models:
                 request.status = 404
-                self._send_json(
-                    404, _error_body(404, f"The model `{model}` does not exist.")
-                )
+                self._send_json(404, _error_body(404, f"The model `{model}` does not exist."))
                 return
             rf = body.get("response_format")
             if (
@@ -428,13 +438,21 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             events: list[dict[str, Any]] = []
             for word in words:
                 events.append(
-                    {**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                    {
+                        **base,
+                        "object": "chat.completion.chunk",
+                        "choices": [
+                            {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                        ],
+                    }
                 )
             events.append(
-                {**base, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
-                 "usage": completion["usage"]}
+                {
+                    **base,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
+                    "usage": completion["usage"],
+                }
             )
             for event in events:
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())

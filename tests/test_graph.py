@@ -1,0 +1,447 @@
+"""The graph through its public API, against the scripted server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apr_graph import (
+    AprSettings,
+    AuthenticationError,
+    ConfigurationError,
+    InputError,
+    compile_apr_graph,
+    create_apr_graph,
+)
+from apr_graph.testing import RecordedRequest, Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
+
+
+def parallel_plan(n: int) -> dict[str, Any]:
+    return {
+        "strategy": "parallel",
+        "answer": None,
+        "subtasks": [{"id": f"s{i}", "goal": f"compute part {i}"} for i in range(1, n + 1)],
+    }
+
+
+def echo_worker(delay_s: float = 0.0) -> Rule:
+    """A worker that answers 'result(<goal>)' after ``delay_s``."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        goal = request.last_user_message.split(":", 1)[1].splitlines()[0].strip()
+        return Reply(content=f"result({goal})", delay_s=delay_s)
+
+    return Rule(role="worker", reply=reply)
+
+
+def merge_synth() -> Rule:
+    """A synthesizer that returns every result it was given, joined."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        found = [line for line in request.last_user_message.splitlines() if "result(" in line]
+        return Reply(content=" + ".join(found))
+
+    return Rule(role="synthesizer", reply=reply)
+
+
+async def test_direct_answer_costs_one_call(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "4"}))]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+
+    result = await app.ainvoke({"task": "What is 2 + 2?"})
+
+    assert result["answer"] == "4"
+    assert result["plan"]["strategy"] == "direct"
+    assert result["threads"] == [] or "threads" not in result or not result["threads"]
+    assert len(server.chat_requests()) == 1
+    assert result["metrics"]["model_calls"] == 1
+    assert result["metrics"]["threads"] == 0
+
+
+async def test_parallel_threads_overlap_and_all_results_reach_the_answer(
+    make_server: ServerFactory,
+) -> None:
+    delay = 0.4
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(8))),
+            echo_worker(delay),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, max_concurrency=8))
+
+    started = time.perf_counter()
+    result = await app.ainvoke({"task": "Compute parts 1 to 8."})
+    wall = time.perf_counter() - started
+
+    # Eight 0.4 s threads one after another take 3.2 s; concurrently, little over 0.4 s.
+    assert wall < 8 * delay / 3, f"threads did not overlap: {wall:.2f}s"
+    for i in range(1, 9):
+        assert f"result(compute part {i})" in result["answer"]
+    threads = result["threads"]
+    assert [t["id"] for t in threads] == [f"s{i}" for i in range(1, 9)]
+    assert all(t["status"] == "done" and t["ended_at"] > t["started_at"] for t in threads)
+    assert max(t["started_at"] for t in threads) < min(t["ended_at"] for t in threads)
+    metrics = result["metrics"]
+    assert metrics["model_calls"] == 10
+    assert metrics["threads"] == 8
+    assert metrics["thread_time_sum_s"] > 3 * metrics["thread_span_s"]
+    # The scripted server counts one token per word: each thread answers 3 words, the plan
+    # and the merge are counted from what the server sent.
+    planner = server.chat_requests("planner")[0]
+    plan_tokens = len(json.dumps(parallel_plan(8)).split())
+    merge_tokens = len(result["answer"].split())
+    assert {t["completion_tokens"] for t in threads} == {3}
+    assert planner is not None
+    assert metrics["critical_path_tokens"] == plan_tokens + 3 + merge_tokens
+    assert metrics["completion_tokens"] == plan_tokens + 8 * 3 + merge_tokens
+
+
+async def test_synthesis_sees_results_in_plan_order(make_server: ServerFactory) -> None:
+    # Later subtasks answer first; the merge prompt must still list s1, s2, s3 in order.
+    def worker(request: RecordedRequest) -> Reply:
+        sid = request.last_user_message.split()[2].rstrip(":")
+        return Reply(content=f"result({sid})", delay_s={"s1": 0.3, "s2": 0.15, "s3": 0.0}[sid])
+
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(3))),
+            Rule(role="worker", reply=worker),
+            merge_synth(),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "result(s1) + result(s2) + result(s3)"
+    finished = sorted(result["threads"], key=lambda t: t["ended_at"])
+    assert [t["id"] for t in finished] == ["s3", "s2", "s1"]
+
+
+async def test_max_concurrency_bounds_requests_in_flight(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(6))),
+            echo_worker(0.2),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, max_concurrency=2))
+    await app.ainvoke({"task": "six parts"})
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == 6
+    peak = max(
+        sum(1 for o in workers if o.started_at <= w.started_at < (o.ended_at or 0)) for w in workers
+    )
+    assert peak <= 2
+
+
+async def test_oversized_plan_is_clamped_to_max_threads(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=parallel_plan(20))), echo_worker(), merge_synth()]
+    )
+    result = await compile_apr_graph(settings=settings_for(server, max_threads=3)).ainvoke(
+        {"task": "many parts"}
+    )
+    assert len(server.chat_requests("worker")) == 3
+    assert [s["id"] for s in result["plan"]["subtasks"]] == ["s1", "s2", "s3"]
+    assert any("clamped 20 subtasks" in note for note in result["plan"]["notes"])
+    sent_schema = server.chat_requests("planner")[0].body["response_format"]["json_schema"]
+    assert sent_schema["schema"]["properties"]["subtasks"]["maxItems"] == 3
+
+
+async def test_empty_parallel_plan_falls_back_to_a_direct_answer(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content={"strategy": "parallel"})),
+            Rule(role="planner", reply=Reply(content="The answer is 42.")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert result["answer"] == "The answer is 42."
+    assert result["plan"]["strategy"] == "direct"
+    assert len(server.chat_requests("worker")) == 0
+    assert len(server.chat_requests()) == 2
+
+
+async def test_direct_plan_ignores_junk_subtasks(make_server: ServerFactory) -> None:
+    junk = {"strategy": "direct", "answer": "4", "subtasks": [{"id": "x", "goal": "junk"}] * 10}
+    server = make_server([Rule(role="planner", reply=Reply(content=junk))])
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "2+2?"})
+    assert result["answer"] == "4"
+    assert result["plan"]["subtasks"] == []
+    assert len(server.chat_requests()) == 1
+
+
+async def test_fallback_chain_on_a_server_without_json_schema(
+    make_server: ServerFactory,
+) -> None:
+    direct = Reply(content={"strategy": "direct", "answer": "ok"})
+    server = make_server([Rule(role="planner", reply=direct)], response_formats={"json_object"})
+    app = compile_apr_graph(settings=settings_for(server))
+
+    assert (await app.ainvoke({"task": "first"}))["answer"] == "ok"
+    kinds = [r.body["response_format"]["type"] for r in server.chat_requests()]
+    assert kinds == ["json_schema", "json_object"]
+    json_object = server.chat_requests()[1].body["response_format"]
+    assert json_object["schema"]["properties"]["strategy"]["enum"] == ["direct", "parallel"]
+
+    # The endpoint's mode is remembered: the next run goes straight to json_object.
+    await app.ainvoke({"task": "second"})
+    assert [r.body["response_format"]["type"] for r in server.chat_requests()][2:] == [
+        "json_object"
+    ]
+
+
+async def test_schema_in_prompt_when_no_response_format_is_accepted(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                reply=Reply(content='```json\n{"strategy": "direct", "answer": "ok"}\n```'),
+            )
+        ],
+        response_formats=set(),
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "ok"
+    last = server.chat_requests()[-1]
+    assert "response_format" not in last.body
+    assert '"strategy"' in last.messages[0]["content"]  # the schema went into the prompt
+
+
+async def test_invalid_plan_json_is_repaired_by_a_reask(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                times=1,
+                reply=Reply(content='Sure! {"strategy": "parallel", "subtasks": ['),
+            ),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "fixed"})),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "fixed"
+    planner = server.chat_requests("planner")
+    assert len(planner) == 2
+    reask = planner[1].messages
+    assert reask[-2]["role"] == "assistant"
+    assert "Sure!" in reask[-2]["content"]
+    assert "not valid JSON" in reask[-1]["content"]
+
+
+async def test_wrong_shape_plan_is_reasked_with_the_validation_error(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content={"strategy": "maybe"})),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"})),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "ok"
+    assert "strategy" in server.chat_requests("planner")[1].messages[-1]["content"]
+
+
+async def test_truncated_json_is_an_error_not_a_result(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                times=1,
+                reply=Reply(
+                    content={"strategy": "direct", "answer": "cut"}, finish_reason="length"
+                ),
+            ),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "whole"})),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "whole"
+    assert "cut off" in server.chat_requests("planner")[1].messages[-1]["content"]
+
+
+async def test_planner_that_never_gives_json_still_yields_an_answer(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                where=lambda r: "response_format" in r.body or "JSON schema" in r.all_text,
+                reply=Reply(content="I like turtles"),
+            ),
+            Rule(role="planner", reply=Reply(content="Paris")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server, max_repairs=1)).ainvoke(
+        {"task": "Capital of France?"}
+    )
+    assert result["answer"] == "Paris"
+    assert "no valid plan" in result["plan"]["notes"][0]
+
+
+async def test_429_with_retry_after_is_retried(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(status=429, headers={"Retry-After": "0.5"})),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"})),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "ok"
+    first, second = server.chat_requests()
+    assert second.started_at - first.started_at >= 0.45  # the server's pause was honoured
+    assert result["metrics"]["http_requests"] == 2
+
+
+async def test_retry_after_beyond_the_limit_fails_fast(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(status=503, headers={"Retry-After": "60"}))]
+    )
+    app = compile_apr_graph(settings=settings_for(server, retry_max_wait_s=1.0))
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="asked to wait 60s") as info:
+        await app.ainvoke({"task": "t"})
+    assert time.perf_counter() - started < 2
+    assert len(server.chat_requests()) == 1
+    assert getattr(info.value, "status_code", None) == 503
+
+
+async def test_401_fails_at_once_without_leaking_the_key(make_server: ServerFactory) -> None:
+    secret = "sk-very-secret-123456"
+    server = make_server([], api_key="the-right-key")
+    app = compile_apr_graph(settings=settings_for(server, api_key=secret))
+    with pytest.raises(AuthenticationError) as info:
+        await app.ainvoke({"task": "t"})
+    assert len(server.chat_requests()) == 1
+    message = str(info.value)
+    assert "refused the API key" in message
+    assert server.base_url in message
+    assert secret not in message
+    assert secret not in repr(info.value)
+
+
+async def test_persistent_500_on_one_thread_is_recorded_and_siblings_finish(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(3))),
+            Rule(role="worker", contains="part 2", reply=Reply(status=500)),
+            echo_worker(),
+            merge_synth(),
+        ]
+    )
+    result = await compile_apr_graph(
+        settings=settings_for(server, max_retries=1, retry_max_wait_s=0.05)
+    ).ainvoke({"task": "t"})
+    statuses = {t["id"]: t["status"] for t in result["threads"]}
+    assert statuses == {"s1": "done", "s2": "failed", "s3": "done"}
+    assert len([r for r in server.chat_requests("worker") if "part 2" in r.last_user_message]) == 2
+    merge_prompt = server.chat_requests("synthesizer")[0].last_user_message
+    assert "this thread failed" in merge_prompt
+    assert "HTTP 500" in merge_prompt
+    assert result["metrics"]["threads_failed"] == 1
+
+
+async def test_empty_choices_and_html_bodies_are_retried(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(empty_choices=True)),
+            Rule(role="planner", times=1, reply=Reply(body="<html>502 Bad Gateway</html>")),
+            Rule(role="planner", times=1, reply=Reply(body='{"choices": [')),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"})),
+        ]
+    )
+    result = await compile_apr_graph(
+        settings=settings_for(server, max_retries=3, retry_max_wait_s=0.05)
+    ).ainvoke({"task": "t"})
+    assert result["answer"] == "ok"
+    assert len(server.chat_requests()) == 4
+
+
+async def test_think_blocks_are_stripped(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                reply=Reply(
+                    content='<think>{"strategy": "parallel"} hmm</think>{"strategy": "direct", '
+                    '"answer": "<think>x</think>done"}'
+                ),
+            )
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["plan"]["strategy"] == "direct"
+    assert result["answer"] == "done"
+
+
+async def test_workers_share_a_byte_identical_prefix(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=parallel_plan(4))), echo_worker(), merge_synth()]
+    )
+    await compile_apr_graph(settings=settings_for(server)).ainvoke(
+        {"task": "four parts", "context": "some shared context"}
+    )
+    requests = server.chat_requests("worker") + server.chat_requests("synthesizer")
+    prefixes = {json.dumps(r.messages[:-1]) for r in requests}
+    assert len(prefixes) == 1
+    assert len({json.dumps(r.messages[-1]) for r in requests}) == 5
+    assert "some shared context" in requests[0].messages[0]["content"]
+
+
+def test_sync_invoke_works(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(3))),
+            echo_worker(0.2),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    started = time.perf_counter()
+    result = app.invoke({"task": "t"})
+    assert time.perf_counter() - started < 0.55  # still concurrent
+    assert "result(compute part 3)" in result["answer"]
+    assert app.invoke({"task": "again"})["metrics"]["threads"] == 3
+
+
+async def test_bad_input_gets_a_clear_error(make_server: ServerFactory) -> None:
+    server = make_server([])
+    app = compile_apr_graph(settings=settings_for(server))
+    with pytest.raises(InputError, match="non-empty 'task'"):
+        await app.ainvoke({"task": "   "})
+    with pytest.raises(InputError, match="non-empty 'task'"):
+        await app.ainvoke({"question": "wrong key"})  # type: ignore[typeddict-unknown-key]
+    assert server.chat_requests() == []
+
+
+def test_missing_base_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="OPENAI_BASE_URL"):
+        create_apr_graph(settings=AprSettings())
+
+
+def test_graph_shape_snapshot() -> None:
+    app = compile_apr_graph(settings=AprSettings(base_url="http://127.0.0.1:9/v1"))
+    mermaid = app.get_graph().draw_mermaid()
+    if not SNAPSHOT.exists():  # first run writes it; review and commit the file
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(mermaid)
+    assert mermaid == SNAPSHOT.read_text()
