@@ -10,7 +10,6 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
 
-from apr_graph._portal import Portal
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
     finish,
@@ -38,12 +37,12 @@ FINISH = "finish"
 
 
 def _sync_and_async(
-    name: str, afunc: Callable[[Any], Awaitable[dict[str, Any]]], portal: Portal
+    name: str, afunc: Callable[[Any], Awaitable[dict[str, Any]]], client: LLMClient
 ) -> RunnableLambda[Any, dict[str, Any]]:
     """A node usable from both ``ainvoke`` and ``invoke``."""
 
     def func(state: Any) -> dict[str, Any]:
-        return portal.run(afunc(state))  # type: ignore[arg-type]
+        return client.run_sync(afunc(state))  # type: ignore[arg-type]
 
     return RunnableLambda(func, afunc=afunc, name=name)
 
@@ -79,15 +78,14 @@ def create_apr_graph(
     """
     settings = settings or AprSettings()
     client = client or LLMClient(settings)
-    portal = Portal()
     builder = StateGraph(AprState, input_schema=AprInput, output_schema=AprOutput)
     builder.add_node(
-        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings), portal)
+        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings), client)
     )
     builder.add_node(
-        WORKER, _sync_and_async(WORKER, make_worker(client), portal), input_schema=WorkerInput
+        WORKER, _sync_and_async(WORKER, make_worker(client), client), input_schema=WorkerInput
     )
-    builder.add_node(SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client), portal))
+    builder.add_node(SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client), client))
     builder.add_node(FINISH, finish)
     builder.add_edge(START, DECOMPOSE)
     builder.add_conditional_edges(

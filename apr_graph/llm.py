@@ -18,7 +18,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -34,6 +34,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from apr_graph._portal import Portal
 from apr_graph.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -48,6 +49,7 @@ from apr_graph.settings import AprSettings, Role
 __all__ = ["Completion", "LLMClient", "StructuredMode", "extract_json", "strip_reasoning"]
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
 StructuredMode = Literal["json_schema", "json_object", "prompt"]
 Message = dict[str, str]
 
@@ -166,7 +168,7 @@ class _StopIfWaitTooLong(stop_base):
 
 
 class _LoopState:
-    """The SDK client and request limiter of one event loop (neither may cross loops)."""
+    """The SDK client and request limiter; they live on the portal loop."""
 
     def __init__(self, settings: AprSettings, base_url: str) -> None:
         self.client = openai.AsyncOpenAI(
@@ -178,10 +180,17 @@ class _LoopState:
         self.limit = asyncio.Semaphore(settings.max_concurrency)
 
 
+def _release(portal: Portal, holder: list[_LoopState], *, wait: bool = False) -> None:
+    state = holder.pop() if holder else None
+    portal.shutdown(state.client.close() if state is not None else None, wait=wait)
+
+
 class LLMClient:
     """An OpenAI-compatible chat client with one retry layer and robust structured output.
 
-    One instance serves a whole graph; it may be shared by concurrent runs and event loops.
+    One instance serves a whole graph; it may be shared by concurrent runs, threads and event
+    loops: every request runs on the client's own background loop. ``close()`` it (or use it
+    as a context manager) when done, to release its connections.
 
     Args:
         settings: endpoint, models, limits and retries.
@@ -196,20 +205,44 @@ class LLMClient:
             )
         self.settings = settings
         self.base_url: str = settings.base_url
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._portal = Portal()
+        self._holder: list[_LoopState] = []
+        # A client dropped without close() still releases its connections, quietly.
+        weakref.finalize(self, _release, self._portal, self._holder)
         self._modes: dict[str, StructuredMode] = {}
         self._backoff = wait_exponential_jitter(
             multiplier=0.25, jitter=0.25, max=settings.retry_max_wait_s
         )
 
     def _state(self) -> _LoopState:
-        loop = asyncio.get_running_loop()
-        state = self._loops.get(loop)
-        if state is None:
-            state = self._loops[loop] = _LoopState(self.settings, self.base_url)
-        return state
+        # Only ever called on the portal loop, so one client and one limiter exist.
+        if not self._holder:
+            self._holder.append(_LoopState(self.settings, self.base_url))
+        return self._holder[0]
+
+    def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run a coroutine that uses this client from synchronous code."""
+        return self._portal.run(coro)
+
+    def close(self) -> None:
+        """Close the connections and stop the background loop. The client can be reused."""
+        _release(self._portal, self._holder, wait=True)
+
+    async def aclose(self) -> None:
+        """``close()`` for async code."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def _redact(self, text: str) -> str:
         key = self.settings.api_key.get_secret_value()
@@ -267,6 +300,25 @@ class LLMClient:
         return min(delay, self.settings.retry_max_wait_s)
 
     async def _request(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        role: Role,
+        max_tokens: int,
+        response_format: dict[str, Any] | None,
+    ) -> Completion:
+        return await self._portal.arun(
+            self._request_here(
+                messages,
+                model=model,
+                role=role,
+                max_tokens=max_tokens,
+                response_format=response_format,
+            )
+        )
+
+    async def _request_here(
         self,
         messages: Sequence[Message],
         *,

@@ -35,14 +35,14 @@ class AprSettings(BaseSettings):
 
     base_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("base_url", "APR_BASE_URL", "OPENAI_BASE_URL"),
+        validation_alias=AliasChoices("APR_BASE_URL", "OPENAI_BASE_URL"),
     )
     """OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1``. ``None``: the caller
     (the CLI) supplies one, or the client fails with a clear error."""
 
     api_key: SecretStr = Field(
         default=SecretStr("not-needed"),
-        validation_alias=AliasChoices("api_key", "APR_API_KEY", "OPENAI_API_KEY"),
+        validation_alias=AliasChoices("APR_API_KEY", "OPENAI_API_KEY"),
     )
     """API key; local servers accept anything. Never stored in graph state or logs."""
 

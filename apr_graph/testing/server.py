@@ -237,6 +237,8 @@ class ScriptedServer:
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # a fan-out opens many connections at once
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that hang up mid-reply (cancellation, timeouts) are expected here.
         return
