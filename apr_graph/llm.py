@@ -104,7 +104,23 @@ class _TransientResponseError(Exception):
 
 
 class _ModeRejectedError(Exception):
-    """The server refused a ``response_format`` type."""
+    """The server refused a ``response_format`` type (carries the spent ``Completion``)."""
+
+
+class _FormatRefusedError(Exception):
+    """A request carrying ``response_format`` was refused for it: never worth retrying."""
+
+    def __init__(self, cause: openai.APIStatusError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _refuses_format(exc: openai.APIStatusError) -> bool:
+    # Servers without a mode answer 400/422/501, and llama-cpp-python's answers 500 with a
+    # validation error about response_format; none of them will change their mind.
+    if exc.status_code in {400, 422, 501}:
+        return True
+    return exc.status_code >= 500 and "response_format" in str(exc.message)
 
 
 def strip_reasoning(text: str) -> str:
@@ -344,6 +360,10 @@ class LLMClient:
                 )
             except ValueError as exc:  # a 200 whose JSON body does not parse
                 raise _TransientResponseError(f"malformed response body: {exc}") from exc
+            except openai.APIStatusError as exc:
+                if response_format is not None and _refuses_format(exc):
+                    raise _FormatRefusedError(exc) from exc
+                raise
         if not isinstance(result, openai.types.chat.ChatCompletion):
             snippet = str(result)[:120]
             raise _TransientResponseError(f"the server did not return a completion: {snippet!r}")
@@ -374,6 +394,14 @@ class LLMClient:
 
     def _translate(self, exc: Exception, *, model: str, attempts: int) -> Exception:
         url = self.base_url
+        if isinstance(exc, _FormatRefusedError):
+            return _FormatRejectedCallError(
+                f"HTTP {exc.cause.status_code} from {url}: the server refused the "
+                f"response_format: {self._redact(_server_message(exc.cause))}",
+                status_code=exc.cause.status_code,
+                attempts=attempts,
+                url=url,
+            )
         if isinstance(exc, AuthenticationError | ModelCallError):
             return exc
         if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
@@ -503,22 +531,11 @@ class LLMClient:
                 completion = await self.chat(
                     conversation, role=role, max_tokens=max_tokens, response_format=response_format
                 )
-            except ModelCallError as exc:
-                if response_format is not None and exc.status_code in {400, 422, 501}:
-                    zero = Completion(
-                        "",
-                        None,
-                        0,
-                        0,
-                        None,
-                        exc.attempts,
-                        time.time(),
-                        time.time(),
-                        self.settings.model_for(role),
-                        mode,
-                    )
-                    raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
-                raise
+            except _FormatRejectedCallError as exc:
+                now = time.time()
+                model = self.settings.model_for(role)
+                zero = Completion("", None, 0, 0, None, exc.attempts, now, now, model, mode)
+                raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
             total = completion if total is None else total.plus(completion)
             last_text = completion.text
             error = _validate_error(completion, output_type)
@@ -537,6 +554,10 @@ class LLMClient:
             prompt_tokens=total.prompt_tokens if total else 0,
             completion_tokens=total.completion_tokens if total else 0,
         )
+
+
+class _FormatRejectedCallError(ModelCallError):
+    """The final form of ``_FormatRefusedError``: the structured caller tries the next mode."""
 
 
 def _validate_error(completion: Completion, output_type: type[T]) -> T | str:

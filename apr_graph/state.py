@@ -60,6 +60,13 @@ class Plan(BaseModel):
     def _normalise_strategy(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("answer", mode="before")
+    @classmethod
+    def _number_is_text(cls, value: Any) -> Any:
+        return (
+            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        )
+
     @field_validator("subtasks", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
@@ -67,14 +74,50 @@ class Plan(BaseModel):
 
 
 def plan_json_schema(max_threads: int) -> dict[str, Any]:
-    """The JSON schema sent to the server, with the subtask array bounded by ``max_threads``.
+    """The JSON schema sent to the server: a direct answer *or* bounded subtasks.
 
-    The bound keeps small models from looping on junk subtasks until the token limit;
-    validation itself accepts longer lists, which are clamped afterwards.
+    Two alternatives instead of one object with optional fields: a constrained decoder then
+    cannot emit subtasks after a direct answer (small models otherwise loop on junk subtasks
+    until the token limit), and the subtask array is capped at ``max_threads``. Validation
+    itself (``Plan``) stays lenient; oversized plans are clamped afterwards.
     """
-    schema = Plan.model_json_schema()
-    schema["properties"]["subtasks"]["maxItems"] = max_threads
-    return schema
+    subtask = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "maxLength": 16},
+            "goal": {"type": "string", "maxLength": 600},
+        },
+        "required": ["id", "goal"],
+        "additionalProperties": False,
+    }
+    return {
+        "title": "Plan",
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "strategy": {"type": "string", "enum": ["direct"]},
+                    "answer": {"type": "string"},
+                },
+                "required": ["strategy", "answer"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "strategy": {"type": "string", "enum": ["parallel"]},
+                    "subtasks": {
+                        "type": "array",
+                        "items": subtask,
+                        "minItems": 1,
+                        "maxItems": max_threads,
+                    },
+                },
+                "required": ["strategy", "subtasks"],
+                "additionalProperties": False,
+            },
+        ],
+    }
 
 
 class CallRecord(TypedDict):

@@ -156,7 +156,8 @@ async def test_oversized_plan_is_clamped_to_max_threads(make_server: ServerFacto
     assert [s["id"] for s in result["plan"]["subtasks"]] == ["s1", "s2", "s3"]
     assert any("clamped 20 subtasks" in note for note in result["plan"]["notes"])
     sent_schema = server.chat_requests("planner")[0].body["response_format"]["json_schema"]
-    assert sent_schema["schema"]["properties"]["subtasks"]["maxItems"] == 3
+    parallel_branch = sent_schema["schema"]["anyOf"][1]
+    assert parallel_branch["properties"]["subtasks"]["maxItems"] == 3
 
 
 async def test_empty_parallel_plan_falls_back_to_a_direct_answer(
@@ -175,6 +176,15 @@ async def test_empty_parallel_plan_falls_back_to_a_direct_answer(
     assert len(server.chat_requests()) == 2
 
 
+async def test_numeric_direct_answer_is_accepted(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "Direct", "answer": 4}))]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "2+2?"})
+    assert result["answer"] == "4"
+    assert len(server.chat_requests()) == 1
+
+
 async def test_direct_plan_ignores_junk_subtasks(make_server: ServerFactory) -> None:
     junk = {"strategy": "direct", "answer": "4", "subtasks": [{"id": "x", "goal": "junk"}] * 10}
     server = make_server([Rule(role="planner", reply=Reply(content=junk))])
@@ -184,18 +194,25 @@ async def test_direct_plan_ignores_junk_subtasks(make_server: ServerFactory) -> 
     assert len(server.chat_requests()) == 1
 
 
+@pytest.mark.parametrize("refusal_status", [400, 500])
 async def test_fallback_chain_on_a_server_without_json_schema(
-    make_server: ServerFactory,
+    make_server: ServerFactory, refusal_status: int
 ) -> None:
+    # vLLM-style servers refuse an unknown mode with 400; llama-cpp-python's with a 500.
     direct = Reply(content={"strategy": "direct", "answer": "ok"})
-    server = make_server([Rule(role="planner", reply=direct)], response_formats={"json_object"})
+    server = make_server(
+        [Rule(role="planner", reply=direct)],
+        response_formats={"json_object"},
+        response_format_status=refusal_status,
+    )
     app = compile_apr_graph(settings=settings_for(server))
 
     assert (await app.ainvoke({"task": "first"}))["answer"] == "ok"
     kinds = [r.body["response_format"]["type"] for r in server.chat_requests()]
     assert kinds == ["json_schema", "json_object"]
     json_object = server.chat_requests()[1].body["response_format"]
-    assert json_object["schema"]["properties"]["strategy"]["enum"] == ["direct", "parallel"]
+    branches = json_object["schema"]["anyOf"]
+    assert [b["properties"]["strategy"]["enum"] for b in branches] == [["direct"], ["parallel"]]
 
     # The endpoint's mode is remembered: the next run goes straight to json_object.
     await app.ainvoke({"task": "second"})

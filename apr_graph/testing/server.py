@@ -156,6 +156,8 @@ class ScriptedServer:
         models: names listed by ``/v1/models``; with ``strict_models`` other names get 404.
         response_formats: the ``response_format`` types accepted; others get a 400, the way
             servers that lack a mode answer. Default: all.
+        response_format_status: the status of that refusal: 400 like vLLM, or 500 like
+            llama-cpp-python's server.
         api_key: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
     """
 
@@ -166,8 +168,10 @@ class ScriptedServer:
         models: Iterable[str] = ("test-model",),
         strict_models: bool = False,
         response_formats: Iterable[str] | None = None,
+        response_format_status: int = 400,
         api_key: str | None = None,
     ) -> None:
+        self.response_format_status = response_format_status
         self.rules: list[Rule] = list(rules)
         self.models = list(models)
         self.strict_models = strict_models
@@ -404,10 +408,13 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 and server.response_formats is not None
                 and rf.get("type") not in server.response_formats
             ):
-                request.status = 400
+                status = server.response_format_status
+                request.status = status
                 self._send_json(
-                    400,
-                    _error_body(400, f"response_format type {rf.get('type')!r} is not supported"),
+                    status,
+                    _error_body(
+                        status, f"response_format type {rf.get('type')!r} is not supported"
+                    ),
                 )
                 return
             reply = server._pick(request)
