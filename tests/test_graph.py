@@ -462,3 +462,24 @@ def test_graph_shape_snapshot() -> None:
         SNAPSHOT.parent.mkdir(exist_ok=True)
         SNAPSHOT.write_text(mermaid)
     assert mermaid == SNAPSHOT.read_text()
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+async def test_custom_events_stream_plan_and_threads(
+    make_server: ServerFactory, use_async: bool
+) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=parallel_plan(2))), echo_worker(), merge_synth()]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    if use_async:
+        events = [c async for c in app.astream({"task": "t"}, stream_mode="custom")]
+    else:
+        events = list(app.stream({"task": "t"}, stream_mode="custom"))
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan"
+    assert events[0]["subtasks"] == parallel_plan(2)["subtasks"]
+    assert sorted(kinds[1:]) == ["thread_finished"] * 2 + ["thread_started"] * 2
+    finished = {e["id"]: e for e in events if e["event"] == "thread_finished"}
+    assert finished["s1"]["status"] == "done"
+    assert finished["s1"]["completion_tokens"] == 3

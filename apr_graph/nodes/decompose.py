@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apr_graph.errors import InputError, ModelCallError, StructuredOutputError
+from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import direct_messages, planner_messages
@@ -118,6 +119,12 @@ def make_decompose(
                     mode="failed",
                 )
             )
+        emit(
+            "plan",
+            strategy=normalised["strategy"],
+            subtasks=normalised["subtasks"],
+            notes=normalised["notes"],
+        )
         update: dict[str, Any] = {"started_at": started, "plan": normalised, "calls": calls}
         if normalised["strategy"] == "direct":
             answer = normalised["answer"]

