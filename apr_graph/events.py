@@ -4,7 +4,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
 
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes"}``: the plan is ready.
 - ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request.
-- ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error"}``.
+- ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
+  "answer"}``: a thread is done (``status`` ``done``) or gave up (``failed``, with ``error``).
 
 Example:
     >>> async for mode, chunk in app.astream(inputs, stream_mode=["custom", "updates"]):

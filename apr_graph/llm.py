@@ -264,6 +264,17 @@ class LLMClient:
         key = self.settings.api_key.get_secret_value()
         return text.replace(key, "***") if len(key) >= 4 else text
 
+    async def list_models(self) -> list[str]:
+        """The model names the server offers (``GET /models``)."""
+        return await self._portal.arun(self._list_models_here())
+
+    async def _list_models_here(self) -> list[str]:
+        try:
+            page = await self._state().client.models.list()
+        except openai.OpenAIError as exc:
+            raise self._translate(exc, model="", attempts=1) from exc
+        return [model.id async for model in page]
+
     # -- plain chat ---------------------------------------------------------------------
     async def chat(
         self,

@@ -182,6 +182,11 @@ class LocalServer:
         return " | ".join(text[-lines:]) or "(empty log)"
 
     @property
+    def parallel_requests(self) -> int:
+        """How many requests the server runs at once (llama-cpp-python's runs one)."""
+        return self.slots if self.kind == "llama-server" else 1
+
+    @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
         return self._process.pid if self._process is not None else None

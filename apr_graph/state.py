@@ -171,6 +171,7 @@ class AprOutput(TypedDict, total=False):
     plan: dict[str, Any]
     threads: list[ThreadRecord]
     metrics: dict[str, Any]
+    calls: list[CallRecord]
 
 
 class AprState(TypedDict, total=False):

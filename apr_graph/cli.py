@@ -1,0 +1,274 @@
+"""The ``apr`` command: ask a question, or serve the embedded model.
+
+    apr ask "Solve (a) 17*23 (b) 2**12"            # embedded demo model, no server needed
+    apr ask --base-url http://gpu:8000/v1 --model Qwen/Qwen3-8B --json "..."
+    apr serve                                      # keep the embedded model up for others
+
+Exit codes: 0 ok, 1 model call failed, 2 bad usage or input, 3 configuration (e.g. the local
+extra is missing), 4 server unreachable, 5 API key refused, 6 unknown model, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+from pydantic import ValidationError
+
+from apr_graph.cli_view import PlainView, View, make_view
+from apr_graph.errors import (
+    AprError,
+    AuthenticationError,
+    ConfigurationError,
+    InputError,
+    ModelNotFoundError,
+    ServerUnreachableError,
+)
+from apr_graph.graph import compile_apr_graph
+from apr_graph.llm import LLMClient
+from apr_graph.local import LOCAL_MODEL, LocalServer
+from apr_graph.settings import AprSettings
+from apr_graph.state import AprInput
+
+__all__ = ["main"]
+
+EXIT_MODEL_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNREACHABLE = 4
+EXIT_AUTH = 5
+EXIT_UNKNOWN_MODEL = 6
+EXIT_INTERRUPTED = 130
+
+DEMO_NOTICE = (
+    "apr: no server configured, so the embedded SmolLM2-135M-Instruct model runs locally. "
+    "It is a demo of the mechanics, not of reasoning quality; for real answers point apr at "
+    "a real server: --base-url http://HOST:8000/v1 --model NAME (or OPENAI_BASE_URL, APR_MODEL)."
+)
+
+# Settings the embedded demo model gets unless the user set them: a 135M model on a CPU
+# should write short answers, and its one-request-at-a-time server queues the threads.
+_LOCAL_DEFAULTS: dict[str, Any] = {
+    "max_threads": 4,
+    "planner_max_tokens": 256,
+    "worker_max_tokens": 160,
+    "synthesizer_max_tokens": 256,
+    "request_timeout_s": 300.0,
+}
+
+
+class _CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apr", description="Adaptive parallel reasoning on any OpenAI-compatible server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ask = commands.add_parser("ask", help="answer a task, forking into parallel threads if useful")
+    ask.add_argument("task", help="the task; '-' reads it from standard input")
+    ask.add_argument("--context", help="extra context the model may use")
+    ask.add_argument("--base-url", help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")
+    ask.add_argument("--model", help="model name [env APR_MODEL]")
+    ask.add_argument("--api-key", help="API key [env OPENAI_API_KEY]")
+    ask.add_argument("--max-threads", type=int, help="most threads per decomposition [8]")
+    ask.add_argument("--max-concurrency", type=int, help="most requests in flight [8]")
+    ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ask.add_argument("--trace", type=Path, help="write the full run record to this JSON file")
+    ask.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    serve = commands.add_parser("serve", help="run the embedded model server until Ctrl-C")
+    serve.add_argument("--port", type=int, default=0, help="listen port [a free one]")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> AprSettings:
+    given = {
+        "base_url": args.base_url,
+        "model": args.model,
+        "api_key": args.api_key,
+        "max_threads": args.max_threads,
+        "max_concurrency": args.max_concurrency,
+    }
+    try:
+        return AprSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise _CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
+
+
+def _local_settings(settings: AprSettings, server: LocalServer) -> AprSettings:
+    update: dict[str, Any] = {"base_url": server.base_url, "model": LOCAL_MODEL}
+    if "max_concurrency" not in settings.model_fields_set:
+        # Send no more at once than the server runs at once: queued requests would only
+        # inflate thread latencies (and the time parallelism seems to save).
+        update["max_concurrency"] = server.parallel_requests
+    for name, value in _LOCAL_DEFAULTS.items():
+        if name not in settings.model_fields_set:
+            update[name] = value
+    return settings.model_copy(update=update)
+
+
+def _read_task(task: str) -> str:
+    if task == "-":
+        task = sys.stdin.read()
+    if not task.strip():
+        raise _CliError('the task is empty: apr ask "your question"', EXIT_USAGE)
+    return task
+
+
+async def _run(
+    settings: AprSettings, task: str, context: str | None, view: View, record: dict[str, Any]
+) -> dict[str, Any]:
+    client = LLMClient(settings)
+    try:
+        app = compile_apr_graph(settings=settings, client=client)
+        inputs: AprInput = {"task": task}
+        if context:
+            inputs["context"] = context
+        state: dict[str, Any] = {}
+        async for mode, chunk in app.astream(inputs, stream_mode=["custom", "values"]):
+            payload: dict[str, Any] = cast(dict[str, Any], chunk)
+            if mode == "custom":
+                record["events"].append({"t": round(time.time(), 4), **payload})
+                view.on_event(payload)
+            else:
+                state = payload
+        return state
+    except ModelNotFoundError as exc:
+        message = await _unknown_model_message(client, settings, exc)
+        raise _CliError(message, EXIT_UNKNOWN_MODEL) from exc
+    finally:
+        await client.aclose()
+
+
+async def _unknown_model_message(
+    client: LLMClient, settings: AprSettings, exc: ModelNotFoundError
+) -> str:
+    try:
+        offered = await client.list_models()
+    except AprError:
+        offered = []
+    listing = ", ".join(offered) if offered else "(the server lists none)"
+    return (
+        f"the server at {client.base_url} does not serve model {settings.model!r}; "
+        f"it offers: {listing} (choose one with --model)"
+    )
+
+
+def _output(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: state.get(key) for key in ("answer", "plan", "threads", "metrics")}
+
+
+def _write_trace(path: Path, record: dict[str, Any], secret: str) -> None:
+    text = json.dumps(record, indent=2, default=str)
+    if len(secret) >= 4:
+        text = text.replace(secret, "***")  # belt and braces: the key is never recorded
+    path.write_text(text + "\n")
+
+
+def _ask(args: argparse.Namespace) -> int:
+    task = _read_task(args.task)
+    settings = _settings(args)
+    view = make_view(quiet=args.quiet)
+    record: dict[str, Any] = {
+        "task": task,
+        "started_at": time.time(),
+        "status": "running",
+        "events": [],
+    }
+    with ExitStack() as stack:
+        if settings.base_url is None:
+            view.notice(DEMO_NOTICE)
+            server = LocalServer(
+                startup_timeout_s=float(os.environ.get("APR_LOCAL_STARTUP_TIMEOUT", "180"))
+            )
+            view.notice("apr: starting the embedded model server ...")
+            stack.enter_context(server)
+            view.notice(f"apr: {server.kind} ready at {server.base_url}")
+            settings = _local_settings(settings, server)
+        record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
+        stack.enter_context(view)
+        try:
+            state = asyncio.run(_run(settings, task, args.context, view, record))
+        except BaseException as exc:
+            record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record["error"] = str(exc)
+            if args.trace:
+                _write_trace(args.trace, record, settings.api_key.get_secret_value())
+            raise
+    record.update(status="done", **_output(state), calls=state.get("calls", []))
+    if args.trace:
+        _write_trace(args.trace, record, settings.api_key.get_secret_value())
+    if args.json:
+        print(json.dumps(_output(state), default=str))
+    else:
+        print(state.get("answer", ""))
+    view.summary(state.get("metrics") or {})
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    plain = PlainView()
+    with LocalServer(port=args.port, host=args.host) as server:
+        print(server.base_url, flush=True)
+        plain.notice(
+            f"apr: {server.kind} serving {LOCAL_MODEL} (SmolLM2-135M-Instruct, a demo model) at "
+            f"{server.base_url}; use it with --base-url {server.base_url} --model {LOCAL_MODEL}. "
+            "Ctrl-C stops it."
+        )
+        while True:
+            time.sleep(3600)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"apr: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # run the same cleanup as Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``apr`` console script."""
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _ask(args) if args.command == "ask" else _serve(args)
+    except _CliError as exc:
+        _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        print("apr: interrupted; in-flight requests were cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ServerUnreachableError as exc:
+        hint = "start it, fix --base-url, or leave the URL unset to use the embedded demo model"
+        _fail(f"{exc} ({hint})", EXIT_UNREACHABLE)
+    except AuthenticationError as exc:
+        _fail(str(exc), EXIT_AUTH)
+    except InputError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except ConfigurationError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except AprError as exc:
+        _fail(str(exc), EXIT_MODEL_ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""What ``apr ask`` shows on stderr while it runs: a live table, plain lines, or nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["LiveView", "PlainView", "QuietView", "View", "make_view", "summary_line"]
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line on what the run cost and what parallelism saved."""
+    if not metrics:
+        return ""
+    line = (
+        f"{metrics['wall_time_s']:.2f}s wall · {metrics['model_calls']} calls · "
+        f"{metrics['total_tokens']:,} tokens ({metrics['prompt_tokens']:,} prompt + "
+        f"{metrics['completion_tokens']:,} generated) · critical path "
+        f"{metrics['critical_path_tokens']:,} tokens"
+    )
+    if metrics.get("threads"):
+        line += (
+            f" · {metrics['threads']} threads took {metrics['thread_span_s']:.2f}s together "
+            f"vs {metrics['thread_time_sum_s']:.2f}s one after another "
+            f"(saved {metrics['parallel_saved_s']:.2f}s)"
+        )
+    return line
+
+
+class View:
+    """Base view: tracks thread state from the graph's custom events; shows nothing."""
+
+    def __init__(self) -> None:
+        self.strategy: str | None = None
+        self.threads: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is KeyboardInterrupt:
+            self.interrupted()
+
+    def notice(self, message: str) -> None:
+        """A one-line message for the user."""
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Update from one custom stream event."""
+        kind = event.get("event")
+        if kind == "plan":
+            self.strategy = event["strategy"]
+            for subtask in event.get("subtasks", []):
+                self.threads[subtask["id"]] = {
+                    "goal": subtask["goal"], "status": "queued", "tokens": 0,
+                    "started": None, "elapsed": None, "answer": None,
+                }  # fmt: skip
+        elif kind == "thread_started":
+            thread = self.threads.setdefault(event["id"], {"goal": event["goal"], "tokens": 0})
+            thread.update(status="running", started=time.monotonic())
+        elif kind == "thread_finished":
+            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
+            thread.update(
+                status=event["status"], tokens=event["completion_tokens"],
+                elapsed=event["elapsed_s"], answer=event.get("answer"), error=event.get("error"),
+            )  # fmt: skip
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """The closing line of a finished run."""
+
+    def interrupted(self) -> None:
+        """Tell what had finished when the run was interrupted."""
+
+
+class QuietView(View):
+    """``--quiet``: nothing on stderr but errors."""
+
+
+class PlainView(View):
+    """Plain lines on stderr, for logs and pipes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def notice(self, message: str) -> None:
+        self.console.print(message, markup=False)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        super().on_event(event)
+        kind = event.get("event")
+        if kind == "plan":
+            count = len(event.get("subtasks", []))
+            detail = f", {count} threads" if count else ""
+            self.notice(f"apr: plan {event['strategy']}{detail}")
+        elif kind == "thread_finished":
+            self.notice(
+                f"apr: thread {event['id']} {event['status']} · {event['completion_tokens']} "
+                f"tokens · {event['elapsed_s']:.2f}s"
+            )
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if metrics:
+            self.notice(f"apr: {summary_line(metrics)}")
+
+    def interrupted(self) -> None:
+        finished = [(tid, t) for tid, t in self.threads.items() if t.get("answer")]
+        self.notice(
+            f"apr: interrupted: {len(finished)} of {len(self.threads)} threads had finished"
+        )
+        for tid, thread in finished:
+            self.notice(f"  {tid}: {thread['answer'][:300]}")
+
+
+class LiveView(PlainView):
+    """A live table of the plan and its threads, redrawn on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.monotonic()
+        self.live = Live(
+            console=self.console, get_renderable=self._render, refresh_per_second=8,
+            transient=False,
+        )  # fmt: skip
+
+    def __enter__(self) -> View:
+        self.live.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.live.stop()
+        super().__exit__(exc_type, exc, tb)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        View.on_event(self, event)  # the table shows it; no extra lines
+
+    def _render(self) -> Group:
+        elapsed = time.monotonic() - self.started
+        head = Text(f"apr · {elapsed:5.1f}s · ", style="bold")
+        head.append(f"plan: {self.strategy}" if self.strategy else "planning ...")
+        if not self.threads:
+            return Group(head)
+        table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
+        for column in ("thread", "status", "tokens", "time", "goal"):
+            table.add_column(column)
+        styles = {"done": "green", "failed": "red", "running": "yellow", "queued": "dim"}
+        for tid, thread in self.threads.items():
+            status = thread.get("status", "queued")
+            if thread.get("elapsed") is not None:
+                spent = f"{thread['elapsed']:.1f}s"
+            elif thread.get("started") is not None:
+                spent = f"{time.monotonic() - thread['started']:.1f}s"
+            else:
+                spent = ""
+            table.add_row(
+                tid, Text(status, style=styles.get(status, "")), str(thread.get("tokens") or ""),
+                spent, thread.get("goal", "")[:70],
+            )  # fmt: skip
+        return Group(head, table)
+
+
+def make_view(*, quiet: bool) -> View:
+    """The view for this terminal: live on a TTY, plain lines otherwise, none with --quiet."""
+    if quiet:
+        return QuietView()
+    return LiveView() if sys.stderr.isatty() else PlainView()
