@@ -226,15 +226,19 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     plain = PlainView()
-    with LocalServer(port=args.port, host=args.host) as server:
-        print(server.base_url, flush=True)
-        plain.notice(
-            f"apr: {server.kind} serving {LOCAL_MODEL} (SmolLM2-135M-Instruct, a demo model) at "
-            f"{server.base_url}; use it with --base-url {server.base_url} --model {LOCAL_MODEL}. "
-            "Ctrl-C stops it."
-        )
-        while True:
-            time.sleep(3600)
+    try:
+        with LocalServer(port=args.port, host=args.host) as server:
+            plain.notice(
+                f"apr: {server.kind} serving {LOCAL_MODEL} (SmolLM2-135M-Instruct, a demo model) "
+                f"at {server.base_url}; use it with --base-url {server.base_url} "
+                f"--model {LOCAL_MODEL}. Ctrl-C stops it."
+            )
+            print(server.base_url, flush=True)  # last, so a reader of stdout knows it is up
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        plain.notice("apr: stopped the embedded model server")
+    return 0
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -48,6 +48,7 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
                 completion_tokens=0,
                 elapsed_s=round(time.time() - started, 3),
                 error=str(exc),
+                answer=None,
             )
             return {"threads": [failed]}
         record = ThreadRecord(
@@ -68,6 +69,7 @@ def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str
             completion_tokens=completion.completion_tokens,
             elapsed_s=round(completion.ended_at - started, 3),
             error=None,
+            answer=completion.text,
         )
         return {
             "threads": [record],
