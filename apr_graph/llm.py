@@ -99,6 +99,23 @@ class Completion:
         )
 
 
+@dataclass
+class StreamProgress:
+    """What a streamed call has produced so far; readable after it is cancelled.
+
+    Attributes:
+        text: the content received so far (reasoning not stripped).
+        completion_tokens: content deltas received (about one token each).
+        started_at: when the current request was sent (``time.time()``).
+        requests: requests sent so far, retries included.
+    """
+
+    text: str = ""
+    completion_tokens: int = 0
+    started_at: float = 0.0
+    requests: int = 0
+
+
 class _TransientResponseError(Exception):
     """A 200 response that carries no usable completion (empty choices, broken body)."""
 
@@ -283,8 +300,13 @@ class LLMClient:
         role: Role,
         max_tokens: int | None = None,
         response_format: dict[str, Any] | None = None,
+        stream: bool = False,
+        progress: StreamProgress | None = None,
     ) -> Completion:
         """One chat completion, retried on transient errors.
+
+        With ``stream=True`` the answer is streamed: cancelling the caller closes the HTTP
+        response, so the server stops generating, and ``progress`` tells what was produced.
 
         Raises:
             AuthenticationError: 401/403, after exactly one request.
@@ -308,12 +330,16 @@ class LLMClient:
             async for attempt in retrying:
                 with attempt:
                     requests += 1
+                    if progress is not None:
+                        progress.requests = requests
                     completion = await self._request(
                         messages,
                         model=model,
                         role=role,
                         max_tokens=max_tokens or self.settings.max_tokens_for(role),
                         response_format=response_format,
+                        progress=progress if stream else None,
+                        stream=stream,
                     )
         except Exception as exc:
             raise self._translate(exc, model=model, attempts=requests) from exc
@@ -334,7 +360,19 @@ class LLMClient:
         role: Role,
         max_tokens: int,
         response_format: dict[str, Any] | None,
+        stream: bool = False,
+        progress: StreamProgress | None = None,
     ) -> Completion:
+        if stream:
+            return await self._portal.arun(
+                self._stream_here(
+                    messages,
+                    model=model,
+                    role=role,
+                    max_tokens=max_tokens,
+                    progress=progress or StreamProgress(),
+                )
+            )
         return await self._portal.arun(
             self._request_here(
                 messages,
@@ -343,6 +381,70 @@ class LLMClient:
                 max_tokens=max_tokens,
                 response_format=response_format,
             )
+        )
+
+    async def _stream_here(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        role: Role,
+        max_tokens: int,
+        progress: StreamProgress,
+    ) -> Completion:
+        state = self._state()
+        started = time.time()
+        progress.started_at, progress.text, progress.completion_tokens = started, "", 0
+        finish_reason: str | None = None
+        usage: Any = None
+        async with state.limit:
+            response: Any = await state.client.chat.completions.create(  # type: ignore[call-overload]
+                model=model,
+                messages=list(messages),
+                max_tokens=max_tokens,
+                temperature=self.settings.temperature,
+                extra_headers={"X-Apr-Role": role},
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            # Leaving this block, normally or by cancellation, closes the HTTP response.
+            async with response as chunks:
+                try:
+                    async for chunk in chunks:
+                        usage = getattr(chunk, "usage", None) or usage
+                        for choice in getattr(chunk, "choices", None) or []:
+                            delta = getattr(getattr(choice, "delta", None), "content", None)
+                            if delta:
+                                progress.text += delta
+                                progress.completion_tokens += 1
+                            finish_reason = getattr(choice, "finish_reason", None) or finish_reason
+                except (openai.APIError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # the transport broke mid-stream: worth a retry
+                    raise _TransientResponseError(
+                        f"the stream broke after {progress.completion_tokens} tokens: "
+                        f"{type(exc).__name__}"
+                    ) from exc
+        if finish_reason is None:
+            raise _TransientResponseError(
+                f"the stream ended without a finish_reason after {progress.completion_tokens} "
+                "tokens (cut off)"
+            )
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion_tokens = getattr(usage, "completion_tokens", None)
+        if prompt_tokens is None or completion_tokens is None:
+            prompt_tokens = sum(len(m.get("content", "")) for m in messages) // 4
+            completion_tokens = progress.completion_tokens
+        return Completion(
+            text=strip_reasoning(progress.text),
+            finish_reason=finish_reason,
+            prompt_tokens=int(prompt_tokens),
+            completion_tokens=int(completion_tokens),
+            cached_tokens=_cached_tokens_from_usage(usage),
+            requests=1,
+            started_at=started,
+            ended_at=time.time(),
+            model=model,
         )
 
     async def _request_here(
@@ -594,6 +696,11 @@ def _server_message(exc: openai.APIStatusError) -> str:
         if message:
             return str(message)[:300]
     return str(exc.message)[:300]
+
+
+def _cached_tokens_from_usage(usage: Any) -> int | None:
+    cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+    return None if cached is None else int(cached)
 
 
 def _cached_tokens(result: Any) -> int | None:

@@ -39,6 +39,10 @@ class Reply:
         empty_choices: answer with ``"choices": []``.
         usage: override of the usage object; by default tokens are counted as words.
         extra: extra top-level fields of the completion (e.g. llama.cpp ``timings``).
+        chunk_delay_s: when streamed, the pause before each chunk (a decode step); a client
+            that hangs up is noticed at the next chunk and recorded with status 499.
+        cut_stream_after: when streamed, close the connection after this many content chunks,
+            without a finish_reason (a stream cut mid-way).
     """
 
     content: str | dict[str, Any] | list[Any] | None = None
@@ -51,6 +55,8 @@ class Reply:
     empty_choices: bool = False
     usage: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    chunk_delay_s: float = 0.0
+    cut_stream_after: int | None = None
 
     def text(self) -> str:
         """The message content as sent."""
@@ -442,31 +448,32 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             for key, value in reply.headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            words = re.findall(r"\S+\s*|\s+", reply.text())
             base = {k: completion[k] for k in ("id", "created", "model")}
-            events: list[dict[str, Any]] = []
-            for word in words:
-                events.append(
-                    {
-                        **base,
-                        "object": "chat.completion.chunk",
-                        "choices": [
-                            {"index": 0, "delta": {"content": word}, "finish_reason": None}
-                        ],
-                    }
-                )
-            events.append(
+            base["object"] = "chat.completion.chunk"
+            words = re.findall(r"\S+\s*", reply.text())
+            for index, word in enumerate(words):
+                if reply.cut_stream_after is not None and index >= reply.cut_stream_after:
+                    self.close_connection = True
+                    self.wfile.flush()
+                    return  # no finish_reason, no [DONE], no final empty chunk
+                if reply.chunk_delay_s:
+                    time.sleep(reply.chunk_delay_s)
+                delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                self._event({**base, "choices": [delta]})
+            self._event(
                 {
                     **base,
-                    "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
-                    "usage": completion["usage"],
                 }
             )
-            for event in events:
-                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+            options = (request.body or {}).get("stream_options") or {}
+            if options.get("include_usage"):
+                self._event({**base, "choices": [], "usage": completion["usage"]})
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
+
+        def _event(self, payload: dict[str, Any]) -> None:
+            self._chunk(f"data: {json.dumps(payload)}\n\n".encode())
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
