@@ -3,19 +3,33 @@
 Every request of a client runs on its portal loop, whatever loop (or thread) the caller is
 on: a single connection pool and one concurrency limit serve sync and async callers alike,
 and callers' short-lived loops (``asyncio.run``, per-test loops) never strand connections.
-Cancelling the caller cancels the request on the portal loop.
+Cancelling the caller cancels the request on the portal loop (closing its HTTP response).
+Both directions tolerate the other loop having closed meanwhile (Ctrl-C, shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["Portal"]
 
 T = TypeVar("T")
+
+
+def _transfer(done: concurrent.futures.Future[T], waiter: asyncio.Future[T]) -> None:
+    if waiter.done():
+        return
+    if done.cancelled():
+        waiter.cancel()
+    elif (error := done.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -27,11 +41,21 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _finish(final: Coroutine[Any, Any, Any] | None) -> None:
+    loop = asyncio.get_running_loop()
     try:
+        pending = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if final is not None:
             await final
     finally:
-        asyncio.get_running_loop().stop()
+        loop.stop()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], Any]) -> None:
+    with contextlib.suppress(RuntimeError):  # that loop has closed: nothing left to do
+        loop.call_soon_threadsafe(callback)
 
 
 class Portal:
@@ -60,28 +84,71 @@ class Portal:
         except RuntimeError:
             return False
 
+    def _submit(
+        self, coro: Coroutine[Any, Any, T]
+    ) -> tuple[concurrent.futures.Future[T], Callable[[], None]]:
+        """Start ``coro`` on the portal loop; returns its future and a thread-safe cancel."""
+        loop = self._ensure_loop()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        tasks: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            if future.cancelled():
+                coro.close()
+                return
+            task = loop.create_task(coro)
+            tasks.append(task)
+
+            def settle(done: asyncio.Task[T]) -> None:
+                if future.cancelled():
+                    return
+                if done.cancelled():
+                    future.cancel()
+                elif (error := done.exception()) is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(done.result())
+
+            task.add_done_callback(settle)
+
+        def cancel() -> None:
+            future.cancel()
+            _call_soon(loop, lambda: [t.cancel() for t in tasks])
+
+        # The caller's context (LangGraph config, stream writer) is copied into the callback
+        # and from there into the task.
+        loop.call_soon_threadsafe(start)
+        return future, cancel
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the portal loop and block until its result (sync callers)."""
         if self.is_current():
             coro.close()
             raise RuntimeError("Portal.run() called from the portal loop itself; await instead")
-        future = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+        future, cancel = self._submit(coro)
         try:
             return future.result()
         except BaseException:
-            future.cancel()
+            cancel()
             raise
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the portal loop and await it from any other loop."""
         if self.is_current():
             return await coro
-        future = asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
-        return await asyncio.wrap_future(future)
+        caller = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = caller.create_future()
+        future, cancel = self._submit(coro)
+        future.add_done_callback(lambda done: _call_soon(caller, lambda: _transfer(done, waiter)))
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            cancel()  # the request stops on the portal loop: its response is closed
+            raise
 
     def shutdown(self, final: Coroutine[Any, Any, Any] | None = None, *, wait: bool) -> None:
-        """Run ``final`` (cleanup) on the loop, then stop it. Safe from any thread, and
-        from a garbage-collector finalizer (with ``wait=False``)."""
+        """Cancel what runs, run ``final`` (cleanup), then stop the loop. Safe from any
+        thread, and from a garbage-collector finalizer (with ``wait=False``)."""
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
@@ -89,6 +156,6 @@ class Portal:
             if final is not None:
                 final.close()
             return
-        loop.call_soon_threadsafe(lambda: loop.create_task(_finish(final)))
+        _call_soon(loop, lambda: loop.create_task(_finish(final)))
         if wait and thread is not threading.current_thread():
             thread.join(timeout=10)

@@ -10,11 +10,13 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
 
+from apr_graph.coordination import Boards
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
-    finish,
+    Verifier,
     make_decompose,
     make_fan_out,
+    make_finish,
     make_synthesize,
     make_worker,
 )
@@ -51,6 +53,7 @@ def create_apr_graph(
     *,
     settings: AprSettings | None = None,
     client: LLMClient | None = None,
+    verify: Verifier | None = None,
 ) -> StateGraph[AprState, None, AprInput, AprOutput]:
     """Build the adaptive parallel reasoning graph (uncompiled).
 
@@ -62,6 +65,9 @@ def create_apr_graph(
         settings: endpoint, models and limits; default ``AprSettings()`` (read from the
             environment: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``).
         client: a ready client to share between graphs; built from ``settings`` if omitted.
+        verify: your check of a thread's answer, ``verify(answer) -> bool`` (sync or async).
+            A rejected result is replaced by a fresh attempt (``max_replacements``); in a
+            ``race`` the first accepted result wins. Without it, races use a verifier call.
 
     Returns:
         A ``StateGraph``; compile it with the checkpointer of your choice. Input
@@ -78,15 +84,26 @@ def create_apr_graph(
     """
     settings = settings or AprSettings()
     client = client or LLMClient(settings)
+    boards = Boards()
     builder = StateGraph(AprState, input_schema=AprInput, output_schema=AprOutput)
+    compiled: list[CompiledStateGraph[AprState, None, AprInput, AprOutput]] = []
+
+    def subgraph() -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+        # A forking thread runs this very graph one level deeper (compiled once, on first
+        # use; as a subgraph it inherits the parent's checkpointer and stream).
+        if not compiled:
+            compiled.append(builder.compile(name="apr-graph-fork"))
+        return compiled[0].ainvoke  # type: ignore[return-value]
+
+    worker = make_worker(client, settings, boards, verify=verify, subgraph=subgraph)
     builder.add_node(
-        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings), client)
+        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings, boards), client)
     )
+    builder.add_node(WORKER, _sync_and_async(WORKER, worker, client), input_schema=WorkerInput)
     builder.add_node(
-        WORKER, _sync_and_async(WORKER, make_worker(client), client), input_schema=WorkerInput
+        SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client, boards), client)
     )
-    builder.add_node(SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client), client))
-    builder.add_node(FINISH, finish)
+    builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
     builder.add_edge(START, DECOMPOSE)
     builder.add_conditional_edges(
         DECOMPOSE,
@@ -103,6 +120,7 @@ def compile_apr_graph(
     *,
     settings: AprSettings | None = None,
     client: LLMClient | None = None,
+    verify: Verifier | None = None,
     checkpointer: Checkpointer = None,
     name: str = "apr-graph",
 ) -> CompiledStateGraph[AprState, None, AprInput, AprOutput]:
@@ -112,6 +130,6 @@ def compile_apr_graph(
         >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:11434/v1"))
         >>> # result = app.invoke({"task": "What is 2 + 2?"})
     """
-    return create_apr_graph(settings=settings, client=client).compile(
+    return create_apr_graph(settings=settings, client=client, verify=verify).compile(
         checkpointer=checkpointer, name=name
     )

@@ -11,10 +11,14 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["AprSettings", "Role"]
+__all__ = ["AprSettings", "MergeStrategy", "Role"]
 
 Role = Literal["planner", "worker", "synthesizer"]
-"""The three kinds of model call a run makes."""
+"""The three kinds of model call a run makes (verifier and judge calls use ``synthesizer``)."""
+
+MergeStrategy = Literal["synthesize", "vote", "race", "best"]
+"""How thread results become the answer: a model merge, a majority vote with early stop, the
+first verified result (siblings cancelled), or the result a judge call picks."""
 
 
 class AprSettings(BaseSettings):
@@ -87,6 +91,29 @@ class AprSettings(BaseSettings):
 
     synthesizer_max_tokens: int = Field(default=1024, ge=16)
     """Output-token allowance of the merge call."""
+
+    max_depth: int = Field(default=2, ge=1, le=8)
+    """Levels of decomposition: 1 means threads never fork again; 2 lets a thread fork once."""
+
+    max_total_threads: int = Field(default=32, ge=1, le=4096)
+    """The most threads a whole run may start, nested forks and replacements included."""
+
+    merge: MergeStrategy | None = None
+    """Force a merge strategy; ``None`` lets the model choose one in its plan."""
+
+    token_budget: int | None = Field(default=None, ge=1)
+    """Prompt + completion tokens for the whole run. When spent, nothing new starts, running
+    threads are cancelled, and the answer is built from what finished (marked incomplete)."""
+
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds for the whole run, with the same behaviour as ``token_budget`` when reached."""
+
+    max_replacements: int = Field(default=1, ge=0, le=10)
+    """Fresh attempts, with a different approach, for a thread that fails verification or
+    reports a dead end."""
+
+    min_thread_tokens: int = Field(default=64, ge=16)
+    """The smallest output allowance the plan may give one thread."""
 
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
     """How to ask for JSON: ``auto`` tries ``json_schema``, then ``json_object`` with a schema,

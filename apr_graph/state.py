@@ -26,17 +26,47 @@ __all__ = [
 
 
 class Subtask(BaseModel):
-    """One independent piece of the task, solved by one thread."""
+    """One piece of the task, solved by one thread."""
 
     model_config = ConfigDict(extra="ignore")
 
     id: str = Field(description="Short unique id, e.g. 's1'.")
     goal: str = Field(description="What this thread must find out or produce, self-contained.")
+    depends_on: list[str] = Field(
+        default_factory=list, description="Ids of subtasks whose results this one needs."
+    )
+    fork: bool = Field(
+        default=False, description="True if this subtask is itself worth splitting further."
+    )
+    max_tokens: int | None = Field(
+        default=None, description="Output tokens this thread needs: small for easy parts."
+    )
 
     @field_validator("id", mode="before")
     @classmethod
     def _id_to_str(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _ids_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str | int):
+            value = [value]
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("fork", mode="before")
+    @classmethod
+    def _lenient_bool(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _lenient_int(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return int(value) if value.strip().isdigit() else None
+        return value
 
 
 class Plan(BaseModel):
@@ -54,6 +84,18 @@ class Plan(BaseModel):
         default_factory=list,
         description="For 'parallel': the independent subtasks. Else empty.",
     )
+    merge: str | None = Field(
+        default=None,
+        description="How to combine results: synthesize, vote, race or best.",
+    )
+
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _known_merge(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return None
+        value = value.strip().lower()
+        return value if value in {"synthesize", "vote", "race", "best"} else None
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -86,6 +128,13 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
         "properties": {
             "id": {"type": "string", "maxLength": 16},
             "goal": {"type": "string", "maxLength": 600},
+            "depends_on": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 16},
+                "maxItems": max_threads,
+            },
+            "fork": {"type": "boolean"},
+            "max_tokens": {"type": "integer", "minimum": 16, "maximum": 32768},
         },
         "required": ["id", "goal"],
         "additionalProperties": False,
@@ -106,6 +155,7 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "strategy": {"type": "string", "enum": ["parallel"]},
+                    "merge": {"type": "string", "enum": ["synthesize", "vote", "race", "best"]},
                     "subtasks": {
                         "type": "array",
                         "items": subtask,
@@ -135,18 +185,31 @@ class CallRecord(TypedDict):
     mode: str
 
 
+ThreadStatus = Literal["done", "failed", "cancelled", "skipped"]
+
+
 class ThreadRecord(TypedDict):
-    """The record of one thread, as returned in the ``threads`` output key."""
+    """The record of one thread, as returned in the ``threads`` output key.
+
+    ``status``: ``done``; ``failed`` (errors, or pruned after failed verification);
+    ``cancelled`` (stopped mid-way: a sibling settled the answer, or a budget ran out);
+    ``skipped`` (never started). Nested threads have ids ``parent/child`` and a ``parent``.
+    """
 
     id: str
     goal: str
-    status: Literal["done", "failed"]
+    status: ThreadStatus
     answer: str | None
     error: str | None
     prompt_tokens: int
     completion_tokens: int
+    critical_path_tokens: int
     started_at: float
     ended_at: float
+    depth: int
+    parent: str | None
+    attempts: int
+    verified: bool | None
 
 
 def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[ThreadRecord]:
@@ -158,10 +221,15 @@ def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[T
 
 
 class AprInput(TypedDict, total=False):
-    """What a caller passes in: the task, and optional context the model may use."""
+    """What a caller passes in: the task, and optional context the model may use.
+
+    ``depth`` and ``parent_run`` are set by apr-graph itself when a thread forks; leave them out.
+    """
 
     task: str
     context: str
+    depth: int
+    parent_run: str
 
 
 class AprOutput(TypedDict, total=False):
@@ -185,6 +253,9 @@ class AprState(TypedDict, total=False):
     metrics: dict[str, Any]
     calls: Annotated[list[CallRecord], operator.add]
     started_at: float
+    run_id: str
+    depth: int
+    parent_run: str
 
 
 class WorkerInput(TypedDict):
@@ -193,4 +264,6 @@ class WorkerInput(TypedDict):
     task: str
     context: str
     plan: dict[str, Any]
-    subtask: dict[str, str]
+    subtask: dict[str, Any]
+    run_id: str
+    depth: int

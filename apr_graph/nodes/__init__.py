@@ -2,8 +2,15 @@
 
 from apr_graph.nodes.decompose import make_decompose
 from apr_graph.nodes.fan_out import make_fan_out
-from apr_graph.nodes.finish import finish
+from apr_graph.nodes.finish import make_finish
 from apr_graph.nodes.synthesize import make_synthesize
-from apr_graph.nodes.worker import make_worker
+from apr_graph.nodes.worker import Verifier, make_worker
 
-__all__ = ["finish", "make_decompose", "make_fan_out", "make_synthesize", "make_worker"]
+__all__ = [
+    "Verifier",
+    "make_decompose",
+    "make_fan_out",
+    "make_finish",
+    "make_synthesize",
+    "make_worker",
+]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from apr_graph.coordination import Boards, RunBoard, StoppedError
 from apr_graph.errors import InputError, ModelCallError, StructuredOutputError
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
@@ -14,54 +16,103 @@ from apr_graph.prompts import direct_messages, planner_messages
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, Plan, plan_json_schema
 
-__all__ = ["make_decompose", "normalise_plan"]
+__all__ = ["make_decompose", "normalise_plan", "repair_dependencies"]
 
 
-def normalise_plan(plan: Plan, max_threads: int) -> dict[str, Any]:
+def repair_dependencies(subtasks: list[dict[str, Any]], notes: list[str]) -> None:
+    """Drop unknown and self references; a cycle makes the whole plan run in order."""
+    ids = [s["id"] for s in subtasks]
+    known = set(ids)
+    for subtask in subtasks:
+        wanted = subtask["depends_on"]
+        kept = [d for d in dict.fromkeys(wanted) if d in known and d != subtask["id"]]
+        if len(kept) != len(wanted):
+            dropped = sorted(set(wanted) - set(kept))
+            notes.append(f"{subtask['id']}: ignored unknown or self dependencies {dropped}")
+        subtask["depends_on"] = kept
+    if _has_cycle(subtasks):
+        notes.append("dependencies form a cycle: running the subtasks one after another")
+        for index, subtask in enumerate(subtasks):
+            subtask["depends_on"] = [ids[index - 1]] if index else []
+
+
+def _has_cycle(subtasks: list[dict[str, Any]]) -> bool:
+    edges = {s["id"]: s["depends_on"] for s in subtasks}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str) -> bool:
+        if state.get(node) == 1:
+            return True
+        if state.get(node) == 2:
+            return False
+        state[node] = 1
+        if any(visit(n) for n in edges.get(node, [])):
+            return True
+        state[node] = 2
+        return False
+
+    return any(visit(n) for n in edges)
+
+
+def normalise_plan(
+    plan: Plan, settings: AprSettings, *, depth: int = 0, slots: int | None = None
+) -> dict[str, Any]:
     """Repair a model's plan into something safe to run.
 
     Subtasks of a direct plan are ignored; subtasks without a goal are dropped; duplicate
-    ids are renamed; more than ``max_threads`` subtasks are clamped; a parallel plan left
-    with no subtasks becomes direct. ``notes`` says what was changed.
+    ids are renamed; more than ``max_threads`` (or the run's remaining ``slots``) subtasks are
+    clamped; dependencies are repaired; ``fork`` is cleared at the depth limit; thread token
+    allowances are kept within bounds; a parallel plan left with no subtasks becomes direct.
+    ``notes`` says what was changed.
     """
     notes: list[str] = []
+    merge = settings.merge or plan.merge or "synthesize"
     if plan.strategy == "direct":
         if plan.subtasks:
             notes.append(f"ignored {len(plan.subtasks)} subtasks of a direct plan")
-        return {
-            "strategy": "direct",
-            "answer": (plan.answer or "").strip(),
-            "subtasks": [],
-            "notes": notes,
-        }
-    subtasks: list[dict[str, str]] = []
+        return _direct(plan.answer, notes)
+    subtasks: list[dict[str, Any]] = []
     seen: set[str] = set()
     for index, subtask in enumerate(plan.subtasks, start=1):
         goal = subtask.goal.strip()
         if not goal:
             continue
-        sid = subtask.id.strip() or f"s{index}"
+        sid = subtask.id.strip().replace("/", "-") or f"s{index}"
         if sid in seen:
             sid = f"s{index}"
             while sid in seen:
                 sid += "'"
         seen.add(sid)
-        subtasks.append({"id": sid, "goal": goal})
+        allowance = subtask.max_tokens
+        if allowance is not None:
+            allowance = max(settings.min_thread_tokens, min(allowance, settings.worker_max_tokens))
+        subtasks.append(
+            {"id": sid, "goal": goal, "depends_on": list(subtask.depends_on),
+             "fork": bool(subtask.fork), "max_tokens": allowance}
+        )  # fmt: skip
     dropped = len(plan.subtasks) - len(subtasks)
     if dropped:
         notes.append(f"dropped {dropped} subtasks without a goal")
-    if len(subtasks) > max_threads:
-        notes.append(f"clamped {len(subtasks)} subtasks to max_threads={max_threads}")
-        subtasks = subtasks[:max_threads]
+    limit = settings.max_threads if slots is None else min(settings.max_threads, slots)
+    if len(subtasks) > limit:
+        which = "max_threads" if limit == settings.max_threads else "max_total_threads"
+        notes.append(f"clamped {len(subtasks)} subtasks to {limit} ({which})")
+        subtasks = subtasks[:limit]
     if not subtasks:
         notes.append("parallel plan had no subtasks: answering directly")
-        return {
-            "strategy": "direct",
-            "answer": (plan.answer or "").strip(),
-            "subtasks": [],
-            "notes": notes,
-        }
-    return {"strategy": "parallel", "answer": None, "subtasks": subtasks, "notes": notes}
+        return _direct(plan.answer, notes)
+    repair_dependencies(subtasks, notes)
+    if depth + 1 >= settings.max_depth and any(s["fork"] for s in subtasks):
+        notes.append(f"max_depth={settings.max_depth} reached: subtasks will not fork again")
+        for entry in subtasks:
+            entry["fork"] = False
+    return {"strategy": "parallel", "answer": None, "subtasks": subtasks, "merge": merge,
+            "notes": notes}  # fmt: skip
+
+
+def _direct(answer: str | None, notes: list[str]) -> dict[str, Any]:
+    return {"strategy": "direct", "answer": (answer or "").strip(), "subtasks": [],
+            "merge": None, "notes": notes}  # fmt: skip
 
 
 def read_input(state: AprState) -> tuple[str, str]:
@@ -79,64 +130,82 @@ def read_input(state: AprState) -> tuple[str, str]:
 
 
 def make_decompose(
-    client: LLMClient, settings: AprSettings
+    client: LLMClient, settings: AprSettings, boards: Boards
 ) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
     """Build the decompose node."""
 
     async def decompose(state: AprState) -> dict[str, Any]:
         task, context = read_input(state)
+        depth = int(state.get("depth") or 0)
+        parent_run = state.get("parent_run")
         started = time.time()
+        budget = boards.budget_for(settings, parent_run)
+        board = RunBoard(uuid.uuid4().hex, budget, "synthesize", [])
+        boards.attach(board)
         calls: list[CallRecord] = []
         messages = planner_messages(task, context, settings.max_threads)
         try:
-            plan, completion = await client.structured(
-                messages,
-                Plan,
-                role="planner",
-                schema=plan_json_schema(settings.max_threads),
+            plan, completion = await board.guard(
+                client.structured(
+                    messages, Plan, role="planner", schema=plan_json_schema(settings.max_threads)
+                )
             )
             calls.append(call_record(completion, role="planner"))
-            normalised = normalise_plan(plan, settings.max_threads)
+            budget.charge(completion.prompt_tokens + completion.completion_tokens)
+            slots = settings.max_total_threads - budget.threads_started
+            normalised = normalise_plan(plan, settings, depth=depth, slots=slots)
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
-            normalised = {
-                "strategy": "direct",
-                "answer": "",
-                "subtasks": [],
-                "notes": [f"no valid plan ({exc.attempts} attempts): answering directly"],
-            }
-            calls.append(
-                CallRecord(
-                    role="planner",
-                    thread_id=None,
-                    model=settings.model_for("planner"),
-                    prompt_tokens=exc.prompt_tokens,
-                    completion_tokens=exc.completion_tokens,
-                    cached_tokens=None,
-                    requests=exc.attempts,
-                    started_at=started,
-                    ended_at=time.time(),
-                    mode="failed",
-                )
+            budget.charge(exc.prompt_tokens + exc.completion_tokens)
+            normalised = _direct(
+                "", [f"no valid plan ({exc.attempts} attempts): answering directly"]
             )
-        emit(
-            "plan",
-            strategy=normalised["strategy"],
-            subtasks=normalised["subtasks"],
-            notes=normalised["notes"],
-        )
-        update: dict[str, Any] = {"started_at": started, "plan": normalised, "calls": calls}
+            calls.append(
+                CallRecord(role="planner", thread_id=None, model=settings.model_for("planner"),
+                           prompt_tokens=exc.prompt_tokens,
+                           completion_tokens=exc.completion_tokens, cached_tokens=None,
+                           requests=exc.attempts, started_at=started, ended_at=time.time(),
+                           mode="failed")
+            )  # fmt: skip
+        except StoppedError as stop:
+            normalised = _direct("", [f"stopped while planning: {stop.reason}"])
+            normalised["answer"] = f"(incomplete: the {stop.reason} was reached while planning)"
+        if normalised["strategy"] == "parallel":
+            budget.reserve_threads(len(normalised["subtasks"]))
+            board.merge = normalised["merge"]
+            board.thread_ids = [s["id"] for s in normalised["subtasks"]]
+        emit("plan", strategy=normalised["strategy"], subtasks=normalised["subtasks"],
+             notes=normalised["notes"], merge=normalised["merge"], depth=depth)  # fmt: skip
+        update: dict[str, Any] = {
+            "started_at": started, "plan": normalised, "calls": calls, "run_id": board.run_id,
+            "depth": depth,
+        }  # fmt: skip
         if normalised["strategy"] == "direct":
-            answer = normalised["answer"]
-            if not answer:
-                direct = await client.chat(direct_messages(task, context), role="planner")
-                calls.append(call_record(direct, role="planner"))
-                answer = direct.text
-            if not answer.strip():
-                raise ModelCallError(
-                    f"the model at {client.base_url} returned an empty answer", url=client.base_url
-                )
-            update["answer"] = answer
+            update["answer"] = await _direct_answer(client, board, normalised, task, context, calls)
         return update
 
     return decompose
+
+
+async def _direct_answer(
+    client: LLMClient,
+    board: RunBoard,
+    plan: dict[str, Any],
+    task: str,
+    context: str,
+    calls: list[CallRecord],
+) -> str:
+    answer: str = plan["answer"]
+    if not answer:
+        try:
+            direct = await board.guard(client.chat(direct_messages(task, context), role="planner"))
+        except StoppedError as stop:
+            return f"(incomplete: the {stop.reason} was reached before an answer)"
+        calls.append(call_record(direct, role="planner"))
+        board.budget.charge(direct.prompt_tokens + direct.completion_tokens)
+        answer = direct.text
+    if not answer.strip():
+        raise ModelCallError(
+            f"the model at {client.base_url} returned an empty answer", url=client.base_url
+        )
+    return answer

@@ -27,6 +27,8 @@ def make_fan_out(worker: str, skip: str) -> Callable[[AprState], list[Send] | st
                     context=state.get("context", "") or "",
                     plan=plan,
                     subtask=subtask,
+                    run_id=state.get("run_id", ""),
+                    depth=state.get("depth", 0),
                 ),
             )
             for subtask in subtasks

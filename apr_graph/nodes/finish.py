@@ -3,55 +3,88 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
+from apr_graph.coordination import EXHAUSTED, Boards, estimate_saved
 from apr_graph.state import AprState
 
-__all__ = ["compute_metrics", "finish"]
+__all__ = ["compute_metrics", "make_finish"]
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
-    """Wall time, calls, tokens and the critical path of a finished run.
+    """Wall time, calls, tokens, the critical path and what coordination did.
 
-    Critical-path tokens = planner completion tokens + the longest thread's completion
-    tokens + synthesizer completion tokens: the tokens a user waits for in sequence.
+    Critical-path tokens = this run's planner completion tokens + the longest top-level
+    thread's critical path (a forked thread's is its own run's) + the merge call's tokens:
+    the tokens a user waits for in sequence.
     """
     calls = state.get("calls") or []
     threads = state.get("threads") or []
+    own = [t for t in threads if t.get("parent") is None]
     started = state.get("started_at") or now
 
-    def completion_tokens(role: str) -> int:
-        return sum(c["completion_tokens"] for c in calls if c["role"] == role)
+    def own_tokens(*roles: str) -> int:
+        return sum(
+            c["completion_tokens"] for c in calls if c["role"] in roles and c["thread_id"] is None
+        )
 
     cached = [c["cached_tokens"] for c in calls if c["cached_tokens"] is not None]
-    longest_thread = max((t["completion_tokens"] for t in threads), default=0)
-    durations = [t["ended_at"] - t["started_at"] for t in threads]
-    span = (
-        max(t["ended_at"] for t in threads) - min(t["started_at"] for t in threads)
-        if threads
-        else 0.0
-    )
+    durations = [t["ended_at"] - t["started_at"] for t in own if t["status"] != "skipped"]
+    ran = [t for t in own if t["status"] != "skipped"]
+    span = max(t["ended_at"] for t in ran) - min(t["started_at"] for t in ran) if ran else 0.0
     prompt = sum(c["prompt_tokens"] for c in calls)
     completion = sum(c["completion_tokens"] for c in calls)
+    cancelled = [t for t in threads if t["status"] == "cancelled"]
+    done = [t for t in threads if t["status"] == "done"]
     return {
         "wall_time_s": round(now - started, 4),
         "model_calls": len(calls),
         "http_requests": sum(c["requests"] for c in calls),
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "prompt_tokens": prompt + sum(t["prompt_tokens"] for t in cancelled if t["parent"] is None),
+        "completion_tokens": completion
+        + sum(t["completion_tokens"] for t in cancelled if t["parent"] is None),
+        "total_tokens": 0,  # filled below
         "cached_tokens": sum(cached) if cached else None,
-        "critical_path_tokens": completion_tokens("planner")
-        + longest_thread
-        + completion_tokens("synthesizer"),
+        "critical_path_tokens": own_tokens("planner")
+        + max((t["critical_path_tokens"] for t in own), default=0)
+        + own_tokens("synthesizer", "judge"),
         "threads": len(threads),
         "threads_failed": sum(1 for t in threads if t["status"] == "failed"),
+        "threads_cancelled": len(cancelled),
+        "threads_skipped": sum(1 for t in threads if t["status"] == "skipped"),
+        "cancelled_tokens": sum(t["completion_tokens"] for t in cancelled),
+        **estimate_saved(cancelled, done),
+        "max_depth_reached": max((t["depth"] for t in threads), default=0),
         "thread_time_sum_s": round(sum(durations), 4),
         "thread_span_s": round(span, 4),
         "parallel_saved_s": round(max(0.0, sum(durations) - span), 4),
     }
 
 
-def finish(state: AprState) -> dict[str, Any]:
-    """Attach ``metrics`` to the run."""
-    return {"metrics": compute_metrics(state, time.time())}
+def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
+    """Build the finish node: metrics, then forget the run's live board."""
+
+    def finish(state: AprState) -> dict[str, Any]:
+        metrics = compute_metrics(state, time.time())
+        metrics["total_tokens"] = metrics["prompt_tokens"] + metrics["completion_tokens"]
+        run_id = state.get("run_id", "")
+        board = boards.get(run_id)
+        own = [t for t in state.get("threads") or [] if t.get("parent") is None]
+        plan = state.get("plan") or {}
+        metrics["merge"] = plan.get("merge")
+        if board is not None:
+            reason = board.stop_reason
+            metrics["stop_reason"] = reason
+            metrics["winner"] = board.winner
+            metrics["budget_tokens_used"] = board.budget.tokens_used
+            missing = [t["id"] for t in own if t["status"] != "done"]
+            exhausted = reason in EXHAUSTED
+            metrics["incomplete"] = exhausted and (bool(missing) or not own)
+            metrics["missing"] = missing if exhausted else []
+            if board.merge == "vote":
+                metrics["votes"] = dict(board.votes)
+            boards.close(run_id, root=not state.get("parent_run"))
+        return {"metrics": metrics}
+
+    return finish

@@ -1,55 +1,129 @@
-"""The synthesize node: merges the thread results, in plan order, into the answer."""
+"""The synthesize node: turns the thread results, in plan order, into the answer.
+
+The merge strategy decides how: ``synthesize`` asks the model to merge every result; ``vote``
+takes the majority final answer; ``race`` takes the first verified result; ``best`` asks a
+judge call to pick one. When a token or time budget ran out, no model is called: the answer is
+assembled from what finished and marked incomplete.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from apr_graph.errors import ModelCallError
+from pydantic import BaseModel
+
+from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer, normalise_answer
+from apr_graph.errors import ModelCallError, StructuredOutputError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
-from apr_graph.prompts import synthesizer_messages
-from apr_graph.state import AprState, ThreadRecord
+from apr_graph.prompts import judge_messages, synthesizer_messages
+from apr_graph.state import AprState, CallRecord, ThreadRecord
 
 __all__ = ["make_synthesize", "threads_in_plan_order"]
 
 
+class Choice(BaseModel):
+    """A judge's pick among candidate results."""
+
+    best: str
+    reason: str = ""
+
+
 def threads_in_plan_order(state: AprState) -> list[ThreadRecord]:
-    """The thread records sorted as the plan lists their subtasks."""
+    """This run's own thread records (not nested ones), sorted as the plan lists them."""
     order = {s["id"]: i for i, s in enumerate((state.get("plan") or {}).get("subtasks", []))}
-    return sorted(state.get("threads") or [], key=lambda t: order.get(t["id"], len(order)))
+    own = [t for t in state.get("threads") or [] if t.get("parent") is None]
+    return sorted(own, key=lambda t: order.get(t["id"], len(order)))
 
 
-def make_synthesize(client: LLMClient) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
+def _partial_answer(done: list[ThreadRecord], missing: list[str], reason: str) -> str:
+    head = f"(incomplete: the {reason} was reached; missing subtasks: {', '.join(missing)})"
+    parts = [f"{t['goal']}\n{t['answer']}" for t in done]
+    return "\n\n".join([head, *parts])
+
+
+def make_synthesize(
+    client: LLMClient, boards: Boards
+) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
     """Build the synthesize node."""
 
     async def synthesize(state: AprState) -> dict[str, Any]:
+        board = boards.get(state.get("run_id", ""))
+        if board is None:
+            raise RuntimeError(f"no live board for run {state.get('run_id')}")
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
+        missing = [t["id"] for t in threads if t["status"] != "done"]
+        if board.budget.exhausted:
+            reason = board.budget.stop_reason or "budget"
+            return {"answer": _partial_answer(done, missing, reason)}
         if not done:
             reasons = "; ".join(f"{t['id']}: {t['error'] or 'empty answer'}" for t in threads)
             raise ModelCallError(
                 f"all {len(threads)} threads failed, nothing to merge ({reasons})",
                 url=client.base_url,
             )
-        results = [
-            (
-                t["id"],
-                t["goal"],
-                t["answer"]
-                if t["status"] == "done" and t["answer"]
-                else f"(this thread failed: {t['error'] or 'empty answer'})",
-            )
-            for t in threads
-        ]
-        messages = synthesizer_messages(
-            state.get("task", ""), state.get("context", "") or "", state.get("plan") or {}, results
-        )
-        completion = await client.chat(messages, role="synthesizer")
-        answer = completion.text.strip()
-        if not answer:
-            # An empty merge must not erase finished work: fall back to the results themselves.
-            answer = "\n\n".join(f"{t['goal']}\n{t['answer']}" for t in done)
-        return {"answer": answer, "calls": [call_record(completion, role="synthesizer")]}
+        calls: list[CallRecord] = []
+        try:
+            answer = await _merge(client, board, state, threads, done, calls)
+        except StoppedError as stop:
+            answer = _partial_answer(done, missing, stop.reason)
+        return {"answer": answer, "calls": calls}
 
     return synthesize
+
+
+async def _merge(
+    client: LLMClient,
+    board: RunBoard,
+    state: AprState,
+    threads: list[ThreadRecord],
+    done: list[ThreadRecord],
+    calls: list[CallRecord],
+) -> str:
+    task, context = state.get("task", ""), state.get("context", "") or ""
+    plan = state.get("plan") or {}
+    if board.merge == "vote":
+        counts = Counter(normalise_answer(final_answer(t["answer"] or "")) for t in done)
+        leader = counts.most_common(1)[0][0]
+        winner = next(
+            t for t in done if normalise_answer(final_answer(t["answer"] or "")) == leader
+        )
+        return final_answer(winner["answer"] or "")
+    if board.merge == "race" and board.winner is not None:
+        winner = next(t for t in done if t["id"] == board.winner)
+        return winner["answer"] or ""
+    if board.merge == "best" and len(done) > 1:
+        candidates = [(t["id"], t["goal"], t["answer"] or "") for t in done]
+        try:
+            choice, completion = await board.guard(
+                client.structured(
+                    judge_messages(task, context, plan, candidates), Choice, role="synthesizer"
+                ),
+                budget_only=True,
+            )
+        except StructuredOutputError:
+            choice = None
+        else:
+            calls.append(call_record(completion, role="judge"))
+            board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
+        picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
+        return (picked[0] if picked else done[0])["answer"] or ""
+    results = [
+        (t["id"], t["goal"], t["answer"] if t["status"] == "done" and t["answer"]
+         else f"(this thread {t['status']}: {t['error'] or 'empty answer'})")
+        for t in threads
+    ]  # fmt: skip
+    completion = await board.guard(
+        client.chat(synthesizer_messages(task, context, plan, results), role="synthesizer"),
+        budget_only=True,
+    )
+    calls.append(call_record(completion, role="synthesizer"))
+    board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
+    answer = completion.text.strip()
+    if not answer:
+        # An empty merge must not erase finished work: fall back to the results themselves.
+        answer = "\n\n".join(f"{t['goal']}\n{t['answer']}" for t in done)
+    return answer

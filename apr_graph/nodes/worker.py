@@ -1,79 +1,259 @@
-"""The worker node: one thread solves one subtask."""
+"""The worker node: one thread solves one subtask.
+
+A thread waits for the results it depends on, then either forks (runs the same graph on its
+subtask, one level deeper) or makes one streamed model call. A result that fails verification
+or reports a dead end is replaced by a fresh attempt while the budget allows. In a vote or a
+race the thread reports its result to the board, which may settle the run and cancel the rest.
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
+from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer
 from apr_graph.errors import AuthenticationError, ModelCallError, ModelNotFoundError
 from apr_graph.events import emit
-from apr_graph.llm import LLMClient
+from apr_graph.llm import LLMClient, StreamProgress
 from apr_graph.nodes._records import call_record
-from apr_graph.prompts import worker_messages
-from apr_graph.state import ThreadRecord, WorkerInput
+from apr_graph.prompts import verifier_messages, worker_messages
+from apr_graph.settings import AprSettings
+from apr_graph.state import CallRecord, ThreadRecord, ThreadStatus, WorkerInput
 
-__all__ = ["make_worker"]
+__all__ = ["Verifier", "make_worker"]
+
+Verifier = Callable[[str], bool | Awaitable[bool]]
+"""A user check of a thread's answer: ``verify(answer) -> bool`` (sync or async)."""
+
+Subgraph = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def make_worker(client: LLMClient) -> Callable[[WorkerInput], Awaitable[dict[str, Any]]]:
-    """Build the worker node."""
+class Verdict(BaseModel):
+    """A verifier model's judgement of one result."""
+
+    valid: bool
+    reason: str = ""
+
+
+@dataclass
+class _Thread:
+    """What one thread accumulates while it runs."""
+
+    payload: WorkerInput
+    started: float
+    calls: list[CallRecord]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+
+    @property
+    def subtask(self) -> dict[str, Any]:
+        return self.payload["subtask"]
+
+    def record(
+        self,
+        status: ThreadStatus,
+        *,
+        answer: str | None = None,
+        error: str | None = None,
+        verified: bool | None = None,
+        critical: int | None = None,
+    ) -> ThreadRecord:
+        return ThreadRecord(
+            id=self.subtask["id"], goal=self.subtask["goal"], status=status, answer=answer,
+            error=error, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            critical_path_tokens=self.completion_tokens if critical is None else critical,
+            started_at=self.started, ended_at=time.time(), depth=self.payload["depth"] + 1,
+            parent=None, attempts=self.attempts, verified=verified,
+        )  # fmt: skip
+
+
+def make_worker(
+    client: LLMClient,
+    settings: AprSettings,
+    boards: Boards,
+    *,
+    verify: Verifier | None,
+    subgraph: Callable[[], Subgraph],
+) -> Callable[[WorkerInput], Awaitable[dict[str, Any]]]:
+    """Build the worker node; ``subgraph()`` returns the graph a forking thread runs."""
 
     async def worker(payload: WorkerInput) -> dict[str, Any]:
-        subtask = payload["subtask"]
-        messages = worker_messages(payload["task"], payload["context"], payload["plan"], subtask)
-        started = time.time()
-        emit("thread_started", id=subtask["id"], goal=subtask["goal"], at=started)
+        board = boards.get(payload["run_id"])
+        if board is None:
+            raise RuntimeError(f"no live board for run {payload['run_id']}")
+        thread = _Thread(payload, time.time(), [])
+        sid = thread.subtask["id"]
         try:
-            completion = await client.chat(messages, role="worker")
+            dependencies = await board.wait_for(thread.subtask.get("depends_on") or [])
+        except StoppedError as stop:
+            return _finish(board, boards, thread, thread.record("skipped", error=stop.reason))
+        thread.started = time.time()
+        emit("thread_started", id=sid, goal=thread.subtask["goal"], at=thread.started,
+             depth=payload["depth"] + 1)  # fmt: skip
+        done_deps = [(d["id"], d["goal"], d["answer"] or "") for d in dependencies
+                     if d["status"] == "done"]  # fmt: skip
+        failed_deps = [d["id"] for d in dependencies if d["status"] != "done"]
+        if failed_deps:
+            done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
+        if thread.subtask.get("fork"):
+            return await _fork(board, boards, thread, done_deps, subgraph())
+        return await _solve(client, settings, board, boards, thread, done_deps, verify)
+
+    return worker
+
+
+async def _solve(
+    client: LLMClient,
+    settings: AprSettings,
+    board: RunBoard,
+    boards: Boards,
+    thread: _Thread,
+    dependencies: list[tuple[str, str, str]],
+    verify: Verifier | None,
+) -> dict[str, Any]:
+    payload, subtask = thread.payload, thread.subtask
+    must_verify = verify is not None or board.merge == "race"
+    rejected: str | None = None
+    while True:
+        thread.attempts += 1
+        messages = worker_messages(
+            payload["task"], payload["context"], payload["plan"], subtask,
+            dependencies=dependencies, vote=board.merge == "vote", rejected=rejected,
+        )  # fmt: skip
+        progress = StreamProgress()
+        try:
+            completion = await board.guard(
+                client.chat(
+                    messages,
+                    role="worker",
+                    stream=True,
+                    progress=progress,
+                    max_tokens=subtask.get("max_tokens") or settings.worker_max_tokens,
+                )
+            )
+        except StoppedError as stop:
+            # Count what the cancelled request produced; the prompt was paid for too.
+            prompt_estimate = sum(len(m["content"]) for m in messages) // 4
+            thread.prompt_tokens += prompt_estimate
+            thread.completion_tokens += progress.completion_tokens
+            board.budget.charge(prompt_estimate + progress.completion_tokens)
+            record = thread.record("cancelled", error=f"cancelled: {stop.reason}")
+            return _finish(board, boards, thread, record)
         except (AuthenticationError, ModelNotFoundError):
             raise  # the whole run is misconfigured; no sibling can succeed either
         except ModelCallError as exc:
             # One failed thread must not sink its siblings: record it, synthesis is told.
-            failed = ThreadRecord(
-                id=subtask["id"],
-                goal=subtask["goal"],
-                status="failed",
-                answer=None,
-                error=str(exc),
-                prompt_tokens=0,
-                completion_tokens=0,
-                started_at=started,
-                ended_at=time.time(),
-            )
-            emit(
-                "thread_finished",
-                id=subtask["id"],
-                status="failed",
-                completion_tokens=0,
-                elapsed_s=round(time.time() - started, 3),
-                error=str(exc),
-                answer=None,
-            )
-            return {"threads": [failed]}
-        record = ThreadRecord(
-            id=subtask["id"],
-            goal=subtask["goal"],
-            status="done",
-            answer=completion.text,
-            error=None,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            started_at=completion.started_at,
-            ended_at=completion.ended_at,
-        )
-        emit(
-            "thread_finished",
-            id=subtask["id"],
-            status="done",
-            completion_tokens=completion.completion_tokens,
-            elapsed_s=round(completion.ended_at - started, 3),
-            error=None,
-            answer=completion.text,
-        )
-        return {
-            "threads": [record],
-            "calls": [call_record(completion, role="worker", thread_id=subtask["id"])],
-        }
+            return _finish(board, boards, thread, thread.record("failed", error=str(exc)))
+        thread.prompt_tokens += completion.prompt_tokens
+        thread.completion_tokens += completion.completion_tokens
+        board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
+        thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
+        text = completion.text
+        if text.strip().upper().startswith("DEAD END"):
+            valid, reason = False, text.strip()[:300]
+        elif must_verify:
+            try:
+                valid, reason = await board.guard(_verify(client, board, thread, text, verify))
+            except StoppedError as stop:
+                record = thread.record("cancelled", answer=text, error=f"cancelled: {stop.reason}")
+                return _finish(board, boards, thread, record)
+        else:
+            valid, reason = True, ""
+        if valid:
+            record = thread.record("done", answer=text, verified=True if must_verify else None)
+            return _finish(board, boards, thread, record)
+        if thread.attempts > settings.max_replacements or board.budget.reserve_threads(1) == 0:
+            record = thread.record("failed", answer=text, error=f"rejected: {reason}",
+                                   verified=False)  # fmt: skip
+            return _finish(board, boards, thread, record)
+        emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
+        rejected = reason
 
-    return worker
+
+async def _verify(
+    client: LLMClient, board: RunBoard, thread: _Thread, text: str, verify: Verifier | None
+) -> tuple[bool, str]:
+    if verify is not None:
+        outcome = verify(text)
+        ok = await outcome if inspect.isawaitable(outcome) else outcome
+        return bool(ok), "" if ok else "the verifier rejected this result"
+    payload = thread.payload
+    messages = verifier_messages(
+        payload["task"], payload["context"], payload["plan"], thread.subtask, text
+    )
+    verdict, completion = await client.structured(messages, Verdict, role="synthesizer")
+    board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
+    thread.calls.append(call_record(completion, role="verifier", thread_id=thread.subtask["id"]))
+    return verdict.valid, verdict.reason or "the verifier found it wrong"
+
+
+async def _fork(
+    board: RunBoard,
+    boards: Boards,
+    thread: _Thread,
+    dependencies: list[tuple[str, str, str]],
+    subgraph: Subgraph,
+) -> dict[str, Any]:
+    """Run the same graph on this subtask, one level deeper, and fold its result back."""
+    payload, sid = thread.payload, thread.subtask["id"]
+    context = payload["context"]
+    if dependencies:
+        context += "\n\n" + "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
+    thread.attempts = 1
+    child_input = {"task": thread.subtask["goal"], "context": context.strip(),
+                   "depth": payload["depth"] + 1, "parent_run": board.run_id}  # fmt: skip
+    try:
+        child = await board.guard(subgraph(child_input))
+    except StoppedError as stop:
+        return _finish(board, boards, thread, thread.record("cancelled", error=stop.reason))
+    except (AuthenticationError, ModelNotFoundError):
+        raise
+    except ModelCallError as exc:
+        return _finish(board, boards, thread, thread.record("failed", error=str(exc)))
+    metrics = child.get("metrics") or {}
+    thread.prompt_tokens = int(metrics.get("prompt_tokens", 0))
+    thread.completion_tokens = int(metrics.get("completion_tokens", 0))
+    incomplete = bool(metrics.get("incomplete"))
+    record = thread.record(
+        "cancelled" if incomplete else "done", answer=child.get("answer"),
+        error="incomplete: " + ", ".join(metrics.get("missing", [])) if incomplete else None,
+        critical=int(metrics.get("critical_path_tokens", 0)),
+    )  # fmt: skip
+    nested = [
+        {**t, "id": f"{sid}/{t['id']}", "parent": f"{sid}/{t['parent']}" if t["parent"] else sid}
+        for t in child.get("threads") or []
+    ]
+    thread.calls.extend(
+        {**c, "thread_id": f"{sid}/{c['thread_id']}" if c["thread_id"] else sid}  # type: ignore[typeddict-item]
+        for c in child.get("calls") or []
+    )
+    result = _finish(board, boards, thread, record)
+    result["threads"] = result["threads"] + nested
+    return result
+
+
+def _finish(
+    board: RunBoard, boards: Boards, thread: _Thread, record: ThreadRecord
+) -> dict[str, Any]:
+    """Publish the record, do the vote/race bookkeeping, emit the event, build the update."""
+    sid = record["id"]
+    finished = boards.finished(board.run_id)
+    finished.add(sid)
+    board.publish(record)
+    if record["status"] == "done" and record["answer"]:
+        if board.merge == "vote":
+            board.vote(sid, final_answer(record["answer"]), finished)
+        elif board.merge == "race" and record["verified"]:
+            board.settle(sid, "race")
+    emit("thread_finished", id=sid, status=record["status"],
+         completion_tokens=record["completion_tokens"],
+         elapsed_s=round(record["ended_at"] - record["started_at"], 3), error=record["error"],
+         answer=record["answer"], depth=record["depth"])  # fmt: skip
+    return {"threads": [record], "calls": thread.calls}
