@@ -26,6 +26,10 @@ class InputError(AprError, ValueError):
     """The graph input is unusable (e.g. no ``task``); the message says what is expected."""
 
 
+class BudgetExhaustedError(AprError):
+    """A request was not sent because the run's token or time budget had run out."""
+
+
 class ModelCallError(AprError):
     """A model request failed for good (after the retries that were worth making).
 

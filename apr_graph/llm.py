@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import openai
 from pydantic import BaseModel, ValidationError
@@ -37,6 +37,7 @@ from tenacity.stop import stop_base
 from apr_graph._portal import Portal
 from apr_graph.errors import (
     AuthenticationError,
+    BudgetExhaustedError,
     ConfigurationError,
     ModelCallError,
     ModelNotFoundError,
@@ -106,14 +107,39 @@ class StreamProgress:
     Attributes:
         text: the content received so far (reasoning not stripped).
         completion_tokens: content deltas received (about one token each).
-        started_at: when the current request was sent (``time.time()``).
+        started_at: when the current request was sent (``time.time()``); 0 if it never was
+            (it was still waiting for a concurrency slot).
         requests: requests sent so far, retries included.
+        charged: the answer was complete and its tokens were charged to the call's budget.
     """
 
     text: str = ""
     completion_tokens: int = 0
     started_at: float = 0.0
     requests: int = 0
+    charged: bool = False
+
+
+class CallBudget(Protocol):
+    """What a run's budget offers the client: may a request go out, and what did it cost."""
+
+    def admits(self) -> bool:
+        """Whether a new request may be sent now."""
+        ...
+
+    def charge(self, tokens: int) -> None:
+        """Count the tokens of one answered request (thread-safe)."""
+        ...
+
+
+def _admit(budget: CallBudget | None) -> None:
+    if budget is not None and not budget.admits():
+        raise BudgetExhaustedError("the run's budget ran out before this request was sent")
+
+
+def _prompt_estimate(messages: Sequence[Message]) -> int:
+    # Some servers omit usage; an estimate (4 chars a token) beats a silent zero.
+    return sum(len(m.get("content", "")) for m in messages) // 4
 
 
 class _TransientResponseError(Exception):
@@ -302,8 +328,13 @@ class LLMClient:
         response_format: dict[str, Any] | None = None,
         stream: bool = False,
         progress: StreamProgress | None = None,
+        budget: CallBudget | None = None,
     ) -> Completion:
         """One chat completion, retried on transient errors.
+
+        ``budget`` is asked before each request is sent, once a concurrency slot is free, and
+        told the tokens of each answer before the slot is released; so a run's budget is
+        never overshot by more than the requests already in flight.
 
         With ``stream=True`` the answer is streamed: cancelling the caller closes the HTTP
         response, so the server stops generating, and ``progress`` tells what was produced.
@@ -340,6 +371,7 @@ class LLMClient:
                         response_format=response_format,
                         progress=progress if stream else None,
                         stream=stream,
+                        budget=budget,
                     )
         except Exception as exc:
             raise self._translate(exc, model=model, attempts=requests) from exc
@@ -362,6 +394,7 @@ class LLMClient:
         response_format: dict[str, Any] | None,
         stream: bool = False,
         progress: StreamProgress | None = None,
+        budget: CallBudget | None = None,
     ) -> Completion:
         if stream:
             return await self._portal.arun(
@@ -371,6 +404,7 @@ class LLMClient:
                     role=role,
                     max_tokens=max_tokens,
                     progress=progress or StreamProgress(),
+                    budget=budget,
                 )
             )
         return await self._portal.arun(
@@ -380,6 +414,7 @@ class LLMClient:
                 role=role,
                 max_tokens=max_tokens,
                 response_format=response_format,
+                budget=budget,
             )
         )
 
@@ -391,13 +426,15 @@ class LLMClient:
         role: Role,
         max_tokens: int,
         progress: StreamProgress,
+        budget: CallBudget | None = None,
     ) -> Completion:
         state = self._state()
-        started = time.time()
-        progress.started_at, progress.text, progress.completion_tokens = started, "", 0
+        progress.text, progress.completion_tokens = "", 0
         finish_reason: str | None = None
         usage: Any = None
         async with state.limit:
+            _admit(budget)
+            started = progress.started_at = time.time()  # sent only once a slot is free
             response: Any = await state.client.chat.completions.create(  # type: ignore[call-overload]
                 model=model,
                 messages=list(messages),
@@ -425,6 +462,12 @@ class LLMClient:
                         f"the stream broke after {progress.completion_tokens} tokens: "
                         f"{type(exc).__name__}"
                     ) from exc
+            if budget is not None:
+                spent = getattr(usage, "total_tokens", None)
+                if spent is None:
+                    spent = progress.completion_tokens + _prompt_estimate(messages)
+                progress.charged = True  # before charging: the charge may stop the run
+                budget.charge(int(spent))
         if finish_reason is None:
             raise _TransientResponseError(
                 f"the stream ended without a finish_reason after {progress.completion_tokens} "
@@ -433,7 +476,7 @@ class LLMClient:
         prompt_tokens = getattr(usage, "prompt_tokens", None)
         completion_tokens = getattr(usage, "completion_tokens", None)
         if prompt_tokens is None or completion_tokens is None:
-            prompt_tokens = sum(len(m.get("content", "")) for m in messages) // 4
+            prompt_tokens = _prompt_estimate(messages)
             completion_tokens = progress.completion_tokens
         return Completion(
             text=strip_reasoning(progress.text),
@@ -455,13 +498,15 @@ class LLMClient:
         role: Role,
         max_tokens: int,
         response_format: dict[str, Any] | None,
+        budget: CallBudget | None = None,
     ) -> Completion:
         state = self._state()
         kwargs: dict[str, Any] = {}
         if response_format is not None:
             kwargs["response_format"] = response_format
-        started = time.time()
         async with state.limit:
+            _admit(budget)
+            started = time.time()
             try:
                 result: Any = await state.client.chat.completions.create(
                     model=model,
@@ -477,6 +522,10 @@ class LLMClient:
                 if response_format is not None and _refuses_format(exc):
                     raise _FormatRefusedError(exc) from exc
                 raise
+            if budget is not None:
+                usage = getattr(result, "usage", None)
+                spent = getattr(usage, "total_tokens", None)
+                budget.charge(int(spent) if spent is not None else _prompt_estimate(messages))
         if not isinstance(result, openai.types.chat.ChatCompletion):
             snippet = str(result)[:120]
             raise _TransientResponseError(f"the server did not return a completion: {snippet!r}")
@@ -491,7 +540,7 @@ class LLMClient:
         completion_tokens = getattr(usage, "completion_tokens", None)
         if prompt_tokens is None or completion_tokens is None:
             # Some servers omit usage; an estimate (4 chars a token) beats a silent zero.
-            prompt_tokens = sum(len(m.get("content", "")) for m in messages) // 4
+            prompt_tokens = _prompt_estimate(messages)
             completion_tokens = len(content) // 4
         return Completion(
             text=text,
@@ -573,6 +622,7 @@ class LLMClient:
         role: Role,
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        budget: CallBudget | None = None,
     ) -> tuple[T, Completion]:
         """Ask for JSON matching ``output_type`` and return it validated.
 
@@ -594,7 +644,13 @@ class LLMClient:
         for mode in modes:
             try:
                 value, completion = await self._structured_in_mode(
-                    mode, messages, output_type, schema, role=role, max_tokens=max_tokens
+                    mode,
+                    messages,
+                    output_type,
+                    schema,
+                    role=role,
+                    max_tokens=max_tokens,
+                    budget=budget,
                 )
             except _ModeRejectedError as rejected:
                 spent = rejected.args[0] if spent is None else spent.plus(rejected.args[0])
@@ -617,6 +673,7 @@ class LLMClient:
         *,
         role: Role,
         max_tokens: int | None,
+        budget: CallBudget | None = None,
     ) -> tuple[T, Completion]:
         conversation = [dict(m) for m in messages]
         response_format: dict[str, Any] | None
@@ -642,7 +699,11 @@ class LLMClient:
         for _ in range(self.settings.max_repairs + 1):
             try:
                 completion = await self.chat(
-                    conversation, role=role, max_tokens=max_tokens, response_format=response_format
+                    conversation,
+                    role=role,
+                    max_tokens=max_tokens,
+                    response_format=response_format,
+                    budget=budget,
                 )
             except _FormatRejectedCallError as exc:
                 now = time.time()

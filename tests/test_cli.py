@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -233,19 +234,23 @@ def test_ctrl_c_cancels_and_reports_what_finished(make_server: ServerFactory) ->
             Rule(role="worker", contains="slow part", reply=Reply(content="late", delay_s=30)),
         ]
     )
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [apr_executable(), "ask", "--base-url", server.base_url, "two parts"],
         env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(server.chat_requests("worker")) < 2:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=20)
+    ) as process:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(server.chat_requests("worker")) < 2:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
     assert process.returncode == 130
     assert "interrupted: 1 of 2 threads had finished" in err
     assert "fast: quick result" in err
@@ -258,25 +263,32 @@ def test_live_view_on_a_terminal(make_server: ServerFactory) -> None:
 
     server = three_part_server(make_server)
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # keep reading, so a full terminal buffer never blocks apr
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with subprocess.Popen(
         [apr_executable(), "ask", "--base-url", server.base_url, "Solve a, b and c"],
         env=clean_env(COLUMNS="120", TERM="xterm"),
         stdout=subprocess.PIPE,
         stderr=terminal,
         text=True,
-    )
-    os.close(terminal)
-    out, _ = process.communicate(timeout=30)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
+    ) as process:
+        os.close(terminal)
+        out, _ = process.communicate(timeout=60)
+    reader.join(timeout=10)
     os.close(controller)
+    screen = b"".join(chunks)
     text = screen.decode(errors="replace")
     assert process.returncode == 0
     assert out == "(a) 391 (b) 4096 (c) 100\n"  # stdout stays clean

@@ -58,42 +58,50 @@ def test_ask_on_the_embedded_model_end_to_end() -> None:
     print(f"apr ask on the embedded model: {time.monotonic() - started:.1f}s")
 
 
-def test_serve_keeps_the_model_up_until_ctrl_c() -> None:
-    process = subprocess.Popen(
+def start_serve() -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [apr_executable(), "serve"],
         env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def stop(process: subprocess.Popen[str], sig: int) -> str:
+    """Send ``sig``, wait for the exit, and never leave the process behind."""
+    process.send_signal(sig)
     try:
-        assert process.stdout is not None
-        url = process.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
-            models = [m["id"] for m in json.load(response)["data"]]
-        assert models == ["smollm2"]
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return err
+
+
+def test_serve_keeps_the_model_up_until_ctrl_c() -> None:
+    with start_serve() as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
+                models = [m["id"] for m in json.load(response)["data"]]
+            assert models == ["smollm2"]
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+        finally:
+            err = stop(process, signal.SIGINT)
     assert process.returncode == 0, err
     assert "Ctrl-C stops it" in err
     assert wait_closed(port)
 
 
 def test_killed_apr_leaves_no_server_behind() -> None:
-    process = subprocess.Popen(
-        [apr_executable(), "serve"],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    url = process.stdout.readline().strip()
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    assert port_open(port)
-    process.send_signal(signal.SIGKILL)  # no cleanup code of ours can run
-    process.communicate(timeout=10)
+    with start_serve() as process:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert port_open(port)
+        stop(process, signal.SIGKILL)  # no cleanup code of ours can run
     assert wait_closed(port), "the server was orphaned"

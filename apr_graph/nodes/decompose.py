@@ -8,7 +8,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apr_graph.coordination import Boards, RunBoard, StoppedError
-from apr_graph.errors import InputError, ModelCallError, StructuredOutputError
+from apr_graph.errors import (
+    BudgetExhaustedError,
+    InputError,
+    ModelCallError,
+    StructuredOutputError,
+)
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
@@ -147,16 +152,18 @@ def make_decompose(
         try:
             plan, completion = await board.guard(
                 client.structured(
-                    messages, Plan, role="planner", schema=plan_json_schema(settings.max_threads)
+                    messages,
+                    Plan,
+                    role="planner",
+                    schema=plan_json_schema(settings.max_threads),
+                    budget=budget,
                 )
             )
             calls.append(call_record(completion, role="planner"))
-            budget.charge(completion.prompt_tokens + completion.completion_tokens)
             slots = settings.max_total_threads - budget.threads_started
             normalised = normalise_plan(plan, settings, depth=depth, slots=slots)
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
-            budget.charge(exc.prompt_tokens + exc.completion_tokens)
             normalised = _direct(
                 "", [f"no valid plan ({exc.attempts} attempts): answering directly"]
             )
@@ -167,9 +174,10 @@ def make_decompose(
                            requests=exc.attempts, started_at=started, ended_at=time.time(),
                            mode="failed")
             )  # fmt: skip
-        except StoppedError as stop:
-            normalised = _direct("", [f"stopped while planning: {stop.reason}"])
-            normalised["answer"] = f"(incomplete: the {stop.reason} was reached while planning)"
+        except (StoppedError, BudgetExhaustedError):
+            reason = budget.stop_reason or "budget"
+            normalised = _direct("", [f"stopped while planning: {reason}"])
+            normalised["answer"] = f"(incomplete: the {reason} was reached while planning)"
         if normalised["strategy"] == "parallel":
             budget.reserve_threads(len(normalised["subtasks"]))
             board.merge = normalised["merge"]
@@ -198,11 +206,13 @@ async def _direct_answer(
     answer: str = plan["answer"]
     if not answer:
         try:
-            direct = await board.guard(client.chat(direct_messages(task, context), role="planner"))
-        except StoppedError as stop:
-            return f"(incomplete: the {stop.reason} was reached before an answer)"
+            direct = await board.guard(
+                client.chat(direct_messages(task, context), role="planner", budget=board.budget)
+            )
+        except (StoppedError, BudgetExhaustedError) as stop:
+            reason = board.budget.stop_reason or getattr(stop, "reason", "budget")
+            return f"(incomplete: the {reason} was reached before an answer)"
         calls.append(call_record(direct, role="planner"))
-        board.budget.charge(direct.prompt_tokens + direct.completion_tokens)
         answer = direct.text
     if not answer.strip():
         raise ModelCallError(

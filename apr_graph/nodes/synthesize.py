@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer, normalise_answer
-from apr_graph.errors import ModelCallError, StructuredOutputError
+from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import judge_messages, synthesizer_messages
@@ -68,8 +68,8 @@ def make_synthesize(
         calls: list[CallRecord] = []
         try:
             answer = await _merge(client, board, state, threads, done, calls)
-        except StoppedError as stop:
-            answer = _partial_answer(done, missing, stop.reason)
+        except (StoppedError, BudgetExhaustedError):
+            answer = _partial_answer(done, missing, board.budget.stop_reason or "budget")
         return {"answer": answer, "calls": calls}
 
     return synthesize
@@ -100,7 +100,10 @@ async def _merge(
         try:
             choice, completion = await board.guard(
                 client.structured(
-                    judge_messages(task, context, plan, candidates), Choice, role="synthesizer"
+                    judge_messages(task, context, plan, candidates),
+                    Choice,
+                    role="synthesizer",
+                    budget=board.budget,
                 ),
                 budget_only=True,
             )
@@ -108,7 +111,6 @@ async def _merge(
             choice = None
         else:
             calls.append(call_record(completion, role="judge"))
-            board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
         picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
         return (picked[0] if picked else done[0])["answer"] or ""
     results = [
@@ -117,11 +119,14 @@ async def _merge(
         for t in threads
     ]  # fmt: skip
     completion = await board.guard(
-        client.chat(synthesizer_messages(task, context, plan, results), role="synthesizer"),
+        client.chat(
+            synthesizer_messages(task, context, plan, results),
+            role="synthesizer",
+            budget=board.budget,
+        ),
         budget_only=True,
     )
     calls.append(call_record(completion, role="synthesizer"))
-    board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
     answer = completion.text.strip()
     if not answer:
         # An empty merge must not erase finished work: fall back to the results themselves.

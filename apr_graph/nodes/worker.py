@@ -17,7 +17,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer
-from apr_graph.errors import AuthenticationError, ModelCallError, ModelNotFoundError
+from apr_graph.errors import (
+    AuthenticationError,
+    BudgetExhaustedError,
+    ModelCallError,
+    ModelNotFoundError,
+)
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient, StreamProgress
 from apr_graph.nodes._records import call_record
@@ -136,15 +141,20 @@ async def _solve(
                     stream=True,
                     progress=progress,
                     max_tokens=subtask.get("max_tokens") or settings.worker_max_tokens,
+                    budget=board.budget,
                 )
             )
-        except StoppedError as stop:
+        except (StoppedError, BudgetExhaustedError) as stop:
             # Count what the cancelled request produced; the prompt was paid for too.
-            prompt_estimate = sum(len(m["content"]) for m in messages) // 4
+            sent = progress.started_at > 0
+            prompt_estimate = sum(len(m["content"]) for m in messages) // 4 if sent else 0
             thread.prompt_tokens += prompt_estimate
             thread.completion_tokens += progress.completion_tokens
-            board.budget.charge(prompt_estimate + progress.completion_tokens)
-            record = thread.record("cancelled", error=f"cancelled: {stop.reason}")
+            if not progress.charged:  # a complete answer was charged by the client already
+                board.budget.charge(prompt_estimate + progress.completion_tokens)
+            reason = board.stop_reason or str(stop)
+            status: ThreadStatus = "cancelled" if sent else "skipped"
+            record = thread.record(status, error=f"{status}: {reason}")
             return _finish(board, boards, thread, record)
         except (AuthenticationError, ModelNotFoundError):
             raise  # the whole run is misconfigured; no sibling can succeed either
@@ -153,7 +163,6 @@ async def _solve(
             return _finish(board, boards, thread, thread.record("failed", error=str(exc)))
         thread.prompt_tokens += completion.prompt_tokens
         thread.completion_tokens += completion.completion_tokens
-        board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
         thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
         text = completion.text
         if text.strip().upper().startswith("DEAD END"):
@@ -161,8 +170,9 @@ async def _solve(
         elif must_verify:
             try:
                 valid, reason = await board.guard(_verify(client, board, thread, text, verify))
-            except StoppedError as stop:
-                record = thread.record("cancelled", answer=text, error=f"cancelled: {stop.reason}")
+            except (StoppedError, BudgetExhaustedError):
+                reason = board.stop_reason or "budget"
+                record = thread.record("cancelled", answer=text, error=f"cancelled: {reason}")
                 return _finish(board, boards, thread, record)
         else:
             valid, reason = True, ""
@@ -188,8 +198,9 @@ async def _verify(
     messages = verifier_messages(
         payload["task"], payload["context"], payload["plan"], thread.subtask, text
     )
-    verdict, completion = await client.structured(messages, Verdict, role="synthesizer")
-    board.budget.charge(completion.prompt_tokens + completion.completion_tokens)
+    verdict, completion = await client.structured(
+        messages, Verdict, role="synthesizer", budget=board.budget
+    )
     thread.calls.append(call_record(completion, role="verifier", thread_id=thread.subtask["id"]))
     return verdict.valid, verdict.reason or "the verifier found it wrong"
 
