@@ -148,7 +148,10 @@ class LiveView(PlainView):
         table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
         for column in ("thread", "status", "tokens", "time", "goal"):
             table.add_column(column)
-        styles = {"done": "green", "failed": "red", "running": "yellow", "queued": "dim"}
+        styles = {
+            "done": "green", "failed": "red", "running": "yellow", "queued": "dim",
+            "cancelled": "magenta", "skipped": "dim",
+        }  # fmt: skip
         for tid, thread in self.threads.items():
             status = thread.get("status", "queued")
             if thread.get("elapsed") is not None:
