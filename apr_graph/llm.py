@@ -44,6 +44,7 @@ from apr_graph.errors import (
     ServerUnreachableError,
     StructuredOutputError,
 )
+from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.prompts import repair_message, schema_instruction
 from apr_graph.settings import AprSettings, Role
 
@@ -131,6 +132,15 @@ class CallBudget(Protocol):
         """Count the tokens of one answered request (thread-safe)."""
         ...
 
+    def remaining_s(self) -> float | None:
+        """Seconds left before the run's deadline, if it has one."""
+        ...
+
+
+def _note_pushback(limit: AdaptiveLimiter, exc: openai.APIStatusError) -> None:
+    if exc.status_code in {429, 503}:
+        limit.overloaded()
+
 
 def _admit(budget: CallBudget | None) -> None:
     if budget is not None and not budget.admits():
@@ -213,17 +223,22 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 class _StopIfWaitTooLong(stop_base):
-    """Stop when the server asks for a longer pause than allowed: fail fast, don't hang."""
+    """Stop when the server asks for a longer pause than allowed, or than the run has left:
+    fail fast instead of sleeping past the deadline."""
 
-    def __init__(self, max_wait_s: float) -> None:
+    def __init__(self, max_wait_s: float, budget: CallBudget | None = None) -> None:
         self.max_wait_s = max_wait_s
+        self.budget = budget
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
         if outcome is None or not outcome.failed:
             return False
         delay = _retry_after_s(outcome.exception())
-        return delay is not None and delay > self.max_wait_s
+        if delay is None:
+            return False
+        remaining = self.budget.remaining_s() if self.budget is not None else None
+        return delay > self.max_wait_s or (remaining is not None and delay > remaining)
 
 
 class _LoopState:
@@ -236,7 +251,7 @@ class _LoopState:
             max_retries=0,
             timeout=settings.request_timeout_s,
         )
-        self.limit = asyncio.Semaphore(settings.max_concurrency)
+        self.limit = AdaptiveLimiter(settings.max_concurrency)
 
 
 def _release(portal: Portal, holder: list[_LoopState], *, wait: bool = False) -> None:
@@ -278,6 +293,11 @@ class LLMClient:
         if not self._holder:
             self._holder.append(_LoopState(self.settings, self.base_url))
         return self._holder[0]
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests currently allowed in flight (lowered after 429/503, then recovering)."""
+        return self._holder[0].limit.limit if self._holder else self.settings.max_concurrency
 
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run a coroutine that uses this client from synchronous code."""
@@ -352,7 +372,7 @@ class LLMClient:
             retry=retry_if_exception(_is_retryable),
             stop=stop_any(
                 stop_after_attempt(self.settings.max_retries + 1),
-                _StopIfWaitTooLong(self.settings.retry_max_wait_s),
+                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
             ),
             wait=self._wait,
             reraise=True,
@@ -435,15 +455,20 @@ class LLMClient:
         async with state.limit:
             _admit(budget)
             started = progress.started_at = time.time()  # sent only once a slot is free
-            response: Any = await state.client.chat.completions.create(  # type: ignore[call-overload]
-                model=model,
-                messages=list(messages),
-                max_tokens=max_tokens,
-                temperature=self.settings.temperature,
-                extra_headers={"X-Apr-Role": role},
-                stream=True,
-                stream_options={"include_usage": True},
-            )
+            try:
+                response: Any = await state.client.chat.completions.create(  # type: ignore[call-overload]
+                    model=model,
+                    messages=list(messages),
+                    max_tokens=max_tokens,
+                    temperature=self.settings.temperature,
+                    extra_headers={"X-Apr-Role": role},
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            except openai.APIStatusError as exc:
+                _note_pushback(state.limit, exc)
+                raise
+            state.limit.succeeded()
             # Leaving this block, normally or by cancellation, closes the HTTP response.
             async with response as chunks:
                 try:
@@ -519,9 +544,11 @@ class LLMClient:
             except ValueError as exc:  # a 200 whose JSON body does not parse
                 raise _TransientResponseError(f"malformed response body: {exc}") from exc
             except openai.APIStatusError as exc:
+                _note_pushback(state.limit, exc)
                 if response_format is not None and _refuses_format(exc):
                     raise _FormatRefusedError(exc) from exc
                 raise
+            state.limit.succeeded()
             if budget is not None:
                 usage = getattr(result, "usage", None)
                 spent = getattr(usage, "total_tokens", None)
@@ -600,6 +627,8 @@ class LLMClient:
             delay = _retry_after_s(exc)
             if delay is not None and delay > self.settings.retry_max_wait_s:
                 hint = f"; the server asked to wait {delay:g}s, beyond retry_max_wait_s"
+            elif delay is not None and exc.status_code in _RETRYABLE_STATUS | {503}:
+                hint = f"; the server asked to wait {delay:g}s, beyond the run's deadline"
             return ModelCallError(
                 f"HTTP {exc.status_code} from {url} after {attempts} attempts: "
                 f"{self._redact(_server_message(exc))}{hint}",

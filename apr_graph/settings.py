@@ -115,6 +115,10 @@ class AprSettings(BaseSettings):
     min_thread_tokens: int = Field(default=64, ge=16)
     """The smallest output allowance the plan may give one thread."""
 
+    on_thread_error: Literal["tolerate", "fail"] = "tolerate"
+    """A thread that still fails after retries: ``tolerate`` records it as failed, lets its
+    siblings finish and tells the merge which subtasks failed; ``fail`` ends the run."""
+
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
     """How to ask for JSON: ``auto`` tries ``json_schema``, then ``json_object`` with a schema,
     then the schema in the prompt, and remembers per endpoint what worked."""

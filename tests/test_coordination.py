@@ -205,7 +205,7 @@ async def test_vote_stops_at_a_certain_majority(make_server: ServerFactory) -> N
             Rule(role="planner", reply=Reply(content=voting)),
             Rule(
                 role="worker",
-                pattern=r"attempt [012]",
+                where=lambda r: re.search(r"attempt [012]\n", r.last_user_message) is not None,
                 reply=Reply(content="6*7\nFinal answer: 42"),
             ),
             Rule(role="worker", reply=Reply(content=slow, chunk_delay_s=0.1)),
@@ -218,6 +218,7 @@ async def test_vote_stops_at_a_certain_majority(make_server: ServerFactory) -> N
     metrics = result["metrics"]
     # The two slow threads were stopped: mid-stream, or before their request went out.
     assert metrics["threads_cancelled"] + metrics["threads_skipped"] == 2
+    assert {t["id"] for t in result["threads"] if t["status"] == "done"} == {"v0", "v1", "v2"}
     assert sorted(metrics["votes"].values()) == ["42", "42", "42"]
     assert "Final answer" in worker_request(server, "solve it, attempt 0").last_user_message
 

@@ -159,6 +159,8 @@ async def _solve(
         except (AuthenticationError, ModelNotFoundError):
             raise  # the whole run is misconfigured; no sibling can succeed either
         except ModelCallError as exc:
+            if settings.on_thread_error == "fail":
+                raise
             # One failed thread must not sink its siblings: record it, synthesis is told.
             return _finish(board, boards, thread, thread.record("failed", error=str(exc)))
         thread.prompt_tokens += completion.prompt_tokens
