@@ -2,6 +2,8 @@
 
     apr ask "Solve (a) 17*23 (b) 2**12"            # embedded demo model, no server needed
     apr ask --base-url http://gpu:8000/v1 --model Qwen/Qwen3-8B --json "..."
+    apr ask --thread-id job-1 "..."                # checkpointed; after a crash:
+    apr resume job-1                               # finishes it without redoing finished work
     apr serve                                      # keep the embedded model up for others
 
 Exit codes: 0 ok, 1 model call failed, 2 bad usage or input, 3 configuration (e.g. the local
@@ -18,13 +20,16 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import ValidationError
 
 from apr_graph.cli_view import PlainView, View, make_view
+from apr_graph.durable import prepare_resume, run_status
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
@@ -33,7 +38,7 @@ from apr_graph.errors import (
     ModelNotFoundError,
     ServerUnreachableError,
 )
-from apr_graph.graph import compile_apr_graph
+from apr_graph.graph import create_apr_graph
 from apr_graph.llm import LLMClient
 from apr_graph.local import LOCAL_MODEL, LocalServer
 from apr_graph.settings import AprSettings
@@ -78,22 +83,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ask = commands.add_parser("ask", help="answer a task, forking into parallel threads if useful")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")
+    common.add_argument("--model", help="model name [env APR_MODEL]")
+    common.add_argument("--api-key", help="API key [env OPENAI_API_KEY]; never stored")
+    common.add_argument("--max-threads", type=int, help="most threads per decomposition [8]")
+    common.add_argument("--max-concurrency", type=int, help="most requests in flight [8]")
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--trace", type=Path, help="write the full run record to this JSON file")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    common.add_argument(
+        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {_default_db()}]"
+    )
+
+    ask = commands.add_parser(
+        "ask", parents=[common], help="answer a task, forking into parallel threads if useful"
+    )
     ask.add_argument("task", help="the task; '-' reads it from standard input")
     ask.add_argument("--context", help="extra context the model may use")
-    ask.add_argument("--base-url", help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")
-    ask.add_argument("--model", help="model name [env APR_MODEL]")
-    ask.add_argument("--api-key", help="API key [env OPENAI_API_KEY]")
-    ask.add_argument("--max-threads", type=int, help="most threads per decomposition [8]")
-    ask.add_argument("--max-concurrency", type=int, help="most requests in flight [8]")
-    ask.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ask.add_argument("--trace", type=Path, help="write the full run record to this JSON file")
-    ask.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    ask.add_argument(
+        "--thread-id", help="checkpoint the run under this id, so 'apr resume ID' can finish it"
+    )
+
+    resume = commands.add_parser(
+        "resume", parents=[common], help="finish an interrupted 'apr ask --thread-id ID' run"
+    )
+    resume.add_argument("thread_id", help="the id given to apr ask --thread-id")
 
     serve = commands.add_parser("serve", help="run the embedded model server until Ctrl-C")
     serve.add_argument("--port", type=int, default=0, help="listen port [a free one]")
     serve.add_argument("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
     return parser
+
+
+def _default_db() -> Path:
+    return Path(os.environ.get("APR_DB") or Path.home() / ".cache" / "apr-graph" / "runs.sqlite")
 
 
 def _settings(args: argparse.Namespace) -> AprSettings:
@@ -134,23 +158,48 @@ def _read_task(task: str) -> str:
 
 
 async def _run(
-    settings: AprSettings, task: str, context: str | None, view: View, record: dict[str, Any]
+    settings: AprSettings,
+    inputs: AprInput | None,
+    view: View,
+    record: dict[str, Any],
+    *,
+    thread_id: str | None,
+    db: Path,
 ) -> dict[str, Any]:
+    """Run (``inputs``) or resume (``None``) the graph, streaming events to ``view``."""
     client = LLMClient(settings)
     try:
-        app = compile_apr_graph(settings=settings, client=client)
-        inputs: AprInput = {"task": task}
-        if context:
-            inputs["context"] = context
-        state: dict[str, Any] = {}
-        async for mode, chunk in app.astream(inputs, stream_mode=["custom", "values"]):
-            payload: dict[str, Any] = cast(dict[str, Any], chunk)
-            if mode == "custom":
-                record["events"].append({"t": round(time.time(), 4), **payload})
-                view.on_event(payload)
-            else:
-                state = payload
-        return state
+        async with AsyncExitStack() as stack:
+            saver = None
+            if thread_id is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
+            app = create_apr_graph(settings=settings, client=client).compile(
+                checkpointer=saver, name="apr-graph"
+            )
+            config: RunnableConfig = {"configurable": {"thread_id": thread_id}} if saver else {}
+            if inputs is None:
+                status, values = await run_status(app, config)
+                if status == "finished":
+                    view.notice(f"apr: run {thread_id!r} had already finished")
+                    return values
+                if status == "new":
+                    raise _CliError(f"no run is stored under thread id {thread_id!r} in {db}",
+                                    EXIT_USAGE)  # fmt: skip
+                await prepare_resume(app, config, settings=settings)
+                record["task"] = values.get("task")
+            state: dict[str, Any] = {}
+            async for mode, chunk in app.astream(
+                inputs, config, stream_mode=["custom", "values"],
+                durability="sync" if saver else None,
+            ):  # fmt: skip
+                payload: dict[str, Any] = cast(dict[str, Any], chunk)
+                if mode == "custom":
+                    record["events"].append({"t": round(time.time(), 4), **payload})
+                    view.on_event(payload)
+                else:
+                    state = payload
+            return state
     except ModelNotFoundError as exc:
         message = await _unknown_model_message(client, settings, exc)
         raise _CliError(message, EXIT_UNKNOWN_MODEL) from exc
@@ -184,15 +233,23 @@ def _write_trace(path: Path, record: dict[str, Any], secret: str) -> None:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    task = _read_task(args.task)
+    resuming = args.command == "resume"
+    inputs: AprInput | None = None
+    if not resuming:
+        inputs = {"task": _read_task(args.task)}
+        if args.context:
+            inputs["context"] = args.context
+    thread_id: str | None = args.thread_id
     settings = _settings(args)
     view = make_view(quiet=args.quiet)
     record: dict[str, Any] = {
-        "task": task,
+        "task": inputs["task"] if inputs else None,
+        "thread_id": thread_id,
         "started_at": time.time(),
         "status": "running",
         "events": [],
     }
+    db = args.db or _default_db()
     with ExitStack() as stack:
         if settings.base_url is None:
             view.notice(DEMO_NOTICE)
@@ -204,9 +261,14 @@ def _ask(args: argparse.Namespace) -> int:
             view.notice(f"apr: {server.kind} ready at {server.base_url}")
             settings = _local_settings(settings, server)
         record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
+        if thread_id is not None and not resuming:
+            view.notice(
+                f"apr: run {thread_id!r} is checkpointed in {db}; "
+                f"if it is interrupted, finish it with: apr resume {thread_id}"
+            )
         stack.enter_context(view)
         try:
-            state = asyncio.run(_run(settings, task, args.context, view, record))
+            state = asyncio.run(_run(settings, inputs, view, record, thread_id=thread_id, db=db))
         except BaseException as exc:
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record["error"] = str(exc)
@@ -255,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _ask(args) if args.command == "ask" else _serve(args)
+        return _serve(args) if args.command == "serve" else _ask(args)
     except _CliError as exc:
         _fail(str(exc), exc.code)
     except KeyboardInterrupt:

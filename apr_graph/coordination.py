@@ -228,6 +228,28 @@ class Boards:
         """The board of a live run."""
         return self._boards.get(run_id)
 
+    def revive(
+        self,
+        settings: AprSettings,
+        run_id: str,
+        plan: dict[str, Any],
+        finished: Iterable[ThreadRecord] = (),
+    ) -> RunBoard:
+        """The board of a run resumed from a checkpoint in a new process.
+
+        Threads that finished before the interruption are published again, so the threads
+        that depend on them find their results. The budget starts afresh.
+        """
+        board = self._boards.get(run_id)
+        if board is None:
+            ids = [s["id"] for s in plan.get("subtasks", [])]
+            board = RunBoard(run_id, Budget(settings), plan.get("merge") or "synthesize", ids)
+            self.attach(board)
+        for record in finished:
+            self.finished(run_id).add(record["id"])
+            board.publish(record)
+        return board
+
     def finished(self, run_id: str) -> set[str]:
         """Ids of the run's threads that have a final record."""
         return self._finished.setdefault(run_id, set())
@@ -272,3 +294,7 @@ def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> d
             sum(max(0.0, seconds - (t["ended_at"] - t["started_at"])) for t in cancelled), 3
         ),
     }
+
+
+REGISTRY = Boards()
+"""The live boards of this process, by run id (ids are random, so graphs can share it)."""

@@ -10,7 +10,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
 
-from apr_graph.coordination import Boards
+from apr_graph.coordination import REGISTRY
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
     Verifier,
@@ -84,7 +84,7 @@ def create_apr_graph(
     """
     settings = settings or AprSettings()
     client = client or LLMClient(settings)
-    boards = Boards()
+    boards = REGISTRY
     builder = StateGraph(AprState, input_schema=AprInput, output_schema=AprOutput)
     compiled: list[CompiledStateGraph[AprState, None, AprInput, AprOutput]] = []
 
@@ -101,7 +101,7 @@ def create_apr_graph(
     )
     builder.add_node(WORKER, _sync_and_async(WORKER, worker, client), input_schema=WorkerInput)
     builder.add_node(
-        SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client, boards), client)
+        SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client, settings, boards), client)
     )
     builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
     builder.add_edge(START, DECOMPOSE)

@@ -19,6 +19,7 @@ from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOut
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import judge_messages, synthesizer_messages
+from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, ThreadRecord
 
 __all__ = ["make_synthesize", "threads_in_plan_order"]
@@ -45,14 +46,13 @@ def _partial_answer(done: list[ThreadRecord], missing: list[str], reason: str) -
 
 
 def make_synthesize(
-    client: LLMClient, boards: Boards
+    client: LLMClient, settings: AprSettings, boards: Boards
 ) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
     """Build the synthesize node."""
 
     async def synthesize(state: AprState) -> dict[str, Any]:
-        board = boards.get(state.get("run_id", ""))
-        if board is None:
-            raise RuntimeError(f"no live board for run {state.get('run_id')}")
+        run_id = state.get("run_id", "")
+        board = boards.get(run_id) or boards.revive(settings, run_id, state.get("plan") or {})
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
         missing = [t["id"] for t in threads if t["status"] != "done"]

@@ -90,9 +90,9 @@ def make_worker(
     """Build the worker node; ``subgraph()`` returns the graph a forking thread runs."""
 
     async def worker(payload: WorkerInput) -> dict[str, Any]:
-        board = boards.get(payload["run_id"])
-        if board is None:
-            raise RuntimeError(f"no live board for run {payload['run_id']}")
+        board = boards.get(payload["run_id"]) or boards.revive(
+            settings, payload["run_id"], payload["plan"]
+        )
         thread = _Thread(payload, time.time(), [])
         sid = thread.subtask["id"]
         try:

@@ -1,0 +1,70 @@
+"""Resuming a checkpointed run without redoing finished work.
+
+With any LangGraph checkpointer, a run interrupted mid fan-out (crash, SIGKILL, Ctrl-C)
+keeps the plan and the results of the threads that finished. ``resume_run`` continues it:
+decompose is not called again, finished threads are not re-run, and the threads that depend
+on them get their results. Settings and the API key are supplied again by the caller; they
+are never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph.state import CompiledStateGraph
+
+from apr_graph.coordination import REGISTRY
+from apr_graph.errors import InputError
+from apr_graph.graph import WORKER
+from apr_graph.settings import AprSettings
+from apr_graph.state import AprInput, AprOutput, AprState, ThreadRecord
+
+__all__ = ["prepare_resume", "resume_run", "run_status"]
+
+App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
+
+
+async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
+    """``("new" | "interrupted" | "finished", values)`` of the run stored under ``config``."""
+    snapshot = await app.aget_state(config)
+    if not snapshot.values:
+        return "new", {}
+    return ("interrupted" if snapshot.next else "finished"), dict(snapshot.values)
+
+
+async def prepare_resume(app: App, config: RunnableConfig, *, settings: AprSettings) -> None:
+    """Get an interrupted run ready to continue with ``app.astream(None, config)``.
+
+    The threads that finished before the interruption are made visible again to the
+    threads that depend on them (their results live in the checkpoint).
+
+    Raises:
+        InputError: there is no run under this thread id, or it already finished.
+    """
+    snapshot = await app.aget_state(config)
+    thread_id = (config.get("configurable") or {}).get("thread_id")
+    if not snapshot.values:
+        raise InputError(f"no run is stored under thread id {thread_id!r}")
+    if not snapshot.next:
+        raise InputError(f"the run {thread_id!r} already finished; nothing to resume")
+    values = dict(snapshot.values)
+    finished: list[ThreadRecord] = []
+    for task in snapshot.tasks:
+        if task.name == WORKER and isinstance(task.result, dict):
+            finished.extend(t for t in task.result.get("threads", []) if t.get("parent") is None)
+    if values.get("run_id"):
+        REGISTRY.revive(settings, values["run_id"], values.get("plan") or {}, finished)
+
+
+async def resume_run(app: App, config: RunnableConfig, *, settings: AprSettings) -> AprOutput:
+    """Continue an interrupted run and return its output (see ``prepare_resume``).
+
+    Example:
+        >>> async with AsyncSqliteSaver.from_conn_string("runs.sqlite") as saver:  # doctest: +SKIP
+        ...     app = create_apr_graph(settings=settings).compile(checkpointer=saver)
+        ...     result = await resume_run(app, {"configurable": {"thread_id": "job-1"}},
+        ...                               settings=settings)
+    """
+    await prepare_resume(app, config, settings=settings)
+    return cast(AprOutput, await app.ainvoke(None, config, durability="sync"))
