@@ -9,9 +9,11 @@ Example:
     >>> # result = app.invoke({"task": "Solve (a) 17*23 (b) 2**10 (c) 99+1"})
 """
 
+from apr_graph.durable import prepare_resume, resume_run
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
+    BudgetExhaustedError,
     ConfigurationError,
     InputError,
     ModelCallError,
@@ -21,7 +23,7 @@ from apr_graph.errors import (
 )
 from apr_graph.graph import compile_apr_graph, create_apr_graph
 from apr_graph.llm import Completion, LLMClient
-from apr_graph.settings import AprSettings
+from apr_graph.settings import AprSettings, MergeStrategy
 from apr_graph.state import AprInput, AprOutput, Plan, Subtask, ThreadRecord
 
 __all__ = [
@@ -30,10 +32,12 @@ __all__ = [
     "AprOutput",
     "AprSettings",
     "AuthenticationError",
+    "BudgetExhaustedError",
     "Completion",
     "ConfigurationError",
     "InputError",
     "LLMClient",
+    "MergeStrategy",
     "ModelCallError",
     "ModelNotFoundError",
     "Plan",
@@ -43,6 +47,8 @@ __all__ = [
     "ThreadRecord",
     "compile_apr_graph",
     "create_apr_graph",
+    "prepare_resume",
+    "resume_run",
 ]
 
 __version__ = "0.1.0"
