@@ -135,6 +135,27 @@ async def test_empty_choices_and_html_bodies_are_retried(make_server: ServerFact
     assert len(server.chat_requests()) == 4
 
 
+async def test_invalid_plan_json_is_repaired_by_a_reask(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                times=1,
+                reply=Reply(content='Sure! {"strategy": "parallel", "subtasks": ['),
+            ),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "fixed"})),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
+    assert result["answer"] == "fixed"
+    planner = server.chat_requests("planner")
+    assert len(planner) == 2
+    reask = planner[1].messages
+    assert reask[-2]["role"] == "assistant"
+    assert "Sure!" in reask[-2]["content"]
+    assert "not valid JSON" in reask[-1]["content"]
+
+
 def peak_in_flight(requests: list[RecordedRequest]) -> int:
     return max(
         (sum(1 for o in requests if o.started_at <= r.started_at < (o.ended_at or 1e18))

@@ -239,27 +239,6 @@ async def test_schema_in_prompt_when_no_response_format_is_accepted(
     assert '"strategy"' in last.messages[0]["content"]  # the schema went into the prompt
 
 
-async def test_invalid_plan_json_is_repaired_by_a_reask(make_server: ServerFactory) -> None:
-    server = make_server(
-        [
-            Rule(
-                role="planner",
-                times=1,
-                reply=Reply(content='Sure! {"strategy": "parallel", "subtasks": ['),
-            ),
-            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "fixed"})),
-        ]
-    )
-    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
-    assert result["answer"] == "fixed"
-    planner = server.chat_requests("planner")
-    assert len(planner) == 2
-    reask = planner[1].messages
-    assert reask[-2]["role"] == "assistant"
-    assert "Sure!" in reask[-2]["content"]
-    assert "not valid JSON" in reask[-1]["content"]
-
-
 async def test_wrong_shape_plan_is_reasked_with_the_validation_error(
     make_server: ServerFactory,
 ) -> None:
