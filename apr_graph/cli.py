@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("thread_id", help="the id given to apr ask --thread-id")
 
+    commands.add_parser("bench", help="benchmarks: apr bench --help", add_help=False)
     serve = commands.add_parser("serve", help="run the embedded model server until Ctrl-C")
     serve.add_argument("--port", type=int, default=0, help="listen port [a free one]")
     serve.add_argument("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
@@ -314,6 +315,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``apr`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from apr_graph.bench.main import main as bench
+
+        return bench(argv[1:])
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

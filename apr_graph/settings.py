@@ -62,7 +62,7 @@ class AprSettings(BaseSettings):
     synthesizer_model: str | None = None
     """Model for the merge call (defaults to ``model``)."""
 
-    max_threads: int = Field(default=8, ge=1, le=256)
+    max_threads: int = Field(default=8, ge=1, le=4096)
     """The most threads one decomposition may start; larger plans are clamped."""
 
     max_concurrency: int = Field(default=8, ge=1, le=1024)
@@ -143,19 +143,19 @@ class AprSettings(BaseSettings):
                 raise ValueError(f"{name} must not be empty")
         return self
 
-    def model_for(self, role: Role) -> str:
-        """The model name used for ``role``."""
+    def model_for(self, role: Role | str) -> str:
+        """The model name used for ``role`` (other roles, e.g. benchmark baselines: ``model``)."""
         override = {
             "planner": self.planner_model,
             "worker": self.worker_model,
             "synthesizer": self.synthesizer_model,
-        }[role]
+        }.get(role)
         return override or self.model
 
-    def max_tokens_for(self, role: Role) -> int:
-        """The output-token allowance of one call of ``role``."""
+    def max_tokens_for(self, role: Role | str) -> int:
+        """The output-token allowance of one call of ``role`` (others: ``worker_max_tokens``)."""
         return {
             "planner": self.planner_max_tokens,
             "worker": self.worker_max_tokens,
             "synthesizer": self.synthesizer_max_tokens,
-        }[role]
+        }.get(role, self.worker_max_tokens)

@@ -67,6 +67,19 @@ class Reply:
         return json.dumps(self.content)
 
 
+class Pacer:
+    """Releases a reply's tokens; this base releases them at once (no model latency)."""
+
+    def wait(self, tokens: int) -> None:
+        """Block until ``tokens`` output tokens exist."""
+
+    def __enter__(self) -> Pacer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The reply is over (finished, or the client hung up)."""
+
+
 @dataclass
 class RecordedRequest:
     """One request the server received."""
@@ -225,6 +238,11 @@ class ScriptedServer:
         with self._lock:
             found = [r for r in self.requests if r.path.endswith("/chat/completions")]
         return [r for r in found if role is None or r.role == role]
+
+    # -- pacing --------------------------------------------------------------------------
+    def pace(self, request: RecordedRequest, reply: Reply) -> Pacer:
+        """How the reply's tokens are released; subclasses model a real server's timing."""
+        return Pacer()
 
     # -- request handling ---------------------------------------------------------------
     def _record(self, request: RecordedRequest) -> None:
@@ -436,11 +454,14 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                     reply.status, _error_body(reply.status, reply.error_message), reply.headers
                 )
             elif body.get("stream"):
-                self._stream(request, reply)
+                with server.pace(request, reply) as pacer:
+                    self._stream(request, reply, pacer)
             else:
+                with server.pace(request, reply) as pacer:
+                    pacer.wait(len(reply.text().split()))
                 self._send_json(reply.status, _completion(request, reply), reply.headers)
 
-        def _stream(self, request: RecordedRequest, reply: Reply) -> None:
+        def _stream(self, request: RecordedRequest, reply: Reply, pacer: Pacer) -> None:
             completion = _completion(request, reply)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -458,6 +479,7 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                     return  # no finish_reason, no [DONE], no final empty chunk
                 if reply.chunk_delay_s:
                     time.sleep(reply.chunk_delay_s)
+                pacer.wait(index + 1)
                 delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
                 self._event({**base, "choices": [delta]})
             self._event(

@@ -1,0 +1,177 @@
+"""The ``apr bench`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from apr_graph.bench.overhead import measure_overhead
+from apr_graph.bench.report import write_report
+from apr_graph.bench.runner import run_tasks, scaling_rows, summarise
+from apr_graph.bench.simmodel import SimModel
+from apr_graph.bench.strategies import STRATEGIES
+from apr_graph.bench.suites import SUITES, Task, make_suite
+from apr_graph.llm import LLMClient
+from apr_graph.local import LOCAL_MODEL, LocalServer
+from apr_graph.settings import AprSettings
+from apr_graph.testing.simulated import LatencyModel, SimulatedServer
+
+__all__ = ["main", "parser"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``apr bench``."""
+    p = argparse.ArgumentParser(prog="apr bench", description=__doc__)
+    p.add_argument(
+        "--backend",
+        choices=["sim", "local", "url"],
+        default="sim",
+        help="sim: simulated GPU server; local: the embedded model; url: --base-url",
+    )
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (with --backend url)")
+    p.add_argument("--model", default=None, help="model name (with --backend url)")
+    p.add_argument("--api-key", default=None, help="API key (with --backend url)")
+    p.add_argument("--suites", default=",".join(SUITES), help="comma list [%(default)s]")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="[%(default)s]")
+    p.add_argument("--tasks", type=int, default=5, help="tasks per suite [%(default)s]")
+    p.add_argument("--parts", type=int, default=4, help="sub-questions per arithmetic task")
+    p.add_argument("--points", type=int, default=4, help="fixed fan-out of 'split' [4]")
+    p.add_argument(
+        "--scaling",
+        default="2,4,8,16",
+        help="widths for achieved-vs-ideal speedup; empty to skip [%(default)s]",
+    )
+    p.add_argument(
+        "--overhead",
+        default="1,8,64,512,1000",
+        help="fan-out sizes for framework overhead; empty to skip [%(default)s]",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--step-ms",
+        type=float,
+        default=20.0,
+        help="sim: milliseconds per decode step [%(default)s]",
+    )
+    p.add_argument(
+        "--reasoning",
+        type=int,
+        default=100,
+        help="sim: tokens of reasoning per part of a task [%(default)s]",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="[%(default)s]")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p  # fmt: skip
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    suites = [s for s in args.suites.split(",") if s]
+    strategies = [s for s in args.strategies.split(",") if s]
+    tasks: list[Task] = [
+        t for s in suites for t in make_suite(s, args.tasks, seed=args.seed, parts=args.parts)
+    ]
+    widths = _ints(args.scaling) if args.backend == "sim" else []
+    sizes = _ints(args.overhead) if args.backend == "sim" else []
+    scaling_tasks = {w: make_suite("arithmetic", 3, seed=args.seed + w, parts=w) for w in widths}
+    total = len(tasks) * len(strategies) + sum(len(t) * 2 for t in scaling_tasks.values())
+    bar = progress.add_task("benchmark", total=total + len(sizes))
+
+    def step(label: str) -> None:
+        progress.update(bar, advance=1, description=label)
+
+    results: dict[str, Any] = {
+        "backend": args.backend,
+        "command": "apr bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
+                                             else sys.argv[1:]),
+        "machine": _machine(),
+        "simulation": {"step_ms": args.step_ms, "reasoning_tokens_per_part": args.reasoning}
+        if args.backend == "sim" else None,
+    }  # fmt: skip
+    async with AsyncExitStack() as stack:
+        settings = await _backend(
+            args, stack, tasks + [t for v in scaling_tasks.values() for t in v]
+        )
+        results["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
+        client = LLMClient(settings)
+        stack.push_async_callback(client.aclose)
+        outcomes = await run_tasks(client, settings, tasks, strategies, points=args.points,
+                                   progress=step)  # fmt: skip
+        results["suites"] = summarise(outcomes)
+        results["outcomes"] = [o.as_dict() for o in outcomes]
+        widest = max((o for o in outcomes if o.strategy == "adaptive"),
+                     key=lambda o: len(o.timeline), default=None)  # fmt: skip
+        if widest is not None:
+            results["timeline"], results["timeline_task"] = widest.timeline, widest.task_id
+        if widths:
+            rows, _ = await scaling_rows(client, settings, widths, tasks_per_width=3,
+                                         seed=args.seed, progress=step,
+                                         make_tasks=lambda w: scaling_tasks[w])  # fmt: skip
+            results["scaling"] = rows
+    if sizes:
+        results["overhead"] = await measure_overhead(sizes, progress=step)
+    return results
+
+
+async def _backend(
+    args: argparse.Namespace, stack: AsyncExitStack, tasks: list[Task]
+) -> AprSettings:
+    if args.backend == "sim":
+        latency = LatencyModel(step_s=args.step_ms / 1000)
+        server = SimulatedServer(SimModel(tasks, reasoning=args.reasoning), latency=latency).start()
+        stack.callback(server.stop)
+        return AprSettings(base_url=server.base_url, model="sim", max_concurrency=64,
+                           max_threads=16, max_total_threads=64)  # fmt: skip
+    if args.backend == "local":
+        local = stack.enter_context(LocalServer())
+        return AprSettings(base_url=local.base_url, model=LOCAL_MODEL, max_threads=4,
+                           max_concurrency=local.parallel_requests, planner_max_tokens=256,
+                           worker_max_tokens=160, synthesizer_max_tokens=256,
+                           request_timeout_s=300)  # fmt: skip
+    if not args.base_url:
+        raise SystemExit("apr bench: error: --backend url needs --base-url")
+    values: dict[str, Any] = {"base_url": args.base_url}
+    if args.model:
+        values["model"] = args.model
+    if args.api_key:
+        values["api_key"] = args.api_key
+    return AprSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``apr bench`` / ``python -m apr_graph.bench``."""
+    args = parser().parse_args(argv)
+    columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, transient=True) as progress:
+        results = asyncio.run(_bench(args, progress))
+    files = write_report(results, args.out, plots=not args.no_plots)
+    for row in results.get("suites", []):
+        print(f"{row['suite']:<11} {row['strategy']:<10} acc {row['accuracy']:.2f}  "
+              f"wall {row['wall_median_s']:.2f}s  speedup {row['speedup']}x  "
+              f"calls {row['model_calls']}")  # fmt: skip
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,106 @@
+"""The scripted "model" behind the simulated server: right answers, realistic lengths.
+
+The simulated server measures orchestration, not intelligence, so its model knows every
+task's answer. What it models is how long the answers are: solving one part of a task takes
+``reasoning`` tokens, so a sequential chain of thought over k parts writes k times as much as
+one thread does, while a plan and a merge are short. Roles come from the ``X-Apr-Role``
+header (the benchmark's baselines send ``sequential``, ``skeleton`` and ``expand``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from apr_graph.bench.suites import Task
+from apr_graph.testing import RecordedRequest, Reply
+
+__all__ = ["SimModel"]
+
+
+@dataclass
+class SimModel:
+    """Replies for the tasks it was given, by role."""
+
+    tasks: list[Task]
+    reasoning: int = 100
+    """Tokens of reasoning per part of a task (a chain of thought spends 100-300 on one
+    arithmetic sub-question; 100 is on the short side)."""
+
+    def __call__(self, request: RecordedRequest) -> Reply:
+        task = self._task(request)
+        role = request.role or "sequential"
+        handler = {
+            "planner": self._plan,
+            "worker": self._thread,
+            "synthesizer": self._merge,
+            "sequential": self._sequential,
+            "skeleton": self._skeleton,
+            "expand": self._expand,
+        }.get(role)
+        if task is None or handler is None:
+            return Reply(status=400, error_message=f"SimModel: unknown task or role {role!r}")
+        return handler(task, request)
+
+    def _task(self, request: RecordedRequest) -> Task | None:
+        text = request.all_text
+        matches = [t for t in self.tasks if t.prompt in text]
+        return max(matches, key=lambda t: len(t.prompt)) if matches else None
+
+    def _think(self, parts: int) -> str:
+        return " ".join(["step"] * (self.reasoning * parts))
+
+    def _final(self, task: Task) -> str:
+        if task.suite == "countdown":
+            return str(task.meta["solution"])
+        labels = task.meta.get("labels") or [""]
+        return " ".join(f"({label}) {value}" if label else value
+                        for label, value in zip(labels, task.expected, strict=False))  # fmt: skip
+
+    def _plan(self, task: Task, request: RecordedRequest) -> Reply:
+        if task.suite == "control":
+            # A direct answer reasons as much as a sequential one: the plan costs only its JSON.
+            answer = f"{self._think(1)} {task.expected[0]}"
+            return Reply(content={"strategy": "direct", "answer": answer})
+        goals = (
+            [f"Compute {p}" for p in task.parts]
+            if task.suite == "arithmetic"
+            else [f"Find an expression for {task.meta['target']}, {p}" for p in task.parts]
+        )
+        subtasks = [{"id": f"s{i + 1}", "goal": g} for i, g in enumerate(goals)]
+        return Reply(content={"strategy": "parallel", "subtasks": subtasks})
+
+    def _thread(self, task: Task, request: RecordedRequest) -> Reply:
+        goal = request.last_user_message
+        if task.suite == "countdown":
+            found = re.search(r"start from (\d+)", goal)
+            if found and int(found.group(1)) == task.meta["first"]:
+                result = f"Final answer: {task.meta['solution']}"
+            else:
+                result = "No expression found from this start."
+            return Reply(content=f"{self._think(1)} {result}")
+        for part, value in zip(task.parts, task.expected, strict=True):
+            if part in goal:
+                return Reply(content=f"{self._think(1)} Result: {value}")
+        return Reply(content=f"{self._think(1)} Result: {task.expected[0]}")
+
+    def _merge(self, task: Task, request: RecordedRequest) -> Reply:
+        return Reply(content=self._final(task))
+
+    def _sequential(self, task: Task, request: RecordedRequest) -> Reply:
+        return Reply(content=f"{self._think(len(task.parts))} Final answer: {self._final(task)}")
+
+    def _skeleton(self, task: Task, request: RecordedRequest) -> Reply:
+        found = re.search(r"exactly (\d+) points", request.all_text)
+        count = int(found.group(1)) if found else 4
+        points = [f"point {i + 1}" for i in range(count)]
+        return Reply(content=json.dumps({"points": points}))
+
+    def _expand(self, task: Task, request: RecordedRequest) -> Reply:
+        # A fixed split ignores the task's shape: each point re-derives its share of parts.
+        found = re.search(r"point (\d+) of (\d+)", request.last_user_message)
+        index, count = (int(found.group(1)), int(found.group(2))) if found else (1, 1)
+        share = max(1, -(-len(task.parts) // count))
+        answer = self._final(task) if index == count else ""
+        return Reply(content=f"{self._think(share)} {answer}".strip())

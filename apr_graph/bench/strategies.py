@@ -1,0 +1,142 @@
+"""The strategies the benchmark compares, each run on the same client and tasks.
+
+- ``sequential``: one chain-of-thought call (the baseline users would otherwise use);
+- ``adaptive``: apr-graph, the model decides direct or parallel;
+- ``split``: Skeleton-of-Thought style fixed fan-out: a skeleton of ``points`` points, each
+  expanded in parallel, answers concatenated, whatever the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from apr_graph.bench.suites import Task
+from apr_graph.graph import compile_apr_graph
+from apr_graph.llm import Completion, LLMClient
+from apr_graph.settings import AprSettings
+
+__all__ = ["STRATEGIES", "Outcome", "run_strategy"]
+
+STRATEGIES = ("sequential", "adaptive", "split")
+
+_SEQUENTIAL = (
+    "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
+    "every requested result."
+)
+_SKELETON = (
+    "Write the skeleton of an answer to the task: exactly {points} points, a few words each. "
+    'Reply with JSON: {{"points": ["...", ...]}}.'
+)
+_EXPAND = "Task: {task}\nSkeleton: {skeleton}\nExpand point {index} of {count}: {point}"
+
+
+@dataclass
+class Outcome:
+    """One strategy on one task."""
+
+    strategy: str
+    suite: str
+    task_id: str
+    correct: bool
+    wall_s: float
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    critical_path_tokens: int
+    answer: str
+    error: str | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+class _Skeleton(BaseModel):
+    points: list[str] = Field(default_factory=list)
+
+
+def _span(completion: Completion, label: str, origin: float) -> dict[str, Any]:
+    return {"label": label, "start": round(completion.started_at - origin, 4),
+            "end": round(completion.ended_at - origin, 4)}  # fmt: skip
+
+
+async def _sequential(client: LLMClient, task: Task) -> Outcome:
+    started = time.time()
+    messages = [
+        {"role": "system", "content": _SEQUENTIAL},
+        {"role": "user", "content": task.prompt},
+    ]
+    completion = await client.chat(messages, role="sequential", stream=True,
+                                   max_tokens=client.settings.worker_max_tokens * 4)  # fmt: skip
+    return Outcome("sequential", task.suite, task.id, task.check(completion.text),
+                   round(time.time() - started, 4), 1, completion.prompt_tokens,
+                   completion.completion_tokens, completion.completion_tokens, completion.text,
+                   timeline=[_span(completion, "sequential", started)])  # fmt: skip
+
+
+async def _adaptive(client: LLMClient, settings: AprSettings, task: Task) -> Outcome:
+    started = time.time()
+    app = compile_apr_graph(settings=settings, client=client)
+    result = await app.ainvoke({"task": task.prompt})
+    metrics = result["metrics"]
+    answer = result.get("answer") or ""
+    timeline = [
+        {"label": c["thread_id"] or c["role"], "start": round(c["started_at"] - started, 4),
+         "end": round(c["ended_at"] - started, 4)}
+        for c in result.get("calls") or []
+    ]  # fmt: skip
+    return Outcome("adaptive", task.suite, task.id, task.check(answer),
+                   round(time.time() - started, 4), metrics["model_calls"],
+                   metrics["prompt_tokens"], metrics["completion_tokens"],
+                   metrics["critical_path_tokens"], answer, timeline=timeline)  # fmt: skip
+
+
+async def _split(client: LLMClient, task: Task, points: int) -> Outcome:
+    started = time.time()
+    system = _SKELETON.format(points=points)
+    skeleton, first = await client.structured(
+        [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}],
+        _Skeleton,
+        role="skeleton",
+    )
+    chosen = (skeleton.points + [f"point {i + 1}" for i in range(points)])[:points]
+    listing = "; ".join(chosen)
+    expansions = await asyncio.gather(*[
+        client.chat([{"role": "user", "content": _EXPAND.format(
+            task=task.prompt, skeleton=listing, index=i + 1, count=points, point=point)}],
+            role="expand", stream=True)
+        for i, point in enumerate(chosen)
+    ])  # fmt: skip
+    answer = "\n".join(e.text for e in expansions)
+    return Outcome(
+        "split", task.suite, task.id, task.check(answer), round(time.time() - started, 4),
+        1 + points, first.prompt_tokens + sum(e.prompt_tokens for e in expansions),
+        first.completion_tokens + sum(e.completion_tokens for e in expansions),
+        first.completion_tokens + max(e.completion_tokens for e in expansions), answer,
+        timeline=[_span(first, "skeleton", started)]
+        + [_span(e, f"point {i + 1}", started) for i, e in enumerate(expansions)],
+    )  # fmt: skip
+
+
+async def run_strategy(
+    strategy: str, client: LLMClient, settings: AprSettings, task: Task, *, points: int = 4
+) -> Outcome:
+    """Run one strategy on one task; a failure is an incorrect outcome, not a crash."""
+    started = time.time()
+    try:
+        if strategy == "sequential":
+            return await _sequential(client, task)
+        if strategy == "adaptive":
+            return await _adaptive(client, settings, task)
+        if strategy == "split":
+            return await _split(client, task, points)
+    except Exception as exc:
+        return Outcome(strategy, task.suite, task.id, False, round(time.time() - started, 4),
+                       0, 0, 0, 0, "", error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

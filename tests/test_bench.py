@@ -1,0 +1,79 @@
+"""The benchmark harness itself (benchmarks are not tests, but their harness must not rot)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from apr_graph import AprSettings, LLMClient
+from apr_graph.bench.main import main
+from apr_graph.bench.suites import check_countdown, make_suite, safe_eval
+from apr_graph.testing import Reply
+from apr_graph.testing.simulated import LatencyModel, SimulatedServer
+
+
+def test_countdown_answers_are_evaluated_not_trusted() -> None:
+    task = make_suite("countdown", 1, seed=3)[0]
+    numbers, target = task.meta["numbers"], task.meta["target"]
+    assert task.check(f"Final answer: {task.meta['solution']}")
+    assert not task.check(f"Final answer: {target}")  # a bare number is not an expression
+    assert not check_countdown(f"{numbers[0]} * 1000", numbers, target)
+    reused = f"({numbers[0]} + {numbers[0]}) * {numbers[1]}"
+    assert not check_countdown(reused, [numbers[0], numbers[1]], int(safe_eval(reused)[0]))
+    with pytest.raises(ValueError, match="not allowed"):
+        safe_eval("__import__('os')")
+
+
+def test_arithmetic_needs_every_result_in_order() -> None:
+    task = make_suite("arithmetic", 1, parts=3)[0]
+    assert task.check(" then ".join(task.expected))
+    assert not task.check(" then ".join(reversed(task.expected)))
+
+
+async def test_simulated_server_batches_and_caches() -> None:
+    latency = LatencyModel(step_s=0.01)
+    with SimulatedServer(lambda r: Reply(content=" ".join(["w"] * 30)), latency=latency) as server:
+        client = LLMClient(AprSettings(base_url=server.base_url, max_concurrency=64))
+        message = [{"role": "user", "content": "shared prefix " * 40}]
+        started = time.perf_counter()
+        await client.chat(message, role="worker", stream=True)
+        alone = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.gather(*[client.chat(message, role="worker", stream=True)
+                               for _ in range(8)])  # fmt: skip
+        eight = time.perf_counter() - started
+        await client.aclose()
+        stats = server.stats
+    assert alone >= 30 * 0.01  # 30 decode steps at least
+    assert eight < 2 * alone  # continuous batching: 8 at once cost far less than 8 in a row
+    assert stats["peak_batch"] == 8
+    assert stats["cached_tokens"] >= 7 * 64  # the shared prefix was prefilled once
+
+
+def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    code = main(["--tasks", "1", "--parts", "4", "--scaling", "4", "--overhead", "1,4",
+                 "--step-ms", "4", "--reasoning", "40", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["suite"], r["strategy"]): r for r in results["suites"]}
+    assert set(rows) == {(s, t) for s in ("arithmetic", "countdown", "control")
+                         for t in ("sequential", "adaptive", "split")}  # fmt: skip
+    assert all(r["accuracy"] == 1.0 for r in rows.values())  # the sim model is exact
+    assert rows[("arithmetic", "sequential")]["speedup"] == 1.0
+    assert rows[("arithmetic", "adaptive")]["speedup"] > 1.2  # parallel parts pay off
+    assert rows[("control", "adaptive")]["model_calls"] == 1  # control: direct answer
+    assert rows[("control", "split")]["model_calls"] == 5
+    scaling = results["scaling"][0]
+    assert scaling["threads"] == 4
+    assert 0 < scaling["fraction_of_ideal"] <= 1.2
+    assert [r["threads"] for r in results["overhead"]] == [1, 4]
+    assert all(r["bare_cpu_ms_per_request"] > 0 for r in results["overhead"])
+    for name in ("results.md", "speedup.png", "accuracy.png", "timeline.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| arithmetic | adaptive |" in (out / "results.md").read_text()
+    assert "arithmetic  adaptive" in capsys.readouterr().out
