@@ -22,6 +22,7 @@ from apr_graph.errors import (
     StructuredOutputError,
 )
 from apr_graph.graph import compile_apr_graph, create_apr_graph
+from apr_graph.integrations import as_tool
 from apr_graph.llm import Completion, LLMClient
 from apr_graph.settings import AprSettings, MergeStrategy
 from apr_graph.state import AprInput, AprOutput, Plan, Subtask, ThreadRecord
@@ -45,6 +46,7 @@ __all__ = [
     "StructuredOutputError",
     "Subtask",
     "ThreadRecord",
+    "as_tool",
     "compile_apr_graph",
     "create_apr_graph",
     "prepare_resume",

@@ -4,8 +4,13 @@ Every event is a JSON-shaped dict with an ``event`` key:
 
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes"}``: the plan is ready.
 - ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request.
+- ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
+  with ``AprSettings(stream_tokens=True)``).
+- ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
-  "answer"}``: a thread is done (``status`` ``done``) or gave up (``failed``, with ``error``).
+  "answer"}``: a thread is ``done``, ``failed``, ``cancelled`` or ``skipped``.
+- ``{"event": "thread_cancelled", "id", "reason", "completion_tokens"}``: a running thread was
+  stopped (a vote or race was settled, or a budget ran out).
 
 Example:
     >>> async for mode, chunk in app.astream(inputs, stream_mode=["custom", "updates"]):
@@ -15,11 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from langgraph.config import get_stream_writer
 
-__all__ = ["emit"]
+__all__ = ["emit", "token_emitter"]
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -29,3 +36,20 @@ def emit(event: str, **fields: Any) -> None:
     except RuntimeError:  # called outside a runnable context (e.g. a unit test of a node)
         return
     writer({"event": event, **fields})
+
+
+def token_emitter(thread_id: str) -> Callable[[str], None] | None:
+    """A callback that streams one thread's text as ``token`` events, from any thread.
+
+    The model client calls it on its own loop; the event is handed to the run's loop.
+    """
+    try:
+        writer = get_stream_writer()
+    except RuntimeError:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def on_text(text: str) -> None:
+        loop.call_soon_threadsafe(writer, {"event": "token", "id": thread_id, "text": text})
+
+    return on_text

@@ -18,7 +18,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -112,6 +112,7 @@ class StreamProgress:
             (it was still waiting for a concurrency slot).
         requests: requests sent so far, retries included.
         charged: the answer was complete and its tokens were charged to the call's budget.
+        on_text: called with each piece of text as it arrives (on the client's loop).
     """
 
     text: str = ""
@@ -119,6 +120,7 @@ class StreamProgress:
     started_at: float = 0.0
     requests: int = 0
     charged: bool = False
+    on_text: Callable[[str], None] | None = None
 
 
 class CallBudget(Protocol):
@@ -479,6 +481,8 @@ class LLMClient:
                             if delta:
                                 progress.text += delta
                                 progress.completion_tokens += 1
+                                if progress.on_text is not None:
+                                    progress.on_text(delta)
                             finish_reason = getattr(choice, "finish_reason", None) or finish_reason
                 except (openai.APIError, asyncio.CancelledError):
                     raise

@@ -115,6 +115,9 @@ class AprSettings(BaseSettings):
     min_thread_tokens: int = Field(default=64, ge=16)
     """The smallest output allowance the plan may give one thread."""
 
+    stream_tokens: bool = False
+    """Emit a ``token`` custom event for every piece of every thread's answer."""
+
     on_thread_error: Literal["tolerate", "fail"] = "tolerate"
     """A thread that still fails after retries: ``tolerate`` records it as failed, lets its
     siblings finish and tells the merge which subtasks failed; ``fail`` ends the run."""

@@ -23,7 +23,7 @@ from apr_graph.errors import (
     ModelCallError,
     ModelNotFoundError,
 )
-from apr_graph.events import emit
+from apr_graph.events import emit, token_emitter
 from apr_graph.llm import LLMClient, StreamProgress
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import verifier_messages, worker_messages
@@ -132,7 +132,9 @@ async def _solve(
             payload["task"], payload["context"], payload["plan"], subtask,
             dependencies=dependencies, vote=board.merge == "vote", rejected=rejected,
         )  # fmt: skip
-        progress = StreamProgress()
+        progress = StreamProgress(
+            on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
+        )
         try:
             completion = await board.guard(
                 client.chat(
@@ -265,6 +267,9 @@ def _finish(
             board.vote(sid, final_answer(record["answer"]), finished)
         elif board.merge == "race" and record["verified"]:
             board.settle(sid, "race")
+    if record["status"] == "cancelled":
+        emit("thread_cancelled", id=sid, reason=record["error"],
+             completion_tokens=record["completion_tokens"])  # fmt: skip
     emit("thread_finished", id=sid, status=record["status"],
          completion_tokens=record["completion_tokens"],
          elapsed_s=round(record["ended_at"] - record["started_at"], 3), error=record["error"],

@@ -1,0 +1,128 @@
+"""apr-graph through the real LangChain / LangGraph APIs: agent tool, subgraph, events."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+
+from apr_graph import as_tool, compile_apr_graph
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+from tests.test_graph import echo_worker, merge_synth, parallel_plan
+
+ROOT = Path(__file__).parent.parent
+
+
+class ToolCallingFake(GenericFakeChatModel):
+    """A scripted chat model that accepts tools (as agents require)."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ToolCallingFake:  # type: ignore[override]
+        return self
+
+
+def three_part_server(make_server: ServerFactory) -> Any:
+    return make_server(
+        [Rule(role="planner", reply=Reply(content=parallel_plan(3))), echo_worker(),
+         merge_synth()]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+async def test_agent_delegates_to_the_tool(make_server: ServerFactory, use_async: bool) -> None:
+    server = three_part_server(make_server)
+    tool = as_tool(compile_apr_graph(settings=settings_for(server)))
+    call = {"name": "parallel_reasoning", "args": {"task": "Compute parts 1 to 3."},
+            "id": "call-1", "type": "tool_call"}  # fmt: skip
+    model = ToolCallingFake(messages=iter([
+        AIMessage(content="", tool_calls=[call]),
+        AIMessage(content="All three parts are computed."),
+    ]))  # fmt: skip
+    agent = create_agent(model, tools=[tool])
+    inputs = {"messages": [{"role": "user", "content": "Compute parts 1 to 3 for me"}]}
+    result = await agent.ainvoke(inputs) if use_async else agent.invoke(inputs)
+    messages: list[BaseMessage] = result["messages"]
+    tool_message = next(m for m in messages if isinstance(m, ToolMessage))
+    assert "result(compute part 3)" in str(tool_message.content)
+    assert tool_message.artifact["metrics"]["threads"] == 3
+    assert [t["id"] for t in tool_message.artifact["threads"]] == ["s1", "s2", "s3"]
+    assert messages[-1].content == "All three parts are computed."
+    assert server.chat_requests("planner")[0].messages[-1]["content"].count("Compute parts") == 1
+
+
+class ParentState(TypedDict, total=False):
+    task: str
+    answer: str
+    metrics: dict[str, Any]
+    notes: list[str]
+
+
+async def test_subgraph_in_a_parent_graph_streams_its_events(make_server: ServerFactory) -> None:
+    server = three_part_server(make_server)
+    apr = compile_apr_graph(settings=settings_for(server))
+
+    def prepare(state: ParentState) -> dict[str, Any]:
+        return {"notes": ["prepared"], "task": state["task"].strip()}
+
+    def review(state: ParentState) -> dict[str, Any]:
+        return {"notes": [*state["notes"], f"reviewed {state['metrics']['threads']} threads"]}
+
+    parent = StateGraph(ParentState)
+    parent.add_node("prepare", prepare)
+    parent.add_node("reason", apr)
+    parent.add_node("review", review)
+    parent.add_edge(START, "prepare")
+    parent.add_edge("prepare", "reason")
+    parent.add_edge("reason", "review")
+    parent.add_edge("review", END)
+    app = parent.compile()
+
+    custom: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+    final: dict[str, Any] = {}
+    async for namespace, mode, chunk in app.astream(
+        {"task": "  three parts  "}, stream_mode=["custom", "values"], subgraphs=True
+    ):
+        if mode == "custom":
+            custom.append((namespace, chunk))
+        elif not namespace:
+            final = chunk
+    assert final["notes"] == ["prepared", "reviewed 3 threads"]
+    assert "result(compute part 2)" in final["answer"]
+    kinds = [event["event"] for _, event in custom]
+    assert kinds.count("thread_finished") == 3
+    assert all(ns and ns[0].startswith("reason:") for ns, _ in custom)  # from the subgraph
+
+
+async def test_token_and_cancel_events(make_server: ServerFactory) -> None:
+    racing = {"strategy": "parallel", "merge": "race", "subtasks": [
+        {"id": "fast", "goal": "quick way"}, {"id": "slow", "goal": "long way"}]}  # fmt: skip
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=racing)),
+        Rule(role="worker", contains="quick way", reply=Reply(content="good quick answer")),
+        Rule(role="worker", contains="long way",
+             reply=Reply(content="good " + "slow " * 50, chunk_delay_s=0.05)),
+    ])  # fmt: skip
+    app = compile_apr_graph(settings=settings_for(server, stream_tokens=True),
+                            verify=lambda answer: answer.startswith("good"))  # fmt: skip
+    events = [e async for e in app.astream({"task": "race"}, stream_mode="custom")]
+    fast_text = "".join(e["text"] for e in events if e["event"] == "token" and e["id"] == "fast")
+    assert fast_text == "good quick answer"
+    cancelled = [e for e in events if e["event"] == "thread_cancelled"]
+    assert [e["id"] for e in cancelled] == ["slow"]
+
+
+def test_langgraph_json_points_at_a_working_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = json.loads((ROOT / "langgraph.json").read_text())
+    path, _, attribute = config["graphs"]["apr"].partition(":")
+    module = importlib.import_module(path.removeprefix("./").removesuffix(".py").replace("/", "."))
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("APR_MAX_THREADS", "3")
+    graph = getattr(module, attribute)({})
+    assert set(graph.compile().get_graph().nodes) >= {"decompose", "worker", "synthesize"}
