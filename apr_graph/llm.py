@@ -243,10 +243,15 @@ class _StopIfWaitTooLong(stop_base):
         return delay > self.max_wait_s or (remaining is not None and delay > remaining)
 
 
-class _LoopState:
-    """The SDK client and request limiter; they live on the portal loop."""
+_COOLDOWN_S = 2.0
+"""How long an endpoint that refused connections is avoided (while others are up)."""
+
+
+class _Endpoint:
+    """One server: its SDK client and its own adaptive limiter (they live on the portal loop)."""
 
     def __init__(self, settings: AprSettings, base_url: str) -> None:
+        self.url = base_url
         self.client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=settings.api_key.get_secret_value(),
@@ -254,11 +259,28 @@ class _LoopState:
             timeout=settings.request_timeout_s,
         )
         self.limit = AdaptiveLimiter(settings.max_concurrency)
+        self.down_until = 0.0
+
+    def load(self) -> float:
+        return self.limit.in_flight / self.limit.limit
 
 
-def _release(portal: Portal, holder: list[_LoopState], *, wait: bool = False) -> None:
-    state = holder.pop() if holder else None
-    portal.shutdown(state.client.close() if state is not None else None, wait=wait)
+def _pick(endpoints: list[_Endpoint]) -> _Endpoint:
+    """The least-loaded endpoint among those not cooling down after a connection failure."""
+    now = time.monotonic()
+    up = [e for e in endpoints if e.down_until <= now] or endpoints
+    return min(up, key=_Endpoint.load)
+
+
+async def _close_all(endpoints: list[_Endpoint]) -> None:
+    for endpoint in endpoints:
+        await endpoint.client.close()
+
+
+def _release(portal: Portal, holder: list[_Endpoint], *, wait: bool = False) -> None:
+    endpoints = list(holder)
+    holder.clear()
+    portal.shutdown(_close_all(endpoints) if endpoints else None, wait=wait)
 
 
 class LLMClient:
@@ -282,7 +304,7 @@ class LLMClient:
         self.settings = settings
         self.base_url: str = settings.base_url
         self._portal = Portal()
-        self._holder: list[_LoopState] = []
+        self._holder: list[_Endpoint] = []
         # A client dropped without close() still releases its connections, quietly.
         weakref.finalize(self, _release, self._portal, self._holder)
         self._modes: dict[str, StructuredMode] = {}
@@ -290,16 +312,24 @@ class LLMClient:
             multiplier=0.25, jitter=0.25, max=settings.retry_max_wait_s
         )
 
-    def _state(self) -> _LoopState:
-        # Only ever called on the portal loop, so one client and one limiter exist.
+    def _state(self) -> _Endpoint:
+        # Only ever called on the portal loop, so each endpoint has one client and limiter.
         if not self._holder:
-            self._holder.append(_LoopState(self.settings, self.base_url))
-        return self._holder[0]
+            urls = dict.fromkeys([self.base_url, *self.settings.base_urls])
+            self._holder.extend(_Endpoint(self.settings, url) for url in urls)
+        return _pick(self._holder)
+
+    @property
+    def requests_by_endpoint(self) -> dict[str, int]:
+        """Requests in flight per endpoint URL (for load spreading across replicas)."""
+        return {e.url: e.limit.in_flight for e in self._holder}
 
     @property
     def concurrency_limit(self) -> int:
         """Requests currently allowed in flight (lowered after 429/503, then recovering)."""
-        return self._holder[0].limit.limit if self._holder else self.settings.max_concurrency
+        if not self._holder:
+            return self.settings.max_concurrency * (1 + len(self.settings.base_urls))
+        return sum(e.limit.limit for e in self._holder)
 
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run a coroutine that uses this client from synchronous code."""
@@ -470,6 +500,9 @@ class LLMClient:
             except openai.APIStatusError as exc:
                 _note_pushback(state.limit, exc)
                 raise
+            except openai.APIConnectionError:
+                state.down_until = time.monotonic() + _COOLDOWN_S
+                raise
             state.limit.succeeded()
             # Leaving this block, normally or by cancellation, closes the HTTP response.
             async with response as chunks:
@@ -547,6 +580,9 @@ class LLMClient:
                 )
             except ValueError as exc:  # a 200 whose JSON body does not parse
                 raise _TransientResponseError(f"malformed response body: {exc}") from exc
+            except openai.APIConnectionError:
+                state.down_until = time.monotonic() + _COOLDOWN_S
+                raise
             except openai.APIStatusError as exc:
                 _note_pushback(state.limit, exc)
                 if response_format is not None and _refuses_format(exc):

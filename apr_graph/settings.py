@@ -6,7 +6,7 @@ Every field can be set in code, or through the environment: ``APR_<FIELD>`` (for
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +32,7 @@ class AprSettings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="APR_",
+        enable_decoding=False,  # list fields read "a,b" from the environment, not JSON
         extra="forbid",
         validate_assignment=True,
         populate_by_name=True,
@@ -43,6 +44,11 @@ class AprSettings(BaseSettings):
     )
     """OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1``. ``None``: the caller
     (the CLI) supplies one, or the client fails with a clear error."""
+
+    base_urls: list[str] = Field(default_factory=list)
+    """More endpoints serving the same model (a fleet of vLLM/SGLang replicas): every request
+    goes to the least-loaded one, and one that refuses connections is avoided for a while.
+    ``APR_BASE_URLS`` takes a comma-separated list."""
 
     api_key: SecretStr = Field(
         default=SecretStr("not-needed"),
@@ -138,8 +144,19 @@ class AprSettings(BaseSettings):
             )
         return value.rstrip("/")
 
+    @field_validator("base_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [cls._check_base_url(str(v).strip()) for v in value]
+        return value
+
     @model_validator(mode="after")
     def _check_models(self) -> AprSettings:
+        if self.base_url is None and self.base_urls:
+            self.base_url = self.base_urls[0]
         for name in ("model", "planner_model", "worker_model", "synthesizer_model"):
             value = getattr(self, name)
             if value is not None and not value.strip():

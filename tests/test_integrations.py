@@ -126,3 +126,27 @@ def test_langgraph_json_points_at_a_working_factory(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("APR_MAX_THREADS", "3")
     graph = getattr(module, attribute)({})
     assert set(graph.compile().get_graph().nodes) >= {"decompose", "worker", "synthesize"}
+
+
+async def test_two_endpoints_share_the_load(make_server: ServerFactory) -> None:
+    rules = [Rule(role="planner", reply=Reply(content=parallel_plan(8))), echo_worker(0.3),
+             merge_synth()]  # fmt: skip
+    first, second = make_server(list(rules)), make_server(list(rules))
+    settings = settings_for(first, base_urls=[second.base_url], max_concurrency=8)
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "eight parts"})
+    assert result["metrics"]["threads"] == 8
+    served = [len(first.chat_requests("worker")), len(second.chat_requests("worker"))]
+    assert sum(served) == 8
+    assert min(served) >= 3  # spread, not all on one replica
+
+
+async def test_a_dead_endpoint_is_avoided(make_server: ServerFactory) -> None:
+    alive = three_part_server(make_server)
+    dead = make_server([])
+    dead_url = dead.base_url
+    dead.stop()
+    settings = settings_for(alive, base_url=dead_url, base_urls=[alive.base_url],
+                            retry_max_wait_s=0.05)  # fmt: skip
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "three parts"})
+    assert {t["status"] for t in result["threads"]} == {"done"}
+    assert len(alive.chat_requests("worker")) == 3
