@@ -9,6 +9,7 @@ Example:
     >>> # result = app.invoke({"task": "Solve (a) 17*23 (b) 2**10 (c) 99+1"})
 """
 
+from apr_graph.chat_model import ChatModelClient
 from apr_graph.durable import prepare_resume, resume_run
 from apr_graph.errors import (
     AprError,
@@ -34,6 +35,7 @@ __all__ = [
     "AprSettings",
     "AuthenticationError",
     "BudgetExhaustedError",
+    "ChatModelClient",
     "Completion",
     "ConfigurationError",
     "InputError",

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
 
+from apr_graph.chat_model import ChatModelClient
 from apr_graph.coordination import REGISTRY
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
@@ -53,6 +55,7 @@ def create_apr_graph(
     *,
     settings: AprSettings | None = None,
     client: LLMClient | None = None,
+    model: BaseChatModel | None = None,
     verify: Verifier | None = None,
 ) -> StateGraph[AprState, None, AprInput, AprOutput]:
     """Build the adaptive parallel reasoning graph (uncompiled).
@@ -65,6 +68,8 @@ def create_apr_graph(
         settings: endpoint, models and limits; default ``AprSettings()`` (read from the
             environment: ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``).
         client: a ready client to share between graphs; built from ``settings`` if omitted.
+        model: a LangChain chat model (``ChatOpenAI``, ``ChatOllama``...) to use instead of
+            the built-in OpenAI-compatible client.
         verify: your check of a thread's answer, ``verify(answer) -> bool`` (sync or async).
             A rejected result is replaced by a fresh attempt (``max_replacements``); in a
             ``race`` the first accepted result wins. Without it, races use a verifier call.
@@ -82,6 +87,9 @@ def create_apr_graph(
         >>> app = create_apr_graph(settings=settings).compile()
         >>> # result = await app.ainvoke({"task": "Compare A, B and C on cost and speed"})
     """
+    if model is not None:
+        client = client or ChatModelClient(model, settings)
+        settings = client.settings
     settings = settings or AprSettings()
     client = client or LLMClient(settings)
     boards = REGISTRY
@@ -120,6 +128,7 @@ def compile_apr_graph(
     *,
     settings: AprSettings | None = None,
     client: LLMClient | None = None,
+    model: BaseChatModel | None = None,
     verify: Verifier | None = None,
     checkpointer: Checkpointer = None,
     name: str = "apr-graph",
@@ -130,6 +139,6 @@ def compile_apr_graph(
         >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:11434/v1"))
         >>> # result = app.invoke({"task": "What is 2 + 2?"})
     """
-    return create_apr_graph(settings=settings, client=client, verify=verify).compile(
+    return create_apr_graph(settings=settings, client=client, model=model, verify=verify).compile(
         checkpointer=checkpointer, name=name
     )

@@ -319,6 +319,10 @@ class LLMClient:
             self._holder.extend(_Endpoint(self.settings, url) for url in urls)
         return _pick(self._holder)
 
+    def _limiter(self) -> AdaptiveLimiter:
+        """The concurrency limit of the next request (of the least-loaded endpoint)."""
+        return self._state().limit
+
     @property
     def requests_by_endpoint(self) -> dict[str, int]:
         """Requests in flight per endpoint URL (for load spreading across replicas)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import pytest
 from langchain.agents import create_agent
+from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.graph import END, START, StateGraph
 
 from apr_graph import as_tool, compile_apr_graph
@@ -150,3 +152,47 @@ async def test_a_dead_endpoint_is_avoided(make_server: ServerFactory) -> None:
     result = await compile_apr_graph(settings=settings).ainvoke({"task": "three parts"})
     assert {t["status"] for t in result["threads"]} == {"done"}
     assert len(alive.chat_requests("worker")) == 3
+
+
+class RuleChatModel(BaseChatModel):
+    """A LangChain chat model answering by the last message, for backend tests."""
+
+    seen: ClassVar[list[str]] = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "rule-fake"
+
+    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:  # fmt: skip
+        last = str(messages[-1].content)
+        self.seen.append(last)
+        if "<task>" in last and "JSON schema" in str(messages[0].content):
+            text = json.dumps(
+                {
+                    "strategy": "parallel",
+                    "subtasks": [
+                        {"id": "a", "goal": "name a prime"},
+                        {"id": "b", "goal": "name a square"},
+                    ],
+                }
+            )
+        elif "Solve subtask a" in last:
+            text = "7"
+        elif "Solve subtask b" in last:
+            text = "9"
+        else:
+            text = "prime 7, square 9"
+        message = AIMessage(content=text, usage_metadata={"input_tokens": 10, "output_tokens": 2,
+                                                          "total_tokens": 12})  # fmt: skip
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+async def test_a_langchain_chat_model_as_the_backend() -> None:
+    model = RuleChatModel()
+    result = await compile_apr_graph(model=model).ainvoke({"task": "A prime and a square"})
+    assert result["answer"] == "prime 7, square 9"
+    assert {t["id"]: t["answer"] for t in result["threads"]} == {"a": "7", "b": "9"}
+    assert result["metrics"]["model_calls"] == 4
+    assert result["metrics"]["prompt_tokens"] == 40
+    assert any("Solve subtask a" in text for text in model.seen)
