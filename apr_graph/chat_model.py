@@ -9,6 +9,7 @@ The model's own settings govern sampling and length.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -63,31 +64,38 @@ class ChatModelClient(LLMClient):
 
     async def _request_here(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
         model: str,
         role: Role | str,
         max_tokens: int,
         response_format: dict[str, Any] | None,
         budget: CallBudget | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
         limit = self._limiter()
+        runnable: Any = self.chat_model.bind_tools(list(tools)) if tools else self.chat_model
         async with limit:
             _admit(budget)
             started = time.time()
-            reply = await self.chat_model.ainvoke(convert_to_messages(list(messages)))
+            reply = await runnable.ainvoke(convert_to_messages(list(messages)))
         text = reply.content if isinstance(reply.content, str) else str(reply.content)
         prompt, completion = _usage(reply)
         completion_tokens = completion if completion is not None else len(text) // 4
         prompt_tokens = prompt if prompt is not None else _prompt_estimate(messages)
         if budget is not None:
             budget.charge(prompt_tokens + completion_tokens)
-        return Completion(strip_reasoning(text), "stop", prompt_tokens, completion_tokens, None,
-                          1, started, time.time(), model)  # fmt: skip
+        calls = tuple(
+            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
+            for c in getattr(reply, "tool_calls", None) or []
+        )
+        return Completion(strip_reasoning(text), "tool_calls" if calls else "stop", prompt_tokens,
+                          completion_tokens, None, 1, started, time.time(), model,
+                          tool_calls=calls)  # fmt: skip
 
     async def _stream_here(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
         model: str,
         role: Role | str,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableLambda
+from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
@@ -57,6 +58,7 @@ def create_apr_graph(
     client: LLMClient | None = None,
     model: BaseChatModel | None = None,
     verify: Verifier | None = None,
+    tools: Sequence[BaseTool] = (),
 ) -> StateGraph[AprState, None, AprInput, AprOutput]:
     """Build the adaptive parallel reasoning graph (uncompiled).
 
@@ -70,6 +72,8 @@ def create_apr_graph(
         client: a ready client to share between graphs; built from ``settings`` if omitted.
         model: a LangChain chat model (``ChatOpenAI``, ``ChatOllama``...) to use instead of
             the built-in OpenAI-compatible client.
+        tools: LangChain tools the threads may call (the allowlist), through the OpenAI tools
+            API, at most ``max_tool_calls`` per thread; a tool error goes back to the model.
         verify: your check of a thread's answer, ``verify(answer) -> bool`` (sync or async).
             A rejected result is replaced by a fresh attempt (``max_replacements``); in a
             ``race`` the first accepted result wins. Without it, races use a verifier call.
@@ -103,7 +107,9 @@ def create_apr_graph(
             compiled.append(builder.compile(name="apr-graph-fork"))
         return compiled[0].ainvoke  # type: ignore[return-value]
 
-    worker = make_worker(client, settings, boards, verify=verify, subgraph=subgraph)
+    worker = make_worker(
+        client, settings, boards, verify=verify, subgraph=subgraph, tools=tuple(tools)
+    )
     builder.add_node(
         DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings, boards), client)
     )
@@ -130,6 +136,7 @@ def compile_apr_graph(
     client: LLMClient | None = None,
     model: BaseChatModel | None = None,
     verify: Verifier | None = None,
+    tools: Sequence[BaseTool] = (),
     checkpointer: Checkpointer = None,
     name: str = "apr-graph",
 ) -> CompiledStateGraph[AprState, None, AprInput, AprOutput]:
@@ -139,6 +146,6 @@ def compile_apr_graph(
         >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:11434/v1"))
         >>> # result = app.invoke({"task": "What is 2 + 2?"})
     """
-    return create_apr_graph(settings=settings, client=client, model=model, verify=verify).compile(
-        checkpointer=checkpointer, name=name
-    )
+    return create_apr_graph(
+        settings=settings, client=client, model=model, verify=verify, tools=tools
+    ).compile(checkpointer=checkpointer, name=name)

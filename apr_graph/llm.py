@@ -53,7 +53,7 @@ __all__ = ["Completion", "LLMClient", "StructuredMode", "extract_json", "strip_r
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
 StructuredMode = Literal["json_schema", "json_object", "prompt"]
-Message = dict[str, str]
+Message = dict[str, Any]
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _MODE_CHAIN: tuple[StructuredMode, ...] = ("json_schema", "json_object", "prompt")
@@ -73,6 +73,7 @@ class Completion:
         requests: HTTP requests sent.
         started_at / ended_at: wall-clock times (``time.time()``).
         mode: how structured output was obtained, or ``text``.
+        tool_calls: the tools the model asked to call (``id``, ``name``, ``arguments`` JSON).
     """
 
     text: str
@@ -85,6 +86,7 @@ class Completion:
     ended_at: float
     model: str
     mode: str = "text"
+    tool_calls: tuple[dict[str, str], ...] = ()
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -385,8 +387,12 @@ class LLMClient:
         stream: bool = False,
         progress: StreamProgress | None = None,
         budget: CallBudget | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
         """One chat completion, retried on transient errors.
+
+        ``tools`` (OpenAI tool specs) lets the model ask for tool calls; such calls are not
+        streamed, and ``Completion.tool_calls`` lists what it asked for.
 
         ``budget`` is asked before each request is sent, once a concurrency slot is free, and
         told the tokens of each answer before the slot is released; so a run's budget is
@@ -426,8 +432,9 @@ class LLMClient:
                         max_tokens=max_tokens or self.settings.max_tokens_for(role),
                         response_format=response_format,
                         progress=progress if stream else None,
-                        stream=stream,
+                        stream=stream and not tools,
                         budget=budget,
+                        tools=tools,
                     )
         except Exception as exc:
             raise self._translate(exc, model=model, attempts=requests) from exc
@@ -451,6 +458,7 @@ class LLMClient:
         stream: bool = False,
         progress: StreamProgress | None = None,
         budget: CallBudget | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
         if stream:
             return await self._portal.arun(
@@ -471,6 +479,7 @@ class LLMClient:
                 max_tokens=max_tokens,
                 response_format=response_format,
                 budget=budget,
+                tools=tools,
             )
         )
 
@@ -565,11 +574,14 @@ class LLMClient:
         max_tokens: int,
         response_format: dict[str, Any] | None,
         budget: CallBudget | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
         state = self._state()
         kwargs: dict[str, Any] = {}
         if response_format is not None:
             kwargs["response_format"] = response_format
+        if tools:
+            kwargs["tools"] = list(tools)
         async with state.limit:
             _admit(budget)
             started = time.time()
@@ -623,6 +635,7 @@ class LLMClient:
             started_at=started,
             ended_at=time.time(),
             model=model,
+            tool_calls=_tool_calls(getattr(choice, "message", None)),
         )
 
     def _translate(self, exc: Exception, *, model: str, attempts: int) -> Exception:
@@ -830,6 +843,16 @@ def _server_message(exc: openai.APIStatusError) -> str:
         if message:
             return str(message)[:300]
     return str(exc.message)[:300]
+
+
+def _tool_calls(message: Any) -> tuple[dict[str, str], ...]:
+    calls = []
+    for call in getattr(message, "tool_calls", None) or []:
+        function = getattr(call, "function", None)
+        if function is not None:
+            calls.append({"id": str(getattr(call, "id", "")), "name": str(function.name),
+                          "arguments": str(function.arguments or "{}")})  # fmt: skip
+    return tuple(calls)
 
 
 def _cached_tokens_from_usage(usage: Any) -> int | None:

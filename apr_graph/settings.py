@@ -121,6 +121,9 @@ class AprSettings(BaseSettings):
     min_thread_tokens: int = Field(default=64, ge=16)
     """The smallest output allowance the plan may give one thread."""
 
+    max_tool_calls: int = Field(default=4, ge=0, le=64)
+    """Tool calls one thread may make (with ``create_apr_graph(tools=...)``)."""
+
     stream_tokens: bool = False
     """Emit a ``token`` custom event for every piece of every thread's answer."""
 

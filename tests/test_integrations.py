@@ -13,10 +13,11 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 
 from apr_graph import as_tool, compile_apr_graph
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import echo_worker, merge_synth, parallel_plan
 
@@ -196,3 +197,61 @@ async def test_a_langchain_chat_model_as_the_backend() -> None:
     assert result["metrics"]["model_calls"] == 4
     assert result["metrics"]["prompt_tokens"] == 40
     assert any("Solve subtask a" in text for text in model.seen)
+
+
+CAPITALS = {"France": "Paris", "Japan": "Tokyo"}
+
+
+@tool
+def lookup_capital(country: str) -> str:
+    """The capital of a country."""
+    return CAPITALS[country]  # a KeyError for unknown countries: the model must be told
+
+
+def tool_worker(request: RecordedRequest) -> Reply:
+    tool_results = [m["content"] for m in request.messages if m.get("role") == "tool"]
+    if tool_results:
+        return Reply(content="found: " + "; ".join(tool_results))
+    country = request.last_user_message.split("capital of ")[1].split()[0].strip(".")
+    return Reply(tool_calls=[{"name": "lookup_capital", "arguments": {"country": country}}])
+
+
+async def test_workers_use_tools_and_survive_a_failing_one(make_server: ServerFactory) -> None:
+    lookups = {
+        "strategy": "parallel",
+        "subtasks": [
+            {"id": c, "goal": f"find the capital of {c}."} for c in ("France", "Japan", "Atlantis")
+        ],
+    }
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=lookups)),
+        Rule(role="worker", reply=tool_worker),
+        merge_synth(),
+    ])  # fmt: skip
+    app = compile_apr_graph(settings=settings_for(server), tools=[lookup_capital])
+    result = await app.ainvoke({"task": "Capitals of France, Japan and Atlantis"})
+    answers = {t["id"]: t["answer"] for t in result["threads"]}
+    assert answers["France"] == "found: Paris"
+    assert answers["Japan"] == "found: Tokyo"
+    assert answers["Atlantis"].startswith("found: error: KeyError")  # told, not crashed
+    first = next(r for r in server.chat_requests("worker") if "France" in r.last_user_message)
+    assert first.body["tools"][0]["function"]["name"] == "lookup_capital"
+    assert {t["status"] for t in result["threads"]} == {"done"}
+
+
+async def test_the_tool_loop_is_bounded(make_server: ServerFactory) -> None:
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=parallel_plan(1))),
+        Rule(role="worker", where=lambda r: "tools" in (r.body or {}),
+             reply=Reply(tool_calls=[{"name": "lookup_capital",
+                                      "arguments": {"country": "France"}}])),
+        Rule(role="worker", reply=Reply(content="giving up on tools")),
+        merge_synth(),
+    ])  # fmt: skip
+    app = compile_apr_graph(settings=settings_for(server, max_tool_calls=3),
+                            tools=[lookup_capital])  # fmt: skip
+    result = await app.ainvoke({"task": "t"})
+    workers = server.chat_requests("worker")
+    assert len(workers) == 4  # three rounds with tools offered, then one without
+    assert "tools" not in workers[-1].body
+    assert result["threads"][0]["answer"] == "giving up on tools"

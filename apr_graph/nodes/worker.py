@@ -9,11 +9,14 @@ race the thread reports its result to the board, which may settle the run and ca
 from __future__ import annotations
 
 import inspect
+import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 
 from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer
@@ -24,7 +27,7 @@ from apr_graph.errors import (
     ModelNotFoundError,
 )
 from apr_graph.events import emit, token_emitter
-from apr_graph.llm import LLMClient, StreamProgress
+from apr_graph.llm import Completion, LLMClient, StreamProgress
 from apr_graph.nodes._records import call_record
 from apr_graph.prompts import verifier_messages, worker_messages
 from apr_graph.settings import AprSettings
@@ -86,6 +89,7 @@ def make_worker(
     *,
     verify: Verifier | None,
     subgraph: Callable[[], Subgraph],
+    tools: Sequence[BaseTool] = (),
 ) -> Callable[[WorkerInput], Awaitable[dict[str, Any]]]:
     """Build the worker node; ``subgraph()`` returns the graph a forking thread runs."""
 
@@ -109,7 +113,7 @@ def make_worker(
             done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
         if thread.subtask.get("fork"):
             return await _fork(board, boards, thread, done_deps, subgraph())
-        return await _solve(client, settings, board, boards, thread, done_deps, verify)
+        return await _solve(client, settings, board, boards, thread, done_deps, verify, tools)
 
     return worker
 
@@ -122,6 +126,7 @@ async def _solve(
     thread: _Thread,
     dependencies: list[tuple[str, str, str]],
     verify: Verifier | None,
+    tools: Sequence[BaseTool] = (),
 ) -> dict[str, Any]:
     payload, subtask = thread.payload, thread.subtask
     must_verify = verify is not None or board.merge == "race"
@@ -135,17 +140,14 @@ async def _solve(
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
         )
+        allowance = subtask.get("max_tokens") or settings.worker_max_tokens
         try:
-            completion = await board.guard(
-                client.chat(
-                    messages,
-                    role="worker",
-                    stream=True,
-                    progress=progress,
-                    max_tokens=subtask.get("max_tokens") or settings.worker_max_tokens,
-                    budget=board.budget,
-                )
-            )
+            if tools:
+                work = _tool_loop(client, settings, board, thread, messages, tools, allowance)
+            else:
+                work = client.chat(messages, role="worker", stream=True, progress=progress,
+                                   max_tokens=allowance, budget=board.budget)  # fmt: skip
+            completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             # Count what the cancelled request produced; the prompt was paid for too.
             sent = progress.started_at > 0
@@ -189,6 +191,56 @@ async def _solve(
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason
+
+
+async def _tool_loop(
+    client: LLMClient,
+    settings: AprSettings,
+    board: RunBoard,
+    thread: _Thread,
+    messages: list[dict[str, Any]],
+    tools: Sequence[BaseTool],
+    allowance: int,
+) -> Completion:
+    """A bounded tool loop: the model calls allowlisted tools until it answers, at most
+    ``max_tool_calls`` calls; a failing or unknown tool is reported to it, not raised."""
+    by_name = {tool.name: tool for tool in tools}
+    specs = [convert_to_openai_tool(tool) for tool in tools]
+    conversation = list(messages)
+    used = 0
+    total: Completion | None = None
+    while True:
+        offer = specs if used < settings.max_tool_calls else None
+        completion = await client.chat(conversation, role="worker", tools=offer,
+                                       max_tokens=allowance, budget=board.budget)  # fmt: skip
+        total = completion if total is None else total.plus(completion)
+        if not completion.tool_calls or offer is None:
+            return replace(total, text=completion.text, tool_calls=())
+        conversation.append({"role": "assistant", "content": completion.text or None,
+                             "tool_calls": [{"id": c["id"], "type": "function", "function": {
+                                 "name": c["name"], "arguments": c["arguments"]}}
+                                 for c in completion.tool_calls]})  # fmt: skip
+        for call in completion.tool_calls:
+            used += 1
+            result, ok = await _call_tool(by_name, call, used, settings.max_tool_calls)
+            emit("tool_call", id=thread.subtask["id"], tool=call["name"], ok=ok)
+            conversation.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+
+
+async def _call_tool(
+    by_name: dict[str, BaseTool], call: dict[str, str], used: int, limit: int
+) -> tuple[str, bool]:
+    if used > limit:
+        return f"not run: the limit of {limit} tool calls is reached; answer now", False
+    tool = by_name.get(call["name"])
+    if tool is None:
+        return f"error: no tool named {call['name']!r}; available: {', '.join(by_name)}", False
+    try:
+        arguments = json.loads(call["arguments"] or "{}")
+        result = await tool.ainvoke(arguments)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {exc}", False
+    return str(result)[:8000], True
 
 
 async def _verify(

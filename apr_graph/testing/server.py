@@ -43,6 +43,8 @@ class Reply:
             that hangs up is noticed at the next chunk and recorded with status 499.
         cut_stream_after: when streamed, close the connection after this many content chunks,
             without a finish_reason (a stream cut mid-way).
+        tool_calls: tool calls the assistant makes, as ``{"name": ..., "arguments": {...}}``
+            (non-streamed replies); ``finish_reason`` becomes ``tool_calls``.
     """
 
     content: str | dict[str, Any] | list[Any] | None = None
@@ -57,6 +59,7 @@ class Reply:
     extra: dict[str, Any] = field(default_factory=dict)
     chunk_delay_s: float = 0.0
     cut_stream_after: int | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         """The message content as sent."""
@@ -291,8 +294,8 @@ def _completion(request: RecordedRequest, reply: Reply) -> dict[str, Any]:
         else [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reply.finish_reason,
+                "message": _message(text, reply.tool_calls),
+                "finish_reason": "tool_calls" if reply.tool_calls else reply.finish_reason,
             }
         ]
     )
@@ -306,6 +309,17 @@ def _completion(request: RecordedRequest, reply: Reply) -> dict[str, Any]:
     }
     payload.update(reply.extra)
     return payload
+
+
+def _message(text: str, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
+            for i, c in enumerate(tool_calls)
+        ]  # fmt: skip
+    return message
 
 
 def _error_body(status: int, message: str | None) -> dict[str, Any]:
