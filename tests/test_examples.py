@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -38,3 +38,85 @@ def test_quickstart(make_server: ServerFactory) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(a) 391 (b) 4096"
     assert "parallel, 2 threads, 4 calls" in done.stderr
+
+
+def run_example(name: str, *args: str, server_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APR_", "OPENAI_"))}
+    env.update(OPENAI_BASE_URL=server_url, APR_MODEL="test-model", OPENAI_API_KEY="sk-test")
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+
+def test_code_review(make_server: ServerFactory, tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("def f(x):\n    return x / 0\n")
+    (tmp_path / "b.py").write_text("import os\nos.system(input())\n")
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [{"id": "a", "goal": "review a.py"}, {"id": "b", "goal": "review b.py"}],
+    }
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=plan)),
+        Rule(role="worker", contains="review a.py", reply=Reply(content="a.py: division by zero")),
+        Rule(role="worker", contains="review b.py", reply=Reply(content="b.py: shell injection")),
+        Rule(role="synthesizer", reply=lambda r: Reply(content=" | ".join(
+            line for line in r.last_user_message.splitlines() if ".py:" in line))),
+    ])  # fmt: skip
+    done = run_example("code_review.py", str(tmp_path / "a.py"), str(tmp_path / "b.py"),
+                       server_url=server.base_url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "a.py: division by zero | b.py: shell injection"
+    planner = server.chat_requests("planner")[0].messages[-1]["content"]
+    assert "os.system(input())" in planner  # the files reached the model as context
+    assert "2 reviews in parallel" in done.stderr
+
+
+def test_tool_lookups(make_server: ServerFactory) -> None:
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [{"id": i, "goal": f"stock of {i}"} for i in ("bolts", "nuts", "gears")],
+    }
+
+    def worker(request: RecordedRequest) -> Reply:
+        results = [m["content"] for m in request.messages if m.get("role") == "tool"]
+        if results:
+            return Reply(content=results[-1])
+        item = request.last_user_message.split("stock of ")[1].split()[0]
+        return Reply(tool_calls=[{"name": "stock_level", "arguments": {"item": item}}])
+
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=plan)),
+        Rule(role="worker", reply=worker),
+        Rule(role="synthesizer", reply=lambda r: Reply(content=", ".join(
+            line.strip() for line in r.last_user_message.splitlines() if line.strip().isdigit()))),
+    ])  # fmt: skip
+    done = run_example("tool_lookups.py", server_url=server.base_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1200, 860, 42"  # the numbers came from the tool
+
+
+def test_agent_delegation(make_server: ServerFactory) -> None:
+    def agent_model(request: RecordedRequest) -> Reply:
+        results = [m["content"] for m in request.messages if m.get("role") == "tool"]
+        if results:
+            return Reply(content=f"Summary: {results[-1]}")
+        return Reply(
+            tool_calls=[
+                {"name": "parallel_reasoning", "arguments": {"task": "Compare Python, Rust and Go"}}
+            ]
+        )
+
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [{"id": x, "goal": f"assess {x}"} for x in ("Python", "Rust", "Go")],
+    }
+    server = make_server([
+        Rule(role="planner", reply=Reply(content=plan)),
+        Rule(role="worker", reply=lambda r: Reply(content=r.last_user_message.split()[3] + " ok")),
+        Rule(role="synthesizer", reply=Reply(content="all three are fine")),
+        Rule(where=lambda r: r.role is None, reply=agent_model),
+    ])  # fmt: skip
+    done = run_example("agent_delegation.py", "Compare Python, Rust and Go",
+                       server_url=server.base_url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Summary: all three are fine"
+    assert len(server.chat_requests("worker")) == 3
