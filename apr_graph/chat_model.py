@@ -53,7 +53,8 @@ class ChatModelClient(LLMClient):
         name = type(model).__name__
         settings = settings.model_copy(
             update={"base_url": f"langchain://{name}", "base_urls": [],
-                    "structured_output": "prompt", "model": name}
+                    "structured_output": "prompt", "model": name,
+                    "probe_capacity": False}
         )  # fmt: skip
         super().__init__(settings)
         self.chat_model = model

@@ -35,6 +35,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from apr_graph._portal import Portal
+from apr_graph.capacity import probe_parallel_capacity
 from apr_graph.errors import (
     AuthenticationError,
     BudgetExhaustedError,
@@ -262,6 +263,7 @@ class _Endpoint:
         )
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
+        self.probed_slots: int | None = None
 
     def load(self) -> float:
         return self.limit.in_flight / self.limit.limit
@@ -307,6 +309,8 @@ class LLMClient:
         self.base_url: str = settings.base_url
         self._portal = Portal()
         self._holder: list[_Endpoint] = []
+        self._probed = False
+        self._probe_lock: asyncio.Lock | None = None
         # A client dropped without close() still releases its connections, quietly.
         weakref.finalize(self, _release, self._portal, self._holder)
         self._modes: dict[str, StructuredMode] = {}
@@ -320,6 +324,34 @@ class LLMClient:
             urls = dict.fromkeys([self.base_url, *self.settings.base_urls])
             self._holder.extend(_Endpoint(self.settings, url) for url in urls)
         return _pick(self._holder)
+
+    async def capacity(self) -> int:
+        """Requests the server(s) run at once: probed once (``probe_capacity``), else the
+        settings. Sizes the concurrency limit of each endpoint on first use."""
+        return await self._portal.arun(self._probe_here())
+
+    async def _probe_here(self) -> int:
+        self._state()
+        if self._probe_lock is None:
+            self._probe_lock = asyncio.Lock()
+        async with self._probe_lock:
+            if not self._probed:
+                self._probed = True
+                if self.settings.probe_capacity:
+                    for endpoint in self._holder:
+                        await self._probe_endpoint(endpoint)
+        return sum(e.limit.maximum for e in self._holder)
+
+    async def _probe_endpoint(self, endpoint: _Endpoint) -> None:
+        slots = await probe_parallel_capacity(
+            endpoint.url, self.settings.api_key.get_secret_value()
+        )
+        if slots is None:
+            return
+        if "max_concurrency" in self.settings.model_fields_set:
+            slots = min(slots, self.settings.max_concurrency)  # the user's cap still holds
+        endpoint.limit.maximum = endpoint.limit.limit = slots
+        endpoint.probed_slots = slots
 
     def _limiter(self) -> AdaptiveLimiter:
         """The concurrency limit of the next request (of the least-loaded endpoint)."""
@@ -493,6 +525,7 @@ class LLMClient:
         progress: StreamProgress,
         budget: CallBudget | None = None,
     ) -> Completion:
+        await self._probe_here()
         state = self._state()
         progress.text, progress.completion_tokens = "", 0
         finish_reason: str | None = None
@@ -576,6 +609,7 @@ class LLMClient:
         budget: CallBudget | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
+        await self._probe_here()
         state = self._state()
         kwargs: dict[str, Any] = {}
         if response_format is not None:

@@ -121,6 +121,15 @@ class AprSettings(BaseSettings):
     min_thread_tokens: int = Field(default=64, ge=16)
     """The smallest output allowance the plan may give one thread."""
 
+    probe_capacity: bool = True
+    """Ask the server once how many requests it runs at once (llama.cpp ``/props`` or
+    ``/slots``, vLLM ``/metrics``) and size the concurrency to it; an explicit
+    ``max_concurrency`` still caps it. Servers that do not say keep the settings."""
+
+    warm_prefix: bool = False
+    """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's
+    prefix cache holds it when the threads arrive."""
+
     max_tool_calls: int = Field(default=4, ge=0, le=64)
     """Tool calls one thread may make (with ``create_apr_graph(tools=...)``)."""
 

@@ -28,7 +28,7 @@ def worker_request(server: Any, goal: str) -> RecordedRequest:
     found = [
         r
         for r in server.chat_requests("worker")
-        if re.search(rf"Solve subtask \S+: {re.escape(goal)}\n", r.last_user_message)
+        if re.search(rf"Solve subtask \S+: {re.escape(goal)}(\n|$)", r.last_user_message)
     ]
     assert len(found) == 1, f"{len(found)} worker requests for {goal!r}"
     return found[0]
@@ -205,7 +205,7 @@ async def test_vote_stops_at_a_certain_majority(make_server: ServerFactory) -> N
             Rule(role="planner", reply=Reply(content=voting)),
             Rule(
                 role="worker",
-                where=lambda r: re.search(r"attempt [012]\n", r.last_user_message) is not None,
+                where=lambda r: re.search(r"attempt [012]$", r.last_user_message) is not None,
                 reply=Reply(content="6*7\nFinal answer: 42"),
             ),
             Rule(role="worker", reply=Reply(content=slow, chunk_delay_s=0.1)),
@@ -220,7 +220,7 @@ async def test_vote_stops_at_a_certain_majority(make_server: ServerFactory) -> N
     assert metrics["threads_cancelled"] + metrics["threads_skipped"] == 2
     assert {t["id"] for t in result["threads"] if t["status"] == "done"} == {"v0", "v1", "v2"}
     assert sorted(metrics["votes"].values()) == ["42", "42", "42"]
-    assert "Final answer" in worker_request(server, "solve it, attempt 0").last_user_message
+    assert "Final answer" in worker_request(server, "solve it, attempt 0").messages[0]["content"]
 
 
 async def test_settings_can_force_the_merge_strategy(make_server: ServerFactory) -> None:

@@ -148,7 +148,8 @@ def make_decompose(
         board = RunBoard(uuid.uuid4().hex, budget, "synthesize", [])
         boards.attach(board)
         calls: list[CallRecord] = []
-        messages = planner_messages(task, context, settings.max_threads)
+        width = await client.capacity() if settings.probe_capacity else None
+        messages = planner_messages(task, context, settings.max_threads, width)
         try:
             plan, completion = await board.guard(
                 client.structured(

@@ -135,7 +135,7 @@ async def _solve(
         thread.attempts += 1
         messages = worker_messages(
             payload["task"], payload["context"], payload["plan"], subtask,
-            dependencies=dependencies, vote=board.merge == "vote", rejected=rejected,
+            dependencies=dependencies, rejected=rejected,
         )  # fmt: skip
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None

@@ -181,6 +181,8 @@ class ScriptedServer:
         response_format_status: the status of that refusal: 400 like vLLM, or 500 like
             llama-cpp-python's server.
         api_key: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
+        routes: extra GET routes by exact path (e.g. ``{"/props": {"total_slots": 4}}``); a
+            dict is sent as JSON, a string as text (e.g. Prometheus ``/metrics``).
     """
 
     def __init__(
@@ -192,7 +194,9 @@ class ScriptedServer:
         response_formats: Iterable[str] | None = None,
         response_format_status: int = 400,
         api_key: str | None = None,
+        routes: dict[str, Any] | None = None,
     ) -> None:
+        self.routes: dict[str, Any] = dict(routes or {})
         self.response_format_status = response_format_status
         self.rules: list[Rule] = list(rules)
         self.models = list(models)
@@ -395,6 +399,13 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             if not self._authorised():
                 request.status = 401
                 self._send_json(401, _error_body(401, "Incorrect API key provided."))
+            elif self.path in server.routes:
+                request.status = 200
+                route = server.routes[self.path]
+                if isinstance(route, str):
+                    self._send_raw(200, route.encode(), "text/plain")
+                else:
+                    self._send_json(200, route)
             elif self.path.rstrip("/").endswith("/models"):
                 request.status = 200
                 data = [{"id": m, "object": "model", "owned_by": "apr-test"} for m in server.models]
