@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,7 +19,7 @@ from apr_graph.errors import (
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
-from apr_graph.prompts import direct_messages, planner_messages
+from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, Plan, plan_json_schema
 
@@ -183,6 +185,9 @@ def make_decompose(
             budget.reserve_threads(len(normalised["subtasks"]))
             board.merge = normalised["merge"]
             board.thread_ids = [s["id"] for s in normalised["subtasks"]]
+            normalised["prefix"] = prefix_stats(task, context, normalised)
+            if settings.warm_prefix:
+                await _warm(client, board, task, context, normalised, calls)
         emit("plan", strategy=normalised["strategy"], subtasks=normalised["subtasks"],
              notes=normalised["notes"], merge=normalised["merge"], depth=depth)  # fmt: skip
         update: dict[str, Any] = {
@@ -194,6 +199,40 @@ def make_decompose(
         return update
 
     return decompose
+
+
+def prefix_stats(task: str, context: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """How much of the fan-out's prompts is one shared prefix, byte for byte."""
+    prompts = [
+        json.dumps(worker_messages(task, context, plan, subtask), ensure_ascii=False).encode()
+        for subtask in plan["subtasks"]
+    ]
+    shared = len(os.path.commonprefix(prompts))  # noqa: RUF071 - a byte-level prefix is the point
+    shortest = min(len(p) for p in prompts)
+    return {"shared_chars": shared, "shortest_prompt_chars": shortest,
+            "shared_fraction": round(shared / shortest, 4) if shortest else 0.0}  # fmt: skip
+
+
+async def _warm(
+    client: LLMClient,
+    board: RunBoard,
+    task: str,
+    context: str,
+    plan: dict[str, Any],
+    calls: list[CallRecord],
+) -> None:
+    """One tiny request with the shared prefix, so the server's cache holds it in time."""
+    messages = [
+        {"role": "system", "content": shared_system(task, context, plan)},
+        {"role": "user", "content": "Reply with OK."},
+    ]
+    try:
+        warm = await board.guard(
+            client.chat(messages, role="warmup", max_tokens=1, budget=board.budget)
+        )
+    except (StoppedError, BudgetExhaustedError, ModelCallError):
+        return  # a warm-up is an optimisation; the threads run either way
+    calls.append(call_record(warm, role="warmup"))
 
 
 async def _direct_answer(

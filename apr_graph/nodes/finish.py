@@ -46,7 +46,7 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
         + sum(t["completion_tokens"] for t in cancelled if t["parent"] is None),
         "total_tokens": 0,  # filled below
         "cached_tokens": sum(cached) if cached else None,
-        "critical_path_tokens": own_tokens("planner")
+        "critical_path_tokens": own_tokens("planner", "warmup")
         + max((t["critical_path_tokens"] for t in own), default=0)
         + own_tokens("synthesizer", "judge"),
         "threads": len(threads),
@@ -73,6 +73,11 @@ def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
         own = [t for t in state.get("threads") or [] if t.get("parent") is None]
         plan = state.get("plan") or {}
         metrics["merge"] = plan.get("merge")
+        prefix = plan.get("prefix") or {}
+        metrics["shared_prefix_fraction"] = prefix.get("shared_fraction")
+        prompt = metrics["prompt_tokens"]
+        cached = metrics["cached_tokens"]
+        metrics["cache_hit_fraction"] = round(cached / prompt, 4) if cached and prompt else None
         if board is not None:
             reason = board.stop_reason
             metrics["stop_reason"] = reason
