@@ -23,12 +23,14 @@ from apr_graph.nodes import (
     make_synthesize,
     make_worker,
 )
+from apr_graph.nodes.native import make_native
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput, AprOutput, AprState, WorkerInput
 
 __all__ = [
     "DECOMPOSE",
     "FINISH",
+    "NATIVE",
     "SYNTHESIZE",
     "WORKER",
     "compile_apr_graph",
@@ -39,6 +41,7 @@ DECOMPOSE = "decompose"
 WORKER = "worker"
 SYNTHESIZE = "synthesize"
 FINISH = "finish"
+NATIVE = "native"
 
 
 def _sync_and_async(
@@ -107,6 +110,14 @@ def create_apr_graph(
             compiled.append(builder.compile(name="apr-graph-fork"))
         return compiled[0].ainvoke  # type: ignore[return-value]
 
+    if settings.native is not None:
+        builder.add_node(NATIVE, _sync_and_async(NATIVE, make_native(client, settings, boards),
+                                                 client))  # fmt: skip
+        builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
+        builder.add_edge(START, NATIVE)
+        builder.add_edge(NATIVE, FINISH)
+        builder.add_edge(FINISH, END)
+        return builder
     worker = make_worker(
         client, settings, boards, verify=verify, subgraph=subgraph, tools=tuple(tools)
     )

@@ -88,6 +88,7 @@ class Completion:
     model: str
     mode: str = "text"
     tool_calls: tuple[dict[str, str], ...] = ()
+    stop_reason: str | None = None
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -513,6 +514,135 @@ class LLMClient:
                 budget=budget,
                 tools=tools,
             )
+        )
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        role: Role | str,
+        stop: Sequence[str],
+        max_tokens: int,
+        budget: CallBudget | None = None,
+        progress: StreamProgress | None = None,
+    ) -> Completion:
+        """One streamed text completion (``/v1/completions``) that ends at a stop string.
+
+        For models that write their own parallel blocks. ``Completion.stop_reason`` is the
+        stop string that ended it, when the server says (vLLM ``stop_reason``, llama.cpp
+        ``stopping_word``). Retried like ``chat``; cancelling closes the stream.
+        """
+        model = self.settings.model_for(role)
+        started = time.time()
+        requests = 0
+        progress = progress or StreamProgress()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_retryable),
+            stop=stop_any(
+                stop_after_attempt(self.settings.max_retries + 1),
+                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
+            ),
+            wait=self._wait,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    requests += 1
+                    completion = await self._portal.arun(
+                        self._complete_here(
+                            prompt,
+                            model=model,
+                            role=role,
+                            stop=stop,
+                            max_tokens=max_tokens,
+                            budget=budget,
+                            progress=progress,
+                        )
+                    )
+        except Exception as exc:
+            raise self._translate(exc, model=model, attempts=requests) from exc
+        return replace(completion, requests=requests, started_at=started)
+
+    async def _complete_here(
+        self,
+        prompt: str,
+        *,
+        model: str,
+        role: Role | str,
+        stop: Sequence[str],
+        max_tokens: int,
+        budget: CallBudget | None,
+        progress: StreamProgress,
+    ) -> Completion:
+        await self._probe_here()
+        state = self._state()
+        progress.text, progress.completion_tokens = "", 0
+        finish_reason: str | None = None
+        stop_reason: str | None = None
+        usage: Any = None
+        async with state.limit:
+            _admit(budget)
+            started = progress.started_at = time.time()
+            try:
+                response: Any = await state.client.completions.create(
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    temperature=self.settings.temperature,
+                    stop=list(stop) or None,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={"X-Apr-Role": role},
+                )
+            except openai.APIStatusError as exc:
+                _note_pushback(state.limit, exc)
+                raise
+            except openai.APIConnectionError:
+                state.down_until = time.monotonic() + _COOLDOWN_S
+                raise
+            state.limit.succeeded()
+            async with response as chunks:
+                try:
+                    async for chunk in chunks:
+                        usage = getattr(chunk, "usage", None) or usage
+                        for choice in getattr(chunk, "choices", None) or []:
+                            piece = getattr(choice, "text", None)
+                            if piece:
+                                progress.text += piece
+                                progress.completion_tokens += 1
+                                if progress.on_text is not None:
+                                    progress.on_text(piece)
+                            finish_reason = getattr(choice, "finish_reason", None) or finish_reason
+                            extra = getattr(choice, "model_extra", None) or {}
+                            found = extra.get("stop_reason") or extra.get("stopping_word")
+                            stop_reason = found if isinstance(found, str) else stop_reason
+                except (openai.APIError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # the transport broke mid-stream: worth a retry
+                    raise _TransientResponseError(
+                        f"the stream broke after {progress.completion_tokens} tokens"
+                    ) from exc
+            completion_tokens = getattr(usage, "completion_tokens", None)
+            prompt_tokens = getattr(usage, "prompt_tokens", None)
+            if completion_tokens is None or prompt_tokens is None:
+                completion_tokens, prompt_tokens = progress.completion_tokens, len(prompt) // 4
+            if budget is not None:
+                progress.charged = True
+                budget.charge(int(prompt_tokens) + int(completion_tokens))
+        if finish_reason is None:
+            raise _TransientResponseError("the stream ended without a finish_reason (cut off)")
+        return Completion(
+            text=progress.text,
+            finish_reason=finish_reason,
+            prompt_tokens=int(prompt_tokens),
+            completion_tokens=int(completion_tokens),
+            cached_tokens=_cached_tokens_from_usage(usage),
+            requests=1,
+            started_at=started,
+            ended_at=time.time(),
+            model=model,
+            stop_reason=stop_reason,
         )
 
     async def _stream_here(

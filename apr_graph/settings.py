@@ -121,6 +121,14 @@ class AprSettings(BaseSettings):
     min_thread_tokens: int = Field(default=64, ge=16)
     """The smallest output allowance the plan may give one thread."""
 
+    native: Literal["threadweaver", "multiverse"] | None = None
+    """For models trained to write their own parallel blocks: stream their reasoning through
+    the completions API and fork one request per outline (see ``apr_graph.nodes.native``)."""
+
+    native_prompt: str = "<|im_start|>user\n{task}\n{context}<|im_end|>\n<|im_start|>assistant\n"
+    """The raw prompt of a native run (ChatML by default); ``{task}`` and ``{context}`` are
+    filled in. Use your model's own chat template."""
+
     probe_capacity: bool = True
     """Ask the server once how many requests it runs at once (llama.cpp ``/props`` or
     ``/slots``, vLLM ``/metrics``) and size the concurrency to it; an explicit

@@ -57,7 +57,8 @@ async def test_warm_up_primes_the_prefix_and_cached_tokens_reach_metrics(
     assert len(warm) == 1
     assert warm[0].body["max_tokens"] == 1
     first_worker = min(r.started_at for r in server.chat_requests("worker"))
-    assert warm[0].ended_at is not None and warm[0].ended_at <= first_worker  # before the threads
+    assert warm[0].ended_at is not None
+    assert warm[0].ended_at <= first_worker
     assert warm[0].messages[0] == server.chat_requests("worker")[0].messages[0]  # same prefix
     assert result["metrics"]["cached_tokens"] == 4 * 280
     assert result["metrics"]["cache_hit_fraction"] > 0

@@ -73,6 +73,8 @@ def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
         own = [t for t in state.get("threads") or [] if t.get("parent") is None]
         plan = state.get("plan") or {}
         metrics["merge"] = plan.get("merge")
+        if "critical_path_tokens" in plan:  # a native run measures its own chain
+            metrics["critical_path_tokens"] = plan["critical_path_tokens"]
         prefix = plan.get("prefix") or {}
         metrics["shared_prefix_fraction"] = prefix.get("shared_fraction")
         prompt = metrics["prompt_tokens"]

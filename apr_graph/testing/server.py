@@ -109,16 +109,22 @@ class RecordedRequest:
 
     @property
     def last_user_message(self) -> str:
-        """Text of the last user message."""
+        """Text of the last user message (for ``/completions``: the prompt)."""
         for message in reversed(self.messages):
             if message.get("role") == "user":
                 return _text_of(message.get("content"))
-        return ""
+        return self.prompt
+
+    @property
+    def prompt(self) -> str:
+        """The prompt of a ``/completions`` request."""
+        prompt = (self.body or {}).get("prompt")
+        return prompt if isinstance(prompt, str) else ""
 
     @property
     def all_text(self) -> str:
-        """All message texts joined, for matching."""
-        return "\n".join(_text_of(m.get("content")) for m in self.messages)
+        """All message texts joined (or the prompt), for matching."""
+        return "\n".join(_text_of(m.get("content")) for m in self.messages) or self.prompt
 
 
 def _text_of(content: Any) -> str:
@@ -315,6 +321,29 @@ def _completion(request: RecordedRequest, reply: Reply) -> dict[str, Any]:
     return payload
 
 
+def _apply_stop(reply: Reply, stop: Any) -> Reply:
+    """Cut a completion at its first stop string, as servers do (and say which, like vLLM)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    text = reply.text()
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if reply.status >= 400 or not hits:
+        return reply
+    cut, which = min(hits)
+    return Reply(**{**reply.__dict__, "content": text[:cut], "finish_reason": "stop",
+                    "extra": {**reply.extra, "stop_reason": which}})  # fmt: skip
+
+
+def _as_text_completion(payload: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for choice in payload["choices"]:
+        entry = {"index": 0, "text": choice["message"]["content"],
+                 "finish_reason": choice["finish_reason"], "logprobs": None}  # fmt: skip
+        if payload.get("stop_reason"):
+            entry["stop_reason"] = payload.pop("stop_reason")
+        choices.append(entry)
+    return {**payload, "object": "text_completion", "choices": choices}
+
+
 def _message(text: str, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
@@ -433,7 +462,8 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 request.ended_at = time.monotonic()
 
         def _answer(self, request: RecordedRequest) -> None:
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            text_completion = self.path.rstrip("/").endswith("/v1/completions")
+            if not (self.path.rstrip("/").endswith("/chat/completions") or text_completion):
                 request.status = 404
                 self._send_json(404, _error_body(404, f"no route {self.path}"))
                 return
@@ -467,6 +497,8 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 )
                 return
             reply = server._pick(request)
+            if text_completion:
+                reply = _apply_stop(reply, body.get("stop"))
             if reply.delay_s:
                 time.sleep(reply.delay_s)
             request.status = reply.status
@@ -480,13 +512,18 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 )
             elif body.get("stream"):
                 with server.pace(request, reply) as pacer:
-                    self._stream(request, reply, pacer)
+                    self._stream(request, reply, pacer, text_completion)
             else:
                 with server.pace(request, reply) as pacer:
                     pacer.wait(len(reply.text().split()))
-                self._send_json(reply.status, _completion(request, reply), reply.headers)
+                payload = _completion(request, reply)
+                if text_completion:
+                    payload = _as_text_completion(payload)
+                self._send_json(reply.status, payload, reply.headers)
 
-        def _stream(self, request: RecordedRequest, reply: Reply, pacer: Pacer) -> None:
+        def _stream(
+            self, request: RecordedRequest, reply: Reply, pacer: Pacer, text: bool = False
+        ) -> None:
             completion = _completion(request, reply)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -495,8 +532,9 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(key, value)
             self.end_headers()
             base = {k: completion[k] for k in ("id", "created", "model")}
-            base["object"] = "chat.completion.chunk"
-            words = re.findall(r"\S+\s*", reply.text())
+            base["object"] = "text_completion" if text else "chat.completion.chunk"
+            # Every character is sent, leading spaces included: completions are exact text.
+            words = re.findall(r"\s*\S+|\s+$", reply.text())
             for index, word in enumerate(words):
                 if reply.cut_stream_after is not None and index >= reply.cut_stream_after:
                     self.close_connection = True
@@ -505,14 +543,20 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 if reply.chunk_delay_s:
                     time.sleep(reply.chunk_delay_s)
                 pacer.wait(index + 1)
-                delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                delta: dict[str, Any] = (
+                    {"index": 0, "text": word, "finish_reason": None}
+                    if text
+                    else {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                )
                 self._event({**base, "choices": [delta]})
-            self._event(
-                {
-                    **base,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
-                }
-            )
+            end: dict[str, Any] = {"index": 0, "finish_reason": reply.finish_reason}
+            if text:
+                end["text"] = ""
+            else:
+                end["delta"] = {}
+            if text and reply.extra.get("stop_reason"):
+                end["stop_reason"] = reply.extra["stop_reason"]
+            self._event({**base, "choices": [end]})
             options = (request.body or {}).get("stream_options") or {}
             if options.get("include_usage"):
                 self._event({**base, "choices": [], "usage": completion["usage"]})

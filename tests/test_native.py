@@ -1,0 +1,137 @@
+"""Native parallel reasoners: a scripted model writing ThreadWeaver / Multiverse tags."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from apr_graph import compile_apr_graph
+from apr_graph.testing import RecordedRequest, Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+OPEN = "<|im_start|>assistant\n"
+
+
+def threadweaver_model(nested: bool) -> Callable[[RecordedRequest], Reply]:
+    """Writes a block of two threads; thread 1 opens a nested block of its own if ``nested``."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        prompt = request.prompt
+        if prompt.endswith(OPEN):
+            return Reply(
+                content="Two independent parts.\n<Parallel>\n<Outlines>\n"
+                "<Outline>1: compute 2+3</Outline>\n"
+                "<Outline>2: compute 4*5</Outline>\n</Outlines>\n"
+                "<Thread>\n1: (a model that ignores stops would go on)"
+            )
+        if prompt.endswith("<Thread>\n1:"):
+            if nested:
+                return Reply(
+                    content=" split again\n<Parallel>\n<Outlines>\n"
+                    "<Outline>1.1: two</Outline>\n<Outline>1.2: three</Outline>\n"
+                    "</Outlines>\n<Thread>\n1.1: 2</Thread>",
+                    delay_s=0.2,
+                )
+            return Reply(content=" 2+3=5</Thread> trailing", delay_s=0.3)
+        if prompt.endswith("<Thread>\n1.1:"):
+            return Reply(content=" got 2</Thread>", delay_s=0.2)
+        if prompt.endswith("<Thread>\n1.2:"):
+            return Reply(content=" got 3</Thread>", delay_s=0.2)
+        if prompt.endswith("1.2: got 3</Thread>\n"):
+            return Reply(content="</Parallel> so 2+3=5</Thread>")
+        if prompt.endswith("<Thread>\n2:"):
+            return Reply(content=" 4*5=20</Thread>", delay_s=0.3)
+        if prompt.endswith("</Thread>\n"):
+            return Reply(content="</Parallel>\nFinal answer: 5 and 20")
+        return Reply(status=400, error_message=f"unscripted prompt end: {prompt[-60:]!r}")
+
+    return reply
+
+
+async def test_threadweaver_blocks_are_forked_joined_and_continued(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(reply=threadweaver_model(nested=False))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    result = await app.ainvoke({"task": "Compute 2+3 and 4*5"})
+
+    assert result["answer"] == "Final answer: 5 and 20"
+    reasoning = result["plan"]["reasoning"]
+    assert (
+        "</Outlines>\n<Thread>\n1: 2+3=5</Thread>\n<Thread>\n2: 4*5=20</Thread>\n</Parallel>"
+        in (reasoning)
+    )
+    assert "would go on" not in reasoning  # the outlines' end stopped the model
+    requests = [r for r in server.requests if r.path.endswith("/completions")]
+    first, *threads, last = requests
+    assert "</Outlines>" in first.body["stop"]
+    assert [t.prompt[-11:] for t in threads] == ["<Thread>\n1:", "<Thread>\n2:"] or [
+        t.prompt[-11:] for t in threads] == ["<Thread>\n2:", "<Thread>\n1:"]  # fmt: skip
+    assert all("</Thread>" in t.body["stop"] for t in threads)
+    assert threads[0].started_at < threads[1].ended_at  # the two threads overlapped
+    assert threads[1].started_at < threads[0].ended_at
+    assert last.prompt.endswith("4*5=20</Thread>\n")
+    assert {t["id"] for t in result["threads"]} == {"b1.1", "b1.2"}
+    metrics = result["metrics"]
+    assert metrics["model_calls"] == 4
+    assert metrics["critical_path_tokens"] < metrics["completion_tokens"]
+
+
+async def test_nested_blocks_fork_within_the_depth_limit(make_server: ServerFactory) -> None:
+    server = make_server([Rule(reply=threadweaver_model(nested=True))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver", max_depth=2))
+    result = await app.ainvoke({"task": "Compute 2+3 and 4*5"})
+    assert result["answer"] == "Final answer: 5 and 20"
+    ids = {t["id"]: t for t in result["threads"]}
+    assert set(ids) == {"b1.1", "b1.2", "b1.1/b2.1.1", "b1.1/b2.1.2"}
+    assert ids["b1.1/b2.1.1"]["parent"] == "b1.1"
+    assert ids["b1.1/b2.1.1"]["depth"] == 2
+    assert "1.1: got 2</Thread>\n<Thread>\n1.2: got 3</Thread>" in ids["b1.1"]["answer"]
+
+
+async def test_past_the_depth_limit_the_model_writes_its_threads_itself(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(reply=threadweaver_model(nested=True))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver", max_depth=1))
+    result = await app.ainvoke({"task": "Compute 2+3 and 4*5"})
+    thread_requests = [r for r in server.requests if r.prompt.endswith("<Thread>\n1:")]
+    assert thread_requests[0].body["stop"] == ["</Thread>"]  # no fork inside a thread
+    assert {t["id"] for t in result["threads"]} == {"b1.1", "b1.2"}
+
+
+def multiverse_model(request: RecordedRequest) -> Reply:
+    prompt = request.prompt
+    if prompt.endswith(OPEN):
+        return Reply(
+            content="<Parallel>\n<Goal>\n<Outline>1: left</Outline>\n"
+            "<Outline>2: right</Outline>\n</Goal>"
+        )
+    if prompt.endswith("<Path>\n1:"):
+        return Reply(content=" left is 1</Path>")
+    if prompt.endswith("<Path>\n2:"):
+        return Reply(content=" right is 2</Path>")
+    return Reply(content="<Conclusion>1 and 2</Conclusion>\n</Parallel>\nAnswer: 3")
+
+
+async def test_multiverse_paths(make_server: ServerFactory) -> None:
+    server = make_server([Rule(reply=multiverse_model)])
+    app = compile_apr_graph(settings=settings_for(server, native="multiverse"))
+    result = await app.ainvoke({"task": "left plus right"})
+    assert result["answer"] == "Answer: 3"
+    assert (
+        "<Path>\n1: left is 1</Path>\n<Path>\n2: right is 2</Path>\n<Conclusion>"
+        in (result["plan"]["reasoning"])
+    )
+
+
+@pytest.mark.parametrize("budget", [{"deadline_s": 0.4}, {"token_budget": 5}])
+async def test_native_runs_honour_budgets(
+    make_server: ServerFactory, budget: dict[str, float]
+) -> None:
+    server = make_server([Rule(reply=threadweaver_model(nested=True))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver", **budget))
+    result = await app.ainvoke({"task": "Compute 2+3 and 4*5"})
+    assert result["answer"].startswith("(incomplete:")
+    assert result["metrics"]["stop_reason"] in {"deadline", "token_budget"}
