@@ -62,12 +62,14 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     results = json.loads((out / "results.json").read_text())
     rows = {(r["suite"], r["strategy"]): r for r in results["suites"]}
     assert set(rows) == {(s, t) for s in ("arithmetic", "countdown", "control")
-                         for t in ("sequential", "adaptive", "split")}  # fmt: skip
+                         for t in ("sequential", "adaptive", "split", "native")}  # fmt: skip
     assert all(r["accuracy"] == 1.0 for r in rows.values())  # the sim model is exact
     assert rows[("arithmetic", "sequential")]["speedup"] == 1.0
     assert rows[("arithmetic", "adaptive")]["speedup"] > 1.2  # parallel parts pay off
     assert rows[("control", "adaptive")]["model_calls"] == 1  # control: direct answer
     assert rows[("control", "split")]["model_calls"] == 5
+    assert rows[("arithmetic", "native")]["speedup"] > 1.2  # forked at the model's outlines
+    assert rows[("arithmetic", "native")]["model_calls"] == 6  # main, 4 threads, continuation
     scaling = results["scaling"][0]
     assert scaling["threads"] == 4
     assert 0 < scaling["fraction_of_ideal"] <= 1.2

@@ -38,6 +38,7 @@ class SimModel:
             "sequential": self._sequential,
             "skeleton": self._skeleton,
             "expand": self._expand,
+            "native": self._native,
         }.get(role)
         if task is None or handler is None:
             return Reply(status=400, error_message=f"SimModel: unknown task or role {role!r}")
@@ -90,6 +91,30 @@ class SimModel:
 
     def _sequential(self, task: Task, request: RecordedRequest) -> Reply:
         return Reply(content=f"{self._think(len(task.parts))} Final answer: {self._final(task)}")
+
+    def _native(self, task: Task, request: RecordedRequest) -> Reply:
+        """A ThreadWeaver-style model: outlines, then one thread per part, then the answer."""
+        prompt = request.prompt
+        if prompt.rstrip().endswith("</Thread>"):
+            return Reply(content=f"</Parallel>\nFinal answer: {self._final(task)}")
+        found = re.search(r"<Thread>\n(\d+):$", prompt)
+        if found:
+            part = task.parts[int(found.group(1)) - 1]
+            result = (
+                f"Final answer: {task.meta['solution']}"
+                if task.suite == "countdown" and part == f"start from {task.meta['first']}"
+                else self._thread_result(task, part)
+            )
+            return Reply(content=f" {self._think(1)} {result}</Thread>")
+        if task.suite == "control":
+            return Reply(content=f"{self._think(1)} Final answer: {task.expected[0]}")
+        outlines = "\n".join(f"<Outline>{i + 1}: {p}</Outline>" for i, p in enumerate(task.parts))
+        return Reply(content=f"<Parallel>\n<Outlines>\n{outlines}\n</Outlines>")
+
+    def _thread_result(self, task: Task, part: str) -> str:
+        if task.suite == "countdown":
+            return "No expression found from this start."
+        return f"Result: {task.expected[task.parts.index(part)]}"
 
     def _skeleton(self, task: Task, request: RecordedRequest) -> Reply:
         found = re.search(r"exactly (\d+) points", request.all_text)

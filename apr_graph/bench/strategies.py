@@ -3,7 +3,9 @@
 - ``sequential``: one chain-of-thought call (the baseline users would otherwise use);
 - ``adaptive``: apr-graph, the model decides direct or parallel;
 - ``split``: Skeleton-of-Thought style fixed fan-out: a skeleton of ``points`` points, each
-  expanded in parallel, answers concatenated, whatever the task.
+  expanded in parallel, answers concatenated, whatever the task;
+- ``native``: apr-graph's native mode, for models that write their own ThreadWeaver tags
+  (only meaningful on such a model, or on the simulator).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from apr_graph.settings import AprSettings
 
 __all__ = ["STRATEGIES", "Outcome", "run_strategy"]
 
-STRATEGIES = ("sequential", "adaptive", "split")
+STRATEGIES = ("sequential", "adaptive", "split", "native")
 
 _SEQUENTIAL = (
     "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
@@ -80,8 +82,12 @@ async def _sequential(client: LLMClient, task: Task) -> Outcome:
                    timeline=[_span(completion, "sequential", started)])  # fmt: skip
 
 
-async def _adaptive(client: LLMClient, settings: AprSettings, task: Task) -> Outcome:
+async def _adaptive(
+    client: LLMClient, settings: AprSettings, task: Task, name: str = "adaptive"
+) -> Outcome:
     started = time.time()
+    if name == "native":
+        settings = settings.model_copy(update={"native": "threadweaver"})
     app = compile_apr_graph(settings=settings, client=client)
     result = await app.ainvoke({"task": task.prompt})
     metrics = result["metrics"]
@@ -91,7 +97,7 @@ async def _adaptive(client: LLMClient, settings: AprSettings, task: Task) -> Out
          "end": round(c["ended_at"] - started, 4)}
         for c in result.get("calls") or []
     ]  # fmt: skip
-    return Outcome("adaptive", task.suite, task.id, task.check(answer),
+    return Outcome(name, task.suite, task.id, task.check(answer),
                    round(time.time() - started, 4), metrics["model_calls"],
                    metrics["prompt_tokens"], metrics["completion_tokens"],
                    metrics["critical_path_tokens"], answer, timeline=timeline)  # fmt: skip
@@ -132,8 +138,8 @@ async def run_strategy(
     try:
         if strategy == "sequential":
             return await _sequential(client, task)
-        if strategy == "adaptive":
-            return await _adaptive(client, settings, task)
+        if strategy in {"adaptive", "native"}:
+            return await _adaptive(client, settings, task, strategy)
         if strategy == "split":
             return await _split(client, task, points)
     except Exception as exc:

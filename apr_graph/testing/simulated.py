@@ -186,4 +186,6 @@ class SimulatedServer(ScriptedServer):
         for message in request.messages:
             prompt.append(f"<{message.get('role')}>")
             prompt.extend(str(message.get("content", "")).split())
+        if not request.messages:  # a text completion
+            prompt = request.prompt.split()
         return _SimPacer(self._scheduler, self._scheduler.submit(prompt))
