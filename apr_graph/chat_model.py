@@ -115,10 +115,7 @@ class ChatModelClient(LLMClient):
                 total = chunk if total is None else total + chunk
                 piece = chunk.content if isinstance(chunk.content, str) else ""
                 if piece:
-                    progress.text += piece
-                    progress.completion_tokens += 1
-                    if progress.on_text is not None:
-                        progress.on_text(piece)
+                    progress.add(piece)
             prompt, completion = _usage(total) if total is not None else (None, None)
             prompt_tokens = prompt if prompt is not None else _prompt_estimate(messages)
             completion_tokens = completion if completion is not None else progress.completion_tokens

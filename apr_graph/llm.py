@@ -126,6 +126,61 @@ class StreamProgress:
     charged: bool = False
     on_text: Callable[[str], None] | None = None
 
+    def add(self, piece: str) -> None:
+        """One more piece of streamed text."""
+        self.text += piece
+        self.completion_tokens += 1
+        if self.on_text is not None:
+            self.on_text(piece)
+
+
+@dataclass
+class _StreamEnd:
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    usage: Any = None
+
+
+async def _read_stream(
+    response: Any, progress: StreamProgress, piece_of: Callable[[Any], str | None]
+) -> _StreamEnd:
+    """Read a streamed response into ``progress``. Leaving, normally or by cancellation,
+    closes the HTTP response, so the server stops generating."""
+    end = _StreamEnd()
+    async with response as chunks:
+        try:
+            async for chunk in chunks:
+                end.usage = getattr(chunk, "usage", None) or end.usage
+                for choice in getattr(chunk, "choices", None) or []:
+                    piece = piece_of(choice)
+                    if piece:
+                        progress.add(piece)
+                    end.finish_reason = getattr(choice, "finish_reason", None) or end.finish_reason
+                    extra = getattr(choice, "model_extra", None) or {}
+                    found = extra.get("stop_reason") or extra.get("stopping_word")
+                    if isinstance(found, str):
+                        end.stop_reason = found
+        except (openai.APIError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the transport broke mid-stream: worth a retry
+            raise _TransientResponseError(
+                f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
+            ) from exc
+    if end.finish_reason is None:
+        raise _TransientResponseError(
+            f"the stream ended without a finish_reason after {progress.completion_tokens} "
+            "tokens (cut off)"
+        )
+    return end
+
+
+def _delta_text(choice: Any) -> str | None:
+    return getattr(getattr(choice, "delta", None), "content", None)
+
+
+def _choice_text(choice: Any) -> str | None:
+    return getattr(choice, "text", None)
+
 
 class CallBudget(Protocol):
     """What a run's budget offers the client: may a request go out, and what did it cost."""
@@ -578,9 +633,6 @@ class LLMClient:
         await self._probe_here()
         state = self._state()
         progress.text, progress.completion_tokens = "", 0
-        finish_reason: str | None = None
-        stop_reason: str | None = None
-        usage: Any = None
         async with state.limit:
             _admit(budget)
             started = progress.started_at = time.time()
@@ -602,27 +654,8 @@ class LLMClient:
                 state.down_until = time.monotonic() + _COOLDOWN_S
                 raise
             state.limit.succeeded()
-            async with response as chunks:
-                try:
-                    async for chunk in chunks:
-                        usage = getattr(chunk, "usage", None) or usage
-                        for choice in getattr(chunk, "choices", None) or []:
-                            piece = getattr(choice, "text", None)
-                            if piece:
-                                progress.text += piece
-                                progress.completion_tokens += 1
-                                if progress.on_text is not None:
-                                    progress.on_text(piece)
-                            finish_reason = getattr(choice, "finish_reason", None) or finish_reason
-                            extra = getattr(choice, "model_extra", None) or {}
-                            found = extra.get("stop_reason") or extra.get("stopping_word")
-                            stop_reason = found if isinstance(found, str) else stop_reason
-                except (openai.APIError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:  # the transport broke mid-stream: worth a retry
-                    raise _TransientResponseError(
-                        f"the stream broke after {progress.completion_tokens} tokens"
-                    ) from exc
+            end = await _read_stream(response, progress, _choice_text)
+            usage, finish_reason, stop_reason = end.usage, end.finish_reason, end.stop_reason
             completion_tokens = getattr(usage, "completion_tokens", None)
             prompt_tokens = getattr(usage, "prompt_tokens", None)
             if completion_tokens is None or prompt_tokens is None:
@@ -630,8 +663,6 @@ class LLMClient:
             if budget is not None:
                 progress.charged = True
                 budget.charge(int(prompt_tokens) + int(completion_tokens))
-        if finish_reason is None:
-            raise _TransientResponseError("the stream ended without a finish_reason (cut off)")
         return Completion(
             text=progress.text,
             finish_reason=finish_reason,
@@ -658,8 +689,6 @@ class LLMClient:
         await self._probe_here()
         state = self._state()
         progress.text, progress.completion_tokens = "", 0
-        finish_reason: str | None = None
-        usage: Any = None
         async with state.limit:
             _admit(budget)
             started = progress.started_at = time.time()  # sent only once a slot is free
@@ -680,37 +709,14 @@ class LLMClient:
                 state.down_until = time.monotonic() + _COOLDOWN_S
                 raise
             state.limit.succeeded()
-            # Leaving this block, normally or by cancellation, closes the HTTP response.
-            async with response as chunks:
-                try:
-                    async for chunk in chunks:
-                        usage = getattr(chunk, "usage", None) or usage
-                        for choice in getattr(chunk, "choices", None) or []:
-                            delta = getattr(getattr(choice, "delta", None), "content", None)
-                            if delta:
-                                progress.text += delta
-                                progress.completion_tokens += 1
-                                if progress.on_text is not None:
-                                    progress.on_text(delta)
-                            finish_reason = getattr(choice, "finish_reason", None) or finish_reason
-                except (openai.APIError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:  # the transport broke mid-stream: worth a retry
-                    raise _TransientResponseError(
-                        f"the stream broke after {progress.completion_tokens} tokens: "
-                        f"{type(exc).__name__}"
-                    ) from exc
+            end = await _read_stream(response, progress, _delta_text)
+            usage, finish_reason = end.usage, end.finish_reason
             if budget is not None:
                 spent = getattr(usage, "total_tokens", None)
                 if spent is None:
                     spent = progress.completion_tokens + _prompt_estimate(messages)
                 progress.charged = True  # before charging: the charge may stop the run
                 budget.charge(int(spent))
-        if finish_reason is None:
-            raise _TransientResponseError(
-                f"the stream ended without a finish_reason after {progress.completion_tokens} "
-                "tokens (cut off)"
-            )
         prompt_tokens = getattr(usage, "prompt_tokens", None)
         completion_tokens = getattr(usage, "completion_tokens", None)
         if prompt_tokens is None or completion_tokens is None:

@@ -343,7 +343,7 @@ async def test_deadline_returns_a_partial_answer_on_time(make_server: ServerFact
         {"task": "t"}
     )
     wall = time.perf_counter() - started
-    assert 1.0 <= wall < 1.6
+    assert 1.0 <= wall < 2.5  # the slow threads alone would take 5 s
     metrics = result["metrics"]
     assert metrics["incomplete"] is True
     assert metrics["stop_reason"] == "deadline"

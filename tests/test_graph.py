@@ -84,7 +84,7 @@ async def test_parallel_threads_overlap_and_all_results_reach_the_answer(
     wall = time.perf_counter() - started
 
     # Eight 0.4 s threads one after another take 3.2 s; concurrently, little over 0.4 s.
-    assert wall < 8 * delay / 3, f"threads did not overlap: {wall:.2f}s"
+    assert wall < 8 * delay / 2, f"threads did not overlap: {wall:.2f}s"
     for i in range(1, 9):
         assert f"result(compute part {i})" in result["answer"]
     threads = result["threads"]
@@ -308,14 +308,14 @@ def test_sync_invoke_works(make_server: ServerFactory) -> None:
     server = make_server(
         [
             Rule(role="planner", reply=Reply(content=parallel_plan(3))),
-            echo_worker(0.2),
+            echo_worker(0.4),
             merge_synth(),
         ]
     )
     app = compile_apr_graph(settings=settings_for(server))
     started = time.perf_counter()
     result = app.invoke({"task": "t"})
-    assert time.perf_counter() - started < 0.55  # still concurrent
+    assert time.perf_counter() - started < 1.0  # concurrent: one after another takes 1.2 s
     assert "result(compute part 3)" in result["answer"]
     assert app.invoke({"task": "again"})["metrics"]["threads"] == 3
 
