@@ -11,6 +11,7 @@ Anything else, or any failure, means "unknown": the settings stand.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -44,23 +45,29 @@ def _from_metrics(text: str) -> int | None:
 
 
 async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> int | None:
-    """The number of sequences the server runs in parallel, or ``None`` if it does not say."""
+    """The number of sequences the server runs in parallel, or ``None`` if it does not say.
+
+    The three endpoints are asked at once, within one short timeout, so a server that says
+    nothing (or hangs) costs at most ``_TIMEOUT_S`` once per client.
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     root = server_root(base_url)
     async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers) as http:
-        for path, parse in (("/props", _from_props), ("/slots", _from_slots)):
+
+        async def ask(path: str) -> httpx.Response | None:
             try:
                 response = await http.get(root + path)
-                if response.status_code == 200:
-                    value = parse(response.json())
-                    if value:
-                        return value
-            except (httpx.HTTPError, ValueError):
+            except httpx.HTTPError:
+                return None
+            return response if response.status_code == 200 else None
+
+        props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
+    for response, parse in ((props, _from_props), (slots, _from_slots)):
+        if response is not None:
+            try:
+                value = parse(response.json())
+            except ValueError:
                 continue
-        try:
-            response = await http.get(root + "/metrics")
-            if response.status_code == 200:
-                return _from_metrics(response.text)
-        except httpx.HTTPError:
-            pass
-    return None
+            if value:
+                return value
+    return _from_metrics(metrics.text) if metrics is not None else None
