@@ -498,15 +498,7 @@ class LLMClient:
         model = self.settings.model_for(role)
         started = time.time()
         requests = 0
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_retryable),
-            stop=stop_any(
-                stop_after_attempt(self.settings.max_retries + 1),
-                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
-            ),
-            wait=self._wait,
-            reraise=True,
-        )
+        retrying = self._retrying(budget)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -527,6 +519,18 @@ class LLMClient:
         except Exception as exc:
             raise self._translate(exc, model=model, attempts=requests) from exc
         return replace(completion, requests=requests, started_at=started)
+
+    def _retrying(self, budget: CallBudget | None) -> AsyncRetrying:
+        """The one retry policy: transient errors only, Retry-After honoured within limits."""
+        return AsyncRetrying(
+            retry=retry_if_exception(_is_retryable),
+            stop=stop_any(
+                stop_after_attempt(self.settings.max_retries + 1),
+                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
+            ),
+            wait=self._wait,
+            reraise=True,
+        )
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -591,15 +595,7 @@ class LLMClient:
         started = time.time()
         requests = 0
         progress = progress or StreamProgress()
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_retryable),
-            stop=stop_any(
-                stop_after_attempt(self.settings.max_retries + 1),
-                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
-            ),
-            wait=self._wait,
-            reraise=True,
-        )
+        retrying = self._retrying(budget)
         try:
             async for attempt in retrying:
                 with attempt:
