@@ -18,7 +18,7 @@ import json
 import re
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -198,11 +198,6 @@ class CallBudget(Protocol):
         ...
 
 
-def _note_pushback(limit: AdaptiveLimiter, exc: openai.APIStatusError) -> None:
-    if exc.status_code in {429, 503}:
-        limit.overloaded()
-
-
 def _admit(budget: CallBudget | None) -> None:
     if budget is not None and not budget.admits():
         raise BudgetExhaustedError("the run's budget ran out before this request was sent")
@@ -323,6 +318,21 @@ class _Endpoint:
 
     def load(self) -> float:
         return self.limit.in_flight / self.limit.limit
+
+    async def send(self, request: Awaitable[Any]) -> Any:
+        """Await one SDK request and teach this endpoint's limiter what happened: 429/503
+        shrink it, success grows it, a refused connection sets the endpoint aside a while."""
+        try:
+            result = await request
+        except openai.APIStatusError as exc:
+            if exc.status_code in {429, 503}:
+                self.limit.overloaded()
+            raise
+        except openai.APIConnectionError:
+            self.down_until = time.monotonic() + _COOLDOWN_S
+            raise
+        self.limit.succeeded()
+        return result
 
 
 def _pick(endpoints: list[_Endpoint]) -> _Endpoint:
@@ -632,8 +642,8 @@ class LLMClient:
         async with state.limit:
             _admit(budget)
             started = progress.started_at = time.time()
-            try:
-                response: Any = await state.client.completions.create(
+            response: Any = await state.send(
+                state.client.completions.create(
                     model=model,
                     prompt=prompt,
                     max_tokens=max_tokens,
@@ -643,13 +653,7 @@ class LLMClient:
                     stream_options={"include_usage": True},
                     extra_headers={"X-Apr-Role": role},
                 )
-            except openai.APIStatusError as exc:
-                _note_pushback(state.limit, exc)
-                raise
-            except openai.APIConnectionError:
-                state.down_until = time.monotonic() + _COOLDOWN_S
-                raise
-            state.limit.succeeded()
+            )
             end = await _read_stream(response, progress, _choice_text)
             usage, finish_reason, stop_reason = end.usage, end.finish_reason, end.stop_reason
             completion_tokens = getattr(usage, "completion_tokens", None)
@@ -688,8 +692,8 @@ class LLMClient:
         async with state.limit:
             _admit(budget)
             started = progress.started_at = time.time()  # sent only once a slot is free
-            try:
-                response: Any = await state.client.chat.completions.create(  # type: ignore[call-overload]
+            response: Any = await state.send(
+                state.client.chat.completions.create(  # type: ignore[call-overload]
                     model=model,
                     messages=list(messages),
                     max_tokens=max_tokens,
@@ -698,13 +702,7 @@ class LLMClient:
                     stream=True,
                     stream_options={"include_usage": True},
                 )
-            except openai.APIStatusError as exc:
-                _note_pushback(state.limit, exc)
-                raise
-            except openai.APIConnectionError:
-                state.down_until = time.monotonic() + _COOLDOWN_S
-                raise
-            state.limit.succeeded()
+            )
             end = await _read_stream(response, progress, _delta_text)
             usage, finish_reason = end.usage, end.finish_reason
             if budget is not None:
@@ -752,25 +750,22 @@ class LLMClient:
             _admit(budget)
             started = time.time()
             try:
-                result: Any = await state.client.chat.completions.create(
-                    model=model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    max_tokens=max_tokens,
-                    temperature=self.settings.temperature,
-                    extra_headers={"X-Apr-Role": role},
-                    **kwargs,
+                result: Any = await state.send(
+                    state.client.chat.completions.create(
+                        model=model,
+                        messages=list(messages),  # type: ignore[arg-type]
+                        max_tokens=max_tokens,
+                        temperature=self.settings.temperature,
+                        extra_headers={"X-Apr-Role": role},
+                        **kwargs,
+                    )
                 )
             except ValueError as exc:  # a 200 whose JSON body does not parse
                 raise _TransientResponseError(f"malformed response body: {exc}") from exc
-            except openai.APIConnectionError:
-                state.down_until = time.monotonic() + _COOLDOWN_S
-                raise
             except openai.APIStatusError as exc:
-                _note_pushback(state.limit, exc)
                 if response_format is not None and _refuses_format(exc):
                     raise _FormatRefusedError(exc) from exc
                 raise
-            state.limit.succeeded()
             if budget is not None:
                 usage = getattr(result, "usage", None)
                 spent = getattr(usage, "total_tokens", None)
