@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from apr_graph.testing.server import Pacer, RecordedRequest, Reply, Rule, ScriptedServer
+from apr_graph.testing.script import Pacer, RecordedRequest, Reply, Rule
+from apr_graph.testing.server import ScriptedServer
 
 __all__ = ["LatencyModel", "SimulatedServer"]
 
