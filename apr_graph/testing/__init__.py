@@ -1,5 +1,23 @@
-"""Test doubles for users and for our own tests: a scripted OpenAI-compatible server."""
+"""Test doubles for users and for our own tests: a scripted OpenAI-compatible server, and
+personalities that make it answer like llama.cpp, vLLM, LiteLLM or ``transformers serve``."""
 
+from apr_graph.testing.personalities import (
+    VLLM,
+    LiteLLMProxy,
+    LlamaCpp,
+    Personality,
+    TransformersServe,
+)
 from apr_graph.testing.server import RecordedRequest, Reply, Rule, ScriptedServer
 
-__all__ = ["RecordedRequest", "Reply", "Rule", "ScriptedServer"]
+__all__ = [
+    "VLLM",
+    "LiteLLMProxy",
+    "LlamaCpp",
+    "Personality",
+    "RecordedRequest",
+    "Reply",
+    "Rule",
+    "ScriptedServer",
+    "TransformersServe",
+]

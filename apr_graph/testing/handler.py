@@ -6,6 +6,7 @@ writes that reply with ``wire``: a JSON body, an SSE stream, or an error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from apr_graph.testing import wire
 from apr_graph.testing.script import Pacer, RecordedRequest, Reply
+from apr_graph.testing.wire import Answer
 
 if TYPE_CHECKING:
     from apr_graph.testing.server import ScriptedServer
@@ -46,26 +48,18 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
     # -- GET ------------------------------------------------------------------------------
     def do_GET(self) -> None:
-        """Answer a GET: the model list, an extra route, or 404."""
+        """Answer a GET: the model list, an extra route, or the server's 404."""
         request = self._record("GET", None)
-        status, payload = self._get(self.path)
-        request.status = status
-        if isinstance(payload, str):
-            self._send_raw(status, payload.encode(), "text/plain")
-        else:
-            self._send_json(status, payload)
-        request.ended_at = time.monotonic()
-
-    def _get(self, path: str) -> tuple[int, Any]:
         scripted = self.server.scripted
-        if not self._authorised():
-            return 401, wire.error_body(401, "Incorrect API key provided.")
-        if path in scripted.routes:
-            return 200, scripted.routes[path]
-        if path.rstrip("/").endswith("/models"):
-            data = [{"id": m, "object": "model", "owned_by": "apr-test"} for m in scripted.models]
-            return 200, {"object": "list", "data": data}
-        return 404, wire.error_body(404, f"no route {path}")
+        persona = scripted.personality
+        answer = (
+            persona.authorise(scripted, request)
+            or persona.get(scripted, request.path)
+            or persona.not_found(request.path)
+        )
+        request.status = answer.status
+        self._send_answer(answer)
+        request.ended_at = time.monotonic()
 
     # -- POST -----------------------------------------------------------------------------
     def do_POST(self) -> None:
@@ -79,42 +73,34 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             request.ended_at = time.monotonic()
 
     def _post(self, request: RecordedRequest) -> None:
+        scripted = self.server.scripted
         refusal = self._refusal(request)
         if refusal is not None:
-            status, message = refusal
-            request.status = status
-            self._send_json(status, wire.error_body(status, message))
+            request.status = refusal.status
+            self._send_answer(refusal)
             return
-        body = request.body or {}
         text = self._is_text_completion()
-        reply = self.server.scripted.pick(request)
+        reply = scripted.pick(request)
         if text:
-            reply = wire.apply_stop(reply, body.get("stop"))
+            reply = wire.apply_stop(reply, (request.body or {}).get("stop"))
+        if reply.status < 400 and reply.body is None:
+            reply = scripted.personality.decorate(scripted, request, reply)
         if reply.delay_s:
             time.sleep(reply.delay_s)
         request.status = reply.status
         self._send_reply(request, reply, text)
 
-    def _refusal(self, request: RecordedRequest) -> tuple[int, str] | None:
-        """Why the server refuses ``request`` before any rule sees it, if it does."""
+    def _refusal(self, request: RecordedRequest) -> Answer | None:
+        """The server's refusal of ``request`` before any rule sees it, if it refuses."""
         scripted = self.server.scripted
+        persona = scripted.personality
         path = self.path.rstrip("/")
         if not (path.endswith("/chat/completions") or self._is_text_completion()):
-            return 404, f"no route {self.path}"
-        if not self._authorised():
-            return 401, "Incorrect API key provided."
-        if request.body is None:
-            return 400, "request body is not a JSON object"
-        model = request.body.get("model")
-        if scripted.strict_models and model not in scripted.models:
-            return 404, f"The model `{model}` does not exist."
-        response_format = request.body.get("response_format")
-        if isinstance(response_format, dict) and scripted.response_formats is not None:
-            kind = response_format.get("type")
-            if kind not in scripted.response_formats:
-                status = scripted.response_format_status
-                return status, f"response_format type {kind!r} is not supported"
-        return None
+            return persona.not_found(self.path)
+        refusal = persona.authorise(scripted, request)
+        if refusal is None and request.body is None:
+            refusal = persona.error(400, "request body is not a JSON object")
+        return refusal or persona.admit(scripted, request)
 
     def _send_reply(self, request: RecordedRequest, reply: Reply, text: bool) -> None:
         scripted = self.server.scripted
@@ -123,8 +109,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             kind = "text/html" if raw.lstrip().startswith(b"<") else "application/json"
             self._send_raw(reply.status, raw, kind, reply.headers)
         elif reply.status >= 400:
-            body = wire.error_body(reply.status, reply.error_message)
-            self._send_json(reply.status, body, reply.headers)
+            error = scripted.personality.error(reply.status, reply.error_message)
+            headers = {**error.headers, **reply.headers}
+            self._send_answer(dataclasses.replace(error, headers=headers))
         elif (request.body or {}).get("stream"):
             with scripted.pace(request, reply) as pacer:
                 self._stream(request, reply, pacer, text)
@@ -171,10 +158,6 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     def _is_text_completion(self) -> bool:
         return self.path.rstrip("/").endswith("/v1/completions")
 
-    def _authorised(self) -> bool:
-        api_key = self.server.scripted.api_key
-        return api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}"
-
     def _read_body(self) -> dict[str, Any] | None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -185,6 +168,10 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         except ValueError:
             return None
         return parsed if isinstance(parsed, dict) else None
+
+    def _send_answer(self, answer: Answer) -> None:
+        data, content_type = answer.encode()
+        self._send_raw(answer.status, data, content_type, answer.headers)
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from apr_graph.testing.handler import LoopbackHTTPServer
+from apr_graph.testing.personalities.base import Personality
 from apr_graph.testing.script import Pacer, RecordedRequest, Reply, Rule
 
 __all__ = ["Pacer", "RecordedRequest", "Reply", "Rule", "ScriptedServer"]
@@ -34,7 +35,13 @@ class ScriptedServer:
             llama-cpp-python's server.
         api_key: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
         routes: extra GET routes by exact path (e.g. ``{"/props": {"total_slots": 4}}``); a
-            dict is sent as JSON, a string as text (e.g. Prometheus ``/metrics``).
+            dict is sent as JSON, a string as text (e.g. Prometheus ``/metrics``), a
+            function of the server is called per request.
+        personality: the real server to imitate around the rules (``LlamaCpp``, ``VLLM``,
+            ``LiteLLMProxy``, ``TransformersServe``): its routes, model policy, auth, refusals
+            and error bodies. It reads ``models`` and ``api_key`` as the real server's model
+            names and key; ``strict_models`` and ``response_formats`` are the policy of the
+            default (generic) personality. Give each server its own personality instance.
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class ScriptedServer:
         response_format_status: int = 400,
         api_key: str | None = None,
         routes: dict[str, Any] | None = None,
+        personality: Personality | None = None,
     ) -> None:
         self.routes: dict[str, Any] = dict(routes or {})
         self.response_format_status = response_format_status
@@ -55,6 +63,7 @@ class ScriptedServer:
         self.strict_models = strict_models
         self.response_formats = None if response_formats is None else set(response_formats)
         self.api_key = api_key
+        self.personality = personality or Personality()
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._httpd: LoopbackHTTPServer | None = None
@@ -95,6 +104,11 @@ class ScriptedServer:
         with self._lock:
             found = [r for r in self.requests if r.path.endswith("/chat/completions")]
         return [r for r in found if role is None or r.role == role]
+
+    def in_flight(self) -> list[RecordedRequest]:
+        """Completion requests received and not yet answered in full."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "POST" and r.ended_at is None]
 
     # -- pacing --------------------------------------------------------------------------
     def pace(self, request: RecordedRequest, reply: Reply) -> Pacer:

@@ -10,12 +10,14 @@ import dataclasses
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from apr_graph.testing.script import RecordedRequest, Reply
 
 __all__ = [
     "SSE_DONE",
+    "Answer",
     "apply_stop",
     "as_text_completion",
     "completion",
@@ -23,6 +25,7 @@ __all__ = [
     "end_chunk",
     "error_body",
     "http_chunk",
+    "prompt_tokens",
     "sse_event",
     "stream_base",
     "stream_pieces",
@@ -34,9 +37,39 @@ SSE_DONE = b"data: [DONE]\n\n"
 """The last event of every OpenAI stream."""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A whole HTTP answer other than a completion: an error, a refusal, a GET route.
+
+    Attributes:
+        status: the HTTP status.
+        body: a JSON value, a text, or raw bytes.
+        content_type: the ``Content-Type``; by default JSON, ``text/plain`` for a text.
+        headers: extra response headers.
+    """
+
+    status: int
+    body: Any
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> tuple[bytes, str]:
+        """The body's bytes and content type."""
+        if isinstance(self.body, bytes):
+            return self.body, self.content_type or "application/octet-stream"
+        if isinstance(self.body, str):
+            return self.body.encode(), self.content_type or "text/plain"
+        return json.dumps(self.body).encode(), self.content_type or "application/json"
+
+
+def prompt_tokens(request: RecordedRequest) -> int:
+    """The prompt's length in tokens, counted as words."""
+    return len(request.all_text.split())
+
+
 def usage(request: RecordedRequest, text: str) -> dict[str, Any]:
     """Token counts of a reply, with tokens counted as words."""
-    prompt = len(request.all_text.split())
+    prompt = prompt_tokens(request)
     completion_tokens = len(text.split())
     return {
         "prompt_tokens": prompt,
@@ -168,15 +201,20 @@ def delta_chunk(base: dict[str, Any], piece: str, text: bool) -> dict[str, Any]:
 
 
 def end_chunk(base: dict[str, Any], reply: Reply, text: bool) -> dict[str, Any]:
-    """The chunk that carries the finish reason."""
+    """The chunk that carries the finish reason, and the reply's extra fields.
+
+    The extra fields ride on this last chunk the way llama.cpp sends its ``timings``.
+    """
     end: dict[str, Any] = {"index": 0, "finish_reason": reply.finish_reason}
     if text:
         end["text"] = ""
     else:
         end["delta"] = {}
-    if text and reply.extra.get("stop_reason"):
-        end["stop_reason"] = reply.extra["stop_reason"]
-    return {**base, "choices": [end]}
+    extra = dict(reply.extra)
+    stop_reason = extra.pop("stop_reason", None)
+    if text and stop_reason:
+        end["stop_reason"] = stop_reason
+    return {**base, **extra, "choices": [end]}
 
 
 def usage_chunk(base: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,113 @@
+"""``transformers serve`` (5.x) as a personality of the scripted server.
+
+Reproduced from huggingface/transformers (https://github.com/huggingface/transformers),
+``src/transformers/cli/serving``:
+
+- ``chat_completion.py`` ``UNUSED_CHAT_COMPLETION_FIELDS`` and ``utils.py``
+  ``BaseHandler._validate_request``: ``response_format`` (with ``tool_choice``, ``n``,
+  ``stream_options``...) is logged as unsupported and ignored, so the model answers in prose;
+  keys OpenAI's ``CompletionCreateParamsStreaming`` lacks are a 422 "Unexpected fields in the
+  request: {...}";
+- ``utils.py`` ``BaseHandler._resolve_model``: with ``--force-model`` another model name is a
+  400 "Server is pinned to 'X'; requested 'Y'."; without it the name is loaded from the Hub,
+  and a name it cannot load fails as FastAPI's plain-text 500 "Internal Server Error";
+  ``model_manager.py`` ``process_model_name``: replies name the model ``X@main``;
+- ``model_manager.py`` ``get_gen_models``: ``/v1/models`` lists cached models, ``owned_by``
+  being the repo id split on ``/``; ``server.py``: ``/health``; FastAPI's ``{"detail": "Not
+  Found"}`` for ``/props``, ``/slots``, ``/metrics``; no API key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
+
+from apr_graph.testing.personalities.base import Personality, Route
+from apr_graph.testing.script import RecordedRequest, Reply
+from apr_graph.testing.wire import Answer
+
+if TYPE_CHECKING:
+    from apr_graph.testing.server import ScriptedServer
+
+__all__ = ["TransformersServe"]
+
+_KNOWN_KEYS = (
+    CompletionCreateParamsStreaming.__required_keys__
+    | CompletionCreateParamsStreaming.__optional_keys__
+    | {"generation_config", "seed"}
+)
+_CREATED = 1754000000.0
+
+
+@dataclass
+class TransformersServe(Personality):
+    """``transformers serve``: one Hub model, ``response_format`` ignored, FastAPI errors.
+
+    The served model is the server's first model name, a Hub path such as
+    ``Qwen/Qwen2.5-1.5B-Instruct``. There is no API key.
+
+    Args:
+        force_model: started with ``--force-model``: another model name is a 400; without
+            it, a name the server cannot load is a plain-text 500.
+
+    Example:
+        >>> from apr_graph.testing import Reply, Rule, ScriptedServer, TransformersServe
+        >>> rules, hub = [Rule(reply=Reply(content="prose"))], ["Qwen/Qwen2.5-1.5B-Instruct"]
+        >>> server = ScriptedServer(rules, models=hub, personality=TransformersServe())
+    """
+
+    force_model: bool = True
+
+    def error(self, status: int, message: str | None) -> Answer:
+        """FastAPI's ``HTTPException`` body."""
+        return Answer(status, {"detail": message})
+
+    def not_found(self, path: str) -> Answer:
+        """FastAPI's answer to a path without a route."""
+        return Answer(404, {"detail": "Not Found"})
+
+    def authorise(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
+        """``transformers serve`` takes no API key: every request is let in."""
+        return None
+
+    def routes(self, server: ScriptedServer) -> dict[str, Route]:
+        """``/health``."""
+        return {"/health": {"status": "ok"}}
+
+    def models(self, server: ScriptedServer) -> Any:
+        """The Hub cache's generative models (``owned_by`` is a list, as the server has it)."""
+        data = [
+            {"owned_by": m.split("/"), "id": m, "object": "model", "created": _CREATED}
+            for m in server.models
+        ]
+        return {"object": "list", "data": data}
+
+    def admit(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
+        """Unknown keys are a 422; the model must be the served one; ``response_format``
+        and the other unsupported fields pass (and are ignored)."""
+        body = request.body or {}
+        chat = request.path.rstrip("/").endswith("/chat/completions")
+        unexpected = set(body) - _KNOWN_KEYS
+        if chat and unexpected:
+            return self.error(422, f"Unexpected fields in the request: {unexpected}")
+        served, requested = server.models[0], body.get("model")
+        if self.force_model:
+            if requested is None or requested == served:
+                return None
+            return self.error(400, f"Server is pinned to '{served}'; requested '{requested}'.")
+        if isinstance(requested, str) and _canonical(requested) == _canonical(served):
+            return None
+        return Answer(500, "Internal Server Error", "text/plain; charset=utf-8")
+
+    def decorate(self, server: ScriptedServer, request: RecordedRequest, reply: Reply) -> Reply:
+        """Replies name the model with its revision: ``Qwen/Qwen2.5-1.5B-Instruct@main``."""
+        extra = {"model": _canonical(server.models[0]), **reply.extra}
+        return dataclasses.replace(reply, extra=extra)
+
+
+def _canonical(model: str) -> str:
+    """``process_model_name``: a model id with its revision, ``@main`` by default."""
+    return model if "@" in model else f"{model}@main"
