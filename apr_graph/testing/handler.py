@@ -95,7 +95,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         scripted = self.server.scripted
         persona = scripted.personality
         path = self.path.rstrip("/")
-        if not (path.endswith("/chat/completions") or self._is_text_completion()):
+        completion = path.endswith("/chat/completions") or self._is_text_completion()
+        if not completion or not persona.serves(path):
             return persona.not_found(self.path)
         refusal = persona.authorise(scripted, request)
         if refusal is None and request.body is None:

@@ -64,9 +64,16 @@ class Personality:
             route = self.routes(server).get(path)
         if route is not None:
             return as_answer(route(server) if callable(route) else route)
-        if path.rstrip("/").endswith("/models"):
+        if path.rstrip("/").endswith("/models") and self.serves(path):
             return Answer(200, self.models(server))
         return None
+
+    def serves(self, path: str) -> bool:
+        """Whether the server has its OpenAI routes (completions, models) at ``path``.
+
+        This base, like llama.cpp and LiteLLM, serves them with or without ``/v1``.
+        """
+        return True
 
     def authorise(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
         """The refusal of a request without the server's key, or ``None`` to let it in."""

@@ -69,6 +69,10 @@ class TransformersServe(Personality):
         """FastAPI's answer to a path without a route."""
         return Answer(404, {"detail": "Not Found"})
 
+    def serves(self, path: str) -> bool:
+        """FastAPI routes under ``/v1`` only: ``/chat/completions`` without it is a 404."""
+        return path.startswith("/v1/")
+
     def authorise(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
         """``transformers serve`` takes no API key: every request is let in."""
         return None

@@ -86,6 +86,10 @@ class VLLM(Personality):
         """FastAPI's answer to a path without a route."""
         return Answer(404, {"detail": "Not Found"})
 
+    def serves(self, path: str) -> bool:
+        """FastAPI routes under ``/v1`` only: ``/chat/completions`` without it is a 404."""
+        return path.startswith("/v1/")
+
     def authorise(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
         """``--api-key`` guards the paths under ``/v1`` only."""
         key = server.api_key
