@@ -9,24 +9,32 @@ Example:
     >>> # result = app.invoke({"task": "Solve (a) 17*23 (b) 2**10 (c) 99+1"})
 """
 
-from apr_graph.chat_model import ChatModelClient
+from typing import TYPE_CHECKING, Any
+
 from apr_graph.durable import prepare_resume, resume_run
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
     BudgetExhaustedError,
     ConfigurationError,
+    ContextOverflowError,
     InputError,
     ModelCallError,
     ModelNotFoundError,
+    ServerCapabilityError,
     ServerUnreachableError,
     StructuredOutputError,
 )
 from apr_graph.graph import compile_apr_graph, create_apr_graph
 from apr_graph.integrations import as_tool
-from apr_graph.llm import Completion, LLMClient
+from apr_graph.llm import LLMClient
+from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings, MergeStrategy
-from apr_graph.state import AprInput, AprOutput, Plan, Subtask, ThreadRecord
+from apr_graph.state import AprInput, AprOutput, Plan, PlanRecord, Subtask, ThreadRecord
+from apr_graph.transport import Transport
+
+if TYPE_CHECKING:
+    from apr_graph.chat_model import ChatModelClient
 
 __all__ = [
     "AprError",
@@ -38,16 +46,20 @@ __all__ = [
     "ChatModelClient",
     "Completion",
     "ConfigurationError",
+    "ContextOverflowError",
     "InputError",
     "LLMClient",
     "MergeStrategy",
     "ModelCallError",
     "ModelNotFoundError",
     "Plan",
+    "PlanRecord",
+    "ServerCapabilityError",
     "ServerUnreachableError",
     "StructuredOutputError",
     "Subtask",
     "ThreadRecord",
+    "Transport",
     "as_tool",
     "compile_apr_graph",
     "create_apr_graph",
@@ -56,3 +68,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # LangChain's chat-model stack is heavy to import; only users of it pay for it.
+    if name == "ChatModelClient":
+        from apr_graph.chat_model import ChatModelClient
+
+        return ChatModelClient
+    raise AttributeError(f"module 'apr_graph' has no attribute {name!r}")

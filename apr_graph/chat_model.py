@@ -1,47 +1,164 @@
-"""Any LangChain chat model (``ChatOpenAI``, ``ChatOllama``, ...) behind the client interface.
+"""Any LangChain chat model (``ChatOpenAI``, ``ChatOllama``, ...) as a transport.
 
-``ChatModelClient`` keeps everything ``LLMClient`` does around a request (the retry layer, the
-concurrency limit, budgets, structured output with validation and re-asks, cancellation of
-streamed answers) and replaces only the request itself with the model's ``ainvoke`` /
-``astream``. Structured output uses the schema-in-prompt mode, which every model supports.
-The model's own settings govern sampling and length.
+``ChatModelTransport`` sends each request through the model's ``ainvoke`` / ``astream``; the
+client front keeps everything else (the retry layer, budgets, structured output with
+validation and re-asks, cancellation of streamed answers). Structured output uses the
+schema-in-prompt mode, which every model supports; the model's own settings govern sampling
+and length.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessageChunk, BaseMessage, convert_to_messages
-
-from apr_graph.llm import (
-    CallBudget,
+from apr_graph.errors import ConfigurationError
+from apr_graph.limiter import AdaptiveLimiter
+from apr_graph.llm import LLMClient
+from apr_graph.responses import (
     Completion,
-    LLMClient,
     StreamProgress,
-    _admit,
-    _prompt_estimate,
+    estimate_tokens,
+    prompt_estimate,
     strip_reasoning,
+    usage_counts,
 )
-from apr_graph.settings import AprSettings, Role
+from apr_graph.retry import CallBudget
+from apr_graph.settings import AprSettings
+from apr_graph.transport import ChatRequest, TextRequest, admit
 
-__all__ = ["ChatModelClient"]
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import BaseMessage
+
+__all__ = ["ChatModelClient", "ChatModelTransport"]
 
 
-def _usage(message: BaseMessage) -> tuple[int | None, int | None]:
+def _usage(message: BaseMessage | None) -> dict[str, Any]:
     usage = getattr(message, "usage_metadata", None) or {}
-    return usage.get("input_tokens"), usage.get("output_tokens")
+    return {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+    }
 
 
-class ChatModelClient(LLMClient):
-    """The client interface over a LangChain ``BaseChatModel``.
+class ChatModelTransport:
+    """Requests through a LangChain ``BaseChatModel``, at most ``max_concurrency`` at once.
 
     Args:
         model: the chat model every role uses.
-        settings: limits, retries and budgets (``base_url`` and ``model`` are not used).
+        settings: ``max_concurrency`` is used.
+    """
+
+    def __init__(self, model: BaseChatModel, settings: AprSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self._limit: AdaptiveLimiter | None = None
+
+    @property
+    def name(self) -> str:
+        """The chat model's class name."""
+        return f"LangChain {type(self.model).__name__}"
+
+    def _limiter(self) -> AdaptiveLimiter:
+        if self._limit is None:  # made on the client's loop, where it is used
+            self._limit = AdaptiveLimiter(self.settings.max_concurrency)
+        return self._limit
+
+    async def chat(
+        self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """One ``ainvoke`` (with tools bound) or ``astream`` of the model."""
+        from langchain_core.messages import convert_to_messages
+
+        messages = convert_to_messages(list(request.messages))
+        async with self._limiter():
+            admit(budget)
+            progress.restart(time.time())
+            if request.stream and not request.tools:
+                reply = await self._stream(messages, progress)
+                text = progress.text
+            else:
+                runnable: Any = self.model
+                if request.tools:
+                    runnable = self.model.bind_tools(list(request.tools))
+                reply = await runnable.ainvoke(messages)
+                text = reply.content if isinstance(reply.content, str) else str(reply.content)
+            prompt, completion = usage_counts(
+                _usage(reply),
+                prompt=prompt_estimate(request.messages),
+                completion=estimate_tokens(text),
+            )
+            if budget is not None:
+                progress.charged = True
+                budget.charge(prompt + completion)
+        calls = tuple(
+            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
+            for c in getattr(reply, "tool_calls", None) or []
+        )
+        return Completion(
+            text=strip_reasoning(text),
+            finish_reason="tool_calls" if calls else "stop",
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=None,
+            requests=1,
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            model=request.model,
+            tool_calls=calls,
+        )
+
+    async def _stream(self, messages: list[BaseMessage], progress: StreamProgress) -> Any:
+        # Cancelling this task closes the model's stream (and its HTTP response).
+        total: Any = None
+        async for chunk in self.model.astream(messages):
+            total = chunk if total is None else total + chunk
+            if isinstance(chunk.content, str) and chunk.content:
+                progress.add(chunk.content)
+        return total
+
+    async def complete(
+        self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """Chat models have no raw text completions."""
+        raise ConfigurationError(
+            "a LangChain chat model cannot serve text completions (native mode needs an "
+            "OpenAI-compatible /v1/completions server: use AprSettings(base_url=...))"
+        )
+
+    async def list_models(self) -> list[str]:
+        """The one model this transport uses."""
+        return [self.settings.model]
+
+    async def capacity(self) -> int:
+        """``max_concurrency``: a chat model does not say how much it can take."""
+        return self.settings.max_concurrency
+
+    def capacity_report(self) -> dict[str, Any]:
+        """A chat model does not report its capacity: ``max_concurrency`` holds."""
+        return {
+            "width": None,
+            "source": "a LangChain chat model does not report it",
+            "limit": self.settings.max_concurrency,
+        }
+
+    def concurrency_limit(self) -> int:
+        """Requests allowed in flight right now."""
+        return self._limit.limit if self._limit is not None else self.settings.max_concurrency
+
+    async def aclose(self) -> None:
+        """Nothing to release: the chat model owns its connections."""
+        self._limit = None
+
+
+class ChatModelClient(LLMClient):
+    """An ``LLMClient`` over a LangChain chat model (``ChatModelTransport``).
+
+    Args:
+        model: the chat model every role uses.
+        settings: limits, retries and budgets (``base_url`` is not used).
 
     Example:
         >>> from langchain_openai import ChatOpenAI  # doctest: +SKIP
@@ -49,78 +166,7 @@ class ChatModelClient(LLMClient):
     """
 
     def __init__(self, model: BaseChatModel, settings: AprSettings | None = None) -> None:
-        settings = settings or AprSettings()
-        name = type(model).__name__
-        settings = settings.model_copy(
-            update={"base_url": f"langchain://{name}", "base_urls": [],
-                    "structured_output": "prompt", "model": name,
-                    "probe_capacity": False}
-        )  # fmt: skip
-        super().__init__(settings)
+        own = {"structured_output": "prompt", "model": type(model).__name__}
+        settings = (settings or AprSettings()).model_copy(update={**own, "probe_capacity": False})
+        super().__init__(settings, transport=ChatModelTransport(model, settings))
         self.chat_model = model
-
-    async def list_models(self) -> list[str]:
-        """The one model this client uses."""
-        return [self.settings.model]
-
-    async def _request_here(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        model: str,
-        role: Role | str,
-        max_tokens: int,
-        response_format: dict[str, Any] | None,
-        budget: CallBudget | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-    ) -> Completion:
-        limit = self._limiter()
-        runnable: Any = self.chat_model.bind_tools(list(tools)) if tools else self.chat_model
-        async with limit:
-            _admit(budget)
-            started = time.time()
-            reply = await runnable.ainvoke(convert_to_messages(list(messages)))
-        text = reply.content if isinstance(reply.content, str) else str(reply.content)
-        prompt, completion = _usage(reply)
-        completion_tokens = completion if completion is not None else len(text) // 4
-        prompt_tokens = prompt if prompt is not None else _prompt_estimate(messages)
-        if budget is not None:
-            budget.charge(prompt_tokens + completion_tokens)
-        calls = tuple(
-            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
-            for c in getattr(reply, "tool_calls", None) or []
-        )
-        return Completion(strip_reasoning(text), "tool_calls" if calls else "stop", prompt_tokens,
-                          completion_tokens, None, 1, started, time.time(), model,
-                          tool_calls=calls)  # fmt: skip
-
-    async def _stream_here(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        model: str,
-        role: Role | str,
-        max_tokens: int,
-        progress: StreamProgress,
-        budget: CallBudget | None = None,
-    ) -> Completion:
-        limit = self._limiter()
-        progress.text, progress.completion_tokens = "", 0
-        total: AIMessageChunk | None = None
-        async with limit:
-            _admit(budget)
-            started = progress.started_at = time.time()
-            # Cancelling this task closes the model's stream (and its HTTP response).
-            async for chunk in self.chat_model.astream(convert_to_messages(list(messages))):
-                total = chunk if total is None else total + chunk
-                piece = chunk.content if isinstance(chunk.content, str) else ""
-                if piece:
-                    progress.add(piece)
-            prompt, completion = _usage(total) if total is not None else (None, None)
-            prompt_tokens = prompt if prompt is not None else _prompt_estimate(messages)
-            completion_tokens = completion if completion is not None else progress.completion_tokens
-            if budget is not None:
-                progress.charged = True
-                budget.charge(prompt_tokens + completion_tokens)
-        return Completion(strip_reasoning(progress.text), "stop", prompt_tokens,
-                          completion_tokens, None, 1, started, time.time(), model)  # fmt: skip

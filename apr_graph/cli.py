@@ -185,15 +185,18 @@ async def _run(
                     view.notice(f"apr: run {thread_id!r} had already finished")
                     return values
                 if status == "new":
-                    raise _CliError(f"no run is stored under thread id {thread_id!r} in {db}",
-                                    EXIT_USAGE)  # fmt: skip
+                    raise _CliError(
+                        f"no run is stored under thread id {thread_id!r} in {db}", EXIT_USAGE
+                    )
                 await prepare_resume(app, config, settings=settings)
                 record["task"] = values.get("task")
             state: dict[str, Any] = {}
             async for mode, chunk in app.astream(
-                inputs, config, stream_mode=["custom", "values"],
+                inputs,
+                config,
+                stream_mode=["custom", "values"],
                 durability="sync" if saver else None,
-            ):  # fmt: skip
+            ):
                 payload: dict[str, Any] = cast(dict[str, Any], chunk)
                 if mode == "custom":
                     record["events"].append({"t": round(time.time(), 4), **payload})

@@ -57,18 +57,25 @@ class View:
             self.strategy = event["strategy"]
             for subtask in event.get("subtasks", []):
                 self.threads[subtask["id"]] = {
-                    "goal": subtask["goal"], "status": "queued", "tokens": 0,
-                    "started": None, "elapsed": None, "answer": None,
-                }  # fmt: skip
+                    "goal": subtask["goal"],
+                    "status": "queued",
+                    "tokens": 0,
+                    "started": None,
+                    "elapsed": None,
+                    "answer": None,
+                }
         elif kind == "thread_started":
             thread = self.threads.setdefault(event["id"], {"goal": event["goal"], "tokens": 0})
             thread.update(status="running", started=time.monotonic())
         elif kind == "thread_finished":
             thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
             thread.update(
-                status=event["status"], tokens=event["completion_tokens"],
-                elapsed=event["elapsed_s"], answer=event.get("answer"), error=event.get("error"),
-            )  # fmt: skip
+                status=event["status"],
+                tokens=event["completion_tokens"],
+                elapsed=event["elapsed_s"],
+                answer=event.get("answer"),
+                error=event.get("error"),
+            )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """The closing line of a finished run."""
@@ -124,9 +131,11 @@ class LiveView(PlainView):
         super().__init__()
         self.started = time.monotonic()
         self.live = Live(
-            console=self.console, get_renderable=self._render, refresh_per_second=8,
+            console=self.console,
+            get_renderable=self._render,
+            refresh_per_second=8,
             transient=False,
-        )  # fmt: skip
+        )
 
     def __enter__(self) -> View:
         self.live.start()
@@ -149,9 +158,13 @@ class LiveView(PlainView):
         for column in ("thread", "status", "tokens", "time", "goal"):
             table.add_column(column)
         styles = {
-            "done": "green", "failed": "red", "running": "yellow", "queued": "dim",
-            "cancelled": "magenta", "skipped": "dim",
-        }  # fmt: skip
+            "done": "green",
+            "failed": "red",
+            "running": "yellow",
+            "queued": "dim",
+            "cancelled": "magenta",
+            "skipped": "dim",
+        }
         for tid, thread in self.threads.items():
             status = thread.get("status", "queued")
             if thread.get("elapsed") is not None:
@@ -161,9 +174,12 @@ class LiveView(PlainView):
             else:
                 spent = ""
             table.add_row(
-                tid, Text(status, style=styles.get(status, "")), str(thread.get("tokens") or ""),
-                spent, thread.get("goal", "")[:70],
-            )  # fmt: skip
+                tid,
+                Text(status, style=styles.get(status, "")),
+                str(thread.get("tokens") or ""),
+                spent,
+                thread.get("goal", "")[:70],
+            )
         return Group(head, table)
 
 

@@ -14,9 +14,9 @@ from typing import Any, cast
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
-from apr_graph.coordination import REGISTRY
 from apr_graph.errors import InputError
-from apr_graph.graph import WORKER
+from apr_graph.graph import WORKER, boards_of
+from apr_graph.plan import plan_of
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput, AprOutput, AprState, ThreadRecord
 
@@ -54,7 +54,7 @@ async def prepare_resume(app: App, config: RunnableConfig, *, settings: AprSetti
         if task.name == WORKER and isinstance(task.result, dict):
             finished.extend(t for t in task.result.get("threads", []) if t.get("parent") is None)
     if values.get("run_id"):
-        REGISTRY.revive(settings, values["run_id"], values.get("plan") or {}, finished)
+        boards_of(app).revive(settings, values["run_id"], plan_of(values), finished)
 
 
 async def resume_run(app: App, config: RunnableConfig, *, settings: AprSettings) -> AprOutput:

@@ -6,9 +6,12 @@ __all__ = [
     "AprError",
     "AuthenticationError",
     "ConfigurationError",
+    "ContextOverflowError",
     "InputError",
     "ModelCallError",
     "ModelNotFoundError",
+    "ResponseFormatRefusedError",
+    "ServerCapabilityError",
     "ServerUnreachableError",
     "StructuredOutputError",
 ]
@@ -59,6 +62,21 @@ class AuthenticationError(ModelCallError):
 
 class ModelNotFoundError(ModelCallError):
     """The server does not serve the requested model (404)."""
+
+
+class ContextOverflowError(ModelCallError):
+    """The prompt plus ``max_tokens`` do not fit the server's context window. Never retried:
+    shorten the input, give the server a larger context, or lower the token allowances."""
+
+
+class ServerCapabilityError(ModelCallError):
+    """The server cannot do what the request needs (tools, a structured-output mode, a
+    model): a fixed configuration, never retried; the message names the server-side fix."""
+
+
+class ResponseFormatRefusedError(ServerCapabilityError):
+    """The server refused a ``response_format`` type and said so; the structured-output
+    chain then tries the next mode."""
 
 
 class ServerUnreachableError(ModelCallError):

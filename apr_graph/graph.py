@@ -1,19 +1,18 @@
-"""The factory: wiring only. Prompts live in ``prompts``, HTTP in ``llm``, logic in ``nodes``."""
+"""The factory: wiring only. Prompts live in ``prompts``, HTTP behind ``llm``, logic in nodes."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableLambda
-from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
 
-from apr_graph.chat_model import ChatModelClient
-from apr_graph.coordination import REGISTRY
+from apr_graph.board import Boards
+from apr_graph.errors import ConfigurationError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
     Verifier,
@@ -25,7 +24,11 @@ from apr_graph.nodes import (
 )
 from apr_graph.nodes.native import make_native
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprInput, AprOutput, AprState, WorkerInput
+from apr_graph.state import AprInput, AprOutput, AprState, ForkInput, WorkerInput
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.tools import BaseTool
 
 __all__ = [
     "DECOMPOSE",
@@ -33,6 +36,7 @@ __all__ = [
     "NATIVE",
     "SYNTHESIZE",
     "WORKER",
+    "boards_of",
     "compile_apr_graph",
     "create_apr_graph",
 ]
@@ -43,16 +47,85 @@ SYNTHESIZE = "synthesize"
 FINISH = "finish"
 NATIVE = "native"
 
+Node = Callable[[Any], Awaitable[dict[str, Any]]]
+Graph = StateGraph[AprState, None, Any, AprOutput]
 
-def _sync_and_async(
-    name: str, afunc: Callable[[Any], Awaitable[dict[str, Any]]], client: LLMClient
-) -> RunnableLambda[Any, dict[str, Any]]:
-    """A node usable from both ``ainvoke`` and ``invoke``."""
+_BOARDS: weakref.WeakKeyDictionary[Graph, Boards] = weakref.WeakKeyDictionary()
+"""Each graph's boards, found again by ``resume_run`` (weak: they go with the graph)."""
+
+
+def boards_of(app: CompiledStateGraph[AprState, None, AprInput, AprOutput]) -> Boards:
+    """The live run boards of a compiled apr-graph.
+
+    Raises:
+        ConfigurationError: ``app`` was not built by ``create_apr_graph``.
+    """
+    boards = _BOARDS.get(app.builder)
+    if boards is None:
+        raise ConfigurationError("this graph was not built by create_apr_graph")
+    return boards
+
+
+def _releasing(node: Node, boards: Boards) -> Node:
+    """``node``, releasing its run's board when it fails or is cancelled (the run is over)."""
+
+    async def run(state: Any) -> dict[str, Any]:
+        try:
+            return await node(state)
+        except BaseException:
+            if state.get("run_id"):
+                boards.close(state["run_id"], root=not state.get("depth"))
+            raise
+
+    return run
+
+
+def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> RunnableLambda[Any, Any]:
+    """A node usable from both ``ainvoke`` and ``invoke``.
+
+    A sync caller has no loop of its own to lend: the whole node runs on the client's loop,
+    one hop per node.
+    """
 
     def func(state: Any) -> dict[str, Any]:
         return client.run_sync(afunc(state))  # type: ignore[arg-type]
 
     return RunnableLambda(func, afunc=afunc, name=name)
+
+
+def _check(
+    settings: AprSettings | None,
+    client: LLMClient | None,
+    model: BaseChatModel | None,
+    verify: Verifier | None,
+    tools: Sequence[BaseTool],
+) -> None:
+    """Refuse argument combinations that cannot work, saying how to fix the call."""
+    if model is not None and client is not None:
+        raise ConfigurationError(
+            "pass either model= (a LangChain chat model) or client= (a ready LLMClient), not both"
+        )
+    native = (settings.native if settings is not None else None) or (
+        client.settings.native if client is not None else None
+    )
+    if native is None:
+        return
+    if model is not None:
+        raise ConfigurationError(
+            f"AprSettings(native={native!r}) streams raw text completions, which a LangChain "
+            "chat model cannot serve: drop model= and set AprSettings(base_url=...) to an "
+            "OpenAI-compatible server, or drop native="
+        )
+    if tools:
+        raise ConfigurationError(
+            "tools= works with prompted threads only; the native mode writes its own threads: "
+            "drop tools= or native="
+        )
+    if verify is not None:
+        raise ConfigurationError(
+            "verify= checks prompted threads only; the native mode writes its own threads: "
+            "drop verify= or native="
+        )
 
 
 def create_apr_graph(
@@ -86,7 +159,9 @@ def create_apr_graph(
         ``{"task": str, "context": str?}``; output ``answer``, ``plan``, ``threads``, ``metrics``.
 
     Raises:
-        ConfigurationError: no ``base_url`` is configured.
+        ConfigurationError: no ``base_url`` is configured, or arguments that cannot work
+            together (``model`` with ``client``; ``native`` with ``model``, ``tools`` or
+            ``verify``).
 
     Example:
         >>> from apr_graph import AprSettings, create_apr_graph
@@ -94,49 +169,58 @@ def create_apr_graph(
         >>> app = create_apr_graph(settings=settings).compile()
         >>> # result = await app.ainvoke({"task": "Compare A, B and C on cost and speed"})
     """
+    _check(settings, client, model, verify, tools)
     if model is not None:
-        client = client or ChatModelClient(model, settings)
-        settings = client.settings
-    settings = settings or AprSettings()
-    client = client or LLMClient(settings)
-    boards = REGISTRY
-    builder = StateGraph(AprState, input_schema=AprInput, output_schema=AprOutput)
-    compiled: list[CompiledStateGraph[AprState, None, AprInput, AprOutput]] = []
+        from apr_graph.chat_model import ChatModelClient
 
-    def subgraph() -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
-        # A forking thread runs this very graph one level deeper (compiled once, on first
-        # use; as a subgraph it inherits the parent's checkpointer and stream).
-        if not compiled:
-            compiled.append(builder.compile(name="apr-graph-fork"))
-        return compiled[0].ainvoke  # type: ignore[return-value]
+        client = ChatModelClient(model, settings)
+    if client is None:
+        client = LLMClient(settings or AprSettings())
+    boards = Boards()
+    builder = _build(AprInput, client, client.settings, boards, verify, tuple(tools), [])
+    _BOARDS[builder] = boards
+    return builder
+
+
+def _build(
+    input_schema: type[Any],
+    client: LLMClient,
+    settings: AprSettings,
+    boards: Boards,
+    verify: Verifier | None,
+    tools: tuple[BaseTool, ...],
+    fork: list[CompiledStateGraph[AprState, None, Any, AprOutput]],
+) -> Graph:
+    """Wire the graph. A forking thread runs the same wiring one level deeper, with the
+    internal ``ForkInput`` (compiled once, on first use; as a subgraph it inherits the
+    parent's checkpointer and stream)."""
+    builder: Graph = StateGraph(AprState, input_schema=input_schema, output_schema=AprOutput)
+
+    def subgraph() -> Node:
+        if not fork:
+            child = _build(ForkInput, client, settings, boards, verify, tools, fork)
+            fork.append(child.compile(name="apr-graph-fork"))
+        return fork[0].ainvoke
+
+    def add(name: str, node: Node, **kwargs: Any) -> None:
+        builder.add_node(name, _sync_and_async(name, _releasing(node, boards), client), **kwargs)
 
     if settings.native is not None:
-        builder.add_node(NATIVE, _sync_and_async(NATIVE, make_native(client, settings, boards),
-                                                 client))  # fmt: skip
-        builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
+        add(NATIVE, make_native(client, settings, boards))
         builder.add_edge(START, NATIVE)
         builder.add_edge(NATIVE, FINISH)
-        builder.add_edge(FINISH, END)
-        return builder
-    worker = make_worker(
-        client, settings, boards, verify=verify, subgraph=subgraph, tools=tuple(tools)
-    )
-    builder.add_node(
-        DECOMPOSE, _sync_and_async(DECOMPOSE, make_decompose(client, settings, boards), client)
-    )
-    builder.add_node(WORKER, _sync_and_async(WORKER, worker, client), input_schema=WorkerInput)
-    builder.add_node(
-        SYNTHESIZE, _sync_and_async(SYNTHESIZE, make_synthesize(client, settings, boards), client)
-    )
+    else:
+        worker = make_worker(
+            client, settings, boards, verify=verify, subgraph=subgraph, tools=tools
+        )
+        add(DECOMPOSE, make_decompose(client, settings, boards))
+        add(WORKER, worker, input_schema=WorkerInput)
+        add(SYNTHESIZE, make_synthesize(client, settings, boards))
+        builder.add_edge(START, DECOMPOSE)
+        builder.add_conditional_edges(DECOMPOSE, make_fan_out(WORKER, FINISH), [WORKER, FINISH])
+        builder.add_edge(WORKER, SYNTHESIZE)
+        builder.add_edge(SYNTHESIZE, FINISH)
     builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
-    builder.add_edge(START, DECOMPOSE)
-    builder.add_conditional_edges(
-        DECOMPOSE,
-        make_fan_out(WORKER, FINISH),
-        [WORKER, FINISH],
-    )
-    builder.add_edge(WORKER, SYNTHESIZE)
-    builder.add_edge(SYNTHESIZE, FINISH)
     builder.add_edge(FINISH, END)
     return builder
 

@@ -111,10 +111,21 @@ class LocalServer:
         if binary:
             self.kind = "llama-server"
             return [
-                binary, "-m", str(model), "--host", self.host, "--port", str(self.port),
-                "--parallel", str(self.slots), "-c", str(self.ctx_per_slot * self.slots),
-                "--alias", LOCAL_MODEL, "--no-webui",
-            ]  # fmt: skip
+                binary,
+                "-m",
+                str(model),
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--parallel",
+                str(self.slots),
+                "-c",
+                str(self.ctx_per_slot * self.slots),
+                "--alias",
+                LOCAL_MODEL,
+                "--no-webui",
+            ]
         if importlib.util.find_spec("llama_cpp") is None:
             raise LocalBackendError(
                 f"no model server configured and no local inference engine: {_INSTALL_HINT} "
@@ -122,10 +133,22 @@ class LocalServer:
             )
         self.kind = "llama-cpp-python"
         return [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-            "--host", self.host, "--port", str(self.port), "--n_ctx", str(self.ctx_per_slot),
-            "--model_alias", LOCAL_MODEL, "--verbose", "False",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.ctx_per_slot),
+            "--model_alias",
+            LOCAL_MODEL,
+            "--verbose",
+            "False",
+        ]
 
     def start(self) -> LocalServer:
         """Start the server and wait until it answers; raise ``LocalBackendError`` if not."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from apr_graph.state import PlanRecord, SubtaskRecord
+
 __all__ = [
     "PLANNER_SYSTEM",
     "direct_messages",
@@ -144,7 +146,7 @@ def planner_messages(
     ]
 
 
-def render_plan(plan: dict[str, Any]) -> str:
+def render_plan(plan: PlanRecord) -> str:
     """The plan as a numbered list, identical for every thread of a fan-out."""
     lines = []
     for subtask in plan.get("subtasks", []):
@@ -154,7 +156,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def shared_system(task: str, context: str, plan: dict[str, Any]) -> str:
+def shared_system(task: str, context: str, plan: PlanRecord) -> str:
     """The system message shared, byte for byte, by every request after the plan."""
     context_block = f"<context>\n{_quote(context)}\n</context>\n" if context else ""
     vote_rule = _VOTE_RULE if plan.get("merge") == "vote" else ""
@@ -173,8 +175,8 @@ def _results_block(results: list[tuple[str, str, str]]) -> str:
 def worker_messages(
     task: str,
     context: str,
-    plan: dict[str, Any],
-    subtask: dict[str, Any],
+    plan: PlanRecord,
+    subtask: SubtaskRecord,
     *,
     dependencies: list[tuple[str, str, str]] | None = None,
     rejected: str | None = None,
@@ -197,7 +199,7 @@ def worker_messages(
 
 
 def verifier_messages(
-    task: str, context: str, plan: dict[str, Any], subtask: dict[str, Any], result: str
+    task: str, context: str, plan: PlanRecord, subtask: SubtaskRecord, result: str
 ) -> list[Message]:
     """Messages of a verification call on one thread's result."""
     user = _VERIFY_USER.format(
@@ -210,7 +212,7 @@ def verifier_messages(
 
 
 def judge_messages(
-    task: str, context: str, plan: dict[str, Any], results: list[tuple[str, str, str]]
+    task: str, context: str, plan: PlanRecord, results: list[tuple[str, str, str]]
 ) -> list[Message]:
     """Messages of the call that picks the best of several results."""
     return [
@@ -220,7 +222,7 @@ def judge_messages(
 
 
 def synthesizer_messages(
-    task: str, context: str, plan: dict[str, Any], results: list[tuple[str, str, str]]
+    task: str, context: str, plan: PlanRecord, results: list[tuple[str, str, str]]
 ) -> list[Message]:
     """Messages of the merge call; ``results`` holds (id, goal, text) in plan order."""
     rendered = _results_block(results)

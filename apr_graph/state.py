@@ -7,17 +7,23 @@ pydantic validates at the edges (the model's plan, the caller's input).
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import TypedDict
 
 __all__ = [
     "AprInput",
     "AprOutput",
     "AprState",
     "CallRecord",
+    "ForkInput",
+    "NativeBlock",
     "Plan",
+    "PlanRecord",
+    "PrefixStats",
     "Subtask",
+    "SubtaskRecord",
     "ThreadRecord",
     "WorkerInput",
     "merge_threads",
@@ -221,22 +227,72 @@ def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[T
 
 
 class AprInput(TypedDict, total=False):
-    """What a caller passes in: the task, and optional context the model may use.
-
-    ``depth`` and ``parent_run`` are set by apr-graph itself when a thread forks; leave them out.
-    """
+    """What a caller passes in: the task, and optional context the model may use."""
 
     task: str
     context: str
+
+
+class ForkInput(AprInput, total=False):
+    """The input of a forked thread's run: apr-graph's own, one level deeper."""
+
     depth: int
     parent_run: str
+
+
+class SubtaskRecord(TypedDict):
+    """One subtask of a repaired plan, as kept in state and sent to its thread."""
+
+    id: str
+    goal: str
+    depends_on: list[str]
+    fork: bool
+    max_tokens: int | None
+
+
+class PrefixStats(TypedDict):
+    """How much of a fan-out's prompts is one shared prefix, byte for byte."""
+
+    shared_chars: int
+    shortest_prompt_chars: int
+    shared_fraction: float
+
+
+class NativeBlock(TypedDict):
+    """One parallel block a native reasoner opened."""
+
+    id: str
+    depth: int
+    outlines: list[str]
+    forked: int
+
+
+class PlanRecord(TypedDict):
+    """The plan a run followed, as returned in the ``plan`` output key.
+
+    ``strategy``: ``direct`` (one answer, no threads), ``parallel`` (the subtasks ran as
+    threads and were merged by ``merge``) or ``native`` (a model trained to fork wrote its own
+    parallel blocks: ``format``, ``blocks``, ``reasoning``, ``critical_path_tokens``).
+    ``notes`` says what was repaired in the model's plan.
+    """
+
+    strategy: Literal["direct", "parallel", "native"]
+    answer: str | None
+    subtasks: list[SubtaskRecord]
+    merge: str | None
+    notes: list[str]
+    prefix: NotRequired[PrefixStats]
+    format: NotRequired[str]
+    blocks: NotRequired[list[NativeBlock]]
+    reasoning: NotRequired[str]
+    critical_path_tokens: NotRequired[int]
 
 
 class AprOutput(TypedDict, total=False):
     """What a run returns."""
 
     answer: str
-    plan: dict[str, Any]
+    plan: PlanRecord
     threads: list[ThreadRecord]
     metrics: dict[str, Any]
     calls: list[CallRecord]
@@ -248,11 +304,12 @@ class AprState(TypedDict, total=False):
     task: str
     context: str
     answer: str
-    plan: dict[str, Any]
+    plan: PlanRecord
     threads: Annotated[list[ThreadRecord], merge_threads]
     metrics: dict[str, Any]
     calls: Annotated[list[CallRecord], operator.add]
     started_at: float
+    capacity: dict[str, Any]
     run_id: str
     depth: int
     parent_run: str
@@ -263,7 +320,7 @@ class WorkerInput(TypedDict):
 
     task: str
     context: str
-    plan: dict[str, Any]
-    subtask: dict[str, Any]
+    plan: PlanRecord
+    subtask: SubtaskRecord
     run_id: str
     depth: int

@@ -231,7 +231,7 @@ async def test_hung_server_times_out_and_is_reported(make_server: ServerFactory)
     assert time.perf_counter() - started < 3.0
     failed = {t["id"]: t for t in result["threads"]}["s2"]
     assert failed["status"] == "failed"
-    assert "timed out after 0.5s (2 attempts)" in failed["error"]
+    assert "timed out after 0.5s (2 requests)" in failed["error"]
     assert "result(compute part 1)" in result["answer"]
 
 

@@ -12,7 +12,7 @@ from apr_graph import (
     ServerUnreachableError,
     StructuredOutputError,
 )
-from apr_graph.llm import extract_json, strip_reasoning
+from apr_graph.responses import extract_json, strip_reasoning
 from apr_graph.testing import Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 

@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="[%(default)s]")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return p  # fmt: skip
+    return p
 
 
 def _machine() -> dict[str, Any]:
@@ -105,12 +105,13 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
 
     results: dict[str, Any] = {
         "backend": args.backend,
-        "command": "apr bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
-                                             else sys.argv[1:]),
+        "command": "apr bench "
+        + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "machine": _machine(),
         "simulation": {"step_ms": args.step_ms, "reasoning_tokens_per_part": args.reasoning}
-        if args.backend == "sim" else None,
-    }  # fmt: skip
+        if args.backend == "sim"
+        else None,
+    }
     async with AsyncExitStack() as stack:
         settings = await _backend(
             args, stack, tasks + [t for v in scaling_tasks.values() for t in v]
@@ -118,18 +119,28 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         results["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
         client = LLMClient(settings)
         stack.push_async_callback(client.aclose)
-        outcomes = await run_tasks(client, settings, tasks, strategies, points=args.points,
-                                   progress=step)  # fmt: skip
+        outcomes = await run_tasks(
+            client, settings, tasks, strategies, points=args.points, progress=step
+        )
         results["suites"] = summarise(outcomes)
         results["outcomes"] = [o.as_dict() for o in outcomes]
-        widest = max((o for o in outcomes if o.strategy == "adaptive"),
-                     key=lambda o: len(o.timeline), default=None)  # fmt: skip
+        widest = max(
+            (o for o in outcomes if o.strategy == "adaptive"),
+            key=lambda o: len(o.timeline),
+            default=None,
+        )
         if widest is not None:
             results["timeline"], results["timeline_task"] = widest.timeline, widest.task_id
         if widths:
-            rows, _ = await scaling_rows(client, settings, widths, tasks_per_width=3,
-                                         seed=args.seed, progress=step,
-                                         make_tasks=lambda w: scaling_tasks[w])  # fmt: skip
+            rows, _ = await scaling_rows(
+                client,
+                settings,
+                widths,
+                tasks_per_width=3,
+                seed=args.seed,
+                progress=step,
+                make_tasks=lambda w: scaling_tasks[w],
+            )
             results["scaling"] = rows
     if sizes:
         results["overhead"] = await measure_overhead(sizes, progress=step)
@@ -143,14 +154,25 @@ async def _backend(
         latency = LatencyModel(step_s=args.step_ms / 1000)
         server = SimulatedServer(SimModel(tasks, reasoning=args.reasoning), latency=latency).start()
         stack.callback(server.stop)
-        return AprSettings(base_url=server.base_url, model="sim", max_concurrency=64,
-                           max_threads=16, max_total_threads=64)  # fmt: skip
+        return AprSettings(
+            base_url=server.base_url,
+            model="sim",
+            max_concurrency=64,
+            max_threads=16,
+            max_total_threads=64,
+        )
     if args.backend == "local":
         local = stack.enter_context(LocalServer())
-        return AprSettings(base_url=local.base_url, model=LOCAL_MODEL, max_threads=4,
-                           max_concurrency=local.parallel_requests, planner_max_tokens=256,
-                           worker_max_tokens=160, synthesizer_max_tokens=256,
-                           request_timeout_s=300)  # fmt: skip
+        return AprSettings(
+            base_url=local.base_url,
+            model=LOCAL_MODEL,
+            max_threads=4,
+            max_concurrency=local.parallel_requests,
+            planner_max_tokens=256,
+            worker_max_tokens=160,
+            synthesizer_max_tokens=256,
+            request_timeout_s=300,
+        )
     if not args.base_url:
         raise SystemExit("apr bench: error: --backend url needs --base-url")
     values: dict[str, Any] = {"base_url": args.base_url}
@@ -164,14 +186,20 @@ async def _backend(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``apr bench`` / ``python -m apr_graph.bench``."""
     args = parser().parse_args(argv)
-    columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=True) as progress:
         results = asyncio.run(_bench(args, progress))
     files = write_report(results, args.out, plots=not args.no_plots)
     for row in results.get("suites", []):
-        print(f"{row['suite']:<11} {row['strategy']:<10} acc {row['accuracy']:.2f}  "
-              f"wall {row['wall_median_s']:.2f}s  speedup {row['speedup']}x  "
-              f"calls {row['model_calls']}")  # fmt: skip
+        print(
+            f"{row['suite']:<11} {row['strategy']:<10} acc {row['accuracy']:.2f}  "
+            f"wall {row['wall_median_s']:.2f}s  speedup {row['speedup']}x  "
+            f"calls {row['model_calls']}"
+        )
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

@@ -60,8 +60,13 @@ def _peak_rss_mb() -> float:
 
 
 async def _graph_run(base_url: str, threads: int) -> dict[str, float]:
-    settings = AprSettings(base_url=base_url, model="m", max_threads=threads,
-                           max_total_threads=threads, max_concurrency=CONCURRENCY)  # fmt: skip
+    settings = AprSettings(
+        base_url=base_url,
+        model="m",
+        max_threads=threads,
+        max_total_threads=threads,
+        max_concurrency=CONCURRENCY,
+    )
     client = LLMClient(settings)
     app = compile_apr_graph(settings=settings, client=client)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -73,8 +78,13 @@ async def _graph_run(base_url: str, threads: int) -> dict[str, float]:
 
 
 async def _bare_run(base_url: str, requests: int) -> dict[str, float]:
-    body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "part"}], "max_tokens": 16}  # fmt: skip
+    body = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "part"}],
+        "max_tokens": 16,
+    }
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     gate = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
@@ -94,9 +104,11 @@ async def measure_overhead(
 ) -> list[dict[str, Any]]:
     """One row per fan-out size: graph vs bare HTTP, per thread."""
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from apr_graph.bench.overhead import serve_forever; serve_forever()",
+        sys.executable,
+        "-c",
+        "from apr_graph.bench.overhead import serve_forever; serve_forever()",
         stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    )
     try:
         assert server.stdout is not None
         base_url = (await server.stdout.readline()).decode().strip()
@@ -108,16 +120,19 @@ async def measure_overhead(
             graph = await _graph_run(base_url, size)
             peak = _peak_rss_mb()
             bare = await _bare_run(base_url, size + 2)  # the graph also plans and merges
-            rows.append({
-                "threads": size,
-                "graph_wall_s": round(graph["wall_s"], 3),
-                "graph_cpu_s": round(graph["cpu_s"], 3),
-                "graph_cpu_ms_per_thread": round(1000 * graph["cpu_s"] / size, 2),
-                "bare_cpu_ms_per_request": round(1000 * bare["cpu_s"] / (size + 2), 2),
-                "cpu_ratio": round((graph["cpu_s"] / (size + 2)) / max(bare["cpu_s"] / (size + 2),
-                                                                       1e-9), 2),
-                "peak_rss_growth_mb": round(peak - before, 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "threads": size,
+                    "graph_wall_s": round(graph["wall_s"], 3),
+                    "graph_cpu_s": round(graph["cpu_s"], 3),
+                    "graph_cpu_ms_per_thread": round(1000 * graph["cpu_s"] / size, 2),
+                    "bare_cpu_ms_per_request": round(1000 * bare["cpu_s"] / (size + 2), 2),
+                    "cpu_ratio": round(
+                        (graph["cpu_s"] / (size + 2)) / max(bare["cpu_s"] / (size + 2), 1e-9), 2
+                    ),
+                    "peak_rss_growth_mb": round(peak - before, 1),
+                }
+            )
             if progress is not None:
                 progress(f"overhead {size} threads")
         return rows

@@ -15,8 +15,9 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
         return "(no rows)\n"
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |"
-              for r in rows]  # fmt: skip
+    lines += [
+        "| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -45,8 +46,10 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("scaling"):
         parts += ["## Achieved vs ideal speedup (independent parts)\n", _table(results["scaling"])]
     if results.get("overhead"):
-        parts += ["## Framework overhead per thread (zero-latency server)\n",
-                  _table(results["overhead"])]  # fmt: skip
+        parts += [
+            "## Framework overhead per thread (zero-latency server)\n",
+            _table(results["overhead"]),
+        ]
     return "\n".join(parts)
 
 
@@ -65,9 +68,17 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             fig, ax = plt.subplots(figsize=(7, 3.5))
             width = 0.8 / max(1, len(strategies))
             for i, strategy in enumerate(strategies):
-                values = [next((r[metric] or 0 for r in rows
-                                if r["suite"] == s and r["strategy"] == strategy), 0)
-                          for s in suites]  # fmt: skip
+                values = [
+                    next(
+                        (
+                            r[metric] or 0
+                            for r in rows
+                            if r["suite"] == s and r["strategy"] == strategy
+                        ),
+                        0,
+                    )
+                    for s in suites
+                ]
                 ax.bar([x + i * width for x in range(len(suites))], values, width, label=strategy)
             ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(suites))])
             ax.set_xticklabels(suites)

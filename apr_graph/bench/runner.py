@@ -55,23 +55,27 @@ def summarise(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
             runs = [o for o in mine if o.strategy == strategy]
             walls = [o.wall_s for o in runs]
             median = statistics.median(walls)
-            rows.append({
-                "suite": suite,
-                "strategy": strategy,
-                "tasks": len(runs),
-                "accuracy": round(sum(o.correct for o in runs) / len(runs), 3),
-                "wall_median_s": round(median, 3),
-                "wall_p90_s": round(p90(walls), 3),
-                "critical_path_tokens": round(
-                    statistics.mean(o.critical_path_tokens for o in runs), 1
-                ),
-                "total_tokens": round(statistics.mean(o.prompt_tokens + o.completion_tokens
-                                                      for o in runs), 1),
-                "model_calls": round(statistics.mean(o.calls for o in runs), 2),
-                "speedup": round(statistics.median(baseline) / median, 2) if baseline and median
-                else None,
-                "errors": sum(1 for o in runs if o.error),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "suite": suite,
+                    "strategy": strategy,
+                    "tasks": len(runs),
+                    "accuracy": round(sum(o.correct for o in runs) / len(runs), 3),
+                    "wall_median_s": round(median, 3),
+                    "wall_p90_s": round(p90(walls), 3),
+                    "critical_path_tokens": round(
+                        statistics.mean(o.critical_path_tokens for o in runs), 1
+                    ),
+                    "total_tokens": round(
+                        statistics.mean(o.prompt_tokens + o.completion_tokens for o in runs), 1
+                    ),
+                    "model_calls": round(statistics.mean(o.calls for o in runs), 2),
+                    "speedup": round(statistics.median(baseline) / median, 2)
+                    if baseline and median
+                    else None,
+                    "errors": sum(1 for o in runs if o.error),
+                }
+            )
     return rows
 
 
@@ -93,11 +97,14 @@ async def scaling_rows(
     rows: list[dict[str, Any]] = []
     all_tasks: list[Task] = []
     for width in widths:
-        tasks = (make_tasks or (lambda w: make_suite("arithmetic", tasks_per_width,
-                                                     seed=seed + w, parts=w)))(width)  # fmt: skip
+        tasks = (
+            make_tasks
+            or (lambda w: make_suite("arithmetic", tasks_per_width, seed=seed + w, parts=w))
+        )(width)
         all_tasks.extend(tasks)
-        outcomes = await run_tasks(client, settings, tasks, ("sequential", "adaptive"),
-                                   progress=progress)  # fmt: skip
+        outcomes = await run_tasks(
+            client, settings, tasks, ("sequential", "adaptive"), progress=progress
+        )
         seq = [o for o in outcomes if o.strategy == "sequential"]
         apr = [o for o in outcomes if o.strategy == "adaptive"]
         achieved = statistics.median(o.wall_s for o in seq) / statistics.median(
@@ -106,13 +113,15 @@ async def scaling_rows(
         ideal = statistics.median(o.completion_tokens for o in seq) / statistics.median(
             o.critical_path_tokens for o in apr
         )
-        rows.append({
-            "threads": width,
-            "sequential_wall_s": round(statistics.median(o.wall_s for o in seq), 3),
-            "adaptive_wall_s": round(statistics.median(o.wall_s for o in apr), 3),
-            "achieved_speedup": round(achieved, 2),
-            "ideal_speedup": round(ideal, 2),
-            "fraction_of_ideal": round(achieved / ideal, 2),
-            "accuracy_adaptive": round(sum(o.correct for o in apr) / len(apr), 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "threads": width,
+                "sequential_wall_s": round(statistics.median(o.wall_s for o in seq), 3),
+                "adaptive_wall_s": round(statistics.median(o.wall_s for o in apr), 3),
+                "achieved_speedup": round(achieved, 2),
+                "ideal_speedup": round(ideal, 2),
+                "fraction_of_ideal": round(achieved / ideal, 2),
+                "accuracy_adaptive": round(sum(o.correct for o in apr) / len(apr), 2),
+            }
+        )
     return rows, all_tasks

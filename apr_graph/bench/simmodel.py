@@ -56,8 +56,10 @@ class SimModel:
         if task.suite == "countdown":
             return str(task.meta["solution"])
         labels = task.meta.get("labels") or [""]
-        return " ".join(f"({label}) {value}" if label else value
-                        for label, value in zip(labels, task.expected, strict=False))  # fmt: skip
+        return " ".join(
+            f"({label}) {value}" if label else value
+            for label, value in zip(labels, task.expected, strict=False)
+        )
 
     def _plan(self, task: Task, request: RecordedRequest) -> Reply:
         if task.suite == "control":

@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 
 from apr_graph.bench.suites import Task
 from apr_graph.graph import compile_apr_graph
-from apr_graph.llm import Completion, LLMClient
+from apr_graph.llm import LLMClient
+from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
 
 __all__ = ["STRATEGIES", "Outcome", "run_strategy"]
@@ -64,8 +65,11 @@ class _Skeleton(BaseModel):
 
 
 def _span(completion: Completion, label: str, origin: float) -> dict[str, Any]:
-    return {"label": label, "start": round(completion.started_at - origin, 4),
-            "end": round(completion.ended_at - origin, 4)}  # fmt: skip
+    return {
+        "label": label,
+        "start": round(completion.started_at - origin, 4),
+        "end": round(completion.ended_at - origin, 4),
+    }
 
 
 async def _sequential(client: LLMClient, task: Task) -> Outcome:
@@ -74,12 +78,22 @@ async def _sequential(client: LLMClient, task: Task) -> Outcome:
         {"role": "system", "content": _SEQUENTIAL},
         {"role": "user", "content": task.prompt},
     ]
-    completion = await client.chat(messages, role="sequential", stream=True,
-                                   max_tokens=client.settings.worker_max_tokens * 4)  # fmt: skip
-    return Outcome("sequential", task.suite, task.id, task.check(completion.text),
-                   round(time.time() - started, 4), 1, completion.prompt_tokens,
-                   completion.completion_tokens, completion.completion_tokens, completion.text,
-                   timeline=[_span(completion, "sequential", started)])  # fmt: skip
+    completion = await client.chat(
+        messages, role="sequential", stream=True, max_tokens=client.settings.worker_max_tokens * 4
+    )
+    return Outcome(
+        "sequential",
+        task.suite,
+        task.id,
+        task.check(completion.text),
+        round(time.time() - started, 4),
+        1,
+        completion.prompt_tokens,
+        completion.completion_tokens,
+        completion.completion_tokens,
+        completion.text,
+        timeline=[_span(completion, "sequential", started)],
+    )
 
 
 async def _adaptive(
@@ -93,14 +107,26 @@ async def _adaptive(
     metrics = result["metrics"]
     answer = result.get("answer") or ""
     timeline = [
-        {"label": c["thread_id"] or c["role"], "start": round(c["started_at"] - started, 4),
-         "end": round(c["ended_at"] - started, 4)}
+        {
+            "label": c["thread_id"] or c["role"],
+            "start": round(c["started_at"] - started, 4),
+            "end": round(c["ended_at"] - started, 4),
+        }
         for c in result.get("calls") or []
-    ]  # fmt: skip
-    return Outcome(name, task.suite, task.id, task.check(answer),
-                   round(time.time() - started, 4), metrics["model_calls"],
-                   metrics["prompt_tokens"], metrics["completion_tokens"],
-                   metrics["critical_path_tokens"], answer, timeline=timeline)  # fmt: skip
+    ]
+    return Outcome(
+        name,
+        task.suite,
+        task.id,
+        task.check(answer),
+        round(time.time() - started, 4),
+        metrics["model_calls"],
+        metrics["prompt_tokens"],
+        metrics["completion_tokens"],
+        metrics["critical_path_tokens"],
+        answer,
+        timeline=timeline,
+    )
 
 
 async def _split(client: LLMClient, task: Task, points: int) -> Outcome:
@@ -113,21 +139,42 @@ async def _split(client: LLMClient, task: Task, points: int) -> Outcome:
     )
     chosen = (skeleton.points + [f"point {i + 1}" for i in range(points)])[:points]
     listing = "; ".join(chosen)
-    expansions = await asyncio.gather(*[
-        client.chat([{"role": "user", "content": _EXPAND.format(
-            task=task.prompt, skeleton=listing, index=i + 1, count=points, point=point)}],
-            role="expand", stream=True)
-        for i, point in enumerate(chosen)
-    ])  # fmt: skip
+    expansions = await asyncio.gather(
+        *[
+            client.chat(
+                [
+                    {
+                        "role": "user",
+                        "content": _EXPAND.format(
+                            task=task.prompt,
+                            skeleton=listing,
+                            index=i + 1,
+                            count=points,
+                            point=point,
+                        ),
+                    }
+                ],
+                role="expand",
+                stream=True,
+            )
+            for i, point in enumerate(chosen)
+        ]
+    )
     answer = "\n".join(e.text for e in expansions)
     return Outcome(
-        "split", task.suite, task.id, task.check(answer), round(time.time() - started, 4),
-        1 + points, first.prompt_tokens + sum(e.prompt_tokens for e in expansions),
+        "split",
+        task.suite,
+        task.id,
+        task.check(answer),
+        round(time.time() - started, 4),
+        1 + points,
+        first.prompt_tokens + sum(e.prompt_tokens for e in expansions),
         first.completion_tokens + sum(e.completion_tokens for e in expansions),
-        first.completion_tokens + max(e.completion_tokens for e in expansions), answer,
+        first.completion_tokens + max(e.completion_tokens for e in expansions),
+        answer,
         timeline=[_span(first, "skeleton", started)]
         + [_span(e, f"point {i + 1}", started) for i, e in enumerate(expansions)],
-    )  # fmt: skip
+    )
 
 
 async def run_strategy(
@@ -143,6 +190,17 @@ async def run_strategy(
         if strategy == "split":
             return await _split(client, task, points)
     except Exception as exc:
-        return Outcome(strategy, task.suite, task.id, False, round(time.time() - started, 4),
-                       0, 0, 0, 0, "", error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        return Outcome(
+            strategy,
+            task.suite,
+            task.id,
+            False,
+            round(time.time() - started, 4),
+            0,
+            0,
+            0,
+            0,
+            "",
+            error=f"{type(exc).__name__}: {exc}",
+        )
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

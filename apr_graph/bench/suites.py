@@ -106,9 +106,15 @@ def _arithmetic(rng: random.Random, index: int, k: int) -> Task:
     labels = "abcdefghijklmnop"
     listing = " ".join(f"({labels[i]}) {p}" for i, p in enumerate(parts))
     prompt = f"Compute each of these independently and give every result: {listing}"
-    return Task("arithmetic", f"arithmetic-{index}", prompt, parts, expected,
-                check=lambda answer: _numbers_in_order(answer, expected),
-                meta={"labels": list(labels[:k])})  # fmt: skip
+    return Task(
+        "arithmetic",
+        f"arithmetic-{index}",
+        prompt,
+        parts,
+        expected,
+        check=lambda answer: _numbers_in_order(answer, expected),
+        meta={"labels": list(labels[:k])},
+    )
 
 
 def _countdown(rng: random.Random, index: int) -> Task:
@@ -125,18 +131,29 @@ def _countdown(rng: random.Random, index: int) -> Task:
         f"Countdown: using the numbers {numbers} (each at most once) and + - * /, "
         f"reach exactly {target}. Give the expression."
     )
-    return Task("countdown", f"countdown-{index}", prompt, starts, [solution],
-                check=lambda answer: check_countdown(answer, numbers, target),
-                meta={"numbers": numbers, "target": target, "solution": solution,
-                      "first": a})  # fmt: skip
+    return Task(
+        "countdown",
+        f"countdown-{index}",
+        prompt,
+        starts,
+        [solution],
+        check=lambda answer: check_countdown(answer, numbers, target),
+        meta={"numbers": numbers, "target": target, "solution": solution, "first": a},
+    )
 
 
 def _control(rng: random.Random, index: int) -> Task:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     prompt = f"What is {a} + {b}?"
     expected = [str(a + b)]
-    return Task("control", f"control-{index}", prompt, [f"{a} + {b}"], expected,
-                check=lambda answer: _numbers_in_order(answer, expected))  # fmt: skip
+    return Task(
+        "control",
+        f"control-{index}",
+        prompt,
+        [f"{a} + {b}"],
+        expected,
+        check=lambda answer: _numbers_in_order(answer, expected),
+    )
 
 
 SUITES = ("arithmetic", "countdown", "control")

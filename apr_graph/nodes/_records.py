@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apr_graph.llm import Completion
+from apr_graph.responses import Completion
 from apr_graph.state import CallRecord
 
 __all__ = ["call_record"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from langgraph.types import Send
 
+from apr_graph.plan import plan_of
 from apr_graph.state import AprState, WorkerInput
 
 __all__ = ["make_fan_out"]
@@ -15,9 +16,9 @@ def make_fan_out(worker: str, skip: str) -> Callable[[AprState], list[Send] | st
     """Build the router after decompose: ``Send`` to ``worker`` per subtask, else ``skip``."""
 
     def fan_out(state: AprState) -> list[Send] | str:
-        plan = state.get("plan") or {}
-        subtasks = plan.get("subtasks") or []
-        if plan.get("strategy") != "parallel" or not subtasks:
+        plan = plan_of(state)
+        subtasks = plan["subtasks"]
+        if plan["strategy"] != "parallel" or not subtasks:
             return skip
         return [
             Send(

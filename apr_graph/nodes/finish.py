@@ -6,10 +6,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apr_graph.coordination import EXHAUSTED, Boards, estimate_saved
-from apr_graph.state import AprState
+from apr_graph.board import Boards
+from apr_graph.budget import EXHAUSTED
+from apr_graph.plan import plan_of
+from apr_graph.state import AprState, ThreadRecord
 
 __all__ = ["compute_metrics", "make_finish"]
+
+
+def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> dict[str, Any]:
+    """What cancelling threads saved, estimated from the threads that finished."""
+    if not cancelled:
+        return {"saved_tokens_estimate": 0, "saved_seconds_estimate": 0.0}
+    if not done:
+        return {"saved_tokens_estimate": None, "saved_seconds_estimate": None}
+    tokens = sorted(t["completion_tokens"] for t in done)[len(done) // 2]
+    seconds = sorted(t["ended_at"] - t["started_at"] for t in done)[len(done) // 2]
+    return {
+        "saved_tokens_estimate": sum(max(0, tokens - t["completion_tokens"]) for t in cancelled),
+        "saved_seconds_estimate": round(
+            sum(max(0.0, seconds - (t["ended_at"] - t["started_at"])) for t in cancelled), 3
+        ),
+    }
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
@@ -71,12 +89,13 @@ def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
         run_id = state.get("run_id", "")
         board = boards.get(run_id)
         own = [t for t in state.get("threads") or [] if t.get("parent") is None]
-        plan = state.get("plan") or {}
-        metrics["merge"] = plan.get("merge")
-        if "critical_path_tokens" in plan:  # a native run measures its own chain
-            metrics["critical_path_tokens"] = plan["critical_path_tokens"]
-        prefix = plan.get("prefix") or {}
-        metrics["shared_prefix_fraction"] = prefix.get("shared_fraction")
+        plan = plan_of(state)
+        metrics["merge"] = plan["merge"]
+        metrics["capacity"] = state.get("capacity")
+        if plan["strategy"] == "native":  # a native run measures its own chain
+            metrics["critical_path_tokens"] = plan.get("critical_path_tokens", 0)
+        prefix = plan.get("prefix")
+        metrics["shared_prefix_fraction"] = prefix["shared_fraction"] if prefix else None
         prompt = metrics["prompt_tokens"]
         cached = metrics["cached_tokens"]
         metrics["cache_hit_fraction"] = round(cached / prompt, 4) if cached and prompt else None
@@ -91,7 +110,7 @@ def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
             metrics["missing"] = missing if exhausted else []
             if board.merge == "vote":
                 metrics["votes"] = dict(board.votes)
-            boards.close(run_id, root=not state.get("parent_run"))
+            boards.close(run_id, root=not state.get("depth"))
         return {"metrics": metrics}
 
     return finish

@@ -21,14 +21,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from apr_graph.coordination import Boards, RunBoard, StoppedError
+from apr_graph.board import Boards, RunBoard
+from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError
 from apr_graph.events import emit
-from apr_graph.llm import Completion, LLMClient
+from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.decompose import read_input
+from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprState, CallRecord, ThreadRecord
+from apr_graph.state import AprState, CallRecord, NativeBlock, PlanRecord, ThreadRecord
 
 __all__ = ["FORMATS", "NativeFormat", "make_native"]
 
@@ -47,10 +49,11 @@ class NativeFormat:
 
 
 FORMATS = {
-    "threadweaver": NativeFormat("threadweaver", "<Outlines>", "</Outlines>", "<Thread>",
-                                 "</Thread>"),
+    "threadweaver": NativeFormat(
+        "threadweaver", "<Outlines>", "</Outlines>", "<Thread>", "</Thread>"
+    ),
     "multiverse": NativeFormat("multiverse", "<Goal>", "</Goal>", "<Path>", "</Path>"),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -63,7 +66,7 @@ class _Run:
     fmt: NativeFormat
     calls: list[CallRecord] = field(default_factory=list)
     threads: list[ThreadRecord] = field(default_factory=list)
-    blocks: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[NativeBlock] = field(default_factory=list)
     counter: int = 0
 
 
@@ -91,9 +94,14 @@ async def _generate(
         may_fork = depth < settings.max_depth
         stops = ([fmt.outlines_close] if may_fork else []) + ([end] if end else [])
         completion: Completion = await run.board.guard(
-            run.client.complete(prefix + out, role="native", stop=stops,
-                                max_tokens=settings.worker_max_tokens, budget=run.board.budget)
-        )  # fmt: skip
+            run.client.complete(
+                prefix + out,
+                role="native",
+                stop=stops,
+                max_tokens=settings.worker_max_tokens,
+                budget=run.board.budget,
+            )
+        )
         run.calls.append(call_record(completion, role="native", thread_id=owner))
         out += completion.text
         critical += completion.completion_tokens
@@ -118,11 +126,15 @@ async def _fork(
     outlines = fmt.outline.findall(block)
     granted = run.board.budget.reserve_threads(min(len(outlines), run.settings.max_threads))
     block_id = f"{owner + '/' if owner else ''}b{len(run.blocks) + 1}"
-    run.blocks.append({"id": block_id, "depth": depth + 1, "outlines": outlines,
-                       "forked": granted})  # fmt: skip
-    emit("plan", strategy="native", subtasks=[{"id": f"{block_id}.{_label(o, i)}", "goal": o}
-                                              for i, o in enumerate(outlines)],
-         notes=[], merge="concatenate", depth=depth + 1)  # fmt: skip
+    run.blocks.append(NativeBlock(id=block_id, depth=depth + 1, outlines=outlines, forked=granted))
+    emit(
+        "plan",
+        strategy="native",
+        subtasks=[{"id": f"{block_id}.{_label(o, i)}", "goal": o} for i, o in enumerate(outlines)],
+        notes=[],
+        merge="concatenate",
+        depth=depth + 1,
+    )
     if granted < len(outlines):
         # Not enough thread slots for this block: the model writes its threads itself.
         return "\n", 0
@@ -133,19 +145,37 @@ async def _fork(
         opening = f"\n{fmt.thread_open}\n{label}:"
         started = time.time()
         emit("thread_started", id=sid, goal=outline, at=started, depth=depth + 1)
-        body, critical = await _generate(run, prefix + opening, depth=depth + 1,
-                                         end=fmt.thread_close, owner=sid)  # fmt: skip
+        body, critical = await _generate(
+            run, prefix + opening, depth=depth + 1, end=fmt.thread_close, owner=sid
+        )
         tokens = sum(c["completion_tokens"] for c in run.calls if c["thread_id"] == sid)
         record = ThreadRecord(
-            id=sid, goal=outline, status="done", answer=body.strip(), error=None,
+            id=sid,
+            goal=outline,
+            status="done",
+            answer=body.strip(),
+            error=None,
             prompt_tokens=sum(c["prompt_tokens"] for c in run.calls if c["thread_id"] == sid),
-            completion_tokens=tokens, critical_path_tokens=critical, started_at=started,
-            ended_at=time.time(), depth=depth + 1, parent=owner, attempts=1, verified=None,
-        )  # fmt: skip
+            completion_tokens=tokens,
+            critical_path_tokens=critical,
+            started_at=started,
+            ended_at=time.time(),
+            depth=depth + 1,
+            parent=owner,
+            attempts=1,
+            verified=None,
+        )
         run.threads.append(record)
-        emit("thread_finished", id=sid, status="done", completion_tokens=tokens,
-             elapsed_s=round(record["ended_at"] - started, 3), error=None,
-             answer=record["answer"], depth=depth + 1)  # fmt: skip
+        emit(
+            "thread_finished",
+            id=sid,
+            status="done",
+            completion_tokens=tokens,
+            elapsed_s=round(record["ended_at"] - started, 3),
+            error=None,
+            answer=record["answer"],
+            depth=depth + 1,
+        )
         return f"{opening}{body}{fmt.thread_close}", critical
 
     results = await asyncio.gather(*(thread(i, o) for i, o in enumerate(outlines)))
@@ -184,10 +214,27 @@ def make_native(
             reason = budget.stop_reason or "budget"
             text, critical = "", 0
             answer = f"(incomplete: the {reason} was reached while the model was reasoning)"
-        plan = {"strategy": "native", "format": fmt.name, "blocks": run.blocks,
-                "subtasks": [], "merge": "concatenate", "notes": [], "reasoning": text,
-                "critical_path_tokens": critical}  # fmt: skip
-        return {"started_at": started, "run_id": board.run_id, "plan": plan,
-                "answer": answer, "threads": run.threads, "calls": run.calls}  # fmt: skip
+        except BaseException:  # failed or cancelled: the run is over, its board goes too
+            boards.close(board.run_id, root=not state.get("parent_run"))
+            raise
+        plan = PlanRecord(
+            strategy="native",
+            answer=None,
+            subtasks=[],
+            merge="concatenate",
+            notes=[],
+            format=fmt.name,
+            blocks=run.blocks,
+            reasoning=text,
+            critical_path_tokens=critical,
+        )
+        return {
+            "started_at": started,
+            "run_id": board.run_id,
+            "plan": plan,
+            "answer": answer,
+            "threads": run.threads,
+            "calls": run.calls,
+        }
 
     return native

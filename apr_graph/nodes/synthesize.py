@@ -8,16 +8,18 @@ assembled from what finished and marked incomplete.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer, normalise_answer
+from apr_graph.answers import final_answer, majority, normalise_answer
+from apr_graph.board import Boards, RunBoard
+from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.plan import plan_of
 from apr_graph.prompts import judge_messages, synthesizer_messages
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, ThreadRecord
@@ -34,7 +36,7 @@ class Choice(BaseModel):
 
 def threads_in_plan_order(state: AprState) -> list[ThreadRecord]:
     """This run's own thread records (not nested ones), sorted as the plan lists them."""
-    order = {s["id"]: i for i, s in enumerate((state.get("plan") or {}).get("subtasks", []))}
+    order = {s["id"]: i for i, s in enumerate(plan_of(state)["subtasks"])}
     own = [t for t in state.get("threads") or [] if t.get("parent") is None]
     return sorted(own, key=lambda t: order.get(t["id"], len(order)))
 
@@ -52,7 +54,7 @@ def make_synthesize(
 
     async def synthesize(state: AprState) -> dict[str, Any]:
         run_id = state.get("run_id", "")
-        board = boards.get(run_id) or boards.revive(settings, run_id, state.get("plan") or {})
+        board = boards.get(run_id) or boards.revive(settings, run_id, plan_of(state))
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
         missing = [t["id"] for t in threads if t["status"] != "done"]
@@ -84,17 +86,13 @@ async def _merge(
     calls: list[CallRecord],
 ) -> str:
     task, context = state.get("task", ""), state.get("context", "") or ""
-    plan = state.get("plan") or {}
+    plan = plan_of(state)
     if board.merge == "vote":
-        counts = Counter(normalise_answer(final_answer(t["answer"] or "")) for t in done)
-        leader = counts.most_common(1)[0][0]
-        winner = next(
-            t for t in done if normalise_answer(final_answer(t["answer"] or "")) == leader
-        )
-        return final_answer(winner["answer"] or "")
+        votes = {t["id"]: normalise_answer(final_answer(t["answer"] or "")) for t in done}
+        winner, _, _ = majority(votes)
+        return final_answer(next(t["answer"] or "" for t in done if t["id"] == winner))
     if board.merge == "race" and board.winner is not None:
-        winner = next(t for t in done if t["id"] == board.winner)
-        return winner["answer"] or ""
+        return next(t["answer"] or "" for t in done if t["id"] == board.winner)
     if board.merge == "best" and len(done) > 1:
         candidates = [(t["id"], t["goal"], t["answer"] or "") for t in done]
         try:
@@ -114,10 +112,15 @@ async def _merge(
         picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
         return (picked[0] if picked else done[0])["answer"] or ""
     results = [
-        (t["id"], t["goal"], t["answer"] if t["status"] == "done" and t["answer"]
-         else f"(this thread {t['status']}: {t['error'] or 'empty answer'})")
+        (
+            t["id"],
+            t["goal"],
+            t["answer"]
+            if t["status"] == "done" and t["answer"]
+            else f"(this thread {t['status']}: {t['error'] or 'empty answer'})",
+        )
         for t in threads
-    ]  # fmt: skip
+    ]
     completion = await board.guard(
         client.chat(
             synthesizer_messages(task, context, plan, results),

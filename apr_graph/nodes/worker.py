@@ -9,29 +9,34 @@ race the thread reports its result to the board, which may settle the run and ca
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 
-from apr_graph.coordination import Boards, RunBoard, StoppedError, final_answer
+from apr_graph.answers import final_answer
+from apr_graph.board import Boards, RunBoard
+from apr_graph.budget import StoppedError
 from apr_graph.errors import (
     AuthenticationError,
     BudgetExhaustedError,
     ModelCallError,
     ModelNotFoundError,
+    ServerCapabilityError,
 )
 from apr_graph.events import emit, token_emitter
-from apr_graph.llm import Completion, LLMClient, StreamProgress
+from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.prompts import verifier_messages, worker_messages
+from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
-from apr_graph.state import CallRecord, ThreadRecord, ThreadStatus, WorkerInput
+from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
+
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
 
 __all__ = ["Verifier", "make_worker"]
 
@@ -60,7 +65,7 @@ class _Thread:
     attempts: int = 0
 
     @property
-    def subtask(self) -> dict[str, Any]:
+    def subtask(self) -> SubtaskRecord:
         return self.payload["subtask"]
 
     def record(
@@ -73,13 +78,21 @@ class _Thread:
         critical: int | None = None,
     ) -> ThreadRecord:
         return ThreadRecord(
-            id=self.subtask["id"], goal=self.subtask["goal"], status=status, answer=answer,
-            error=error, prompt_tokens=self.prompt_tokens,
+            id=self.subtask["id"],
+            goal=self.subtask["goal"],
+            status=status,
+            answer=answer,
+            error=error,
+            prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             critical_path_tokens=self.completion_tokens if critical is None else critical,
-            started_at=self.started, ended_at=time.time(), depth=self.payload["depth"] + 1,
-            parent=None, attempts=self.attempts, verified=verified,
-        )  # fmt: skip
+            started_at=self.started,
+            ended_at=time.time(),
+            depth=self.payload["depth"] + 1,
+            parent=None,
+            attempts=self.attempts,
+            verified=verified,
+        )
 
 
 def make_worker(
@@ -104,10 +117,16 @@ def make_worker(
         except StoppedError as stop:
             return _finish(board, boards, thread, thread.record("skipped", error=stop.reason))
         thread.started = time.time()
-        emit("thread_started", id=sid, goal=thread.subtask["goal"], at=thread.started,
-             depth=payload["depth"] + 1)  # fmt: skip
-        done_deps = [(d["id"], d["goal"], d["answer"] or "") for d in dependencies
-                     if d["status"] == "done"]  # fmt: skip
+        emit(
+            "thread_started",
+            id=sid,
+            goal=thread.subtask["goal"],
+            at=thread.started,
+            depth=payload["depth"] + 1,
+        )
+        done_deps = [
+            (d["id"], d["goal"], d["answer"] or "") for d in dependencies if d["status"] == "done"
+        ]
         failed_deps = [d["id"] for d in dependencies if d["status"] != "done"]
         if failed_deps:
             done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
@@ -134,19 +153,31 @@ async def _solve(
     while True:
         thread.attempts += 1
         messages = worker_messages(
-            payload["task"], payload["context"], payload["plan"], subtask,
-            dependencies=dependencies, rejected=rejected,
-        )  # fmt: skip
+            payload["task"],
+            payload["context"],
+            payload["plan"],
+            subtask,
+            dependencies=dependencies,
+            rejected=rejected,
+        )
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
         )
         allowance = subtask.get("max_tokens") or settings.worker_max_tokens
         try:
             if tools:
-                work = _tool_loop(client, settings, board, thread, messages, tools, allowance)
+                work = tool_loop(
+                    client, settings, board.budget, subtask["id"], messages, tools, allowance
+                )
             else:
-                work = client.chat(messages, role="worker", stream=True, progress=progress,
-                                   max_tokens=allowance, budget=board.budget)  # fmt: skip
+                work = client.chat(
+                    messages,
+                    role="worker",
+                    stream=True,
+                    progress=progress,
+                    max_tokens=allowance,
+                    budget=board.budget,
+                )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             # Count what the cancelled request produced; the prompt was paid for too.
@@ -160,7 +191,7 @@ async def _solve(
             status: ThreadStatus = "cancelled" if sent else "skipped"
             record = thread.record(status, error=f"{status}: {reason}")
             return _finish(board, boards, thread, record)
-        except (AuthenticationError, ModelNotFoundError):
+        except (AuthenticationError, ModelNotFoundError, ServerCapabilityError):
             raise  # the whole run is misconfigured; no sibling can succeed either
         except ModelCallError as exc:
             if settings.on_thread_error == "fail":
@@ -186,61 +217,12 @@ async def _solve(
             record = thread.record("done", answer=text, verified=True if must_verify else None)
             return _finish(board, boards, thread, record)
         if thread.attempts > settings.max_replacements or board.budget.reserve_threads(1) == 0:
-            record = thread.record("failed", answer=text, error=f"rejected: {reason}",
-                                   verified=False)  # fmt: skip
+            record = thread.record(
+                "failed", answer=text, error=f"rejected: {reason}", verified=False
+            )
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason
-
-
-async def _tool_loop(
-    client: LLMClient,
-    settings: AprSettings,
-    board: RunBoard,
-    thread: _Thread,
-    messages: list[dict[str, Any]],
-    tools: Sequence[BaseTool],
-    allowance: int,
-) -> Completion:
-    """A bounded tool loop: the model calls allowlisted tools until it answers, at most
-    ``max_tool_calls`` calls; a failing or unknown tool is reported to it, not raised."""
-    by_name = {tool.name: tool for tool in tools}
-    specs = [convert_to_openai_tool(tool) for tool in tools]
-    conversation = list(messages)
-    used = 0
-    total: Completion | None = None
-    while True:
-        offer = specs if used < settings.max_tool_calls else None
-        completion = await client.chat(conversation, role="worker", tools=offer,
-                                       max_tokens=allowance, budget=board.budget)  # fmt: skip
-        total = completion if total is None else total.plus(completion)
-        if not completion.tool_calls or offer is None:
-            return replace(total, text=completion.text, tool_calls=())
-        conversation.append({"role": "assistant", "content": completion.text or None,
-                             "tool_calls": [{"id": c["id"], "type": "function", "function": {
-                                 "name": c["name"], "arguments": c["arguments"]}}
-                                 for c in completion.tool_calls]})  # fmt: skip
-        for call in completion.tool_calls:
-            used += 1
-            result, ok = await _call_tool(by_name, call, used, settings.max_tool_calls)
-            emit("tool_call", id=thread.subtask["id"], tool=call["name"], ok=ok)
-            conversation.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-
-
-async def _call_tool(
-    by_name: dict[str, BaseTool], call: dict[str, str], used: int, limit: int
-) -> tuple[str, bool]:
-    if used > limit:
-        return f"not run: the limit of {limit} tool calls is reached; answer now", False
-    tool = by_name.get(call["name"])
-    if tool is None:
-        return f"error: no tool named {call['name']!r}; available: {', '.join(by_name)}", False
-    try:
-        arguments = json.loads(call["arguments"] or "{}")
-        result = await tool.ainvoke(arguments)
-    except Exception as exc:
-        return f"error: {type(exc).__name__}: {exc}", False
-    return str(result)[:8000], True
 
 
 async def _verify(
@@ -274,13 +256,17 @@ async def _fork(
     if dependencies:
         context += "\n\n" + "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
     thread.attempts = 1
-    child_input = {"task": thread.subtask["goal"], "context": context.strip(),
-                   "depth": payload["depth"] + 1, "parent_run": board.run_id}  # fmt: skip
+    child_input = {
+        "task": thread.subtask["goal"],
+        "context": context.strip(),
+        "depth": payload["depth"] + 1,
+        "parent_run": board.run_id,
+    }
     try:
         child = await board.guard(subgraph(child_input))
     except StoppedError as stop:
         return _finish(board, boards, thread, thread.record("cancelled", error=stop.reason))
-    except (AuthenticationError, ModelNotFoundError):
+    except (AuthenticationError, ModelNotFoundError, ServerCapabilityError):
         raise
     except ModelCallError as exc:
         return _finish(board, boards, thread, thread.record("failed", error=str(exc)))
@@ -289,10 +275,11 @@ async def _fork(
     thread.completion_tokens = int(metrics.get("completion_tokens", 0))
     incomplete = bool(metrics.get("incomplete"))
     record = thread.record(
-        "cancelled" if incomplete else "done", answer=child.get("answer"),
+        "cancelled" if incomplete else "done",
+        answer=child.get("answer"),
         error="incomplete: " + ", ".join(metrics.get("missing", [])) if incomplete else None,
         critical=int(metrics.get("critical_path_tokens", 0)),
-    )  # fmt: skip
+    )
     nested = [
         {**t, "id": f"{sid}/{t['id']}", "parent": f"{sid}/{t['parent']}" if t["parent"] else sid}
         for t in child.get("threads") or []
@@ -311,19 +298,28 @@ def _finish(
 ) -> dict[str, Any]:
     """Publish the record, do the vote/race bookkeeping, emit the event, build the update."""
     sid = record["id"]
-    finished = boards.finished(board.run_id)
-    finished.add(sid)
+    board.finished.add(sid)
     board.publish(record)
     if record["status"] == "done" and record["answer"]:
         if board.merge == "vote":
-            board.vote(sid, final_answer(record["answer"]), finished)
+            board.vote(sid, final_answer(record["answer"]))
         elif board.merge == "race" and record["verified"]:
             board.settle(sid, "race")
     if record["status"] == "cancelled":
-        emit("thread_cancelled", id=sid, reason=record["error"],
-             completion_tokens=record["completion_tokens"])  # fmt: skip
-    emit("thread_finished", id=sid, status=record["status"],
-         completion_tokens=record["completion_tokens"],
-         elapsed_s=round(record["ended_at"] - record["started_at"], 3), error=record["error"],
-         answer=record["answer"], depth=record["depth"])  # fmt: skip
+        emit(
+            "thread_cancelled",
+            id=sid,
+            reason=record["error"],
+            completion_tokens=record["completion_tokens"],
+        )
+    emit(
+        "thread_finished",
+        id=sid,
+        status=record["status"],
+        completion_tokens=record["completion_tokens"],
+        elapsed_s=round(record["ended_at"] - record["started_at"], 3),
+        error=record["error"],
+        answer=record["answer"],
+        depth=record["depth"],
+    )
     return {"threads": [record], "calls": thread.calls}

@@ -1,0 +1,170 @@
+"""Where the threads of one run meet: dependencies, early stop, cancellation.
+
+All threads of one fan-out run as concurrent ``Send`` tasks of one LangGraph step. They meet on
+a ``RunBoard``: a dependent thread awaits the results it needs (so it starts as soon as they
+exist, not in rigid waves), a vote or race settles the run and the other threads cancel their
+requests. Boards hold live asyncio objects, so they stay out of graph state (which must remain
+JSON for checkpointers); state carries only the run id. Each graph owns its ``Boards``, and a
+board is released on every way out of a run: finished, failed or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from apr_graph.answers import majority, normalise_answer
+from apr_graph.budget import Budget, StoppedError
+from apr_graph.settings import AprSettings
+from apr_graph.state import PlanRecord, ThreadRecord
+
+__all__ = ["Boards", "RunBoard"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunBoard:
+    """Where the threads of one graph run (root or nested) meet."""
+
+    run_id: str
+    budget: Budget
+    merge: str
+    thread_ids: list[str]
+    results: dict[str, asyncio.Future[ThreadRecord]] = field(default_factory=dict)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    settle_reason: str | None = None
+    winner: str | None = None
+    votes: dict[str, str] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    """Ids of the threads that have a final record."""
+
+    def _future(self, thread_id: str) -> asyncio.Future[ThreadRecord]:
+        if thread_id not in self.results:
+            self.results[thread_id] = asyncio.get_running_loop().create_future()
+        return self.results[thread_id]
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why threads of this run must stop, if they must."""
+        return self.settle_reason or self.budget.stop_reason
+
+    def publish(self, record: ThreadRecord) -> None:
+        """Make a finished thread's record visible to the threads that depend on it."""
+        future = self._future(record["id"])
+        if not future.done():
+            future.set_result(record)
+
+    async def wait_for(self, thread_ids: Iterable[str]) -> list[ThreadRecord]:
+        """The records of ``thread_ids`` once they all finished (raises ``StoppedError``)."""
+        futures = [self._future(t) for t in thread_ids]
+        if not futures:
+            return []
+        return await self.guard(asyncio.gather(*futures))
+
+    async def guard(self, work: Awaitable[T], *, budget_only: bool = False) -> T:
+        """Await ``work`` unless the run stops first; then cancel it and raise ``StoppedError``.
+
+        Cancelling a streamed model call closes its HTTP response, so the server stops too.
+        ``budget_only``: ignore a settled vote or race (for the merge step itself).
+        """
+        reason = self.budget.stop_reason if budget_only else self.stop_reason
+        if reason:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise StoppedError(reason)
+        task = asyncio.ensure_future(work)
+        stops = [asyncio.ensure_future(self.budget.stopped.wait())]
+        if not budget_only:
+            stops.append(asyncio.ensure_future(self.settled.wait()))
+        try:
+            await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()  # the caller gave up: so does the request (its response is closed)
+            raise
+        finally:
+            for waiter in stops:
+                waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        # Wait for the cancellation to land, whatever the work raises on its way out.
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as never retrieved
+        raise StoppedError(self.stop_reason or "stopped")
+
+    def settle(self, winner: str, reason: str) -> None:
+        """The answer is decided (a certain majority, a verified race result)."""
+        if self.winner is None:
+            self.winner = winner
+            self.settle_reason = reason
+            self.settled.set()
+
+    def vote(self, thread_id: str, answer: str) -> None:
+        """Count one thread's final answer; settle as soon as the majority is certain."""
+        self.votes[thread_id] = normalise_answer(answer)
+        winner, lead, runner_up = majority(self.votes)
+        remaining = len([t for t in self.thread_ids if t not in self.finished])
+        if lead > runner_up + remaining:
+            self.settle(winner, "vote")
+
+
+class Boards:
+    """The live boards of the runs of one graph, by run id.
+
+    A board lives from its run's first node to its last: ``close`` releases it when the run
+    finishes, fails or is cancelled. Boards whose event loop has closed (a caller's
+    ``asyncio.run`` that ended between two steps) are swept on the next ``attach``.
+    """
+
+    def __init__(self) -> None:
+        self._boards: dict[str, RunBoard] = {}
+
+    def __len__(self) -> int:
+        return len(self._boards)
+
+    def budget_for(self, settings: AprSettings, parent_run: str | None) -> Budget:
+        """The budget a new run draws on (its parent's, if nested)."""
+        parent = self._boards.get(parent_run) if parent_run else None
+        return parent.budget if parent is not None else Budget(settings)
+
+    def attach(self, board: RunBoard) -> None:
+        """Register a board built elsewhere."""
+        for run_id in [r for r, b in self._boards.items() if b.budget.orphaned]:
+            self.close(run_id, root=True)
+        self._boards[board.run_id] = board
+
+    def get(self, run_id: str) -> RunBoard | None:
+        """The board of a live run."""
+        return self._boards.get(run_id)
+
+    def revive(
+        self,
+        settings: AprSettings,
+        run_id: str,
+        plan: PlanRecord,
+        finished: Iterable[ThreadRecord] = (),
+    ) -> RunBoard:
+        """The board of a run resumed from a checkpoint (or met again after a failure).
+
+        Threads that finished before the interruption are published again, so the threads
+        that depend on them find their results. The budget starts afresh.
+        """
+        board = self._boards.get(run_id)
+        if board is None:
+            ids = [s["id"] for s in plan.get("subtasks", [])]
+            board = RunBoard(run_id, Budget(settings), plan.get("merge") or "synthesize", ids)
+            self.attach(board)
+        for record in finished:
+            board.finished.add(record["id"])
+            board.publish(record)
+        return board
+
+    def close(self, run_id: str, *, root: bool) -> None:
+        """Release a run's board (and stop its budget's timer if it is the root run)."""
+        board = self._boards.pop(run_id, None)
+        if board is not None and root:
+            board.budget.close()

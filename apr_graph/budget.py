@@ -1,0 +1,110 @@
+"""A run's budget: tokens, time and thread slots, shared by a run and its nested forks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+from apr_graph.settings import AprSettings
+
+__all__ = ["EXHAUSTED", "Budget", "StoppedError"]
+
+EXHAUSTED = frozenset({"deadline", "token_budget"})
+"""Stop reasons that leave the answer incomplete (as opposed to a settled vote or race)."""
+
+
+class StoppedError(Exception):
+    """The run stopped (settled, or out of budget) while this thread waited or worked."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Budget:
+    """Tokens, time and thread slots of a whole run, nested forks included.
+
+    The client charges it from its own thread as answers arrive and asks ``admits()`` right
+    before each request goes out, so counting is thread-safe and the stop signal is handed
+    to the run's event loop.
+    """
+
+    settings: AprSettings
+    started: float = field(default_factory=time.monotonic)
+    tokens_used: int = 0
+    threads_started: int = 0
+    stop_reason: str | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _timer: asyncio.TimerHandle | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: int = 0
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        if self.settings.deadline_s is not None:
+            self._timer = self._loop.call_later(self.settings.deadline_s, self.stop, "deadline")
+
+    @property
+    def orphaned(self) -> bool:
+        """Whether the run's event loop has closed (nothing will ever finish this run)."""
+        return self._loop is not None and self._loop.is_closed()
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether a token or time budget ran out."""
+        return self.stop_reason in EXHAUSTED
+
+    def admits(self) -> bool:
+        """Whether a new request may be sent now."""
+        return self.stop_reason is None
+
+    def remaining_s(self) -> float | None:
+        """Seconds left before the deadline, if there is one."""
+        if self.settings.deadline_s is None:
+            return None
+        return max(0.0, self.settings.deadline_s - (time.monotonic() - self.started))
+
+    def reserve_threads(self, wanted: int) -> int:
+        """Take up to ``wanted`` thread slots; returns how many were granted."""
+        with self._lock:
+            granted = max(0, min(wanted, self.settings.max_total_threads - self.threads_started))
+            self.threads_started += granted
+        return granted
+
+    def charge(self, tokens: int) -> None:
+        """Count tokens spent; stop the run when the token budget is reached."""
+        with self._lock:
+            self.tokens_used += tokens
+            over = self.settings.token_budget is not None and (
+                self.tokens_used >= self.settings.token_budget
+            )
+        if over:
+            self.stop("token_budget")
+
+    def stop(self, reason: str) -> None:
+        """Stop the run: nothing new starts and running threads are cancelled."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+        if threading.get_ident() == self._thread or self._loop is None:
+            self._signal()
+        else:
+            with contextlib.suppress(RuntimeError):  # the run's loop is gone already
+                self._loop.call_soon_threadsafe(self._signal)
+
+    def _signal(self) -> None:
+        self.stopped.set()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def close(self) -> None:
+        """Release the deadline timer."""
+        if self._timer is not None:
+            self._timer.cancel()

@@ -1,0 +1,200 @@
+"""What went wrong with a request, read from its status *and* body, and the error a caller sees.
+
+Servers disagree on status codes: a LiteLLM proxy answers a wrong key with ``400`` and
+``"type": "auth_error"``; llama.cpp answers an oversized prompt with ``400``
+``exceed_context_size_error`` and a missing ``--jinja`` with ``500``. So a failure is classified
+from both, and only transient kinds (connection, timeout, 408/409/429, other 5xx, broken
+replies) are worth a retry. A format refusal is one only when the server says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Literal
+
+import openai
+
+from apr_graph.errors import (
+    AprError,
+    AuthenticationError,
+    ContextOverflowError,
+    ModelCallError,
+    ModelNotFoundError,
+    ResponseFormatRefusedError,
+    ServerCapabilityError,
+    ServerUnreachableError,
+)
+from apr_graph.responses import TransientResponseError
+from apr_graph.retry import retry_after_s
+
+__all__ = ["FailureKind", "classify", "server_message", "to_error"]
+
+FailureKind = Literal[
+    "auth",
+    "not_found",
+    "context",
+    "format",
+    "tools",
+    "timeout",
+    "unreachable",
+    "transient",
+    "rejected",
+]
+"""``rejected``: the server refused this request for good (a 4xx apr cannot cure)."""
+
+RETRYABLE: frozenset[FailureKind] = frozenset({"timeout", "unreachable", "transient"})
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_AUTH = re.compile(
+    r"authenticat|unauthori[sz]ed|api[ _-]?key|invalid[ _-]token|no connected db", re.I
+)
+_CONTEXT = re.compile(
+    r"context[ _](length|size|window)|exceeds? the (available|maximum) context|too many tokens"
+    r"|prompt is too long|maximum context",
+    re.I,
+)
+_FORMAT = re.compile(r"response_format|json_schema|json schema|grammar|\bschema\b", re.I)
+_TOOLS = re.compile(r"\btools?\b.*(requires?|not supported|unsupported|not enabled)|--jinja", re.I)
+
+
+def server_message(exc: openai.APIStatusError) -> str:
+    """The error text of a failed response (OpenAI, vLLM and llama.cpp body shapes)."""
+    body = exc.body
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error")
+        if isinstance(message, dict):
+            message = message.get("message")
+        if message:
+            return str(message)[:300]
+    return str(exc.message)[:300]
+
+
+def _error_type(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    found = body.get("type") or body.get("code") if isinstance(body, dict) else None
+    return str(found or exc.type or exc.code or "")
+
+
+def _classify_status(
+    exc: openai.APIStatusError, *, has_format: bool, has_tools: bool
+) -> FailureKind:
+    status = exc.status_code
+    text = f"{_error_type(exc)} {server_message(exc)}"
+    if status in {401, 403} or (
+        status == 400 and ("auth" in _error_type(exc).lower() or _AUTH.search(text))
+    ):
+        return "auth"
+    if _CONTEXT.search(text) or "context_length_exceeded" in text:
+        return "context"
+    if has_tools and _TOOLS.search(text):
+        return "tools"
+    if has_format and status in {400, 422, 500, 501} and _FORMAT.search(text):
+        return "format"
+    if status == 404:
+        return "not_found"
+    if status in _RETRYABLE_STATUS or status >= 500:
+        return "transient"
+    return "rejected"
+
+
+def classify(
+    exc: BaseException, *, has_format: bool = False, has_tools: bool = False
+) -> FailureKind:
+    """The kind of a request's failure; ``RETRYABLE`` kinds are worth another request."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "unreachable"
+    if isinstance(exc, openai.APIStatusError):
+        return _classify_status(exc, has_format=has_format, has_tools=has_tools)
+    if isinstance(exc, TransientResponseError):
+        return "transient"
+    return "rejected"
+
+
+def _requests(count: int) -> str:
+    return f"{count} request" + ("" if count == 1 else "s")
+
+
+def to_error(
+    exc: Exception,
+    kind: FailureKind,
+    *,
+    url: str,
+    model: str,
+    attempts: int,
+    timeout_s: float,
+    retry_max_wait_s: float,
+    redact: Callable[[str], str],
+) -> AprError:
+    """The apr-graph error a caller sees for ``exc`` after ``attempts`` requests."""
+    if isinstance(exc, AprError):
+        return exc
+    sent = _requests(attempts)
+    if kind == "timeout":
+        return ModelCallError(
+            f"request to {url} timed out after {timeout_s:g}s ({sent}); raise "
+            "request_timeout_s if the model is slow",
+            attempts=attempts,
+            url=url,
+        )
+    if kind == "unreachable":
+        return ServerUnreachableError(
+            f"cannot connect to {url} ({sent}): is the server running, and is the URL right "
+            "(it usually ends in /v1)?",
+            attempts=attempts,
+            url=url,
+        )
+    if not isinstance(exc, openai.APIStatusError):
+        return ModelCallError(
+            f"{redact(str(exc))} (from {url}, {sent})", attempts=attempts, url=url
+        )
+    status = exc.status_code
+    said = redact(server_message(exc))
+    head = f"HTTP {status} from {url}"
+    if kind == "auth":
+        return AuthenticationError(
+            f"the server at {url} refused the API key (HTTP {status} after {sent}: {said}); "
+            "check --api-key / OPENAI_API_KEY",
+            status_code=status,
+            attempts=attempts,
+            url=url,
+        )
+    if kind == "not_found":
+        return ModelNotFoundError(
+            f"{head} for model {model!r}: {said}", status_code=404, attempts=attempts, url=url
+        )
+    if kind == "context":
+        return ContextOverflowError(
+            f"{head}: the request does not fit the model's context ({said}); shorten the task "
+            "or context, give the server a larger context (llama.cpp: -c N), or lower the "
+            "token allowances (planner/worker/synthesizer_max_tokens)",
+            status_code=status,
+            attempts=attempts,
+            url=url,
+        )
+    if kind == "tools":
+        return ServerCapabilityError(
+            f"{head}: the server cannot serve tool calls ({said}); enable them on the server "
+            "(llama.cpp: start llama-server with --jinja) or build the graph without tools",
+            status_code=status,
+            attempts=attempts,
+            url=url,
+        )
+    if kind == "format":
+        return ResponseFormatRefusedError(
+            f"{head}: the server refused the response_format: {said}",
+            status_code=status,
+            attempts=attempts,
+            url=url,
+        )
+    hint = ""
+    delay = retry_after_s(exc)
+    if delay is not None and delay > retry_max_wait_s:
+        hint = f"; the server asked to wait {delay:g}s, beyond retry_max_wait_s"
+    elif delay is not None and status in _RETRYABLE_STATUS | {503}:
+        hint = f"; the server asked to wait {delay:g}s, beyond the run's deadline"
+    return ModelCallError(
+        f"{head} after {sent}: {said}{hint}", status_code=status, attempts=attempts, url=url
+    )

@@ -1,0 +1,324 @@
+"""Requests to OpenAI-compatible servers: endpoints, their limits, probing, request shapes.
+
+Each endpoint (``base_url`` plus any ``base_urls`` replicas) has its own SDK client (SDK
+retries off) and its own adaptive limiter; a request goes to the least-loaded endpoint that is
+not cooling down after refusing connections. The server's parallel capacity is probed once,
+before the first request, and sizes each endpoint's limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from apr_graph.capacity import CapacityReport, probe_parallel_capacity
+from apr_graph.limiter import AdaptiveLimiter
+from apr_graph.responses import (
+    Completion,
+    StreamProgress,
+    TransientResponseError,
+    cached_tokens,
+    choice_text,
+    delta_text,
+    estimate_tokens,
+    prompt_estimate,
+    read_stream,
+    strip_reasoning,
+    tool_calls_of,
+    usage_counts,
+)
+from apr_graph.retry import CallBudget
+from apr_graph.settings import AprSettings
+from apr_graph.transport import ChatRequest, TextRequest, admit
+
+__all__ = ["OpenAITransport"]
+
+_COOLDOWN_S = 2.0
+"""How long an endpoint that refused connections is avoided (while others are up)."""
+
+
+class _Endpoint:
+    """One server: its SDK client and its own adaptive limiter (they live on one loop)."""
+
+    def __init__(self, settings: AprSettings, base_url: str) -> None:
+        self.url = base_url
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=settings.api_key.get_secret_value(),
+            max_retries=0,
+            timeout=settings.request_timeout_s,
+        )
+        self.limit = AdaptiveLimiter(settings.max_concurrency)
+        self.down_until = 0.0
+        self.report = CapacityReport()
+
+    def load(self) -> float:
+        return self.limit.in_flight / self.limit.limit
+
+    async def send(self, request: Awaitable[Any]) -> Any:
+        """Await one SDK request and teach this endpoint's limiter what happened: 429/503
+        shrink it, success grows it, a refused connection sets the endpoint aside a while."""
+        try:
+            result = await request
+        except openai.APIStatusError as exc:
+            if exc.status_code in {429, 503}:
+                self.limit.overloaded()
+            raise
+        except openai.APIConnectionError:
+            self.down_until = time.monotonic() + _COOLDOWN_S
+            raise
+        self.limit.succeeded()
+        return result
+
+
+class OpenAITransport:
+    """The transport to one or more OpenAI-compatible servers (``settings.base_url(s)``).
+
+    Args:
+        settings: endpoints, API key, timeout, concurrency and probing.
+    """
+
+    def __init__(self, settings: AprSettings) -> None:
+        if settings.base_url is None:
+            raise ValueError("OpenAITransport needs settings.base_url")
+        self.settings = settings
+        self.urls = list(dict.fromkeys([settings.base_url, *settings.base_urls]))
+        self._endpoints: list[_Endpoint] = []
+        self._probed = False
+        self._probe_lock: asyncio.Lock | None = None
+
+    @property
+    def name(self) -> str:
+        """The first endpoint's URL."""
+        return self.urls[0]
+
+    def _all(self) -> list[_Endpoint]:
+        # Built on first use, on the client's loop, so each endpoint has one client and limiter.
+        if not self._endpoints:
+            self._endpoints.extend(_Endpoint(self.settings, url) for url in self.urls)
+        return self._endpoints
+
+    async def _pick(self) -> _Endpoint:
+        """The least-loaded endpoint among those not cooling down (probed first, once)."""
+        await self.capacity()
+        now = time.monotonic()
+        endpoints = self._all()
+        up = [e for e in endpoints if e.down_until <= now] or endpoints
+        return min(up, key=_Endpoint.load)
+
+    async def capacity(self) -> int:
+        """Requests the servers run at once: probed once (``probe_capacity``), else settings."""
+        endpoints = self._all()
+        if self._probe_lock is None:
+            self._probe_lock = asyncio.Lock()
+        async with self._probe_lock:
+            if not self._probed:
+                self._probed = True
+                if self.settings.probe_capacity:
+                    await asyncio.gather(*(self._probe(e) for e in endpoints))
+                else:
+                    for endpoint in endpoints:
+                        endpoint.report = CapacityReport(source="not asked (probe_capacity off)")
+        return sum(e.limit.maximum for e in endpoints)
+
+    async def _probe(self, endpoint: _Endpoint) -> None:
+        report = await probe_parallel_capacity(
+            endpoint.url, self.settings.api_key.get_secret_value()
+        )
+        endpoint.report = report
+        if report.width is None:
+            return
+        slots = report.width
+        if "max_concurrency" in self.settings.model_fields_set:
+            slots = min(slots, self.settings.max_concurrency)  # the user's cap still holds
+        endpoint.limit.maximum = endpoint.limit.limit = slots
+
+    def capacity_report(self) -> dict[str, Any]:
+        """What probing found, over all endpoints: ``width`` (``None``: unknown), ``source``,
+        ``limit`` (requests allowed in flight), and any ``slot_context`` / ``kv_cache_tokens``."""
+        reports = [e.report for e in self._all()]
+        widths = [r.width for r in reports]
+        found: dict[str, Any] = {
+            "width": None if None in widths else sum(w or 0 for w in widths),
+            "source": "; ".join(dict.fromkeys(r.source for r in reports)),
+            "limit": sum(e.limit.maximum for e in self._all()),
+        }
+        for name in ("slot_context", "kv_cache_tokens"):
+            values = [getattr(r, name) for r in reports if getattr(r, name) is not None]
+            if values:
+                found[name] = min(values) if name == "slot_context" else sum(values)
+        return found
+
+    def concurrency_limit(self) -> int:
+        """Requests currently allowed in flight, over all endpoints."""
+        if not self._endpoints:
+            return self.settings.max_concurrency * len(self.urls)
+        return sum(e.limit.limit for e in self._endpoints)
+
+    @property
+    def requests_by_endpoint(self) -> dict[str, int]:
+        """Requests in flight per endpoint URL."""
+        return {e.url: e.limit.in_flight for e in self._endpoints}
+
+    async def list_models(self) -> list[str]:
+        """``GET /models`` of the first endpoint."""
+        page = await self._all()[0].client.models.list()
+        return [model.id async for model in page]
+
+    async def aclose(self) -> None:
+        """Close every endpoint's connections (they are rebuilt on next use)."""
+        endpoints, self._endpoints = self._endpoints, []
+        self._probed = False
+        for endpoint in endpoints:
+            await endpoint.client.close()
+
+    async def chat(
+        self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """One chat completion, streamed unless it offers tools."""
+        endpoint = await self._pick()
+        max_tokens = _fit(request.max_tokens, prompt_estimate(request.messages), endpoint)
+        extra: dict[str, Any] = {}
+        if request.response_format is not None:
+            extra["response_format"] = request.response_format
+        if request.tools:
+            extra["tools"] = list(request.tools)
+        stream = request.stream and not request.tools
+        if stream:
+            extra["stream_options"] = {"include_usage": True}
+        async with endpoint.limit:
+            admit(budget)
+            progress.restart(time.time())  # sent only once a slot is free
+            try:
+                response: Any = await endpoint.send(
+                    endpoint.client.chat.completions.create(
+                        model=request.model,
+                        messages=list(request.messages),  # type: ignore[arg-type]
+                        max_tokens=max_tokens,
+                        temperature=request.temperature,
+                        extra_headers={"X-Apr-Role": request.role},
+                        stream=stream,
+                        **extra,
+                    )
+                )
+            except ValueError as exc:  # a 200 whose JSON body does not parse
+                raise TransientResponseError(f"malformed response body: {exc}") from exc
+            if stream:
+                end = await read_stream(response, progress, delta_text)
+                reply = _Reply(progress.text, end.finish_reason, end.usage)
+                reply.counted = progress.completion_tokens
+            else:
+                reply = _unpack(response)
+            prompt, completion = usage_counts(
+                reply.usage, prompt=prompt_estimate(request.messages), completion=reply.counted
+            )
+            if budget is not None:
+                progress.charged = True  # before charging: the charge may stop the run
+                budget.charge(prompt + completion)
+        return Completion(
+            text=strip_reasoning(reply.text),
+            finish_reason=reply.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached_tokens(reply.usage, reply.extra),
+            requests=1,
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            model=request.model,
+            tool_calls=reply.tool_calls,
+        )
+
+    async def complete(
+        self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """One streamed ``/v1/completions`` request ending at a stop string."""
+        endpoint = await self._pick()
+        max_tokens = _fit(request.max_tokens, estimate_tokens(request.prompt), endpoint)
+        async with endpoint.limit:
+            admit(budget)
+            progress.restart(time.time())
+            response: Any = await endpoint.send(
+                endpoint.client.completions.create(
+                    model=request.model,
+                    prompt=request.prompt,
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    stop=list(request.stop) or None,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={"X-Apr-Role": request.role},
+                )
+            )
+            end = await read_stream(response, progress, choice_text)
+            prompt, completion = usage_counts(
+                end.usage,
+                prompt=estimate_tokens(request.prompt),
+                completion=progress.completion_tokens,
+            )
+            if budget is not None:
+                progress.charged = True
+                budget.charge(prompt + completion)
+        return Completion(
+            text=progress.text,
+            finish_reason=end.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached_tokens(end.usage),
+            requests=1,
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            model=request.model,
+            stop_reason=end.stop_reason,
+        )
+
+
+_CONTEXT_MARGIN = 32
+"""Tokens kept free in a slot's context: the prompt's size is an estimate."""
+
+
+def _fit(max_tokens: int, prompt_tokens: int, endpoint: _Endpoint) -> int:
+    """``max_tokens`` lowered to what the server's per-slot context leaves after the prompt
+    (llama.cpp refuses a request whose prompt plus allowance does not fit)."""
+    context = endpoint.report.slot_context
+    if context is None:
+        return max_tokens
+    return max(16, min(max_tokens, context - prompt_tokens - _CONTEXT_MARGIN))
+
+
+@dataclass
+class _Reply:
+    """What one chat reply carried, streamed or not."""
+
+    text: str
+    finish_reason: str | None
+    usage: Any
+    extra: Any = None
+    tool_calls: tuple[dict[str, str], ...] = ()
+    counted: int = 0
+    """Completion tokens as counted by the client (used when the server reports no usage)."""
+
+    def __post_init__(self) -> None:
+        self.counted = estimate_tokens(self.text)
+
+
+def _unpack(result: Any) -> _Reply:
+    """The reply of a non-streamed chat completion."""
+    if not isinstance(result, openai.types.chat.ChatCompletion):
+        snippet = str(result)[:120]
+        raise TransientResponseError(f"the server did not return a completion: {snippet!r}")
+    if not result.choices:
+        raise TransientResponseError("the server returned no choices")
+    choice = result.choices[0]
+    message = choice.message
+    return _Reply(
+        message.content or "",
+        choice.finish_reason,
+        result.usage,
+        result.model_extra,
+        tool_calls_of(message),
+    )

@@ -1,0 +1,124 @@
+"""Plan repair: a model's plan made safe to run, whatever a small model wrote.
+
+Plans from small models must be validated and repaired, never trusted: junk subtasks of a
+direct plan, empty parallel plans, duplicate ids, too many threads, unknown or cyclic
+dependencies, forks past the depth limit and absurd token allowances are all seen in practice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from apr_graph.settings import AprSettings
+from apr_graph.state import Plan, PlanRecord, SubtaskRecord
+
+__all__ = ["direct_plan", "normalise_plan", "plan_of", "repair_dependencies"]
+
+
+def repair_dependencies(subtasks: list[SubtaskRecord], notes: list[str]) -> None:
+    """Drop unknown and self references; a cycle makes the whole plan run in order."""
+    ids = [s["id"] for s in subtasks]
+    known = set(ids)
+    for subtask in subtasks:
+        wanted = subtask["depends_on"]
+        kept = [d for d in dict.fromkeys(wanted) if d in known and d != subtask["id"]]
+        if len(kept) != len(wanted):
+            dropped = sorted(set(wanted) - set(kept))
+            notes.append(f"{subtask['id']}: ignored unknown or self dependencies {dropped}")
+        subtask["depends_on"] = kept
+    if _has_cycle(subtasks):
+        notes.append("dependencies form a cycle: running the subtasks one after another")
+        for index, subtask in enumerate(subtasks):
+            subtask["depends_on"] = [ids[index - 1]] if index else []
+
+
+def _has_cycle(subtasks: list[SubtaskRecord]) -> bool:
+    edges = {s["id"]: s["depends_on"] for s in subtasks}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str) -> bool:
+        if state.get(node) == 1:
+            return True
+        if state.get(node) == 2:
+            return False
+        state[node] = 1
+        if any(visit(n) for n in edges.get(node, [])):
+            return True
+        state[node] = 2
+        return False
+
+    return any(visit(n) for n in edges)
+
+
+def normalise_plan(
+    plan: Plan, settings: AprSettings, *, depth: int = 0, slots: int | None = None
+) -> PlanRecord:
+    """Repair a model's plan into something safe to run.
+
+    Subtasks of a direct plan are ignored; subtasks without a goal are dropped; duplicate
+    ids are renamed; more than ``max_threads`` (or the run's remaining ``slots``) subtasks are
+    clamped; dependencies are repaired; ``fork`` is cleared at the depth limit; thread token
+    allowances are kept within bounds; a parallel plan left with no subtasks becomes direct.
+    ``notes`` says what was changed.
+    """
+    notes: list[str] = []
+    merge = settings.merge or plan.merge or "synthesize"
+    if plan.strategy == "direct":
+        if plan.subtasks:
+            notes.append(f"ignored {len(plan.subtasks)} subtasks of a direct plan")
+        return direct_plan(plan.answer, notes)
+    subtasks: list[SubtaskRecord] = []
+    seen: set[str] = set()
+    for index, subtask in enumerate(plan.subtasks, start=1):
+        goal = subtask.goal.strip()
+        if not goal:
+            continue
+        sid = subtask.id.strip().replace("/", "-") or f"s{index}"
+        if sid in seen:
+            sid = f"s{index}"
+            while sid in seen:
+                sid += "'"
+        seen.add(sid)
+        allowance = subtask.max_tokens
+        if allowance is not None:
+            allowance = max(settings.min_thread_tokens, min(allowance, settings.worker_max_tokens))
+        subtasks.append(
+            SubtaskRecord(
+                id=sid,
+                goal=goal,
+                depends_on=list(subtask.depends_on),
+                fork=bool(subtask.fork),
+                max_tokens=allowance,
+            )
+        )
+    dropped = len(plan.subtasks) - len(subtasks)
+    if dropped:
+        notes.append(f"dropped {dropped} subtasks without a goal")
+    limit = settings.max_threads if slots is None else min(settings.max_threads, slots)
+    if len(subtasks) > limit:
+        which = "max_threads" if limit == settings.max_threads else "max_total_threads"
+        notes.append(f"clamped {len(subtasks)} subtasks to {limit} ({which})")
+        subtasks = subtasks[:limit]
+    if not subtasks:
+        notes.append("parallel plan had no subtasks: answering directly")
+        return direct_plan(plan.answer, notes)
+    repair_dependencies(subtasks, notes)
+    if depth + 1 >= settings.max_depth and any(s["fork"] for s in subtasks):
+        notes.append(f"max_depth={settings.max_depth} reached: subtasks will not fork again")
+        for entry in subtasks:
+            entry["fork"] = False
+    return PlanRecord(strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=notes)
+
+
+def direct_plan(answer: str | None, notes: list[str]) -> PlanRecord:
+    """A plan that answers in one call (``answer`` may be empty: then a direct call follows)."""
+    return PlanRecord(
+        strategy="direct", answer=(answer or "").strip(), subtasks=[], merge=None, notes=notes
+    )
+
+
+def plan_of(state: Mapping[str, Any]) -> PlanRecord:
+    """The plan a run's state holds (an empty direct plan before there is one)."""
+    plan: PlanRecord | None = state.get("plan")
+    return plan if plan is not None else direct_plan("", [])

@@ -1,0 +1,253 @@
+"""What one model call gives back: the ``Completion`` record, streams, usage, JSON in text.
+
+Everything a server sends is untrusted: usage may be missing (then tokens are estimated, one
+token per four characters, in one place: ``estimate_tokens``), a stream may break, a reply may
+wrap its JSON in prose or code fences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import openai
+
+__all__ = [
+    "Completion",
+    "Message",
+    "StreamEnd",
+    "StreamProgress",
+    "TransientResponseError",
+    "cached_tokens",
+    "choice_text",
+    "delta_text",
+    "estimate_tokens",
+    "extract_json",
+    "prompt_estimate",
+    "read_stream",
+    "strip_reasoning",
+    "tool_calls_of",
+    "usage_counts",
+]
+
+Message = dict[str, Any]
+
+CHARS_PER_TOKEN = 4
+"""The token estimate for servers that report no usage: an estimate beats a silent zero."""
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.I)
+
+
+class TransientResponseError(Exception):
+    """A reply that carries no usable completion (empty choices, broken body, cut stream)."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The outcome of one logical model call (its retries and re-asks included).
+
+    Attributes:
+        text: the answer, reasoning stripped.
+        finish_reason: as the server reported it.
+        prompt_tokens / completion_tokens: summed over every request of the call.
+        cached_tokens: prompt tokens the server served from its prefix cache, when it says.
+        requests: HTTP requests sent.
+        started_at / ended_at: wall-clock times (``time.time()``).
+        model: the model name sent.
+        mode: how structured output was obtained, or ``text``.
+        tool_calls: the tools the model asked to call (``id``, ``name``, ``arguments`` JSON).
+        stop_reason: the stop string that ended a text completion, when the server says.
+    """
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+    requests: int
+    started_at: float
+    ended_at: float
+    model: str
+    mode: str = "text"
+    tool_calls: tuple[dict[str, str], ...] = ()
+    stop_reason: str | None = None
+
+    def plus(self, other: Completion) -> Completion:
+        """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
+        cached: int | None = None
+        if self.cached_tokens is not None or other.cached_tokens is not None:
+            cached = (self.cached_tokens or 0) + (other.cached_tokens or 0)
+        return replace(
+            other,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=cached,
+            requests=self.requests + other.requests,
+            started_at=self.started_at,
+        )
+
+
+@dataclass
+class StreamProgress:
+    """What a streamed call has produced so far; readable after it is cancelled.
+
+    Attributes:
+        text: the content received so far (reasoning not stripped).
+        completion_tokens: content deltas received (about one token each).
+        started_at: when the current request was sent (``time.time()``); 0 if it never was
+            (it was still waiting for a concurrency slot).
+        requests: requests sent so far, retries included.
+        charged: the answer was complete and its tokens were charged to the call's budget.
+        on_text: called with each piece of text as it arrives (on the client's loop).
+    """
+
+    text: str = ""
+    completion_tokens: int = 0
+    started_at: float = 0.0
+    requests: int = 0
+    charged: bool = False
+    on_text: Callable[[str], None] | None = None
+
+    def add(self, piece: str) -> None:
+        """One more piece of streamed text."""
+        self.text += piece
+        self.completion_tokens += 1
+        if self.on_text is not None:
+            self.on_text(piece)
+
+    def restart(self, started_at: float) -> None:
+        """A new request (a retry) begins: what the last one streamed is discarded."""
+        self.text, self.completion_tokens, self.started_at = "", 0, started_at
+
+
+@dataclass
+class StreamEnd:
+    """How a stream ended: its finish and stop reasons and the usage it reported."""
+
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    usage: Any = None
+
+
+def _field(obj: Any, name: str) -> Any:
+    """``obj.name`` or ``obj[name]``: SDK models and plain JSON alike."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+async def read_stream(
+    response: Any, progress: StreamProgress, piece_of: Callable[[Any], str | None]
+) -> StreamEnd:
+    """Read a streamed response into ``progress``. Leaving, normally or by cancellation,
+    closes the HTTP response, so the server stops generating."""
+    end = StreamEnd()
+    async with response as chunks:
+        try:
+            async for chunk in chunks:
+                end.usage = _field(chunk, "usage") or end.usage
+                for choice in _field(chunk, "choices") or []:
+                    piece = piece_of(choice)
+                    if piece:
+                        progress.add(piece)
+                    end.finish_reason = _field(choice, "finish_reason") or end.finish_reason
+                    extra = _field(choice, "model_extra") or (
+                        choice if isinstance(choice, dict) else {}
+                    )
+                    found = extra.get("stop_reason") or extra.get("stopping_word")
+                    if isinstance(found, str):
+                        end.stop_reason = found
+        except (openai.APIError, asyncio.CancelledError):
+            raise  # an error event inside the stream is classified by the caller
+        except Exception as exc:  # the transport broke mid-stream: worth a retry
+            raise TransientResponseError(
+                f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
+            ) from exc
+    if end.finish_reason is None:
+        raise TransientResponseError(
+            f"the stream ended without a finish_reason after {progress.completion_tokens} "
+            "tokens (cut off)"
+        )
+    return end
+
+
+def delta_text(choice: Any) -> str | None:
+    """The text of one chat-stream choice."""
+    text = _field(_field(choice, "delta"), "content")
+    return text if isinstance(text, str) else None
+
+
+def choice_text(choice: Any) -> str | None:
+    """The text of one text-completion-stream choice."""
+    text = _field(choice, "text")
+    return text if isinstance(text, str) else None
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens in ``text``, estimated for servers that report no usage."""
+    return len(text) // CHARS_PER_TOKEN
+
+
+def prompt_estimate(messages: Sequence[Message]) -> int:
+    """The estimated prompt tokens of a chat request."""
+    return sum(estimate_tokens(str(m.get("content") or "")) for m in messages)
+
+
+def usage_counts(usage: Any, *, prompt: int, completion: int) -> tuple[int, int]:
+    """``(prompt_tokens, completion_tokens)`` from a reported usage, else the estimates."""
+    reported_prompt = _field(usage, "prompt_tokens")
+    reported_completion = _field(usage, "completion_tokens")
+    if reported_prompt is None or reported_completion is None:
+        return prompt, completion
+    return int(reported_prompt), int(reported_completion)
+
+
+def cached_tokens(usage: Any, extra: Any = None) -> int | None:
+    """Prompt tokens served from the prefix cache: OpenAI/vLLM usage details, else llama.cpp
+    ``timings.cache_n``; ``None`` when the server does not say."""
+    cached = _field(_field(usage, "prompt_tokens_details"), "cached_tokens")
+    if cached is not None:
+        return int(cached)
+    timings = _field(extra, "timings")
+    if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
+        return int(timings["cache_n"])
+    return None
+
+
+def tool_calls_of(message: Any) -> tuple[dict[str, str], ...]:
+    """The tool calls of an assistant message as ``{"id", "name", "arguments"}``."""
+    calls = []
+    for call in _field(message, "tool_calls") or []:
+        function = _field(call, "function")
+        if function is not None:
+            calls.append(
+                {
+                    "id": str(_field(call, "id") or ""),
+                    "name": str(_field(function, "name")),
+                    "arguments": str(_field(function, "arguments") or "{}"),
+                }
+            )
+    return tuple(calls)
+
+
+def strip_reasoning(text: str) -> str:
+    """Remove ``<think>...</think>`` blocks (and an unclosed leading one) from ``text``."""
+    text = _THINK.sub("", text)
+    if text.lstrip().lower().startswith("<think>"):
+        return ""
+    return text.strip()
+
+
+def extract_json(text: str) -> Any:
+    """Parse the first JSON object in ``text`` (code fences and prose around it tolerated)."""
+    cleaned = _FENCE.sub("", text.strip())
+    start = cleaned.find("{")
+    if start < 0:
+        raise ValueError("the reply contains no JSON object")
+    value, _ = json.JSONDecoder().raw_decode(cleaned[start:])
+    return value

@@ -1,0 +1,123 @@
+"""The one retry policy: which failures are worth another request, and how long to wait.
+
+The SDK's own retries are off (``max_retries=0``); this layer decides. It retries only what
+``failures.classify`` calls transient, honours ``Retry-After`` (parsed tolerantly: a junk value
+means "no advice"), and stops instead of sleeping past ``retry_max_wait_s`` or the run's
+deadline.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from apr_graph.settings import AprSettings
+
+__all__ = ["CallBudget", "RetryPolicy", "retry_after_s"]
+
+
+class CallBudget(Protocol):
+    """What a run's budget offers the client: may a request go out, and what did it cost."""
+
+    def admits(self) -> bool:
+        """Whether a new request may be sent now."""
+        ...
+
+    def charge(self, tokens: int) -> None:
+        """Count the tokens of one answered request (thread-safe)."""
+        ...
+
+    def remaining_s(self) -> float | None:
+        """Seconds left before the run's deadline, if it has one."""
+        ...
+
+
+def _parse_seconds(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None  # "soon", "", garbage: the server gave no usable advice
+        return max(0.0, parsed.timestamp() - time.time())
+    return max(0.0, seconds) if seconds == seconds else None  # NaN is no advice either
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    """The pause a failed response asks for (``Retry-After-Ms`` / ``Retry-After``), if any."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        seconds = _parse_seconds(ms)
+        if seconds is not None:
+            return seconds / 1000
+    value = headers.get("retry-after")
+    return None if value is None else _parse_seconds(value)
+
+
+class _StopIfWaitTooLong(stop_base):
+    """Stop when the server asks for a longer pause than allowed, or than the run has left:
+    fail fast instead of sleeping past the deadline."""
+
+    def __init__(self, max_wait_s: float, budget: CallBudget | None) -> None:
+        self.max_wait_s = max_wait_s
+        self.budget = budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        delay = retry_after_s(outcome.exception())
+        if delay is None:
+            return False
+        remaining = self.budget.remaining_s() if self.budget is not None else None
+        return delay > self.max_wait_s or (remaining is not None and delay > remaining)
+
+
+class RetryPolicy:
+    """Builds the retry loop of one call from the settings.
+
+    Args:
+        settings: ``max_retries`` and ``retry_max_wait_s`` are used.
+    """
+
+    def __init__(self, settings: AprSettings) -> None:
+        self.settings = settings
+        self._backoff = wait_exponential_jitter(
+            multiplier=0.25, jitter=0.25, max=settings.retry_max_wait_s
+        )
+
+    def retrying(
+        self, retryable: Callable[[BaseException], bool], budget: CallBudget | None
+    ) -> AsyncRetrying:
+        """A tenacity loop retrying what ``retryable`` accepts, within the limits."""
+        return AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_any(
+                stop_after_attempt(self.settings.max_retries + 1),
+                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
+            ),
+            wait=self._wait,
+            reraise=True,
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = retry_after_s(exc)
+        if delay is None:
+            delay = self._backoff(state)
+        return min(delay, self.settings.retry_max_wait_s)

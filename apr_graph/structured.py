@@ -1,0 +1,194 @@
+"""Structured output that works on every common backend, validated, with re-asks.
+
+Modes, tried in order until one works, and remembered per endpoint and model:
+``json_schema`` (vLLM, SGLang, llama.cpp, OpenAI), ``json_object`` with the schema
+(llama-cpp-python's server), then the schema in the prompt. A mode is abandoned when the server
+refuses it *and says so*; every answer is parsed and validated, and an invalid one is re-asked
+with the error shown to the model. A reply cut off at the token limit is never pasted back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
+from apr_graph.prompts import repair_message, schema_instruction
+from apr_graph.responses import Completion, Message, extract_json
+from apr_graph.retry import CallBudget
+from apr_graph.settings import AprSettings
+
+__all__ = ["ChatCall", "StructuredMode", "StructuredOutput"]
+
+T = TypeVar("T", bound=BaseModel)
+StructuredMode = Literal["json_schema", "json_object", "prompt"]
+MODE_CHAIN: tuple[StructuredMode, ...] = ("json_schema", "json_object", "prompt")
+
+ChatCall = Callable[..., Awaitable[Completion]]
+"""``chat(messages, *, role, max_tokens, response_format, budget) -> Completion``."""
+
+_NO_JSON = "not valid JSON: the reply contains no JSON object"
+_CUT_OFF = "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
+
+
+class _ModeRejectedError(Exception):
+    """The server refused this mode, or ignored it (``ignored``); carries what it cost."""
+
+    def __init__(self, spent: Completion, *, ignored: bool = False) -> None:
+        super().__init__("mode rejected")
+        self.spent = spent
+        self.ignored = ignored
+
+
+def response_format_for(mode: StructuredMode, name: str, schema: dict[str, Any]) -> Any:
+    """The ``response_format`` of ``mode`` (``None``: the schema goes in the prompt only)."""
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    if mode == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
+
+
+class StructuredOutput:
+    """The structured-output chain of one client.
+
+    Args:
+        settings: ``structured_output`` (``auto`` or a fixed mode) and ``max_repairs``.
+        where: the endpoint's name, for messages and the per-endpoint memory.
+    """
+
+    def __init__(self, settings: AprSettings, where: str) -> None:
+        self.settings = settings
+        self.where = where
+        self.modes: dict[str, StructuredMode] = {}
+
+    @property
+    def _may_fall_back(self) -> bool:
+        return self.settings.structured_output == "auto"
+
+    def _modes_for(self, key: str) -> tuple[StructuredMode, ...]:
+        if self.settings.structured_output != "auto":
+            return (self.settings.structured_output,)
+        if key in self.modes:
+            return (self.modes[key],)
+        return MODE_CHAIN
+
+    async def __call__(
+        self,
+        chat: ChatCall,
+        messages: Sequence[Message],
+        output_type: type[T],
+        *,
+        role: str,
+        schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        budget: CallBudget | None = None,
+    ) -> tuple[T, Completion]:
+        """Ask for JSON matching ``output_type`` through ``chat`` and return it validated."""
+        schema = schema or output_type.model_json_schema()
+        key = f"{self.where}|{self.settings.model_for(role)}"
+        modes = self._modes_for(key)
+        spent: Completion | None = None
+        queue = list(modes)
+        while queue:
+            mode = queue.pop(0)
+            try:
+                value, completion = await self._in_mode(
+                    chat, mode, messages, output_type, schema, role, max_tokens, budget
+                )
+            except _ModeRejectedError as rejected:
+                spent = rejected.spent if spent is None else spent.plus(rejected.spent)
+                if rejected.ignored:  # one ignored response_format means all are ignored
+                    queue = ["prompt"]
+                continue
+            self.modes[key] = mode
+            return value, completion if spent is None else spent.plus(completion)
+        raise ModelCallError(
+            f"the server at {self.where} rejected every structured-output mode "
+            f"({', '.join(modes)})",
+            status_code=400,
+            attempts=spent.requests if spent is not None else 1,
+            url=self.where,
+        )
+
+    async def _in_mode(
+        self,
+        chat: ChatCall,
+        mode: StructuredMode,
+        messages: Sequence[Message],
+        output_type: type[T],
+        schema: dict[str, Any],
+        role: str,
+        max_tokens: int | None,
+        budget: CallBudget | None,
+    ) -> tuple[T, Completion]:
+        conversation = [dict(m) for m in messages]
+        response_format = response_format_for(mode, output_type.__name__, schema)
+        if mode != "json_schema":
+            # json_object needs the word JSON in the prompt (OpenAI), and prompt mode needs
+            # the schema itself; both gain from seeing it.
+            first = conversation[0]
+            conversation[0] = {**first, "content": first["content"] + schema_instruction(schema)}
+        errors: list[str] = []
+        total: Completion | None = None
+        for _ in range(self.settings.max_repairs + 1):
+            try:
+                completion = await chat(
+                    conversation,
+                    role=role,
+                    max_tokens=max_tokens,
+                    response_format=response_format,
+                    budget=budget,
+                )
+            except ResponseFormatRefusedError as exc:
+                now = time.time()
+                model = self.settings.model_for(role)
+                zero = Completion("", None, 0, 0, None, exc.attempts, now, now, model, mode)
+                raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
+            total = completion if total is None else total.plus(completion)
+            outcome = _validate(completion, output_type)
+            if isinstance(outcome, BaseModel):
+                return outcome, replace(total, mode=mode)
+            if outcome == _NO_JSON and response_format is not None and self._may_fall_back:
+                # A 200 in prose: the server dropped the response_format without a word
+                # (transformers serve does). Constrained decoding never yields prose.
+                raise _ModeRejectedError(total, ignored=True)
+            errors.append(outcome)
+            if outcome == _CUT_OFF:
+                # Pasting a cut-off reply back would only fill the context: ask afresh.
+                last = conversation[-1]
+                if _CUT_OFF not in str(last["content"]):
+                    conversation[-1] = {**last, "content": f"{last['content']}\n\n({_CUT_OFF})"}
+                continue
+            conversation.append({"role": "assistant", "content": completion.text[:4000]})
+            conversation.append(repair_message(outcome))
+        raise StructuredOutputError(
+            f"the model gave no valid {output_type.__name__} after "
+            f"{len(errors)} attempts ({mode} mode); last error: {errors[-1]}",
+            last_response=total.text if total is not None else None,
+            errors=errors,
+            attempts=len(errors),
+            url=self.where,
+            prompt_tokens=total.prompt_tokens if total else 0,
+            completion_tokens=total.completion_tokens if total else 0,
+        )
+
+
+def _validate(completion: Completion, output_type: type[T]) -> T | str:
+    """The validated value, or the error message to show the model."""
+    if completion.finish_reason == "length":
+        return _CUT_OFF
+    if "{" not in completion.text:
+        return _NO_JSON
+    try:
+        data = extract_json(completion.text)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    try:
+        return output_type.model_validate(data)
+    except ValidationError as exc:
+        return exc.json(include_url=False, include_context=False)[:2000]

@@ -1,0 +1,188 @@
+"""A run's life through the public API: cancellation that cancels, boards that go away, errors
+that stay inside the hierarchy, and arguments refused when the graph is built."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import openai
+import pytest
+from langchain_core.language_models import FakeListChatModel
+
+from apr_graph import (
+    AprError,
+    AprSettings,
+    AuthenticationError,
+    ConfigurationError,
+    LLMClient,
+    ModelCallError,
+    compile_apr_graph,
+)
+from apr_graph.graph import boards_of
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+PLAN = {
+    "strategy": "parallel",
+    "subtasks": [{"id": "a", "goal": "part a"}, {"id": "b", "goal": "part b"}],
+}
+SLOW = Reply(content=" ".join(["word"] * 200), chunk_delay_s=0.02)  # ~4 s streamed
+
+
+async def _wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_cancelling_the_caller_closes_every_request_within_half_a_second(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=SLOW),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    run = asyncio.ensure_future(app.ainvoke({"task": "two slow parts"}))
+    await _wait_until(lambda: len(server.chat_requests("worker")) == 2, timeout_s=30)
+    cancelled_at = time.monotonic()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    workers = server.chat_requests("worker")
+    await _wait_until(lambda: all(r.ended_at is not None for r in workers))
+    assert [r.status for r in workers] == [499, 499]  # the server saw the client hang up
+    assert max(r.ended_at or 0 for r in workers) - cancelled_at < 0.5
+    assert len(boards_of(app)) == 0
+
+
+async def test_a_run_that_times_out_stops_its_threads(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=PLAN)), Rule(role="worker", reply=SLOW)]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    workers = lambda: server.chat_requests("worker")  # noqa: E731
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(None) as scope:
+
+            async def expire_once_both_threads_run() -> None:
+                await _wait_until(lambda: len(workers()) == 2, timeout_s=30)
+                scope.reschedule(asyncio.get_running_loop().time())
+
+            watcher = asyncio.ensure_future(expire_once_both_threads_run())
+            await app.ainvoke({"task": "two slow parts"})
+    await watcher
+    timed_out = time.monotonic()
+    await _wait_until(lambda: all(r.ended_at is not None for r in workers()))
+    assert [r.status for r in workers()] == [499, 499]
+    assert max(r.ended_at or 0 for r in workers()) - timed_out < 0.5
+    assert len(boards_of(app)) == 0
+
+
+async def test_no_board_is_left_behind_by_100_failing_runs(make_server: ServerFactory) -> None:
+    server = make_server([Rule(reply=Reply(content=PLAN))], api_key="the-right-key")
+    settings = settings_for(server, api_key="a-wrong-key", probe_capacity=False)
+    app = compile_apr_graph(settings=settings)
+    for _ in range(100):
+        with pytest.raises(AuthenticationError):
+            await app.ainvoke({"task": "anything"})
+    assert len(boards_of(app)) == 0
+
+
+async def test_no_board_is_left_behind_when_a_thread_fails_the_run(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(status=500, error_message="boom")),
+        ]
+    )
+    settings = settings_for(server, on_thread_error="fail", max_retries=0)
+    app = compile_apr_graph(settings=settings)
+    with pytest.raises(ModelCallError, match="boom"):
+        await app.ainvoke({"task": "two parts"})
+    assert len(boards_of(app)) == 0
+
+
+async def test_successful_runs_release_their_boards(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(content="done")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    for _ in range(3):
+        assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
+    assert len(boards_of(app)) == 0
+
+
+async def test_junk_retry_after_is_no_advice_and_stays_in_the_hierarchy(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(reply=Reply(status=503, headers={"Retry-After": "soon"}))])
+    client = LLMClient(settings_for(server, max_retries=1, retry_max_wait_s=0.05))
+    with pytest.raises(ModelCallError, match="after 2 requests") as info:
+        await client.chat([{"role": "user", "content": "q"}], role="worker")
+    assert isinstance(info.value.__cause__, openai.InternalServerError)
+    assert len(server.chat_requests()) == 2
+
+
+async def test_an_error_apr_raises_itself_is_not_its_own_cause(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(reply=Reply(content="x"))])
+    client = LLMClient(settings_for(server))
+
+    class Spent:
+        def admits(self) -> bool:
+            return False
+
+        def charge(self, tokens: int) -> None:
+            raise AssertionError("nothing was sent")
+
+        def remaining_s(self) -> float | None:
+            return None
+
+    with pytest.raises(AprError) as info:
+        await client.chat([{"role": "user", "content": "q"}], role="worker", budget=Spent())
+    assert info.value.__cause__ is not info.value
+    assert server.chat_requests() == []
+
+
+def test_native_mode_with_a_chat_model_is_refused_when_the_graph_is_built() -> None:
+    model = FakeListChatModel(responses=["x"])
+    with pytest.raises(ConfigurationError, match="drop model="):
+        compile_apr_graph(model=model, settings=AprSettings(native="threadweaver"))
+
+
+def test_model_and_client_together_are_refused() -> None:
+    client = LLMClient(AprSettings(base_url="http://127.0.0.1:9/v1"))
+    with pytest.raises(ConfigurationError, match="not both"):
+        compile_apr_graph(model=FakeListChatModel(responses=["x"]), client=client)
+
+
+def test_internal_fields_are_not_part_of_the_input_schema() -> None:
+    app = compile_apr_graph(settings=AprSettings(base_url="http://127.0.0.1:9/v1"))
+    assert set(app.get_input_jsonschema()["properties"]) == {"task", "context"}
+
+
+def test_importing_the_package_does_not_import_the_chat_model_stack() -> None:
+    code = (
+        "import sys, apr_graph; "
+        "print('langchain_core.language_models.chat_models' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
