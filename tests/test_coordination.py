@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any
 
 from apr_graph import compile_apr_graph
 from apr_graph.testing import RecordedRequest, Reply, Rule
-from tests.conftest import ServerFactory, settings_for
+from tests.conftest import ServerFactory, eventually, settings_for
 
 
 def plan(*subtasks: dict[str, Any], merge: str | None = None) -> dict[str, Any]:
@@ -170,8 +169,10 @@ async def test_race_returns_the_first_verified_result_and_closes_the_rest(
     assert result["metrics"]["winner"] == "b"
     assert result["metrics"]["threads_cancelled"] == 1
     assert server.chat_requests("synthesizer") == []  # the winner is the answer
-    await asyncio.sleep(0.4)  # the server notices a hang-up at its next write
-    assert worker_request(server, "approach c").status == 499
+    loser = worker_request(server, "approach c")
+    # The server notices the hang-up at its next write; unstopped, c would end after 4 s.
+    await eventually(lambda: loser.ended_at is not None, "the server to end thread c's request")
+    assert loser.status == 499
 
 
 async def test_race_with_a_verifier_model(make_server: ServerFactory) -> None:

@@ -1,19 +1,49 @@
-"""Every example runs against the scripted server, as a user would run it."""
+"""Every example runs against the scripted server, as a user would run it: as ``__main__``,
+with its command-line arguments and the environment pointing at the server (in this process,
+which saves an interpreter start per example)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from apr_graph.testing import RecordedRequest, Reply, Rule
-from tests.conftest import ServerFactory
+from tests.conftest import CliRun, ServerFactory
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
+ExampleRunner = Callable[..., CliRun]
 
-def test_quickstart(make_server: ServerFactory) -> None:
+
+@pytest.fixture
+def run_example(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> ExampleRunner:
+    """Run ``examples/<name>`` as ``python examples/<name> *args`` against ``server_url``."""
+
+    def run(name: str, *args: str, server_url: str) -> CliRun:
+        path = EXAMPLES / name
+        monkeypatch.setenv("OPENAI_BASE_URL", server_url)
+        monkeypatch.setenv("APR_MODEL", "test-model")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        capsys.readouterr()
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code: int | str | None = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err)
+
+    return run
+
+
+def test_quickstart(make_server: ServerFactory, run_example: ExampleRunner) -> None:
     plan = {
         "strategy": "parallel",
         "subtasks": [{"id": "a", "goal": "17*23"}, {"id": "b", "goal": "2**12"}],
@@ -26,28 +56,15 @@ def test_quickstart(make_server: ServerFactory) -> None:
             Rule(role="synthesizer", reply=Reply(content="(a) 391 (b) 4096")),
         ]
     )
-    env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "APR_MODEL": "test-model"}
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), "Solve (a) 17*23 (b) 2**12"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "(a) 391 (b) 4096"
-    assert "parallel, 2 threads, 4 calls" in done.stderr
+    done = run_example("quickstart.py", "Solve (a) 17*23 (b) 2**12", server_url=server.base_url)
+    assert done.code == 0, done.err
+    assert done.out.strip() == "(a) 391 (b) 4096"
+    assert "parallel, 2 threads, 4 calls" in done.err
 
 
-def run_example(name: str, *args: str, server_url: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APR_", "OPENAI_"))}
-    env.update(OPENAI_BASE_URL=server_url, APR_MODEL="test-model", OPENAI_API_KEY="sk-test")
-    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-
-
-def test_code_review(make_server: ServerFactory, tmp_path: Path) -> None:
+def test_code_review(
+    make_server: ServerFactory, run_example: ExampleRunner, tmp_path: Path
+) -> None:
     (tmp_path / "a.py").write_text("def f(x):\n    return x / 0\n")
     (tmp_path / "b.py").write_text("import os\nos.system(input())\n")
     plan = {
@@ -63,14 +80,14 @@ def test_code_review(make_server: ServerFactory, tmp_path: Path) -> None:
     ])  # fmt: skip
     done = run_example("code_review.py", str(tmp_path / "a.py"), str(tmp_path / "b.py"),
                        server_url=server.base_url)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "a.py: division by zero | b.py: shell injection"
+    assert done.code == 0, done.err
+    assert done.out.strip() == "a.py: division by zero | b.py: shell injection"
     planner = server.chat_requests("planner")[0].messages[-1]["content"]
     assert "os.system(input())" in planner  # the files reached the model as context
-    assert "2 reviews in parallel" in done.stderr
+    assert "2 reviews in parallel" in done.err
 
 
-def test_tool_lookups(make_server: ServerFactory) -> None:
+def test_tool_lookups(make_server: ServerFactory, run_example: ExampleRunner) -> None:
     plan = {
         "strategy": "parallel",
         "subtasks": [{"id": i, "goal": f"stock of {i}"} for i in ("bolts", "nuts", "gears")],
@@ -90,11 +107,11 @@ def test_tool_lookups(make_server: ServerFactory) -> None:
             line.strip() for line in r.last_user_message.splitlines() if line.strip().isdigit()))),
     ])  # fmt: skip
     done = run_example("tool_lookups.py", server_url=server.base_url)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "1200, 860, 42"  # the numbers came from the tool
+    assert done.code == 0, done.err
+    assert done.out.strip() == "1200, 860, 42"  # the numbers came from the tool
 
 
-def test_agent_delegation(make_server: ServerFactory) -> None:
+def test_agent_delegation(make_server: ServerFactory, run_example: ExampleRunner) -> None:
     def agent_model(request: RecordedRequest) -> Reply:
         results = [m["content"] for m in request.messages if m.get("role") == "tool"]
         if results:
@@ -117,6 +134,6 @@ def test_agent_delegation(make_server: ServerFactory) -> None:
     ])  # fmt: skip
     done = run_example("agent_delegation.py", "Compare Python, Rust and Go",
                        server_url=server.base_url)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "Summary: all three are fine"
+    assert done.code == 0, done.err
+    assert done.out.strip() == "Summary: all three are fine"
     assert len(server.chat_requests("worker")) == 3

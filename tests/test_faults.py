@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 import pytest
+from langgraph.checkpoint.sqlite import SqliteSaver
 
-from apr_graph import AuthenticationError, LLMClient, compile_apr_graph
-from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
-from tests.conftest import ServerFactory, settings_for
-from tests.test_cli import apr_executable, clean_env, run_apr
-from tests.test_graph import echo_worker, merge_synth, parallel_plan
+from apr_graph import AuthenticationError, LLMClient, ModelCallError, compile_apr_graph
+from apr_graph.testing import Reply, Rule, ScriptedServer
+from tests.conftest import CliRunner, ServerFactory, settings_for, wait_until
+from tests.test_cli import apr_executable, clean_env
+from tests.test_graph import echo_worker, merge_synth, parallel_plan, peak_in_flight
 
 
 async def test_truncated_json_is_an_error_not_a_result(make_server: ServerFactory) -> None:
@@ -75,11 +76,12 @@ async def test_retry_after_beyond_the_limit_fails_fast(make_server: ServerFactor
     )
     app = compile_apr_graph(settings=settings_for(server, retry_max_wait_s=1.0))
     started = time.perf_counter()
-    with pytest.raises(Exception, match="asked to wait 60s") as info:
+    with pytest.raises(ModelCallError, match="asked to wait 60s") as info:
         await app.ainvoke({"task": "t"})
     assert time.perf_counter() - started < 2
     assert len(server.chat_requests()) == 1
-    assert getattr(info.value, "status_code", None) == 503
+    assert type(info.value) is ModelCallError  # not a subclass: not auth, not unreachable
+    assert info.value.status_code == 503
 
 
 async def test_401_fails_at_once_without_leaking_the_key(make_server: ServerFactory) -> None:
@@ -154,14 +156,6 @@ async def test_invalid_plan_json_is_repaired_by_a_reask(make_server: ServerFacto
     assert reask[-2]["role"] == "assistant"
     assert "Sure!" in reask[-2]["content"]
     assert "not valid JSON" in reask[-1]["content"]
-
-
-def peak_in_flight(requests: list[RecordedRequest]) -> int:
-    return max(
-        (sum(1 for o in requests if o.started_at <= r.started_at < (o.ended_at or 1e18))
-         for r in requests),
-        default=0,
-    )  # fmt: skip
 
 
 async def test_429_storm_shrinks_concurrency_instead_of_storming(
@@ -363,36 +357,45 @@ def _resume_server(slow_first: bool) -> list[Rule]:
     return rules
 
 
-def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path) -> None:
+def checkpointed_threads(db: Path, thread_id: str) -> set[str]:
+    """Ids of the threads whose finished results the run's checkpoint already holds."""
+    if not db.exists():
+        return set()
+    with SqliteSaver.from_conn_string(str(db)) as saver:
+        stored = saver.get_tuple({"configurable": {"thread_id": thread_id}})
+    writes = stored.pending_writes or [] if stored else []
+    return {t["id"] for _, channel, value in writes if channel == "threads" for t in value}
+
+
+def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli: CliRunner) -> None:
     secret = "sk-durable-secret-7777"
     db, trace = tmp_path / "runs.sqlite", tmp_path / "trace.json"
     with ScriptedServer(_resume_server(slow_first=False), api_key=secret) as reference:
-        baseline = run_apr("ask", "--json", "-q", "--base-url", reference.base_url,
+        baseline = run_cli("ask", "--json", "-q", "--base-url", reference.base_url,
                            "--api-key", secret, "four parts")  # fmt: skip
-        assert baseline.returncode == 0, baseline.stderr
-        expected = json.loads(baseline.stdout)["answer"]
+        assert baseline.code == 0, baseline.err
+        expected = json.loads(baseline.out)["answer"]
 
     with ScriptedServer(_resume_server(slow_first=True), api_key=secret) as server:
         common = ["--base-url", server.base_url, "--api-key", secret, "--db", str(db)]
+        # Only the killed run needs a process of its own.
         with subprocess.Popen(
             [apr_executable(), "ask", *common, "--thread-id", "job-1", "four parts"],
             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ) as process:  # fmt: skip
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                done = [r for r in server.chat_requests("worker") if r.status == 200]
-                if len(done) == 3:
-                    break
-                time.sleep(0.05)
-            time.sleep(0.5)  # let the checkpoint writes land
-            process.send_signal(signal.SIGKILL)
+            try:
+                # Kill once the three quick threads' results are in the checkpoint.
+                wait_until(lambda: checkpointed_threads(db, "job-1") == {"s1", "s2", "s3"},
+                           "three finished threads in the checkpoint", within_s=30)  # fmt: skip
+            finally:
+                process.send_signal(signal.SIGKILL)
             _, killed_err = process.communicate(timeout=30)
         assert process.returncode == -signal.SIGKILL
         assert len(server.chat_requests("planner")) == 1
 
-        resumed = run_apr("resume", "job-1", "--json", "--trace", str(trace), *common)
-        assert resumed.returncode == 0, resumed.stderr
-        assert json.loads(resumed.stdout)["answer"] == expected
+        resumed = run_cli("resume", "job-1", "--json", "--trace", str(trace), *common)
+        assert resumed.code == 0, resumed.err
+        assert json.loads(resumed.out)["answer"] == expected
 
         def count(role: str, text: str = "") -> int:
             return len([r for r in server.chat_requests(role) if text in r.last_user_message])
@@ -404,23 +407,23 @@ def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path) -> None:
         assert count("worker", "s4: part four") == 2  # the killed one, and its rerun
         assert count("synthesizer") == 1
 
-        again = run_apr("resume", "job-1", *common)
-        assert again.returncode == 0
-        assert "already finished" in again.stderr
+        again = run_cli("resume", "job-1", *common)
+        assert again.code == 0
+        assert "already finished" in again.err
 
     for path in (db, trace):
         assert path.exists()
         assert secret.encode() not in path.read_bytes()
-    for text in (killed_err, resumed.stderr, resumed.stdout, again.stderr):
+    for text in (killed_err, resumed.err, resumed.out, again.err):
         assert secret not in text
 
 
-def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
+def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path, run_cli: CliRunner) -> None:
     with ScriptedServer([]) as server:
-        done = run_apr("resume", "nope", "--base-url", server.base_url, "--db",
+        done = run_cli("resume", "nope", "--base-url", server.base_url, "--db",
                        str(tmp_path / "r.sqlite"))  # fmt: skip
-    assert done.returncode == 2
-    assert "no run is stored under thread id 'nope'" in done.stderr
+    assert done.code == 2
+    assert "no run is stored under thread id 'nope'" in done.err
 
 
 async def test_on_thread_error_fail_ends_the_run(make_server: ServerFactory) -> None:
@@ -433,8 +436,10 @@ async def test_on_thread_error_fail_ends_the_run(make_server: ServerFactory) -> 
         ]
     )
     settings = settings_for(server, on_thread_error="fail", max_retries=0)
-    with pytest.raises(Exception, match="HTTP 500"):
+    with pytest.raises(ModelCallError, match="HTTP 500") as info:
         await compile_apr_graph(settings=settings).ainvoke({"task": "t"})
+    assert type(info.value) is ModelCallError
+    assert info.value.status_code == 500
     assert server.chat_requests("synthesizer") == []
 
 

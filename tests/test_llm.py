@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from apr_graph import (
     AprSettings,
     LLMClient,
+    ModelCallError,
     ModelNotFoundError,
     ServerUnreachableError,
     StructuredOutputError,
@@ -101,5 +102,7 @@ async def test_unreachable_server(make_server: ServerFactory) -> None:
 async def test_hung_server_times_out(make_server: ServerFactory) -> None:
     server = make_server([Rule(reply=Reply(content="late", delay_s=2))])
     client = LLMClient(settings_for(server, request_timeout_s=0.3, max_retries=0))
-    with pytest.raises(Exception, match=r"timed out after 0\.3s"):
+    with pytest.raises(ModelCallError, match=r"timed out after 0\.3s") as info:
         await client.chat([{"role": "user", "content": "q"}], role="worker")
+    assert type(info.value) is ModelCallError  # a timeout is not "unreachable"
+    assert info.value.attempts == 1

@@ -1,0 +1,274 @@
+"""Plan repair on its own: what ``normalise_plan`` and ``repair_dependencies`` make of a
+model's plan. No sockets: plans are built in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apr_graph import AprSettings
+from apr_graph.nodes.decompose import normalise_plan, repair_dependencies
+from apr_graph.state import Plan
+
+CYCLE_NOTE = "dependencies form a cycle: running the subtasks one after another"
+
+
+def parallel(*subtasks: dict[str, Any], **fields: Any) -> Plan:
+    return Plan.model_validate({"strategy": "parallel", "subtasks": list(subtasks), **fields})
+
+
+def sub(sid: str, goal: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": sid, "goal": f"goal of {sid}" if goal is None else goal, **extra}
+
+
+def deps(plan: dict[str, Any]) -> dict[str, list[str]]:
+    return {s["id"]: s["depends_on"] for s in plan["subtasks"]}
+
+
+def steps(*pairs: tuple[str, list[str]]) -> list[dict[str, Any]]:
+    """Subtasks as ``normalise_plan`` hands them to ``repair_dependencies``."""
+    return [{"id": sid, "depends_on": list(wanted)} for sid, wanted in pairs]
+
+
+# -- direct plans -------------------------------------------------------------------------
+
+
+def test_direct_plan_ignores_junk_subtasks() -> None:
+    plan = Plan.model_validate(
+        {"strategy": "direct", "answer": "  4\n", "subtasks": [sub("x", "junk")] * 10}
+    )
+    assert normalise_plan(plan, AprSettings()) == {
+        "strategy": "direct",
+        "answer": "4",
+        "subtasks": [],
+        "merge": None,
+        "notes": ["ignored 10 subtasks of a direct plan"],
+    }
+
+
+def test_direct_plan_without_subtasks_has_no_notes() -> None:
+    plan = Plan.model_validate({"strategy": "direct", "answer": None})
+    result = normalise_plan(plan, AprSettings())
+    assert result["answer"] == ""  # no answer yet: the node asks for one
+    assert result["notes"] == []
+
+
+def test_empty_parallel_plan_becomes_direct() -> None:
+    result = normalise_plan(parallel(answer="42"), AprSettings())
+    assert result == {
+        "strategy": "direct",
+        "answer": "42",
+        "subtasks": [],
+        "merge": None,
+        "notes": ["parallel plan had no subtasks: answering directly"],
+    }
+
+
+def test_subtasks_without_a_goal_are_dropped() -> None:
+    result = normalise_plan(parallel(sub("a", "  "), sub("b", "real work"), sub("c", "")),
+                            AprSettings())  # fmt: skip
+    assert [(s["id"], s["goal"]) for s in result["subtasks"]] == [("b", "real work")]
+    assert result["notes"] == ["dropped 2 subtasks without a goal"]
+
+
+def test_a_plan_of_only_empty_goals_becomes_direct() -> None:
+    result = normalise_plan(parallel(sub("a", " "), sub("b", "")), AprSettings())
+    assert result["strategy"] == "direct"
+    assert result["notes"] == [
+        "dropped 2 subtasks without a goal",
+        "parallel plan had no subtasks: answering directly",
+    ]
+
+
+# -- parallel plans: shape, ids, merge ------------------------------------------------------
+
+
+def test_a_clean_plan_passes_unchanged_with_no_notes() -> None:
+    result = normalise_plan(
+        parallel(sub("a", " find x "), sub("b", depends_on=["a"]), merge="vote"), AprSettings()
+    )
+    assert result == {
+        "strategy": "parallel",
+        "answer": None,
+        "subtasks": [
+            {"id": "a", "goal": "find x", "depends_on": [], "fork": False, "max_tokens": None},
+            {
+                "id": "b",
+                "goal": "goal of b",
+                "depends_on": ["a"],
+                "fork": False,
+                "max_tokens": None,
+            },
+        ],
+        "merge": "vote",
+        "notes": [],
+    }
+
+
+def test_duplicate_and_empty_ids_are_renamed_by_position() -> None:
+    result = normalise_plan(parallel(sub("a"), sub("a"), sub(""), sub("x/y")), AprSettings())
+    assert [s["id"] for s in result["subtasks"]] == ["a", "s2", "s3", "x-y"]
+    assert result["notes"] == []
+
+
+def test_a_renamed_id_that_is_taken_gets_a_prime() -> None:
+    result = normalise_plan(parallel(sub("s2"), sub("s2"), sub("s2")), AprSettings())
+    assert [s["id"] for s in result["subtasks"]] == ["s2", "s2'", "s3"]
+
+
+@pytest.mark.parametrize(
+    ("settings_merge", "plan_merge", "expected"),
+    [(None, None, "synthesize"), (None, "race", "race"), ("vote", "race", "vote")],
+)
+def test_settings_merge_wins_over_the_plan_and_synthesize_is_the_default(
+    settings_merge: Any, plan_merge: str | None, expected: str
+) -> None:
+    result = normalise_plan(parallel(sub("a"), merge=plan_merge), AprSettings(merge=settings_merge))
+    assert result["merge"] == expected
+
+
+# -- clamping -------------------------------------------------------------------------------
+
+
+def test_clamped_to_max_threads_with_a_note() -> None:
+    plan = parallel(*(sub(f"s{i}") for i in range(1, 8)))
+    result = normalise_plan(plan, AprSettings(max_threads=3))
+    assert [s["id"] for s in result["subtasks"]] == ["s1", "s2", "s3"]
+    assert result["notes"] == ["clamped 7 subtasks to 3 (max_threads)"]
+
+
+def test_clamped_to_the_slots_left_in_the_run() -> None:
+    plan = parallel(*(sub(f"s{i}") for i in range(1, 8)))
+    result = normalise_plan(plan, AprSettings(max_threads=5), slots=2)
+    assert [s["id"] for s in result["subtasks"]] == ["s1", "s2"]
+    assert result["notes"] == ["clamped 7 subtasks to 2 (max_total_threads)"]
+
+
+def test_more_slots_than_max_threads_clamps_to_max_threads() -> None:
+    plan = parallel(*(sub(f"s{i}") for i in range(1, 8)))
+    result = normalise_plan(plan, AprSettings(max_threads=4), slots=100)
+    assert len(result["subtasks"]) == 4
+    assert result["notes"] == ["clamped 7 subtasks to 4 (max_threads)"]
+
+
+def test_no_slot_left_answers_directly() -> None:
+    result = normalise_plan(parallel(sub("a"), sub("b"), answer="fallback"), AprSettings(),
+                            slots=0)  # fmt: skip
+    assert result["strategy"] == "direct"
+    assert result["answer"] == "fallback"
+    assert result["notes"] == [
+        "clamped 2 subtasks to 0 (max_total_threads)",
+        "parallel plan had no subtasks: answering directly",
+    ]
+
+
+def test_dependencies_on_clamped_subtasks_are_dropped() -> None:
+    plan = parallel(sub("s1"), sub("s2", depends_on=["s1", "s4"]), sub("s3"), sub("s4"))
+    result = normalise_plan(plan, AprSettings(max_threads=3))
+    assert deps(result) == {"s1": [], "s2": ["s1"], "s3": []}
+    assert result["notes"] == [
+        "clamped 4 subtasks to 3 (max_threads)",
+        "s2: ignored unknown or self dependencies ['s4']",
+    ]
+
+
+# -- dependencies ---------------------------------------------------------------------------
+
+
+def test_unknown_and_self_dependencies_are_dropped() -> None:
+    subtasks = steps(("a", []), ("b", ["a", "b", "ghost"]), ("c", ["a"]))
+    notes: list[str] = []
+    repair_dependencies(subtasks, notes)
+    assert {s["id"]: s["depends_on"] for s in subtasks} == {"a": [], "b": ["a"], "c": ["a"]}
+    assert notes == ["b: ignored unknown or self dependencies ['b', 'ghost']"]
+
+
+def test_repeated_dependencies_are_kept_once() -> None:
+    subtasks = steps(("a", []), ("b", ["a", "a"]))
+    repair_dependencies(subtasks, [])
+    assert subtasks[1]["depends_on"] == ["a"]
+
+
+def test_a_self_loop_alone_is_no_cycle() -> None:
+    subtasks = steps(("a", ["a"]), ("b", []))
+    notes: list[str] = []
+    repair_dependencies(subtasks, notes)
+    assert [s["depends_on"] for s in subtasks] == [[], []]  # not chained: still parallel
+    assert CYCLE_NOTE not in notes
+
+
+def test_a_diamond_is_not_a_cycle() -> None:
+    subtasks = steps(("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]))
+    notes: list[str] = []
+    repair_dependencies(subtasks, notes)
+    assert {s["id"]: s["depends_on"] for s in subtasks} == {
+        "a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]
+    }  # fmt: skip
+    assert notes == []
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (("s1", ["s2"]), ("s2", ["s1"]), ("s3", [])),  # two-step cycle, one bystander
+        (("s1", ["s3"]), ("s2", ["s1"]), ("s3", ["s2"])),  # three-step cycle
+        (("s1", []), ("s2", ["s3"]), ("s3", ["s2"])),  # the cycle is not at the start
+    ],
+)
+def test_a_cycle_turns_the_whole_plan_into_a_chain(
+    pairs: tuple[tuple[str, list[str]], ...],
+) -> None:
+    subtasks = steps(*pairs)
+    notes: list[str] = []
+    repair_dependencies(subtasks, notes)
+    assert [s["depends_on"] for s in subtasks] == [[], ["s1"], ["s2"]]
+    assert notes == [CYCLE_NOTE]
+
+
+def test_cycles_are_chained_in_plan_order_through_normalise_plan() -> None:
+    plan = parallel(sub("x", depends_on=["y"]), sub("y", depends_on=["x"]),
+                    sub("z", depends_on=["nope"]))  # fmt: skip
+    result = normalise_plan(plan, AprSettings())
+    assert deps(result) == {"x": [], "y": ["x"], "z": ["y"]}
+    assert result["notes"] == ["z: ignored unknown or self dependencies ['nope']", CYCLE_NOTE]
+
+
+# -- forks and token allowances -------------------------------------------------------------
+
+
+def test_fork_is_cleared_at_the_depth_limit() -> None:
+    plan = parallel(sub("a", fork=True), sub("b"))
+    settings = AprSettings(max_depth=3)
+    below = normalise_plan(plan, settings, depth=1)
+    assert [s["fork"] for s in below["subtasks"]] == [True, False]
+    assert below["notes"] == []
+    at_limit = normalise_plan(plan, settings, depth=2)
+    assert [s["fork"] for s in at_limit["subtasks"]] == [False, False]
+    assert at_limit["notes"] == ["max_depth=3 reached: subtasks will not fork again"]
+
+
+def test_max_depth_one_never_forks() -> None:
+    result = normalise_plan(parallel(sub("a", fork=True)), AprSettings(max_depth=1))
+    assert result["subtasks"][0]["fork"] is False
+
+
+def test_no_depth_note_when_nothing_wanted_to_fork() -> None:
+    result = normalise_plan(parallel(sub("a")), AprSettings(max_depth=1))
+    assert result["notes"] == []
+
+
+def test_token_allowances_are_clamped_to_the_thread_bounds() -> None:
+    plan = parallel(
+        sub("tiny", max_tokens=1),
+        sub("huge", max_tokens=100_000),
+        sub("fits", max_tokens=300),
+        sub("low_edge", max_tokens=64),
+        sub("high_edge", max_tokens=900),
+        sub("unset"),
+    )
+    result = normalise_plan(plan, AprSettings(min_thread_tokens=64, worker_max_tokens=900))
+    assert {s["id"]: s["max_tokens"] for s in result["subtasks"]} == {
+        "tiny": 64, "huge": 900, "fits": 300, "low_edge": 64, "high_edge": 900, "unset": None,
+    }  # fmt: skip
+    assert result["notes"] == []  # clamping an allowance is routine, not a repair to report
