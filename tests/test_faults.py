@@ -34,7 +34,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from apr_graph import AuthenticationError, LLMClient, ModelCallError, compile_apr_graph
 from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import CliRunner, ServerFactory, settings_for, wait_until
-from tests.test_cli import apr_executable, clean_env
+from tests.test_cli import MODEL, apr_executable, clean_env
 from tests.test_graph import echo_worker, merge_synth, parallel_plan, peak_in_flight
 
 
@@ -372,12 +372,14 @@ def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli:
     db, trace = tmp_path / "runs.sqlite", tmp_path / "trace.json"
     with ScriptedServer(_resume_server(slow_first=False), api_key=secret) as reference:
         baseline = run_cli("ask", "--json", "-q", "--base-url", reference.base_url,
-                           "--api-key", secret, "four parts")  # fmt: skip
+                           "--model", MODEL, "--api-key", secret, "four parts")  # fmt: skip
         assert baseline.code == 0, baseline.err
         expected = json.loads(baseline.out)["answer"]
 
     with ScriptedServer(_resume_server(slow_first=True), api_key=secret) as server:
-        common = ["--base-url", server.base_url, "--api-key", secret, "--db", str(db)]
+        common = [
+            "--base-url", server.base_url, "--model", MODEL, "--api-key", secret, "--db", str(db)
+        ]  # fmt: skip
         # Only the killed run needs a process of its own.
         with subprocess.Popen(
             [apr_executable(), "ask", *common, "--thread-id", "job-1", "four parts"],
@@ -420,8 +422,8 @@ def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli:
 
 def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path, run_cli: CliRunner) -> None:
     with ScriptedServer([]) as server:
-        done = run_cli("resume", "nope", "--base-url", server.base_url, "--db",
-                       str(tmp_path / "r.sqlite"))  # fmt: skip
+        done = run_cli("resume", "nope", "--base-url", server.base_url, "--model", MODEL,
+                       "--db", str(tmp_path / "r.sqlite"))  # fmt: skip
     assert done.code == 2
     assert "no run is stored under thread id 'nope'" in done.err
 
