@@ -55,13 +55,15 @@ def stop_promptly(servers: list[ScriptedServer]) -> None:
     stopping = [threading.Thread(target=server.stop) for server in servers]
     for thread in stopping:
         thread.start()
-    while any(thread.is_alive() for thread in stopping):
+    deadline = time.monotonic() + 10  # a stop that hangs is left to the join's report
+    while any(thread.is_alive() for thread in stopping) and time.monotonic() < deadline:
         for address in addresses:
             with contextlib.suppress(OSError):  # refused once it has closed: that is fine
                 socket.create_connection(address, timeout=0.1).close()
         time.sleep(0.005)
     for thread in stopping:
-        thread.join()
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "a scripted server did not stop"
 
 
 def settings_for(server: ScriptedServer, **overrides: Any) -> AprSettings:
