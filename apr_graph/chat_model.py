@@ -108,6 +108,7 @@ class ChatModelTransport:
             ended_at=time.time(),
             model=request.model,
             tool_calls=calls,
+            first_token_at=progress.first_token_at,
         )
 
     async def _stream(self, messages: list[BaseMessage], progress: StreamProgress) -> Any:

@@ -4,10 +4,12 @@
     apr ask --base-url http://gpu:8000/v1 --model Qwen/Qwen3-8B --json "..."
     apr ask --thread-id job-1 "..."                # checkpointed; after a crash:
     apr resume job-1                               # finishes it without redoing finished work
+    apr runs                                       # the runs kept, with status and task
     apr serve                                      # keep the embedded model up for others
 
-Exit codes: 0 ok, 1 model call failed, 2 bad usage or input, 3 configuration (e.g. the local
-extra is missing), 4 server unreachable, 5 API key refused, 6 unknown model, 130 interrupted.
+Exit codes: 0 ok, 1 model call failed, 2 bad usage or input (a task too long for the model's
+context too), 3 configuration (the local extra is missing, the server cannot do tools),
+4 server unreachable, 5 API key refused, 6 unknown model, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -28,19 +30,23 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import ValidationError
 
+from apr_graph.cli_runs import describe_runs, find_run, list_runs
 from apr_graph.cli_view import PlainView, View, make_view
 from apr_graph.durable import prepare_resume, run_status
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
     ConfigurationError,
+    ContextOverflowError,
     InputError,
     ModelNotFoundError,
+    ServerCapabilityError,
     ServerUnreachableError,
 )
 from apr_graph.graph import create_apr_graph
 from apr_graph.llm import LLMClient
 from apr_graph.local import LOCAL_MODEL, LocalServer
+from apr_graph.preflight import check_server, unknown_model_message
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput
 
@@ -61,9 +67,13 @@ DEMO_NOTICE = (
 )
 
 # Settings the embedded demo model gets unless the user set them: a 135M model on a CPU
-# should write short answers, and its one-request-at-a-time server queues the threads.
+# should write short answers, never fork twice and never run for more than five minutes;
+# its one-request-at-a-time server queues the threads.
 _LOCAL_DEFAULTS: dict[str, Any] = {
     "max_threads": 4,
+    "max_depth": 1,  # a 135M model that forks again spends minutes on junk subtasks
+    "max_total_threads": 4,
+    "deadline_s": 300.0,
     "planner_max_tokens": 256,
     "worker_max_tokens": 160,
     "synthesizer_max_tokens": 256,
@@ -110,7 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("thread_id", help="the id given to apr ask --thread-id")
 
-    commands.add_parser("bench", help="benchmarks: apr bench --help", add_help=False)
+    runs = commands.add_parser("runs", help="list the runs kept by 'apr ask --thread-id'")
+    runs.add_argument(
+        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {_default_db()}]"
+    )
+    commands.add_parser(
+        "bench",
+        help="speed and accuracy of the strategies side by side: apr bench --help",
+        add_help=False,
+    )
     serve = commands.add_parser("serve", help="run the embedded model server until Ctrl-C")
     serve.add_argument("--port", type=int, default=0, help="listen port [a free one]")
     serve.add_argument("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
@@ -179,6 +197,8 @@ async def _run(
                 checkpointer=saver, name="apr-graph"
             )
             config: RunnableConfig = {"configurable": {"thread_id": thread_id}} if saver else {}
+            for warning in await check_server(client):
+                print(warning, file=sys.stderr)  # even with --quiet: the answer may be off
             if inputs is None:
                 status, values = await run_status(app, config)
                 if status == "finished":
@@ -205,28 +225,18 @@ async def _run(
                     state = payload
             return state
     except ModelNotFoundError as exc:
-        message = await _unknown_model_message(client, settings, exc)
+        try:
+            offered = await client.list_models()
+        except AprError:
+            offered = []
+        message = unknown_model_message(client.base_url, settings.model, offered)
         raise _CliError(message, EXIT_UNKNOWN_MODEL) from exc
     finally:
         await client.aclose()
 
 
-async def _unknown_model_message(
-    client: LLMClient, settings: AprSettings, exc: ModelNotFoundError
-) -> str:
-    try:
-        offered = await client.list_models()
-    except AprError:
-        offered = []
-    listing = ", ".join(offered) if offered else "(the server lists none)"
-    return (
-        f"the server at {client.base_url} does not serve model {settings.model!r}; "
-        f"it offers: {listing} (choose one with --model)"
-    )
-
-
 def _output(state: dict[str, Any]) -> dict[str, Any]:
-    return {key: state.get(key) for key in ("answer", "plan", "threads", "metrics")}
+    return {key: state.get(key) for key in ("answer", "plan", "threads", "metrics", "calls")}
 
 
 def _write_trace(path: Path, record: dict[str, Any], secret: str) -> None:
@@ -244,6 +254,9 @@ def _ask(args: argparse.Namespace) -> int:
         if args.context:
             inputs["context"] = args.context
     thread_id: str | None = args.thread_id
+    db = args.db or _default_db()
+    if resuming:
+        _check_stored(db, args.thread_id)  # before any server is started
     settings = _settings(args)
     view = make_view(quiet=args.quiet)
     record: dict[str, Any] = {
@@ -253,7 +266,6 @@ def _ask(args: argparse.Namespace) -> int:
         "status": "running",
         "events": [],
     }
-    db = args.db or _default_db()
     with ExitStack() as stack:
         if settings.base_url is None:
             view.notice(DEMO_NOTICE)
@@ -279,7 +291,7 @@ def _ask(args: argparse.Namespace) -> int:
             if args.trace:
                 _write_trace(args.trace, record, settings.api_key.get_secret_value())
             raise
-    record.update(status="done", **_output(state), calls=state.get("calls", []))
+    record.update(status="done", **_output(state))
     if args.trace:
         _write_trace(args.trace, record, settings.api_key.get_secret_value())
     if args.json:
@@ -287,6 +299,20 @@ def _ask(args: argparse.Namespace) -> int:
     else:
         print(state.get("answer", ""))
     view.summary(state.get("metrics") or {})
+    return 0
+
+
+def _check_stored(db: Path, thread_id: str) -> None:
+    if find_run(db, thread_id) is None:
+        stored = list_runs(db)
+        listing = "; stored runs:\n" + describe_runs(stored) if stored else " (it holds no runs)"
+        raise _CliError(
+            f"no run is stored under thread id {thread_id!r} in {db}{listing}", EXIT_USAGE
+        )
+
+
+def _runs(args: argparse.Namespace) -> int:
+    print(describe_runs(list_runs(args.db or _default_db())))
     return 0
 
 
@@ -326,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _serve(args) if args.command == "serve" else _ask(args)
+        commands = {"serve": _serve, "runs": _runs}
+        return commands.get(args.command, _ask)(args)
     except _CliError as exc:
         _fail(str(exc), exc.code)
     except KeyboardInterrupt:
@@ -337,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"{exc} ({hint})", EXIT_UNREACHABLE)
     except AuthenticationError as exc:
         _fail(str(exc), EXIT_AUTH)
-    except InputError as exc:
+    except (InputError, ContextOverflowError) as exc:
         _fail(str(exc), EXIT_USAGE)
-    except ConfigurationError as exc:
+    except (ConfigurationError, ServerCapabilityError) as exc:
         _fail(str(exc), EXIT_CONFIG)
     except AprError as exc:
         _fail(str(exc), EXIT_MODEL_ERROR)

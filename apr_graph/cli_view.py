@@ -24,12 +24,16 @@ def summary_line(metrics: dict[str, Any]) -> str:
         f"{metrics['completion_tokens']:,} generated) · critical path "
         f"{metrics['critical_path_tokens']:,} tokens"
     )
-    if metrics.get("threads"):
+    threads = metrics.get("threads") or 0
+    if threads > 1 and metrics.get("service_overlap_s", 0) > 0:
         line += (
-            f" · {metrics['threads']} threads took {metrics['thread_span_s']:.2f}s together "
-            f"vs {metrics['thread_time_sum_s']:.2f}s one after another "
-            f"(saved {metrics['parallel_saved_s']:.2f}s)"
+            f" · {threads} threads generated at the same time for "
+            f"{metrics['service_overlap_s']:.2f}s (span {metrics['thread_span_s']:.2f}s)"
         )
+    elif threads > 1:
+        line += f" · {threads} threads: the server ran them one at a time"
+    elif threads:
+        line += f" · 1 thread ({metrics['thread_span_s']:.2f}s)"
     return line
 
 
@@ -117,6 +121,9 @@ class PlainView(View):
 
     def interrupted(self) -> None:
         finished = [(tid, t) for tid, t in self.threads.items() if t.get("answer")]
+        if not self.threads:
+            self.notice("apr: interrupted while planning")
+            return
         self.notice(
             f"apr: interrupted: {len(finished)} of {len(self.threads)} threads had finished"
         )

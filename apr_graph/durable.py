@@ -9,9 +9,11 @@ are never stored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 
 from apr_graph.errors import InputError
@@ -20,7 +22,7 @@ from apr_graph.plan import plan_of
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput, AprOutput, AprState, ThreadRecord
 
-__all__ = ["prepare_resume", "resume_run", "run_status"]
+__all__ = ["StoredRun", "prepare_resume", "resume_run", "run_status", "stored_runs"]
 
 App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
 
@@ -68,3 +70,29 @@ async def resume_run(app: App, config: RunnableConfig, *, settings: AprSettings)
     """
     await prepare_resume(app, config, settings=settings)
     return cast(AprOutput, await app.ainvoke(None, config, durability="sync"))
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One run kept by a checkpointer: its id, ``interrupted`` or ``finished``, and its task."""
+
+    thread_id: str
+    status: str
+    task: str
+    updated_at: str
+
+
+async def stored_runs(app: App) -> list[StoredRun]:
+    """Every run the app's checkpointer holds, newest first."""
+    saver = app.checkpointer
+    if not isinstance(saver, BaseCheckpointSaver):
+        return []
+    latest: dict[str, str] = {}
+    async for item in saver.alist(None):
+        thread_id = str(item.config["configurable"]["thread_id"])
+        latest.setdefault(thread_id, str(item.checkpoint.get("ts", "")))
+    runs = []
+    for thread_id, updated in latest.items():
+        status, values = await run_status(app, {"configurable": {"thread_id": thread_id}})
+        runs.append(StoredRun(thread_id, status, str(values.get("task", "")), updated))
+    return sorted(runs, key=lambda run: run.updated_at, reverse=True)

@@ -210,7 +210,7 @@ class OpenAITransport:
                 raise TransientResponseError(f"malformed response body: {exc}") from exc
             if stream:
                 end = await read_stream(response, progress, delta_text)
-                reply = _Reply(progress.text, end.finish_reason, end.usage)
+                reply = _Reply(progress.text, end.finish_reason, end.usage, end.timings)
                 reply.counted = progress.completion_tokens
             else:
                 reply = _unpack(response)
@@ -225,12 +225,13 @@ class OpenAITransport:
             finish_reason=reply.finish_reason,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            cached_tokens=cached_tokens(reply.usage, reply.extra),
+            cached_tokens=cached_tokens(reply.usage, reply.timings),
             requests=1,
             started_at=progress.started_at,
             ended_at=time.time(),
             model=request.model,
             tool_calls=reply.tool_calls,
+            first_token_at=progress.first_token_at,
         )
 
     async def complete(
@@ -268,12 +269,13 @@ class OpenAITransport:
             finish_reason=end.finish_reason,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            cached_tokens=cached_tokens(end.usage),
+            cached_tokens=cached_tokens(end.usage, end.timings),
             requests=1,
             started_at=progress.started_at,
             ended_at=time.time(),
             model=request.model,
             stop_reason=end.stop_reason,
+            first_token_at=progress.first_token_at,
         )
 
 
@@ -297,7 +299,7 @@ class _Reply:
     text: str
     finish_reason: str | None
     usage: Any
-    extra: Any = None
+    timings: Any = None
     tool_calls: tuple[dict[str, str], ...] = ()
     counted: int = 0
     """Completion tokens as counted by the client (used when the server reports no usage)."""
@@ -319,6 +321,6 @@ def _unpack(result: Any) -> _Reply:
         message.content or "",
         choice.finish_reason,
         result.usage,
-        result.model_extra,
+        (result.model_extra or {}).get("timings"),
         tool_calls_of(message),
     )

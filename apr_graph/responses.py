@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -76,6 +77,8 @@ class Completion:
     mode: str = "text"
     tool_calls: tuple[dict[str, str], ...] = ()
     stop_reason: str | None = None
+    first_token_at: float | None = None
+    """When the first token arrived (streamed calls): service began, queueing ended."""
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -112,9 +115,12 @@ class StreamProgress:
     requests: int = 0
     charged: bool = False
     on_text: Callable[[str], None] | None = None
+    first_token_at: float | None = None
 
     def add(self, piece: str) -> None:
         """One more piece of streamed text."""
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
         self.text += piece
         self.completion_tokens += 1
         if self.on_text is not None:
@@ -123,6 +129,7 @@ class StreamProgress:
     def restart(self, started_at: float) -> None:
         """A new request (a retry) begins: what the last one streamed is discarded."""
         self.text, self.completion_tokens, self.started_at = "", 0, started_at
+        self.first_token_at = None
 
 
 @dataclass
@@ -132,6 +139,8 @@ class StreamEnd:
     finish_reason: str | None = None
     stop_reason: str | None = None
     usage: Any = None
+    timings: Any = None
+    """llama.cpp's ``timings`` (``cache_n``: prompt tokens served from its cache)."""
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -151,6 +160,8 @@ async def read_stream(
         try:
             async for chunk in chunks:
                 end.usage = _field(chunk, "usage") or end.usage
+                extra = _field(chunk, "model_extra") or (chunk if isinstance(chunk, dict) else {})
+                end.timings = extra.get("timings") or end.timings
                 for choice in _field(chunk, "choices") or []:
                     piece = piece_of(choice)
                     if piece:
@@ -207,13 +218,12 @@ def usage_counts(usage: Any, *, prompt: int, completion: int) -> tuple[int, int]
     return int(reported_prompt), int(reported_completion)
 
 
-def cached_tokens(usage: Any, extra: Any = None) -> int | None:
+def cached_tokens(usage: Any, timings: Any = None) -> int | None:
     """Prompt tokens served from the prefix cache: OpenAI/vLLM usage details, else llama.cpp
     ``timings.cache_n``; ``None`` when the server does not say."""
     cached = _field(_field(usage, "prompt_tokens_details"), "cached_tokens")
     if cached is not None:
         return int(cached)
-    timings = _field(extra, "timings")
     if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
         return int(timings["cache_n"])
     return None

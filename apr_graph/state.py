@@ -189,6 +189,7 @@ class CallRecord(TypedDict):
     started_at: float
     ended_at: float
     mode: str
+    first_token_at: NotRequired[float | None]
 
 
 ThreadStatus = Literal["done", "failed", "cancelled", "skipped"]

@@ -2,6 +2,9 @@
 
     OPENAI_BASE_URL=http://localhost:8000/v1 APR_MODEL=Qwen/Qwen3-8B \\
         python examples/agent_delegation.py "Compare Python, Rust and Go for a CLI tool"
+
+No server? ``apr serve`` starts the embedded demo model and prints its URL; in another
+terminal: ``OPENAI_BASE_URL=<that URL> APR_MODEL=smollm2 python examples/agent_delegation.py``.
 """
 
 from __future__ import annotations
@@ -38,5 +41,8 @@ def main(question: str) -> None:
 
 if __name__ == "__main__":
     if not os.environ.get("OPENAI_BASE_URL"):
-        sys.exit("set OPENAI_BASE_URL (and APR_MODEL) to an OpenAI-compatible server")
+        sys.exit(
+            "set OPENAI_BASE_URL (and APR_MODEL) to an OpenAI-compatible server, or run "
+            "'apr serve' in another terminal and use the URL it prints"
+        )
     main(" ".join(sys.argv[1:]) or "Compare Python, Rust and Go for a command-line tool")

@@ -2,11 +2,15 @@
 
     OPENAI_BASE_URL=http://localhost:8000/v1 APR_MODEL=Qwen/Qwen3-8B \\
         python examples/code_review.py apr_graph/llm.py apr_graph/graph.py
+
+No server? ``apr serve`` starts the embedded demo model and prints its URL; in another
+terminal: ``OPENAI_BASE_URL=<that URL> APR_MODEL=smollm2 python examples/code_review.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -39,4 +43,9 @@ async def main(paths: list[Path]) -> None:
 
 
 if __name__ == "__main__":
+    if not os.environ.get("OPENAI_BASE_URL"):
+        sys.exit(
+            "set OPENAI_BASE_URL (and APR_MODEL) to an OpenAI-compatible server, or run "
+            "'apr serve' in another terminal and use the URL it prints"
+        )
     asyncio.run(main([Path(a) for a in sys.argv[1:]]))

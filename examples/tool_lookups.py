@@ -5,11 +5,15 @@ API; a failing lookup goes back to the model as an error message, it does not cr
 
     OPENAI_BASE_URL=http://localhost:8000/v1 APR_MODEL=Qwen/Qwen3-8B \\
         python examples/tool_lookups.py "How many bolts, nuts and gears are in stock?"
+
+No server? ``apr serve`` starts the embedded demo model and prints its URL; in another
+terminal: ``OPENAI_BASE_URL=<that URL> APR_MODEL=smollm2 python examples/tool_lookups.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from langchain_core.tools import tool
@@ -32,4 +36,9 @@ async def main(question: str) -> None:
 
 
 if __name__ == "__main__":
+    if not os.environ.get("OPENAI_BASE_URL"):
+        sys.exit(
+            "set OPENAI_BASE_URL (and APR_MODEL) to an OpenAI-compatible server, or run "
+            "'apr serve' in another terminal and use the URL it prints"
+        )
     asyncio.run(main(" ".join(sys.argv[1:]) or "How many bolts, nuts and gears are in stock?"))

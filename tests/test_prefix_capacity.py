@@ -94,12 +94,17 @@ async def test_concurrency_follows_the_probed_slot_count(make_server: ServerFact
 
 
 async def test_vllm_metrics_and_silent_servers(make_server: ServerFactory) -> None:
-    metrics = 'vllm:cache_config_info{block_size="16",max_num_seqs="5"} 1.0\n'
+    # vLLM's cache_config_info carries the KV cache, not the scheduler's max_num_seqs.
+    metrics = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="100"} 1.0\n'
     vllm = make_server([], routes={"/metrics": metrics})
     silent = make_server([])
     from apr_graph import LLMClient
 
-    assert await LLMClient(settings_for(vllm)).capacity() == 5
+    client = LLMClient(settings_for(vllm, max_concurrency=5))
+    assert await client.capacity() == 5  # the width is unknown: the setting holds
+    report = await client.capacity_report()
+    assert (report["width"], report["kv_cache_tokens"]) == (None, 1600)
     assert await LLMClient(settings_for(silent, max_concurrency=7)).capacity() == 7
-    capped = settings_for(vllm, max_concurrency=2)  # an explicit setting still caps it
+    props = make_server([], routes={"/props": {"total_slots": 4}})
+    capped = settings_for(props, max_concurrency=2)  # an explicit setting still caps it
     assert await LLMClient(capped).capacity() == 2

@@ -1,4 +1,9 @@
-"""The ``apr bench`` command."""
+"""apr bench: speed and accuracy of the strategies, side by side, on local task suites.
+
+Runs sequential chain-of-thought, adaptive apr-graph, a fixed split and the native mode on the
+same backend and tasks, interleaved, and writes JSON, Markdown and PNG reports. Backends: a
+simulated GPU server (default), a server of yours (--backend url), or the embedded model.
+"""
 
 from __future__ import annotations
 

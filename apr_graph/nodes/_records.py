@@ -21,4 +21,5 @@ def call_record(completion: Completion, *, role: str, thread_id: str | None = No
         started_at=completion.started_at,
         ended_at=completion.ended_at,
         mode=completion.mode,
+        first_token_at=completion.first_token_at,
     )

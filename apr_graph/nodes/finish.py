@@ -9,7 +9,7 @@ from typing import Any
 from apr_graph.board import Boards
 from apr_graph.budget import EXHAUSTED
 from apr_graph.plan import plan_of
-from apr_graph.state import AprState, ThreadRecord
+from apr_graph.state import AprState, CallRecord, ThreadRecord
 
 __all__ = ["compute_metrics", "make_finish"]
 
@@ -28,6 +28,24 @@ def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> d
             sum(max(0.0, seconds - (t["ended_at"] - t["started_at"])) for t in cancelled), 3
         ),
     }
+
+
+def service_overlap(calls: list[CallRecord]) -> float:
+    """Seconds of the top-level threads' generation that ran alongside another's.
+
+    Service runs from a call's first token to its end, so time queued for a slot (in the
+    client or in the server) does not count: 0 means the server ran the threads one at a time.
+    """
+    spans = sorted(
+        (c.get("first_token_at") or c["started_at"], c["ended_at"])
+        for c in calls
+        if c["role"] == "worker" and c["thread_id"] is not None and "/" not in c["thread_id"]
+    )
+    union, reach = 0.0, float("-inf")
+    for start, end in spans:
+        union += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return round(max(0.0, sum(end - start for start, end in spans) - union), 4)
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
@@ -77,6 +95,7 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
         "thread_time_sum_s": round(sum(durations), 4),
         "thread_span_s": round(span, 4),
         "parallel_saved_s": round(max(0.0, sum(durations) - span), 4),
+        "service_overlap_s": service_overlap(calls),
     }
 
 

@@ -1,0 +1,86 @@
+"""Checks before a run: is the model name one the server serves, and is the URL its API?
+
+Servers disagree on unknown model names: vLLM and OpenAI refuse them (404), llama.cpp serves
+its one model whatever the name, a LiteLLM proxy may route any name. So the check reads
+``/v1/models``: a name it does not list fails at once, unless the server is llama.cpp, which
+gets one warning. A base URL that 404s where ``URL/v1`` would answer is the common slip of
+leaving out ``/v1``; the error says so.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from apr_graph.errors import (
+    AuthenticationError,
+    ModelCallError,
+    ModelNotFoundError,
+    ServerUnreachableError,
+)
+from apr_graph.llm import LLMClient
+from apr_graph.settings import AprSettings
+
+__all__ = ["check_server", "unknown_model_message"]
+
+_TIMEOUT_S = 3.0
+
+
+def unknown_model_message(url: str, model: str, offered: list[str]) -> str:
+    """The message for a model name the server does not serve."""
+    listing = ", ".join(offered) if offered else "(the server lists none)"
+    return (
+        f"the server at {url} does not serve model {model!r}; it offers: {listing} "
+        "(choose one with --model)"
+    )
+
+
+def _model_names(settings: AprSettings) -> list[str]:
+    return list(dict.fromkeys(settings.model_for(r) for r in ("planner", "worker", "synthesizer")))
+
+
+async def _answers_under_v1(url: str, api_key: str) -> bool:
+    if url.rstrip("/").endswith("/v1"):
+        return False
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers) as http:
+            response = await http.get(url.rstrip("/") + "/v1/models")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def check_server(client: LLMClient) -> list[str]:
+    """Check the server before a run; returns warnings to show, raises what cannot work.
+
+    Raises:
+        ServerUnreachableError: the URL is not the API (e.g. ``/v1`` is missing).
+        ModelNotFoundError: the server lists its models and a configured name is not one.
+    """
+    settings, url = client.settings, client.base_url
+    try:
+        offered = await client.list_models()
+    except ModelNotFoundError as exc:
+        if await _answers_under_v1(url, settings.api_key.get_secret_value()):
+            raise ServerUnreachableError(
+                f"{url} has no OpenAI API (HTTP 404), but {url.rstrip('/')}/v1 answers: "
+                f"add /v1 to the base URL (--base-url {url.rstrip('/')}/v1)",
+                url=url,
+            ) from exc
+        return []  # a server without /models can still serve completions
+    except (AuthenticationError, ServerUnreachableError):
+        raise
+    except ModelCallError:
+        return []  # the listing failed; the run itself will say what is wrong
+    missing = [name for name in _model_names(settings) if name not in offered]
+    if not offered or not missing:
+        return []
+    report = await client.capacity_report()
+    if report["source"].startswith("llama.cpp"):
+        return [
+            f"apr: warning: {url} is llama.cpp, which serves {offered[0]!r} whatever the "
+            f"model name: {', '.join(map(repr, missing))} is ignored"
+        ]
+    raise ModelNotFoundError(
+        unknown_model_message(url, missing[0], offered), status_code=404, url=url
+    )
