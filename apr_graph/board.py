@@ -40,6 +40,8 @@ class RunBoard:
     votes: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     """Ids of the threads that have a final record."""
+    system: str | None = None
+    """The system message all threads share (rendered once per fan-out)."""
 
     def _future(self, thread_id: str) -> asyncio.Future[ThreadRecord]:
         if thread_id not in self.results:

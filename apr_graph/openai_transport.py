@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 
 from apr_graph.capacity import CapacityReport, probe_parallel_capacity
@@ -42,6 +43,27 @@ _COOLDOWN_S = 2.0
 """How long an endpoint that refused connections is avoided (while others are up)."""
 
 
+_KEEPALIVE_S = 30.0
+"""How long an idle connection is kept: a fan-out's connections serve the merge and the next
+run's fan-out instead of being opened again."""
+
+
+def _http_client(settings: AprSettings, base_url: str) -> Any:
+    """The SDK's HTTP client with its pool sized to the concurrency actually used: as many
+    kept-alive connections as requests may be in flight (the SDK keeps 100 for 5 s, so a
+    256-wide fan-out opened 256 new ones every time). The limiter bounds connections."""
+    limits = type(openai.DEFAULT_CONNECTION_LIMITS)(
+        max_connections=None,
+        max_keepalive_connections=settings.max_concurrency,
+        keepalive_expiry=_KEEPALIVE_S,
+    )
+    if base_url.startswith("https://"):
+        return openai.DefaultAsyncHttpxClient(limits=limits)
+    # Plain HTTP (a local or in-cluster server) needs no TLS context: building one per
+    # client costs tens of milliseconds.
+    return openai.DefaultAsyncHttpxClient(limits=limits, verify=False)
+
+
 class _Endpoint:
     """One server: its SDK client and its own adaptive limiter (they live on one loop)."""
 
@@ -52,6 +74,7 @@ class _Endpoint:
             api_key=settings.api_key.get_secret_value(),
             max_retries=0,
             timeout=settings.request_timeout_s,
+            http_client=_http_client(settings, base_url),
         )
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
@@ -183,31 +206,26 @@ class OpenAITransport:
         """One chat completion, streamed unless it offers tools."""
         endpoint = await self._pick()
         max_tokens = _fit(request.max_tokens, prompt_estimate(request.messages), endpoint)
-        extra: dict[str, Any] = {}
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": list(request.messages),
+            "max_tokens": max_tokens,
+            "temperature": request.temperature,
+        }
         if request.response_format is not None:
-            extra["response_format"] = request.response_format
+            body["response_format"] = request.response_format
         if request.tools:
-            extra["tools"] = list(request.tools)
+            body["tools"] = list(request.tools)
         stream = request.stream and not request.tools
-        if stream:
-            extra["stream_options"] = {"include_usage": True}
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())  # sent only once a slot is free
-            try:
-                response: Any = await endpoint.send(
-                    endpoint.client.chat.completions.create(
-                        model=request.model,
-                        messages=list(request.messages),  # type: ignore[arg-type]
-                        max_tokens=max_tokens,
-                        temperature=request.temperature,
-                        extra_headers={"X-Apr-Role": request.role},
-                        stream=stream,
-                        **extra,
-                    )
+            if stream:
+                response = await endpoint.send(
+                    _post_stream(endpoint, "/chat/completions", body, request.role)
                 )
-            except ValueError as exc:  # a 200 whose JSON body does not parse
-                raise TransientResponseError(f"malformed response body: {exc}") from exc
+            else:
+                response = await endpoint.send(_post(endpoint, body, request.role))
             if stream:
                 end = await read_stream(response, progress, delta_text)
                 reply = _Reply(progress.text, end.finish_reason, end.usage, end.timings)
@@ -243,17 +261,15 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            response: Any = await endpoint.send(
-                endpoint.client.completions.create(
-                    model=request.model,
-                    prompt=request.prompt,
-                    max_tokens=max_tokens,
-                    temperature=request.temperature,
-                    stop=list(request.stop) or None,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_headers={"X-Apr-Role": request.role},
-                )
+            body = {
+                "model": request.model,
+                "prompt": request.prompt,
+                "max_tokens": max_tokens,
+                "temperature": request.temperature,
+                "stop": list(request.stop) or None,
+            }
+            response = await endpoint.send(
+                _post_stream(endpoint, "/completions", body, request.role)
             )
             end = await read_stream(response, progress, choice_text)
             prompt, completion = usage_counts(
@@ -278,6 +294,35 @@ class OpenAITransport:
             first_token_at=progress.first_token_at,
         )
 
+
+async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], role: str) -> Any:
+    """Send a streamed request and return the raw, unread HTTP response.
+
+    The bulk path of a fan-out: the SDK still sends it (connection pool, headers, its error
+    types for failed statuses, timeouts), but neither transforms the body nor builds a
+    pydantic model per chunk; ``read_stream`` parses the events as plain JSON.
+    """
+    headers = {"X-Apr-Role": role, _RAW: "stream"}
+    return await endpoint.client.post(
+        path,
+        body={**body, "stream": True, "stream_options": {"include_usage": True}},
+        cast_to=httpx.Response,
+        options={"headers": headers},
+    )
+
+
+async def _post(endpoint: _Endpoint, body: dict[str, Any], role: str) -> Any:
+    """A non-streamed chat request (tool calls), parsed by the SDK."""
+    return await endpoint.client.post(
+        "/chat/completions",
+        body=body,
+        cast_to=openai.types.chat.ChatCompletion,
+        options={"headers": {"X-Apr-Role": role}},
+    )
+
+
+_RAW = "X-Stainless-Raw-Response"
+"""The SDK's own switch for "hand me the response unread" (its ``with_streaming_response``)."""
 
 _CONTEXT_MARGIN = 32
 """Tokens kept free in a slot's context: the prompt's size is an estimate."""

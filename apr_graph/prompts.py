@@ -180,12 +180,15 @@ def worker_messages(
     *,
     dependencies: list[tuple[str, str, str]] | None = None,
     rejected: str | None = None,
+    system: str | None = None,
 ) -> list[Message]:
     """Messages of one thread: the shared prefix, then this thread's subtask.
 
     Everything thread-specific (dependency results, a rejected attempt) is in the last
     message, so the prefix stays byte-identical across the fan-out; the instructions for
     threads live in the shared system message, which keeps that last message short.
+    ``system``: that shared message, when the caller has it already (it renders the whole
+    plan, so a fan-out renders it once, not once per thread).
     """
     user = _WORKER_USER.format(id=subtask["id"], goal=subtask["goal"])
     if dependencies:
@@ -193,7 +196,7 @@ def worker_messages(
     if rejected:
         user += _RETRY.format(reason=_quote(rejected[:500]))
     return [
-        {"role": "system", "content": shared_system(task, context, plan)},
+        {"role": "system", "content": system or shared_system(task, context, plan)},
         {"role": "user", "content": user},
     ]
 

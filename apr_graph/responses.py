@@ -153,38 +153,62 @@ def _field(obj: Any, name: str) -> Any:
 async def read_stream(
     response: Any, progress: StreamProgress, piece_of: Callable[[Any], str | None]
 ) -> StreamEnd:
-    """Read a streamed response into ``progress``. Leaving, normally or by cancellation,
-    closes the HTTP response, so the server stops generating."""
+    """Read a raw server-sent-event response (OpenAI chunks, parsed as plain JSON) into
+    ``progress``. Leaving, normally or by cancellation, closes the HTTP response, so the
+    server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
+    the read timeout raises its ``APITimeoutError``."""
     end = StreamEnd()
-    async with response as chunks:
-        try:
-            async for chunk in chunks:
-                end.usage = _field(chunk, "usage") or end.usage
-                extra = _field(chunk, "model_extra") or (chunk if isinstance(chunk, dict) else {})
-                end.timings = extra.get("timings") or end.timings
-                for choice in _field(chunk, "choices") or []:
-                    piece = piece_of(choice)
-                    if piece:
-                        progress.add(piece)
-                    end.finish_reason = _field(choice, "finish_reason") or end.finish_reason
-                    extra = _field(choice, "model_extra") or (
-                        choice if isinstance(choice, dict) else {}
-                    )
-                    found = extra.get("stop_reason") or extra.get("stopping_word")
-                    if isinstance(found, str):
-                        end.stop_reason = found
-        except (openai.APIError, asyncio.CancelledError):
-            raise  # an error event inside the stream is classified by the caller
-        except Exception as exc:  # the transport broke mid-stream: worth a retry
-            raise TransientResponseError(
-                f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
-            ) from exc
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # comments, event names, keep-alives
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            _take(json.loads(data), end, progress, piece_of, response)
+    except (openai.APIError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        if "timeout" in type(exc).__name__.lower():
+            raise openai.APITimeoutError(request=response.request) from exc
+        # The transport broke mid-stream, or a chunk was not JSON: worth a retry.
+        raise TransientResponseError(
+            f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
+        ) from exc
+    finally:
+        await response.aclose()
     if end.finish_reason is None:
         raise TransientResponseError(
             f"the stream ended without a finish_reason after {progress.completion_tokens} "
             "tokens (cut off)"
         )
     return end
+
+
+def _take(
+    chunk: Any,
+    end: StreamEnd,
+    progress: StreamProgress,
+    piece_of: Callable[[Any], str | None],
+    response: Any,
+) -> None:
+    """Fold one streamed chunk into the stream's progress and end state."""
+    if not isinstance(chunk, dict):
+        raise TransientResponseError(f"a stream chunk is not a JSON object: {str(chunk)[:80]!r}")
+    if chunk.get("error"):
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise openai.APIError(str(message), request=response.request, body=error)
+    end.usage = chunk.get("usage") or end.usage
+    end.timings = chunk.get("timings") or end.timings
+    for choice in chunk.get("choices") or []:
+        piece = piece_of(choice)
+        if piece:
+            progress.add(piece)
+        end.finish_reason = choice.get("finish_reason") or end.finish_reason
+        found = choice.get("stop_reason") or choice.get("stopping_word")
+        if isinstance(found, str):
+            end.stop_reason = found
 
 
 def delta_text(choice: Any) -> str | None:

@@ -71,16 +71,21 @@ async def test_a_run_that_times_out_stops_its_threads(make_server: ServerFactory
     )
     app = compile_apr_graph(settings=settings_for(server))
     workers = lambda: server.chat_requests("worker")  # noqa: E731
-    with pytest.raises(TimeoutError):
+
+    async def run_until_both_threads_run() -> None:
         async with asyncio.timeout(None) as scope:
 
             async def expire_once_both_threads_run() -> None:
                 await _wait_until(lambda: len(workers()) == 2, timeout_s=30)
                 scope.reschedule(asyncio.get_running_loop().time())
 
-            watcher = asyncio.ensure_future(expire_once_both_threads_run())
+            watchers.append(asyncio.ensure_future(expire_once_both_threads_run()))
             await app.ainvoke({"task": "two slow parts"})
-    await watcher
+
+    watchers: list[asyncio.Future[None]] = []
+    with pytest.raises(TimeoutError):
+        await run_until_both_threads_run()
+    await watchers[0]
     timed_out = time.monotonic()
     await _wait_until(lambda: all(r.ended_at is not None for r in workers()))
     assert [r.status for r in workers()] == [499, 499]
@@ -180,9 +185,7 @@ def test_internal_fields_are_not_part_of_the_input_schema() -> None:
 
 def test_importing_the_package_does_not_import_the_chat_model_stack() -> None:
     code = (
-        "import sys, apr_graph; "
-        "print('langchain_core.language_models.chat_models' in sys.modules)"
+        "import sys, apr_graph; print('langchain_core.language_models.chat_models' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-

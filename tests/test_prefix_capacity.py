@@ -108,3 +108,27 @@ async def test_vllm_metrics_and_silent_servers(make_server: ServerFactory) -> No
     props = make_server([], routes={"/props": {"total_slots": 4}})
     capped = settings_for(props, max_concurrency=2)  # an explicit setting still caps it
     assert await LLMClient(capped).capacity() == 2
+
+
+def test_prefix_stats_equal_a_byte_comparison_of_the_whole_prompts() -> None:
+    import json
+    import os
+
+    from apr_graph import AprSettings
+    from apr_graph.nodes.decompose import prefix_stats
+    from apr_graph.plan import normalise_plan
+    from apr_graph.prompts import shared_system, worker_messages
+    from apr_graph.state import Plan
+
+    for count in (1, 2, 9):
+        subtasks = [{"id": f"s{i}", "goal": f"goal é {i} " * (i + 1)} for i in range(count)]
+        plan = normalise_plan(
+            Plan(strategy="parallel", subtasks=subtasks), AprSettings(max_threads=10)
+        )
+        prompts = [
+            json.dumps(worker_messages("task ü", "ctx", plan, s), ensure_ascii=False).encode()
+            for s in plan["subtasks"]
+        ]
+        stats = prefix_stats("task ü", "ctx", plan, shared_system("task ü", "ctx", plan))
+        assert stats["shared_chars"] == len(os.path.commonprefix(prompts))  # noqa: RUF071
+        assert stats["shortest_prompt_chars"] == min(len(p) for p in prompts)

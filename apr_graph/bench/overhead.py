@@ -1,47 +1,73 @@
-"""Framework overhead: client CPU time, wall time and memory per thread, against a bare
-async HTTP request (plain ``httpx``, no SDK, no graph) sent to the same server in the same run.
+"""Framework overhead, layer by layer: client CPU per thread of a fan-out of N threads.
 
-The server runs in a separate process, so the CPU time measured here is the client's alone.
-Its replies have no model latency: everything measured is the cost of orchestration.
+Each layer runs the same N streamed chat requests, with the same prompt bytes, against one
+scripted server in its own process (so the CPU time measured is the client's alone):
+
+- ``floor``: one asyncio connection per request, the HTTP/1.1 request written by hand, SSE
+  lines parsed with ``json.loads``: what any client must spend;
+- ``httpx``: plain ``httpx``, a fresh pool per round (its pool scans every connection for
+  every request, so this layer grows with N: it is not a floor);
+- ``sdk``: ``AsyncOpenAI(...).chat.completions.create(stream=True)``;
+- ``langgraph_sdk``: a minimal LangGraph ``Send`` fan-out whose node makes that SDK call;
+- ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge).
+
+Every worker reply streams for about ``REPLY_S`` seconds, so the N requests really overlap;
+``ideal_ratio`` is the ideal wall time (plan + one thread + merge) over apr-graph's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import re
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any, TypedDict
+from urllib.parse import urlsplit
 
 import httpx
 
 from apr_graph.graph import compile_apr_graph
-from apr_graph.llm import LLMClient
+from apr_graph.prompts import worker_messages
 from apr_graph.settings import AprSettings
+from apr_graph.state import PlanRecord, SubtaskRecord
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 
 __all__ = ["measure_overhead", "serve_forever"]
 
-CONCURRENCY = 64
+CHUNKS = 5
+CHUNK_S = 0.1
+REPLY_S = CHUNKS * CHUNK_S
+TASK = "fan out {n}"
 
 
 def _plan(request: RecordedRequest) -> Reply:
     found = re.search(r"fan out (\d+)", request.all_text)
     count = int(found.group(1)) if found else 1
-    subtasks = [{"id": f"s{i}", "goal": f"part {i}"} for i in range(count)]
-    return Reply(content={"strategy": "parallel", "subtasks": subtasks})
+    return Reply(
+        content={
+            "strategy": "parallel",
+            "merge": "synthesize",
+            "subtasks": [_subtask(i) for i in range(count)],
+        }
+    )
+
+
+def _subtask(index: int) -> SubtaskRecord:
+    return SubtaskRecord(
+        id=f"s{index}", goal=f"part {index}", depends_on=[], fork=False, max_tokens=None
+    )
 
 
 def serve_forever() -> None:
     """The overhead server (run in its own process): prints its URL, serves until killed."""
+    slow = Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=CHUNK_S)
     rules = [
         Rule(role="planner", reply=_plan),
-        Rule(role="worker", reply=Reply(content="ok done")),
         Rule(role="synthesizer", reply=Reply(content="merged")),
-        Rule(reply=Reply(content="ok done")),
+        Rule(reply=slow),
     ]
     server = ScriptedServer(rules).start()
     server.requests = _Discard()  # keep no history: 1,000-thread runs would pile it up
@@ -55,54 +81,162 @@ class _Discard(list[RecordedRequest]):
         return None
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-async def _graph_run(base_url: str, threads: int) -> dict[str, float]:
-    settings = AprSettings(
-        base_url=base_url,
-        model="m",
-        max_threads=threads,
-        max_total_threads=threads,
-        max_concurrency=CONCURRENCY,
+def _body(n: int) -> dict[str, Any]:
+    """A worker request of an N-thread fan-out, byte for byte as apr-graph builds it."""
+    subtasks = [_subtask(i) for i in range(n)]
+    plan = PlanRecord(
+        strategy="parallel", answer=None, subtasks=subtasks, merge="synthesize", notes=[]
     )
-    client = LLMClient(settings)
-    app = compile_apr_graph(settings=settings, client=client)
-    cpu, wall = time.process_time(), time.perf_counter()
-    result = await app.ainvoke({"task": f"fan out {threads}"})
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    await client.aclose()
-    assert result["metrics"]["threads"] == threads, result["metrics"]
-    return {"cpu_s": cpu, "wall_s": wall}
-
-
-async def _bare_run(base_url: str, requests: int) -> dict[str, float]:
-    body = {
+    return {
         "model": "m",
         "stream": True,
         "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": "part"}],
-        "max_tokens": 16,
+        "max_tokens": 1024,
+        "temperature": 0.0,
+        "messages": worker_messages(TASK.format(n=n), "", plan, subtasks[0]),
     }
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    gate = asyncio.Semaphore(CONCURRENCY)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
 
-        async def one() -> None:
-            async with gate, http.stream("POST", "/chat/completions", json=body) as response:
-                async for _ in response.aiter_lines():
-                    pass
 
-        cpu, wall = time.process_time(), time.perf_counter()
-        await asyncio.gather(*[one() for _ in range(requests)])
-        return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+async def _timed(run: Callable[[], Any]) -> tuple[float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    await run()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+async def _floor(url: str, n: int) -> tuple[float, float]:
+    parts = urlsplit(url)
+    payload = json.dumps(_body(n)).encode()
+    head = (
+        f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\nX-Apr-Role: worker\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(head + payload)
+        await writer.drain()
+        async for line in reader:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                json.loads(line[6:])
+        writer.close()
+
+    return await _timed(lambda: asyncio.gather(*(one() for _ in range(n))))
+
+
+async def _httpx(url: str, n: int) -> tuple[float, float]:
+    payload = json.dumps(_body(n)).encode()
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+
+            async def one() -> None:
+                headers = {"content-type": "application/json", "X-Apr-Role": "worker"}
+                async with http.stream(
+                    "POST", "/chat/completions", content=payload, headers=headers
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            json.loads(line[6:])
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+    return await _timed(run)
+
+
+async def _sdk_calls(client: Any, body: dict[str, Any], n: int) -> None:
+    async def one() -> None:
+        stream = await client.chat.completions.create(**body)
+        async for _ in stream:
+            pass
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+def _sdk_client(url: str, n: int) -> Any:
+    import openai
+
+    http = openai.DefaultAsyncHttpxClient(limits=openai.DEFAULT_CONNECTION_LIMITS)
+    return openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, http_client=http)
+
+
+async def _sdk(url: str, n: int) -> tuple[float, float]:
+    body = {k: v for k, v in _body(n).items()}
+    client = _sdk_client(url, n)
+    try:
+        return await _timed(lambda: _sdk_calls(client, body, n))
+    finally:
+        await client.close()
+
+
+class _Item(TypedDict):
+    i: int
+
+
+class _FanState(TypedDict, total=False):
+    n: int
+    done: Annotated[list[int], operator.add]
+
+
+async def _langgraph_sdk(url: str, n: int) -> tuple[float, float]:
+    from langchain_core.runnables import RunnableLambda
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Send
+
+    body = _body(n)
+    client = _sdk_client(url, n)
+
+    async def work(payload: _Item) -> dict[str, list[int]]:
+        stream = await client.chat.completions.create(**body)
+        async for _ in stream:
+            pass
+        return {"done": [payload["i"]]}
+
+    builder: StateGraph[_FanState, None, _FanState, _FanState] = StateGraph(_FanState)
+    builder.add_node("work", RunnableLambda(work))
+    builder.add_conditional_edges(START, lambda s: [Send("work", {"i": i}) for i in range(s["n"])])
+    builder.add_edge("work", END)
+    app = builder.compile()
+    try:
+        return await _timed(lambda: app.ainvoke({"n": n}))
+    finally:
+        await client.close()
+
+
+async def _apr(url: str, n: int) -> tuple[float, float]:
+    settings = AprSettings(
+        base_url=url,
+        model="m",
+        max_threads=n,
+        max_total_threads=n,
+        max_concurrency=min(n, 1024),
+        probe_capacity=False,
+    )
+    app = compile_apr_graph(settings=settings)
+    result: dict[str, Any] = {}
+
+    async def run() -> None:
+        result.update(await app.ainvoke({"task": TASK.format(n=n)}))
+
+    timing = await _timed(run)
+    assert result["metrics"]["threads"] == n, result["metrics"]
+    return timing
+
+
+LAYERS = {
+    "floor": _floor,
+    "httpx": _httpx,
+    "sdk": _sdk,
+    "langgraph_sdk": _langgraph_sdk,
+    "apr": _apr,
+}
 
 
 async def measure_overhead(
     sizes: Sequence[int], *, progress: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per fan-out size: graph vs bare HTTP, per thread."""
+    """One row per fan-out size: client CPU ms per thread of each layer, and wall times."""
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -111,35 +245,22 @@ async def measure_overhead(
     )
     try:
         assert server.stdout is not None
-        base_url = (await server.stdout.readline()).decode().strip()
-        await _bare_run(base_url, 8)  # warm up both paths (imports, connections)
-        await _graph_run(base_url, 2)
+        url = (await server.stdout.readline()).decode().strip()
+        for layer in LAYERS.values():  # warm up every path (imports, first connections)
+            await layer(url, 2)
         rows = []
         for size in sizes:
-            before = _peak_rss_mb()
-            graph = await _graph_run(base_url, size)
-            peak = _peak_rss_mb()
-            bare = await _bare_run(base_url, size + 2)  # the graph also plans and merges
-            rows.append(
-                {
-                    "threads": size,
-                    "graph_wall_s": round(graph["wall_s"], 3),
-                    "graph_cpu_s": round(graph["cpu_s"], 3),
-                    "graph_cpu_ms_per_thread": round(1000 * graph["cpu_s"] / size, 2),
-                    "bare_cpu_ms_per_request": round(1000 * bare["cpu_s"] / (size + 2), 2),
-                    "cpu_ratio": round(
-                        (graph["cpu_s"] / (size + 2)) / max(bare["cpu_s"] / (size + 2), 1e-9), 2
-                    ),
-                    "peak_rss_growth_mb": round(peak - before, 1),
-                }
-            )
+            row: dict[str, Any] = {"threads": size}
+            for name, layer in LAYERS.items():
+                cpu, wall = await layer(url, size)
+                row[f"{name}_cpu_ms"] = round(1000 * cpu / size, 2)
+                row[f"{name}_wall_s"] = round(wall, 2)
+            row["apr_vs_floor"] = round(row["apr_cpu_ms"] / max(row["floor_cpu_ms"], 1e-9), 2)
+            row["ideal_ratio"] = round(REPLY_S / max(row["apr_wall_s"], 1e-9), 2)
+            rows.append(row)
             if progress is not None:
                 progress(f"overhead {size} threads")
         return rows
     finally:
         server.kill()
         await server.wait()
-
-
-if __name__ == "__main__":
-    print(json.dumps(asyncio.run(measure_overhead([int(a) for a in sys.argv[1:]] or [1, 8]))))

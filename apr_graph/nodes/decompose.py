@@ -108,7 +108,8 @@ def make_decompose(
             budget.reserve_threads(len(normalised["subtasks"]))
             board.merge = normalised["merge"] or "synthesize"
             board.thread_ids = [s["id"] for s in normalised["subtasks"]]
-            normalised["prefix"] = prefix_stats(task, context, normalised)
+            board.system = shared_system(task, context, normalised)
+            normalised["prefix"] = prefix_stats(task, context, normalised, board.system)
             if settings.warm_prefix:
                 await _warm(client, board, task, context, normalised, calls)
         emit(
@@ -141,14 +142,24 @@ def _unknown_width(url: str, limit: int) -> str:
     )
 
 
-def prefix_stats(task: str, context: str, plan: PlanRecord) -> PrefixStats:
-    """How much of the fan-out's prompts is one shared prefix, byte for byte."""
-    prompts = [
-        json.dumps(worker_messages(task, context, plan, subtask), ensure_ascii=False).encode()
+def prefix_stats(task: str, context: str, plan: PlanRecord, system: str) -> PrefixStats:
+    """How much of the fan-out's prompts is one shared prefix, byte for byte.
+
+    The threads' requests are ``[system, user]`` with one shared ``system``: their JSON
+    differs from the first byte of the user message on, so only the (short) user messages
+    are compared: O(N) for N threads, not N full prompts.
+    """
+    head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
+    users = [
+        json.dumps(
+            worker_messages(task, context, plan, subtask, system=system)[1], ensure_ascii=False
+        ).encode()
         for subtask in plan["subtasks"]
     ]
-    shared = len(os.path.commonprefix(prompts))  # noqa: RUF071 - a byte-level prefix is the point
-    shortest = min(len(p) for p in prompts)
+    common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
+    before = len(head.encode()) + len(b", ")
+    shortest = before + min(len(u) for u in users) + len(b"]")
+    shared = shortest if len(set(users)) == 1 else before + len(common)
     return PrefixStats(
         shared_chars=shared,
         shortest_prompt_chars=shortest,

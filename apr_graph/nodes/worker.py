@@ -30,7 +30,7 @@ from apr_graph.events import emit, token_emitter
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.tool_loop import tool_loop
-from apr_graph.prompts import verifier_messages, worker_messages
+from apr_graph.prompts import shared_system, verifier_messages, worker_messages
 from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
@@ -150,6 +150,8 @@ async def _solve(
     payload, subtask = thread.payload, thread.subtask
     must_verify = verify is not None or board.merge == "race"
     rejected: str | None = None
+    if board.system is None:
+        board.system = shared_system(payload["task"], payload["context"], payload["plan"])
     while True:
         thread.attempts += 1
         messages = worker_messages(
@@ -159,6 +161,7 @@ async def _solve(
             subtask,
             dependencies=dependencies,
             rejected=rejected,
+            system=board.system,
         )
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
