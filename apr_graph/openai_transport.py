@@ -21,6 +21,7 @@ from apr_graph.capacity import CapacityReport, probe_parallel_capacity
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.responses import (
     Completion,
+    StreamEnd,
     StreamProgress,
     TransientResponseError,
     cached_tokens,
@@ -221,78 +222,38 @@ class OpenAITransport:
             admit(budget)
             progress.restart(time.time())  # sent only once a slot is free
             if stream:
-                response = await endpoint.send(
-                    _post_stream(endpoint, "/chat/completions", body, request.role)
-                )
-            else:
-                response = await endpoint.send(_post(endpoint, body, request.role))
-            if stream:
+                path = "/chat/completions"
+                response = await endpoint.send(_post_stream(endpoint, path, body, request.role))
                 end = await read_stream(response, progress, delta_text)
-                reply = _Reply(progress.text, end.finish_reason, end.usage, end.timings)
-                reply.counted = progress.completion_tokens
+                reply = _Reply.streamed(end, progress)
             else:
-                reply = _unpack(response)
-            prompt, completion = usage_counts(
-                reply.usage, prompt=prompt_estimate(request.messages), completion=reply.counted
+                reply = _unpack(await endpoint.send(_post(endpoint, body, request.role)))
+            return reply.completion(
+                request.model, prompt_estimate(request.messages), progress, budget
             )
-            if budget is not None:
-                progress.charged = True  # before charging: the charge may stop the run
-                budget.charge(prompt + completion)
-        return Completion(
-            text=strip_reasoning(reply.text),
-            finish_reason=reply.finish_reason,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=cached_tokens(reply.usage, reply.timings),
-            requests=1,
-            started_at=progress.started_at,
-            ended_at=time.time(),
-            model=request.model,
-            tool_calls=reply.tool_calls,
-            first_token_at=progress.first_token_at,
-        )
 
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One streamed ``/v1/completions`` request ending at a stop string."""
         endpoint = await self._pick()
-        max_tokens = _fit(request.max_tokens, estimate_tokens(request.prompt), endpoint)
+        prompt_tokens = estimate_tokens(request.prompt)
+        body = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "max_tokens": _fit(request.max_tokens, prompt_tokens, endpoint),
+            "temperature": request.temperature,
+            "stop": list(request.stop) or None,
+        }
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            body = {
-                "model": request.model,
-                "prompt": request.prompt,
-                "max_tokens": max_tokens,
-                "temperature": request.temperature,
-                "stop": list(request.stop) or None,
-            }
             response = await endpoint.send(
                 _post_stream(endpoint, "/completions", body, request.role)
             )
-            end = await read_stream(response, progress, choice_text)
-            prompt, completion = usage_counts(
-                end.usage,
-                prompt=estimate_tokens(request.prompt),
-                completion=progress.completion_tokens,
-            )
-            if budget is not None:
-                progress.charged = True
-                budget.charge(prompt + completion)
-        return Completion(
-            text=progress.text,
-            finish_reason=end.finish_reason,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=cached_tokens(end.usage, end.timings),
-            requests=1,
-            started_at=progress.started_at,
-            ended_at=time.time(),
-            model=request.model,
-            stop_reason=end.stop_reason,
-            first_token_at=progress.first_token_at,
-        )
+            reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
+            reply.reasoning_kept = True  # a native reasoner's text is the whole point
+            return reply.completion(request.model, prompt_tokens, progress, budget)
 
 
 async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], role: str) -> Any:
@@ -339,18 +300,55 @@ def _fit(max_tokens: int, prompt_tokens: int, endpoint: _Endpoint) -> int:
 
 @dataclass
 class _Reply:
-    """What one chat reply carried, streamed or not."""
+    """What one reply carried, streamed or not."""
 
     text: str
     finish_reason: str | None
     usage: Any
     timings: Any = None
     tool_calls: tuple[dict[str, str], ...] = ()
-    counted: int = 0
-    """Completion tokens as counted by the client (used when the server reports no usage)."""
+    stop_reason: str | None = None
+    counted: int | None = None
+    """Completion tokens as the client counted them (used when the server reports no usage)."""
+    reasoning_kept: bool = False
 
-    def __post_init__(self) -> None:
-        self.counted = estimate_tokens(self.text)
+    @classmethod
+    def streamed(cls, end: StreamEnd, progress: StreamProgress) -> _Reply:
+        """The reply a stream produced."""
+        return cls(
+            progress.text,
+            end.finish_reason,
+            end.usage,
+            end.timings,
+            stop_reason=end.stop_reason,
+            counted=progress.completion_tokens,
+        )
+
+    def completion(
+        self, model: str, prompt_guess: int, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """The ``Completion``, its tokens charged to ``budget`` (call it before the
+        concurrency slot is released, so a budget is never overshot by more than the
+        requests in flight)."""
+        counted = estimate_tokens(self.text) if self.counted is None else self.counted
+        prompt, completion = usage_counts(self.usage, prompt=prompt_guess, completion=counted)
+        if budget is not None:
+            progress.charged = True  # before charging: the charge may stop the run
+            budget.charge(prompt + completion)
+        return Completion(
+            text=self.text if self.reasoning_kept else strip_reasoning(self.text),
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached_tokens(self.usage, self.timings),
+            requests=1,
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            model=model,
+            tool_calls=self.tool_calls,
+            stop_reason=self.stop_reason,
+            first_token_at=progress.first_token_at,
+        )
 
 
 def _unpack(result: Any) -> _Reply:
@@ -367,5 +365,5 @@ def _unpack(result: Any) -> _Reply:
         choice.finish_reason,
         result.usage,
         (result.model_extra or {}).get("timings"),
-        tool_calls_of(message),
+        tool_calls=tool_calls_of(message),
     )
