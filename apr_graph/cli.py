@@ -5,6 +5,7 @@
     apr ask --thread-id job-1 "..."                # checkpointed; after a crash:
     apr resume job-1                               # finishes it without redoing finished work
     apr runs                                       # the runs kept, with status and task
+    apr ask --local-model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf "..."   # any GGUF file
     apr serve                                      # keep the embedded model up for others
 
 Exit codes: 0 ok, 1 model call failed, 2 bad usage or input (a task too long for the model's
@@ -30,6 +31,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import ValidationError
 
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
 from apr_graph.cli_runs import describe_runs, find_run, list_runs
 from apr_graph.cli_view import PlainView, View, make_view
 from apr_graph.durable import prepare_resume, run_status
@@ -45,7 +47,6 @@ from apr_graph.errors import (
 )
 from apr_graph.graph import create_apr_graph
 from apr_graph.llm import LLMClient
-from apr_graph.local import LOCAL_MODEL, LocalServer
 from apr_graph.preflight import check_server, unknown_model_message
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput
@@ -59,26 +60,6 @@ EXIT_UNREACHABLE = 4
 EXIT_AUTH = 5
 EXIT_UNKNOWN_MODEL = 6
 EXIT_INTERRUPTED = 130
-
-DEMO_NOTICE = (
-    "apr: no server configured, so the embedded SmolLM2-135M-Instruct model runs locally. "
-    "It is a demo of the mechanics, not of reasoning quality; for real answers point apr at "
-    "a real server: --base-url http://HOST:8000/v1 --model NAME (or OPENAI_BASE_URL, APR_MODEL)."
-)
-
-# Settings the embedded demo model gets unless the user set them: a 135M model on a CPU
-# should write short answers, never fork twice and never run for more than five minutes;
-# its one-request-at-a-time server queues the threads.
-_LOCAL_DEFAULTS: dict[str, Any] = {
-    "max_threads": 4,
-    "max_depth": 1,  # a 135M model that forks again spends minutes on junk subtasks
-    "max_total_threads": 4,
-    "deadline_s": 300.0,
-    "planner_max_tokens": 256,
-    "worker_max_tokens": 160,
-    "synthesizer_max_tokens": 256,
-    "request_timeout_s": 300.0,
-}
 
 
 class _CliError(Exception):
@@ -105,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {_default_db()}]"
     )
+    add_local_options(common)
 
     ask = commands.add_parser(
         "ask", parents=[common], help="answer a task, forking into parallel threads if useful"
@@ -132,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the embedded model server until Ctrl-C")
     serve.add_argument("--port", type=int, default=0, help="listen port [a free one]")
     serve.add_argument("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
+    add_local_options(serve)
     return parser
 
 
@@ -156,16 +139,16 @@ def _settings(args: argparse.Namespace) -> AprSettings:
         raise _CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
 
 
-def _local_settings(settings: AprSettings, server: LocalServer) -> AprSettings:
-    update: dict[str, Any] = {"base_url": server.base_url, "model": LOCAL_MODEL}
-    if "max_concurrency" not in settings.model_fields_set:
-        # Send no more at once than the server runs at once: queued requests would only
-        # inflate thread latencies (and the time parallelism seems to save).
-        update["max_concurrency"] = server.parallel_requests
-    for name, value in _LOCAL_DEFAULTS.items():
-        if name not in settings.model_fields_set:
-            update[name] = value
-    return settings.model_copy(update=update)
+def _local_choice(args: argparse.Namespace, settings: AprSettings) -> LocalChoice | None:
+    """The local model to run, checked before anything starts; ``None``: use the server."""
+    if args.local_model and args.base_url:
+        raise _CliError(
+            "--local-model runs a model here and --base-url names a server: give one of them",
+            EXIT_USAGE,
+        )
+    if settings.base_url is not None and not args.local_model:
+        return None  # a configured server beats APR_LOCAL_MODEL, which stands in for one
+    return choose_local(args)
 
 
 def _read_task(task: str) -> str:
@@ -266,16 +249,12 @@ def _ask(args: argparse.Namespace) -> int:
         "status": "running",
         "events": [],
     }
+    local = _local_choice(args, settings)
     with ExitStack() as stack:
-        if settings.base_url is None:
-            view.notice(DEMO_NOTICE)
-            server = LocalServer(
-                startup_timeout_s=float(os.environ.get("APR_LOCAL_STARTUP_TIMEOUT", "180"))
-            )
-            view.notice("apr: starting the embedded model server ...")
-            stack.enter_context(server)
-            view.notice(f"apr: {server.kind} ready at {server.base_url}")
-            settings = _local_settings(settings, server)
+        if local is not None:
+            if settings.base_url is not None:
+                view.notice("apr: --local-model given, so the configured server URL is not used")
+            settings, record["local"] = local.start(stack, settings, notice=view.notice)
         record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
         if thread_id is not None and not resuming:
             view.notice(
@@ -318,14 +297,23 @@ def _runs(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     plain = PlainView()
+    local = choose_local(args)  # a bad model path fails here, before anything starts
+    for line in local.notices()[1:]:  # the first says a run will use it; serve is not a run
+        plain.notice(line)
     try:
-        with LocalServer(port=args.port, host=args.host) as server:
-            plain.notice(
-                f"apr: {server.kind} serving {LOCAL_MODEL} (SmolLM2-135M-Instruct, a demo model) "
-                f"at {server.base_url}; use it with --base-url {server.base_url} "
-                f"--model {LOCAL_MODEL}. Ctrl-C stops it."
+        with local.server(port=args.port, host=args.host) as server:
+            alias, url = local.model.alias, server.base_url
+            what = (
+                "SmolLM2-135M-Instruct, a demo model"
+                if local.model.bundled
+                else local.model.describe()
             )
-            print(server.base_url, flush=True)  # last, so a reader of stdout knows it is up
+            plain.notice(
+                f"apr: {server.kind} serving {alias} ({what}) at {url}, {local.shape(server)}; "
+                f'use it with: apr ask --base-url {url} --model {alias} "TASK". Ctrl-C stops it.'
+            )
+            plain.notice(f"apr: settings that fit this model, for its clients: {local.env_line()}")
+            print(url, flush=True)  # last, so a reader of stdout knows it is up
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

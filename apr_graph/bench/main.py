@@ -27,8 +27,10 @@ from apr_graph.bench.runner import run_tasks, scaling_rows, summarise
 from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
+from apr_graph.errors import InputError
 from apr_graph.llm import LLMClient
-from apr_graph.local import LOCAL_MODEL, LocalServer
+from apr_graph.local import LocalBackendError
 from apr_graph.settings import AprSettings
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
 
@@ -46,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["sim", "local", "url"],
         default="sim",
-        help="sim: simulated GPU server; local: the embedded model; url: --base-url",
+        help="sim: simulated GPU server; local: a GGUF model run here; url: --base-url",
     )
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (with --backend url)")
     p.add_argument("--model", default=None, help="model name (with --backend url)")
@@ -81,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="[%(default)s]")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_local_options(p)
     return p
 
 
@@ -167,17 +170,10 @@ async def _backend(
             max_total_threads=64,
         )
     if args.backend == "local":
-        local = stack.enter_context(LocalServer())
-        return AprSettings(
-            base_url=local.base_url,
-            model=LOCAL_MODEL,
-            max_threads=4,
-            max_concurrency=local.parallel_requests,
-            planner_max_tokens=256,
-            worker_max_tokens=160,
-            synthesizer_max_tokens=256,
-            request_timeout_s=300,
-        )
+        local: LocalChoice = args.local
+        running = stack.enter_context(local.server())
+        settings, _ = local.settings(AprSettings(), running)  # the model's defaults, APR_* win
+        return settings
     if not args.base_url:
         raise SystemExit("apr bench: error: --backend url needs --base-url")
     values: dict[str, Any] = {"base_url": args.base_url}
@@ -191,6 +187,15 @@ async def _backend(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``apr bench`` / ``python -m apr_graph.bench``."""
     args = parser().parse_args(argv)
+    args.local = None
+    if args.backend == "local":
+        try:  # the model file is checked before anything starts
+            args.local = choose_local(args)
+        except (InputError, LocalBackendError) as exc:
+            print(f"apr bench: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, InputError) else 3  # apr's exit codes
+        for line in args.local.notices():
+            print(line, file=sys.stderr)
     columns = (
         TextColumn("{task.description:<32}"),
         BarColumn(),

@@ -1,0 +1,185 @@
+"""What a GGUF model file says about itself: name, size, context and chat template.
+
+Only the header is read (metadata and tensor shapes, never the weights), through a memory map,
+so sizing a multi-gigabyte model takes a fraction of a second. The format is llama.cpp's
+(https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic ``GGUF``, a version, the
+tensor and metadata counts, the metadata key/value pairs, then one record per tensor.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GgufError", "GgufInfo", "read_gguf"]
+
+_MAGIC = b"GGUF"
+_STRING, _ARRAY = 8, 9
+_SCALARS = {
+    0: struct.Struct("<B"),
+    1: struct.Struct("<b"),
+    2: struct.Struct("<H"),
+    3: struct.Struct("<h"),
+    4: struct.Struct("<I"),
+    5: struct.Struct("<i"),
+    6: struct.Struct("<f"),
+    7: struct.Struct("<?"),
+    10: struct.Struct("<Q"),
+    11: struct.Struct("<q"),
+    12: struct.Struct("<d"),
+}
+_U32, _U64 = _SCALARS[4], _SCALARS[10]
+_KV_BYTES = 2  # llama.cpp's default KV cache type is f16
+
+
+class GgufError(ValueError):
+    """The file is not a GGUF model this reader understands; the message says why."""
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """The facts about a model that choosing its defaults needs."""
+
+    path: Path
+    """The model file."""
+
+    file_bytes: int
+    """Size of the file: what one generated token reads from memory, roughly."""
+
+    parameters: int
+    """``general.parameter_count``, else the sum of the tensors' element counts."""
+
+    name: str | None
+    """``general.name``, e.g. ``Qwen2.5 Coder 1.5B Instruct``."""
+
+    architecture: str | None
+    """``general.architecture``, e.g. ``qwen2`` or ``llama``."""
+
+    context_length: int | None
+    """The context the model was trained for (``<arch>.context_length``)."""
+
+    kv_bytes_per_token: int | None
+    """Bytes of f16 KV cache one token of context takes, over all layers (None if unknown)."""
+
+    has_chat_template: bool
+    """Whether the file carries its chat template (``tokenizer.chat_template``)."""
+
+
+class _Reader:
+    """Bounds-checked little-endian reads from the header; truncation is a ``GgufError``."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, size: int) -> int:
+        start, self.pos = self.pos, self.pos + size
+        if size < 0 or self.pos > len(self.data):
+            raise GgufError("the file is truncated or corrupt (its header runs past its end)")
+        return start
+
+    def scalar(self, kind: int) -> Any:
+        layout = _SCALARS.get(kind)
+        if layout is None:
+            raise GgufError(f"unknown metadata value type {kind} (corrupt, or a newer GGUF)")
+        return layout.unpack_from(self.data, self.take(layout.size))[0]
+
+    def string(self) -> str:
+        size = self.scalar(10)
+        start = self.take(size)
+        return bytes(self.data[start : start + size]).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        """A metadata value; arrays (the vocabulary, merges) are skipped and read as None."""
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            return self.scalar(kind)
+        item, count = self.scalar(4), self.scalar(10)
+        layout = _SCALARS.get(item)
+        if layout is not None:
+            self.take(layout.size * count)
+        elif item == _STRING:
+            self.skip_strings(count)
+        else:
+            for _ in range(count):
+                self.value(item)
+        return None
+
+    def skip_strings(self, count: int) -> None:
+        # A tight loop: a vocabulary holds 150,000 strings, and this is most of the header.
+        data, pos, unpack = self.data, self.pos, _U64.unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + unpack(data, pos)[0]
+        except struct.error:
+            pos = len(data) + 1
+        self.take(pos - self.pos)
+
+
+def read_gguf(path: Path) -> GgufInfo:
+    """Read the header of the GGUF model at ``path``.
+
+    Raises:
+        GgufError: the file is not GGUF, is of an unsupported version, or is truncated.
+        OSError: the file cannot be opened.
+    """
+    with path.open("rb") as file:
+        if file.read(4) != _MAGIC:
+            raise GgufError("not a GGUF model file (llama.cpp's format; its first bytes differ)")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(path, _Reader(data), len(data))
+
+
+def _parse(path: Path, reader: _Reader, size: int) -> GgufInfo:
+    reader.take(4)
+    version = reader.scalar(4)
+    if version not in (2, 3):
+        # Version 1 (August 2023) used 32-bit counts; a huge number is a big-endian file.
+        raise GgufError(f"GGUF version {version} is not supported (2 and 3 are)")
+    tensors, entries = reader.scalar(10), reader.scalar(10)
+    meta: dict[str, Any] = {}
+    for _ in range(entries):
+        key = reader.string()
+        meta[key] = reader.value(reader.scalar(4))
+    counted = 0
+    for _ in range(tensors):
+        reader.string()
+        dims = reader.scalar(4)
+        elements = 1
+        for _ in range(dims):
+            elements *= reader.scalar(10)
+        reader.take(_U32.size + _U64.size)  # type, offset
+        counted += elements
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    return GgufInfo(
+        path=path,
+        file_bytes=size,
+        parameters=_int(meta.get("general.parameter_count")) or counted,
+        name=name if isinstance(name := meta.get("general.name"), str) else None,
+        architecture=arch,
+        context_length=_int(meta.get(f"{arch}.context_length")),
+        kv_bytes_per_token=_kv_bytes_per_token(meta, arch),
+        has_chat_template=bool(meta.get("tokenizer.chat_template")),
+    )
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _kv_bytes_per_token(meta: dict[str, Any], arch: str | None) -> int | None:
+    layers = _int(meta.get(f"{arch}.block_count"))
+    heads = _int(meta.get(f"{arch}.attention.head_count"))
+    kv_heads = _int(meta.get(f"{arch}.attention.head_count_kv")) or heads
+    width = _int(meta.get(f"{arch}.embedding_length"))
+    head_dim = _int(meta.get(f"{arch}.attention.key_length")) or (
+        width // heads if width and heads else None
+    )
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * _KV_BYTES  # keys and values
