@@ -23,8 +23,8 @@ def repair_dependencies(subtasks: list[SubtaskRecord], notes: list[str]) -> None
     for subtask in subtasks:
         wanted = subtask["depends_on"]
         kept = [d for d in dict.fromkeys(wanted) if d in known and d != subtask["id"]]
-        if len(kept) != len(wanted):
-            dropped = sorted(set(wanted) - set(kept))
+        dropped = sorted(set(wanted) - set(kept))
+        if dropped:  # a repeated id is merged quietly: nothing was lost
             notes.append(f"{subtask['id']}: ignored unknown or self dependencies {dropped}")
         subtask["depends_on"] = kept
     if _has_cycle(subtasks):

@@ -9,7 +9,7 @@ import pytest
 
 from apr_graph import AprSettings
 from apr_graph.nodes.decompose import normalise_plan, repair_dependencies
-from apr_graph.state import Plan
+from apr_graph.state import Plan, SubtaskRecord
 
 CYCLE_NOTE = "dependencies form a cycle: running the subtasks one after another"
 
@@ -272,3 +272,14 @@ def test_token_allowances_are_clamped_to_the_thread_bounds() -> None:
         "tiny": 64, "huge": 900, "fits": 300, "low_edge": 64, "high_edge": 900, "unset": None,
     }  # fmt: skip
     assert result["notes"] == []  # clamping an allowance is routine, not a repair to report
+
+
+def test_a_repeated_dependency_is_merged_without_a_note() -> None:
+    subtasks = [
+        SubtaskRecord(id="a", goal="g", depends_on=[], fork=False, max_tokens=None),
+        SubtaskRecord(id="b", goal="g", depends_on=["a", "a"], fork=False, max_tokens=None),
+    ]
+    notes: list[str] = []
+    repair_dependencies(subtasks, notes)
+    assert subtasks[1]["depends_on"] == ["a"]
+    assert notes == []

@@ -73,7 +73,10 @@ class ScriptedServer:
     def start(self) -> ScriptedServer:
         """Start serving on a free loopback port."""
         self._httpd = LoopbackHTTPServer(self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll: stop() waits for the serving loop to look, so it stops promptly.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
