@@ -43,8 +43,7 @@ async def test_simulated_server_batches_and_caches() -> None:
         await client.chat(message, role="worker", stream=True)
         alone = time.perf_counter() - started
         started = time.perf_counter()
-        await asyncio.gather(*[client.chat(message, role="worker", stream=True)
-                               for _ in range(8)])  # fmt: skip
+        await asyncio.gather(*[client.chat(message, role="worker", stream=True) for _ in range(8)])
         eight = time.perf_counter() - started
         await client.aclose()
         stats = server.stats
@@ -56,13 +55,32 @@ async def test_simulated_server_batches_and_caches() -> None:
 
 def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    code = main(["--tasks", "1", "--parts", "4", "--scaling", "4", "--overhead", "1,4",
-                 "--step-ms", "4", "--reasoning", "40", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "--tasks",
+            "1",
+            "--parts",
+            "4",
+            "--scaling",
+            "4",
+            "--overhead",
+            "1,4",
+            "--step-ms",
+            "4",
+            "--reasoning",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = {(r["suite"], r["strategy"]): r for r in results["suites"]}
-    assert set(rows) == {(s, t) for s in ("arithmetic", "countdown", "control")
-                         for t in ("sequential", "adaptive", "split", "native")}  # fmt: skip
+    assert set(rows) == {
+        (s, t)
+        for s in ("arithmetic", "countdown", "control")
+        for t in ("sequential", "adaptive", "split", "native")
+    }
     assert all(r["accuracy"] == 1.0 for r in rows.values())  # the sim model is exact
     assert rows[("arithmetic", "sequential")]["speedup"] == 1.0
     assert rows[("arithmetic", "adaptive")]["speedup"] > 1.2  # parallel parts pay off

@@ -152,8 +152,19 @@ def test_trace_records_every_call_without_the_key(
     secret = "sk-trace-secret-98765"
     server = three_part_server(make_server, api_key=secret)
     trace = tmp_path / "run.json"
-    done = run_cli("ask", "-q", "--base-url", server.base_url, "--model", MODEL,
-                   "--api-key", secret, "--trace", str(trace), "Solve a, b and c")  # fmt: skip
+    done = run_cli(
+        "ask",
+        "-q",
+        "--base-url",
+        server.base_url,
+        "--model",
+        MODEL,
+        "--api-key",
+        secret,
+        "--trace",
+        str(trace),
+        "Solve a, b and c",
+    )
     assert done.code == 0, done.err
     text = trace.read_text()
     assert secret not in text
@@ -199,8 +210,16 @@ def test_refused_key_exits_5_without_printing_it(
     make_server: ServerFactory, run_cli: CliRunner
 ) -> None:
     server = make_server([], api_key="right")
-    done = run_cli("ask", "--base-url", server.base_url, "--model", MODEL,
-                   "--api-key", "sk-wrong-key-123", "hi")  # fmt: skip
+    done = run_cli(
+        "ask",
+        "--base-url",
+        server.base_url,
+        "--model",
+        MODEL,
+        "--api-key",
+        "sk-wrong-key-123",
+        "hi",
+    )
     assert done.code == 5
     assert "refused the API key" in done.err
     assert "sk-wrong-key-123" not in done.err + done.out

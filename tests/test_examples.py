@@ -71,15 +71,28 @@ def test_code_review(
         "strategy": "parallel",
         "subtasks": [{"id": "a", "goal": "review a.py"}, {"id": "b", "goal": "review b.py"}],
     }
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=plan)),
-        Rule(role="worker", contains="review a.py", reply=Reply(content="a.py: division by zero")),
-        Rule(role="worker", contains="review b.py", reply=Reply(content="b.py: shell injection")),
-        Rule(role="synthesizer", reply=lambda r: Reply(content=" | ".join(
-            line for line in r.last_user_message.splitlines() if ".py:" in line))),
-    ])  # fmt: skip
-    done = run_example("code_review.py", str(tmp_path / "a.py"), str(tmp_path / "b.py"),
-                       server_url=server.base_url)  # fmt: skip
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker", contains="review a.py", reply=Reply(content="a.py: division by zero")
+            ),
+            Rule(
+                role="worker", contains="review b.py", reply=Reply(content="b.py: shell injection")
+            ),
+            Rule(
+                role="synthesizer",
+                reply=lambda r: Reply(
+                    content=" | ".join(
+                        line for line in r.last_user_message.splitlines() if ".py:" in line
+                    )
+                ),
+            ),
+        ]
+    )
+    done = run_example(
+        "code_review.py", str(tmp_path / "a.py"), str(tmp_path / "b.py"), server_url=server.base_url
+    )
     assert done.code == 0, done.err
     assert done.out.strip() == "a.py: division by zero | b.py: shell injection"
     planner = server.chat_requests("planner")[0].messages[-1]["content"]
@@ -100,12 +113,22 @@ def test_tool_lookups(make_server: ServerFactory, run_example: ExampleRunner) ->
         item = request.last_user_message.split("stock of ")[1].split()[0]
         return Reply(tool_calls=[{"name": "stock_level", "arguments": {"item": item}}])
 
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=plan)),
-        Rule(role="worker", reply=worker),
-        Rule(role="synthesizer", reply=lambda r: Reply(content=", ".join(
-            line.strip() for line in r.last_user_message.splitlines() if line.strip().isdigit()))),
-    ])  # fmt: skip
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=worker),
+            Rule(
+                role="synthesizer",
+                reply=lambda r: Reply(
+                    content=", ".join(
+                        line.strip()
+                        for line in r.last_user_message.splitlines()
+                        if line.strip().isdigit()
+                    )
+                ),
+            ),
+        ]
+    )
     done = run_example("tool_lookups.py", server_url=server.base_url)
     assert done.code == 0, done.err
     assert done.out.strip() == "1200, 860, 42"  # the numbers came from the tool
@@ -126,14 +149,19 @@ def test_agent_delegation(make_server: ServerFactory, run_example: ExampleRunner
         "strategy": "parallel",
         "subtasks": [{"id": x, "goal": f"assess {x}"} for x in ("Python", "Rust", "Go")],
     }
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=plan)),
-        Rule(role="worker", reply=lambda r: Reply(content=r.last_user_message.split()[3] + " ok")),
-        Rule(role="synthesizer", reply=Reply(content="all three are fine")),
-        Rule(where=lambda r: r.role is None, reply=agent_model),
-    ])  # fmt: skip
-    done = run_example("agent_delegation.py", "Compare Python, Rust and Go",
-                       server_url=server.base_url)  # fmt: skip
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker", reply=lambda r: Reply(content=r.last_user_message.split()[3] + " ok")
+            ),
+            Rule(role="synthesizer", reply=Reply(content="all three are fine")),
+            Rule(where=lambda r: r.role is None, reply=agent_model),
+        ]
+    )
+    done = run_example(
+        "agent_delegation.py", "Compare Python, Rust and Go", server_url=server.base_url
+    )
     assert done.code == 0, done.err
     assert done.out.strip() == "Summary: all three are fine"
     assert len(server.chat_requests("worker")) == 3

@@ -346,25 +346,47 @@ async def test_prompt_injection_changes_no_limit_and_never_sees_the_key(
 
 
 def _resume_server(slow_first: bool) -> list[Rule]:
-    plan = {"strategy": "parallel", "subtasks": [
-        {"id": "s1", "goal": "part one"}, {"id": "s2", "goal": "part two"},
-        {"id": "s3", "goal": "part three", "depends_on": ["s1"]},
-        {"id": "s4", "goal": "part four"}]}  # fmt: skip
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [
+            {"id": "s1", "goal": "part one"},
+            {"id": "s2", "goal": "part two"},
+            {"id": "s3", "goal": "part three", "depends_on": ["s1"]},
+            {"id": "s4", "goal": "part four"},
+        ],
+    }
     rules = [Rule(role="planner", reply=Reply(content=plan))]
     if slow_first:  # the first attempt at part four hangs until the process is killed
-        rules.append(Rule(role="worker", contains="s4: part four", times=1,
-                          reply=Reply(content="never", delay_s=60)))  # fmt: skip
+        rules.append(
+            Rule(
+                role="worker",
+                contains="s4: part four",
+                times=1,
+                reply=Reply(content="never", delay_s=60),
+            )
+        )
     rules += [
         Rule(role="worker", contains="s1: part one", reply=Reply(content="one is 1")),
         Rule(role="worker", contains="s2: part two", reply=Reply(content="two is 2")),
-        Rule(role="worker", contains="s3: part three",
-             reply=lambda r: Reply(content="three uses " + ("1" if "one is 1" in
-                                                            r.last_user_message else "?"))),
+        Rule(
+            role="worker",
+            contains="s3: part three",
+            reply=lambda r: Reply(
+                content="three uses " + ("1" if "one is 1" in r.last_user_message else "?")
+            ),
+        ),
         Rule(role="worker", contains="s4: part four", reply=Reply(content="four is 4")),
-        Rule(role="synthesizer", reply=lambda r: Reply(content=" | ".join(
-            line for line in r.last_user_message.splitlines() if " is " in line or "uses" in line
-        ))),
-    ]  # fmt: skip
+        Rule(
+            role="synthesizer",
+            reply=lambda r: Reply(
+                content=" | ".join(
+                    line
+                    for line in r.last_user_message.splitlines()
+                    if " is " in line or "uses" in line
+                )
+            ),
+        ),
+    ]
     return rules
 
 
@@ -382,24 +404,47 @@ def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli:
     secret = "sk-durable-secret-7777"
     db, trace = tmp_path / "runs.sqlite", tmp_path / "trace.json"
     with ScriptedServer(_resume_server(slow_first=False), api_key=secret) as reference:
-        baseline = run_cli("ask", "--json", "-q", "--base-url", reference.base_url,
-                           "--model", MODEL, "--api-key", secret, "four parts")  # fmt: skip
+        baseline = run_cli(
+            "ask",
+            "--json",
+            "-q",
+            "--base-url",
+            reference.base_url,
+            "--model",
+            MODEL,
+            "--api-key",
+            secret,
+            "four parts",
+        )
         assert baseline.code == 0, baseline.err
         expected = json.loads(baseline.out)["answer"]
 
     with ScriptedServer(_resume_server(slow_first=True), api_key=secret) as server:
         common = [
-            "--base-url", server.base_url, "--model", MODEL, "--api-key", secret, "--db", str(db)
-        ]  # fmt: skip
+            "--base-url",
+            server.base_url,
+            "--model",
+            MODEL,
+            "--api-key",
+            secret,
+            "--db",
+            str(db),
+        ]
         # Only the killed run needs a process of its own.
         with subprocess.Popen(
             [apr_executable(), "ask", *common, "--thread-id", "job-1", "four parts"],
-            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ) as process:  # fmt: skip
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
             try:
                 # Kill once the three quick threads' results are in the checkpoint.
-                wait_until(lambda: checkpointed_threads(db, "job-1") == {"s1", "s2", "s3"},
-                           "three finished threads in the checkpoint", within_s=30)  # fmt: skip
+                wait_until(
+                    lambda: checkpointed_threads(db, "job-1") == {"s1", "s2", "s3"},
+                    "three finished threads in the checkpoint",
+                    within_s=30,
+                )
             finally:
                 process.send_signal(signal.SIGKILL)
             _, killed_err = process.communicate(timeout=30)
@@ -433,8 +478,16 @@ def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli:
 
 def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path, run_cli: CliRunner) -> None:
     with ScriptedServer([]) as server:
-        done = run_cli("resume", "nope", "--base-url", server.base_url, "--model", MODEL,
-                       "--db", str(tmp_path / "r.sqlite"))  # fmt: skip
+        done = run_cli(
+            "resume",
+            "nope",
+            "--base-url",
+            server.base_url,
+            "--model",
+            MODEL,
+            "--db",
+            str(tmp_path / "r.sqlite"),
+        )
     assert done.code == 2
     assert "no run is stored under thread id 'nope'" in done.err
 
@@ -463,9 +516,10 @@ def test_key_stays_out_of_logs(
 
     caplog.set_level(logging.DEBUG)
     secret = "sk-log-secret-31337"
-    server = make_server([Rule(role="planner", reply=Reply(content={"strategy": "direct",
-                                                                   "answer": "ok"}))],
-                         api_key=secret)  # fmt: skip
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"}))],
+        api_key=secret,
+    )
     app = compile_apr_graph(settings=settings_for(server, api_key=secret))
     assert asyncio.run(app.ainvoke({"task": "t"}))["answer"] == "ok"
     assert secret not in caplog.text

@@ -33,21 +33,28 @@ class ToolCallingFake(GenericFakeChatModel):
 
 def three_part_server(make_server: ServerFactory) -> Any:
     return make_server(
-        [Rule(role="planner", reply=Reply(content=parallel_plan(3))), echo_worker(),
-         merge_synth()]
-    )  # fmt: skip
+        [Rule(role="planner", reply=Reply(content=parallel_plan(3))), echo_worker(), merge_synth()]
+    )
 
 
 @pytest.mark.parametrize("use_async", [True, False])
 async def test_agent_delegates_to_the_tool(make_server: ServerFactory, use_async: bool) -> None:
     server = three_part_server(make_server)
     tool = as_tool(compile_apr_graph(settings=settings_for(server)))
-    call = {"name": "parallel_reasoning", "args": {"task": "Compute parts 1 to 3."},
-            "id": "call-1", "type": "tool_call"}  # fmt: skip
-    model = ToolCallingFake(messages=iter([
-        AIMessage(content="", tool_calls=[call]),
-        AIMessage(content="All three parts are computed."),
-    ]))  # fmt: skip
+    call = {
+        "name": "parallel_reasoning",
+        "args": {"task": "Compute parts 1 to 3."},
+        "id": "call-1",
+        "type": "tool_call",
+    }
+    model = ToolCallingFake(
+        messages=iter(
+            [
+                AIMessage(content="", tool_calls=[call]),
+                AIMessage(content="All three parts are computed."),
+            ]
+        )
+    )
     agent = create_agent(model, tools=[tool])
     inputs = {"messages": [{"role": "user", "content": "Compute parts 1 to 3 for me"}]}
     result = await agent.ainvoke(inputs) if use_async else agent.invoke(inputs)
@@ -104,16 +111,26 @@ async def test_subgraph_in_a_parent_graph_streams_its_events(make_server: Server
 
 
 async def test_token_and_cancel_events(make_server: ServerFactory) -> None:
-    racing = {"strategy": "parallel", "merge": "race", "subtasks": [
-        {"id": "fast", "goal": "quick way"}, {"id": "slow", "goal": "long way"}]}  # fmt: skip
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=racing)),
-        Rule(role="worker", contains="quick way", reply=Reply(content="good quick answer")),
-        Rule(role="worker", contains="long way",
-             reply=Reply(content="good " + "slow " * 50, chunk_delay_s=0.05)),
-    ])  # fmt: skip
-    app = compile_apr_graph(settings=settings_for(server, stream_tokens=True),
-                            verify=lambda answer: answer.startswith("good"))  # fmt: skip
+    racing = {
+        "strategy": "parallel",
+        "merge": "race",
+        "subtasks": [{"id": "fast", "goal": "quick way"}, {"id": "slow", "goal": "long way"}],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=racing)),
+            Rule(role="worker", contains="quick way", reply=Reply(content="good quick answer")),
+            Rule(
+                role="worker",
+                contains="long way",
+                reply=Reply(content="good " + "slow " * 50, chunk_delay_s=0.05),
+            ),
+        ]
+    )
+    app = compile_apr_graph(
+        settings=settings_for(server, stream_tokens=True),
+        verify=lambda answer: answer.startswith("good"),
+    )
     events = [e async for e in app.astream({"task": "race"}, stream_mode="custom")]
     fast_text = "".join(e["text"] for e in events if e["event"] == "token" and e["id"] == "fast")
     assert fast_text == "good quick answer"
@@ -132,8 +149,11 @@ def test_langgraph_json_points_at_a_working_factory(monkeypatch: pytest.MonkeyPa
 
 
 async def test_two_endpoints_share_the_load(make_server: ServerFactory) -> None:
-    rules = [Rule(role="planner", reply=Reply(content=parallel_plan(8))), echo_worker(0.3),
-             merge_synth()]  # fmt: skip
+    rules = [
+        Rule(role="planner", reply=Reply(content=parallel_plan(8))),
+        echo_worker(0.3),
+        merge_synth(),
+    ]
     first, second = make_server(list(rules)), make_server(list(rules))
     settings = settings_for(first, base_urls=[second.base_url], max_concurrency=8)
     result = await compile_apr_graph(settings=settings).ainvoke({"task": "eight parts"})
@@ -148,8 +168,9 @@ async def test_a_dead_endpoint_is_avoided(make_server: ServerFactory) -> None:
     dead = make_server([])
     dead_url = dead.base_url
     dead.stop()
-    settings = settings_for(alive, base_url=dead_url, base_urls=[alive.base_url],
-                            retry_max_wait_s=0.05)  # fmt: skip
+    settings = settings_for(
+        alive, base_url=dead_url, base_urls=[alive.base_url], retry_max_wait_s=0.05
+    )
     result = await compile_apr_graph(settings=settings).ainvoke({"task": "three parts"})
     assert {t["status"] for t in result["threads"]} == {"done"}
     assert len(alive.chat_requests("worker")) == 3
@@ -164,8 +185,9 @@ class RuleChatModel(BaseChatModel):
     def _llm_type(self) -> str:
         return "rule-fake"
 
-    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:  # fmt: skip
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
         last = str(messages[-1].content)
         self.seen.append(last)
         if "<task>" in last and "JSON schema" in str(messages[0].content):
@@ -184,8 +206,10 @@ class RuleChatModel(BaseChatModel):
             text = "9"
         else:
             text = "prime 7, square 9"
-        message = AIMessage(content=text, usage_metadata={"input_tokens": 10, "output_tokens": 2,
-                                                          "total_tokens": 12})  # fmt: skip
+        message = AIMessage(
+            content=text,
+            usage_metadata={"input_tokens": 10, "output_tokens": 2, "total_tokens": 12},
+        )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 
@@ -223,11 +247,13 @@ async def test_workers_use_tools_and_survive_a_failing_one(make_server: ServerFa
             {"id": c, "goal": f"find the capital of {c}."} for c in ("France", "Japan", "Atlantis")
         ],
     }
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=lookups)),
-        Rule(role="worker", reply=tool_worker),
-        merge_synth(),
-    ])  # fmt: skip
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=lookups)),
+            Rule(role="worker", reply=tool_worker),
+            merge_synth(),
+        ]
+    )
     app = compile_apr_graph(settings=settings_for(server), tools=[lookup_capital])
     result = await app.ainvoke({"task": "Capitals of France, Japan and Atlantis"})
     answers = {t["id"]: t["answer"] for t in result["threads"]}
@@ -240,16 +266,21 @@ async def test_workers_use_tools_and_survive_a_failing_one(make_server: ServerFa
 
 
 async def test_the_tool_loop_is_bounded(make_server: ServerFactory) -> None:
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=parallel_plan(1))),
-        Rule(role="worker", where=lambda r: "tools" in (r.body or {}),
-             reply=Reply(tool_calls=[{"name": "lookup_capital",
-                                      "arguments": {"country": "France"}}])),
-        Rule(role="worker", reply=Reply(content="giving up on tools")),
-        merge_synth(),
-    ])  # fmt: skip
-    app = compile_apr_graph(settings=settings_for(server, max_tool_calls=3),
-                            tools=[lookup_capital])  # fmt: skip
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(1))),
+            Rule(
+                role="worker",
+                where=lambda r: "tools" in (r.body or {}),
+                reply=Reply(
+                    tool_calls=[{"name": "lookup_capital", "arguments": {"country": "France"}}]
+                ),
+            ),
+            Rule(role="worker", reply=Reply(content="giving up on tools")),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, max_tool_calls=3), tools=[lookup_capital])
     result = await app.ainvoke({"task": "t"})
     workers = server.chat_requests("worker")
     assert len(workers) == 4  # three rounds with tools offered, then one without

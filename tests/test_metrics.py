@@ -13,23 +13,57 @@ from apr_graph.state import AprState, CallRecord, ThreadRecord
 NOW = 1_000.0
 
 
-def call(role: str, completion: int, *, prompt: int = 0, thread: str | None = None,
-         cached: int | None = None, requests: int = 1) -> CallRecord:  # fmt: skip
-    return CallRecord(role=role, thread_id=thread, model="m", prompt_tokens=prompt,
-                      completion_tokens=completion, cached_tokens=cached, requests=requests,
-                      started_at=NOW - 10, ended_at=NOW - 9, mode="json_schema")  # fmt: skip
+def call(
+    role: str,
+    completion: int,
+    *,
+    prompt: int = 0,
+    thread: str | None = None,
+    cached: int | None = None,
+    requests: int = 1,
+) -> CallRecord:
+    return CallRecord(
+        role=role,
+        thread_id=thread,
+        model="m",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        requests=requests,
+        started_at=NOW - 10,
+        ended_at=NOW - 9,
+        mode="json_schema",
+    )
 
 
-def thread(tid: str, *, status: str = "done", start: float = 0.0, end: float = 0.0,
-           completion: int = 0, prompt: int = 0, critical: int | None = None,
-           parent: str | None = None, depth: int = 1) -> ThreadRecord:  # fmt: skip
+def thread(
+    tid: str,
+    *,
+    status: str = "done",
+    start: float = 0.0,
+    end: float = 0.0,
+    completion: int = 0,
+    prompt: int = 0,
+    critical: int | None = None,
+    parent: str | None = None,
+    depth: int = 1,
+) -> ThreadRecord:
     record: dict[str, Any] = {
-        "id": tid, "goal": f"goal of {tid}", "status": status, "answer": None, "error": None,
-        "prompt_tokens": prompt, "completion_tokens": completion,
+        "id": tid,
+        "goal": f"goal of {tid}",
+        "status": status,
+        "answer": None,
+        "error": None,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
         "critical_path_tokens": completion if critical is None else critical,
-        "started_at": start, "ended_at": end, "depth": depth, "parent": parent, "attempts": 1,
+        "started_at": start,
+        "ended_at": end,
+        "depth": depth,
+        "parent": parent,
+        "attempts": 1,
         "verified": None,
-    }  # fmt: skip
+    }
     return ThreadRecord(**record)  # type: ignore[typeddict-item]
 
 
@@ -91,11 +125,13 @@ def test_a_direct_answer_is_all_critical_path() -> None:
 
 
 def test_overlapping_threads_span_less_than_their_sum() -> None:
-    result = metrics(threads=[
-        thread("a", start=10.0, end=12.0),
-        thread("b", start=11.0, end=14.0),
-        thread("c", start=11.5, end=12.5),
-    ])  # fmt: skip
+    result = metrics(
+        threads=[
+            thread("a", start=10.0, end=12.0),
+            thread("b", start=11.0, end=14.0),
+            thread("c", start=11.5, end=12.5),
+        ]
+    )
     assert result["thread_time_sum_s"] == pytest.approx(6.0)
     assert result["thread_span_s"] == pytest.approx(4.0)
     assert result["parallel_saved_s"] == pytest.approx(2.0)
@@ -109,20 +145,24 @@ def test_threads_one_after_another_save_nothing() -> None:
 
 
 def test_nested_threads_are_left_out_of_the_times() -> None:
-    result = metrics(threads=[
-        thread("a", start=10.0, end=12.0),
-        thread("a/x", start=10.5, end=30.0, parent="a", depth=2),
-    ])  # fmt: skip
+    result = metrics(
+        threads=[
+            thread("a", start=10.0, end=12.0),
+            thread("a/x", start=10.5, end=30.0, parent="a", depth=2),
+        ]
+    )
     assert result["thread_time_sum_s"] == pytest.approx(2.0)
     assert result["thread_span_s"] == pytest.approx(2.0)
 
 
 def test_skipped_threads_are_counted_but_left_out_of_the_times() -> None:
-    result = metrics(threads=[
-        thread("a", start=10.0, end=12.0),
-        thread("b", start=11.0, end=13.0),
-        thread("never", status="skipped", start=0.0, end=0.0),
-    ])  # fmt: skip
+    result = metrics(
+        threads=[
+            thread("a", start=10.0, end=12.0),
+            thread("b", start=11.0, end=13.0),
+            thread("never", status="skipped", start=0.0, end=0.0),
+        ]
+    )
     assert result["thread_span_s"] == pytest.approx(3.0)  # not 13 s back to time 0
     assert result["thread_time_sum_s"] == pytest.approx(4.0)
     assert result["threads"] == 3
@@ -152,13 +192,15 @@ def test_cancelled_threads_tokens_are_counted() -> None:
 
 
 def test_threads_are_counted_by_status() -> None:
-    result = metrics(threads=[
-        thread("a"),
-        thread("b", status="failed"),
-        thread("c", status="failed"),
-        thread("d", status="cancelled"),
-        thread("e", status="skipped"),
-    ])  # fmt: skip
+    result = metrics(
+        threads=[
+            thread("a"),
+            thread("b", status="failed"),
+            thread("c", status="failed"),
+            thread("d", status="cancelled"),
+            thread("e", status="skipped"),
+        ]
+    )
     assert result["threads"] == 5
     assert result["threads_failed"] == 2
     assert result["threads_cancelled"] == 1
@@ -166,13 +208,15 @@ def test_threads_are_counted_by_status() -> None:
 
 
 def test_savings_are_estimated_from_the_median_finished_thread() -> None:
-    result = metrics(threads=[
-        thread("a", completion=10, start=0.0, end=1.0),
-        thread("b", completion=30, start=0.0, end=3.0),
-        thread("c", completion=20, start=0.0, end=2.0),
-        thread("d", status="cancelled", completion=5, start=0.0, end=0.5),
-        thread("e", status="cancelled", completion=25, start=0.0, end=2.5),  # past the median
-    ])  # fmt: skip
+    result = metrics(
+        threads=[
+            thread("a", completion=10, start=0.0, end=1.0),
+            thread("b", completion=30, start=0.0, end=3.0),
+            thread("c", completion=20, start=0.0, end=2.0),
+            thread("d", status="cancelled", completion=5, start=0.0, end=0.5),
+            thread("e", status="cancelled", completion=25, start=0.0, end=2.5),  # past the median
+        ]
+    )
     assert result["saved_tokens_estimate"] == 20 - 5
     assert result["saved_seconds_estimate"] == pytest.approx(1.5)
 
@@ -187,11 +231,13 @@ def test_no_savings_without_cancellation_and_unknown_without_a_finished_thread()
 
 
 def test_calls_requests_and_cached_tokens() -> None:
-    result = metrics(calls=[
-        call("planner", 1, requests=3, cached=None),
-        call("worker", 1, thread="a", requests=1, cached=8),
-        call("worker", 1, thread="b", requests=2, cached=0),
-    ])  # fmt: skip
+    result = metrics(
+        calls=[
+            call("planner", 1, requests=3, cached=None),
+            call("worker", 1, thread="a", requests=1, cached=8),
+            call("worker", 1, thread="b", requests=2, cached=0),
+        ]
+    )
     assert result["model_calls"] == 3
     assert result["http_requests"] == 6  # retries and re-asks included
     assert result["cached_tokens"] == 8

@@ -67,7 +67,8 @@ async def test_threadweaver_blocks_are_forked_joined_and_continued(
     first, *threads, last = requests
     assert "</Outlines>" in first.body["stop"]
     assert [t.prompt[-11:] for t in threads] == ["<Thread>\n1:", "<Thread>\n2:"] or [
-        t.prompt[-11:] for t in threads] == ["<Thread>\n2:", "<Thread>\n1:"]  # fmt: skip
+        t.prompt[-11:] for t in threads
+    ] == ["<Thread>\n2:", "<Thread>\n1:"]
     assert all("</Thread>" in t.body["stop"] for t in threads)
     assert threads[0].started_at < threads[1].ended_at  # the two threads overlapped
     assert threads[1].started_at < threads[0].ended_at

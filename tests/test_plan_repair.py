@@ -66,8 +66,9 @@ def test_empty_parallel_plan_becomes_direct() -> None:
 
 
 def test_subtasks_without_a_goal_are_dropped() -> None:
-    result = normalise_plan(parallel(sub("a", "  "), sub("b", "real work"), sub("c", "")),
-                            AprSettings())  # fmt: skip
+    result = normalise_plan(
+        parallel(sub("a", "  "), sub("b", "real work"), sub("c", "")), AprSettings()
+    )
     assert [(s["id"], s["goal"]) for s in result["subtasks"]] == [("b", "real work")]
     assert result["notes"] == ["dropped 2 subtasks without a goal"]
 
@@ -153,8 +154,7 @@ def test_more_slots_than_max_threads_clamps_to_max_threads() -> None:
 
 
 def test_no_slot_left_answers_directly() -> None:
-    result = normalise_plan(parallel(sub("a"), sub("b"), answer="fallback"), AprSettings(),
-                            slots=0)  # fmt: skip
+    result = normalise_plan(parallel(sub("a"), sub("b"), answer="fallback"), AprSettings(), slots=0)
     assert result["strategy"] == "direct"
     assert result["answer"] == "fallback"
     assert result["notes"] == [
@@ -203,8 +203,11 @@ def test_a_diamond_is_not_a_cycle() -> None:
     notes: list[str] = []
     repair_dependencies(subtasks, notes)
     assert {s["id"]: s["depends_on"] for s in subtasks} == {
-        "a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]
-    }  # fmt: skip
+        "a": [],
+        "b": ["a"],
+        "c": ["a"],
+        "d": ["b", "c"],
+    }
     assert notes == []
 
 
@@ -227,8 +230,9 @@ def test_a_cycle_turns_the_whole_plan_into_a_chain(
 
 
 def test_cycles_are_chained_in_plan_order_through_normalise_plan() -> None:
-    plan = parallel(sub("x", depends_on=["y"]), sub("y", depends_on=["x"]),
-                    sub("z", depends_on=["nope"]))  # fmt: skip
+    plan = parallel(
+        sub("x", depends_on=["y"]), sub("y", depends_on=["x"]), sub("z", depends_on=["nope"])
+    )
     result = normalise_plan(plan, AprSettings())
     assert deps(result) == {"x": [], "y": ["x"], "z": ["y"]}
     assert result["notes"] == ["z: ignored unknown or self dependencies ['nope']", CYCLE_NOTE]
@@ -269,8 +273,13 @@ def test_token_allowances_are_clamped_to_the_thread_bounds() -> None:
     )
     result = normalise_plan(plan, AprSettings(min_thread_tokens=64, worker_max_tokens=900))
     assert {s["id"]: s["max_tokens"] for s in result["subtasks"]} == {
-        "tiny": 64, "huge": 900, "fits": 300, "low_edge": 64, "high_edge": 900, "unset": None,
-    }  # fmt: skip
+        "tiny": 64,
+        "huge": 900,
+        "fits": 300,
+        "low_edge": 64,
+        "high_edge": 900,
+        "unset": None,
+    }
     assert result["notes"] == []  # clamping an allowance is routine, not a repair to report
 
 

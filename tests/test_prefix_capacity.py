@@ -19,8 +19,12 @@ TASK = (
 
 
 def four_parts() -> dict[str, Any]:
-    goals = ["review the cart page", "review the address form", "review the payment step",
-             "review the confirmation e-mail"]  # fmt: skip
+    goals = [
+        "review the cart page",
+        "review the address form",
+        "review the payment step",
+        "review the confirmation e-mail",
+    ]
     return {
         "strategy": "parallel",
         "subtasks": [{"id": f"s{i + 1}", "goal": g} for i, g in enumerate(goals)],
@@ -28,11 +32,13 @@ def four_parts() -> dict[str, Any]:
 
 
 async def test_a_fan_out_shares_a_byte_identical_prefix(make_server: ServerFactory) -> None:
-    server = make_server([Rule(role="planner", reply=Reply(content=four_parts())),
-                          echo_worker(), merge_synth()])  # fmt: skip
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=four_parts())), echo_worker(), merge_synth()]
+    )
     result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": TASK})
-    prompts = [json.dumps(r.messages, ensure_ascii=False).encode()
-               for r in server.chat_requests("worker")]  # fmt: skip
+    prompts = [
+        json.dumps(r.messages, ensure_ascii=False).encode() for r in server.chat_requests("worker")
+    ]
     shared = len(os.path.commonprefix(prompts))  # noqa: RUF071
     assert shared >= 0.9 * min(len(p) for p in prompts)
     # apr-graph computes the same figure itself.
@@ -42,14 +48,20 @@ async def test_a_fan_out_shares_a_byte_identical_prefix(make_server: ServerFacto
 async def test_warm_up_primes_the_prefix_and_cached_tokens_reach_metrics(
     make_server: ServerFactory,
 ) -> None:
-    cached = {"prompt_tokens": 300, "completion_tokens": 4, "total_tokens": 304,
-              "prompt_tokens_details": {"cached_tokens": 280}}  # fmt: skip
-    server = make_server([
-        Rule(role="planner", reply=Reply(content=four_parts())),
-        Rule(role="warmup", reply=Reply(content="OK")),
-        Rule(role="worker", reply=Reply(content="a result here", usage=cached)),
-        merge_synth(),
-    ])  # fmt: skip
+    cached = {
+        "prompt_tokens": 300,
+        "completion_tokens": 4,
+        "total_tokens": 304,
+        "prompt_tokens_details": {"cached_tokens": 280},
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=four_parts())),
+            Rule(role="warmup", reply=Reply(content="OK")),
+            Rule(role="worker", reply=Reply(content="a result here", usage=cached)),
+            merge_synth(),
+        ]
+    )
     result = await compile_apr_graph(settings=settings_for(server, warm_prefix=True)).ainvoke(
         {"task": TASK}
     )
@@ -81,14 +93,19 @@ async def test_llama_cpp_timings_cache_n_reaches_metrics(make_server: ServerFact
 
 
 async def test_concurrency_follows_the_probed_slot_count(make_server: ServerFactory) -> None:
-    plan = {"strategy": "parallel", "subtasks": [{"id": f"s{i}", "goal": f"compute part {i}"}
-                                                 for i in range(1, 7)]}  # fmt: skip
-    server = make_server([Rule(role="planner", reply=Reply(content=plan)), echo_worker(0.3),
-                          merge_synth()], routes={"/props": {"total_slots": 3}})  # fmt: skip
+    plan = {
+        "strategy": "parallel",
+        "subtasks": [{"id": f"s{i}", "goal": f"compute part {i}"} for i in range(1, 7)],
+    }
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=plan)), echo_worker(0.3), merge_synth()],
+        routes={"/props": {"total_slots": 3}},
+    )
     await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "six parts"})
     workers = server.chat_requests("worker")
-    peak = max(sum(1 for o in workers if o.started_at <= w.started_at < (o.ended_at or 0))
-               for w in workers)  # fmt: skip
+    peak = max(
+        sum(1 for o in workers if o.started_at <= w.started_at < (o.ended_at or 0)) for w in workers
+    )
     assert peak == 3
     assert "runs 3 threads at once" in server.chat_requests("planner")[0].messages[0]["content"]
 
