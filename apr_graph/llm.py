@@ -204,12 +204,14 @@ class LLMClient:
         max_tokens: int,
         budget: CallBudget | None = None,
         progress: StreamProgress | None = None,
+        extra_body: dict[str, Any] | None = None,
     ) -> Completion:
         """One streamed text completion (``/v1/completions``) that ends at a stop string.
 
         For models that write their own parallel blocks. ``Completion.stop_reason`` is the
         stop string that ended it, when the server says (vLLM ``stop_reason``, llama.cpp
-        ``stopping_word``). Retried like ``chat``; cancelling closes the stream.
+        ``stopping_word``). ``extra_body`` adds server-specific fields to the request (e.g.
+        ``skip_special_tokens``). Retried like ``chat``; cancelling closes the stream.
         """
         request = TextRequest(
             prompt=prompt,
@@ -218,6 +220,7 @@ class LLMClient:
             max_tokens=max_tokens,
             temperature=self.settings.temperature,
             stop=tuple(stop),
+            extra_body=dict(extra_body or {}),
         )
         progress = progress or StreamProgress()
         send = partial(self.transport.complete, request, progress=progress, budget=budget)

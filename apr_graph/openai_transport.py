@@ -244,6 +244,7 @@ class OpenAITransport:
             "max_tokens": _fit(request.max_tokens, prompt_tokens, endpoint),
             "temperature": request.temperature,
             "stop": list(request.stop) or None,
+            **request.extra_body,
         }
         async with endpoint.limit:
             admit(budget)

@@ -125,9 +125,31 @@ class AprSettings(BaseSettings):
     """For models trained to write their own parallel blocks: stream their reasoning through
     the completions API and fork one request per outline (see ``apr_graph.nodes.native``)."""
 
-    native_prompt: str = "<|im_start|>user\n{task}\n{context}<|im_end|>\n<|im_start|>assistant\n"
-    """The raw prompt of a native run (ChatML by default); ``{task}`` and ``{context}`` are
-    filled in. Use your model's own chat template."""
+    native_prompt: str | None = None
+    """The raw prompt of a native run; ``None``: the one the model was trained on (its chat
+    template and training cue, see ``apr_graph.native.FORMATS``). ``{task}`` is the task and
+    ``{context}`` the context after a blank line (empty without one)."""
+
+    native_max_tokens: int = Field(default=8000, ge=16)
+    """Tokens one chain of a native run (the main reasoning or one thread) may generate, over
+    all its requests; 8,000 as in Multiverse's engine. A thread that reaches it is closed and
+    recorded as ``cancelled``."""
+
+    native_skip_special_tokens: bool = False
+    """Sent as ``skip_special_tokens``. Both models' tags are added special tokens, which
+    vLLM and SGLang drop from the output by default: then no stop string matches and nothing
+    forks. Both reference engines send ``false``."""
+
+    native_stop_token_ids: dict[str, int] = Field(default_factory=dict)
+    """Token ids of the tags the run stops at (e.g. ``{"</Goal>": 151670, "</Path>": 151674}``
+    for Multiverse-32B), sent as ``stop_token_ids`` beside the stop strings, as both reference
+    engines do; for servers that take them (vLLM, SGLang)."""
+
+    native_require_tags: bool | None = None
+    """Raise ``NativeProtocolError`` when a native run's text has none of the model's tags
+    (the sign of a server that drops special tokens). ``None``: yes for ``multiverse`` (its
+    model always opens ``<Think>``), no for ``threadweaver`` (its model may answer without a
+    block, and Qwen3's ``<think>`` survives the dropping)."""
 
     probe_capacity: bool = True
     """Ask the server once how many requests it runs at once (llama.cpp ``/props`` or

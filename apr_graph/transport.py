@@ -9,7 +9,7 @@ apr-graph: ``OpenAITransport`` (any OpenAI-compatible server, several replicas) 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from apr_graph.errors import BudgetExhaustedError
@@ -49,6 +49,8 @@ class TextRequest:
     max_tokens: int
     temperature: float
     stop: Sequence[str] = ()
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """Server-specific body fields (e.g. vLLM's ``skip_special_tokens``), sent as given."""
 
 
 class Transport(Protocol):

@@ -34,6 +34,10 @@ def threadweaver_model(nested: bool) -> Callable[[RecordedRequest], Reply]:
                     delay_s=0.2,
                 )
             return Reply(content=" 2+3=5</Thread> trailing", delay_s=0.3)
+        if prompt.endswith("<Thread>\n1.1: 2</Thread>"):  # past the depth limit
+            return Reply(content="<Thread>\n1.2: 3</Thread>")
+        if prompt.endswith("<Thread>\n1.2: 3</Thread>"):
+            return Reply(content="\n</Parallel> so 2+3=5</Thread>")
         if prompt.endswith("<Thread>\n1.1:"):
             return Reply(content=" got 2</Thread>", delay_s=0.2)
         if prompt.endswith("<Thread>\n1.2:"):
@@ -58,10 +62,9 @@ async def test_threadweaver_blocks_are_forked_joined_and_continued(
 
     assert result["answer"] == "Final answer: 5 and 20"
     reasoning = result["plan"]["reasoning"]
-    assert (
-        "</Outlines>\n<Thread>\n1: 2+3=5</Thread>\n<Thread>\n2: 4*5=20</Thread>\n</Parallel>"
-        in (reasoning)
-    )
+    # ThreadWeaver's join: a newline before the first thread only, threads back to back.
+    joined = "</Outlines>\n<Thread>\n1: 2+3=5</Thread><Thread>\n2: 4*5=20</Thread>\n</Parallel>"
+    assert joined in reasoning
     assert "would go on" not in reasoning  # the outlines' end stopped the model
     requests = [r for r in server.requests if r.path.endswith("/completions")]
     first, *threads, last = requests
@@ -88,7 +91,7 @@ async def test_nested_blocks_fork_within_the_depth_limit(make_server: ServerFact
     assert set(ids) == {"b1.1", "b1.2", "b1.1/b2.1.1", "b1.1/b2.1.2"}
     assert ids["b1.1/b2.1.1"]["parent"] == "b1.1"
     assert ids["b1.1/b2.1.1"]["depth"] == 2
-    assert "1.1: got 2</Thread>\n<Thread>\n1.2: got 3</Thread>" in ids["b1.1"]["answer"]
+    assert "1.1: got 2</Thread><Thread>\n1.2: got 3</Thread>" in ids["b1.1"]["answer"]
 
 
 async def test_past_the_depth_limit_the_model_writes_its_threads_itself(
@@ -100,20 +103,30 @@ async def test_past_the_depth_limit_the_model_writes_its_threads_itself(
     thread_requests = [r for r in server.requests if r.prompt.endswith("<Thread>\n1:")]
     assert thread_requests[0].body["stop"] == ["</Thread>"]  # no fork inside a thread
     assert {t["id"] for t in result["threads"]} == {"b1.1", "b1.2"}
+    # Issue 16, point 2: the nested block's own </Thread> does not end the outer thread.
+    nested = (
+        " split again\n<Parallel>\n<Outlines>\n<Outline>1.1: two</Outline>\n"
+        "<Outline>1.2: three</Outline>\n</Outlines>\n<Thread>\n1.1: 2</Thread>"
+        "<Thread>\n1.2: 3</Thread>\n</Parallel> so 2+3=5"
+    )
+    assert f"<Thread>\n1:{nested}</Thread><Thread>\n2:" in result["plan"]["reasoning"]
+    assert result["answer"] == "Final answer: 5 and 20"
 
 
 def multiverse_model(request: RecordedRequest) -> Reply:
     prompt = request.prompt
     if prompt.endswith(OPEN):
         return Reply(
-            content="<Parallel>\n<Goal>\n<Outline>1: left</Outline>\n"
+            content="<Think>\n<Parallel>\n<Goal>\n<Outline>1: left</Outline>\n"
             "<Outline>2: right</Outline>\n</Goal>"
         )
     if prompt.endswith("<Path>\n1:"):
         return Reply(content=" left is 1</Path>")
     if prompt.endswith("<Path>\n2:"):
         return Reply(content=" right is 2</Path>")
-    return Reply(content="<Conclusion>1 and 2</Conclusion>\n</Parallel>\nAnswer: 3")
+    if prompt.endswith("</Path>\n<Conclusion>\n"):  # the engine opens the conclusion
+        return Reply(content="1 and 2\n</Conclusion>\n</Parallel>\n</Think>\n\nAnswer: 3")
+    return Reply(status=400, error_message=f"unscripted prompt end: {prompt[-60:]!r}")
 
 
 async def test_multiverse_paths(make_server: ServerFactory) -> None:
@@ -122,7 +135,7 @@ async def test_multiverse_paths(make_server: ServerFactory) -> None:
     result = await app.ainvoke({"task": "left plus right"})
     assert result["answer"] == "Answer: 3"
     assert (
-        "<Path>\n1: left is 1</Path>\n<Path>\n2: right is 2</Path>\n<Conclusion>"
+        "<Path>\n1: left is 1</Path>\n<Path>\n2: right is 2</Path>\n<Conclusion>\n1 and 2"
         in (result["plan"]["reasoning"])
     )
 

@@ -4,17 +4,17 @@ ThreadWeaver-style models write ``<Parallel><Outlines><Outline>1: ...</Outline>.
 then one ``<Thread>`` per outline; Multiverse-style models write ``<Parallel><Goal><Outline>...
 </Goal>`` then ``<Path>`` blocks and a ``<Conclusion>``. apr-graph streams the model's text
 through the completions API and stops it where the outlines end; it then forks one request
-per outline (prompt = everything so far + the thread's opening tag, stopping at its closing
-tag), joins the threads by concatenation, and lets the model continue. A thread may open a
-block of its own (nested), up to ``max_depth``; past it, or past ``max_total_threads``, the model
-writes its threads itself, one after another. Budgets, cancellation, events and metrics are
-the same as in the prompted mode.
+per numbered outline (prompt = everything so far + the thread's header, stopping at its
+closing tag), joins the threads as the model's own engine does (``apr_graph.native``), and
+lets the model continue. A thread may open a block of its own (nested), up to ``max_depth``;
+past it, or past ``max_total_threads``, the model writes its threads itself, one after
+another, and the thread goes on past their closing tags until its own. Budgets,
+cancellation, events and metrics are the same as in the prompted mode.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,34 +26,13 @@ from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
+from apr_graph.native import FORMATS, NativeFormat, NativeProtocolError, Outline, final_answer
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.decompose import read_input
-from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, NativeBlock, PlanRecord, ThreadRecord
 
 __all__ = ["FORMATS", "NativeFormat", "make_native"]
-
-
-@dataclass(frozen=True)
-class NativeFormat:
-    """The tags of one family of native parallel reasoners."""
-
-    name: str
-    outlines_open: str
-    outlines_close: str
-    thread_open: str
-    thread_close: str
-    block_close: str = "</Parallel>"
-    outline: re.Pattern[str] = re.compile(r"<Outline>\s*(.*?)\s*</Outline>", re.S)
-
-
-FORMATS = {
-    "threadweaver": NativeFormat(
-        "threadweaver", "<Outlines>", "</Outlines>", "<Thread>", "</Thread>"
-    ),
-    "multiverse": NativeFormat("multiverse", "<Goal>", "</Goal>", "<Path>", "</Path>"),
-}
 
 
 @dataclass
@@ -67,128 +46,185 @@ class _Run:
     calls: list[CallRecord] = field(default_factory=list)
     threads: list[ThreadRecord] = field(default_factory=list)
     blocks: list[NativeBlock] = field(default_factory=list)
-    counter: int = 0
+
+    def body(self, stops: list[str]) -> dict[str, Any]:
+        """The server options every native request carries (see ``AprSettings.native_*``)."""
+        settings = self.settings
+        body: dict[str, Any] = {
+            "skip_special_tokens": settings.native_skip_special_tokens,
+            # vLLM and SGLang put spaces between adjacent special tokens unless told not to.
+            "spaces_between_special_tokens": False,
+        }
+        ids = [
+            settings.native_stop_token_ids[s] for s in stops if s in settings.native_stop_token_ids
+        ]
+        if ids:
+            body["stop_token_ids"] = ids
+        return body
 
 
-def _label(outline: str, index: int) -> str:
-    found = re.match(r"\s*(\d+(?:\.\d+)*)\s*[:.]", outline)
-    return found.group(1) if found else str(index + 1)
+@dataclass
+class _Chain:
+    """The text one chain generated, its critical-path tokens, and whether it was cut."""
 
-
-def _open_block(text: str, fmt: NativeFormat) -> bool:
-    """Whether the text ends inside an outlines block (so the outlines' end stopped it)."""
-    return text.rfind(fmt.outlines_open) > text.rfind(fmt.outlines_close)
+    text: str
+    critical: int
+    cut: bool
 
 
 async def _generate(
     run: _Run, prefix: str, *, depth: int, end: str | None, owner: str | None
-) -> tuple[str, int]:
+) -> _Chain:
     """Generate from ``prefix`` until EOS (or ``end``), forking at every outlines block.
 
-    Returns the text and its critical-path tokens (this chain plus, per block, the longest
-    of its threads).
+    The chain's critical path is its own tokens plus, per block, the longest of its threads.
     """
     fmt, settings = run.fmt, run.settings
-    out, critical = "", 0
+    out, critical, left = "", 0, settings.native_max_tokens
     while True:
         may_fork = depth < settings.max_depth
         stops = ([fmt.outlines_close] if may_fork else []) + ([end] if end else [])
-        completion: Completion = await run.board.guard(
+        completion = await run.board.guard(
             run.client.complete(
                 prefix + out,
                 role="native",
                 stop=stops,
-                max_tokens=settings.worker_max_tokens,
+                max_tokens=left,
                 budget=run.board.budget,
+                extra_body=run.body(stops),
             )
         )
         run.calls.append(call_record(completion, role="native", thread_id=owner))
         out += completion.text
         critical += completion.completion_tokens
-        hit = completion.stop_reason
-        forked = completion.finish_reason == "stop" and (
-            hit == fmt.outlines_close or (hit is None and _open_block(out, fmt))
-        )
-        if not forked or not may_fork:
-            return out, critical
-        out += fmt.outlines_close
-        joined, longest = await _fork(run, prefix + out, out, depth=depth, owner=owner)
-        out += joined
-        critical += longest
+        left -= completion.completion_tokens
+        if completion.finish_reason == "length":
+            if left > 0:  # the server allowed less than asked: go on
+                continue
+            return _Chain(out, critical, cut=True)
+        hit = _stopped_at(completion.stop_reason, out, fmt, stops)
+        if hit == fmt.outlines_close:
+            out += hit
+            outlines = fmt.outlines(out)
+            if outlines:  # a block without numbered outlines goes on sequentially
+                joined, longest = await _fork(run, prefix + out, outlines, depth=depth, owner=owner)
+                out += joined
+                critical += longest
+            continue
+        if hit is not None and hit == end and fmt.open_blocks(out) > 0:
+            # The closing tag of a thread in a block the model writes itself, not ours.
+            out += hit
+            continue
+        return _Chain(out, critical, cut=False)
+
+
+def _stopped_at(reason: object, out: str, fmt: NativeFormat, stops: list[str]) -> str | None:
+    """Which stop string ended a request (``None``: the model's end of sequence).
+
+    Servers that do not say which (or stopped on a token id) are read from the text: inside
+    an outlines block it was their end; in a thread, the thread's end.
+    """
+    if isinstance(reason, str) and reason in stops:
+        return reason
+    if fmt.outlines_close in stops and fmt.in_outlines(out):
+        return fmt.outlines_close
+    if reason is not None and fmt.thread_close in stops:
+        return fmt.thread_close
+    return None
 
 
 async def _fork(
-    run: _Run, prefix: str, text: str, *, depth: int, owner: str | None
+    run: _Run, prefix: str, outlines: list[Outline], *, depth: int, owner: str | None
 ) -> tuple[str, int]:
     """Run one thread per outline of the block that just closed; return their joined text."""
-    fmt = run.fmt
-    block = text[text.rfind(fmt.outlines_open) :]
-    outlines = fmt.outline.findall(block)
     granted = run.board.budget.reserve_threads(min(len(outlines), run.settings.max_threads))
     block_id = f"{owner + '/' if owner else ''}b{len(run.blocks) + 1}"
-    run.blocks.append(NativeBlock(id=block_id, depth=depth + 1, outlines=outlines, forked=granted))
+    goals = [o.goal for o in outlines]
+    run.blocks.append(NativeBlock(id=block_id, depth=depth + 1, outlines=goals, forked=granted))
     emit(
         "plan",
         strategy="native",
-        subtasks=[{"id": f"{block_id}.{_label(o, i)}", "goal": o} for i, o in enumerate(outlines)],
+        subtasks=[{"id": f"{block_id}.{o.label}", "goal": o.goal} for o in outlines],
         notes=[],
         merge="concatenate",
         depth=depth + 1,
     )
     if granted < len(outlines):
         # Not enough thread slots for this block: the model writes its threads itself.
-        return "\n", 0
-
-    async def thread(index: int, outline: str) -> tuple[str, int]:
-        label = _label(outline, index)
-        sid = f"{block_id}.{label}"
-        opening = f"\n{fmt.thread_open}\n{label}:"
-        started = time.time()
-        emit("thread_started", id=sid, goal=outline, at=started, depth=depth + 1)
-        body, critical = await _generate(
-            run, prefix + opening, depth=depth + 1, end=fmt.thread_close, owner=sid
-        )
-        tokens = sum(c["completion_tokens"] for c in run.calls if c["thread_id"] == sid)
-        record = ThreadRecord(
-            id=sid,
-            goal=outline,
-            status="done",
-            answer=body.strip(),
-            error=None,
-            prompt_tokens=sum(c["prompt_tokens"] for c in run.calls if c["thread_id"] == sid),
-            completion_tokens=tokens,
-            critical_path_tokens=critical,
-            started_at=started,
-            ended_at=time.time(),
-            depth=depth + 1,
-            parent=owner,
-            attempts=1,
-            verified=None,
-        )
-        run.threads.append(record)
-        emit(
-            "thread_finished",
-            id=sid,
-            status="done",
-            completion_tokens=tokens,
-            elapsed_s=round(record["ended_at"] - started, 3),
-            error=None,
-            answer=record["answer"],
-            depth=depth + 1,
-        )
-        return f"{opening}{body}{fmt.thread_close}", critical
-
-    results = await asyncio.gather(*(thread(i, o) for i, o in enumerate(outlines)))
-    return "".join(text for text, _ in results) + "\n", max(c for _, c in results)
-
-
-def _answer(text: str, fmt: NativeFormat) -> str:
-    tail = (
-        text[text.rfind(fmt.block_close) + len(fmt.block_close) :]
-        if fmt.block_close in text
-        else text
+        return "", 0
+    results = await asyncio.gather(
+        *(_thread(run, prefix, o, block_id, depth=depth + 1, owner=owner) for o in outlines)
     )
-    return tail.strip() or text.strip()
+    joined = run.fmt.join([(o.label, body) for o, (body, _) in zip(outlines, results, strict=True)])
+    return joined, max(critical for _, critical in results)
+
+
+async def _thread(
+    run: _Run, prefix: str, outline: Outline, block_id: str, *, depth: int, owner: str | None
+) -> tuple[str, int]:
+    """One thread of a block: its body (closing tag excluded) and critical-path tokens."""
+    fmt = run.fmt
+    sid = f"{block_id}.{outline.label}"
+    started = time.time()
+    emit("thread_started", id=sid, goal=outline.goal, at=started, depth=depth)
+    chain = await _generate(
+        run, prefix + fmt.header(outline.label), depth=depth, end=fmt.thread_close, owner=sid
+    )
+    body = chain.text
+    if chain.cut:
+        # Closed the way ThreadWeaver's engine closes a thread that ran out of tokens.
+        body += "\n"
+    mine = [c for c in run.calls if c["thread_id"] == sid]
+    tokens = sum(c["completion_tokens"] for c in mine)
+    error = f"cut at native_max_tokens={run.settings.native_max_tokens}" if chain.cut else None
+    record = ThreadRecord(
+        id=sid,
+        goal=outline.goal,
+        status="cancelled" if chain.cut else "done",
+        answer=body.strip(),
+        error=error,
+        prompt_tokens=sum(c["prompt_tokens"] for c in mine),
+        completion_tokens=tokens,
+        critical_path_tokens=chain.critical,
+        started_at=started,
+        ended_at=time.time(),
+        depth=depth,
+        parent=owner,
+        attempts=1,
+        verified=None,
+    )
+    run.threads.append(record)
+    emit(
+        "thread_finished",
+        id=sid,
+        status=record["status"],
+        completion_tokens=tokens,
+        elapsed_s=round(record["ended_at"] - started, 3),
+        error=error,
+        answer=record["answer"],
+        depth=depth,
+    )
+    return body, chain.critical
+
+
+def _prompt(settings: AprSettings, fmt: NativeFormat, task: str, context: str) -> str:
+    template = settings.native_prompt or fmt.prompt
+    # No stray newline before <|im_end|> when there is no context: the model never saw one.
+    return template.format(task=task, context=f"\n\n{context}" if context.strip() else "")
+
+
+def _check_tags(settings: AprSettings, fmt: NativeFormat, text: str) -> None:
+    required = settings.native_require_tags
+    if required is None:
+        required = fmt.name == "multiverse"
+    if required and text and not any(tag in text for tag in fmt.special_tags):
+        raise NativeProtocolError(
+            f"the {fmt.name} model's text has none of its tags ({', '.join(fmt.special_tags)}): "
+            "the server drops special tokens (vLLM and SGLang do unless the request says "
+            "skip_special_tokens=false; keep AprSettings(native_skip_special_tokens=False) and "
+            "check that a proxy forwards it), or the model is not a trained "
+            f"{fmt.name} model (then drop native=, or set native_require_tags=False)"
+        )
 
 
 def make_native(
@@ -206,10 +242,18 @@ def make_native(
         board = RunBoard(uuid.uuid4().hex, budget, "concatenate", [])
         boards.attach(board)
         run = _Run(client, settings, board, fmt)
-        prompt = settings.native_prompt.format(task=task, context=context)
         try:
-            text, critical = await _generate(run, prompt, depth=0, end=None, owner=None)
-            answer = _answer(text, fmt)
+            chain = await _generate(
+                run, _prompt(settings, fmt, task, context), depth=0, end=None, owner=None
+            )
+            _check_tags(settings, fmt, chain.text)
+            text, critical = chain.text, chain.critical
+            answer = final_answer(text, fmt.block_close)
+            if chain.cut and "</think>" not in text.lower():
+                answer = (
+                    f"(incomplete: the reasoning reached native_max_tokens="
+                    f"{settings.native_max_tokens} before its answer)"
+                )
         except (StoppedError, BudgetExhaustedError):
             reason = budget.stop_reason or "budget"
             text, critical = "", 0
