@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -149,3 +150,70 @@ async def test_native_runs_honour_budgets(
     result = await app.ainvoke({"task": "Compute 2+3 and 4*5"})
     assert result["answer"].startswith("(incomplete:")
     assert result["metrics"]["stop_reason"] in {"deadline", "token_budget"}
+
+
+def one_block_model(outlines: str, thread: Reply) -> Callable[[RecordedRequest], Reply]:
+    """Writes one block with ``outlines``; every thread answers ``thread``."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        prompt = request.prompt
+        if prompt.endswith(OPEN):
+            return Reply(content=f"Plan.\n<Parallel>\n<Outlines>\n{outlines}</Outlines>")
+        if re.search(r"<Thread>\n[\d.]+:$", prompt):
+            return thread
+        if prompt.endswith("</Outlines>"):  # no fork: the model goes on by itself
+            return Reply(content="\nNo threads after all.\n</Parallel>\n</think>\nDone: 1")
+        return Reply(content="</Parallel>\n</think>\nDone: 2")
+
+    return reply
+
+
+async def test_a_block_without_numbered_outlines_goes_on_sequentially(
+    make_server: ServerFactory,
+) -> None:
+    """Issue 16, point 5: no outline (or none numbered) is no fork, and no crash."""
+    model = one_block_model("<Outline>think about it</Outline>\n", Reply(content="x</Thread>"))
+    server = make_server([Rule(reply=model)])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    result = await app.ainvoke({"task": "t"})
+    assert result["answer"] == "Done: 1"
+    assert result["threads"] == []
+    assert result["plan"]["reasoning"].endswith(
+        "</Outlines>\nNo threads after all.\n</Parallel>\n</think>\nDone: 1"
+    )
+
+
+async def test_only_numbered_outlines_fork_and_each_number_once(make_server: ServerFactory) -> None:
+    """Issue 16, point 9: ``N:`` / ``N.M:`` outlines fork; a repeated number forks once."""
+    outlines = (
+        "<Outline>1: first</Outline>\n<Outline>1: first again</Outline>\n"
+        "<Outline>note: no number</Outline>\n<Outline>2.1: second</Outline>\n"
+    )
+    server = make_server([Rule(reply=one_block_model(outlines, Reply(content=" ok\n</Thread>")))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    result = await app.ainvoke({"task": "t"})
+    assert sorted(t["id"] for t in result["threads"]) == ["b1.1", "b1.2.1"]
+    assert result["plan"]["blocks"][0]["outlines"] == ["first", "second"]
+    assert (
+        "</Outlines>\n<Thread>\n1: ok\n</Thread><Thread>\n2.1: ok\n</Thread>\n"
+        in (result["plan"]["reasoning"])
+    )
+    assert result["answer"] == "Done: 2"
+
+
+async def test_a_thread_that_runs_out_of_tokens_is_cut_not_done(
+    make_server: ServerFactory,
+) -> None:
+    """Issue 16, point 3: a thread cut at ``native_max_tokens`` says so and is closed."""
+    long = Reply(content=" " + "word " * 40, finish_reason="length")
+    server = make_server([Rule(reply=one_block_model("<Outline>1: a</Outline>\n", long))])
+    app = compile_apr_graph(
+        settings=settings_for(server, native="threadweaver", native_max_tokens=40)
+    )
+    result = await app.ainvoke({"task": "t"})
+    (thread,) = result["threads"]
+    assert thread["status"] == "cancelled"
+    assert thread["error"] == "cut at native_max_tokens=40"
+    assert "word \n</Thread>\n</Parallel>" in result["plan"]["reasoning"]
+    bodies = [r.body or {} for r in server.requests if r.path.endswith("/completions")]
+    assert bodies[0]["max_tokens"] == 40  # not worker_max_tokens

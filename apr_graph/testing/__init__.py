@@ -1,5 +1,6 @@
 """Test doubles for users and for our own tests: a scripted OpenAI-compatible server, and
-personalities that make it answer like llama.cpp, vLLM, LiteLLM or ``transformers serve``."""
+personalities that make it answer like llama.cpp, vLLM, LiteLLM or ``transformers serve``,
+and a server that replays a native reasoner's published trace."""
 
 from apr_graph.testing.personalities import (
     VLLM,
@@ -8,6 +9,7 @@ from apr_graph.testing.personalities import (
     Personality,
     TransformersServe,
 )
+from apr_graph.testing.replay import ReplayServer
 from apr_graph.testing.server import RecordedRequest, Reply, Rule, ScriptedServer
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "LlamaCpp",
     "Personality",
     "RecordedRequest",
+    "ReplayServer",
     "Reply",
     "Rule",
     "ScriptedServer",
