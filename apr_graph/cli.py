@@ -309,7 +309,7 @@ def _serve(args: argparse.Namespace) -> int:
                 else local.model.describe()
             )
             plain.notice(
-                f"apr: {server.kind} serving {alias} ({what}) at {url}, {local.shape(server)}; "
+                f"apr: {server.kind} serving {alias} at {url} ({local.shape(server)}): {what}; "
                 f'use it with: apr ask --base-url {url} --model {alias} "TASK". Ctrl-C stops it.'
             )
             plain.notice(f"apr: settings that fit this model, for its clients: {local.env_line()}")
