@@ -61,7 +61,7 @@ class LocalModel:
         if path is None:
             file, bundled = bundled_model_path(), True
         else:
-            file, bundled = Path(path).expanduser(), False
+            file, bundled = Path(path).expanduser().absolute(), False
         where = f"local model {file}"
         if not file.exists():
             raise LocalBackendError(f"{where}: no such file (give the path of a .gguf file)")

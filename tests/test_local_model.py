@@ -232,3 +232,11 @@ def test_settings_the_user_gave_beat_the_defaults(
     assert sources["yours"] == {"max_depth": 1, "max_concurrency": 2, "worker_max_tokens": 2000}
     assert "max_depth" not in sources["defaults"]
     assert sources["defaults"]["deadline_s"] == 1020.0
+
+
+def test_a_relative_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_gguf(tmp_path / "m.gguf", QWEN_15B)
+    monkeypatch.chdir(tmp_path)
+    model = LocalModel.open("m.gguf")
+    assert model.path == tmp_path / "m.gguf"  # the server runs it, the trace records it
+    assert model.alias == "m"
