@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from apr_graph import compile_apr_graph
+from apr_graph.native import NativeProtocolError
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
@@ -217,3 +218,16 @@ async def test_a_thread_that_runs_out_of_tokens_is_cut_not_done(
     assert "word \n</Thread>\n</Parallel>" in result["plan"]["reasoning"]
     bodies = [r.body or {} for r in server.requests if r.path.endswith("/completions")]
     assert bodies[0]["max_tokens"] == 40  # not worker_max_tokens
+
+
+async def test_threadweaver_may_answer_without_a_block_unless_tags_are_required(
+    make_server: ServerFactory,
+) -> None:
+    """Issue 16, point 1: a tagless answer is fine by default for ThreadWeaver (its model may
+    not fork), and refused when the run says the model must write tags."""
+    server = make_server([Rule(reply=Reply(content="</think>\n4"))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    assert (await app.ainvoke({"task": "2+2"}))["answer"] == "4"
+    strict = settings_for(server, native="threadweaver", native_require_tags=True)
+    with pytest.raises(NativeProtocolError, match="none of its tags"):
+        await compile_apr_graph(settings=strict).ainvoke({"task": "2+2"})

@@ -65,11 +65,13 @@ class _Run:
 
 @dataclass
 class _Chain:
-    """The text one chain generated, its critical-path tokens, and whether it was cut."""
+    """The text one chain generated, its critical-path tokens, whether it was cut, and
+    whether its closing tag (``end``) ended it."""
 
     text: str
     critical: int
     cut: bool
+    closed: bool = False
 
 
 async def _generate(
@@ -115,20 +117,21 @@ async def _generate(
             # The closing tag of a thread in a block the model writes itself, not ours.
             out += hit
             continue
-        return _Chain(out, critical, cut=False)
+        return _Chain(out, critical, cut=False, closed=hit is not None and hit == end)
 
 
 def _stopped_at(reason: object, out: str, fmt: NativeFormat, stops: list[str]) -> str | None:
     """Which stop string ended a request (``None``: the model's end of sequence).
 
-    Servers that do not say which (or stopped on a token id) are read from the text: inside
-    an outlines block it was their end; in a thread, the thread's end.
+    Servers that do not say which (SGLang reports ``matched_stop``, and a stop token id is no
+    string) are read from the text: inside an outlines block it was their end; in a thread,
+    the thread's end, by far the likelier than the model's end of sequence there.
     """
     if isinstance(reason, str) and reason in stops:
         return reason
     if fmt.outlines_close in stops and fmt.in_outlines(out):
         return fmt.outlines_close
-    if reason is not None and fmt.thread_close in stops:
+    if fmt.thread_close in stops:
         return fmt.thread_close
     return None
 
@@ -171,8 +174,8 @@ async def _thread(
         run, prefix + fmt.header(outline.label), depth=depth, end=fmt.thread_close, owner=sid
     )
     body = chain.text
-    if chain.cut:
-        # Closed the way ThreadWeaver's engine closes a thread that ran out of tokens.
+    if not chain.closed:
+        # Cut: closed the way ThreadWeaver's engine closes such a thread ("\n</Thread>").
         body += "\n"
     mine = [c for c in run.calls if c["thread_id"] == sid]
     tokens = sum(c["completion_tokens"] for c in mine)
