@@ -153,15 +153,24 @@ async def test_a_server_that_drops_the_tags_is_named(replay: Any) -> None:
     assert completions(server)[0]["skip_special_tokens"] is True
 
 
-async def test_threadweaver_example_replays_byte_for_byte(replay: Any) -> None:
+@pytest.mark.parametrize(
+    ("name", "answer"),
+    [
+        ("threadweaver_example", "The answer is \\boxed{790}."),
+        ("threadweaver_figure", "Sum the results: 36 + 81 = 117..."),
+    ],
+)
+async def test_threadweaver_traces_replay_byte_for_byte(
+    replay: Any, name: str, answer: str
+) -> None:
     """Points 4, 6, 8: ThreadWeaver's join (threads back to back) and its prompt."""
-    text = trace("threadweaver_example")
+    text = trace(name)
     server = replay(text, TW_PROMPT)
     result = await compile_apr_graph(settings=settings(server, native="threadweaver")).ainvoke(
         {"task": TASK}
     )
     assert result["plan"]["reasoning"] == text
-    assert result["answer"] == "The answer is \\boxed{790}."
+    assert result["answer"] == answer
     assert [t["id"] for t in sorted(result["threads"], key=lambda t: t["id"])] == ["b1.1", "b1.2"]
     bodies = completions(server)
     assert bodies[0]["prompt"] == TW_PROMPT
