@@ -231,3 +231,23 @@ async def test_threadweaver_may_answer_without_a_block_unless_tags_are_required(
     strict = settings_for(server, native="threadweaver", native_require_tags=True)
     with pytest.raises(NativeProtocolError, match="none of its tags"):
         await compile_apr_graph(settings=strict).ainvoke({"task": "2+2"})
+
+
+async def test_a_thread_that_ends_inside_its_own_block_does_not_loop(
+    make_server: ServerFactory,
+) -> None:
+    """Past the depth limit, a thread that stops writing inside its own block ends there."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        if request.prompt.endswith("1.1: y</Thread>"):
+            return Reply(content="")  # the model's end of sequence, inside the nested block
+        if request.prompt.endswith("<Thread>\n1:"):
+            nested = "<Parallel>\n<Outlines>\n<Outline>1.1: x</Outline>\n</Outlines>\n<Thread>"
+            return Reply(content=f" {nested}\n1.1: y</Thread>")
+        return one_block_model("<Outline>1: a</Outline>\n", Reply())(request)
+
+    server = make_server([Rule(reply=reply)])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver", max_depth=1))
+    result = await app.ainvoke({"task": "t"})
+    assert result["answer"] == "Done: 2"
+    assert len([r for r in server.requests if r.prompt.endswith("1.1: y</Thread>")]) == 1

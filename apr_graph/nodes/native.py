@@ -101,10 +101,14 @@ async def _generate(
         critical += completion.completion_tokens
         left -= completion.completion_tokens
         if completion.finish_reason == "length":
-            if left > 0:  # the server allowed less than asked: go on
+            if left > 0 and completion.text:  # the server allowed less than asked: go on
                 continue
             return _Chain(out, critical, cut=True)
         hit = _stopped_at(completion.stop_reason, out, fmt, stops)
+        if not completion.text and hit != fmt.outlines_close and out:
+            # Nothing new (e.g. the model ends inside a block it writes itself): asking
+            # again would get nothing again.
+            return _Chain(out, critical, cut=False, closed=hit is not None and hit == end)
         if hit == fmt.outlines_close:
             out += hit
             outlines = fmt.outlines(out)
