@@ -11,30 +11,29 @@ Example:
 
 from typing import TYPE_CHECKING, Any
 
-from apr_graph.durable import prepare_resume, resume_run
-from apr_graph.errors import (
-    AprError,
-    AuthenticationError,
-    BudgetExhaustedError,
-    ConfigurationError,
-    ContextOverflowError,
-    InputError,
-    ModelCallError,
-    ModelNotFoundError,
-    ServerCapabilityError,
-    ServerUnreachableError,
-    StructuredOutputError,
-)
-from apr_graph.graph import compile_apr_graph, create_apr_graph
-from apr_graph.integrations import as_tool
-from apr_graph.llm import LLMClient
-from apr_graph.responses import Completion
-from apr_graph.settings import AprSettings, MergeStrategy
-from apr_graph.state import AprInput, AprOutput, Plan, PlanRecord, Subtask, ThreadRecord
-from apr_graph.transport import Transport
-
 if TYPE_CHECKING:
     from apr_graph.chat_model import ChatModelClient
+    from apr_graph.durable import prepare_resume, resume_run
+    from apr_graph.errors import (
+        AprError,
+        AuthenticationError,
+        BudgetExhaustedError,
+        ConfigurationError,
+        ContextOverflowError,
+        InputError,
+        ModelCallError,
+        ModelNotFoundError,
+        ServerCapabilityError,
+        ServerUnreachableError,
+        StructuredOutputError,
+    )
+    from apr_graph.graph import compile_apr_graph, create_apr_graph
+    from apr_graph.integrations import as_tool
+    from apr_graph.llm import LLMClient
+    from apr_graph.responses import Completion
+    from apr_graph.settings import AprSettings, MergeStrategy
+    from apr_graph.state import AprInput, AprOutput, Plan, PlanRecord, Subtask, ThreadRecord
+    from apr_graph.transport import Transport
 
 __all__ = [
     "AprError",
@@ -69,11 +68,46 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+_WHERE = {
+    "AprError": "apr_graph.errors",
+    "AprInput": "apr_graph.state",
+    "AprOutput": "apr_graph.state",
+    "AprSettings": "apr_graph.settings",
+    "AuthenticationError": "apr_graph.errors",
+    "BudgetExhaustedError": "apr_graph.errors",
+    "ChatModelClient": "apr_graph.chat_model",
+    "Completion": "apr_graph.responses",
+    "ConfigurationError": "apr_graph.errors",
+    "ContextOverflowError": "apr_graph.errors",
+    "InputError": "apr_graph.errors",
+    "LLMClient": "apr_graph.llm",
+    "MergeStrategy": "apr_graph.settings",
+    "ModelCallError": "apr_graph.errors",
+    "ModelNotFoundError": "apr_graph.errors",
+    "Plan": "apr_graph.state",
+    "PlanRecord": "apr_graph.state",
+    "ServerCapabilityError": "apr_graph.errors",
+    "ServerUnreachableError": "apr_graph.errors",
+    "StructuredOutputError": "apr_graph.errors",
+    "Subtask": "apr_graph.state",
+    "ThreadRecord": "apr_graph.state",
+    "Transport": "apr_graph.transport",
+    "as_tool": "apr_graph.integrations",
+    "compile_apr_graph": "apr_graph.graph",
+    "create_apr_graph": "apr_graph.graph",
+    "prepare_resume": "apr_graph.durable",
+    "resume_run": "apr_graph.durable",
+}
+"""Where each public name lives: imported on first use, so ``import apr_graph`` (and every
+``apr`` subcommand or test double that needs only a corner of it) stays cheap."""
+
 
 def __getattr__(name: str) -> Any:
-    # LangChain's chat-model stack is heavy to import; only users of it pay for it.
-    if name == "ChatModelClient":
-        from apr_graph.chat_model import ChatModelClient
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'apr_graph' has no attribute {name!r}")
+    import importlib
 
-        return ChatModelClient
-    raise AttributeError(f"module 'apr_graph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value

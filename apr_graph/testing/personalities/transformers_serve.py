@@ -20,10 +20,9 @@ Reproduced from huggingface/transformers (https://github.com/huggingface/transfo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
 
 from apr_graph.testing.personalities.base import Personality, Route
 from apr_graph.testing.script import RecordedRequest, Reply
@@ -34,11 +33,20 @@ if TYPE_CHECKING:
 
 __all__ = ["TransformersServe"]
 
-_KNOWN_KEYS = (
-    CompletionCreateParamsStreaming.__required_keys__
-    | CompletionCreateParamsStreaming.__optional_keys__
-    | {"generation_config", "seed"}
-)
+
+@functools.cache
+def _known_keys() -> frozenset[str]:
+    # Imported on first use: the SDK's types take a second to import, and a test double
+    # started as its own process should start fast.
+    from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
+
+    params = CompletionCreateParamsStreaming
+    return frozenset(params.__required_keys__ | params.__optional_keys__) | {
+        "generation_config",
+        "seed",
+    }
+
+
 _CREATED = 1754000000.0
 
 
@@ -94,7 +102,7 @@ class TransformersServe(Personality):
         and the other unsupported fields pass (and are ignored)."""
         body = request.body or {}
         chat = request.path.rstrip("/").endswith("/chat/completions")
-        unexpected = set(body) - _KNOWN_KEYS
+        unexpected = set(body) - _known_keys()
         if chat and unexpected:
             return self.error(422, f"Unexpected fields in the request: {unexpected}")
         served, requested = server.models[0], body.get("model")
