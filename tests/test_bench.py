@@ -64,7 +64,7 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
             "--scaling",
             "4",
             "--overhead",
-            "1,4",
+            "",
             "--step-ms",
             "4",
             "--reasoning",
@@ -91,9 +91,22 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     scaling = results["scaling"][0]
     assert scaling["threads"] == 4
     assert 0 < scaling["fraction_of_ideal"] <= 1.2
-    assert [r["threads"] for r in results["overhead"]] == [1, 4]
-    assert all(r["floor_cpu_ms"] > 0 for r in results["overhead"])
+    assert "overhead" not in results  # measured on its own below
     for name in ("results.md", "speedup.png", "accuracy.png", "timeline.png"):
         assert (out / name).stat().st_size > 0
     assert "| arithmetic | adaptive |" in (out / "results.md").read_text()
     assert "arithmetic  adaptive" in capsys.readouterr().out
+
+
+def test_overhead_is_measured_for_every_layer() -> None:
+    from apr_graph.bench.overhead import LAYERS, measure_overhead
+
+    rows = asyncio.run(measure_overhead([1, 4], reply_s=0.05))
+    assert [r["threads"] for r in rows] == [1, 4]
+    for row in rows:
+        for layer in LAYERS:
+            assert row[f"{layer}_cpu_ms"] > 0
+            assert row[f"{layer}_wall_s"] >= 0.05  # every layer waited for its replies
+        assert row["apr_vs_floor"] == pytest.approx(
+            row["apr_cpu_ms"] / row["floor_cpu_ms"], rel=0.01
+        )

@@ -61,9 +61,10 @@ def _subtask(index: int) -> SubtaskRecord:
     )
 
 
-def serve_forever() -> None:
-    """The overhead server (run in its own process): prints its URL, serves until killed."""
-    slow = Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=CHUNK_S)
+def serve_forever(reply_s: float = REPLY_S) -> None:
+    """The overhead server (run in its own process): prints its URL, serves until killed.
+    Worker replies stream ``CHUNKS`` chunks over ``reply_s`` seconds."""
+    slow = Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=reply_s / CHUNKS)
     rules = [
         Rule(role="planner", reply=_plan),
         Rule(role="synthesizer", reply=Reply(content="merged")),
@@ -234,13 +235,20 @@ LAYERS = {
 
 
 async def measure_overhead(
-    sizes: Sequence[int], *, progress: Callable[[str], None] | None = None
+    sizes: Sequence[int],
+    *,
+    progress: Callable[[str], None] | None = None,
+    reply_s: float = REPLY_S,
 ) -> list[dict[str, Any]]:
-    """One row per fan-out size: client CPU ms per thread of each layer, and wall times."""
+    """One row per fan-out size: client CPU ms per thread of each layer, and wall times.
+
+    ``reply_s``: how long each worker reply streams (shorter only for quick checks: the
+    requests of a large fan-out must overlap for the figures to mean anything).
+    """
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "from apr_graph.bench.overhead import serve_forever; serve_forever()",
+        f"from apr_graph.bench.overhead import serve_forever; serve_forever({reply_s!r})",
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -256,7 +264,7 @@ async def measure_overhead(
                 row[f"{name}_cpu_ms"] = round(1000 * cpu / size, 2)
                 row[f"{name}_wall_s"] = round(wall, 2)
             row["apr_vs_floor"] = round(row["apr_cpu_ms"] / max(row["floor_cpu_ms"], 1e-9), 2)
-            row["ideal_ratio"] = round(REPLY_S / max(row["apr_wall_s"], 1e-9), 2)
+            row["ideal_ratio"] = round(reply_s / max(row["apr_wall_s"], 1e-9), 2)
             rows.append(row)
             if progress is not None:
                 progress(f"overhead {size} threads")
