@@ -43,7 +43,8 @@ async def _answers_under_v1(url: str, api_key: str) -> bool:
         return False
     headers = {"Authorization": f"Bearer {api_key}"}
     try:
-        async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers) as http:
+        verify = url.startswith("https://")  # plain HTTP needs no TLS context
+        async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers, verify=verify) as http:
             response = await http.get(url.rstrip("/") + "/v1/models")
     except httpx.HTTPError:
         return False
