@@ -47,6 +47,15 @@ def _partial_answer(done: list[ThreadRecord], missing: list[str], reason: str) -
     return "\n\n".join([head, *parts])
 
 
+def _result_text(thread: ThreadRecord) -> str:
+    """What the merge sees of one thread: its answer, and whether it is whole."""
+    if thread["status"] != "done" or not thread["answer"]:
+        return f"(this thread {thread['status']}: {thread['error'] or 'empty answer'})"
+    if thread["error"]:  # done, but with a caveat (e.g. truncated)
+        return f"{thread['answer']}\n(note: this result is incomplete: {thread['error']})"
+    return thread["answer"]
+
+
 def make_synthesize(
     client: LLMClient, settings: AprSettings, boards: Boards
 ) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
@@ -111,16 +120,7 @@ async def _merge(
             calls.append(call_record(completion, role="judge"))
         picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
         return (picked[0] if picked else done[0])["answer"] or ""
-    results = [
-        (
-            t["id"],
-            t["goal"],
-            t["answer"]
-            if t["status"] == "done" and t["answer"]
-            else f"(this thread {t['status']}: {t['error'] or 'empty answer'})",
-        )
-        for t in threads
-    ]
+    results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
     completion = await board.guard(
         client.chat(
             synthesizer_messages(task, context, plan, results),

@@ -150,6 +150,7 @@ async def _solve(
     payload, subtask = thread.payload, thread.subtask
     must_verify = verify is not None or board.merge == "race"
     rejected: str | None = None
+    widened: int | None = None  # the allowance of the one retry of an answer cut off
     if board.system is None:
         board.system = shared_system(payload["task"], payload["context"], payload["plan"])
     while True:
@@ -166,7 +167,7 @@ async def _solve(
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
         )
-        allowance = subtask.get("max_tokens") or settings.worker_max_tokens
+        allowance = widened or subtask.get("max_tokens") or settings.worker_max_tokens
         try:
             if tools:
                 work = tool_loop(
@@ -205,6 +206,17 @@ async def _solve(
         thread.completion_tokens += completion.completion_tokens
         thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
         text = completion.text
+        cut = completion.finish_reason == "length"
+        if cut and widened is None:
+            # Cut mid-work by its token limit: one more try with twice the room, which does
+            # not count as a replacement.
+            widened = allowance * 2
+            reason = f"cut off at its {allowance}-token limit; again with {widened}"
+            emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
+            continue
+        if cut:  # cut again: keep what there is, and say so (the merge is told)
+            error = f"truncated: cut off at its {allowance}-token limit"
+            return _finish(board, boards, thread, thread.record("done", answer=text, error=error))
         if text.strip().upper().startswith("DEAD END"):
             valid, reason = False, text.strip()[:300]
         elif must_verify:
@@ -219,7 +231,8 @@ async def _solve(
         if valid:
             record = thread.record("done", answer=text, verified=True if must_verify else None)
             return _finish(board, boards, thread, record)
-        if thread.attempts > settings.max_replacements or board.budget.reserve_threads(1) == 0:
+        replacements = thread.attempts - (widened is not None)
+        if replacements > settings.max_replacements or board.budget.reserve_threads(1) == 0:
             record = thread.record(
                 "failed", answer=text, error=f"rejected: {reason}", verified=False
             )

@@ -1,0 +1,53 @@
+"""A thread cut off by its token limit is tried once more with twice the room, and, if cut
+again, reaches the merge marked as incomplete: never as a whole answer."""
+
+from __future__ import annotations
+
+from apr_graph import compile_apr_graph
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+PLAN = {
+    "strategy": "parallel",
+    "subtasks": [{"id": "s1", "goal": "multiply 17 by 23", "max_tokens": 100}],
+}
+
+
+async def test_a_cut_thread_gets_one_retry_with_twice_the_room(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(
+                role="worker",
+                times=1,
+                reply=Reply(content="17 * 23 = 17 * 20 +", finish_reason="length"),
+            ),
+            Rule(role="worker", reply=Reply(content="17 * 23 = 391")),
+            Rule(role="synthesizer", reply=Reply(content="391")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
+    workers = server.chat_requests("worker")
+    assert [w.body["max_tokens"] for w in workers if w.body] == [100, 200]
+    thread = result["threads"][0]
+    assert (thread["status"], thread["answer"], thread["error"]) == ("done", "17 * 23 = 391", None)
+    assert thread["attempts"] == 2
+
+
+async def test_a_thread_cut_twice_reaches_the_merge_marked_incomplete(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(content="17 * 23 = 17 * 20 +", finish_reason="length")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
+    assert len(server.chat_requests("worker")) == 2  # one retry, not more
+    thread = result["threads"][0]
+    assert thread["status"] == "done"
+    assert thread["error"] == "truncated: cut off at its 200-token limit"
+    merge = server.chat_requests("synthesizer")[0].last_user_message
+    assert "this result is incomplete: truncated" in merge
