@@ -17,6 +17,7 @@ import pytest
 from apr_graph import AprSettings, compile_apr_graph
 from apr_graph.native import FORMATS, NativeProtocolError
 from apr_graph.testing import ReplayServer
+from tests.conftest import settings_for
 
 TRACES = Path(__file__).parent / "native_traces"
 TASK = "Solve the problem."
@@ -52,14 +53,8 @@ def replay() -> Iterator[Any]:
 
 
 def settings(server: ReplayServer, **overrides: Any) -> AprSettings:
-    values: dict[str, Any] = {
-        "base_url": server.base_url,
-        "model": "test-model",
-        "max_retries": 0,
-        "request_timeout_s": 10.0,
-        "probe_capacity": False,
-    }
-    return AprSettings(**{**values, **overrides})
+    """The shared test settings; a replayed trace has one answer per request: no retries."""
+    return settings_for(server, **{"max_retries": 0, "probe_capacity": False, **overrides})
 
 
 def completions(server: ReplayServer) -> list[dict[str, Any]]:
