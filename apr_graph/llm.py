@@ -128,6 +128,8 @@ class LLMClient:
         """The model names the server offers (``GET /models``)."""
         try:
             return await self._portal.arun(self.transport.list_models())
+        except AprError:
+            raise  # already says what happened; never its own cause
         except Exception as exc:
             raise self._error(exc, classify(exc), model="", attempts=1) from exc
 
