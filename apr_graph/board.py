@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from apr_graph.answers import majority, normalise_answer
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.settings import AprSettings
 from apr_graph.state import PlanRecord, ThreadRecord
+
+if TYPE_CHECKING:
+    from apr_graph.nodes.early import EarlyCall
 
 __all__ = ["Boards", "RunBoard"]
 
@@ -42,6 +45,13 @@ class RunBoard:
     """Ids of the threads that have a final record."""
     system: str | None = None
     """The system message all threads share (rendered once per fan-out)."""
+    early: dict[str, EarlyCall] = field(default_factory=dict)
+    """First requests of threads started while the plan was written, by subtask id."""
+
+    def drop_early(self, keep: Iterable[str] = ()) -> list[EarlyCall]:
+        """Take the early requests not in ``keep`` off the board (the caller cancels them)."""
+        kept = set(keep)
+        return [self.early.pop(sid) for sid in [s for s in self.early if s not in kept]]
 
     def _future(self, thread_id: str) -> asyncio.Future[ThreadRecord]:
         if thread_id not in self.results:
@@ -76,6 +86,8 @@ class RunBoard:
         if reason:
             if asyncio.iscoroutine(work):
                 work.close()
+            elif isinstance(work, asyncio.Future):
+                work.cancel()  # a request already in flight (a thread started early)
             raise StoppedError(reason)
         task = asyncio.ensure_future(work)
         stops = [asyncio.ensure_future(self.budget.stopped.wait())]
@@ -168,5 +180,9 @@ class Boards:
     def close(self, run_id: str, *, root: bool) -> None:
         """Release a run's board (and stop its budget's timer if it is the root run)."""
         board = self._boards.pop(run_id, None)
-        if board is not None and root:
+        if board is None:
+            return
+        for call in board.drop_early():
+            call.task.cancel()  # a request started early that no thread adopted
+        if root:
             board.budget.close()

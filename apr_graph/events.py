@@ -3,7 +3,9 @@
 Every event is a JSON-shaped dict with an ``event`` key:
 
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes"}``: the plan is ready.
-- ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request.
+- ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request. With
+  ``early: true`` it was sent while the plan was still being written (it may come before the
+  ``plan`` event; see ``AprSettings.stream_plan``).
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
@@ -11,6 +13,9 @@ Every event is a JSON-shaped dict with an ``event`` key:
   "answer"}``: a thread is ``done``, ``failed``, ``cancelled`` or ``skipped``.
 - ``{"event": "thread_cancelled", "id", "reason", "completion_tokens"}``: a running thread was
   stopped (a vote or race was settled, or a budget ran out).
+- ``{"event": "answer_token", "text"}``: a piece of the final answer as the model writes it
+  (the merge call, or the direct answer call); answers that need no call (``concat``, a vote)
+  arrive whole in the output.
 
 Example:
     >>> async for mode, chunk in app.astream(inputs, stream_mode=["custom", "updates"]):
@@ -26,7 +31,7 @@ from typing import Any
 
 from langgraph.config import get_stream_writer
 
-__all__ = ["emit", "token_emitter"]
+__all__ = ["answer_emitter", "emit", "token_emitter"]
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -43,6 +48,15 @@ def token_emitter(thread_id: str) -> Callable[[str], None] | None:
 
     The model client calls it on its own loop; the event is handed to the run's loop.
     """
+    return _emitter({"event": "token", "id": thread_id})
+
+
+def answer_emitter() -> Callable[[str], None] | None:
+    """A callback that streams the final answer as ``answer_token`` events, from any thread."""
+    return _emitter({"event": "answer_token"})
+
+
+def _emitter(fields: dict[str, Any]) -> Callable[[str], None] | None:
     try:
         writer = get_stream_writer()
     except RuntimeError:
@@ -50,6 +64,6 @@ def token_emitter(thread_id: str) -> Callable[[str], None] | None:
     loop = asyncio.get_running_loop()
 
     def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(writer, {"event": "token", "id": thread_id, "text": text})
+        loop.call_soon_threadsafe(writer, {**fields, "text": text})
 
     return on_text

@@ -213,7 +213,7 @@ def _build(
         worker = make_worker(
             client, settings, boards, verify=verify, subgraph=subgraph, tools=tools
         )
-        add(DECOMPOSE, make_decompose(client, settings, boards))
+        add(DECOMPOSE, make_decompose(client, settings, boards, start_early=not tools))
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, settings, boards))
         builder.add_edge(START, DECOMPOSE)

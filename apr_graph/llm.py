@@ -237,10 +237,12 @@ class LLMClient:
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         budget: CallBudget | None = None,
+        progress: StreamProgress | None = None,
     ) -> tuple[T, Completion]:
         """Ask for JSON matching ``output_type`` and return it validated (see ``structured``).
 
         ``schema`` overrides the JSON schema sent to the server (e.g. with tighter bounds).
+        ``progress`` sees the reply stream in (each re-ask starts it afresh).
 
         Raises:
             StructuredOutputError: no valid answer after ``max_repairs`` re-asks.
@@ -255,6 +257,7 @@ class LLMClient:
                 schema=schema,
                 max_tokens=max_tokens,
                 budget=budget,
+                progress=progress,
             )
         )
 

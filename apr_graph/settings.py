@@ -16,9 +16,10 @@ __all__ = ["AprSettings", "MergeStrategy", "Role"]
 Role = Literal["planner", "worker", "synthesizer"]
 """The three kinds of model call a run makes (verifier and judge calls use ``synthesizer``)."""
 
-MergeStrategy = Literal["synthesize", "vote", "race", "best"]
-"""How thread results become the answer: a model merge, a majority vote with early stop, the
-first verified result (siblings cancelled), or the result a judge call picks."""
+MergeStrategy = Literal["concat", "synthesize", "vote", "race", "best"]
+"""How thread results become the answer: each part's answer under its subtask (no call), a
+model merge, a majority vote with early stop, the first verified result (siblings cancelled),
+or the result a judge call picks."""
 
 
 class AprSettings(BaseSettings):
@@ -155,6 +156,11 @@ class AprSettings(BaseSettings):
     """Ask the server once how many requests it runs at once (llama.cpp ``/props`` or
     ``/slots``, vLLM ``/metrics``) and size the concurrency to it; an explicit
     ``max_concurrency`` still caps it. Servers that do not say keep the settings."""
+
+    stream_plan: bool = True
+    """Start each thread as soon as its subtask is complete in the planner's streamed reply,
+    instead of after the whole plan. A thread started early is kept only if the final,
+    repaired plan gives it exactly the same request; otherwise it is cancelled and run again."""
 
     warm_prefix: bool = False
     """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's

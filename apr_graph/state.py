@@ -92,7 +92,7 @@ class Plan(BaseModel):
     )
     merge: str | None = Field(
         default=None,
-        description="How to combine results: synthesize, vote, race or best.",
+        description="How to combine results: concat, synthesize, vote, race or best.",
     )
 
     @field_validator("merge", mode="before")
@@ -101,7 +101,7 @@ class Plan(BaseModel):
         if not isinstance(value, str):
             return None
         value = value.strip().lower()
-        return value if value in {"synthesize", "vote", "race", "best"} else None
+        return value if value in {"concat", "synthesize", "vote", "race", "best"} else None
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -161,7 +161,10 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                 "type": "object",
                 "properties": {
                     "strategy": {"type": "string", "enum": ["parallel"]},
-                    "merge": {"type": "string", "enum": ["synthesize", "vote", "race", "best"]},
+                    "merge": {
+                        "type": "string",
+                        "enum": ["concat", "synthesize", "vote", "race", "best"],
+                    },
                     "subtasks": {
                         "type": "array",
                         "items": subtask,
@@ -169,7 +172,10 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                         "maxItems": max_threads,
                     },
                 },
-                "required": ["strategy", "subtasks"],
+                # merge is required so that constrained decoders (llama.cpp puts optional
+                # properties after the required ones) write it before the subtasks: a thread
+                # can then start as soon as its subtask is written.
+                "required": ["strategy", "merge", "subtasks"],
                 "additionalProperties": False,
             },
         ],

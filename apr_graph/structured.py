@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
 from apr_graph.prompts import repair_message, schema_instruction
-from apr_graph.responses import Completion, Message, extract_json
+from apr_graph.responses import Completion, Message, StreamProgress, extract_json
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 
@@ -29,7 +29,7 @@ StructuredMode = Literal["json_schema", "json_object", "prompt"]
 MODE_CHAIN: tuple[StructuredMode, ...] = ("json_schema", "json_object", "prompt")
 
 ChatCall = Callable[..., Awaitable[Completion]]
-"""``chat(messages, *, role, max_tokens, response_format, budget) -> Completion``."""
+"""``chat(messages, *, role, max_tokens, response_format, budget, progress) -> Completion``."""
 
 _NO_JSON = "not valid JSON: the reply contains no JSON object"
 _CUT_OFF = "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
@@ -87,8 +87,10 @@ class StructuredOutput:
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         budget: CallBudget | None = None,
+        progress: StreamProgress | None = None,
     ) -> tuple[T, Completion]:
-        """Ask for JSON matching ``output_type`` through ``chat`` and return it validated."""
+        """Ask for JSON matching ``output_type`` through ``chat`` and return it validated;
+        ``progress`` is passed to every request (it restarts with each)."""
         schema = schema or output_type.model_json_schema()
         key = f"{self.where}|{self.settings.model_for(role)}"
         modes = self._modes_for(key)
@@ -98,7 +100,7 @@ class StructuredOutput:
             mode = queue.pop(0)
             try:
                 value, completion = await self._in_mode(
-                    chat, mode, messages, output_type, schema, role, max_tokens, budget
+                    chat, mode, messages, output_type, schema, role, max_tokens, budget, progress
                 )
             except _ModeRejectedError as rejected:
                 spent = rejected.spent if spent is None else spent.plus(rejected.spent)
@@ -125,6 +127,7 @@ class StructuredOutput:
         role: str,
         max_tokens: int | None,
         budget: CallBudget | None,
+        progress: StreamProgress | None = None,
     ) -> tuple[T, Completion]:
         conversation = [dict(m) for m in messages]
         response_format = response_format_for(mode, output_type.__name__, schema)
@@ -143,6 +146,7 @@ class StructuredOutput:
                     max_tokens=max_tokens,
                     response_format=response_format,
                     budget=budget,
+                    progress=progress,
                 )
             except ResponseFormatRefusedError as exc:
                 now = time.time()

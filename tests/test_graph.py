@@ -382,16 +382,23 @@ async def test_custom_events_stream_plan_and_threads(
     else:
         events = list(app.stream({"task": "t"}, stream_mode="custom"))
     # Notices for the user (e.g. the server did not say how many requests it runs at once)
-    # may come first; then the plan, then the threads.
+    # may come first; then the plan and the threads: a thread may start (early=True) while
+    # the plan is still streaming in, but none finishes before the plan event.
     notices = [e for e in events if e["event"] == "notice"]
     assert events[: len(notices)] == notices
     events = events[len(notices) :]
+    # The merge call's answer streams in last.
+    answer = [e for e in events if e["event"] == "answer_token"]
+    assert answer and events[-len(answer) :] == answer
+    events = events[: -len(answer)]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "plan"
-    assert [(s["id"], s["goal"]) for s in events[0]["subtasks"]] == [
+    at_plan = kinds.index("plan")
+    assert set(kinds[:at_plan]) <= {"thread_started"}
+    assert all(e.get("early") for e in events[:at_plan])
+    assert [(s["id"], s["goal"]) for s in events[at_plan]["subtasks"]] == [
         (s["id"], s["goal"]) for s in parallel_plan(2)["subtasks"]
     ]
-    assert sorted(kinds[1:]) == ["thread_finished"] * 2 + ["thread_started"] * 2
+    assert sorted(kinds) == ["plan"] + ["thread_finished"] * 2 + ["thread_started"] * 2
     finished = {e["id"]: e for e in events if e["event"] == "thread_finished"}
     assert finished["s1"]["status"] == "done"
     assert finished["s1"]["completion_tokens"] == 3

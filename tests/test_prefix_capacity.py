@@ -146,6 +146,6 @@ def test_prefix_stats_equal_a_byte_comparison_of_the_whole_prompts() -> None:
             json.dumps(worker_messages("task ü", "ctx", plan, s), ensure_ascii=False).encode()
             for s in plan["subtasks"]
         ]
-        stats = prefix_stats("task ü", "ctx", plan, shared_system("task ü", "ctx", plan))
+        stats = prefix_stats("task ü", "ctx", plan, shared_system("task ü", "ctx"))
         assert stats["shared_chars"] == len(os.path.commonprefix(prompts))  # noqa: RUF071
         assert stats["shortest_prompt_chars"] == min(len(p) for p in prompts)

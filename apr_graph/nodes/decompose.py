@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -17,11 +18,13 @@ from apr_graph.errors import (
     ModelCallError,
     StructuredOutputError,
 )
-from apr_graph.events import emit
+from apr_graph.events import answer_emitter, emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.early import EarlyStarter
 from apr_graph.plan import direct_plan, normalise_plan, repair_dependencies
 from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
+from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, Plan, PlanRecord, PrefixStats, plan_json_schema
 
@@ -43,9 +46,10 @@ def read_input(state: AprState) -> tuple[str, str]:
 
 
 def make_decompose(
-    client: LLMClient, settings: AprSettings, boards: Boards
+    client: LLMClient, settings: AprSettings, boards: Boards, *, start_early: bool = True
 ) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
-    """Build the decompose node."""
+    """Build the decompose node; ``start_early``: threads may start while the plan streams
+    in (with ``settings.stream_plan``)."""
 
     async def decompose(state: AprState) -> dict[str, Any]:
         task, context = read_input(state)
@@ -68,6 +72,24 @@ def make_decompose(
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
         messages = planner_messages(task, context, settings.max_threads, width)
+        board.system = shared_system(task, context)
+        # The threads' shared prefix does not depend on the plan: warm it while planning.
+        warm = (
+            asyncio.ensure_future(_warm(client, board, task, context, calls))
+            if settings.warm_prefix
+            else None
+        )
+        starter = EarlyStarter(
+            client,
+            settings,
+            early=board.early,
+            system=board.system,
+            task=task,
+            context=context,
+            depth=depth,
+            budget=budget,
+            after=warm,
+        )
         try:
             plan, completion = await board.guard(
                 client.structured(
@@ -76,11 +98,11 @@ def make_decompose(
                     role="planner",
                     schema=plan_json_schema(settings.max_threads),
                     budget=budget,
+                    progress=starter.progress if start_early and settings.stream_plan else None,
                 )
             )
             calls.append(call_record(completion, role="planner"))
-            slots = settings.max_total_threads - budget.threads_started
-            normalised = normalise_plan(plan, settings, depth=depth, slots=slots)
+            normalised = normalise_plan(plan, settings, depth=depth, slots=starter.slots())
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
             normalised = direct_plan(
@@ -104,14 +126,30 @@ def make_decompose(
             reason = budget.stop_reason or "budget"
             normalised = direct_plan("", [f"stopped while planning: {reason}"])
             normalised["answer"] = f"(incomplete: the {reason} was reached while planning)"
+        finally:
+            starter.closed = True
+            if warm is not None:
+                await warm
+        # Threads started early that the final plan has no place for are cancelled now; the
+        # others are adopted by their worker node if their request is still the right one.
+        keep = [
+            s["id"]
+            for s in normalised["subtasks"]
+            if s["id"] in board.early
+            and board.early[s["id"]].matches(
+                worker_messages(task, context, normalised, s, system=board.system),
+                s["max_tokens"] or settings.worker_max_tokens,
+            )
+        ]
+        for dropped in board.drop_early(keep):
+            if (record := dropped.cancel(budget.charge)) is not None:
+                calls.append(record)
         if normalised["strategy"] == "parallel":
-            budget.reserve_threads(len(normalised["subtasks"]))
+            ids = {s["id"] for s in normalised["subtasks"]}
+            budget.reserve_threads(len(ids - starter.reserved))  # early ones hold theirs
             board.merge = normalised["merge"] or "synthesize"
             board.thread_ids = [s["id"] for s in normalised["subtasks"]]
-            board.system = shared_system(task, context, normalised)
             normalised["prefix"] = prefix_stats(task, context, normalised, board.system)
-            if settings.warm_prefix:
-                await _warm(client, board, task, context, normalised, calls)
         emit(
             "plan",
             strategy=normalised["strategy"],
@@ -172,12 +210,11 @@ async def _warm(
     board: RunBoard,
     task: str,
     context: str,
-    plan: PlanRecord,
     calls: list[CallRecord],
 ) -> None:
     """One tiny request with the shared prefix, so the server's cache holds it in time."""
     messages = [
-        {"role": "system", "content": shared_system(task, context, plan)},
+        {"role": "system", "content": board.system or shared_system(task, context)},
         {"role": "user", "content": "Reply with OK."},
     ]
     try:
@@ -201,7 +238,12 @@ async def _direct_answer(
     if not answer:
         try:
             direct = await board.guard(
-                client.chat(direct_messages(task, context), role="planner", budget=board.budget)
+                client.chat(
+                    direct_messages(task, context),
+                    role="planner",
+                    budget=board.budget,
+                    progress=StreamProgress(on_text=answer_emitter()),
+                )
             )
         except (StoppedError, BudgetExhaustedError) as stop:
             reason = board.budget.stop_reason or getattr(stop, "reason", "budget")

@@ -1,6 +1,7 @@
 """The synthesize node: turns the thread results, in plan order, into the answer.
 
-The merge strategy decides how: ``synthesize`` asks the model to merge every result; ``vote``
+The merge strategy decides how: ``concat`` puts each part's answer under its subtask, in plan
+order, with no call; ``synthesize`` asks the model to merge every result; ``vote``
 takes the majority final answer; ``race`` takes the first verified result; ``best`` asks a
 judge call to pick one. When a token or time budget ran out, no model is called: the answer is
 assembled from what finished and marked incomplete.
@@ -17,14 +18,16 @@ from apr_graph.answers import final_answer, majority, normalise_answer
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
+from apr_graph.events import answer_emitter
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.plan import plan_of
 from apr_graph.prompts import judge_messages, synthesizer_messages
+from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, ThreadRecord
 
-__all__ = ["make_synthesize", "threads_in_plan_order"]
+__all__ = ["concatenate", "make_synthesize", "threads_in_plan_order"]
 
 
 class Choice(BaseModel):
@@ -54,6 +57,22 @@ def _result_text(thread: ThreadRecord) -> str:
     if thread["error"]:  # done, but with a caveat (e.g. truncated)
         return f"{thread['answer']}\n(note: this result is incomplete: {thread['error']})"
     return thread["answer"]
+
+
+def concatenate(threads: list[ThreadRecord]) -> str:
+    """Each part's answer under its subtask's goal, in plan order (the ``concat`` merge).
+
+    A part without an answer says why, so the reader sees that it is missing.
+    """
+    parts = []
+    for thread in threads:
+        answer = (thread["answer"] or "").strip()
+        if thread["status"] != "done" or not answer:
+            answer = f"(no answer: {thread['error'] or thread['status']})"
+        elif thread["error"]:
+            answer += f"\n(incomplete: {thread['error']})"
+        parts.append(f"{thread['goal']}\n{answer}")
+    return "\n\n".join(parts)
 
 
 def make_synthesize(
@@ -96,6 +115,8 @@ async def _merge(
 ) -> str:
     task, context = state.get("task", ""), state.get("context", "") or ""
     plan = plan_of(state)
+    if board.merge == "concat":
+        return concatenate(threads)
     if board.merge == "vote":
         votes = {t["id"]: normalise_answer(final_answer(t["answer"] or "")) for t in done}
         winner, _, _ = majority(votes)
@@ -126,6 +147,7 @@ async def _merge(
             synthesizer_messages(task, context, plan, results),
             role="synthesizer",
             budget=board.budget,
+            progress=StreamProgress(on_text=answer_emitter()),
         ),
         budget_only=True,
     )

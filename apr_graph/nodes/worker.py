@@ -31,7 +31,7 @@ from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.prompts import shared_system, verifier_messages, worker_messages
-from apr_graph.responses import StreamProgress
+from apr_graph.responses import Completion, StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
 
@@ -116,14 +116,18 @@ def make_worker(
             dependencies = await board.wait_for(thread.subtask.get("depends_on") or [])
         except StoppedError as stop:
             return _finish(board, boards, thread, thread.record("skipped", error=stop.reason))
-        thread.started = time.time()
-        emit(
-            "thread_started",
-            id=sid,
-            goal=thread.subtask["goal"],
-            at=thread.started,
-            depth=payload["depth"] + 1,
-        )
+        early = board.early.get(sid)
+        if early is not None:  # its request went out while the plan was being written
+            thread.started = early.started
+        else:
+            thread.started = time.time()
+            emit(
+                "thread_started",
+                id=sid,
+                goal=thread.subtask["goal"],
+                at=thread.started,
+                depth=payload["depth"] + 1,
+            )
         done_deps = [
             (d["id"], d["goal"], d["answer"] or "") for d in dependencies if d["status"] == "done"
         ]
@@ -152,7 +156,7 @@ async def _solve(
     rejected: str | None = None
     widened: int | None = None  # the allowance of the one retry of an answer cut off
     if board.system is None:
-        board.system = shared_system(payload["task"], payload["context"], payload["plan"])
+        board.system = shared_system(payload["task"], payload["context"])
     while True:
         thread.attempts += 1
         messages = worker_messages(
@@ -168,8 +172,18 @@ async def _solve(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
         )
         allowance = widened or subtask.get("max_tokens") or settings.worker_max_tokens
+        early = board.early.pop(subtask["id"], None)
+        if early is not None and not early.matches(messages, allowance):
+            if (discarded := early.cancel(board.budget.charge)) is not None:
+                thread.calls.append(discarded)
+            early = None
+        work: Awaitable[Completion]
         try:
-            if tools:
+            if early is not None:
+                early.adopt(progress.on_text)
+                progress = early.progress
+                work = early.task
+            elif tools:
                 work = tool_loop(
                     client, settings, board.budget, subtask["id"], messages, tools, allowance
                 )

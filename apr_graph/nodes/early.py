@@ -1,0 +1,272 @@
+"""Threads that start while the plan is still being written.
+
+The planner's reply streams in; as soon as one subtask of a parallel plan is complete in the
+stream, its thread's request is sent (LLMCompiler dispatches its tasks the same way). The graph
+keeps its shape: the worker node of that subtask, reached by its ``Send`` once the plan is
+done, adopts the request already in flight instead of sending its own. It adopts it only if
+the final, repaired plan gives the subtask exactly the same request (same messages, same token
+allowance); otherwise the early request is cancelled and the worker starts afresh. A subtask
+that depends on others, forks, or runs tools is never started early, and none is before the
+plan has named its merge (the plan schema asks for it before the subtasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from apr_graph.budget import Budget
+from apr_graph.events import emit
+from apr_graph.llm import LLMClient
+from apr_graph.plan import normalise_plan
+from apr_graph.prompts import worker_messages
+from apr_graph.responses import Completion, Message, StreamProgress
+from apr_graph.settings import AprSettings
+from apr_graph.state import CallRecord, Plan, PlanRecord, Subtask, SubtaskRecord
+
+__all__ = ["EarlyCall", "EarlyStarter", "read_plan"]
+
+_STRING_FIELD = re.compile(r'"(strategy|merge)"\s*:\s*"([A-Za-z_]+)"')
+_SUBTASKS = re.compile(r'"subtasks"\s*:\s*\[')
+_DECODER = json.JSONDecoder()
+
+
+def read_plan(text: str) -> tuple[str | None, str | None, list[Any]]:
+    """``(strategy, merge, subtasks)`` as far as a streamed plan has been written.
+
+    Only complete subtasks are returned: each is one whole JSON value, decoded once its
+    closing brace (or quote) has arrived. Fields not written yet are ``None``.
+    """
+    fields: dict[str, str] = {}
+    for key, value in _STRING_FIELD.findall(text):
+        fields.setdefault(key, value.lower())
+    items: list[Any] = []
+    found = _SUBTASKS.search(text)
+    if found:
+        at, end = found.end(), len(text)
+        while at < end:
+            while at < end and text[at] in " \t\r\n,":
+                at += 1
+            if at >= end or text[at] == "]":
+                break
+            try:
+                item, at = _DECODER.raw_decode(text, at)
+            except json.JSONDecodeError:
+                break  # the next subtask is still being written
+            items.append(item)
+    return fields.get("strategy"), fields.get("merge"), items
+
+
+class _Relay:
+    """Token pieces of an early thread, held until its worker node passes them on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[str] = []
+        self._sink: Callable[[str], None] | None = None
+
+    def __call__(self, piece: str) -> None:
+        with self._lock:
+            if self._sink is None:
+                self._held.append(piece)
+                return
+            sink = self._sink
+        sink(piece)
+
+    def attach(self, sink: Callable[[str], None] | None) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+            if sink is not None:
+                for piece in held:  # under the lock, so no later piece overtakes these
+                    sink(piece)
+            self._sink = sink or (lambda _: None)
+
+
+@dataclass
+class EarlyCall:
+    """One thread's first request, sent before the plan was finished."""
+
+    subtask: SubtaskRecord
+    messages: list[Message]
+    allowance: int
+    progress: StreamProgress
+    task: asyncio.Future[Completion]
+    started: float
+    model: str
+    relay: _Relay = field(default_factory=_Relay)
+
+    def matches(self, messages: list[Message], allowance: int) -> bool:
+        """Whether the worker would send exactly this request."""
+        return allowance == self.allowance and messages == self.messages
+
+    def adopt(self, on_text: Callable[[str], None] | None) -> None:
+        """Hand the thread's streamed text (so far and from now on) to ``on_text``."""
+        self.relay.attach(on_text)
+
+    def cancel(self, charge: Callable[[int], None]) -> CallRecord | None:
+        """Cancel the request; charge what it cost; its record if it was sent."""
+        self.task.cancel()
+        progress = self.progress
+        if progress.started_at <= 0:
+            return None
+        prompt = sum(len(str(m["content"])) for m in self.messages) // 4
+        if not progress.charged:
+            charge(prompt + progress.completion_tokens)
+        return CallRecord(
+            role="worker",
+            thread_id=self.subtask["id"],
+            model=self.model,
+            prompt_tokens=prompt,
+            completion_tokens=progress.completion_tokens,
+            cached_tokens=None,
+            requests=max(1, progress.requests),
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            mode="discarded",
+            first_token_at=progress.first_token_at,
+        )
+
+
+class EarlyStarter:
+    """Watches a planner's stream and starts each complete, independent subtask's thread.
+
+    Made inside the decompose node; its ``progress`` goes to the planner call. The client
+    reports text on its own loop; checks run on the caller's loop, in the node's context
+    (so events reach the graph's stream).
+    """
+
+    def __init__(
+        self,
+        client: LLMClient,
+        settings: AprSettings,
+        *,
+        early: dict[str, EarlyCall],
+        system: str,
+        task: str,
+        context: str,
+        depth: int,
+        budget: Budget,
+        after: asyncio.Future[None] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.early = early
+        self.system = system
+        self.task = task
+        self.context = context
+        self.depth = depth
+        self.budget = budget
+        self.after = after
+        self.progress = StreamProgress(on_text=self._on_text)
+        self._loop = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()
+        self._scheduled = False
+        self._seen: set[str] = set()
+        self.reserved: set[str] = set()
+        """Subtasks started early; each took its thread slot from the budget."""
+        self.closed = False
+
+    def _on_text(self, _piece: str) -> None:
+        if self._scheduled or self.closed:
+            return
+        self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._check, context=self._context)
+        except RuntimeError:  # the caller's loop has closed: nothing left to start
+            self.closed = True
+
+    def _check(self) -> None:
+        self._scheduled = False
+        if self.closed:
+            return
+        strategy, merge, items = read_plan(self.progress.text)
+        merge = self.settings.merge or merge
+        if strategy != "parallel" or not items or merge is None:
+            return  # a thread's request depends on the merge (voters end with a final line)
+        subtasks = []
+        waits: set[str] = set()  # ids that name dependencies, perhaps on subtasks unwritten
+        for item in items:
+            try:
+                subtask = Subtask.model_validate(item)
+            except ValidationError:
+                continue  # the final plan decides what becomes of it
+            subtasks.append(subtask)
+            if subtask.depends_on:
+                waits.add(subtask.id.strip())
+        plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
+        plan.subtasks = subtasks
+        record = normalise_plan(plan, self.settings, depth=self.depth, slots=self.slots())
+        if record["strategy"] != "parallel":
+            return
+        for subtask in record["subtasks"]:
+            if subtask["id"] in self._seen:
+                continue
+            self._seen.add(subtask["id"])
+            waiting = subtask["depends_on"] or subtask["id"] in waits
+            if waiting or subtask["fork"] or not self.budget.admits():
+                continue
+            if self.budget.reserve_threads(1):
+                self.reserved.add(subtask["id"])
+                self._start(record, subtask)
+
+    def slots(self) -> int:
+        """Threads this run may still start: what the budget has left plus what it took."""
+        left = self.settings.max_total_threads - self.budget.threads_started
+        return left + len(self.reserved)
+
+    def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
+        messages = worker_messages(self.task, self.context, plan, subtask, system=self.system)
+        allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
+        relay = _Relay()
+        progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
+        request = self._request(messages, progress, allowance)
+        started = time.time()
+        call = EarlyCall(
+            subtask,
+            messages,
+            allowance,
+            progress,
+            asyncio.ensure_future(request),
+            started,
+            self.settings.model_for("worker"),
+            relay,
+        )
+        call.task.add_done_callback(_retrieve)
+        self.early[subtask["id"]] = call
+        emit(
+            "thread_started",
+            id=subtask["id"],
+            goal=subtask["goal"],
+            at=started,
+            depth=self.depth + 1,
+            early=True,
+        )
+
+    async def _request(
+        self, messages: list[Message], progress: StreamProgress, allowance: int
+    ) -> Completion:
+        if self.after is not None:  # e.g. the warm-up of the shared prefix
+            await asyncio.shield(self.after)
+        return await self.client.chat(
+            messages,
+            role="worker",
+            stream=True,
+            progress=progress,
+            max_tokens=allowance,
+            budget=self.budget,
+        )
+
+
+def _retrieve(task: asyncio.Future[Completion]) -> None:
+    """Mark a discarded early request's outcome as seen (asyncio would log it otherwise)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,260 @@
+"""Threads that start while the plan is still streaming in (``AprSettings.stream_plan``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from apr_graph import compile_apr_graph, graph
+from apr_graph.nodes.early import read_plan
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, eventually, settings_for
+
+STEP_S = 0.03
+"""One decode step of the planner: slow enough that the plan takes a visible while."""
+
+
+def plan_json(*goals: str, merge: str = "concat", **extra: Any) -> dict[str, Any]:
+    subtasks = [{"id": f"s{i + 1}", "goal": goal, **extra} for i, goal in enumerate(goals)]
+    return {"strategy": "parallel", "merge": merge, "subtasks": subtasks}
+
+
+def slow_planner(plan: dict[str, Any]) -> Rule:
+    return Rule(role="planner", reply=Reply(content=plan, chunk_delay_s=STEP_S))
+
+
+def test_read_plan_returns_only_complete_subtasks() -> None:
+    text = json.dumps(plan_json("first part", "second part"))
+    cut = text.index("second") + 3  # inside the second goal
+    assert read_plan(text[:cut]) == ("parallel", "concat", [plan_json("first part")["subtasks"][0]])
+    assert read_plan(text)[2] == plan_json("first part", "second part")["subtasks"]
+    assert read_plan(text[: text.index('"subtasks"')]) == ("parallel", "concat", [])
+    # Prose around the JSON (prompt mode), and a goal that mentions braces and brackets.
+    tricky = {
+        "strategy": "parallel",
+        "merge": "vote",
+        "subtasks": [{"id": "a", "goal": "f(x) = [1}"}],
+    }
+    assert (
+        read_plan("Here is the plan:\n" + json.dumps(tricky) + "\nDone.")[2] == tricky["subtasks"]
+    )
+    assert read_plan('{"strategy": "direct", "answer": "4"}') == ("direct", None, [])
+    assert read_plan("") == (None, None, [])
+
+
+async def test_threads_start_before_the_plan_is_finished(make_server: ServerFactory) -> None:
+    goals = [f"part {i} of the question" for i in range(1, 5)]
+    server = make_server(
+        [
+            slow_planner(plan_json(*goals)),
+            Rule(role="worker", reply=Reply(content="an answer")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    planner = server.chat_requests("planner")[0]
+    workers = server.chat_requests("worker")
+    assert planner.ended_at is not None
+    assert len(workers) == 4  # one request per subtask: the early ones were adopted
+    first = min(w.started_at for w in workers)
+    assert first < planner.ended_at - 5 * STEP_S  # well before the plan's last chunk
+    # The run's own records say so too: a worker call began before the planner call ended.
+    calls = result["calls"]
+    planner_end = next(c["ended_at"] for c in calls if c["role"] == "planner")
+    assert min(c["started_at"] for c in calls if c["role"] == "worker") < planner_end
+    assert [t["status"] for t in result["threads"]] == ["done"] * 4
+    # concat: each part's answer under its subtask, in plan order, and no merge call.
+    assert not server.chat_requests("synthesizer")
+    positions = [result["answer"].index(goal) for goal in goals]
+    assert positions == sorted(positions)
+    assert result["answer"].count("an answer") == 4
+
+
+async def test_stream_plan_off_waits_for_the_whole_plan(make_server: ServerFactory) -> None:
+    server = make_server(
+        [slow_planner(plan_json("a part", "b part")), Rule(role="worker", reply=Reply(content="x"))]
+    )
+    settings = settings_for(server, stream_plan=False)
+    await compile_apr_graph(settings=settings).ainvoke({"task": "q"})
+    planner = server.chat_requests("planner")[0]
+    assert planner.ended_at is not None
+    assert all(w.started_at >= planner.ended_at for w in server.chat_requests("worker"))
+
+
+async def test_a_thread_the_repaired_plan_changes_is_started_again(
+    make_server: ServerFactory,
+) -> None:
+    # s1 and s2 are complete (no dependencies) and start early; then s3 and s4 close a
+    # dependency cycle, which the repair turns into the chain s1 -> s2 -> s3 -> s4. s1's
+    # request is unchanged and adopted; s2 now needs s1's result, so its early request is
+    # cancelled, recorded as discarded, and sent again once s1 is done.
+    cyclic = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [
+            {"id": "s1", "goal": "alpha"},
+            {"id": "s2", "goal": "beta"},
+            {"id": "s3", "goal": "gamma", "depends_on": ["s4"]},
+            {"id": "s4", "goal": "delta", "depends_on": ["s3"]},
+        ],
+    }
+    server = make_server(
+        [
+            slow_planner(cyclic),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert result["answer"] == "merged"
+    assert "dependencies form a cycle" in " ".join(result["plan"]["notes"])
+    own = [w.last_user_message.split("\n")[-1] for w in server.chat_requests("worker")]
+    assert sorted(own) == sorted(
+        [f"Solve subtask {s}: {g}" for s, g in [("s1", "alpha"), ("s3", "gamma"), ("s4", "delta")]]
+        + ["Solve subtask s2: beta"] * 2
+    )
+    discarded = [c for c in result["calls"] if c["mode"] == "discarded"]
+    assert [c["thread_id"] for c in discarded] == ["s2"]
+    s2 = [
+        w.last_user_message
+        for w in server.chat_requests("worker")
+        if "s2: beta" in w.last_user_message
+    ]
+    assert ['<result id="s1"' in m for m in s2] == [False, True]  # the second has s1's result
+    assert all(t["status"] == "done" for t in result["threads"])
+
+
+async def test_a_subtask_past_max_threads_is_never_started(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            slow_planner(plan_json("one", "two", "three", merge="synthesize")),
+            Rule(role="worker", reply=Reply(content="done it")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server, max_threads=2)).ainvoke(
+        {"task": "q"}
+    )
+    assert [s["goal"] for s in result["plan"]["subtasks"]] == ["one", "two"]
+    own = sorted(w.last_user_message for w in server.chat_requests("worker"))
+    assert own == ["Solve subtask s1: one", "Solve subtask s2: two"]
+    assert result["answer"] == "merged"
+
+
+async def test_direct_plans_start_no_thread(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                reply=Reply(content={"strategy": "direct", "answer": "4"}, chunk_delay_s=STEP_S),
+            )
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "2+2?"})
+    assert result["answer"] == "4"
+    assert not server.chat_requests("worker")
+
+
+async def test_a_vote_plan_gives_early_voters_the_final_line_rule(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            slow_planner(plan_json("attempt one", "attempt two", "attempt three", merge="vote")),
+            Rule(role="worker", reply=Reply(content="work\nFinal answer: 7")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert result["answer"] == "7"
+    workers = server.chat_requests("worker")
+    assert len(workers) >= 2  # two agreeing voters settle it; the third may never be sent
+    assert all("Final answer" in w.last_user_message for w in workers)
+    planner = server.chat_requests("planner")[0]
+    assert planner.ended_at is not None
+    assert min(w.started_at for w in workers) < planner.ended_at
+
+
+async def test_cancelling_while_planning_closes_the_early_threads(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                reply=Reply(content=plan_json("a", "b", "c " * 60), chunk_delay_s=STEP_S),
+            ),
+            Rule(role="worker", reply=Reply(content="long " * 200, chunk_delay_s=STEP_S)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    run = asyncio.ensure_future(app.ainvoke({"task": "q"}))
+    await eventually(lambda: len(server.chat_requests("worker")) == 2, "two early threads")
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await eventually(
+        lambda: all(r.ended_at is not None for r in server.requests), "every request closed"
+    )
+    assert {r.status for r in server.chat_requests("worker")} == {499}
+    assert len(graph.boards_of(app)) == 0
+
+
+async def test_early_threads_stream_their_tokens_once_in_order(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            slow_planner(plan_json("a part", "b part", "c part")),
+            Rule(role="worker", reply=Reply(content="one two three four")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, stream_tokens=True))
+    events = [e async for e in app.astream({"task": "q"}, stream_mode="custom")]
+    for sid in ("s1", "s2", "s3"):
+        text = "".join(e["text"] for e in events if e["event"] == "token" and e["id"] == sid)
+        assert text.split() == ["one", "two", "three", "four"]
+        started = [e for e in events if e["event"] == "thread_started" and e["id"] == sid]
+        assert len(started) == 1
+
+
+async def test_concat_shows_a_missing_part_as_missing(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan_json("first q", "second q", "third q"))),
+            Rule(
+                role="worker",
+                contains="second q",
+                reply=Reply(status=400, error_message="bad request for this one"),
+            ),
+            Rule(role="worker", reply=Reply(content="it is known")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    answer = result["answer"]
+    assert answer.index("first q") < answer.index("second q") < answer.index("third q")
+    second = answer.split("second q", 1)[1].split("third q", 1)[0]
+    assert "(no answer:" in second and "bad request for this one" in second
+    assert answer.count("it is known") == 2
+    assert not server.chat_requests("synthesizer")
+
+
+async def test_a_merge_call_streams_the_answer_as_it_is_written(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan_json("x", "y", merge="synthesize"))),
+            Rule(role="worker", reply=Reply(content="part")),
+            Rule(role="synthesizer", reply=Reply(content="the merged answer, word by word")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    pieces: list[str] = []
+    final: dict[str, Any] = {}
+    async for mode, chunk in app.astream({"task": "q"}, stream_mode=["custom", "values"]):
+        if mode == "custom" and chunk["event"] == "answer_token":
+            pieces.append(chunk["text"])
+        elif mode == "values":
+            final = chunk
+    assert len(pieces) > 3
+    assert "".join(pieces) == final["answer"] == "the merged answer, word by word"
