@@ -69,20 +69,20 @@ class ChatModelTransport:
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
-        """One ``ainvoke`` (with tools bound) or ``astream`` of the model."""
+        """One ``astream`` (or, unstreamed, ``ainvoke``) of the model, tools bound if any."""
         from langchain_core.messages import convert_to_messages
 
         messages = convert_to_messages(list(request.messages))
         async with self._limiter():
             admit(budget)
             progress.restart(time.time())
-            if request.stream and not request.tools:
-                reply = await self._stream(messages, progress)
+            runnable: Any = self.model
+            if request.tools:
+                runnable = self.model.bind_tools(list(request.tools))
+            if request.stream:
+                reply = await _stream(runnable, messages, progress)
                 text = progress.text
             else:
-                runnable: Any = self.model
-                if request.tools:
-                    runnable = self.model.bind_tools(list(request.tools))
                 reply = await runnable.ainvoke(messages)
                 text = reply.content if isinstance(reply.content, str) else str(reply.content)
             prompt, completion = usage_counts(
@@ -93,13 +93,10 @@ class ChatModelTransport:
             if budget is not None:
                 progress.charged = True
                 budget.charge(prompt + completion)
-        calls = tuple(
-            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
-            for c in getattr(reply, "tool_calls", None) or []
-        )
+        calls = _tool_calls(reply)
         return Completion(
             text=strip_reasoning(text),
-            finish_reason="tool_calls" if calls else "stop",
+            finish_reason=_finish_reason(reply, calls),
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=None,
@@ -110,15 +107,6 @@ class ChatModelTransport:
             tool_calls=calls,
             first_token_at=progress.first_token_at,
         )
-
-    async def _stream(self, messages: list[BaseMessage], progress: StreamProgress) -> Any:
-        # Cancelling this task closes the model's stream (and its HTTP response).
-        total: Any = None
-        async for chunk in self.model.astream(messages):
-            total = chunk if total is None else total + chunk
-            if isinstance(chunk.content, str) and chunk.content:
-                progress.add(chunk.content)
-        return total
 
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
@@ -152,6 +140,57 @@ class ChatModelTransport:
     async def aclose(self) -> None:
         """Nothing to release: the chat model owns its connections."""
         self._limit = None
+
+
+async def _stream(runnable: Any, messages: list[BaseMessage], progress: StreamProgress) -> Any:
+    """Stream the model's reply into ``progress``; the chunks summed (LangChain joins the
+    tool-call chunks by index). Cancelling this task closes the model's stream."""
+    total: Any = None
+    async for chunk in runnable.astream(messages):
+        total = chunk if total is None else total + chunk
+        if isinstance(chunk.content, str) and chunk.content:
+            progress.add(chunk.content)
+        elif getattr(chunk, "tool_call_chunks", None):
+            progress.add_call_piece()
+    return total
+
+
+def _tool_calls(reply: Any) -> tuple[dict[str, str], ...]:
+    """The calls of a reply as ``{"id", "name", "arguments"}``, arguments as the model wrote
+    them: a streamed reply's chunks carry the raw text (its parsed ``tool_calls`` would
+    complete a call cut off mid-arguments), and a call whose arguments did not parse keeps
+    them as sent, so the tool loop tells the model what was wrong."""
+    chunks = getattr(reply, "tool_call_chunks", None)
+    if chunks:
+        return tuple(
+            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": c.get("args") or "{}"}
+            for c in chunks
+            if c.get("name")
+        )
+    calls = [
+        {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
+        for c in getattr(reply, "tool_calls", None) or []
+    ]
+    calls += [
+        {"id": str(c.get("id") or ""), "name": c["name"], "arguments": str(c.get("args") or "")}
+        for c in getattr(reply, "invalid_tool_calls", None) or []
+        if c.get("name")
+    ]
+    return tuple(calls)
+
+
+_CUT = {"length", "max_tokens"}
+"""Finish reasons of a reply cut by its token limit (OpenAI and Ollama, Anthropic)."""
+
+
+def _finish_reason(reply: Any, calls: tuple[dict[str, str], ...]) -> str:
+    """``length`` when the model says it was cut (so a cut thread is retried, not taken as
+    done), else ``tool_calls`` or ``stop``."""
+    metadata = getattr(reply, "response_metadata", None) or {}
+    for key in ("finish_reason", "stop_reason", "done_reason"):
+        if metadata.get(key) in _CUT:
+            return "length"
+    return "tool_calls" if calls else "stop"
 
 
 class ChatModelClient(LLMClient):

@@ -204,7 +204,8 @@ class OpenAITransport:
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
-        """One chat completion, streamed unless it offers tools."""
+        """One chat completion, streamed when the request asks (tool calls too: their
+        deltas are assembled by ``read_stream``)."""
         endpoint = await self._pick()
         max_tokens = _fit(request.max_tokens, prompt_estimate(request.messages), endpoint)
         body: dict[str, Any] = {
@@ -217,11 +218,10 @@ class OpenAITransport:
             body["response_format"] = request.response_format
         if request.tools:
             body["tools"] = list(request.tools)
-        stream = request.stream and not request.tools
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())  # sent only once a slot is free
-            if stream:
+            if request.stream:
                 path = "/chat/completions"
                 response = await endpoint.send(_post_stream(endpoint, path, body, request.role))
                 end = await read_stream(response, progress, delta_text)
@@ -274,7 +274,7 @@ async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], rol
 
 
 async def _post(endpoint: _Endpoint, body: dict[str, Any], role: str) -> Any:
-    """A non-streamed chat request (tool calls), parsed by the SDK."""
+    """A non-streamed chat request, parsed by the SDK."""
     return await endpoint.client.post(
         "/chat/completions",
         body=body,
@@ -321,6 +321,7 @@ class _Reply:
             end.finish_reason,
             end.usage,
             end.timings,
+            tool_calls=end.tool_calls,
             stop_reason=end.stop_reason,
             counted=progress.completion_tokens,
         )

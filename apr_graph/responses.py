@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import openai
@@ -79,6 +79,11 @@ class Completion:
     stop_reason: str | None = None
     first_token_at: float | None = None
     """When the first token arrived (streamed calls): service began, queueing ended."""
+    unrun_tool_call: str | None = None
+    """Set when the final reply is itself a tool call that was not run, saying which and why
+    (``"a call to search, which is not a tool here (tools: multiply)"``; also past the call
+    limit, or cut off by the token limit, which keeps ``finish_reason="length"``). The text
+    is then no answer."""
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -126,21 +131,75 @@ class StreamProgress:
         if self.on_text is not None:
             self.on_text(piece)
 
+    def add_call_piece(self) -> None:
+        """One more streamed piece of a tool call: a token, but not text."""
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self.completion_tokens += 1
+
     def restart(self, started_at: float) -> None:
-        """A new request (a retry) begins: what the last one streamed is discarded."""
+        """A new request (a retry, or a tool loop's next round) begins: what the last one
+        streamed is discarded, and this one's tokens are not charged yet."""
         self.text, self.completion_tokens, self.started_at = "", 0, started_at
         self.first_token_at = None
+        self.charged = False
 
 
 @dataclass
 class StreamEnd:
-    """How a stream ended: its finish and stop reasons and the usage it reported."""
+    """How a stream ended: its finish and stop reasons, the usage it reported, and the tool
+    calls its deltas assembled."""
 
     finish_reason: str | None = None
     stop_reason: str | None = None
     usage: Any = None
     timings: Any = None
     """llama.cpp's ``timings`` (``cache_n``: prompt tokens served from its cache)."""
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)
+    """Tool calls by their stream ``index``, as assembled so far."""
+
+    @property
+    def tool_calls(self) -> tuple[dict[str, str], ...]:
+        """The assembled tool calls as ``{"id", "name", "arguments"}``, in index order."""
+        return tuple(
+            {**call, "arguments": call["arguments"] or "{}"}
+            for _, call in sorted(self.calls.items())
+            if call["name"]
+        )
+
+    def add_call_deltas(self, deltas: Any) -> int:
+        """Fold one chunk's ``delta.tool_calls`` in; returns how many pieces it carried.
+
+        A call's pieces share an ``index`` (OpenAI, vLLM, llama.cpp): the first carries its
+        ``id`` and ``name``, the rest slices of ``function.arguments``, which are joined.
+        Servers that repeat the id or the whole name in every piece are tolerated; a piece
+        without an index belongs to the call at its position in the list.
+        """
+        if not isinstance(deltas, list):
+            return 0
+        taken = 0
+        for position, delta in enumerate(deltas):
+            if not isinstance(delta, dict):
+                continue
+            index = delta.get("index")
+            call = self.calls.setdefault(
+                index if isinstance(index, int) else position,
+                {"id": "", "name": "", "arguments": ""},
+            )
+            function = delta.get("function")
+            function = function if isinstance(function, dict) else {}
+            if isinstance(delta.get("id"), str) and delta["id"] and not call["id"]:
+                call["id"] = delta["id"]
+            name = function.get("name")
+            if isinstance(name, str) and name != call["name"]:
+                call["name"] += name
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call["arguments"] += arguments
+            elif isinstance(arguments, dict):  # a server that sends them parsed, once
+                call["arguments"] = json.dumps(arguments)
+            taken += 1
+        return taken
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -205,6 +264,10 @@ def _take(
         piece = piece_of(choice)
         if piece:
             progress.add(piece)
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.get("tool_calls"):
+            for _ in range(end.add_call_deltas(delta["tool_calls"])):
+                progress.add_call_piece()
         end.finish_reason = choice.get("finish_reason") or end.finish_reason
         found = choice.get("stop_reason") or choice.get("stopping_word")
         if isinstance(found, str):

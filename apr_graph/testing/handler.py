@@ -142,6 +142,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 time.sleep(reply.chunk_delay_s)
             pacer.wait(index + 1)
             self._send_chunk(wire.sse_event(wire.delta_chunk(base, piece, text)))
+        if not text:
+            for chunk in wire.tool_call_chunks(base, reply):
+                self._send_chunk(wire.sse_event(chunk))
         self._send_chunk(wire.sse_event(wire.end_chunk(base, reply, text)))
         options = (request.body or {}).get("stream_options") or {}
         if options.get("include_usage"):

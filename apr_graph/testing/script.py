@@ -34,7 +34,10 @@ class Reply:
         cut_stream_after: when streamed, close the connection after this many content chunks,
             without a finish_reason (a stream cut mid-way).
         tool_calls: tool calls the assistant makes, as ``{"name": ..., "arguments": {...}}``
-            (non-streamed replies); ``finish_reason`` becomes ``tool_calls``.
+            (a string is sent as it is: arguments cut off, or not JSON); ``finish_reason``
+            becomes ``tool_calls`` unless set to another than ``stop``. Streamed, they follow
+            the content, one call after another, their arguments in pieces of a few
+            characters.
     """
 
     content: str | dict[str, Any] | list[Any] | None = None

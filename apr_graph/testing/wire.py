@@ -29,6 +29,7 @@ __all__ = [
     "sse_event",
     "stream_base",
     "stream_pieces",
+    "tool_call_chunks",
     "usage",
     "usage_chunk",
 ]
@@ -89,7 +90,7 @@ def completion(request: RecordedRequest, reply: Reply) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": _message(text, reply.tool_calls),
-                "finish_reason": "tool_calls" if reply.tool_calls else reply.finish_reason,
+                "finish_reason": _finish(reply),
             }
         ]
     )
@@ -146,12 +147,25 @@ def _message(text: str, tool_calls: list[dict[str, Any]] | None) -> dict[str, An
                 "type": "function",
                 "function": {
                     "name": call["name"],
-                    "arguments": json.dumps(call.get("arguments", {})),
+                    "arguments": _arguments(call.get("arguments", {})),
                 },
             }
             for i, call in enumerate(tool_calls)
         ]
     return message
+
+
+def _arguments(arguments: Any) -> str:
+    """A call's arguments as sent: an object as its JSON, a string as it is (a call whose
+    arguments were cut off, or are not JSON)."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+def _finish(reply: Reply) -> str:
+    """``tool_calls`` for a reply that calls tools, unless it says otherwise (``length``)."""
+    return (
+        "tool_calls" if reply.tool_calls and reply.finish_reason == "stop" else reply.finish_reason
+    )
 
 
 def error_body(status: int, message: str | None) -> dict[str, Any]:
@@ -200,12 +214,47 @@ def delta_chunk(base: dict[str, Any], piece: str, text: bool) -> dict[str, Any]:
     return {**base, "choices": [choice]}
 
 
+ARGUMENT_PIECE_CHARS = 4
+"""A streamed tool call's arguments arrive in pieces this long (about a token each)."""
+
+
+def tool_call_chunks(base: dict[str, Any], reply: Reply) -> list[dict[str, Any]]:
+    """The chunks that stream ``reply.tool_calls``, as OpenAI, vLLM and llama.cpp send them:
+    one call after another, each opened by a delta with its ``index``, ``id``, ``type`` and
+    ``function.name``, then its ``function.arguments`` in small pieces with the index only."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(_message("", reply.tool_calls).get("tool_calls", [])):
+        arguments = call["function"]["arguments"]
+        deltas.append(
+            {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+        )
+        deltas += [
+            {"index": index, "function": {"arguments": arguments[at : at + ARGUMENT_PIECE_CHARS]}}
+            for at in range(0, len(arguments), ARGUMENT_PIECE_CHARS)
+        ]
+    return [
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}],
+        }
+        for d in deltas
+    ]
+
+
 def end_chunk(base: dict[str, Any], reply: Reply, text: bool) -> dict[str, Any]:
     """The chunk that carries the finish reason, and the reply's extra fields.
 
     The extra fields ride on this last chunk the way llama.cpp sends its ``timings``.
     """
-    end: dict[str, Any] = {"index": 0, "finish_reason": reply.finish_reason}
+    end: dict[str, Any] = {
+        "index": 0,
+        "finish_reason": reply.finish_reason if text else _finish(reply),
+    }
     if text:
         end["text"] = ""
     else:
