@@ -185,7 +185,14 @@ async def _solve(
                 work = early.task
             elif tools:
                 work = tool_loop(
-                    client, settings, board.budget, subtask["id"], messages, tools, allowance
+                    client,
+                    settings,
+                    board.budget,
+                    subtask["id"],
+                    messages,
+                    tools,
+                    allowance,
+                    progress=progress,
                 )
             else:
                 work = client.chat(
