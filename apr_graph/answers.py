@@ -6,9 +6,50 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
-__all__ = ["final_answer", "majority", "normalise_answer"]
+__all__ = ["dead_end", "final_answer", "kept_in", "majority", "normalise_answer"]
 
 _FINAL = re.compile(r"final answer\s*[:\uff1a]\s*(.+)", re.I)
+_DEAD_END = re.compile(r"^[\s>*_#`-]*DEAD END\b[\s*_:.-]*", re.I)
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+
+
+def dead_end(text: str) -> str | None:
+    """Why a thread's reply gives up, if it concludes with "DEAD END" (else ``None``).
+
+    The marker counts on the reply's last line (small models often reason first and give up
+    at the end) or on its first; a DEAD END mentioned mid-way does not count.
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    found = _DEAD_END.match(lines[-1])
+    if found:
+        return (lines[-1][found.end() :].strip() or "no reason given")[:300]
+    found = _DEAD_END.match(lines[0])
+    if found:
+        return (text.strip()[found.end() :].strip() or "no reason given")[:300]
+    return None
+
+
+def kept_in(answer: str, merged: str) -> bool:
+    """Whether a merged answer still holds a thread's result.
+
+    Checked on the thread's final answer (its 'Final answer:' line, else its last line):
+    found whole in the merge (case, spacing and markup aside), or else its last number, or
+    else one of its names (capitalised words after the first), must be there. A result with
+    neither (prose a merge may rightly summarise) cannot be checked and counts as kept.
+    """
+    raw = final_answer(answer)
+    final = normalise_answer(raw)
+    whole = normalise_answer(merged)
+    if not final or final in whole:
+        return True
+    numbers = _NUMBER.findall(final)
+    if numbers:
+        wanted = numbers[-1].replace(",", "")
+        return wanted in {n.replace(",", "") for n in _NUMBER.findall(whole)}
+    names = re.findall(r"(?<=\s)[^\W\d_a-z][^\W\d_]+", raw)
+    return not names or any(re.search(rf"\b{re.escape(n.lower())}\b", whole) for n in names)
 
 
 def final_answer(text: str) -> str:

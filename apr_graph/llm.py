@@ -144,8 +144,10 @@ class LLMClient:
         progress: StreamProgress | None = None,
         budget: CallBudget | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
+        temperature: float | None = None,
     ) -> Completion:
-        """One chat completion, retried on transient errors.
+        """One chat completion, retried on transient errors (``temperature``: this call's,
+        instead of the settings').
 
         Answers are streamed (``stream=False`` asks for one body): a slow server is given up
         only after ``request_timeout_s`` without any data, however long the answer takes.
@@ -174,7 +176,7 @@ class LLMClient:
             model=self.settings.model_for(role),
             role=role,
             max_tokens=max_tokens or self.settings.max_tokens_for(role),
-            temperature=self.settings.temperature,
+            temperature=self.settings.temperature if temperature is None else temperature,
             stream=stream,
             response_format=response_format,
             tools=tools,

@@ -95,6 +95,7 @@ def normalise_plan(
     dropped = len(plan.subtasks) - len(subtasks)
     if dropped:
         notes.append(f"dropped {dropped} subtasks without a goal")
+    subtasks, merge = _repeated_goals(subtasks, merge, settings, notes)
     limit = settings.max_threads if slots is None else min(settings.max_threads, slots)
     if len(subtasks) > limit:
         which = "max_threads" if limit == settings.max_threads else "max_total_threads"
@@ -109,6 +110,49 @@ def normalise_plan(
         for entry in subtasks:
             entry["fork"] = False
     return PlanRecord(strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=notes)
+
+
+_APPROACHES = (
+    "solve it another way than the most direct one, then check the result",
+    "work backwards from what is asked, or check the candidates one by one",
+    "estimate first, then work it out exactly and compare with the estimate",
+)
+"""Approach hints for repeated attempts at one goal: general methods, so that attempts at
+temperature 0 (or with the same seed) do not write the same answer."""
+
+
+def _goal_key(goal: str) -> str:
+    return " ".join(goal.lower().split()).rstrip(".")
+
+
+def _repeated_goals(
+    subtasks: list[SubtaskRecord], merge: str, settings: AprSettings, notes: list[str]
+) -> tuple[list[SubtaskRecord], str]:
+    """Subtasks that repeat a goal: one goal N times becomes N different attempts at it,
+    voted on; a goal repeated among others is solved once (its repeats are dropped and
+    dependencies on them point at the one kept)."""
+    groups: dict[str, list[SubtaskRecord]] = {}
+    for subtask in subtasks:
+        groups.setdefault(_goal_key(subtask["goal"]), []).append(subtask)
+    if len(groups) == len(subtasks):
+        return subtasks, merge
+    if len(groups) == 1:
+        count = len(subtasks)
+        for index, subtask in enumerate(subtasks[1:], start=1):
+            hint = _APPROACHES[(index - 1) % len(_APPROACHES)]
+            subtask["goal"] += f" (attempt {index + 1} of {count}: {hint})"
+            subtask["temperature"] = settings.vote_temperature
+        voted = settings.merge or (merge if merge in {"vote", "race", "best"} else "vote")
+        notes.append(f"all {count} subtasks had the same goal: {count} attempts, merge {voted}")
+        return subtasks, voted
+    first = {key: group[0]["id"] for key, group in groups.items()}
+    same = {s["id"]: first[_goal_key(s["goal"])] for s in subtasks}
+    kept = [s for s in subtasks if same[s["id"]] == s["id"]]
+    for subtask in kept:
+        subtask["depends_on"] = [same.get(d, d) for d in subtask["depends_on"]]
+    repeats = sorted(set(same) - {s["id"] for s in kept})
+    notes.append(f"dropped {repeats}: they repeat the goal of another subtask")
+    return kept, merge
 
 
 def direct_plan(answer: str | None, notes: list[str]) -> PlanRecord:

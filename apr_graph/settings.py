@@ -119,8 +119,15 @@ class AprSettings(BaseSettings):
     """Fresh attempts, with a different approach, for a thread that fails verification or
     reports a dead end."""
 
-    min_thread_tokens: int = Field(default=64, ge=16)
-    """The smallest output allowance the plan may give one thread."""
+    min_thread_tokens: int = Field(default=256, ge=16)
+    """The smallest output allowance the plan may give one thread. Planners guess low (a
+    1.5B model gave a two-number multiplication 100 tokens, and its worked answer was cut
+    there); 256 holds a short worked answer of a small model, and a thread that is still cut
+    off gets one retry with twice the room."""
+
+    vote_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    """Temperature of the repeated attempts when a plan lists the same goal several times
+    (they become a vote): identical requests at temperature 0 give identical answers."""
 
     native: Literal["threadweaver", "multiverse"] | None = None
     """For models trained to write their own parallel blocks: stream their reasoning through

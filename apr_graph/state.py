@@ -198,13 +198,15 @@ class CallRecord(TypedDict):
     first_token_at: NotRequired[float | None]
 
 
-ThreadStatus = Literal["done", "failed", "cancelled", "skipped"]
+ThreadStatus = Literal["done", "truncated", "failed", "cancelled", "skipped"]
 
 
 class ThreadRecord(TypedDict):
     """The record of one thread, as returned in the ``threads`` output key.
 
-    ``status``: ``done``; ``failed`` (errors, or pruned after failed verification);
+    ``status``: ``done``; ``truncated`` (cut off by its token limit even after a retry with
+    more room: ``answer`` holds what it wrote); ``failed`` (errors, a dead end, or pruned
+    after failed verification: a dead end's ``error`` starts with ``dead end:``);
     ``cancelled`` (stopped mid-way: a sibling settled the answer, or a budget ran out);
     ``skipped`` (never started). Nested threads have ids ``parent/child`` and a ``parent``.
     """
@@ -255,6 +257,9 @@ class SubtaskRecord(TypedDict):
     depends_on: list[str]
     fork: bool
     max_tokens: int | None
+    temperature: NotRequired[float]
+    """Sampling temperature of this thread, when it differs from the run's (a repeated goal
+    solved again for a vote)."""
 
 
 class PrefixStats(TypedDict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -54,48 +55,100 @@ async def test_simulated_server_batches_and_caches() -> None:
 
 
 def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every suite and strategy, on a fast simulated server: rows, accuracy, calls, tables.
     out = tmp_path / "bench"
-    code = main(
-        [
-            "--tasks",
-            "1",
-            "--parts",
-            "4",
-            "--scaling",
-            "4",
-            "--overhead",
-            "",
-            "--step-ms",
-            "4",
-            "--reasoning",
-            "40",
-            "--out",
-            str(out),
-        ]
-    )
+    fast = ["--step-ms", "0.5", "--reasoning", "10", "--scaling", "", "--overhead", ""]
+    code = main(["--tasks", "1", "--parts", "4", *fast, "--no-plots", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = {(r["suite"], r["strategy"]): r for r in results["suites"]}
     assert set(rows) == {
         (s, t)
-        for s in ("arithmetic", "countdown", "control")
+        for s in ("arithmetic", "countdown", "control", "multipart")
         for t in ("sequential", "adaptive", "split", "native")
     }
-    assert all(r["accuracy"] == 1.0 for r in rows.values())  # the sim model is exact
+    assert all(r["accuracy"] == 1.0 and r["correct"] == r["tasks"] == 1 for r in rows.values())
+    assert all(r["errors"] == 0 and r["speedup_note"] == "" for r in rows.values())
+    assert all(
+        r["parts_correct"] == r["parts_total"] == 4
+        for (s, _), r in rows.items()
+        if s in {"arithmetic", "multipart"}
+    )
     assert rows[("arithmetic", "sequential")]["speedup"] == 1.0
-    assert rows[("arithmetic", "adaptive")]["speedup"] > 1.2  # parallel parts pay off
     assert rows[("control", "adaptive")]["model_calls"] == 1  # control: direct answer
     assert rows[("control", "split")]["model_calls"] == 5
-    assert rows[("arithmetic", "native")]["speedup"] > 1.2  # forked at the model's outlines
     assert rows[("arithmetic", "native")]["model_calls"] == 6  # main, 4 threads, continuation
-    scaling = results["scaling"][0]
-    assert scaling["threads"] == 4
-    assert 0 < scaling["fraction_of_ideal"] <= 1.2
+    assert rows[("multipart", "adaptive")]["model_calls"] == 6  # plan, 4 threads, merge
     assert "overhead" not in results  # measured on its own below
+    assert "scaling" not in results
+    table = (out / "results.md").read_text()
+    assert "| multipart | adaptive | 1/1 (1.00, 95% CI 0.21-1.00) | " in table
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert printed[0].split() == [
+        *("suite", "strategy", "accuracy", "speedup", "parts", "right", "errors", "wall", "s")
+    ]
+    assert any(
+        re.match(r"multipart +adaptive +1/1 \(1\.00, 95% CI 0\.21-1\.00\) +\d+\.\d\dx +4/4", line)
+        for line in printed
+    )
+
+
+def test_bench_speedups_and_scaling(tmp_path: Path) -> None:
+    # Timing, on the suite where parallel parts pay off: decoding must outweigh overhead.
+    out = tmp_path / "bench"
+    code = main(
+        [
+            *("--suites", "arithmetic", "--strategies", "sequential,adaptive,native"),
+            *("--tasks", "1", "--parts", "4", "--step-ms", "4", "--reasoning", "40"),
+            *("--scaling", "4", "--scaling-tasks", "1", "--overhead", ""),
+            *("--no-plots", "--out", str(out)),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["strategy"]: r for r in results["suites"]}
+    assert rows["sequential"]["speedup"] == 1.0
+    assert rows["adaptive"]["speedup"] > 1.2  # parallel parts pay off
+    assert rows["native"]["speedup"] > 1.2  # forked at the model's outlines
+    (scaling,) = results["scaling"]
+    assert (scaling["threads"], scaling["tasks"], scaling["adaptive_correct"]) == (4, 1, 1)
+    assert 0 < scaling["fraction_of_ideal"] <= 1.2
+    assert (
+        "| 4 | 1/1 (1.00, 95% CI 0.21-1.00) | 1/1 (1.00, 95% CI 0.21-1.00) | "
+        in (out / "results.md").read_text()
+    )
+
+
+def test_bench_plots(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    code = main(
+        [
+            *("--suites", "control", "--strategies", "sequential,adaptive", "--tasks", "1"),
+            *("--step-ms", "0.5", "--reasoning", "5", "--scaling", "", "--overhead", ""),
+            *("--out", str(out)),
+        ]
+    )
+    assert code == 0
     for name in ("results.md", "speedup.png", "accuracy.png", "timeline.png"):
         assert (out / name).stat().st_size > 0
-    assert "| arithmetic | adaptive |" in (out / "results.md").read_text()
-    assert "arithmetic  adaptive" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--step-ms", "0"], "--step-ms: must be more than 0"),  # the sim would never step
+        (["--suites", "arithmetic,trivia"], "--suites: unknown trivia; choose from"),
+        (["--strategies", "fastest"], "--strategies: unknown fastest"),
+        (["--parts", "1"], "a multipart question needs at least 2 parts"),
+    ],
+)
+def test_bench_refuses_bad_options_before_running(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_overhead_is_measured_for_every_layer() -> None:

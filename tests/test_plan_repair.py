@@ -108,13 +108,15 @@ def test_a_clean_plan_passes_unchanged_with_no_notes() -> None:
 
 
 def test_duplicate_and_empty_ids_are_renamed_by_position() -> None:
-    result = normalise_plan(parallel(sub("a"), sub("a"), sub(""), sub("x/y")), AprSettings())
+    subtasks = sub("a", "one"), sub("a", "two"), sub("", "three"), sub("x/y", "four")
+    result = normalise_plan(parallel(*subtasks), AprSettings())
     assert [s["id"] for s in result["subtasks"]] == ["a", "s2", "s3", "x-y"]
     assert result["notes"] == []
 
 
 def test_a_renamed_id_that_is_taken_gets_a_prime() -> None:
-    result = normalise_plan(parallel(sub("s2"), sub("s2"), sub("s2")), AprSettings())
+    subtasks = sub("s2", "one"), sub("s2", "two"), sub("s2", "three")
+    result = normalise_plan(parallel(*subtasks), AprSettings())
     assert [s["id"] for s in result["subtasks"]] == ["s2", "s2'", "s3"]
 
 
@@ -292,3 +294,39 @@ def test_a_repeated_dependency_is_merged_without_a_note() -> None:
     repair_dependencies(subtasks, notes)
     assert subtasks[1]["depends_on"] == ["a"]
     assert notes == []
+
+
+# -- repeated goals --------------------------------------------------------------------------
+
+
+def test_one_goal_repeated_becomes_a_vote_of_different_attempts() -> None:
+    same = [sub(f"s{i}", "Find x such that 3x + 4 = 19.") for i in range(1, 5)]
+    result = normalise_plan(parallel(*same, merge="synthesize"), AprSettings())
+    assert result["merge"] == "vote"
+    goals = [s["goal"] for s in result["subtasks"]]
+    assert goals[0] == "Find x such that 3x + 4 = 19."
+    assert len(set(goals)) == 4  # every attempt is asked differently
+    assert all(g.startswith("Find x such that 3x + 4 = 19.") for g in goals)
+    temperatures = [s.get("temperature") for s in result["subtasks"]]
+    assert temperatures == [None, 0.7, 0.7, 0.7]
+    assert "same goal" in result["notes"][0]
+
+
+def test_a_repeated_goal_among_others_is_solved_once() -> None:
+    plan = parallel(
+        sub("a", "Capital of Kenya"),
+        sub("b", "capital of  kenya."),
+        sub("c", "17*23"),
+        sub("d", "combine", depends_on=["b", "c"]),
+    )
+    result = normalise_plan(plan, AprSettings())
+    assert [s["id"] for s in result["subtasks"]] == ["a", "c", "d"]
+    assert deps(result)["d"] == ["a", "c"]  # pointed at the one kept
+    assert result["merge"] == "synthesize"
+    assert "repeat the goal" in result["notes"][0]
+
+
+def test_a_forced_merge_is_kept_for_repeated_goals() -> None:
+    same = [sub(f"s{i}", "guess") for i in range(3)]
+    result = normalise_plan(parallel(*same), AprSettings(merge="best"))
+    assert result["merge"] == "best"

@@ -26,7 +26,8 @@ async def test_a_cut_thread_gets_one_retry_with_twice_the_room(make_server: Serv
             Rule(role="synthesizer", reply=Reply(content="391")),
         ]
     )
-    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
+    settings = settings_for(server, min_thread_tokens=16)  # the plan's 100 stands
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "17*23?"})
     workers = server.chat_requests("worker")
     assert [w.body["max_tokens"] for w in workers if w.body] == [100, 200]
     thread = result["threads"][0]
@@ -44,10 +45,26 @@ async def test_a_thread_cut_twice_reaches_the_merge_marked_incomplete(
             Rule(role="synthesizer", reply=Reply(content="merged")),
         ]
     )
-    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
+    settings = settings_for(server, min_thread_tokens=16)
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "17*23?"})
     assert len(server.chat_requests("worker")) == 2  # one retry, not more
     thread = result["threads"][0]
-    assert thread["status"] == "done"
+    assert thread["status"] == "truncated"  # never reported as done
+    assert thread["answer"] == "17 * 23 = 17 * 20 +"
     assert thread["error"] == "truncated: cut off at its 200-token limit"
     merge = server.chat_requests("synthesizer")[0].last_user_message
     assert "this result is incomplete: truncated" in merge
+
+
+async def test_the_plan_cannot_give_a_thread_less_than_the_floor(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(content="17 * 23 = 391")),
+            Rule(role="synthesizer", reply=Reply(content="391")),
+        ]
+    )
+    await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
+    assert server.chat_requests("worker")[0].body["max_tokens"] == 256  # not the plan's 100

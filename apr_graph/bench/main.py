@@ -14,7 +14,7 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from apr_graph.bench.overhead import measure_overhead
-from apr_graph.bench.report import write_report
-from apr_graph.bench.runner import run_tasks, scaling_rows, summarise
+from apr_graph.bench.report import suite_table, text_table, write_report
+from apr_graph.bench.runner import run_tasks, scaling_rows, summarise, warm_up
 from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
@@ -41,6 +41,17 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()] if text else []
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``apr bench``."""
     p = argparse.ArgumentParser(prog="apr bench", description=__doc__)
@@ -55,13 +66,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="API key (with --backend url)")
     p.add_argument("--suites", default=",".join(SUITES), help="comma list [%(default)s]")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="[%(default)s]")
-    p.add_argument("--tasks", type=int, default=5, help="tasks per suite [%(default)s]")
-    p.add_argument("--parts", type=int, default=4, help="sub-questions per arithmetic task")
+    p.add_argument("--tasks", type=_positive(int), default=5, help="tasks per suite [%(default)s]")
+    p.add_argument(
+        "--parts",
+        type=_positive(int),
+        default=4,
+        help="sub-questions per arithmetic and multipart task [%(default)s]",
+    )
     p.add_argument("--points", type=int, default=4, help="fixed fan-out of 'split' [4]")
     p.add_argument(
         "--scaling",
         default="2,4,8,16",
         help="widths for achieved-vs-ideal speedup; empty to skip [%(default)s]",
+    )
+    p.add_argument(
+        "--scaling-tasks",
+        type=_positive(int),
+        default=3,
+        help="tasks per width of --scaling [%(default)s]",
     )
     p.add_argument(
         "--overhead",
@@ -71,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--step-ms",
-        type=float,
+        type=_positive(float),
         default=20.0,
         help="sim: milliseconds per decode step [%(default)s]",
     )
@@ -104,7 +126,9 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
     ]
     widths = _ints(args.scaling) if args.backend == "sim" else []
     sizes = _ints(args.overhead) if args.backend == "sim" else []
-    scaling_tasks = {w: make_suite("arithmetic", 3, seed=args.seed + w, parts=w) for w in widths}
+    scaling_tasks = {
+        w: make_suite("arithmetic", args.scaling_tasks, seed=args.seed + w, parts=w) for w in widths
+    }
     total = len(tasks) * len(strategies) + sum(len(t) * 2 for t in scaling_tasks.values())
     bar = progress.add_task("benchmark", total=total + len(sizes))
 
@@ -127,6 +151,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         results["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
         client = LLMClient(settings)
         stack.push_async_callback(client.aclose)
+        await warm_up(client)
         outcomes = await run_tasks(
             client, settings, tasks, strategies, points=args.points, progress=step
         )
@@ -144,7 +169,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
                 client,
                 settings,
                 widths,
-                tasks_per_width=3,
+                tasks_per_width=args.scaling_tasks,
                 seed=args.seed,
                 progress=step,
                 make_tasks=lambda w: scaling_tasks[w],
@@ -186,7 +211,17 @@ async def _backend(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``apr bench`` / ``python -m apr_graph.bench``."""
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    for option, names, known in (
+        ("--suites", args.suites, SUITES),
+        ("--strategies", args.strategies, STRATEGIES),
+    ):
+        unknown = [n for n in names.split(",") if n and n not in known]
+        if unknown:
+            cli.error(f"{option}: unknown {', '.join(unknown)}; choose from {','.join(known)}")
+    if "multipart" in args.suites.split(",") and args.parts < 2:
+        cli.error("--parts: a multipart question needs at least 2 parts")
     args.local = None
     if args.backend == "local":
         try:  # the model file is checked before anything starts
@@ -205,11 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Progress(*columns, transient=True) as progress:
         results = asyncio.run(_bench(args, progress))
     files = write_report(results, args.out, plots=not args.no_plots)
-    for row in results.get("suites", []):
-        print(
-            f"{row['suite']:<11} {row['strategy']:<10} acc {row['accuracy']:.2f}  "
-            f"wall {row['wall_median_s']:.2f}s  speedup {row['speedup']}x  "
-            f"calls {row['model_calls']}"
-        )
+    shown = ("suite", "strategy", "accuracy", "speedup", "parts right", "errors")
+    table = [
+        {k: v for k, v in row.items() if k in shown} | {"wall s": row["wall median s"]}
+        for row in suite_table(results.get("suites", []))
+    ]
+    print(text_table(table), end="")
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

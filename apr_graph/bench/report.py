@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "write_report"]
+from apr_graph.bench.quality import accuracy_text, speedup_text
+
+__all__ = ["markdown", "suite_table", "text_table", "write_report"]
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
@@ -19,6 +21,56 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
         "| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def suite_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The suites' rows as shown: accuracy with its interval beside every speedup, and a
+    speedup at accuracy clearly below the baseline's shown as ``n/a (...)``."""
+    return [
+        {
+            "suite": r["suite"],
+            "strategy": r["strategy"],
+            "accuracy": accuracy_text(r["correct"], r["tasks"]),
+            "speedup": speedup_text(r["speedup"], r["speedup_note"]),
+            "parts right": f"{r['parts_correct']}/{r['parts_total']}",
+            "errors": str(r["errors"]),
+            "wall median s": f"{r['wall_median_s']:.2f}",
+            "wall p90 s": f"{r['wall_p90_s']:.2f}",
+            "critical-path tokens": f"{r['critical_path_tokens']:g}",
+            "total tokens": f"{r['total_tokens']:g}",
+            "model calls": f"{r['model_calls']:g}",
+        }
+        for r in rows
+    ]
+
+
+def _scaling_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {
+            "threads": str(r["threads"]),
+            "sequential accuracy": accuracy_text(r["sequential_correct"], r["tasks"]),
+            "adaptive accuracy": accuracy_text(r["adaptive_correct"], r["tasks"]),
+            "achieved speedup": speedup_text(r["achieved_speedup"], r["speedup_note"]),
+            "ideal speedup": speedup_text(r["ideal_speedup"]),
+            "fraction of ideal": "n/a"
+            if r["fraction_of_ideal"] is None
+            else f"{r['fraction_of_ideal']:.2f}",
+            "sequential wall s": f"{r['sequential_wall_s']:.2f}",
+            "adaptive wall s": f"{r['adaptive_wall_s']:.2f}",
+        }
+        for r in rows
+    ]
+
+
+def text_table(rows: Sequence[dict[str, str]]) -> str:
+    """Rows of strings as aligned plain-text columns, for a terminal."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    lines = [[k.ljust(widths[k]) for k in keys]]
+    lines += [[r[k].ljust(widths[k]) for k in keys] for r in rows]
+    return "\n".join("  ".join(cells).rstrip() for cells in lines) + "\n"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -41,10 +93,17 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("suites"):
         parts += [
             "## Suites: accuracy, latency and tokens per strategy\n",
-            _table(results["suites"]),
+            "Accuracy: tasks right, with a Wilson 95% interval; parts right counts each "
+            "sub-question. Speedup: median wall clock of sequential over the strategy's, shown "
+            "only at comparable accuracy (n/a when nothing was right or the accuracy is below "
+            "sequential's 95% interval).\n",
+            _table(suite_table(results["suites"])),
         ]
     if results.get("scaling"):
-        parts += ["## Achieved vs ideal speedup (independent parts)\n", _table(results["scaling"])]
+        parts += [
+            "## Achieved vs ideal speedup (independent parts)\n",
+            _table(_scaling_table(results["scaling"])),
+        ]
     if results.get("overhead"):
         parts += [
             "## Framework overhead per thread (zero-latency server)\n",
@@ -64,25 +123,33 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     if rows:
         suites = sorted({r["suite"] for r in rows})
         strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        by_key = {(r["suite"], r["strategy"]): r for r in rows}
+        width = 0.8 / max(1, len(strategies))
         for metric, name in (("speedup", "speedup.png"), ("accuracy", "accuracy.png")):
             fig, ax = plt.subplots(figsize=(7, 3.5))
-            width = 0.8 / max(1, len(strategies))
             for i, strategy in enumerate(strategies):
-                values = [
-                    next(
-                        (
-                            r[metric] or 0
-                            for r in rows
-                            if r["suite"] == s and r["strategy"] == strategy
-                        ),
-                        0,
-                    )
-                    for s in suites
-                ]
-                ax.bar([x + i * width for x in range(len(suites))], values, width, label=strategy)
+                xs = [x + i * width for x in range(len(suites))]
+                mine = [by_key.get((s, strategy)) for s in suites]
+                values = [(r[metric] or 0) if r else 0 for r in mine]
+                errors = None
+                if metric == "accuracy":
+                    errors = [
+                        [r["accuracy"] - r["ci95_low"] if r else 0 for r in mine],
+                        [r["ci95_high"] - r["accuracy"] if r else 0 for r in mine],
+                    ]
+                ax.bar(xs, values, width, yerr=errors, capsize=3, label=strategy)
+                for x, r in zip(xs, mine, strict=True):
+                    if metric == "speedup" and r and r["speedup"] is None:
+                        # no bar: a speedup at clearly lower accuracy is not a win
+                        ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom")
             ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(suites))])
             ax.set_xticklabels(suites)
-            ax.set_ylabel(metric + (" over sequential (x)" if metric == "speedup" else ""))
+            if metric == "speedup":
+                ax.set_ylabel("speedup over sequential (x)")
+                ax.set_title("n/a: nothing right, or accuracy below sequential's", fontsize=9)
+            else:
+                ax.set_ylabel("accuracy (whiskers: 95% CI)")
+                ax.set_ylim(0, 1.05)
             ax.legend()
             fig.tight_layout()
             fig.savefig(out / name, dpi=110)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from apr_graph.bench.quality import not_a_win, wilson
 from apr_graph.bench.strategies import Outcome, run_strategy
 from apr_graph.bench.suites import Task, make_suite
+from apr_graph.errors import AprError
 from apr_graph.llm import LLMClient
 from apr_graph.settings import AprSettings
 
-__all__ = ["p90", "run_tasks", "scaling_rows", "summarise"]
+__all__ = ["p90", "run_tasks", "scaling_rows", "summarise", "warm_up"]
 
 Progress = Callable[[str], None]
+
+
+async def warm_up(client: LLMClient) -> None:
+    """One tiny untimed request, so the first measured run does not pay for what any first
+    request pays (lazy imports, the connection); a failure here shows up in the runs."""
+    with contextlib.suppress(AprError):
+        await client.chat(
+            [{"role": "user", "content": "Say OK."}], role="warmup", max_tokens=1, stream=True
+        )
 
 
 async def run_tasks(
@@ -44,23 +56,57 @@ def p90(values: Sequence[float]) -> float:
     return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)] if ordered else 0.0
 
 
+def _speedup(
+    runs: Sequence[Outcome], baseline: Sequence[Outcome], speedup: float | None
+) -> tuple[float | None, str]:
+    """The speedup if it may be presented as one, else None and the reason."""
+    if not baseline:
+        return None, "no sequential baseline"
+    note = not_a_win(
+        sum(o.correct for o in runs),
+        len(runs),
+        sum(o.correct for o in baseline),
+        len(baseline),
+    )
+    return (None, note) if note else (speedup, "")
+
+
 def summarise(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    """One row per suite and strategy; speedup is against sequential on the same tasks."""
+    """One row per suite and strategy; speedup is against sequential on the same tasks, and
+    only at comparable accuracy (``speedup`` None and ``speedup_note`` saying why otherwise)."""
     rows: list[dict[str, Any]] = []
     suites = sorted({o.suite for o in outcomes})
     for suite in suites:
         mine = [o for o in outcomes if o.suite == suite]
-        baseline = [o.wall_s for o in mine if o.strategy == "sequential"]
-        for strategy in dict.fromkeys(o.strategy for o in mine):
+        baseline = [o for o in mine if o.strategy == "sequential"]
+        base_median = statistics.median(o.wall_s for o in baseline) if baseline else None
+        first = ["sequential"] if baseline else []  # the baseline's row first
+        for strategy in dict.fromkeys([*first, *(o.strategy for o in mine)]):
             runs = [o for o in mine if o.strategy == strategy]
             walls = [o.wall_s for o in runs]
             median = statistics.median(walls)
+            correct = sum(o.correct for o in runs)
+            low, high = wilson(correct, len(runs))
+            parts = sum(o.parts_correct for o in runs), sum(o.parts_total for o in runs)
+            speedup, note = _speedup(
+                runs,
+                baseline,
+                round(base_median / median, 2) if base_median and median else None,
+            )
             rows.append(
                 {
                     "suite": suite,
                     "strategy": strategy,
                     "tasks": len(runs),
-                    "accuracy": round(sum(o.correct for o in runs) / len(runs), 3),
+                    "correct": correct,
+                    "accuracy": round(correct / len(runs), 3),
+                    "ci95_low": round(low, 3),
+                    "ci95_high": round(high, 3),
+                    "parts_correct": parts[0],
+                    "parts_total": parts[1],
+                    "errors": sum(1 for o in runs if o.error),
+                    "speedup": speedup,
+                    "speedup_note": note,
                     "wall_median_s": round(median, 3),
                     "wall_p90_s": round(p90(walls), 3),
                     "critical_path_tokens": round(
@@ -70,10 +116,6 @@ def summarise(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
                         statistics.mean(o.prompt_tokens + o.completion_tokens for o in runs), 1
                     ),
                     "model_calls": round(statistics.mean(o.calls for o in runs), 2),
-                    "speedup": round(statistics.median(baseline) / median, 2)
-                    if baseline and median
-                    else None,
-                    "errors": sum(1 for o in runs if o.error),
                 }
             )
     return rows
@@ -113,15 +155,19 @@ async def scaling_rows(
         ideal = statistics.median(o.completion_tokens for o in seq) / statistics.median(
             o.critical_path_tokens for o in apr
         )
+        shown, note = _speedup(apr, seq, round(achieved, 2))
         rows.append(
             {
                 "threads": width,
+                "tasks": len(apr),
+                "sequential_correct": sum(o.correct for o in seq),
+                "adaptive_correct": sum(o.correct for o in apr),
+                "achieved_speedup": shown,
+                "ideal_speedup": round(ideal, 2) if shown is not None else None,
+                "fraction_of_ideal": round(achieved / ideal, 2) if shown is not None else None,
+                "speedup_note": note,
                 "sequential_wall_s": round(statistics.median(o.wall_s for o in seq), 3),
                 "adaptive_wall_s": round(statistics.median(o.wall_s for o in apr), 3),
-                "achieved_speedup": round(achieved, 2),
-                "ideal_speedup": round(ideal, 2),
-                "fraction_of_ideal": round(achieved / ideal, 2),
-                "accuracy_adaptive": round(sum(o.correct for o in apr) / len(apr), 2),
             }
         )
     return rows, all_tasks

@@ -4,7 +4,8 @@ The simulated server measures orchestration, not intelligence, so its model know
 task's answer. What it models is how long the answers are: solving one part of a task takes
 ``reasoning`` tokens, so a sequential chain of thought over k parts writes k times as much as
 one thread does, while a plan and a merge are short. Roles come from the ``X-Apr-Role``
-header (the benchmark's baselines send ``sequential``, ``skeleton`` and ``expand``).
+header (the benchmark's baselines send ``sequential``, ``skeleton`` and ``expand``; its
+warm-up request ``warmup``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ class SimModel:
     arithmetic sub-question; 100 is on the short side)."""
 
     def __call__(self, request: RecordedRequest) -> Reply:
-        task = self._task(request)
         role = request.role or "sequential"
+        if role == "warmup":
+            return Reply(content="OK")
+        task = self._task(request)
         handler = {
             "planner": self._plan,
             "worker": self._thread,
@@ -66,11 +69,12 @@ class SimModel:
             # A direct answer reasons as much as a sequential one: the plan costs only its JSON.
             answer = f"{self._think(1)} {task.expected[0]}"
             return Reply(content={"strategy": "direct", "answer": answer})
-        goals = (
-            [f"Compute {p}" for p in task.parts]
-            if task.suite == "arithmetic"
-            else [f"Find an expression for {task.meta['target']}, {p}" for p in task.parts]
-        )
+        if task.suite == "arithmetic":
+            goals = [f"Compute {p}" for p in task.parts]
+        elif task.suite == "multipart":
+            goals = list(task.parts)  # each part is a question of its own
+        else:
+            goals = [f"Find an expression for {task.meta['target']}, {p}" for p in task.parts]
         subtasks = [{"id": f"s{i + 1}", "goal": g} for i, g in enumerate(goals)]
         return Reply(content={"strategy": "parallel", "subtasks": subtasks})
 

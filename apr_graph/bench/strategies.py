@@ -54,6 +54,8 @@ class Outcome:
     answer: str
     error: str | None = None
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    parts_correct: int = 0
+    parts_total: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -181,16 +183,18 @@ async def run_strategy(
     strategy: str, client: LLMClient, settings: AprSettings, task: Task, *, points: int = 4
 ) -> Outcome:
     """Run one strategy on one task; a failure is an incorrect outcome, not a crash."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     started = time.time()
     try:
         if strategy == "sequential":
-            return await _sequential(client, task)
-        if strategy in {"adaptive", "native"}:
-            return await _adaptive(client, settings, task, strategy)
-        if strategy == "split":
-            return await _split(client, task, points)
+            outcome = await _sequential(client, task)
+        elif strategy == "split":
+            outcome = await _split(client, task, points)
+        else:
+            outcome = await _adaptive(client, settings, task, strategy)
     except Exception as exc:
-        return Outcome(
+        outcome = Outcome(
             strategy,
             task.suite,
             task.id,
@@ -203,4 +207,5 @@ async def run_strategy(
             "",
             error=f"{type(exc).__name__}: {exc}",
         )
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    outcome.parts_correct, outcome.parts_total = task.part_score(outcome.answer)
+    return outcome

@@ -5,6 +5,8 @@
   expression is evaluated, never trusted.
 - ``control``: single-step questions where splitting cannot help; measures what the adaptive
   decision costs.
+- ``multipart``: general facts and calculations mixed in one question (see ``multipart``);
+  every part must be in the answer, and the parts right are counted one by one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from apr_graph.bench.multipart import make_questions, part_results
 
 __all__ = ["SUITES", "Task", "check_countdown", "make_suite", "safe_eval"]
 
@@ -30,6 +34,8 @@ class Task:
         parts: the independent sub-questions (for arithmetic) or approaches (countdown).
         expected: the reference results, in order.
         check: whether an answer is right.
+        score: how many of the parts an answer gets right, out of how many (by default the
+            whole task is one part).
         meta: facts the simulated model uses to script its replies.
     """
 
@@ -40,6 +46,13 @@ class Task:
     expected: list[str]
     check: Callable[[str], bool] = field(compare=False, repr=False)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    score: Callable[[str], tuple[int, int]] | None = field(default=None, compare=False, repr=False)
+
+    def part_score(self, answer: str) -> tuple[int, int]:
+        """Parts right and parts in all, for ``answer``."""
+        if self.score is not None:
+            return self.score(answer)
+        return int(self.check(answer)), 1
 
 
 _OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
@@ -86,14 +99,20 @@ def check_countdown(answer: str, numbers: list[int], target: int) -> bool:
     return False
 
 
-def _numbers_in_order(answer: str, expected: list[str]) -> bool:
-    position = 0
+def _numbers_found(answer: str, expected: list[str]) -> tuple[int, int]:
+    """How many of ``expected`` appear in order (a missing one is skipped), out of all."""
+    position, found = 0, 0
     for value in expected:
         match = re.search(rf"(?<![\d.]){re.escape(value)}(?![\d])", answer[position:])
-        if match is None:
-            return False
-        position += match.end()
-    return True
+        if match is not None:
+            found += 1
+            position += match.end()
+    return found, len(expected)
+
+
+def _numbers_in_order(answer: str, expected: list[str]) -> bool:
+    found, total = _numbers_found(answer, expected)
+    return found == total
 
 
 def _arithmetic(rng: random.Random, index: int, k: int) -> Task:
@@ -114,6 +133,7 @@ def _arithmetic(rng: random.Random, index: int, k: int) -> Task:
         expected,
         check=lambda answer: _numbers_in_order(answer, expected),
         meta={"labels": list(labels[:k])},
+        score=lambda answer: _numbers_found(answer, expected),
     )
 
 
@@ -156,11 +176,39 @@ def _control(rng: random.Random, index: int) -> Task:
     )
 
 
-SUITES = ("arithmetic", "countdown", "control")
+def _multipart(rng: random.Random, index: int, k: int) -> Task:
+    question = make_questions(rng, k)
+    labels = "abcdefghijklmnop"[:k]
+    listing = " ".join(
+        f"({label}) {part}" for label, part in zip(labels, question.parts, strict=True)
+    )
+    answers = question.answers
+
+    def score(answer: str) -> tuple[int, int]:
+        results = part_results(answer, answers)
+        return sum(results), len(results)
+
+    def check(answer: str) -> bool:
+        return all(part_results(answer, answers))
+
+    return Task(
+        "multipart",
+        f"multipart-{index}",
+        f"Answer each part: {listing}",
+        question.parts,
+        question.expected,
+        check=check,
+        meta={"labels": list(labels)},
+        score=score,
+    )
+
+
+SUITES = ("arithmetic", "countdown", "control", "multipart")
 
 
 def make_suite(name: str, count: int, *, seed: int = 0, parts: int = 4) -> list[Task]:
-    """``count`` tasks of suite ``name`` (arithmetic tasks have ``parts`` sub-questions)."""
+    """``count`` tasks of suite ``name`` (arithmetic and multipart tasks have ``parts``
+    sub-questions)."""
     rng = random.Random(f"{name}-{seed}")
     if name == "arithmetic":
         return [_arithmetic(rng, i, parts) for i in range(count)]
@@ -168,4 +216,6 @@ def make_suite(name: str, count: int, *, seed: int = 0, parts: int = 4) -> list[
         return [_countdown(rng, i) for i in range(count)]
     if name == "control":
         return [_control(rng, i) for i in range(count)]
+    if name == "multipart":
+        return [_multipart(rng, i, parts) for i in range(count)]
     raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")

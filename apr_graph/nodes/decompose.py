@@ -139,6 +139,7 @@ def make_decompose(
             and board.early[s["id"]].matches(
                 worker_messages(task, context, normalised, s, system=board.system),
                 s["max_tokens"] or settings.worker_max_tokens,
+                s,
             )
         ]
         for dropped in board.drop_early(keep):

@@ -104,9 +104,13 @@ class EarlyCall:
     model: str
     relay: _Relay = field(default_factory=_Relay)
 
-    def matches(self, messages: list[Message], allowance: int) -> bool:
+    def matches(self, messages: list[Message], allowance: int, subtask: SubtaskRecord) -> bool:
         """Whether the worker would send exactly this request."""
-        return allowance == self.allowance and messages == self.messages
+        return (
+            allowance == self.allowance
+            and messages == self.messages
+            and subtask.get("temperature") == self.subtask.get("temperature")
+        )
 
     def adopt(self, on_text: Callable[[str], None] | None) -> None:
         """Hand the thread's streamed text (so far and from now on) to ``on_text``."""
@@ -196,12 +200,12 @@ class EarlyStarter:
         waits: set[str] = set()  # ids that name dependencies, perhaps on subtasks unwritten
         for item in items:
             try:
-                subtask = Subtask.model_validate(item)
+                written = Subtask.model_validate(item)
             except ValidationError:
                 continue  # the final plan decides what becomes of it
-            subtasks.append(subtask)
-            if subtask.depends_on:
-                waits.add(subtask.id.strip())
+            subtasks.append(written)
+            if written.depends_on:
+                waits.add(written.id.strip())
         plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
         plan.subtasks = subtasks
         record = normalise_plan(plan, self.settings, depth=self.depth, slots=self.slots())
@@ -228,7 +232,7 @@ class EarlyStarter:
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
-        request = self._request(messages, progress, allowance)
+        request = self._request(messages, progress, allowance, subtask.get("temperature"))
         started = time.time()
         call = EarlyCall(
             subtask,
@@ -252,7 +256,11 @@ class EarlyStarter:
         )
 
     async def _request(
-        self, messages: list[Message], progress: StreamProgress, allowance: int
+        self,
+        messages: list[Message],
+        progress: StreamProgress,
+        allowance: int,
+        temperature: float | None,
     ) -> Completion:
         if self.after is not None:  # e.g. the warm-up of the shared prefix
             await asyncio.shield(self.after)
@@ -263,6 +271,7 @@ class EarlyStarter:
             progress=progress,
             max_tokens=allowance,
             budget=self.budget,
+            temperature=temperature,
         )
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from apr_graph.answers import final_answer, majority, normalise_answer
+from apr_graph.answers import final_answer, kept_in, majority, normalise_answer
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
-from apr_graph.events import answer_emitter
+from apr_graph.events import answer_emitter, emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.plan import plan_of
@@ -52,11 +52,18 @@ def _partial_answer(done: list[ThreadRecord], missing: list[str], reason: str) -
 
 def _result_text(thread: ThreadRecord) -> str:
     """What the merge sees of one thread: its answer, and whether it is whole."""
-    if thread["status"] != "done" or not thread["answer"]:
+    answer = (thread["answer"] or "").strip()
+    if thread["status"] == "truncated" and answer:
+        return f"{answer}\n(note: this result is incomplete: {thread['error']})"
+    if _dead_end(thread):
+        return f"(this thread concluded that its subtask cannot be done: {thread['error']})"
+    if thread["status"] != "done" or not answer:
         return f"(this thread {thread['status']}: {thread['error'] or 'empty answer'})"
-    if thread["error"]:  # done, but with a caveat (e.g. truncated)
-        return f"{thread['answer']}\n(note: this result is incomplete: {thread['error']})"
-    return thread["answer"]
+    return answer
+
+
+def _dead_end(thread: ThreadRecord) -> bool:
+    return thread["status"] == "failed" and (thread["error"] or "").startswith("dead end:")
 
 
 def concatenate(threads: list[ThreadRecord]) -> str:
@@ -67,7 +74,9 @@ def concatenate(threads: list[ThreadRecord]) -> str:
     parts = []
     for thread in threads:
         answer = (thread["answer"] or "").strip()
-        if thread["status"] != "done" or not answer:
+        if _dead_end(thread):
+            answer = f"(no answer: {thread['error']})"
+        elif thread["status"] not in {"done", "truncated"} or not answer:
             answer = f"(no answer: {thread['error'] or thread['status']})"
         elif thread["error"]:
             answer += f"\n(incomplete: {thread['error']})"
@@ -89,15 +98,22 @@ def make_synthesize(
         if board.budget.exhausted:
             reason = board.budget.stop_reason or "budget"
             return {"answer": _partial_answer(done, missing, reason)}
+        merge = board.merge
         if not done:
-            reasons = "; ".join(f"{t['id']}: {t['error'] or 'empty answer'}" for t in threads)
-            raise ModelCallError(
-                f"all {len(threads)} threads failed, nothing to merge ({reasons})",
-                url=client.base_url,
-            )
+            cut = any(t["status"] == "truncated" and t["answer"] for t in threads)
+            concluded = bool(threads) and all(_dead_end(t) for t in threads)
+            if not cut and not concluded:
+                reasons = "; ".join(f"{t['id']}: {t['error'] or 'empty answer'}" for t in threads)
+                raise ModelCallError(
+                    f"all {len(threads)} threads failed, nothing to merge ({reasons})",
+                    url=client.base_url,
+                )
+            # Partial results, or every thread concluding its subtask cannot be done (a
+            # puzzle with no solution): that is the answer to merge, not an error.
+            merge = "concat" if merge == "concat" else "synthesize"
         calls: list[CallRecord] = []
         try:
-            answer = await _merge(client, board, state, threads, done, calls)
+            answer = await _merge(client, board, state, threads, done, calls, merge)
         except (StoppedError, BudgetExhaustedError):
             answer = _partial_answer(done, missing, board.budget.stop_reason or "budget")
         return {"answer": answer, "calls": calls}
@@ -112,18 +128,19 @@ async def _merge(
     threads: list[ThreadRecord],
     done: list[ThreadRecord],
     calls: list[CallRecord],
+    merge: str,
 ) -> str:
     task, context = state.get("task", ""), state.get("context", "") or ""
     plan = plan_of(state)
-    if board.merge == "concat":
+    if merge == "concat":
         return concatenate(threads)
-    if board.merge == "vote":
+    if merge == "vote":
         votes = {t["id"]: normalise_answer(final_answer(t["answer"] or "")) for t in done}
         winner, _, _ = majority(votes)
         return final_answer(next(t["answer"] or "" for t in done if t["id"] == winner))
-    if board.merge == "race" and board.winner is not None:
+    if merge == "race" and board.winner is not None:
         return next(t["answer"] or "" for t in done if t["id"] == board.winner)
-    if board.merge == "best" and len(done) > 1:
+    if merge == "best" and len(done) > 1:
         candidates = [(t["id"], t["goal"], t["answer"] or "") for t in done]
         try:
             choice, completion = await board.guard(
@@ -155,5 +172,13 @@ async def _merge(
     answer = completion.text.strip()
     if not answer:
         # An empty merge must not erase finished work: fall back to the results themselves.
-        answer = "\n\n".join(f"{t['goal']}\n{t['answer']}" for t in done)
+        return concatenate(threads)
+    # A merge must not lose a part a thread answered (small models drop parts): check every
+    # finished thread's result (but intermediate steps that others built on), and add back
+    # the ones the merge left out.
+    used = {d for s in plan["subtasks"] for d in s["depends_on"]}  # steps others built on
+    lost = [t for t in done if t["id"] not in used and not kept_in(t["answer"] or "", answer)]
+    if lost:
+        emit("merge_incomplete", lost=[t["id"] for t in lost])
+        answer += "\n\n" + concatenate(lost)
     return answer

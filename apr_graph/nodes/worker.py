@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from apr_graph.answers import final_answer
+from apr_graph.answers import dead_end, final_answer
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import (
@@ -173,7 +173,7 @@ async def _solve(
         )
         allowance = widened or subtask.get("max_tokens") or settings.worker_max_tokens
         early = board.early.pop(subtask["id"], None)
-        if early is not None and not early.matches(messages, allowance):
+        if early is not None and not early.matches(messages, allowance, subtask):
             if (discarded := early.cancel(board.budget.charge)) is not None:
                 thread.calls.append(discarded)
             early = None
@@ -202,6 +202,7 @@ async def _solve(
                     progress=progress,
                     max_tokens=allowance,
                     budget=board.budget,
+                    temperature=subtask.get("temperature"),
                 )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
@@ -237,9 +238,11 @@ async def _solve(
             continue
         if cut:  # cut again: keep what there is, and say so (the merge is told)
             error = f"truncated: cut off at its {allowance}-token limit"
-            return _finish(board, boards, thread, thread.record("done", answer=text, error=error))
-        if text.strip().upper().startswith("DEAD END"):
-            valid, reason = False, text.strip()[:300]
+            record = thread.record("truncated", answer=text, error=error)
+            return _finish(board, boards, thread, record)
+        gave_up = dead_end(text)
+        if gave_up is not None:
+            valid, reason = False, f"DEAD END: {gave_up}"
         elif must_verify:
             try:
                 valid, reason = await board.guard(_verify(client, board, thread, text, verify))
@@ -254,9 +257,8 @@ async def _solve(
             return _finish(board, boards, thread, record)
         replacements = thread.attempts - (widened is not None)
         if replacements > settings.max_replacements or board.budget.reserve_threads(1) == 0:
-            record = thread.record(
-                "failed", answer=text, error=f"rejected: {reason}", verified=False
-            )
+            error = f"dead end: {gave_up}" if gave_up is not None else f"rejected: {reason}"
+            record = thread.record("failed", answer=text, error=error, verified=False)
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason

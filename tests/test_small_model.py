@@ -1,0 +1,170 @@
+"""What a real small model (Qwen2.5-Coder-1.5B-Instruct on llama.cpp) did to runs, replayed.
+
+The replies below are the model's own, quoted from the runs that broke (issue 14): threads
+giving up at the end of a reply, every thread concluding "no solution", a merge that dropped
+two of three parts, a planner repeating one goal.
+"""
+
+from __future__ import annotations
+
+import re
+
+from apr_graph import compile_apr_graph
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+COUNTDOWN = "Use the numbers [7, 1, 8, 100] and + - * / to make exactly 100."
+
+
+async def test_every_thread_concluding_no_solution_is_the_answer(
+    make_server: ServerFactory,
+) -> None:
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [
+            {"id": "s1", "goal": "Try combinations that start from 100"},
+            {"id": "s2", "goal": "Try combinations that start from 7 * 8"},
+        ],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker",
+                contains="start from 100",
+                reply=Reply(
+                    content="DEAD END: No combination of the numbers [7, 1, 8, 100] starting "
+                    "from 100 gives exactly 100 with every number used."
+                ),
+            ),
+            Rule(
+                role="worker",
+                reply=Reply(
+                    content="7 * 8 = 56, 56 + 100 = 156, 156 - 1 = 155 ...\n"
+                    "None of these reach 100.\nDEAD END: no expression from 7 * 8 reaches 100."
+                ),
+            ),
+            Rule(
+                role="synthesizer",
+                contains="cannot be done",
+                reply=Reply(content="There is no solution: no expression makes exactly 100."),
+            ),
+        ]
+    )
+    settings = settings_for(server, max_replacements=0)
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": COUNTDOWN})
+    assert result["answer"] == "There is no solution: no expression makes exactly 100."
+    threads = {t["id"]: t for t in result["threads"]}
+    assert threads["s2"]["status"] == "failed"  # the DEAD END on its last line was seen
+    assert threads["s2"]["error"] == "dead end: no expression from 7 * 8 reaches 100."
+    merge = server.chat_requests("synthesizer")[0].last_user_message
+    assert "no expression from 7 * 8 reaches 100" in merge
+
+
+async def test_a_replacement_is_told_what_failed(make_server: ServerFactory) -> None:
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [{"id": "s1", "goal": "70 - 47"}],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker",
+                times=1,
+                reply=Reply(
+                    content="DEAD END: The operation 70 - 47 cannot be performed directly."
+                ),
+            ),
+            Rule(role="worker", reply=Reply(content="70 - 47 = 23")),
+            Rule(role="synthesizer", reply=Reply(content="23")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "70 - 47?"})
+    assert result["answer"] == "23"
+    retry = server.chat_requests("worker")[1].last_user_message
+    assert "cannot be performed directly" in retry
+    assert "different approach" in retry
+
+
+async def test_a_merge_that_drops_parts_gets_them_back(make_server: ServerFactory) -> None:
+    task = (
+        "Answer all three: (a) What is the largest ocean on Earth? (b) What is 17 * 23? "
+        "(c) What is the chemical symbol of gold?"
+    )
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [
+            {"id": "s1", "goal": "What is the largest ocean on Earth?"},
+            {"id": "s2", "goal": "What is 17 * 23?"},
+            {"id": "s3", "goal": "What is the chemical symbol of gold?"},
+        ],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker",
+                contains="ocean",
+                reply=Reply(content="The largest ocean on Earth is the Pacific Ocean."),
+            ),
+            Rule(
+                role="worker",
+                contains="17 * 23",
+                reply=Reply(content="17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391"),
+            ),
+            Rule(
+                role="worker",
+                contains="gold",
+                reply=Reply(content="The chemical symbol of gold is Au."),
+            ),
+            Rule(
+                role="synthesizer",
+                reply=Reply(
+                    content="The final answer to the task is:\n\n"
+                    "The largest ocean on Earth is the Pacific Ocean."
+                ),
+            ),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": task}, stream_mode="custom")]
+    result = await app.ainvoke({"task": task})
+    answer = result["answer"]
+    assert answer.startswith("The final answer to the task is:")
+    for part in ("Pacific", "391", "Au"):
+        assert part in answer
+    assert answer.count("Pacific Ocean") == 1  # a part the merge kept is not repeated
+    assert [e["lost"] for e in events if e["event"] == "merge_incomplete"] == [["s2", "s3"]]
+
+
+async def test_a_planner_repeating_one_goal_gets_a_vote_of_different_attempts(
+    make_server: ServerFactory,
+) -> None:
+    goal = "Find an expression with [7, 1, 8, 100] that makes exactly 100"
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [{"id": f"s{i}", "goal": goal} for i in range(1, 5)],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(
+                role="worker",
+                reply=Reply(content="(8 - 7) * 100 * 1\nFinal answer: (8 - 7) * 100 * 1"),
+            ),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": COUNTDOWN})
+    assert result["plan"]["merge"] == "vote"
+    assert result["answer"] == "(8 - 7) * 100 * 1"
+    workers = server.chat_requests("worker")
+    assert len({w.last_user_message for w in workers}) == len(workers)  # no two alike
+    temperatures = sorted(w.body["temperature"] for w in workers)
+    assert temperatures[0] == 0.0
+    assert temperatures[-1] == 0.7
+    assert all(re.search(r"Final answer", w.last_user_message) for w in workers)
