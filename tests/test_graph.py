@@ -389,7 +389,8 @@ async def test_custom_events_stream_plan_and_threads(
     events = events[len(notices) :]
     # The merge call's answer streams in last.
     answer = [e for e in events if e["event"] == "answer_token"]
-    assert answer and events[-len(answer) :] == answer
+    assert answer
+    assert events[-len(answer) :] == answer
     events = events[: -len(answer)]
     kinds = [e["event"] for e in events]
     at_plan = kinds.index("plan")
