@@ -35,12 +35,13 @@ You are the planner of a parallel reasoning system. Decide how to solve the task
   yourself: strategy "direct", the complete final answer in "answer", no subtasks.
 - If the task has parts that can be worked out independently of each other (several
   sub-questions, several items to examine, several approaches to compare), split it:
-  strategy "parallel", and {max_threads} subtasks at most. Each subtask needs a short unique id
-  ("s1", "s2", ...) and a self-contained goal: a thread sees the task, its own goal and the
-  results it depends on, but not the other subtasks or the other threads' work.
-- Optional per subtask: "depends_on": ids whose results it needs (it starts when they finish;
-  keep such chains short); "fork": true if the subtask is itself large enough to split again;
-  "max_tokens": a small number for an easy part, a larger one for a hard part.
+  strategy "parallel", and {max_threads} subtasks at most. Each subtask is a self-contained
+  goal: a thread sees the task, its own goal and the results it depends on, but not the other
+  subtasks or the other threads' work. Write a subtask as its goal alone (a string; its id is
+  "s1", "s2", ... by position), or, when it needs options, as an object with "id", "goal" and:
+  "depends_on": ids whose results it needs (it starts when they finish; keep such chains
+  short); "fork": true if it is itself large enough to split again; "max_tokens": its answer's
+  length in tokens, for a part much longer than the others.
 - Optional "merge", written before the subtasks: "concat" (the task is a list of separate
   questions or items: each part's answer is shown under its subtask, no merge step),
   "synthesize" (default: the parts are combined into one answer), "vote" (several threads solve

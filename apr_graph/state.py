@@ -118,7 +118,11 @@ class Plan(BaseModel):
     @field_validator("subtasks", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
-        return [] if value is None else value
+        if value is None:
+            return []
+        if isinstance(value, list):  # a subtask may be written as its goal alone
+            return [{"id": "", "goal": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 def plan_json_schema(max_threads: int) -> dict[str, Any]:
@@ -167,7 +171,9 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                     },
                     "subtasks": {
                         "type": "array",
-                        "items": subtask,
+                        # A goal alone is the short form: every token of the plan delays
+                        # every thread, and most subtasks need no options.
+                        "items": {"anyOf": [{"type": "string", "maxLength": 600}, subtask]},
                         "minItems": 1,
                         "maxItems": max_threads,
                     },

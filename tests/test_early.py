@@ -72,6 +72,22 @@ async def test_threads_start_before_the_plan_is_finished(make_server: ServerFact
     assert result["answer"].count("an answer") == 4
 
 
+async def test_subtasks_written_as_bare_goals_start_early_too(make_server: ServerFactory) -> None:
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["first goal", "second goal"]}
+    server = make_server([slow_planner(plan), Rule(role="worker", reply=Reply(content="answered"))])
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert [(s["id"], s["goal"]) for s in result["plan"]["subtasks"]] == [
+        ("s1", "first goal"),
+        ("s2", "second goal"),
+    ]
+    planner = server.chat_requests("planner")[0]
+    assert planner.ended_at is not None
+    workers = server.chat_requests("worker")
+    assert len(workers) == 2
+    assert min(w.started_at for w in workers) < planner.ended_at
+    assert result["answer"] == "first goal\nanswered\n\nsecond goal\nanswered"
+
+
 async def test_stream_plan_off_waits_for_the_whole_plan(make_server: ServerFactory) -> None:
     server = make_server(
         [slow_planner(plan_json("a part", "b part")), Rule(role="worker", reply=Reply(content="x"))]

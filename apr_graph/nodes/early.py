@@ -200,7 +200,9 @@ class EarlyStarter:
         waits: set[str] = set()  # ids that name dependencies, perhaps on subtasks unwritten
         for item in items:
             try:
-                written = Subtask.model_validate(item)
+                written = Subtask.model_validate(
+                    {"id": "", "goal": item} if isinstance(item, str) else item
+                )
             except ValidationError:
                 continue  # the final plan decides what becomes of it
             subtasks.append(written)
