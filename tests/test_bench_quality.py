@@ -188,4 +188,9 @@ def test_multipart_checker_accepts_formatting_variants() -> None:
     for answer, index in rejected.items():
         assert not part_results(answer, answers)[index], answer
     assert part_results("(a) Brasilia (b) 24", [("Brasília",), ("24",)]) == [True, True]
+    # A chain of thought that labels its steps: its last listing is the final answer.
+    steps = "(a) 17 * 23 = 401? (b) Kenya: Nairobi (c) six sides. Final answer: "
+    assert all(part_results(steps + "(a) 391 (b) Nairobi (c) 6", answers[:3]))
+    wrong_at_last = steps.replace("401", "391") + "(a) 401 (b) Nairobi (c) 6"
+    assert part_results(wrong_at_last, answers[:3]) == [False, True, True]
     assert part_results("(a) -34 (b) 34", [("34",), ("-34",)]) == [False, False]

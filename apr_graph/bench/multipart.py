@@ -155,21 +155,29 @@ _LABELS = (
 )
 
 
+def _chain(answer: str, patterns: list[re.Pattern[str]], start: int) -> list[str] | None:
+    """The sections after each label, if every label follows the previous one from ``start``."""
+    cuts: list[tuple[int, int]] = []
+    position = start
+    for pattern in patterns:
+        found = pattern.search(answer, position)
+        if found is None:
+            return None
+        cuts.append((found.start(), found.end()))
+        position = found.end()
+    ends = [begin for begin, _ in cuts[1:]] + [len(answer)]
+    return [answer[end:stop] for (_, end), stop in zip(cuts, ends, strict=True)]
+
+
 def _sections(answer: str, count: int) -> list[str] | None:
-    """The answer cut at its part labels, if it labels every part in order."""
+    """The answer cut at its part labels, if it labels every part in order. The last such
+    listing counts: a chain of thought that labels its steps ends with its final answer."""
     for names, template in _LABELS:
-        cuts: list[tuple[int, int]] = []
-        position = 0
-        for name in list(names)[:count]:
-            pattern = re.compile(template.format(name), re.IGNORECASE)
-            found = pattern.search(answer, position)
-            if found is None:
-                break
-            cuts.append((found.start(), found.end()))
-            position = found.end()
-        if len(cuts) == count:
-            ends = [start for start, _ in cuts[1:]] + [len(answer)]
-            return [answer[end:stop] for (_, end), stop in zip(cuts, ends, strict=True)]
+        patterns = [re.compile(template.format(n), re.IGNORECASE) for n in list(names)[:count]]
+        for first in reversed(list(patterns[0].finditer(answer))):
+            sections = _chain(answer, patterns, first.start())
+            if sections is not None:
+                return sections
     return None
 
 

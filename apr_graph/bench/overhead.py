@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import operator
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,62 +28,18 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from apr_graph.bench.overhead_server import REPLY_S, TASK, serve_forever, subtask
 from apr_graph.graph import compile_apr_graph
 from apr_graph.prompts import worker_messages
 from apr_graph.settings import AprSettings
-from apr_graph.state import PlanRecord, SubtaskRecord
-from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
+from apr_graph.state import PlanRecord
 
 __all__ = ["measure_overhead", "serve_forever"]
-
-CHUNKS = 5
-CHUNK_S = 0.1
-REPLY_S = CHUNKS * CHUNK_S
-TASK = "fan out {n}"
-
-
-def _plan(request: RecordedRequest) -> Reply:
-    found = re.search(r"fan out (\d+)", request.all_text)
-    count = int(found.group(1)) if found else 1
-    return Reply(
-        content={
-            "strategy": "parallel",
-            "merge": "synthesize",
-            "subtasks": [_subtask(i) for i in range(count)],
-        }
-    )
-
-
-def _subtask(index: int) -> SubtaskRecord:
-    return SubtaskRecord(
-        id=f"s{index}", goal=f"part {index}", depends_on=[], fork=False, max_tokens=None
-    )
-
-
-def serve_forever(reply_s: float = REPLY_S) -> None:
-    """The overhead server (run in its own process): prints its URL, serves until killed.
-    Worker replies stream ``CHUNKS`` chunks over ``reply_s`` seconds."""
-    slow = Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=reply_s / CHUNKS)
-    rules = [
-        Rule(role="planner", reply=_plan),
-        Rule(role="synthesizer", reply=Reply(content="merged")),
-        Rule(reply=slow),
-    ]
-    server = ScriptedServer(rules).start()
-    server.requests = _Discard()  # keep no history: 1,000-thread runs would pile it up
-    print(server.base_url, flush=True)
-    while True:
-        time.sleep(3600)
-
-
-class _Discard(list[RecordedRequest]):
-    def append(self, item: RecordedRequest) -> None:
-        return None
 
 
 def _body(n: int) -> dict[str, Any]:
     """A worker request of an N-thread fan-out, byte for byte as apr-graph builds it."""
-    subtasks = [_subtask(i) for i in range(n)]
+    subtasks = [subtask(i) for i in range(n)]
     plan = PlanRecord(
         strategy="parallel", answer=None, subtasks=subtasks, merge="synthesize", notes=[]
     )
@@ -248,7 +203,8 @@ async def measure_overhead(
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        f"from apr_graph.bench.overhead import serve_forever; serve_forever({reply_s!r})",
+        # the server's module imports only the test server: the process starts in a blink
+        f"from apr_graph.bench.overhead_server import serve_forever; serve_forever({reply_s!r})",
         stdout=asyncio.subprocess.PIPE,
     )
     try:
