@@ -213,7 +213,9 @@ def _build(
         worker = make_worker(
             client, settings, boards, verify=verify, subgraph=subgraph, tools=tools
         )
-        add(DECOMPOSE, make_decompose(client, settings, boards, start_early=not tools))
+        listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
+        decompose = make_decompose(client, settings, boards, start_early=not tools, tools=listed)
+        add(DECOMPOSE, decompose)
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, settings, boards))
         builder.add_edge(START, DECOMPOSE)

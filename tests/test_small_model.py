@@ -168,3 +168,43 @@ async def test_a_planner_repeating_one_goal_gets_a_vote_of_different_attempts(
     assert temperatures[0] == 0.0
     assert temperatures[-1] == 0.7
     assert all(re.search(r"Final answer", w.last_user_message) for w in workers)
+
+
+async def test_the_planner_is_told_the_tools_and_an_unrun_call_is_no_answer(
+    make_server: ServerFactory,
+) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def capital(country: str) -> str:
+        """Look up the capital city of a country."""
+        return {"Italy": "Rome", "Kenya": "Nairobi"}.get(country, "unknown")
+
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["Capital of Italy, with capital", "Capital of Kenya, with capital"],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="Kenya", reply=Reply(content="Nairobi")),
+            # What the 1.5B model wrote: a call, as text, to a tool that does not exist here.
+            Rule(
+                role="worker",
+                reply=Reply(
+                    content='```json\n{"name": "lookup", "arguments": {"q": "Italy"}}\n```'
+                ),
+            ),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server), tools=[capital])
+    result = await app.ainvoke({"task": "What are the capitals of Italy and Kenya?"})
+    planner = server.chat_requests("planner")[0].messages[0]["content"]
+    assert "- capital: Look up the capital city of a country." in planner
+    thread = next(t for t in result["threads"] if t["id"] == "s1")
+    assert thread["status"] == "failed"  # never reported as an answer
+    assert "not an answer" in (thread["error"] or "")
+    assert "lookup" in (thread["error"] or "")
+    assert "(no answer: rejected: the reply was not an answer" in result["answer"]
+    assert "Nairobi" in result["answer"]

@@ -17,7 +17,7 @@ from apr_graph.chat_model import ChatModelClient
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.tool_loop import read_text_calls, tool_loop, tools_note
 from apr_graph.responses import StreamEnd, StreamProgress
-from apr_graph.testing import RecordedRequest, Reply, Rule
+from apr_graph.testing import LlamaCpp, RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import merge_synth
 
@@ -127,22 +127,22 @@ async def test_calls_in_tool_call_tags_are_all_run_in_order(make_server: ServerF
     "answer",
     [
         '{"name": "Rome", "country": "Italy"}',  # a JSON answer that merely has a name
-        '```json\n{"name": "search", "arguments": {"query": "capital of Italy"}}\n```',
         'Use ```json\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n``` then add the '
         "rest: the total is 6 + 4 = 10, which answers the subtask in full.\nDone.",
     ],
-    ids=["name-only", "unknown-tool", "call-shown-inside-an-answer"],
+    ids=["name-only", "call-shown-inside-an-answer"],
 )
-async def test_json_that_is_no_call_of_an_allowlisted_tool_is_not_run(
-    make_server: ServerFactory, answer: str
-) -> None:
+async def test_json_that_is_no_call_is_an_answer(make_server: ServerFactory, answer: str) -> None:
+    # (A call to a tool that is not allowlisted is not run either: it is flagged, below.)
     server = graph_server(make_server, Rule(role="worker", reply=Reply(content=answer)))
     app = compile_apr_graph(settings=settings_for(server), tools=TOOLS)
 
     result = await app.ainvoke({"task": "t"})
 
+    thread = result["threads"][0]
+    assert thread["answer"] == answer.strip()
     assert len(server.chat_requests("worker")) == 1
-    assert result["threads"][0]["answer"] == answer.strip()
+    assert thread["status"] == "done"
 
 
 def test_text_calls_are_read_in_the_usual_formats() -> None:
@@ -416,3 +416,23 @@ async def test_a_langchain_chat_model_streams_tool_calls(make_server: ServerFact
     assert [r.body.get("stream") for r in with_tools] == [True, True]
     assert result["threads"][0]["answer"] == "17 * 23 = 391; the capital is Nairobi"
     client.close()
+
+
+async def test_a_server_that_cannot_stream_tools_is_asked_unstreamed(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=ONE_THREAD)),
+            Rule(role="worker", reply=api_caller),
+            merge_synth(),
+        ],
+        personality=LlamaCpp(tool_streams=False),
+    )
+    app = compile_apr_graph(settings=settings_for(server), tools=TOOLS)
+
+    result = await app.ainvoke({"task": "17 * 23, and Kenya"})
+
+    assert result["threads"][0]["answer"] == "17 * 23 = 391; the capital is Nairobi"
+    sent = [(r.body.get("stream", False), r.status) for r in server.chat_requests("worker")]
+    assert sent == [(True, 500), (False, 200), (False, 200)]  # refused once, then remembered

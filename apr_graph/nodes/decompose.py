@@ -46,10 +46,16 @@ def read_input(state: AprState) -> tuple[str, str]:
 
 
 def make_decompose(
-    client: LLMClient, settings: AprSettings, boards: Boards, *, start_early: bool = True
+    client: LLMClient,
+    settings: AprSettings,
+    boards: Boards,
+    *,
+    start_early: bool = True,
+    tools: list[tuple[str, str]] | None = None,
 ) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
     """Build the decompose node; ``start_early``: threads may start while the plan streams
-    in (with ``settings.stream_plan``)."""
+    in (with ``settings.stream_plan``); ``tools``: (name, description) of the threads' tools,
+    which the planner is told about."""
 
     async def decompose(state: AprState) -> dict[str, Any]:
         task, context = read_input(state)
@@ -71,7 +77,7 @@ def make_decompose(
         if capacity["width"] is None and depth == 0 and settings.probe_capacity:
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
-        messages = planner_messages(task, context, settings.max_threads, width)
+        messages = planner_messages(task, context, settings.max_threads, width, tools)
         board.system = shared_system(task, context)
         # The threads' shared prefix does not depend on the plan: warm it while planning.
         warm = (

@@ -241,7 +241,10 @@ async def _solve(
             record = thread.record("truncated", answer=text, error=error)
             return _finish(board, boards, thread, record)
         gave_up = dead_end(text)
-        if gave_up is not None:
+        if completion.unrun_tool_call is not None:
+            # It needed a tool and did not get one to run: not an answer.
+            valid, reason = False, f"the reply was not an answer: {completion.unrun_tool_call}"
+        elif gave_up is not None:
             valid, reason = False, f"DEAD END: {gave_up}"
         elif must_verify:
             try:
@@ -257,7 +260,8 @@ async def _solve(
             return _finish(board, boards, thread, record)
         replacements = thread.attempts - (widened is not None)
         if replacements > settings.max_replacements or board.budget.reserve_threads(1) == 0:
-            error = f"dead end: {gave_up}" if gave_up is not None else f"rejected: {reason}"
+            dead = reason.startswith("DEAD END: ")
+            error = f"dead end: {reason[10:]}" if dead else f"rejected: {reason}"
             record = thread.record("failed", answer=text, error=error, verified=False)
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
