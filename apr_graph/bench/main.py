@@ -152,9 +152,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         client = LLMClient(settings)
         stack.push_async_callback(client.aclose)
         await warm_up(client)
-        outcomes = await run_tasks(
-            client, settings, tasks, strategies, points=args.points, progress=step
-        )
+        outcomes = await run_tasks(client, tasks, strategies, points=args.points, progress=step)
         results["suites"] = summarise(outcomes)
         results["outcomes"] = [o.as_dict() for o in outcomes]
         widest = max(
@@ -167,7 +165,6 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         if widths:
             rows, _ = await scaling_rows(
                 client,
-                settings,
                 widths,
                 tasks_per_width=args.scaling_tasks,
                 seed=args.seed,

@@ -9,11 +9,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from apr_graph.bench.quality import not_a_win, wilson
-from apr_graph.bench.strategies import Outcome, run_strategy
+from apr_graph.bench.strategies import Outcome, native_settings, run_strategy
 from apr_graph.bench.suites import Task, make_suite
 from apr_graph.errors import AprError
 from apr_graph.llm import LLMClient
-from apr_graph.settings import AprSettings
 
 __all__ = ["p90", "run_tasks", "scaling_rows", "summarise", "warm_up"]
 
@@ -31,7 +30,6 @@ async def warm_up(client: LLMClient) -> None:
 
 async def run_tasks(
     client: LLMClient,
-    settings: AprSettings,
     tasks: Sequence[Task],
     strategies: Sequence[str],
     *,
@@ -41,12 +39,20 @@ async def run_tasks(
     """Every strategy on every task, one run at a time; the order of strategies rotates per
     task so no strategy always runs first (on a warm or cold server)."""
     outcomes: list[Outcome] = []
-    for index, task in enumerate(tasks):
-        shift = index % len(strategies)
-        for strategy in [*strategies[shift:], *strategies[:shift]]:
-            outcomes.append(await run_strategy(strategy, client, settings, task, points=points))
-            if progress is not None:
-                progress(f"{task.id} {strategy}")
+    async with contextlib.AsyncExitStack() as stack:
+        clients = dict.fromkeys(strategies, client)
+        if "native" in strategies:  # one client with native settings for all native runs
+            native = LLMClient(native_settings(client.settings))
+            stack.push_async_callback(native.aclose)
+            await warm_up(native)
+            clients["native"] = native
+        for index, task in enumerate(tasks):
+            shift = index % len(strategies)
+            for strategy in [*strategies[shift:], *strategies[:shift]]:
+                outcome = await run_strategy(strategy, clients[strategy], task, points=points)
+                outcomes.append(outcome)
+                if progress is not None:
+                    progress(f"{task.id} {strategy}")
     return outcomes
 
 
@@ -123,7 +129,6 @@ def summarise(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
 
 async def scaling_rows(
     client: LLMClient,
-    settings: AprSettings,
     widths: Sequence[int],
     *,
     tasks_per_width: int,
@@ -144,9 +149,7 @@ async def scaling_rows(
             or (lambda w: make_suite("arithmetic", tasks_per_width, seed=seed + w, parts=w))
         )(width)
         all_tasks.extend(tasks)
-        outcomes = await run_tasks(
-            client, settings, tasks, ("sequential", "adaptive"), progress=progress
-        )
+        outcomes = await run_tasks(client, tasks, ("sequential", "adaptive"), progress=progress)
         seq = [o for o in outcomes if o.strategy == "sequential"]
         apr = [o for o in outcomes if o.strategy == "adaptive"]
         achieved = statistics.median(o.wall_s for o in seq) / statistics.median(

@@ -23,7 +23,7 @@ from apr_graph.llm import LLMClient
 from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
 
-__all__ = ["STRATEGIES", "Outcome", "run_strategy"]
+__all__ = ["STRATEGIES", "Outcome", "native_settings", "run_strategy"]
 
 STRATEGIES = ("sequential", "adaptive", "split", "native")
 
@@ -98,13 +98,9 @@ async def _sequential(client: LLMClient, task: Task) -> Outcome:
     )
 
 
-async def _adaptive(
-    client: LLMClient, settings: AprSettings, task: Task, name: str = "adaptive"
-) -> Outcome:
+async def _adaptive(client: LLMClient, task: Task, name: str) -> Outcome:
     started = time.time()
-    if name == "native":
-        settings = settings.model_copy(update={"native": "threadweaver"})
-    app = compile_apr_graph(settings=settings, client=client)
+    app = compile_apr_graph(client=client)  # runs on the client's settings (native or not)
     result = await app.ainvoke({"task": task.prompt})
     metrics = result["metrics"]
     answer = result.get("answer") or ""
@@ -179,12 +175,22 @@ async def _split(client: LLMClient, task: Task, points: int) -> Outcome:
     )
 
 
-async def run_strategy(
-    strategy: str, client: LLMClient, settings: AprSettings, task: Task, *, points: int = 4
-) -> Outcome:
-    """Run one strategy on one task; a failure is an incorrect outcome, not a crash."""
+def native_settings(settings: AprSettings) -> AprSettings:
+    """The settings of the ``native`` strategy: ThreadWeaver's tags, on the same server."""
+    return settings.model_copy(update={"native": "threadweaver"})
+
+
+async def run_strategy(strategy: str, client: LLMClient, task: Task, *, points: int = 4) -> Outcome:
+    """Run one strategy on one task; a failure is an incorrect outcome, not a crash.
+
+    ``native`` runs on ``client`` if its settings are native (see ``native_settings``), else
+    on a client of its own for this run.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if strategy == "native" and client.settings.native is None:
+        async with LLMClient(native_settings(client.settings)) as native:
+            return await run_strategy(strategy, native, task, points=points)
     started = time.time()
     try:
         if strategy == "sequential":
@@ -192,7 +198,7 @@ async def run_strategy(
         elif strategy == "split":
             outcome = await _split(client, task, points)
         else:
-            outcome = await _adaptive(client, settings, task, strategy)
+            outcome = await _adaptive(client, task, strategy)
     except Exception as exc:
         outcome = Outcome(
             strategy,
