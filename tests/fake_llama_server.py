@@ -25,12 +25,17 @@ ANSWERS = {"17*23": "391", "2**12": "4096", "99+1": "100"}
 """The three parts of the scripted task and their answers."""
 
 
+class _Handler(ScriptedHandler):
+    # Like llama.cpp: no Nagle, or every reply waits 40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
+
+
 class _OnPort(LoopbackHTTPServer):
     """The scripted server's HTTP server, bound to the port apr chose instead of a free one."""
 
     def __init__(self, scripted: ScriptedServer, host: str, port: int) -> None:
         self.scripted = scripted
-        ThreadingHTTPServer.__init__(self, (host, port), ScriptedHandler)
+        ThreadingHTTPServer.__init__(self, (host, port), _Handler)
 
 
 def _worker(request: RecordedRequest) -> Reply:
