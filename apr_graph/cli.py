@@ -17,24 +17,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import AsyncExitStack, ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from pydantic import ValidationError
 
 from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
-from apr_graph.cli_runs import describe_runs, find_run, list_runs
 from apr_graph.cli_view import PlainView, View, make_view
-from apr_graph.durable import prepare_resume, run_status
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
@@ -45,11 +42,11 @@ from apr_graph.errors import (
     ServerCapabilityError,
     ServerUnreachableError,
 )
-from apr_graph.graph import create_apr_graph
-from apr_graph.llm import LLMClient
-from apr_graph.preflight import check_server, unknown_model_message
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
 
 __all__ = ["main"]
 
@@ -118,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _loading() -> Iterator[None]:
+    """Import the graph, the client or the checkpointer with the cycle collector paused.
+
+    They are imported by the commands that use them, so ``apr serve`` and ``apr --help`` do not
+    wait for them. LangGraph, LangChain and OpenAI make about a million objects that live until
+    exit; while they load, the collector would walk them again and again (a third of the time).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _default_db() -> Path:
     return Path(os.environ.get("APR_DB") or Path.home() / ".cache" / "apr-graph" / "runs.sqlite")
 
@@ -169,6 +183,14 @@ async def _run(
     db: Path,
 ) -> dict[str, Any]:
     """Run (``inputs``) or resume (``None``) the graph, streaming events to ``view``."""
+    with _loading():
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        from apr_graph.durable import prepare_resume, run_status
+        from apr_graph.graph import create_apr_graph
+        from apr_graph.llm import LLMClient
+        from apr_graph.preflight import check_server, unknown_model_message
+
     client = LLMClient(settings)
     try:
         async with AsyncExitStack() as stack:
@@ -282,6 +304,9 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _check_stored(db: Path, thread_id: str) -> None:
+    with _loading():
+        from apr_graph.cli_runs import describe_runs, find_run, list_runs
+
     if find_run(db, thread_id) is None:
         stored = list_runs(db)
         listing = "; stored runs:\n" + describe_runs(stored) if stored else " (it holds no runs)"
@@ -291,6 +316,9 @@ def _check_stored(db: Path, thread_id: str) -> None:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    with _loading():
+        from apr_graph.cli_runs import describe_runs, list_runs
+
     print(describe_runs(list_runs(args.db or _default_db())))
     return 0
 
@@ -332,9 +360,20 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``apr`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        return _main(sys.argv[1:])
+    finally:
+        # The console script's process ends here. Whatever is alive lives until exit: frozen,
+        # the interpreter's last collections skip it (0.7 s less after a run).
+        gc.freeze()
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
-        from apr_graph.bench.main import main as bench
+        with _loading():
+            from apr_graph.bench.main import main as bench
 
         return bench(argv[1:])
     args = _parser().parse_args(argv)
