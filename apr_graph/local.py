@@ -212,7 +212,7 @@ class LocalServer:
                         return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise LocalBackendError(
             f"the embedded {self.kind} server did not answer on {url} within "
             f"{self.startup_timeout_s:g}s (APR_LOCAL_STARTUP_TIMEOUT); last log: {self.log_tail()}"

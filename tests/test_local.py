@@ -32,7 +32,7 @@ def wait_closed(port: int, timeout_s: float = 15) -> bool:
     while time.monotonic() < deadline:
         if not port_open(port):
             return True
-        time.sleep(0.2)
+        time.sleep(0.02)
     return False
 
 
