@@ -9,6 +9,7 @@ before the first request, and sizes each endpoint's limiter.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class _Endpoint:
         )
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
+        self.streams_tools = True
+        """False once the server refused a streamed request with tools (older llama.cpp)."""
         self.report = CapacityReport()
 
     def load(self) -> float:
@@ -221,9 +224,10 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())  # sent only once a slot is free
-            if request.stream:
-                path = "/chat/completions"
-                response = await endpoint.send(_post_stream(endpoint, path, body, request.role))
+            response = None
+            if request.stream and (endpoint.streams_tools or not request.tools):
+                response = await _stream_chat(endpoint, body, request)
+            if response is not None:
                 end = await read_stream(response, progress, delta_text)
                 reply = _Reply.streamed(end, progress)
             else:
@@ -255,6 +259,24 @@ class OpenAITransport:
             reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
             reply.reasoning_kept = True  # a native reasoner's text is the whole point
             return reply.completion(request.model, prompt_tokens, progress, budget)
+
+
+_STREAM = re.compile(r"\bstream", re.I)
+"""In a refusal, the word that says streaming was the problem ("upstream ..." is not)."""
+
+
+async def _stream_chat(endpoint: _Endpoint, body: dict[str, Any], request: ChatRequest) -> Any:
+    """The unread response of a streamed chat request, or ``None`` when the server refuses
+    to stream tool calls (llama.cpp before spring 2025: 500 "Cannot use tools with stream"):
+    then the request goes unstreamed, now and from then on."""
+    try:
+        return await endpoint.send(_post_stream(endpoint, "/chat/completions", body, request.role))
+    except openai.APIStatusError as exc:
+        refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
+        if not (request.tools and refused):
+            raise
+        endpoint.streams_tools = False
+        return None
 
 
 async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], role: str) -> Any:

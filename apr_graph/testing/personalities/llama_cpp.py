@@ -62,6 +62,8 @@ class LlamaCpp(Personality):
             tokens or more is refused with llama.cpp's 400 ``exceed_context_size_error``.
         total_slots: parallel slots (``-np``), reported by ``/props`` and ``/slots``.
         jinja: started with ``--jinja``; without it a request with ``tools`` gets a 500.
+        tool_streams: a build that streams tool calls; older builds (before spring 2025)
+            refuse ``stream`` with ``tools``: 500 "Cannot use tools with stream".
         metrics: started with ``--metrics``; without it ``/metrics`` answers 501.
         model_path: the GGUF file ``/props`` reports.
 
@@ -74,6 +76,7 @@ class LlamaCpp(Personality):
     n_ctx: int = 4096
     total_slots: int = 1
     jinja: bool = True
+    tool_streams: bool = True
     metrics: bool = False
     model_path: str = "/models/model-q4_k_m.gguf"
     _slots: list[list[str]] = field(default_factory=list, init=False, repr=False)
@@ -117,6 +120,8 @@ class LlamaCpp(Personality):
     def admit(self, server: ScriptedServer, request: RecordedRequest) -> Answer | None:
         """No model check; ``tools`` need ``--jinja``; the prompt must fit one slot."""
         body = request.body or {}
+        if not self.tool_streams and body.get("tools") and body.get("stream"):
+            return self.error(500, "Cannot use tools with stream")
         if not self.jinja and body.get("tools"):
             return self.error(500, "tools param requires --jinja flag")
         if not self.jinja and body.get("tool_choice") is not None:
