@@ -80,7 +80,8 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rows[("arithmetic", "native")]["model_calls"] == 6  # main, 4 threads, continuation
     native = next(o for o in results["outcomes"] if o["strategy"] == "native")
     assert [span["label"] for span in native["timeline"]][::5] == ["native", "native"]
-    assert rows[("multipart", "adaptive")]["model_calls"] == 6  # plan, 4 threads, merge
+    # plan, a thread per part, a merge unless the parts are put side by side
+    assert rows[("multipart", "adaptive")]["model_calls"] in {5, 6}
     assert "overhead" not in results  # measured on its own below
     assert "scaling" not in results
     table = (out / "results.md").read_text()
