@@ -75,8 +75,10 @@ class SimModel:
             goals = list(task.parts)  # each part is a question of its own
         else:
             goals = [f"Find an expression for {task.meta['target']}, {p}" for p in task.parts]
-        subtasks = [{"id": f"s{i + 1}", "goal": g} for i, g in enumerate(goals)]
-        return Reply(content={"strategy": "parallel", "subtasks": subtasks})
+        # As the planner prompt asks: the merge before the subtasks, each subtask written as
+        # its goal alone, and "concat" for a list of separate questions.
+        merge = "synthesize" if task.suite == "countdown" else "concat"
+        return Reply(content={"strategy": "parallel", "merge": merge, "subtasks": goals})
 
     def _thread(self, task: Task, request: RecordedRequest) -> Reply:
         goal = request.last_user_message
