@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, contextmanager
@@ -130,6 +132,13 @@ def _loading() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _load_graph() -> None:
+    """Import the graph and the client (most of what ``_run`` imports)."""
+    with _loading():
+        for module in ("apr_graph.graph", "apr_graph.llm"):
+            importlib.import_module(module)
 
 
 def _default_db() -> Path:
@@ -276,7 +285,13 @@ def _ask(args: argparse.Namespace) -> int:
         if local is not None:
             if settings.base_url is not None:
                 view.notice("apr: --local-model given, so the configured server URL is not used")
-            settings, record["local"] = local.start(stack, settings, notice=view.notice)
+            # The model server takes seconds to start: the graph loads meanwhile, on another core.
+            loading = threading.Thread(target=_load_graph, name="apr-load", daemon=True)
+            loading.start()
+            try:
+                settings, record["local"] = local.start(stack, settings, notice=view.notice)
+            finally:
+                loading.join()
         record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
         if thread_id is not None and not resuming:
             view.notice(
