@@ -41,7 +41,7 @@ class _OnPort(LoopbackHTTPServer):
 def _worker(request: RecordedRequest) -> Reply:
     goal = next(g for g in ANSWERS if g in request.last_user_message)
     # Streamed word by word, so threads on parallel slots generate side by side.
-    return Reply(content=f"the result is {ANSWERS[goal]}", chunk_delay_s=0.1)
+    return Reply(content=f"the result is {ANSWERS[goal]}", chunk_delay_s=0.05)
 
 
 def _rules() -> list[Rule]:
