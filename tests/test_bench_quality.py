@@ -135,9 +135,9 @@ def test_wilson_interval() -> None:
 
 
 def test_multipart_is_seeded_and_mixes_facts_and_calculations() -> None:
-    tasks = make_suite("multipart", 20, seed=1, parts=3)
+    tasks = make_suite("multipart", 100, seed=1, parts=3)
     assert [t.prompt for t in tasks] == [
-        t.prompt for t in make_suite("multipart", 20, seed=1, parts=3)
+        t.prompt for t in make_suite("multipart", 100, seed=1, parts=3)
     ]
     assert tasks[0].prompt != make_suite("multipart", 1, seed=2, parts=3)[0].prompt
     for task in tasks:
@@ -146,6 +146,8 @@ def test_multipart_is_seeded_and_mixes_facts_and_calculations() -> None:
         calculations = [p for p in task.parts if re.fullmatch(r"What is \d+ [-+*] \d+\?", p)]
         assert len(calculations) == 1
         assert len({e.casefold() for e in task.expected}) == 3  # each part checkable alone
+        # an answer that only echoes the questions gets no part
+        assert task.part_score(task.prompt) == (0, 3)
         for part, value in zip(task.parts, task.expected, strict=True):
             if part in calculations:
                 assert value == str(eval(part[8:-1]))

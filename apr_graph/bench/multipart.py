@@ -210,26 +210,25 @@ def _calculation(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} {op} {b}?", str(eval(f"{a} {op} {b}"))
 
 
+def _checkable(items: Sequence[tuple[str, tuple[str, ...]]]) -> bool:
+    """No two parts share an answer, and no answer is written in any question (an answer that
+    echoes the questions would otherwise pass for a missing part)."""
+    firsts = {tuple(tokens(answers[0])) for _, answers in items}
+    asked = tokens(" ".join(question for question, _ in items))
+    spellings = [tokens(a) for _, answers in items for a in answers]
+    return len(firsts) == len(items) and all(_find(asked, s, 0) is None for s in spellings)
+
+
 def make_questions(rng: random.Random, parts: int) -> Question:
     """A question of ``parts`` parts, about a third of them calculations (at least one), the
-    rest facts; no two parts share an answer, so each part is checked on its own."""
+    rest facts, each part checkable on its own (see ``_checkable``)."""
     if parts < 2:
         raise ValueError(f"a multipart question needs at least 2 parts, not {parts}")
     calculations = max(1, round(parts / 3))
-    facts = rng.sample(FACTS, parts - calculations)
-    items = [(f.question, f.answers) for f in facts]
-    seen = {tokens(f.answers[0])[0] for f in facts}
-    while len(items) < parts:
-        question, result = _calculation(rng)
-        if float(result) not in seen:
-            seen.add(float(result))
-            items.append((question, (result,)))
+    while True:
+        items = [(f.question, f.answers) for f in rng.sample(FACTS, parts - calculations)]
+        items += [(q, (r,)) for q, r in (_calculation(rng) for _ in range(calculations))]
+        if _checkable(items):
+            break
     rng.shuffle(items)
-    unique_answers = {tuple(tokens(a[0])) for _, a in items}
-    if len(unique_answers) < parts:  # two facts with the same number: draw again
-        return make_questions(rng, parts)
-    return Question(
-        [q for q, _ in items],
-        [a[0] for _, a in items],
-        [a for _, a in items],
-    )
+    return Question([q for q, _ in items], [a[0] for _, a in items], [a for _, a in items])
