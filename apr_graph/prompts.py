@@ -72,7 +72,12 @@ When the last message asks you to check, judge or merge results, do exactly that
 </task>
 {context_block}"""
 
-_WORKER_USER = "Solve subtask {id}: {goal}"
+_WORKER_USER = """\
+Subtask {id}: {goal}
+Reply with the answer to this subtask only, not to the other parts of the task."""
+"""A thread's own question. "Only this subtask" is spelled out: with the whole task in view, a
+1.5B model answered another part of it (e.g. the capital of Kenya for "how many sides has a
+hexagon") about one time in three without it, and in none of nine tries with it."""
 
 _VOTE_RULE = "\nEnd your answer with a last line of the form 'Final answer: <answer>'."
 

@@ -27,7 +27,7 @@ def worker_request(server: Any, goal: str) -> RecordedRequest:
     found = [
         r
         for r in server.chat_requests("worker")
-        if re.search(rf"Solve subtask \S+: {re.escape(goal)}(\n|$)", r.last_user_message)
+        if re.search(rf"Subtask \S+: {re.escape(goal)}(\n|$)", r.last_user_message)
     ]
     assert len(found) == 1, f"{len(found)} worker requests for {goal!r}"
     return found[0]

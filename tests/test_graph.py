@@ -128,7 +128,7 @@ async def test_parallel_threads_overlap_and_all_results_reach_the_answer(
 async def test_synthesis_sees_results_in_plan_order(make_server: ServerFactory) -> None:
     # Later subtasks answer first; the merge prompt must still list s1, s2, s3 in order.
     def worker(request: RecordedRequest) -> Reply:
-        sid = request.last_user_message.split()[2].rstrip(":")
+        sid = request.last_user_message.split()[1].rstrip(":")
         return Reply(content=f"result({sid})", delay_s={"s1": 0.3, "s2": 0.15, "s3": 0.0}[sid])
 
     server = make_server(

@@ -189,7 +189,7 @@ async def run_loop(server: Any, **overrides: Any) -> Any:
     settings = settings_for(server, **overrides)
     messages = [
         {"role": "system", "content": "shared prefix"},
-        {"role": "user", "content": "Solve subtask s1: 17 * 23"},
+        {"role": "user", "content": "Subtask s1: 17 * 23"},
     ]
     client = LLMClient(settings)
     try:
@@ -401,7 +401,7 @@ async def test_a_langchain_chat_model_streams_tool_calls(make_server: ServerFact
 
     server = make_server(
         [  # a chat model sends no role header: the rules go by the messages
-            Rule(contains="Solve subtask", reply=api_caller),
+            Rule(contains="Subtask ", reply=api_caller),
             Rule(contains="All threads have finished", reply=Reply(content="merged")),
             Rule(reply=Reply(content=ONE_THREAD)),
         ]
