@@ -201,8 +201,8 @@ class LocalServer:
 
         Its threads spin while they wait for each other; when anything else wants the CPU, a
         spinning thread holds the core its partner needs: on 2 shared cores the planner's
-        prompt took 20 s instead of 5. Waiting passively cost nothing measurable on 2 quiet
-        ones. A value the user set wins.
+        prompt took 20 s instead of 5. Waiting passively was no slower when they were less
+        busy. A value the user set wins.
         """
         if self.kind == "llama-cpp-python":
             return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
