@@ -21,15 +21,9 @@ import pytest
 
 from apr_graph import AprSettings
 from apr_graph.testing import Rule, ScriptedServer
-from apr_graph.testing.handler import ScriptedHandler
 
 ServerFactory = Callable[..., ScriptedServer]
 
-# Nagle's algorithm held back the second write of every reply (headers, then body) until the
-# client's delayed ACK: 40 ms a request, the bulk of the suite's time, and streamed chunks
-# arrived in bursts. asyncio servers (uvicorn: vLLM, LiteLLM, llama-cpp-python) set
-# TCP_NODELAY on every connection too. TODO: set this on ScriptedHandler itself.
-ScriptedHandler.disable_nagle_algorithm = True
 
 
 @pytest.hookimpl(wrapper=True)

@@ -42,6 +42,10 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: LoopbackHTTPServer
+    disable_nagle_algorithm = True
+    """TCP_NODELAY, as asyncio servers (uvicorn: vLLM, LiteLLM, llama-cpp-python) set it:
+    otherwise the second write of every reply waits for the client's delayed ACK (40 ms a
+    request) and streamed chunks arrive in bursts."""
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         return  # keep test output quiet
