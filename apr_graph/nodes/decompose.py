@@ -132,10 +132,14 @@ def make_decompose(
             reason = budget.stop_reason or "budget"
             normalised = direct_plan("", [f"stopped while planning: {reason}"])
             normalised["answer"] = f"(incomplete: the {reason} was reached while planning)"
+        except BaseException:  # failed or cancelled: nothing of this run may go on
+            if warm is not None:
+                warm.cancel()
+            raise
         finally:
             starter.closed = True
-            if warm is not None:
-                await warm
+        if warm is not None:
+            await warm
         # Threads started early that the final plan has no place for are cancelled now; the
         # others are adopted by their worker node if their request is still the right one.
         keep = [
