@@ -25,7 +25,6 @@ from apr_graph.testing import Rule, ScriptedServer
 ServerFactory = Callable[..., ScriptedServer]
 
 
-
 @pytest.hookimpl(wrapper=True)
 def pytest_collection(session: pytest.Session) -> object:
     """Collect with the cycle collector paused, then freeze what was imported.
