@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
+from apr_graph.nodes.worker import thread_call
 from apr_graph.plan import normalise_plan
 from apr_graph.prompts import worker_messages
-from apr_graph.responses import Completion, Message, StreamProgress
+from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, Plan, PlanRecord, Subtask, SubtaskRecord
 
@@ -122,7 +123,7 @@ class EarlyCall:
         progress = self.progress
         if progress.started_at <= 0:
             return None
-        prompt = sum(len(str(m["content"])) for m in self.messages) // 4
+        prompt = prompt_estimate(self.messages)
         if not progress.charged:
             charge(prompt + progress.completion_tokens)
         return CallRecord(
@@ -234,7 +235,7 @@ class EarlyStarter:
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
-        request = self._request(messages, progress, allowance, subtask.get("temperature"))
+        request = self._request(messages, subtask, allowance, progress)
         started = time.time()
         call = EarlyCall(
             subtask,
@@ -260,21 +261,13 @@ class EarlyStarter:
     async def _request(
         self,
         messages: list[Message],
-        progress: StreamProgress,
+        subtask: SubtaskRecord,
         allowance: int,
-        temperature: float | None,
+        progress: StreamProgress,
     ) -> Completion:
         if self.after is not None:  # e.g. the warm-up of the shared prefix
             await asyncio.shield(self.after)
-        return await self.client.chat(
-            messages,
-            role="worker",
-            stream=True,
-            progress=progress,
-            max_tokens=allowance,
-            budget=self.budget,
-            temperature=temperature,
-        )
+        return await thread_call(self.client, messages, subtask, allowance, progress, self.budget)
 
 
 def _retrieve(task: asyncio.Future[Completion]) -> None:

@@ -31,14 +31,15 @@ from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.prompts import shared_system, verifier_messages, worker_messages
-from apr_graph.responses import Completion, StreamProgress
+from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
+from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
-__all__ = ["Verifier", "make_worker"]
+__all__ = ["Verifier", "make_worker", "thread_call"]
 
 Verifier = Callable[[str], bool | Awaitable[bool]]
 """A user check of a thread's answer: ``verify(answer) -> bool`` (sync or async)."""
@@ -195,24 +196,16 @@ async def _solve(
                     progress=progress,
                 )
             else:
-                work = client.chat(
-                    messages,
-                    role="worker",
-                    stream=True,
-                    progress=progress,
-                    max_tokens=allowance,
-                    budget=board.budget,
-                    temperature=subtask.get("temperature"),
-                )
+                work = thread_call(client, messages, subtask, allowance, progress, board.budget)
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             # Count what the cancelled request produced; the prompt was paid for too.
             sent = progress.started_at > 0
-            prompt_estimate = sum(len(m["content"]) for m in messages) // 4 if sent else 0
-            thread.prompt_tokens += prompt_estimate
+            prompt = prompt_estimate(messages) if sent else 0
+            thread.prompt_tokens += prompt
             thread.completion_tokens += progress.completion_tokens
             if not progress.charged:  # a complete answer was charged by the client already
-                board.budget.charge(prompt_estimate + progress.completion_tokens)
+                board.budget.charge(prompt + progress.completion_tokens)
             reason = board.stop_reason or str(stop)
             status: ThreadStatus = "cancelled" if sent else "skipped"
             record = thread.record(status, error=f"{status}: {reason}")
@@ -266,6 +259,26 @@ async def _solve(
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason
+
+
+def thread_call(
+    client: LLMClient,
+    messages: list[Message],
+    subtask: SubtaskRecord,
+    allowance: int,
+    progress: StreamProgress,
+    budget: CallBudget,
+) -> Awaitable[Completion]:
+    """A thread's streamed model call (its first may be sent early, while the plan streams)."""
+    return client.chat(
+        messages,
+        role="worker",
+        stream=True,
+        progress=progress,
+        max_tokens=allowance,
+        budget=budget,
+        temperature=subtask.get("temperature"),
+    )
 
 
 async def _verify(
