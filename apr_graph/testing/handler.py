@@ -137,15 +137,23 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         base = wire.stream_base(body, text)
+        # Unpaced, the chunks go out in batches: the same bytes, a write per 64 chunks instead
+        # of one each (a replayed 6,000-word trace took 0.4 s of writes per request).
+        batch = 1 if reply.chunk_delay_s or type(pacer) is not Pacer else 64
+        pending: list[bytes] = []
         for index, piece in enumerate(wire.stream_pieces(reply.text())):
             if reply.cut_stream_after is not None and index >= reply.cut_stream_after:
                 self.close_connection = True
-                self.wfile.flush()
+                self._send_chunks(pending)
                 return  # no finish_reason, no [DONE], no final empty chunk
             if reply.chunk_delay_s:
                 time.sleep(reply.chunk_delay_s)
             pacer.wait(index + 1)
-            self._send_chunk(wire.sse_event(wire.delta_chunk(base, piece, text)))
+            pending.append(wire.sse_event(wire.delta_chunk(base, piece, text)))
+            if len(pending) >= batch:
+                self._send_chunks(pending)
+                pending = []
+        self._send_chunks(pending)
         if not text:
             for chunk in wire.tool_call_chunks(base, reply):
                 self._send_chunk(wire.sse_event(chunk))
@@ -198,3 +206,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     def _send_chunk(self, data: bytes) -> None:
         self.wfile.write(wire.http_chunk(data))
         self.wfile.flush()
+
+    def _send_chunks(self, events: list[bytes]) -> None:
+        """Send ``events`` as one write, each its own HTTP chunk."""
+        if events:
+            self.wfile.write(b"".join(wire.http_chunk(data) for data in events))
+            self.wfile.flush()

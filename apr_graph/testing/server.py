@@ -75,7 +75,7 @@ class ScriptedServer:
         self._httpd = LoopbackHTTPServer(self)
         # A short poll: stop() waits for the serving loop to look, so it stops promptly.
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True
         )
         self._thread.start()
         return self
