@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from pydantic import ValidationError
 
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
-from apr_graph.cli_view import PlainView, View, make_view
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, serve
+from apr_graph.cli_view import View, make_view
 from apr_graph.errors import (
     AprError,
     AuthenticationError,
@@ -345,32 +345,6 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    plain = PlainView()
-    local = choose_local(args)  # a bad model path fails here, before anything starts
-    for line in local.notices()[1:]:  # the first says a run will use it; serve is not a run
-        plain.notice(line)
-    try:
-        with local.server(port=args.port, host=args.host) as server:
-            alias, url = local.model.alias, server.base_url
-            what = (
-                "SmolLM2-135M-Instruct, a demo model"
-                if local.model.bundled
-                else local.model.describe()
-            )
-            plain.notice(
-                f"apr: {server.kind} serving {alias} at {url} ({local.shape(server)}): {what}; "
-                f'use it with: apr ask --base-url {url} --model {alias} "TASK". Ctrl-C stops it.'
-            )
-            plain.notice(f"apr: settings that fit this model, for its clients: {local.env_line()}")
-            print(url, flush=True)  # last, so a reader of stdout knows it is up
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        plain.notice("apr: stopped the embedded model server")
-    return 0
-
-
 def _fail(message: str, code: int) -> NoReturn:
     print(f"apr: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -403,7 +377,7 @@ def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        commands = {"serve": _serve, "runs": _runs}
+        commands = {"serve": serve, "runs": _runs}
         return commands.get(args.command, _ask)(args)
     except _CliError as exc:
         _fail(str(exc), exc.code)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from apr_graph.cli_view import PlainView
 from apr_graph.errors import InputError
 from apr_graph.local import LocalServer, local_engine
 from apr_graph.local_model import (
@@ -30,6 +32,7 @@ __all__ = [
     "LocalChoice",
     "add_local_options",
     "choose_local",
+    "serve",
 ]
 
 DEMO_NOTICE = (
@@ -208,3 +211,30 @@ def choose_local(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         model, parallel=engine == "llama-server", slots=slots, ctx_per_slot=ctx
     )
     return LocalChoice(model=model, defaults=defaults, engine=engine)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``apr serve``: run the local model until Ctrl-C, saying how to use it."""
+    plain = PlainView()
+    local = choose_local(args)  # a bad model path fails here, before anything starts
+    for line in local.notices()[1:]:  # the first says a run will use it; serve is not a run
+        plain.notice(line)
+    try:
+        with local.server(port=args.port, host=args.host) as server:
+            alias, url = local.model.alias, server.base_url
+            what = (
+                "SmolLM2-135M-Instruct, a demo model"
+                if local.model.bundled
+                else local.model.describe()
+            )
+            plain.notice(
+                f"apr: {server.kind} serving {alias} at {url} ({local.shape(server)}): {what}; "
+                f'use it with: apr ask --base-url {url} --model {alias} "TASK". Ctrl-C stops it.'
+            )
+            plain.notice(f"apr: settings that fit this model, for its clients: {local.env_line()}")
+            print(url, flush=True)  # last, so a reader of stdout knows it is up
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        plain.notice("apr: stopped the embedded model server")
+    return 0
