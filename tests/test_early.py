@@ -194,9 +194,13 @@ async def test_a_vote_plan_gives_early_voters_the_final_line_rule(
     )
     result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
     assert result["answer"] == "7"
-    workers = server.chat_requests("worker")
-    assert len(workers) >= 3  # three agreeing voters settle it; the fourth may never be sent
-    assert all("Final answer" in w.last_user_message for w in workers)
+    # Three agreeing voters settle it: the fourth may never be sent, or be cancelled while
+    # its body is on the way (the server then records it without one).
+    workers = [w for w in server.chat_requests("worker") if w.body is not None]
+    assert len(workers) >= 3
+    assert all("Final answer" in w.last_user_message for w in workers), [
+        w.last_user_message for w in workers
+    ]
     planner = server.chat_requests("planner")[0]
     assert planner.ended_at is not None
     assert min(w.started_at for w in workers) < planner.ended_at
