@@ -7,6 +7,7 @@ SIGTERM (and one smoke test of the installed console script) run ``apr`` as a su
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -327,18 +328,17 @@ class StderrReader:
         return self.text()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_cancels_and_reports_what_finished(
-    make_server: ServerFactory, signum: signal.Signals
-) -> None:
+def test_ctrl_c_and_sigterm_cancel_and_report_what_finished(make_server: ServerFactory) -> None:
+    # One apr per signal, side by side (each spends most of its time starting Python).
     plan = {
         "strategy": "parallel",
         "subtasks": [{"id": "fast", "goal": "quick part"}, {"id": "slow", "goal": "slow part"}],
     }
-    slow_arrived = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    slow_arrived = threading.Semaphore(0)
 
     def slow(request: RecordedRequest) -> Reply:
-        slow_arrived.set()
+        slow_arrived.release()
         return Reply(content="late", delay_s=30)
 
     server = make_server(
@@ -348,35 +348,71 @@ def test_a_signal_cancels_and_reports_what_finished(
             Rule(role="worker", contains="slow part", reply=slow),
         ]
     )
-    with subprocess.Popen(
-        [apr_executable(), "ask", "--base-url", server.base_url, "--model", MODEL, "two parts"],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        stderr = StderrReader(process)
-        try:
-            # Signal only once apr is inside the fan-out: the slow request is at the server,
-            # and apr has printed that the fast thread finished.
-            assert slow_arrived.wait(timeout=30), "the slow thread's request never arrived"
+    command = [
+        apr_executable(),
+        "ask",
+        "--base-url",
+        server.base_url,
+        "--model",
+        MODEL,
+        "two parts",
+    ]
+    with contextlib.ExitStack() as stack:
+        processes = [
+            stack.enter_context(
+                subprocess.Popen(
+                    command,
+                    env=clean_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for _ in signals
+        ]
+        readers = [StderrReader(process) for process in processes]
+        outcomes = _signal_all(processes, readers, signals, slow_arrived)
+    for (code, out, err), signum in zip(outcomes, signals, strict=True):
+        assert code == 130, (signum.name, err)
+        assert "interrupted: 1 of 2 threads had finished" in err, signum.name
+        assert "fast: quick result" in err, signum.name
+        assert "Traceback" not in err, signum.name
+        assert out == "", signum.name
+
+
+def _signal_all(
+    processes: list[subprocess.Popen[str]],
+    readers: list[StderrReader],
+    signals: tuple[signal.Signals, ...],
+    slow_arrived: threading.Semaphore,
+) -> list[tuple[int | None, str, str]]:
+    """Send each process its signal once it is inside the fan-out; (code, stdout, stderr)."""
+    try:
+        # Signal only once each apr is inside the fan-out: its slow request is at the server,
+        # and it has printed that its fast thread finished.
+        for _ in signals:
+            assert slow_arrived.acquire(timeout=30), "a slow thread's request never arrived"
+        for process, reader, signum in zip(processes, readers, signals, strict=True):
             wait_until(
-                lambda: "apr: thread fast done" in stderr.text(),
+                lambda reader=reader: "apr: thread fast done" in reader.text(),
                 "apr to report the fast thread",
                 within_s=30,
             )
             process.send_signal(signum)
+        for process, reader, signum in zip(processes, readers, signals, strict=True):
             try:
                 process.wait(timeout=15)  # the slow reply alone would take 30 s
             except subprocess.TimeoutExpired:
-                pytest.fail(f"apr was still running 15 s after {signum.name}:\n{stderr.text()}")
-        finally:
+                pytest.fail(f"apr was still running 15 s after {signum.name}:\n{reader.text()}")
+    finally:
+        for process in processes:
             if process.poll() is None:
                 process.kill()
-        err = stderr.finish(timeout=10)
-        out = process.stdout.read() if process.stdout else ""
-    assert process.returncode == 130, err
-    assert "interrupted: 1 of 2 threads had finished" in err
-    assert "fast: quick result" in err
-    assert "Traceback" not in err
-    assert out == ""
+    return [
+        (
+            process.returncode,
+            process.stdout.read() if process.stdout else "",
+            reader.finish(timeout=10),
+        )
+        for process, reader in zip(processes, readers, strict=True)
+    ]

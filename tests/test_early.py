@@ -185,7 +185,7 @@ async def test_a_vote_plan_gives_early_voters_the_final_line_rule(
         [
             slow_planner(
                 plan_json(
-                    *(f"attempt {n} at the question, in its own way" for n in range(1, 5)),
+                    *(f"attempt {n}" for n in range(1, 5)),
                     merge="vote",
                 )
             ),
