@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import TypedDict
 
 __all__ = [
@@ -94,6 +94,62 @@ class Plan(BaseModel):
         default=None,
         description="How to combine results: concat, synthesize, vote, race or best.",
     )
+    depends_on: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="For 'parallel', rarely: goal number -> numbers of the goals it needs.",
+    )
+    fork: list[str] = Field(
+        default_factory=list,
+        description="For 'parallel', rarely: numbers of the goals large enough to split again.",
+    )
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _dependency_map(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return {}
+        refs = {str(k): v if isinstance(v, list) else [v] for k, v in value.items()}
+        return {k: [str(r) for r in v if isinstance(r, str | int)] for k, v in refs.items()}
+
+    @field_validator("fork", mode="before")
+    @classmethod
+    def _fork_list(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return []
+        return [str(v) for v in value if isinstance(v, str | int) and not isinstance(v, bool)]
+
+    @model_validator(mode="after")
+    def _apply_options(self) -> Plan:
+        """Apply the plan-level ``depends_on`` and ``fork`` to the subtasks they name.
+
+        A plan written as a list of goals names subtasks by number (1 is the first goal) or by
+        id; a reference to no subtask is left for plan repair to report.
+        """
+        if not (self.depends_on or self.fork):
+            return self
+        for index, subtask in enumerate(self.subtasks, start=1):
+            subtask.id = subtask.id.strip() or f"s{index}"
+
+        def resolve(ref: str) -> Subtask | None:
+            ref = ref.strip()
+            for subtask in self.subtasks:
+                if subtask.id == ref:
+                    return subtask
+            if ref.isdigit() and 1 <= int(ref) <= len(self.subtasks):
+                return self.subtasks[int(ref) - 1]
+            return None
+
+        for key, refs in self.depends_on.items():
+            target = resolve(key)
+            if target is not None:
+                found = [resolve(r) for r in refs]
+                names = [f.id if f is not None else r for f, r in zip(found, refs, strict=True)]
+                target.depends_on = list(dict.fromkeys([*target.depends_on, *names]))
+        for ref in self.fork:
+            target = resolve(ref)
+            if target is not None:
+                target.fork = True
+        return self
 
     @field_validator("merge", mode="before")
     @classmethod
@@ -133,22 +189,7 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
     until the token limit), and the subtask array is capped at ``max_threads``. Validation
     itself (``Plan``) stays lenient; oversized plans are clamped afterwards.
     """
-    subtask = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "maxLength": 16},
-            "goal": {"type": "string", "maxLength": 600},
-            "depends_on": {
-                "type": "array",
-                "items": {"type": "string", "maxLength": 16},
-                "maxItems": max_threads,
-            },
-            "fork": {"type": "boolean"},
-            "max_tokens": {"type": "integer", "minimum": 16, "maximum": 32768},
-        },
-        "required": ["id", "goal"],
-        "additionalProperties": False,
-    }
+    number = {"type": "integer", "minimum": 1, "maximum": max_threads}
     return {
         "title": "Plan",
         "anyOf": [
@@ -169,14 +210,25 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                         "type": "string",
                         "enum": ["concat", "synthesize", "vote", "race", "best"],
                     },
+                    # Goals alone, their rare options after them by goal number: every token
+                    # of the plan delays every thread, and offered per-subtask objects, a
+                    # 1.5B model wrote every option of every subtask (174 tokens for three
+                    # questions; 55-65 as goals).
                     "subtasks": {
                         "type": "array",
-                        # A goal alone is the short form: every token of the plan delays
-                        # every thread, and most subtasks need no options.
-                        "items": {"anyOf": [{"type": "string", "maxLength": 600}, subtask]},
+                        "items": {"type": "string", "maxLength": 600},
                         "minItems": 1,
                         "maxItems": max_threads,
                     },
+                    "depends_on": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "array",
+                            "items": number,
+                            "maxItems": max_threads,
+                        },
+                    },
+                    "fork": {"type": "array", "items": number, "maxItems": max_threads},
                 },
                 # merge is required so that constrained decoders (llama.cpp puts optional
                 # properties after the required ones) write it before the subtasks: a thread

@@ -147,6 +147,43 @@ async def test_a_thread_the_repaired_plan_changes_is_started_again(
     assert all(t["status"] == "done" for t in result["threads"])
 
 
+async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_its_inputs(
+    make_server: ServerFactory,
+) -> None:
+    # Goals come first and start as they are written; "depends_on" follows them. The thread
+    # it names was started without its inputs: that request is discarded and sent again with
+    # the results it needs; the others are adopted.
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": ["alpha", "beta", "gamma"],
+        "depends_on": {"3": [1, 2]},
+    }
+    server = make_server(
+        [
+            slow_planner(plan),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert result["answer"] == "merged"
+    assert [(s["id"], s["depends_on"]) for s in result["plan"]["subtasks"]] == [
+        ("s1", []),
+        ("s2", []),
+        ("s3", ["s1", "s2"]),
+    ]
+    discarded = [c for c in result["calls"] if c["mode"] == "discarded"]
+    assert [c["thread_id"] for c in discarded] == ["s3"]
+    gamma = [
+        w.last_user_message
+        for w in server.chat_requests("worker")
+        if "Subtask s3: gamma" in w.last_user_message
+    ]
+    assert [('<result id="s1"' in m and '<result id="s2"' in m) for m in gamma] == [False, True]
+    assert len(server.chat_requests("worker")) == 4  # s1 and s2 once each, s3 twice
+
+
 async def test_a_subtask_past_max_threads_is_never_started(make_server: ServerFactory) -> None:
     server = make_server(
         [

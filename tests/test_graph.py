@@ -173,8 +173,11 @@ async def test_oversized_plan_is_clamped_to_max_threads(make_server: ServerFacto
     assert [s["id"] for s in result["plan"]["subtasks"]] == ["s1", "s2", "s3"]
     assert any("clamped 20 subtasks" in note for note in result["plan"]["notes"])
     sent_schema = server.chat_requests("planner")[0].body["response_format"]["json_schema"]
-    parallel_branch = sent_schema["schema"]["anyOf"][1]
-    assert parallel_branch["properties"]["subtasks"]["maxItems"] == 3
+    parallel_branch = sent_schema["schema"]["anyOf"][1]["properties"]
+    assert parallel_branch["subtasks"]["maxItems"] == 3
+    # Goals alone; their options by goal number, which cannot name a fourth goal.
+    assert parallel_branch["subtasks"]["items"] == {"type": "string", "maxLength": 600}
+    assert parallel_branch["fork"]["items"]["maximum"] == 3
 
 
 async def test_empty_parallel_plan_falls_back_to_a_direct_answer(

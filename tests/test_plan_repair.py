@@ -330,3 +330,37 @@ def test_a_forced_merge_is_kept_for_repeated_goals() -> None:
     same = [sub(f"s{i}", "guess") for i in range(3)]
     result = normalise_plan(parallel(*same), AprSettings(merge="best"))
     assert result["merge"] == "best"
+
+
+def test_plan_level_options_name_goals_by_number_or_id() -> None:
+    # The schema's short form: goals alone, then their rare options by goal number.
+    plan = Plan.model_validate(
+        {
+            "strategy": "parallel",
+            "merge": "synthesize",
+            "subtasks": ["population of Canada", "population of Australia", "compare them"],
+            "depends_on": {"3": [1, "s2"]},
+            "fork": [2],
+        }
+    )
+    record = normalise_plan(plan, AprSettings(max_depth=3))
+    assert [(s["id"], s["depends_on"], s["fork"]) for s in record["subtasks"]] == [
+        ("s1", [], False),
+        ("s2", [], True),
+        ("s3", ["s1", "s2"], False),
+    ]
+    assert record["notes"] == []
+
+
+def test_plan_level_options_naming_no_goal_are_reported_not_guessed() -> None:
+    plan = Plan.model_validate(
+        {
+            "strategy": "parallel",
+            "subtasks": ["one", "two"],
+            "depends_on": {"2": [7], "9": [1], "x": "junk"},
+            "fork": [5, True],
+        }
+    )
+    record = normalise_plan(plan, AprSettings(max_depth=3))
+    assert [(s["depends_on"], s["fork"]) for s in record["subtasks"]] == [([], False), ([], False)]
+    assert record["notes"] == ["s2: ignored unknown or self dependencies ['7']"]
