@@ -7,13 +7,14 @@ dependencies, forks past the depth limit and absurd token allowances are all see
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from apr_graph.settings import AprSettings
 from apr_graph.state import Plan, PlanRecord, SubtaskRecord
 
-__all__ = ["direct_plan", "normalise_plan", "plan_of", "repair_dependencies"]
+__all__ = ["direct_plan", "labelled_parts", "normalise_plan", "plan_of", "repair_dependencies"]
 
 
 def repair_dependencies(subtasks: list[SubtaskRecord], notes: list[str]) -> None:
@@ -51,13 +52,76 @@ def _has_cycle(subtasks: list[SubtaskRecord]) -> bool:
     return any(visit(n) for n in edges)
 
 
+_MARKER = re.compile(r"(?:^|(?<=[\s:;,]))\(?([a-z]|\d{1,2})\)(?=\s)|(?:^|(?<=\s))(\d{1,2})\.(?=\s)")
+_REFERENCE = re.compile(
+    r"(?:(?:answer|solve|do|complete|compute|address|handle)\s+)?"
+    r"(?:(?:the\s+)?(?:part|question|item|point|step|task)\s+)?"
+    r"\(?([a-z]|\d{1,2})\)?\s*[.:]?",
+    re.I,
+)
+
+
+def labelled_parts(task: str) -> dict[str, str]:
+    """The task's labelled parts, ``{"a": "text of (a)", ...}``, if it lists them.
+
+    Labels are ``(a)``, ``a)``, ``(1)``, ``1)`` or ``1.``, in order from the first (``a`` or
+    ``1``) without gaps; anything else is not a list of parts and gives ``{}``.
+    """
+    found = [
+        (m.start(), m.end(), (m.group(1) or m.group(2)).lower()) for m in _MARKER.finditer(task)
+    ]
+    parts: dict[str, str] = {}
+    expected = None
+    for index, (_, end, label) in enumerate(found):
+        if expected is None:
+            if label not in {"a", "1"}:
+                continue
+            expected = label
+        if label != expected:
+            continue
+        stop = next((s for s, _, nxt in found[index + 1 :] if nxt == _successor(label)), len(task))
+        parts[label] = task[end:stop].strip()
+        expected = _successor(label)
+    return parts if len(parts) >= 2 else {}
+
+
+def _successor(label: str) -> str:
+    return str(int(label) + 1) if label.isdigit() else chr(ord(label) + 1)
+
+
+def _expand_references(subtasks: list[SubtaskRecord], task: str, notes: list[str]) -> None:
+    """A goal that only names a labelled part of the task ("answer (b)") gets its text.
+
+    Small planners write such goals; the thread, told only "answer (b)", then answers some
+    other part or calls it a dead end (seen with a 1.5B model).
+    """
+    parts = labelled_parts(task) if task else {}
+    if not parts:
+        return
+    expanded = []
+    for subtask in subtasks:
+        matched = _REFERENCE.fullmatch(subtask["goal"].strip())
+        label = matched.group(1).lower() if matched else None
+        if label is not None and parts.get(label):
+            subtask["goal"] = f"({label}) {parts[label]}"
+            expanded.append(subtask["id"])
+    if expanded:
+        notes.append(f"goals that only named a part of the task were given its text: {expanded}")
+
+
 def normalise_plan(
-    plan: Plan, settings: AprSettings, *, depth: int = 0, slots: int | None = None
+    plan: Plan,
+    settings: AprSettings,
+    *,
+    depth: int = 0,
+    slots: int | None = None,
+    task: str = "",
 ) -> PlanRecord:
     """Repair a model's plan into something safe to run.
 
     Subtasks of a direct plan are ignored; subtasks without a goal are dropped; duplicate
-    ids are renamed; more than ``max_threads`` (or the run's remaining ``slots``) subtasks are
+    ids are renamed; a goal that only names a labelled part of ``task`` gets that part's
+    text; more than ``max_threads`` (or the run's remaining ``slots``) subtasks are
     clamped; dependencies are repaired; ``fork`` is cleared at the depth limit; thread token
     allowances are kept within bounds; a parallel plan left with no subtasks becomes direct.
     ``notes`` says what was changed.
@@ -95,6 +159,7 @@ def normalise_plan(
     dropped = len(plan.subtasks) - len(subtasks)
     if dropped:
         notes.append(f"dropped {dropped} subtasks without a goal")
+    _expand_references(subtasks, task, notes)
     subtasks, merge = _repeated_goals(subtasks, merge, settings, notes)
     limit = settings.max_threads if slots is None else min(settings.max_threads, slots)
     if len(subtasks) > limit:

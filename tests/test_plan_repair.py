@@ -9,6 +9,7 @@ import pytest
 
 from apr_graph import AprSettings
 from apr_graph.nodes.decompose import normalise_plan, repair_dependencies
+from apr_graph.plan import labelled_parts
 from apr_graph.state import Plan, SubtaskRecord
 
 CYCLE_NOTE = "dependencies form a cycle: running the subtasks one after another"
@@ -364,3 +365,49 @@ def test_plan_level_options_naming_no_goal_are_reported_not_guessed() -> None:
     record = normalise_plan(plan, AprSettings(max_depth=3))
     assert [(s["depends_on"], s["fork"]) for s in record["subtasks"]] == [([], False), ([], False)]
     assert record["notes"] == ["s2: ignored unknown or self dependencies ['7']"]
+
+
+@pytest.mark.parametrize(
+    ("task", "parts"),
+    [
+        (
+            "Answer each part: (a) What is 64 / 8? (b) What is the capital of Spain? (c) 2 + 2?",
+            {"a": "What is 64 / 8?", "b": "What is the capital of Spain?", "c": "2 + 2?"},
+        ),
+        (
+            "1) Convert 5 km to miles. 2) Who wrote Emma?",
+            {"1": "Convert 5 km to miles.", "2": "Who wrote Emma?"},
+        ),
+        (
+            "Steps: 1. Sort the list. 2. Print it, 3.5 wide.",
+            {"1": "Sort the list.", "2": "Print it, 3.5 wide."},
+        ),
+        ("What is 3.5 * 2?", {}),  # a decimal is no label
+        ("Explain (b) first, then (c).", {}),  # a list starts at (a) or 1
+        ("Only (a) this one.", {}),  # one part is not a list
+    ],
+)
+def test_labelled_parts_of_a_task(task: str, parts: dict[str, str]) -> None:
+    assert labelled_parts(task) == parts
+
+
+def test_a_goal_that_only_names_a_part_of_the_task_gets_its_text() -> None:
+    # A 1.5B planner wrote ["answer (a)", "answer (b)", "answer (c)"]; told only "answer (a)",
+    # its threads answered other parts or called them dead ends.
+    task = "Answer each part: (a) What is 64 / 8? (b) What is the capital of Spain? (c) 9 * 9?"
+    plan = parallel_goals("answer (a)", "Answer part (b)", "Compute 9 * 9")
+    record = normalise_plan(plan, AprSettings(), task=task)
+    assert [s["goal"] for s in record["subtasks"]] == [
+        "(a) What is 64 / 8?",
+        "(b) What is the capital of Spain?",
+        "Compute 9 * 9",
+    ]
+    assert record["notes"] == [
+        "goals that only named a part of the task were given its text: ['s1', 's2']"
+    ]
+    # Without labelled parts in the task, a goal is left as written.
+    assert normalise_plan(plan, AprSettings(), task="q")["subtasks"][0]["goal"] == "answer (a)"
+
+
+def parallel_goals(*goals: str) -> Plan:
+    return Plan.model_validate({"strategy": "parallel", "subtasks": list(goals)})

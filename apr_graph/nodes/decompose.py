@@ -108,7 +108,9 @@ def make_decompose(
                 )
             )
             calls.append(call_record(completion, role="planner"))
-            normalised = normalise_plan(plan, settings, depth=depth, slots=starter.slots())
+            normalised = normalise_plan(
+                plan, settings, depth=depth, slots=starter.slots(), task=task
+            )
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
             normalised = direct_plan(

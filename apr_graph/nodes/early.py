@@ -211,7 +211,9 @@ class EarlyStarter:
                 waits.add(written.id.strip())
         plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
         plan.subtasks = subtasks
-        record = normalise_plan(plan, self.settings, depth=self.depth, slots=self.slots())
+        record = normalise_plan(
+            plan, self.settings, depth=self.depth, slots=self.slots(), task=self.task
+        )
         if record["strategy"] != "parallel":
             return
         for subtask in record["subtasks"]:
