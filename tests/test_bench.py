@@ -86,7 +86,12 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "scaling" not in results
     table = (out / "results.md").read_text()
     assert "| multipart | adaptive | 1/1 (1.00, 95% CI 0.21-1.00) | " in table
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    captured = capsys.readouterr()
+    # Not on a terminal: a progress line per finished step, with its outcome.
+    steps = [line for line in captured.err.splitlines() if line.startswith("apr bench: ")]
+    assert len(steps) == 16
+    assert re.fullmatch(r"apr bench: 16/16 multipart-0 \w+ right \d+\.\ds \(\d+s\)", steps[-1])
+    printed = [line for line in captured.out.splitlines() if line.strip()]
     assert printed[0].split() == [
         *("suite", "strategy", "accuracy", "speedup", "parts", "right", "errors", "wall", "s")
     ]

@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -132,8 +133,19 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
     total = len(tasks) * len(strategies) + sum(len(t) * 2 for t in scaling_tasks.values())
     bar = progress.add_task("benchmark", total=total + len(sizes))
 
+    started = time.monotonic()
+    plain = not progress.console.is_terminal  # the bar shows only on a terminal
+
     def step(label: str) -> None:
         progress.update(bar, advance=1, description=label)
+        if plain:  # a line per step instead, for logs and redirected runs
+            done = int(progress.tasks[0].completed)
+            elapsed = time.monotonic() - started
+            print(
+                f"apr bench: {done}/{total + len(sizes)} {label} ({elapsed:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     results: dict[str, Any] = {
         "backend": args.backend,

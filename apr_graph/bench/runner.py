@@ -52,7 +52,8 @@ async def run_tasks(
                 outcome = await run_strategy(strategy, clients[strategy], task, points=points)
                 outcomes.append(outcome)
                 if progress is not None:
-                    progress(f"{task.id} {strategy}")
+                    verdict = "error" if outcome.error else "right" if outcome.correct else "wrong"
+                    progress(f"{task.id} {strategy} {verdict} {outcome.wall_s:.1f}s")
     return outcomes
 
 
