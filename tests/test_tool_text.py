@@ -298,6 +298,77 @@ async def test_threads_are_told_which_tools_exist_in_their_last_message(
     assert "when the task needs" in tools_note(TOOLS, unit="task")
 
 
+async def test_threads_with_tools_are_told_to_call_them_not_offered_a_dead_end(
+    make_server: ServerFactory,
+) -> None:
+    # Offered "DEAD END", a 1.5B model answered every lookup of a stock count with
+    # "DEAD END: ... not provided in the context" instead of calling the tool.
+    plan = {"strategy": "parallel", "merge": "synthesize", "subtasks": ["17 * 23", "Kenya"]}
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=Reply(content="found")),
+            merge_synth(),
+        ]
+    )
+    await compile_apr_graph(settings=settings_for(server), tools=TOOLS).ainvoke({"task": "q"})
+    workers = server.chat_requests("worker")
+    system = workers[0].messages[0]["content"]
+    assert "DEAD END" not in system
+    assert "call the tool: never guess" in system
+    # One shared prefix for the threads and the merge, as without tools.
+    prefixes = {r.messages[0]["content"] for r in [*workers, *server.chat_requests("synthesizer")]}
+    assert prefixes == {system}
+
+    plain = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=Reply(content="found")),
+            merge_synth(),
+        ]
+    )
+    await compile_apr_graph(settings=settings_for(plain)).ainvoke({"task": "q"})
+    assert "DEAD END" in plain.chat_requests("worker")[0].messages[0]["content"]
+
+
+async def test_a_goal_written_as_a_tool_call_is_run_without_the_model(
+    make_server: ServerFactory,
+) -> None:
+    # Told which tools exist, a 1.5B planner wrote the goals "stock_level(bolts)", ...; its
+    # threads then guessed the numbers instead of calling the tool.
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["multiply(17, 23)", "lookup_capital(Kenya)", "lookup_capital(Atlantis)"],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=Reply(content="I cannot look up Atlantis.")),
+        ]
+    )
+    events: list[dict[str, Any]] = []
+    app = compile_apr_graph(settings=settings_for(server), tools=TOOLS)
+    async for mode, chunk in app.astream({"task": "q"}, stream_mode=["custom", "values"]):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            result = chunk
+    answers = {t["goal"]: t["answer"] for t in result["threads"]}
+    assert answers["multiply(17, 23)"] == "391"
+    assert answers["lookup_capital(Kenya)"] == "Nairobi"
+    # A call that fails (KeyError) is no answer: that thread asks the model as usual.
+    assert answers["lookup_capital(Atlantis)"] == "I cannot look up Atlantis."
+    (worker,) = server.chat_requests("worker")  # the one model call: the failed lookup's
+    assert "lookup_capital(Atlantis)" in worker.last_user_message
+    calls = [(e["tool"], e["ok"]) for e in events if e.get("event") == "tool_call"]
+    assert sorted(calls) == [
+        ("lookup_capital", False),
+        ("lookup_capital", True),
+        ("multiply", True),
+    ]
+
+
 # -- streamed tool calls -----------------------------------------------------------------------
 
 

@@ -78,7 +78,7 @@ def make_decompose(
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
         messages = planner_messages(task, context, settings.max_threads, width, tools)
-        board.system = shared_system(task, context)
+        board.system = shared_system(task, context, tools=bool(tools))
         # The threads' shared prefix does not depend on the plan: warm it while planning.
         warm = (
             asyncio.ensure_future(_warm(client, board, task, context, calls))

@@ -145,7 +145,7 @@ async def _merge(
         try:
             choice, completion = await board.guard(
                 client.structured(
-                    judge_messages(task, context, plan, candidates),
+                    judge_messages(task, context, plan, candidates, system=board.system),
                     Choice,
                     role="synthesizer",
                     budget=board.budget,
@@ -161,7 +161,7 @@ async def _merge(
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
     completion = await board.guard(
         client.chat(
-            synthesizer_messages(task, context, plan, results),
+            synthesizer_messages(task, context, plan, results, system=board.system),
             role="synthesizer",
             budget=board.budget,
             progress=StreamProgress(on_text=answer_emitter()),

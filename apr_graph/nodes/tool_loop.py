@@ -23,7 +23,7 @@ from apr_graph.settings import AprSettings
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
-__all__ = ["TextCalls", "read_text_calls", "tool_loop", "tools_note"]
+__all__ = ["TextCalls", "read_text_calls", "run_call", "tool_loop", "tools_note"]
 
 _RESULT_CHARS = 8000
 """A tool result longer than this is cut: it goes back into the model's context."""
@@ -192,6 +192,16 @@ def _turns(
         {"role": "assistant", "content": completion.text},
         {"role": "user", "content": responses},
     ]
+
+
+async def run_call(
+    tools: Sequence[BaseTool], call: dict[str, str], thread_id: str
+) -> tuple[str, bool]:
+    """Run one ``{"name", "arguments"}`` call of ``tools`` outside a model's loop: its result
+    (or the error) and whether it worked; a ``tool_call`` event says so."""
+    result, ok = await _call_tool({tool.name: tool for tool in tools}, call, 1, 1)
+    emit("tool_call", id=thread_id, tool=call["name"], ok=ok)
+    return result, ok
 
 
 async def _call_tool(

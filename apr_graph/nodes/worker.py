@@ -29,7 +29,8 @@ from apr_graph.errors import (
 from apr_graph.events import emit, token_emitter
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
-from apr_graph.nodes.tool_loop import tool_loop
+from apr_graph.nodes.goal_call import goal_call
+from apr_graph.nodes.tool_loop import run_call, tool_loop
 from apr_graph.prompts import shared_system, verifier_messages, worker_messages
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.retry import CallBudget
@@ -157,7 +158,21 @@ async def _solve(
     rejected: str | None = None
     widened: int | None = None  # the allowance of the one retry of an answer cut off
     if board.system is None:
-        board.system = shared_system(payload["task"], payload["context"])
+        board.system = shared_system(payload["task"], payload["context"], tools=bool(tools))
+    call = (
+        goal_call(subtask["goal"], tools) if tools and not (dependencies or must_verify) else None
+    )
+    if call is not None:  # the planner wrote the call itself: run it, no model needed
+        try:
+            result, ok = await board.guard(run_call(tools, call, subtask["id"]))
+        except (StoppedError, BudgetExhaustedError) as stop:
+            reason = board.stop_reason or str(stop)
+            return _finish(
+                board, boards, thread, thread.record("skipped", error=f"skipped: {reason}")
+            )
+        if ok:  # else the model is asked, as for any goal
+            thread.attempts += 1
+            return _finish(board, boards, thread, thread.record("done", answer=result))
     while True:
         thread.attempts += 1
         messages = worker_messages(
@@ -290,7 +305,12 @@ async def _verify(
         return bool(ok), "" if ok else "the verifier rejected this result"
     payload = thread.payload
     messages = verifier_messages(
-        payload["task"], payload["context"], payload["plan"], thread.subtask, text
+        payload["task"],
+        payload["context"],
+        payload["plan"],
+        thread.subtask,
+        text,
+        system=board.system,
     )
     verdict, completion = await client.structured(
         messages, Verdict, role="synthesizer", budget=board.budget
