@@ -10,7 +10,7 @@ import pytest
 
 from apr_graph import compile_apr_graph, graph
 from apr_graph.nodes.early import read_plan
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, eventually, settings_for
 
 STEP_S = 0.03
@@ -29,6 +29,29 @@ def own_goal(message: str) -> str:
 
 def slow_planner(plan: dict[str, Any]) -> Rule:
     return Rule(role="planner", reply=Reply(content=plan, chunk_delay_s=STEP_S))
+
+
+async def run_replanned(
+    make_server: ServerFactory, plan: dict[str, Any]
+) -> tuple[ScriptedServer, dict[str, Any]]:
+    """Run ``plan`` streamed slowly, with workers that stream their answers and one merge."""
+    server = make_server(
+        [
+            slow_planner(plan),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    assert result["answer"] == "merged"
+    return server, result
+
+
+def messages_of(server: ScriptedServer, own: str) -> list[str]:
+    """The last messages of the worker requests that contain ``own``, in order."""
+    return [
+        w.last_user_message for w in server.chat_requests("worker") if own in w.last_user_message
+    ]
 
 
 def test_read_plan_returns_only_complete_subtasks() -> None:
@@ -121,15 +144,7 @@ async def test_a_thread_the_repaired_plan_changes_is_started_again(
             {"id": "s4", "goal": "delta", "depends_on": ["s3"]},
         ],
     }
-    server = make_server(
-        [
-            slow_planner(cyclic),
-            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
-            Rule(role="synthesizer", reply=Reply(content="merged")),
-        ]
-    )
-    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
-    assert result["answer"] == "merged"
+    server, result = await run_replanned(make_server, cyclic)
     assert "dependencies form a cycle" in " ".join(result["plan"]["notes"])
     own = [own_goal(w.last_user_message) for w in server.chat_requests("worker")]
     assert sorted(own) == sorted(
@@ -138,11 +153,7 @@ async def test_a_thread_the_repaired_plan_changes_is_started_again(
     )
     discarded = [c for c in result["calls"] if c["mode"] == "discarded"]
     assert [c["thread_id"] for c in discarded] == ["s2"]
-    s2 = [
-        w.last_user_message
-        for w in server.chat_requests("worker")
-        if "Subtask s2: beta" in w.last_user_message
-    ]
+    s2 = messages_of(server, "Subtask s2: beta")
     assert ['<result id="s1"' in m for m in s2] == [False, True]  # the second has s1's result
     assert all(t["status"] == "done" for t in result["threads"])
 
@@ -159,15 +170,7 @@ async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_it
         "subtasks": ["alpha", "beta", "gamma"],
         "depends_on": {"3": [1, 2]},
     }
-    server = make_server(
-        [
-            slow_planner(plan),
-            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
-            Rule(role="synthesizer", reply=Reply(content="merged")),
-        ]
-    )
-    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
-    assert result["answer"] == "merged"
+    server, result = await run_replanned(make_server, plan)
     assert [(s["id"], s["depends_on"]) for s in result["plan"]["subtasks"]] == [
         ("s1", []),
         ("s2", []),
@@ -175,11 +178,7 @@ async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_it
     ]
     discarded = [c for c in result["calls"] if c["mode"] == "discarded"]
     assert [c["thread_id"] for c in discarded] == ["s3"]
-    gamma = [
-        w.last_user_message
-        for w in server.chat_requests("worker")
-        if "Subtask s3: gamma" in w.last_user_message
-    ]
+    gamma = messages_of(server, "Subtask s3: gamma")
     assert [('<result id="s1"' in m and '<result id="s2"' in m) for m in gamma] == [False, True]
     assert len(server.chat_requests("worker")) == 4  # s1 and s2 once each, s3 twice
 
