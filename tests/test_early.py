@@ -183,6 +183,37 @@ async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_it
     assert len(server.chat_requests("worker")) == 4  # s1 and s2 once each, s3 twice
 
 
+@pytest.mark.parametrize(
+    ("merge", "dead_end_offered", "ask"),
+    [
+        ("concat", False, "Solve this subtask only"),
+        ("synthesize", True, "Reply with the answer to this subtask only"),
+    ],
+)
+async def test_threads_of_a_list_of_questions_are_asked_to_solve_and_not_offered_a_dead_end(
+    make_server: ServerFactory, merge: str, dead_end_offered: bool, ask: str
+) -> None:
+    # A 1.5B model answered 8 of 12 general sub-questions with bare numbers when told to
+    # "reply with the answer", 10 when asked to solve; with DEAD END offered, "solve" made it
+    # give up on plain subtractions. A concat plan's parts are the task's own questions.
+    server = make_server(
+        [
+            slow_planner(plan_json("first question", "second question", merge=merge)),
+            Rule(role="worker", reply=Reply(content="answer", chunk_delay_s=STEP_S)),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "q"})
+    workers = server.chat_requests("worker")
+    assert len(workers) == 2  # started while the plan streamed in, and adopted
+    assert not [c for c in result["calls"] if c["mode"] == "discarded"]
+    for request in workers:
+        assert ("DEAD END" in request.messages[0]["content"]) is dead_end_offered
+        assert ask in request.last_user_message
+    merges = server.chat_requests("synthesizer")
+    assert all(m.messages[0] == workers[0].messages[0] for m in merges)  # one shared prefix
+
+
 async def test_a_subtask_past_max_threads_is_never_started(make_server: ServerFactory) -> None:
     server = make_server(
         [

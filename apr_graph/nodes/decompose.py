@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -78,7 +79,12 @@ def make_decompose(
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
         messages = planner_messages(task, context, settings.max_threads, width, tools)
-        board.system = shared_system(task, context, tools=bool(tools))
+
+        @functools.cache
+        def system_for(merge: str | None) -> str:
+            return shared_system(task, context, tools=bool(tools), merge=merge)
+
+        board.system = system_for(None)  # the merge is not known yet: what a warm-up warms
         # The threads' shared prefix does not depend on the plan: warm it while planning.
         warm = (
             asyncio.ensure_future(_warm(client, board, task, context, calls))
@@ -89,7 +95,7 @@ def make_decompose(
             client,
             settings,
             early=board.early,
-            system=board.system,
+            system=system_for,
             task=task,
             context=context,
             depth=depth,
@@ -142,6 +148,8 @@ def make_decompose(
             starter.closed = True
         if warm is not None:
             await warm
+        if normalised["strategy"] == "parallel":
+            board.system = system_for(normalised["merge"])
         # Threads started early that the final plan has no place for are cancelled now; the
         # others are adopted by their worker node if their request is still the right one.
         keep = [

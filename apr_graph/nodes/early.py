@@ -155,7 +155,7 @@ class EarlyStarter:
         settings: AprSettings,
         *,
         early: dict[str, EarlyCall],
-        system: str,
+        system: Callable[[str | None], str],
         task: str,
         context: str,
         depth: int,
@@ -233,7 +233,8 @@ class EarlyStarter:
         return left + len(self.reserved)
 
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
-        messages = worker_messages(self.task, self.context, plan, subtask, system=self.system)
+        system = self.system(plan["merge"])
+        messages = worker_messages(self.task, self.context, plan, subtask, system=system)
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)

@@ -158,7 +158,9 @@ async def _solve(
     rejected: str | None = None
     widened: int | None = None  # the allowance of the one retry of an answer cut off
     if board.system is None:
-        board.system = shared_system(payload["task"], payload["context"], tools=bool(tools))
+        board.system = shared_system(
+            payload["task"], payload["context"], tools=bool(tools), merge=payload["plan"]["merge"]
+        )
     call = (
         goal_call(subtask["goal"], tools) if tools and not (dependencies or must_verify) else None
     )
