@@ -97,12 +97,15 @@ Reply with the answer to this subtask only, not to the other parts of the task."
 hexagon") about one time in three without it, and in none of nine tries with it."""
 
 _SOLVE_USER = """\
-Subtask {id}: {goal}
-Solve this subtask only, not the other parts of the task."""
+Subtask {id} (other threads answer the rest of the task). Solve only this:
+{goal}"""
 """A ``concat`` plan's thread (one of the task's own questions, no DEAD END offered). On twelve
 general sub-questions a 1.5B model answered 8 right with the message above (bare numbers,
-46 tokens in all) and 10 with this one (working shown where it calculates, 1,127 tokens);
-"Solve" with DEAD END still offered made it give up on plain subtractions."""
+46 tokens in all) and 10 when asked to solve (working shown where it calculates, 1,127
+tokens); "solve" with DEAD END still offered made it give up on plain subtractions. The goal
+comes last: written before "Solve this subtask only, not the other parts", the model answered
+the task's first question instead in 2 of 6 mixed tasks ("What is 764 - 58?" -> "The capital
+of Portugal is Lisbon."), with the goal last in none."""
 
 _VOTE_RULE = "\nEnd your answer with a last line of the form 'Final answer: <answer>'."
 

@@ -186,7 +186,7 @@ async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_it
 @pytest.mark.parametrize(
     ("merge", "dead_end_offered", "ask"),
     [
-        ("concat", False, "Solve this subtask only"),
+        ("concat", False, "Solve only this:\n"),
         ("synthesize", True, "Reply with the answer to this subtask only"),
     ],
 )
