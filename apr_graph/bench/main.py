@@ -135,11 +135,13 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
 
     started = time.monotonic()
     plain = not progress.console.is_terminal  # the bar shows only on a terminal
+    done = 0
 
     def step(label: str) -> None:
+        nonlocal done
+        done += 1
         progress.update(bar, advance=1, description=label)
         if plain:  # a line per step instead, for logs and redirected runs
-            done = int(progress.tasks[0].completed)
             elapsed = time.monotonic() - started
             print(
                 f"apr bench: {done}/{total + len(sizes)} {label} ({elapsed:.0f}s)",
