@@ -7,9 +7,11 @@ scripted server in its own process (so the CPU time measured is the client's alo
   lines parsed with ``json.loads``: what any client must spend;
 - ``httpx``: plain ``httpx``, a fresh pool per round (its pool scans every connection for
   every request, so this layer grows with N: it is not a floor);
-- ``sdk``: ``AsyncOpenAI(...).chat.completions.create(stream=True)``;
-- ``langgraph_sdk``: a minimal LangGraph ``Send`` fan-out whose node makes that SDK call;
-- ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge).
+- ``sdk``: ``AsyncOpenAI(...).chat.completions.create(stream=True)`` on the SDK's default
+  httpx client; ``sdk_aiohttp``: the same on the SDK's aiohttp transport;
+- ``langgraph_sdk``: a minimal LangGraph ``Send`` fan-out whose node makes the httpx SDK call;
+- ``apr_httpx`` / ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge) with
+  ``http_client="httpx"`` and with the default (aiohttp).
 
 Every worker reply streams for about ``REPLY_S`` seconds, so the N requests really overlap;
 ``ideal_ratio`` is the ideal wall time (plan + one thread + merge) over apr-graph's.
@@ -110,20 +112,28 @@ async def _sdk_calls(client: Any, body: dict[str, Any], n: int) -> None:
     await asyncio.gather(*(one() for _ in range(n)))
 
 
-def _sdk_client(url: str, n: int) -> Any:
+def _sdk_client(url: str, n: int, *, aiohttp: bool = False) -> Any:
     import openai
 
-    http = openai.DefaultAsyncHttpxClient(limits=openai.DEFAULT_CONNECTION_LIMITS)
+    if aiohttp:
+        limits = type(openai.DEFAULT_CONNECTION_LIMITS)(max_connections=0)  # 0: no cap
+        http = openai.DefaultAioHttpClient(limits=limits)
+    else:
+        http = openai.DefaultAsyncHttpxClient(limits=openai.DEFAULT_CONNECTION_LIMITS)
     return openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, http_client=http)
 
 
-async def _sdk(url: str, n: int) -> tuple[float, float]:
+async def _sdk(url: str, n: int, *, aiohttp: bool = False) -> tuple[float, float]:
     body = {k: v for k, v in _body(n).items()}
-    client = _sdk_client(url, n)
+    client = _sdk_client(url, n, aiohttp=aiohttp)
     try:
         return await _timed(lambda: _sdk_calls(client, body, n))
     finally:
         await client.close()
+
+
+async def _sdk_aiohttp(url: str, n: int) -> tuple[float, float]:
+    return await _sdk(url, n, aiohttp=True)
 
 
 class _Item(TypedDict):
@@ -160,7 +170,7 @@ async def _langgraph_sdk(url: str, n: int) -> tuple[float, float]:
         await client.close()
 
 
-async def _apr(url: str, n: int) -> tuple[float, float]:
+async def _apr(url: str, n: int, *, http_client: str = "auto") -> tuple[float, float]:
     settings = AprSettings(
         base_url=url,
         model="m",
@@ -168,6 +178,7 @@ async def _apr(url: str, n: int) -> tuple[float, float]:
         max_total_threads=n,
         max_concurrency=min(n, 1024),
         probe_capacity=False,
+        http_client=http_client,
     )
     app = compile_apr_graph(settings=settings)
     result: dict[str, Any] = {}
@@ -180,11 +191,17 @@ async def _apr(url: str, n: int) -> tuple[float, float]:
     return timing
 
 
+async def _apr_httpx(url: str, n: int) -> tuple[float, float]:
+    return await _apr(url, n, http_client="httpx")
+
+
 LAYERS = {
     "floor": _floor,
     "httpx": _httpx,
     "sdk": _sdk,
+    "sdk_aiohttp": _sdk_aiohttp,
     "langgraph_sdk": _langgraph_sdk,
+    "apr_httpx": _apr_httpx,
     "apr": _apr,
 }
 

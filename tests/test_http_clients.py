@@ -1,0 +1,106 @@
+"""The streamed bulk path on both HTTP stacks under the SDK (aiohttp and httpx): what goes on
+the wire, and the errors a caller sees, must not depend on the stack."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from apr_graph import (
+    AprSettings,
+    AuthenticationError,
+    ConfigurationError,
+    LLMClient,
+    ModelCallError,
+    ServerUnreachableError,
+)
+from apr_graph.testing import Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+STACKS = pytest.mark.parametrize("stack", ["aiohttp", "httpx"])
+Q = [{"role": "user", "content": "q"}]
+
+
+@STACKS
+async def test_a_streamed_call_sends_the_sdk_headers_and_a_streaming_body(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([Rule(reply=Reply(content="one two three"))])
+    settings = settings_for(server, http_client=stack, api_key="sk-test-key")
+    async with LLMClient(settings) as client:
+        answer = await client.chat(Q, role="worker", max_tokens=50)
+    assert answer.text == "one two three"
+    (request,) = server.chat_requests()
+    assert request.headers["authorization"] == "Bearer sk-test-key"
+    assert request.headers["user-agent"].startswith("AsyncOpenAI/Python")
+    assert request.headers["x-apr-role"] == "worker"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body is not None
+    assert request.body["stream"] is True
+    assert request.body["stream_options"] == {"include_usage": True}
+    assert request.body["messages"] == Q
+    assert request.body["max_tokens"] == 50
+
+
+@STACKS
+async def test_a_refused_key_is_the_sdk_error_after_one_request(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([Rule(reply=Reply(status=401, error_message="bad key"))])
+    async with LLMClient(settings_for(server, http_client=stack)) as client:
+        with pytest.raises(AuthenticationError, match="bad key"):
+            await client.chat(Q, role="worker")
+    assert len(server.chat_requests()) == 1
+
+
+@STACKS
+async def test_a_rate_limit_is_retried_on_either_stack(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server(
+        [
+            Rule(reply=Reply(status=429, headers={"Retry-After": "0"}), times=1),
+            Rule(reply=Reply(content="fine")),
+        ]
+    )
+    async with LLMClient(settings_for(server, http_client=stack)) as client:
+        answer = await client.chat(Q, role="worker")
+    assert answer.text == "fine"
+    assert answer.requests == 2
+
+
+@STACKS
+async def test_a_closed_port_is_unreachable_not_a_timeout(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([])
+    url = server.base_url
+    server.stop()
+    settings = AprSettings(base_url=url, max_retries=1, retry_max_wait_s=0.05, http_client=stack)
+    async with LLMClient(settings) as client:
+        with pytest.raises(ServerUnreachableError, match="cannot connect"):
+            await client.chat(Q, role="worker")
+
+
+@STACKS
+async def test_a_silent_server_times_out_on_either_stack(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([Rule(reply=Reply(content="late", delay_s=2))])
+    settings = settings_for(server, request_timeout_s=0.3, max_retries=0, http_client=stack)
+    async with LLMClient(settings) as client:
+        with pytest.raises(ModelCallError, match=r"timed out after 0\.3s"):
+            await client.chat(Q, role="worker")
+
+
+def test_asking_for_aiohttp_without_it_says_how_to_fix_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name)
+    )
+    settings = AprSettings(base_url="http://127.0.0.1:9/v1", http_client="aiohttp")
+    with pytest.raises(ConfigurationError, match=r"pip install 'openai\[aiohttp\]'"):
+        LLMClient(settings)
