@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from pydantic import ValidationError
 
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, serve
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error, serve
 from apr_graph.cli_view import View, make_view
 from apr_graph.errors import (
     AprError,
@@ -49,6 +49,8 @@ from apr_graph.state import AprInput
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
+
+    from apr_graph.local import LocalServer
 
 __all__ = ["main"]
 
@@ -288,6 +290,7 @@ def _ask(args: argparse.Namespace) -> int:
         "events": [],
     }
     local = _local_choice(args, settings)
+    server: LocalServer | None = None
     with ExitStack() as stack:
         if local is not None:
             if settings.base_url is not None:
@@ -296,7 +299,7 @@ def _ask(args: argparse.Namespace) -> int:
             loading = threading.Thread(target=_load_graph, name="apr-load", daemon=True)
             loading.start()
             try:
-                settings, record["local"] = local.start(stack, settings, notice=view.notice)
+                settings, record["local"], server = local.start(stack, settings, notice=view.notice)
             finally:
                 loading.join()
         record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
@@ -309,10 +312,13 @@ def _ask(args: argparse.Namespace) -> int:
         try:
             state = asyncio.run(_run(settings, inputs, view, record, thread_id=thread_id, db=db))
         except BaseException as exc:
+            crashed = crash_error(server) if server is not None else None
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            record["error"] = str(exc)
+            record["error"] = str(crashed or exc)
             if args.trace:
                 _write_trace(args.trace, record, settings.api_key.get_secret_value())
+            if crashed is not None and isinstance(exc, AprError):
+                raise crashed from exc
             raise
     record.update(status="done", **_output(state))
     if args.trace:

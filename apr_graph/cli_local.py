@@ -17,7 +17,7 @@ from typing import Any
 
 from apr_graph.cli_view import PlainView
 from apr_graph.errors import InputError
-from apr_graph.local import LocalServer, local_engine
+from apr_graph.local import LocalBackendError, LocalServer, local_engine
 from apr_graph.local_model import (
     DEFAULT_SLOTS,
     LocalDefaults,
@@ -32,6 +32,7 @@ __all__ = [
     "LocalChoice",
     "add_local_options",
     "choose_local",
+    "crash_error",
     "serve",
 ]
 
@@ -164,10 +165,11 @@ class LocalChoice:
 
     def start(
         self, stack: ExitStack, settings: AprSettings, *, notice: Callable[[str], None]
-    ) -> tuple[AprSettings, dict[str, Any]]:
+    ) -> tuple[AprSettings, dict[str, Any], LocalServer]:
         """Start the server (stopped when ``stack`` closes), telling the user what runs.
 
-        Returns ``settings`` aimed at it with the model's defaults, and the run record.
+        Returns ``settings`` aimed at it with the model's defaults, the run record, and the
+        server.
         """
         for line in self.notices():
             notice(line)
@@ -181,13 +183,33 @@ class LocalChoice:
                 f"apr: settings for this model: {listed} (options and APR_* variables override "
                 "them; --trace records them)"
             )
-        return settings, record
+        return settings, record, server
 
     def env_line(self) -> str:
         """The model's defaults as ``APR_*`` variables, for clients of ``apr serve``."""
         values = {"max_concurrency": self.defaults.slots if self.parallel else 1}
         values.update(self.defaults.settings)
         return " ".join(f"APR_{k.upper()}={shlex.quote(_plain(v))}" for k, v in values.items())
+
+
+def crash_error(server: LocalServer) -> LocalBackendError | None:
+    """What to say when the server started for this run has died under it (a failed request
+    then reads "cannot connect", which sends the user looking in the wrong place)."""
+    death = server.death()
+    if death is None:
+        return None
+    hint = ""
+    if "SIGSEGV" in death or "SIGILL" in death:
+        hint = (
+            "; a llama.cpp build whose CPU code this machine refuses crashes like this (e.g. AMX "
+            "in a VM): rebuild it for a generic CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF "
+            "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir llama-cpp-python, "
+            "or point apr at another server (--base-url)"
+        )
+    return LocalBackendError(
+        f"the embedded model server ({server.kind}) {death} while answering; "
+        f"its last log lines: {server.log_tail()}{hint}"
+    )
 
 
 def _plain(value: Any) -> str:

@@ -231,6 +231,17 @@ class LocalServer:
             f"{self.startup_timeout_s:g}s (APR_LOCAL_STARTUP_TIMEOUT); last log: {self.log_tail()}"
         )
 
+    def death(self) -> str | None:
+        """How the server died (``"was killed by SIGSEGV"``), or ``None`` while it runs."""
+        code = self._process.poll() if self._process is not None else None
+        if code is None:
+            return None
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+            return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the server's log, for error messages."""
         if self.log_path is None or not self.log_path.exists():

@@ -4,6 +4,7 @@ Run by the local-backend tests as the ``llama-server`` on PATH: it takes the rea
 line (``-m``, ``--host``, ``--port``, ``--parallel``, ``-c``, ``--alias``), serves the scripted
 server with the llama.cpp personality on that port, and writes its command line and process id
 to ``$FAKE_LLAMA_RECORD`` so a test can check what apr asked for and that the process is gone.
+With ``$FAKE_LLAMA_CRASH`` set it dies of SIGSEGV on its first chat request.
 No model is loaded: a planner that splits three questions, threads that stream their answers.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -44,7 +46,15 @@ def _worker(request: RecordedRequest) -> Reply:
     return Reply(content=f"the result is {ANSWERS[goal]}", chunk_delay_s=0.05)
 
 
+def _crash(request: RecordedRequest) -> Reply:
+    # As llama.cpp does on a CPU path this machine refuses (AMX in a sandbox): SIGSEGV.
+    os.kill(os.getpid(), signal.SIGSEGV)
+    raise AssertionError("unreachable")
+
+
 def _rules() -> list[Rule]:
+    if os.environ.get("FAKE_LLAMA_CRASH"):
+        return [Rule(reply=_crash)]
     plan = {
         "strategy": "parallel",
         "subtasks": [{"id": f"s{i}", "goal": goal} for i, goal in enumerate(ANSWERS, 1)],

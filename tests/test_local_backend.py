@@ -120,6 +120,25 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert metrics["thread_span_s"] < metrics["thread_time_sum_s"]
 
 
+def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
+    run_cli: CliRunner,
+    fake_llama: Path,
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
+    trace = tmp_path / "run.json"
+    done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+    assert done.code == 3, done.err
+    error = done.err.strip().splitlines()[-1]
+    assert error.startswith("apr: error: the embedded model server (llama-server) was killed by SIGSEGV")
+    assert "cannot connect" not in error
+    assert "CMAKE_ARGS='-DGGML_NATIVE=OFF" in error  # how to get a build that runs here
+    assert "killed by SIGSEGV" in json.loads(trace.read_text())["error"]
+    assert gone(started(fake_llama)["pid"])
+
+
 def test_options_and_variables_override_every_default(
     run_cli: CliRunner,
     fake_llama: Path,
