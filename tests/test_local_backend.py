@@ -132,7 +132,8 @@ def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
     done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
     assert done.code == 3, done.err
     error = done.err.strip().splitlines()[-1]
-    assert error.startswith("apr: error: the embedded model server (llama-server) was killed by SIGSEGV")
+    said = "apr: error: the embedded model server (llama-server) was killed by SIGSEGV"
+    assert error.startswith(said)
     assert "cannot connect" not in error
     assert "CMAKE_ARGS='-DGGML_NATIVE=OFF" in error  # how to get a build that runs here
     assert "killed by SIGSEGV" in json.loads(trace.read_text())["error"]
