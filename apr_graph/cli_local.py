@@ -203,8 +203,8 @@ def crash_error(server: LocalServer) -> LocalBackendError | None:
         hint = (
             "; a llama.cpp build whose CPU code this machine refuses crashes like this (e.g. AMX "
             "in a VM): rebuild it for a generic CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF "
-            "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir llama-cpp-python, "
-            "or point apr at another server (--base-url)"
+            "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir --no-deps "
+            "llama-cpp-python, or point apr at another server (--base-url)"
         )
     return LocalBackendError(
         f"the embedded model server ({server.kind}) {death} while answering; "
