@@ -356,3 +356,23 @@ def test_bench_refuses_a_bad_model_path_before_starting_anything(
     assert bench(["--backend", "local", "--local-model", str(tmp_path / "no.gguf")]) == 3
     assert "apr bench: error: local model" in capsys.readouterr().err
     assert not fake_llama.exists()
+
+
+def test_bench_stops_when_the_local_server_crashes_and_names_it(
+    fake_llama: Path,
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from apr_graph.bench.main import main as bench
+
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
+    out = tmp_path / "bench"
+    suite = ["--suites", "control", "--tasks", "3", "--strategies", "sequential"]
+    code = bench(["--backend", "local", "--local-model", str(model), *suite, "--out", str(out)])
+    assert code == 3
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("apr bench: error: the embedded model server (llama-server) was killed")
+    assert "cannot connect" not in error
+    assert gone(started(fake_llama)["pid"])

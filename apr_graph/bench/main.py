@@ -28,10 +28,10 @@ from apr_graph.bench.runner import run_tasks, scaling_rows, summarise, warm_up
 from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error
 from apr_graph.errors import InputError
 from apr_graph.llm import LLMClient
-from apr_graph.local import LocalBackendError
+from apr_graph.local import LocalBackendError, LocalServer
 from apr_graph.settings import AprSettings
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
 
@@ -137,8 +137,13 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
     plain = not progress.console.is_terminal  # the bar shows only on a terminal
     done = 0
 
+    local_server: LocalServer | None = None
+
     def step(label: str) -> None:
         nonlocal done
+        # A local server that died makes every later task a "connection error": stop, name it.
+        if local_server is not None and (crashed := crash_error(local_server)) is not None:
+            raise crashed
         done += 1
         progress.update(bar, advance=1, description=label)
         if plain:  # a line per step instead, for logs and redirected runs
@@ -159,7 +164,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         else None,
     }
     async with AsyncExitStack() as stack:
-        settings = await _backend(
+        settings, local_server = await _backend(
             args, stack, tasks + [t for v in scaling_tasks.values() for t in v]
         )
         results["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
@@ -193,23 +198,25 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
 
 async def _backend(
     args: argparse.Namespace, stack: AsyncExitStack, tasks: list[Task]
-) -> AprSettings:
+) -> tuple[AprSettings, LocalServer | None]:
+    """The settings of the backend's client, and the local model server it started, if any."""
     if args.backend == "sim":
         latency = LatencyModel(step_s=args.step_ms / 1000)
         server = SimulatedServer(SimModel(tasks, reasoning=args.reasoning), latency=latency).start()
         stack.callback(server.stop)
-        return AprSettings(
+        sim = AprSettings(
             base_url=server.base_url,
             model="sim",
             max_concurrency=64,
             max_threads=16,
             max_total_threads=64,
         )
+        return sim, None
     if args.backend == "local":
         local: LocalChoice = args.local
         running = stack.enter_context(local.server())
         settings, _ = local.settings(AprSettings(), running)  # the model's defaults, APR_* win
-        return settings
+        return settings, running
     if not args.base_url:
         raise SystemExit("apr bench: error: --backend url needs --base-url")
     values: dict[str, Any] = {"base_url": args.base_url}
@@ -217,7 +224,7 @@ async def _backend(
         values["model"] = args.model
     if args.api_key:
         values["api_key"] = args.api_key
-    return AprSettings(**values)
+    return AprSettings(**values), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,8 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, transient=True) as progress:
-        results = asyncio.run(_bench(args, progress))
+    try:
+        with Progress(*columns, transient=True) as progress:
+            results = asyncio.run(_bench(args, progress))
+    except LocalBackendError as exc:
+        print(f"apr bench: error: {exc}", file=sys.stderr)
+        return 3
     files = write_report(results, args.out, plots=not args.no_plots)
     shown = ("suite", "strategy", "accuracy", "speedup", "parts right", "errors")
     table = [
