@@ -64,6 +64,13 @@ The threads (not you) can call these tools:
 A part that one tool call answers is a subtask whose goal is that call, written as
 tool_name(argument, ...); another part that needs a tool is a goal that names the tool."""
 
+_PLANNER_LABELS = """
+
+The task labels its parts {labels}. In a parallel plan, each subtask is one of these parts,
+written as its label alone: its thread is given that part's text."""
+"""In the user message, after the task, so that the system message stays the same for every
+task (one cached prefix)."""
+
 _SHARED_SYSTEM = """\
 You are one part of a parallel reasoning system. The task below was split into independent
 subtasks, each solved by its own thread at the same time; the results are merged at the end.
@@ -173,11 +180,13 @@ def planner_messages(
     max_threads: int,
     width: int | None = None,
     tools: list[tuple[str, str]] | None = None,
+    labels: list[str] | None = None,
 ) -> list[Message]:
     """Messages of the decompose call; the system message is the same for every task.
 
     ``width``: how many requests the server runs at once, when it said so. ``tools``: the
-    (name, description) of the tools the threads may call.
+    (name, description) of the tools the threads may call. ``labels``: the task's labelled
+    parts, which a parallel plan names by label (see ``plan_json_schema``).
     """
     note = (
         f"The server runs {width} threads at once; more subtasks than that wait in line.\n"
@@ -188,9 +197,12 @@ def planner_messages(
     if tools:
         listed = "\n".join(f"- {name}: {about}".rstrip(": ") for name, about in tools)
         system += _PLANNER_TOOLS.format(tools=listed)
+    user = _task_block(task, context)
+    if labels:
+        user += _PLANNER_LABELS.format(labels=", ".join(f"({label})" for label in labels))
     return [
         {"role": "system", "content": system},
-        {"role": "user", "content": _task_block(task, context)},
+        {"role": "user", "content": user},
     ]
 
 

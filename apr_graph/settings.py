@@ -175,6 +175,11 @@ class AprSettings(BaseSettings):
     instead of after the whole plan. A thread started early is kept only if the final,
     repaired plan gives it exactly the same request; otherwise it is cancelled and run again."""
 
+    label_goals: bool = True
+    """When the task labels its parts ((a), (b) ... or 1., 2. ...), a parallel plan names each
+    subtask by its label instead of writing it out, and its thread is given that part's text:
+    the plan is shorter, so every thread starts sooner. Off: the planner writes every goal."""
+
     warm_prefix: bool = False
     """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's
     prefix cache holds it when the threads arrive."""

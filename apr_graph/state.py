@@ -181,15 +181,23 @@ class Plan(BaseModel):
         return value
 
 
-def plan_json_schema(max_threads: int) -> dict[str, Any]:
+def plan_json_schema(max_threads: int, labels: list[str] | None = None) -> dict[str, Any]:
     """The JSON schema sent to the server: a direct answer *or* bounded subtasks.
 
     Two alternatives instead of one object with optional fields: a constrained decoder then
     cannot emit subtasks after a direct answer (small models otherwise loop on junk subtasks
     until the token limit), and the subtask array is capped at ``max_threads``. Validation
     itself (``Plan``) stays lenient; oversized plans are clamped afterwards.
+
+    ``labels``: the labelled parts of the task (``["a", "b", "c"]``); each subtask is then
+    one of them, written as its label (``"(b)"``), and its thread is given that part's text.
     """
     number = {"type": "integer", "minimum": 1, "maximum": max_threads}
+    goal: dict[str, Any] = (
+        {"type": "string", "enum": [f"({label})" for label in labels]}
+        if labels
+        else {"type": "string", "maxLength": 600}
+    )
     return {
         "title": "Plan",
         "anyOf": [
@@ -216,7 +224,7 @@ def plan_json_schema(max_threads: int) -> dict[str, Any]:
                     # questions; 55-65 as goals).
                     "subtasks": {
                         "type": "array",
-                        "items": {"type": "string", "maxLength": 600},
+                        "items": goal,
                         "minItems": 1,
                         "maxItems": max_threads,
                     },

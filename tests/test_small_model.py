@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from apr_graph import compile_apr_graph
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 
 COUNTDOWN = "Use the numbers [7, 1, 8, 100] and + - * / to make exactly 100."
@@ -211,3 +213,75 @@ async def test_the_planner_is_told_the_tools_and_an_unrun_call_is_no_answer(
     assert "lookup" in (thread["error"] or "")
     assert "(no answer: rejected: the reply was not an answer" in result["answer"]
     assert "Nairobi" in result["answer"]
+
+
+LABELLED = "Answer each part: (a) What is 23 + 58? (b) What is the capital of Japan?"
+
+
+def labelled_server(make_server: ServerFactory, plan: dict[str, object]) -> ScriptedServer:
+    return make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="23 + 58", reply=Reply(content="23 + 58 = 81")),
+            Rule(role="worker", contains="capital of Japan", reply=Reply(content="Tokyo")),
+        ]
+    )
+
+
+def goal_schema(request: RecordedRequest) -> dict[str, object]:
+    schema = request.body["response_format"]["json_schema"]["schema"]
+    items: dict[str, object] = schema["anyOf"][1]["properties"]["subtasks"]["items"]
+    return items
+
+
+async def test_a_task_that_labels_its_parts_is_planned_by_label(
+    make_server: ServerFactory,
+) -> None:
+    # A 1.5B planner copied every part into its goal (~70 tokens for three short questions,
+    # 5 s on 2 CPU cores before the first thread could start); named by label, a plan is
+    # a few tokens per part and each thread still gets its part's text.
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["(a)", "(b)"]}
+    server = labelled_server(make_server, plan)
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": LABELLED})
+    planner = server.chat_requests("planner")[0]
+    assert goal_schema(planner) == {"type": "string", "enum": ["(a)", "(b)"]}
+    assert "The task labels its parts (a), (b)." in planner.last_user_message
+    assert [s["goal"] for s in result["plan"]["subtasks"]] == [
+        "(a) What is 23 + 58?",
+        "(b) What is the capital of Japan?",
+    ]
+    assert result["answer"] == (
+        "(a) What is 23 + 58?\n23 + 58 = 81\n\n(b) What is the capital of Japan?\nTokyo"
+    )
+    # The planner's system message is the one every task gets (one cached prefix).
+    unlabelled = labelled_server(make_server, {"strategy": "direct", "answer": "8"})
+    await compile_apr_graph(settings=settings_for(unlabelled)).ainvoke({"task": "What is 5+3?"})
+    other = unlabelled.chat_requests("planner")[0]
+    assert other.messages[0] == planner.messages[0]
+    assert goal_schema(other) == {"type": "string", "maxLength": 600}
+    assert "labels its parts" not in other.last_user_message
+
+
+@pytest.mark.parametrize("case", ["setting off", "tools", "more parts than threads"])
+async def test_goals_are_written_out_when_labels_cannot_name_them(
+    make_server: ServerFactory, case: str
+) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def capital(country: str) -> str:
+        """Look up the capital city of a country."""
+        return "Tokyo"
+
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["23 + 58", "capital(Japan)"]}
+    server = labelled_server(make_server, plan)
+    overrides = {
+        "setting off": {"label_goals": False},
+        "more parts than threads": {"max_threads": 1},
+    }
+    settings = settings_for(server, **overrides.get(case, {}))
+    app = compile_apr_graph(settings=settings, tools=[capital] if case == "tools" else [])
+    await app.ainvoke({"task": LABELLED})
+    planner = server.chat_requests("planner")[0]
+    assert goal_schema(planner) == {"type": "string", "maxLength": 600}
+    assert "labels its parts" not in planner.last_user_message

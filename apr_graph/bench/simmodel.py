@@ -20,6 +20,17 @@ from apr_graph.testing import RecordedRequest, Reply
 __all__ = ["SimModel"]
 
 
+def _goal_labels(request: RecordedRequest) -> list[str]:
+    """The labels a plan's goals must be, if the request's JSON schema says so."""
+    try:
+        schema = (request.body or {})["response_format"]["json_schema"]["schema"]
+        items = schema["anyOf"][1]["properties"]["subtasks"]["items"]
+    except (KeyError, IndexError, TypeError):
+        return []
+    labels = items.get("enum") if isinstance(items, dict) else None
+    return [str(label) for label in labels] if isinstance(labels, list) else []
+
+
 @dataclass
 class SimModel:
     """Replies for the tasks it was given, by role."""
@@ -69,7 +80,10 @@ class SimModel:
             # A direct answer reasons as much as a sequential one: the plan costs only its JSON.
             answer = f"{self._think(1)} {task.expected[0]}"
             return Reply(content={"strategy": "direct", "answer": answer})
-        if task.suite == "arithmetic":
+        labels = _goal_labels(request)
+        if labels and task.suite in {"arithmetic", "multipart"}:
+            goals = labels[: len(task.parts)]  # the schema lets a goal be its part's label only
+        elif task.suite == "arithmetic":
             goals = [f"Compute {p}" for p in task.parts]
         elif task.suite == "multipart":
             goals = list(task.parts)  # each part is a question of its own

@@ -23,7 +23,7 @@ from apr_graph.events import answer_emitter, emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.early import EarlyStarter
-from apr_graph.plan import direct_plan, normalise_plan, repair_dependencies
+from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_dependencies
 from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
 from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
@@ -78,7 +78,8 @@ def make_decompose(
         if capacity["width"] is None and depth == 0 and settings.probe_capacity:
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
-        messages = planner_messages(task, context, settings.max_threads, width, tools)
+        labels = _labels(task, settings, tools)
+        messages = planner_messages(task, context, settings.max_threads, width, tools, labels)
 
         @functools.cache
         def system_for(merge: str | None) -> str:
@@ -108,7 +109,7 @@ def make_decompose(
                     messages,
                     Plan,
                     role="planner",
-                    schema=plan_json_schema(settings.max_threads),
+                    schema=plan_json_schema(settings.max_threads, labels),
                     budget=budget,
                     progress=starter.progress if start_early and settings.stream_plan else None,
                 )
@@ -192,6 +193,18 @@ def make_decompose(
         return update
 
     return decompose
+
+
+def _labels(task: str, settings: AprSettings, tools: list[tuple[str, str]] | None) -> list[str]:
+    """The labels a parallel plan names its subtasks by, or none (goals written out).
+
+    Not with tools (the planner writes a part that one call answers as that call), nor when
+    the task has more parts than a plan may have threads (the planner groups them).
+    """
+    if not settings.label_goals or tools:
+        return []
+    labels = list(labelled_parts(task))
+    return labels if len(labels) <= settings.max_threads else []
 
 
 def _unknown_width(url: str, limit: int) -> str:
