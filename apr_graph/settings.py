@@ -178,7 +178,9 @@ class AprSettings(BaseSettings):
     label_goals: bool = True
     """When the task labels its parts ((a), (b) ... or 1., 2. ...), a parallel plan names each
     subtask by its label instead of writing it out, and its thread is given that part's text:
-    the plan is shorter, so every thread starts sooner. Off: the planner writes every goal."""
+    the plan is shorter, so every thread starts sooner (a 1.5B planner: ~70 -> 42 tokens for
+    three parts). The schema then allows only those labels as goals, so turn it off where the
+    labels mark data rather than parts to solve; off, the planner writes every goal."""
 
     warm_prefix: bool = False
     """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's
