@@ -106,11 +106,19 @@ class _Endpoint:
             "Accept": "text/event-stream",
         }
         """The SDK's own headers (auth, user agent, organization), built once, not per request."""
+        self._urls: dict[str, Any] = {}
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
         self.streams_tools = True
         """False once the server refused a streamed request with tools (older llama.cpp)."""
         self.report = CapacityReport()
+
+    def url_of(self, path: str) -> Any:
+        """The full URL of ``path`` under the endpoint's base URL, joined once per path."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self.client.base_url.join(path.lstrip("/"))
+        return url
 
     def load(self) -> float:
         return self.limit.in_flight / self.limit.limit
@@ -319,7 +327,7 @@ async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], rol
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     request = endpoint.http.build_request(
         "POST",
-        endpoint.client.base_url.join(path.lstrip("/")),
+        endpoint.url_of(path),
         content=json.dumps(payload, ensure_ascii=False).encode(),
         headers={**endpoint.stream_headers, "X-Apr-Role": role},
         timeout=endpoint.client.timeout,
