@@ -7,6 +7,7 @@ dependencies, forks past the depth limit and absurd token allowances are all see
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -67,6 +68,13 @@ def labelled_parts(task: str) -> dict[str, str]:
     Labels are ``(a)``, ``a)``, ``(1)``, ``1)`` or ``1.``, in order from the first (``a`` or
     ``1``) without gaps; anything else is not a list of parts and gives ``{}``.
     """
+    return dict(_parts(task))
+
+
+@functools.lru_cache(maxsize=64)
+def _parts(task: str) -> tuple[tuple[str, str], ...]:
+    # Parsed once per task: the planner's schema needs the labels, and plan repair runs again
+    # on every piece of a streamed plan (early dispatch).
     found = [
         (m.start(), m.end(), (m.group(1) or m.group(2)).lower()) for m in _MARKER.finditer(task)
     ]
@@ -82,7 +90,7 @@ def labelled_parts(task: str) -> dict[str, str]:
         stop = next((s for s, _, nxt in found[index + 1 :] if nxt == _successor(label)), len(task))
         parts[label] = task[end:stop].strip()
         expected = _successor(label)
-    return parts if len(parts) >= 2 else {}
+    return tuple(parts.items()) if len(parts) >= 2 else ()
 
 
 def _successor(label: str) -> str:
