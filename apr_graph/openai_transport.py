@@ -9,7 +9,6 @@ before the first request, and sizes each endpoint's limiter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import re
@@ -22,6 +21,7 @@ import openai
 
 from apr_graph.capacity import CapacityReport, probe_parallel_capacity
 from apr_graph.errors import ConfigurationError
+from apr_graph.http_stream import AiohttpStreams, status_error, transport_error
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.responses import (
     Completion,
@@ -106,18 +106,29 @@ class _Endpoint:
             "Accept": "text/event-stream",
         }
         """The SDK's own headers (auth, user agent, organization), built once, not per request."""
-        self._urls: dict[str, Any] = {}
+        self._urls: dict[str, str] = {}
+        self.streams = (
+            AiohttpStreams(
+                self.http,
+                timeout_s=settings.request_timeout_s,
+                https=base_url.startswith("https://"),
+                keepalive_s=_KEEPALIVE_S,
+            )
+            if _uses_aiohttp(settings)
+            else None
+        )
+        """Streamed requests on aiohttp directly (``None``: on the SDK's httpx client)."""
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
         self.streams_tools = True
         """False once the server refused a streamed request with tools (older llama.cpp)."""
         self.report = CapacityReport()
 
-    def url_of(self, path: str) -> Any:
+    def url_of(self, path: str) -> str:
         """The full URL of ``path`` under the endpoint's base URL, joined once per path."""
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = self.client.base_url.join(path.lstrip("/"))
+            url = self._urls[path] = str(self.client.base_url.join(path.lstrip("/")))
         return url
 
     def load(self) -> float:
@@ -239,6 +250,8 @@ class OpenAITransport:
         endpoints, self._endpoints = self._endpoints, []
         self._probed = False
         for endpoint in endpoints:
+            if endpoint.streams is not None:
+                await endpoint.streams.aclose()
             await endpoint.client.close()
 
     async def chat(
@@ -319,12 +332,19 @@ async def _stream_chat(endpoint: _Endpoint, body: dict[str, Any], request: ChatR
 async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], role: str) -> Any:
     """Send a streamed request and return the raw, unread HTTP response.
 
-    The bulk path of a fan-out goes straight to the SDK's HTTP client (its pool, headers,
-    timeout) without the SDK's request pipeline (options, body transform, per-chunk
-    models): 0.1-0.5 ms less client CPU per request (BENCHMARKS.md). Failures still surface
-    as the SDK's error types, so classification and retries see what the SDK would raise.
+    The bulk path of a fan-out goes around the SDK's request pipeline (options, body
+    transform, per-chunk models): on aiohttp to the endpoint's own aiohttp session
+    (``http_stream``), on httpx to the SDK's HTTP client (its pool, headers, timeout).
+    Failures still surface as the SDK's error types, so classification and retries see
+    what the SDK would raise.
     """
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    if endpoint.streams is not None:  # aiohttp, directly
+        return await endpoint.streams.post(
+            endpoint.url_of(path),
+            json.dumps(payload, ensure_ascii=False).encode(),
+            {**endpoint.stream_headers, "X-Apr-Role": role},
+        )
     request = endpoint.http.build_request(
         "POST",
         endpoint.url_of(path),
@@ -335,71 +355,16 @@ async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], rol
     try:
         response = await endpoint.http.send(request, stream=True)
     except Exception as exc:
-        raise _transport_error(exc, request) from exc
+        raise transport_error(exc, request) from exc
     if response.status_code >= 400:
         try:
             await response.aread()
         except Exception as exc:
-            raise _transport_error(exc, request) from exc
+            raise transport_error(exc, request) from exc
         finally:
             await response.aclose()
-        raise _status_error(response)
+        raise status_error(response)
     return response
-
-
-def _transport_error(exc: Exception, request: Any) -> Exception:
-    """The SDK's error for a request that got no response (as its own client maps them)."""
-    if isinstance(exc, openai.APIError):
-        return exc
-    if "timeout" in type(exc).__name__.lower() and not _refused(exc):
-        return openai.APITimeoutError(request=request)
-    return openai.APIConnectionError(message=f"Connection error: {exc}", request=request)
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether a socket error (not a timeout) lies under ``exc``: the SDK's aiohttp transport
-    reports a refused connection as ``ConnectTimeout``, and "timed out after 120 s" would
-    send the user looking in the wrong place."""
-    seen: BaseException | None = exc.__cause__ or exc.__context__
-    for _ in range(8):  # a chain is short; a cycle must not hang the error path
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
-    400: openai.BadRequestError,
-    401: openai.AuthenticationError,
-    403: openai.PermissionDeniedError,
-    404: openai.NotFoundError,
-    409: openai.ConflictError,
-    422: openai.UnprocessableEntityError,
-    429: openai.RateLimitError,
-}
-
-
-def _status_error(response: Any) -> openai.APIStatusError:
-    """The SDK's error for a failed status: the class, message and body its client builds
-    (``Error code: 429 - <message>``; ``body`` is the ``error`` object when there is one)."""
-    text = response.text.strip()
-    body: Any = text
-    message = f"Error code: {response.status_code}"
-    with contextlib.suppress(ValueError):
-        body = json.loads(text)
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        said = body.get("message") if isinstance(body, dict) else None
-        if isinstance(said, str) and said:
-            message += f" - {said}"
-    elif text:
-        message += f" - {text[:300]}"
-    kind = _STATUS_ERRORS.get(response.status_code)
-    if kind is None:
-        kind = openai.InternalServerError if response.status_code >= 500 else openai.APIStatusError
-    return kind(message, response=response, body=body)
 
 
 async def _post(endpoint: _Endpoint, body: dict[str, Any], role: str) -> Any:

@@ -171,3 +171,6 @@ def test_overhead_is_measured_for_every_layer() -> None:
         assert row["apr_vs_floor"] == pytest.approx(
             row["apr_cpu_ms"] / row["floor_cpu_ms"], rel=0.01
         )
+        assert row["apr_vs_aiohttp"] == pytest.approx(
+            row["apr_cpu_ms"] / row["aiohttp_cpu_ms"], rel=0.01
+        )

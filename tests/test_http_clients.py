@@ -104,3 +104,24 @@ def test_asking_for_aiohttp_without_it_says_how_to_fix_it(
     settings = AprSettings(base_url="http://127.0.0.1:9/v1", http_client="aiohttp")
     with pytest.raises(ConfigurationError, match=r"pip install 'openai\[aiohttp\]'"):
         LLMClient(settings)
+
+
+@STACKS
+async def test_the_environment_proxy_carries_the_stream_on_either_stack(
+    make_server: ServerFactory, stack: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = make_server([Rule(reply=Reply(content="via the proxy"))])
+    monkeypatch.setenv("HTTP_PROXY", proxy.base_url.rsplit("/v1", 1)[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings = AprSettings(
+        base_url="http://api.example.invalid/v1",
+        http_client=stack,
+        max_retries=0,
+        probe_capacity=False,
+    )
+    async with LLMClient(settings) as client:
+        answer = await client.chat(Q, role="worker", max_tokens=5)
+    assert answer.text == "via the proxy"
+    (request,) = proxy.chat_requests()
+    assert request.path == "http://api.example.invalid/v1/chat/completions"

@@ -5,6 +5,9 @@ scripted server in its own process (so the CPU time measured is the client's alo
 
 - ``floor``: one asyncio connection per request, the HTTP/1.1 request written by hand, SSE
   lines parsed with ``json.loads``: what any client must spend;
+- ``aiohttp``: plain ``aiohttp``, a fresh session per round, the SSE lines split from its
+  byte stream and parsed with ``json.loads``: the floor of a client built on the well-kept
+  HTTP library (apr-graph's bulk path is on it);
 - ``httpx``: plain ``httpx``, a fresh pool per round (its pool scans every connection for
   every request, so this layer grows with N: it is not a floor);
 - ``sdk``: ``AsyncOpenAI(...).chat.completions.create(stream=True)`` on the SDK's default
@@ -80,6 +83,31 @@ async def _floor(url: str, n: int) -> tuple[float, float]:
         writer.close()
 
     return await _timed(lambda: asyncio.gather(*(one() for _ in range(n))))
+
+
+async def _aiohttp(url: str, n: int) -> tuple[float, float]:
+    import aiohttp
+
+    payload = json.dumps(_body(n)).encode()
+    headers = {"Content-Type": "application/json", "X-Apr-Role": "worker"}
+
+    async def run() -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one() -> None:
+                async with http.post(f"{url}/chat/completions", data=payload, headers=headers) as r:
+                    rest = b""
+                    async for chunk in r.content.iter_any():
+                        lines = (rest + chunk).split(b"\n")
+                        rest = lines.pop()
+                        for line in lines:
+                            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                                json.loads(line[6:])
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+    return await _timed(run)
 
 
 async def _httpx(url: str, n: int) -> tuple[float, float]:
@@ -197,6 +225,7 @@ async def _apr_httpx(url: str, n: int) -> tuple[float, float]:
 
 LAYERS = {
     "floor": _floor,
+    "aiohttp": _aiohttp,
     "httpx": _httpx,
     "sdk": _sdk,
     "sdk_aiohttp": _sdk_aiohttp,
@@ -237,6 +266,7 @@ async def measure_overhead(
                 row[f"{name}_cpu_ms"] = round(1000 * cpu / size, 2)
                 row[f"{name}_wall_s"] = round(wall, 2)
             row["apr_vs_floor"] = round(row["apr_cpu_ms"] / max(row["floor_cpu_ms"], 1e-9), 2)
+            row["apr_vs_aiohttp"] = round(row["apr_cpu_ms"] / max(row["aiohttp_cpu_ms"], 1e-9), 2)
             row["ideal_ratio"] = round(reply_s / max(row["apr_wall_s"], 1e-9), 2)
             rows.append(row)
             if progress is not None:
