@@ -79,10 +79,11 @@ class AprSettings(BaseSettings):
     """Timeout of one HTTP request, in seconds."""
 
     http_client: Literal["auto", "aiohttp", "httpx"] = "auto"
-    """The HTTP stack under the OpenAI SDK: its aiohttp transport (``openai[aiohttp]``, a
-    dependency of apr-graph; about 40% less client CPU per streamed request in fan-outs of
-    hundreds of threads, BENCHMARKS.md), or the SDK's default httpx. ``auto``: aiohttp when
-    it is importable, else httpx."""
+    """The HTTP stack: ``aiohttp`` (a dependency of apr-graph): streamed requests on an
+    aiohttp session of apr's own, the rest on the SDK's aiohttp transport (about half the
+    client CPU per thread of httpx in fan-outs of hundreds of threads, BENCHMARKS.md); or
+    ``httpx``: the SDK's default client for everything. ``auto``: aiohttp when it is
+    importable, else httpx."""
 
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of one request after a transient error (connection, timeout, 408, 409, 429, 5xx)."""

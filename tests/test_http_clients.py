@@ -125,3 +125,20 @@ async def test_the_environment_proxy_carries_the_stream_on_either_stack(
     assert answer.text == "via the proxy"
     (request,) = proxy.chat_requests()
     assert request.path == "http://api.example.invalid/v1/chat/completions"
+
+
+@STACKS
+async def test_a_stream_cut_mid_way_is_retried_on_either_stack(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server(
+        [
+            Rule(reply=Reply(content="one two three four", cut_stream_after=2), times=1),
+            Rule(reply=Reply(content="whole answer")),
+        ]
+    )
+    async with LLMClient(settings_for(server, http_client=stack)) as client:
+        answer = await client.chat(Q, role="worker")
+    assert answer.text == "whole answer"
+    assert answer.requests == 2
+    assert len(server.chat_requests()) == 2
