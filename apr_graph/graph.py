@@ -6,7 +6,12 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import Runnable, RunnableLambda
+
+try:  # how LangGraph wraps a plain function node; not exported, so a fallback is kept
+    from langgraph._internal._runnable import RunnableCallable
+except ImportError:  # pragma: no cover - a LangGraph that moved it
+    RunnableCallable = None  # type: ignore[assignment,misc]
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
@@ -80,17 +85,21 @@ def _releasing(node: Node, boards: Boards) -> Node:
     return run
 
 
-def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> RunnableLambda[Any, Any]:
+def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> Runnable[Any, Any]:
     """A node usable from both ``ainvoke`` and ``invoke``.
 
     A sync caller has no loop of its own to lend: the whole node runs on the client's loop,
-    one hop per node.
+    one hop per node. Wrapped as LangGraph wraps a plain function node (``trace=False``: the
+    graph traces the node's task itself); a ``RunnableLambda`` would inspect the function's
+    signature and build a callback run on every call, hundreds of times in a fan-out.
     """
 
     def func(state: Any) -> dict[str, Any]:
         return client.run_sync(afunc(state))  # type: ignore[arg-type]
 
-    return RunnableLambda(func, afunc=afunc, name=name)
+    if RunnableCallable is None:  # pragma: no cover
+        return RunnableLambda(func, afunc=afunc, name=name)
+    return RunnableCallable(func, afunc, name=name, trace=False)
 
 
 def _check(

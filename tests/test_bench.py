@@ -148,6 +148,7 @@ def test_bench_plots(tmp_path: Path) -> None:
         (["--suites", "arithmetic,trivia"], "--suites: unknown trivia; choose from"),
         (["--strategies", "fastest"], "--strategies: unknown fastest"),
         (["--parts", "1"], "a multipart question needs at least 2 parts"),
+        (["--overhead-rounds", "0"], "--overhead-rounds"),
     ],
 )
 def test_bench_refuses_bad_options_before_running(
@@ -162,9 +163,10 @@ def test_bench_refuses_bad_options_before_running(
 def test_overhead_is_measured_for_every_layer() -> None:
     from apr_graph.bench.overhead import LAYERS, measure_overhead
 
-    rows = asyncio.run(measure_overhead([1, 4], reply_s=0.05))
+    rows = asyncio.run(measure_overhead([1, 4], reply_s=0.05, rounds=2))
     assert [r["threads"] for r in rows] == [1, 4]
     for row in rows:
+        assert row["rounds"] == 2
         for layer in LAYERS:
             assert row[f"{layer}_cpu_ms"] > 0
             assert row[f"{layer}_wall_s"] >= 0.05  # every layer waited for its replies

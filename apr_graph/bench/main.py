@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         default="1,8,64,512,1000",
         help="fan-out sizes for framework overhead; empty to skip [%(default)s]",
     )
+    p.add_argument(
+        "--overhead-rounds",
+        type=_positive(int),
+        default=3,
+        help="interleaved rounds per overhead size; the median is reported [%(default)s]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--step-ms",
@@ -192,7 +198,9 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
             )
             results["scaling"] = rows
     if sizes:
-        results["overhead"] = await measure_overhead(sizes, progress=step)
+        results["overhead"] = await measure_overhead(
+            sizes, progress=step, rounds=args.overhead_rounds
+        )
     return results
 
 

@@ -28,6 +28,7 @@ import operator
 import sys
 import time
 from collections.abc import Callable, Sequence
+from statistics import median
 from typing import Annotated, Any, TypedDict
 from urllib.parse import urlsplit
 
@@ -240,11 +241,15 @@ async def measure_overhead(
     *,
     progress: Callable[[str], None] | None = None,
     reply_s: float = REPLY_S,
+    rounds: int = 3,
 ) -> list[dict[str, Any]]:
     """One row per fan-out size: client CPU ms per thread of each layer, and wall times.
 
     ``reply_s``: how long each worker reply streams (shorter only for quick checks: the
     requests of a large fan-out must overlap for the figures to mean anything).
+    ``rounds``: each layer is measured this many times, the layers interleaved round by
+    round, and the median reported (one run of a wide fan-out varies by tens of percent with
+    when the garbage collector happens to run).
     """
     server = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -260,11 +265,14 @@ async def measure_overhead(
             await layer(url, 2)
         rows = []
         for size in sizes:
-            row: dict[str, Any] = {"threads": size}
-            for name, layer in LAYERS.items():
-                cpu, wall = await layer(url, size)
-                row[f"{name}_cpu_ms"] = round(1000 * cpu / size, 2)
-                row[f"{name}_wall_s"] = round(wall, 2)
+            row: dict[str, Any] = {"threads": size, "rounds": rounds}
+            timings: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYERS}
+            for _ in range(rounds):
+                for name, layer in LAYERS.items():
+                    timings[name].append(await layer(url, size))
+            for name, measured in timings.items():
+                row[f"{name}_cpu_ms"] = round(1000 * median(c for c, _ in measured) / size, 2)
+                row[f"{name}_wall_s"] = round(median(w for _, w in measured), 2)
             row["apr_vs_floor"] = round(row["apr_cpu_ms"] / max(row["floor_cpu_ms"], 1e-9), 2)
             row["apr_vs_aiohttp"] = round(row["apr_cpu_ms"] / max(row["aiohttp_cpu_ms"], 1e-9), 2)
             row["ideal_ratio"] = round(reply_s / max(row["apr_wall_s"], 1e-9), 2)
