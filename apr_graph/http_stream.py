@@ -17,7 +17,7 @@ import json
 import ssl
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -183,14 +183,19 @@ class _SseResponse:
         self._streams = streams
         self._url = url
         self._finished = False
+        self._lines: AsyncGenerator[str, None] | None = None
 
     @property
     def request(self) -> Any:
         return self._streams._request(self._url)
 
-    async def aiter_lines(self) -> AsyncIterator[str]:
+    def aiter_lines(self) -> AsyncIterator[str]:
         """The stream's lines, decoded, without their line ends. Chunks are split here (one
         await per network read, not per line)."""
+        lines = self._lines = self._read_lines()
+        return lines
+
+    async def _read_lines(self) -> AsyncGenerator[str, None]:
         rest = b""
         async for chunk in self._response.content.iter_any():
             lines = (rest + chunk).split(b"\n")
@@ -205,6 +210,8 @@ class _SseResponse:
         """Release the connection: kept alive when the body was read to its end (``[DONE]``
         and the body's end usually arrive together), closed otherwise: a cancelled thread's
         server stops generating."""
+        if self._lines is not None:  # left at [DONE]: closed here, not by a finalizer task
+            await self._lines.aclose()
         if self._finished or self._response.content.is_eof():
             self._response.release()
         else:
