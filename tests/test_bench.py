@@ -163,8 +163,10 @@ def test_bench_refuses_bad_options_before_running(
 def test_overhead_is_measured_for_every_layer() -> None:
     from apr_graph.bench.overhead import LAYERS, measure_overhead
 
-    rows = asyncio.run(measure_overhead([1, 4], reply_s=0.05, rounds=2))
+    said: list[str] = []
+    rows = asyncio.run(measure_overhead([1, 4], reply_s=0.05, rounds=2, progress=said.append))
     assert [r["threads"] for r in rows] == [1, 4]
+    assert said == [f"overhead {n} threads, round {r}/2" for n in (1, 4) for r in (1, 2)]
     for row in rows:
         assert row["rounds"] == 2
         for layer in LAYERS:

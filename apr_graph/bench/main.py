@@ -137,7 +137,8 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         w: make_suite("arithmetic", args.scaling_tasks, seed=args.seed + w, parts=w) for w in widths
     }
     total = len(tasks) * len(strategies) + sum(len(t) * 2 for t in scaling_tasks.values())
-    bar = progress.add_task("benchmark", total=total + len(sizes))
+    steps = total + len(sizes) * args.overhead_rounds  # an overhead round is a step
+    bar = progress.add_task("benchmark", total=steps)
 
     started = time.monotonic()
     plain = not progress.console.is_terminal  # the bar shows only on a terminal
@@ -155,7 +156,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         if plain:  # a line per step instead, for logs and redirected runs
             elapsed = time.monotonic() - started
             print(
-                f"apr bench: {done}/{total + len(sizes)} {label} ({elapsed:.0f}s)",
+                f"apr bench: {done}/{steps} {label} ({elapsed:.0f}s)",
                 file=sys.stderr,
                 flush=True,
             )

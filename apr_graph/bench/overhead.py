@@ -267,9 +267,11 @@ async def measure_overhead(
         for size in sizes:
             row: dict[str, Any] = {"threads": size, "rounds": rounds}
             timings: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYERS}
-            for _ in range(rounds):
+            for done in range(1, rounds + 1):
                 for name, layer in LAYERS.items():
                     timings[name].append(await layer(url, size))
+                if progress is not None:
+                    progress(f"overhead {size} threads, round {done}/{rounds}")
             for name, measured in timings.items():
                 row[f"{name}_cpu_ms"] = round(1000 * median(c for c, _ in measured) / size, 2)
                 row[f"{name}_wall_s"] = round(median(w for _, w in measured), 2)
@@ -277,8 +279,6 @@ async def measure_overhead(
             row["apr_vs_aiohttp"] = round(row["apr_cpu_ms"] / max(row["aiohttp_cpu_ms"], 1e-9), 2)
             row["ideal_ratio"] = round(reply_s / max(row["apr_wall_s"], 1e-9), 2)
             rows.append(row)
-            if progress is not None:
-                progress(f"overhead {size} threads")
         return rows
     finally:
         server.kill()
