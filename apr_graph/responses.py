@@ -217,13 +217,17 @@ async def read_stream(
     server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
     the read timeout raises its ``APITimeoutError``."""
     end = StreamEnd()
+    done = False
     try:
         async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # comments, event names, keep-alives
+            if done or not line.startswith("data:"):
+                continue  # comments, event names, keep-alives; what follows [DONE]
             data = line[5:].strip()
             if data == "[DONE]":
-                break
+                # Read on to the body's end (as the SDK does): the connection then goes back
+                # to the pool instead of being closed, and the next request reuses it.
+                done = True
+                continue
             _take(json.loads(data), end, progress, piece_of, response)
     except (openai.APIError, asyncio.CancelledError):
         raise

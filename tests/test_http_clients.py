@@ -142,3 +142,16 @@ async def test_a_stream_cut_mid_way_is_retried_on_either_stack(
     assert answer.text == "whole answer"
     assert answer.requests == 2
     assert len(server.chat_requests()) == 2
+
+
+@STACKS
+async def test_streamed_requests_one_after_another_reuse_one_connection(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([Rule(reply=Reply(content="again"))])
+    async with LLMClient(settings_for(server, http_client=stack)) as client:
+        for _ in range(3):
+            assert (await client.chat(Q, role="worker")).text == "again"
+    peers = {r.peer for r in server.chat_requests()}
+    assert len(server.chat_requests()) == 3
+    assert len(peers) == 1, peers  # kept alive, not opened again per request

@@ -87,6 +87,8 @@ class RecordedRequest:
     started_at: float
     ended_at: float | None = None
     status: int | None = None
+    peer: tuple[str, int] | None = None
+    """The client's address and port: requests on one kept-alive connection share it."""
 
     @property
     def role(self) -> str | None:
