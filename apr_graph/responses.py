@@ -8,6 +8,7 @@ wrap its JSON in prose or code fences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -217,17 +218,15 @@ async def read_stream(
     server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
     the read timeout raises its ``APITimeoutError``."""
     end = StreamEnd()
-    done = False
     try:
-        async for line in response.aiter_lines():
-            if done or not line.startswith("data:"):
-                continue  # comments, event names, keep-alives; what follows [DONE]
+        lines = response.aiter_lines()
+        async for line in lines:
+            if not line.startswith("data:"):
+                continue  # comments, event names, keep-alives
             data = line[5:].strip()
             if data == "[DONE]":
-                # Read on to the body's end (as the SDK does): the connection then goes back
-                # to the pool instead of being closed, and the next request reuses it.
-                done = True
-                continue
+                await _drain(lines)
+                break
             _take(json.loads(data), end, progress, piece_of, response)
     except (openai.APIError, asyncio.CancelledError):
         raise
@@ -246,6 +245,20 @@ async def read_stream(
             "tokens (cut off)"
         )
     return end
+
+
+_DRAIN_S = 0.1
+"""How long the rest of a body is read after ``[DONE]`` (the SDK's own bound)."""
+
+
+async def _drain(lines: Any) -> None:
+    """Read a stream on to its end after ``[DONE]``, as the SDK does, so its connection goes
+    back to the pool and the next request reuses it. Bounded, and never an error: a server
+    that keeps the body open after ``[DONE]`` costs ``_DRAIN_S``, not a completed answer."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in lines:
+                pass
 
 
 def _take(

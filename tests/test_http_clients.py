@@ -3,7 +3,11 @@ the wire, and the errors a caller sees, must not depend on the stack."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
+import re
+import time
 
 import pytest
 
@@ -155,3 +159,47 @@ async def test_streamed_requests_one_after_another_reuse_one_connection(
     peers = {r.peer for r in server.chat_requests()}
     assert len(server.chat_requests()) == 3
     assert len(peers) == 1, peers  # kept alive, not opened again per request
+
+
+@STACKS
+async def test_a_body_left_open_after_done_still_answers_at_once(stack: str) -> None:
+    # A server that sends [DONE] and then neither ends the body nor closes the connection:
+    # the answer is complete; reading on for the body's end must not cost it (nor 120 s).
+    chunk = {"choices": [{"index": 0, "delta": {"content": "complete"}, "finish_reason": "stop"}]}
+    events = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + f"{len(events):x}\r\n".encode()
+            + events
+            + b"\r\n"
+        )
+        await writer.drain()
+        held.append(writer)  # the terminating chunk never comes
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = AprSettings(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        http_client=stack,
+        max_retries=0,
+        probe_capacity=False,
+        request_timeout_s=30,
+    )
+    try:
+        async with LLMClient(settings) as client:
+            started = time.monotonic()
+            answer = await client.chat(Q, role="worker")
+        assert answer.text == "complete"
+        assert time.monotonic() - started < 2
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
