@@ -3,11 +3,11 @@
 A fan-out of hundreds of threads makes hundreds of streamed chat requests at once. On aiohttp
 (``http_client``: ``auto``/``aiohttp``) they go to an ``aiohttp.ClientSession`` directly, one
 per endpoint, the events read from its byte stream and parsed with plain ``json``: no SDK
-request pipeline, no httpx API layered over aiohttp, no per-chunk models (about 0.5 ms less
-client CPU per thread than the SDK's aiohttp transport, BENCHMARKS.md). What the SDK would do
-is kept: its headers (auth, user agent, organization), its timeout, the proxy settings of the
-environment, and its error classes (``_status_error``, ``transport_error``), so
-``failures.classify`` and the one retry policy see exactly what they see from the SDK.
+request pipeline, no httpx API layered over aiohttp, no per-chunk models (BENCHMARKS.md,
+"Framework overhead"). What the SDK would do is kept: its headers (auth, user agent,
+organization), its timeout, the proxy settings of the environment, and its error classes
+(``status_error``, ``transport_error``, ``timed_out``), so ``failures.classify`` and the one
+retry policy see exactly what they see from the SDK.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-__all__ = ["AiohttpStreams", "status_error", "transport_error"]
+__all__ = ["AiohttpStreams", "status_error", "timed_out", "transport_error"]
 
 _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
     400: openai.BadRequestError,
@@ -63,15 +63,16 @@ def transport_error(exc: BaseException, request: Any) -> Exception:
     a timeout is ``APITimeoutError``, anything else ``APIConnectionError``."""
     if isinstance(exc, openai.APIError):
         return exc
-    if _timed_out(exc) and not _refused(exc):
+    if timed_out(exc) and not _refused(exc):
         return openai.APITimeoutError(request=request)
     return openai.APIConnectionError(message=f"Connection error: {exc}", request=request)
 
 
-def _timed_out(exc: BaseException) -> bool:
-    # httpx's TimeoutException family and aiohttp's ServerTimeoutError / SocketTimeoutError /
-    # ConnectionTimeoutError (all asyncio.TimeoutError); matched by name for the httpx family,
-    # whose module differs between SDK versions (httpx, httpx2)
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a timeout of either stack: httpx's ``TimeoutException`` family
+    (matched by name: its module differs between SDK versions, httpx or httpx2) or aiohttp's
+    ``ServerTimeoutError`` / ``SocketTimeoutError`` / ``ConnectionTimeoutError`` (all
+    ``TimeoutError``)."""
     return isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower()
 
 
@@ -182,7 +183,6 @@ class _SseResponse:
         self._response = response
         self._streams = streams
         self._url = url
-        self._finished = False
         self._lines: AsyncGenerator[str, None] | None = None
 
     @property
@@ -204,15 +204,13 @@ class _SseResponse:
                 yield line.rstrip(b"\r").decode()
         if rest:
             yield rest.rstrip(b"\r").decode()
-        self._finished = True
 
     async def aclose(self) -> None:
-        """Release the connection: kept alive when the body was read to its end (``[DONE]``
-        and the body's end usually arrive together), closed otherwise: a cancelled thread's
-        server stops generating."""
-        if self._lines is not None:  # left at [DONE]: closed here, not by a finalizer task
+        """Release the connection: kept alive when the body was read to its end, closed
+        otherwise: a cancelled thread's server stops generating."""
+        if self._lines is not None:  # one left mid-way: closed here, not by a finalizer task
             await self._lines.aclose()
-        if self._finished or self._response.content.is_eof():
+        if self._response.content.is_eof():
             self._response.release()
         else:
             self._response.close()

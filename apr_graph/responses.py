@@ -18,6 +18,8 @@ from typing import Any
 
 import openai
 
+from apr_graph.http_stream import timed_out
+
 __all__ = [
     "Completion",
     "Message",
@@ -231,7 +233,7 @@ async def read_stream(
     except (openai.APIError, asyncio.CancelledError):
         raise
     except Exception as exc:
-        if "timeout" in type(exc).__name__.lower():
+        if timed_out(exc):
             raise openai.APITimeoutError(request=response.request) from exc
         # The transport broke mid-stream, or a chunk was not JSON: worth a retry.
         raise TransientResponseError(

@@ -167,8 +167,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     # -- plumbing -------------------------------------------------------------------------
     def _record(self, method: str, body: dict[str, Any] | None) -> RecordedRequest:
         headers = {k.lower(): v for k, v in self.headers.items()}
-        request = RecordedRequest(method, self.path, headers, body, time.monotonic())
-        request.peer = (str(self.client_address[0]), int(self.client_address[1]))
+        peer = (str(self.client_address[0]), int(self.client_address[1]))
+        request = RecordedRequest(method, self.path, headers, body, time.monotonic(), peer=peer)
         self.server.scripted.record(request)
         return request
 
