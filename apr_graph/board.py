@@ -11,9 +11,10 @@ board is released on every way out of a run: finished, failed or cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from apr_graph.answers import majority, normalise_answer
 from apr_graph.budget import Budget, StoppedError
@@ -37,7 +38,6 @@ class RunBoard:
     merge: str
     thread_ids: list[str]
     results: dict[str, asyncio.Future[ThreadRecord]] = field(default_factory=dict)
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
     settle_reason: str | None = None
     winner: str | None = None
     votes: dict[str, str] = field(default_factory=dict)
@@ -47,6 +47,13 @@ class RunBoard:
     """The system message all threads share (rendered once per fan-out)."""
     early: dict[str, EarlyCall] = field(default_factory=dict)
     """First requests of threads started while the plan was written, by subtask id."""
+    _guarded: dict[asyncio.Task[Any], bool] = field(default_factory=dict, repr=False)
+    """The tasks in a ``guard`` now, and whether a settled vote or race leaves them be."""
+    _stopping: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    """Guarded tasks this board cancelled (their cancel becomes ``StoppedError``)."""
+
+    def __post_init__(self) -> None:
+        self.budget.on_stop(self._on_budget_stop)
 
     def drop_early(self, keep: Iterable[str] = ()) -> list[EarlyCall]:
         """Take the early requests not in ``keep`` off the board (the caller cancels them)."""
@@ -81,6 +88,11 @@ class RunBoard:
 
         Cancelling a streamed model call closes its HTTP response, so the server stops too.
         ``budget_only``: ignore a settled vote or race (for the merge step itself).
+
+        ``work`` runs in the caller's own task (no task of its own, no waiter tasks: a wide
+        fan-out keeps thousands of guards open at once). A stop cancels the guarded tasks,
+        and the guard turns that cancellation, and only that one, into ``StoppedError``, as
+        ``asyncio.timeout`` does: a caller's own cancel goes on as a cancel.
         """
         reason = self.budget.stop_reason if budget_only else self.stop_reason
         if reason:
@@ -89,33 +101,49 @@ class RunBoard:
             elif isinstance(work, asyncio.Future):
                 work.cancel()  # a request already in flight (a thread started early)
             raise StoppedError(reason)
-        task = asyncio.ensure_future(work)
-        stops = [asyncio.ensure_future(self.budget.stopped.wait())]
-        if not budget_only:
-            stops.append(asyncio.ensure_future(self.settled.wait()))
+        task = asyncio.current_task()
+        if task is None:  # not in a task (a bare coroutine driven by hand): nothing to cancel
+            return await work
+        outer = self._guarded.get(task)  # a guard within a guard of the same task
+        self._guarded[task] = budget_only if outer is None else outer and budget_only
         try:
-            await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
+            return await work
         except asyncio.CancelledError:
-            task.cancel()  # the caller gave up: so does the request (its response is closed)
+            if task in self._stopping:
+                self._stopping.discard(task)
+                if task.uncancel() == 0:  # the stop's cancel alone: the caller's goes on
+                    raise StoppedError(self.stop_reason or "stopped") from None
             raise
         finally:
-            for waiter in stops:
-                waiter.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        # Wait for the cancellation to land, whatever the work raises on its way out.
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not log it as never retrieved
-        raise StoppedError(self.stop_reason or "stopped")
+            if task in self._stopping:  # cancelled, but the work finished all the same
+                self._stopping.discard(task)
+                task.uncancel()
+            if outer is None:
+                self._guarded.pop(task, None)
+            else:
+                self._guarded[task] = outer
+
+    def _on_budget_stop(self) -> None:
+        self._later(budget=True)
+
+    def _later(self, *, budget: bool) -> None:
+        """Cancel the guarded tasks from a loop callback of their own (never from inside
+        one of them: a task cannot take back a cancel it is about to receive)."""
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing is guarded
+            asyncio.get_running_loop().call_soon(self._cancel_guarded, budget)
+
+    def _cancel_guarded(self, budget: bool) -> None:
+        for task, budget_only in list(self._guarded.items()):
+            if (budget or not budget_only) and task not in self._stopping and not task.done():
+                self._stopping.add(task)
+                task.cancel()
 
     def settle(self, winner: str, reason: str) -> None:
         """The answer is decided (a certain majority, a verified race result)."""
         if self.winner is None:
             self.winner = winner
             self.settle_reason = reason
-            self.settled.set()
+            self._later(budget=False)
 
     def vote(self, thread_id: str, answer: str) -> None:
         """Count one thread's final answer; settle as soon as the majority is certain."""
@@ -184,5 +212,6 @@ class Boards:
             return
         for call in board.drop_early():
             call.task.cancel()  # a request started early that no thread adopted
+        board.budget.remove_on_stop(board._on_budget_stop)
         if root:
             board.budget.close()

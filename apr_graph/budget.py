@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from apr_graph.settings import AprSettings
@@ -39,6 +40,7 @@ class Budget:
     threads_started: int = 0
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -99,10 +101,25 @@ class Budget:
             with contextlib.suppress(RuntimeError):  # the run's loop is gone already
                 self._loop.call_soon_threadsafe(self._signal)
 
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the run's loop when the run stops (at once if it has)."""
+        if self.stopped.is_set():
+            callback()
+        else:
+            self._on_stop.append(callback)
+
+    def remove_on_stop(self, callback: Callable[[], None]) -> None:
+        """Forget a callback given to ``on_stop`` (its board was released)."""
+        with contextlib.suppress(ValueError):
+            self._on_stop.remove(callback)
+
     def _signal(self) -> None:
         self.stopped.set()
         if self._timer is not None:
             self._timer.cancel()
+        callbacks, self._on_stop = self._on_stop, []
+        for callback in callbacks:
+            callback()
 
     def close(self) -> None:
         """Release the deadline timer."""

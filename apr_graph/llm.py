@@ -280,12 +280,29 @@ class LLMClient:
         def retryable(exc: BaseException) -> bool:
             return classify(exc, has_format=has_format, has_tools=has_tools) in RETRYABLE
 
+        failed: list[Exception] = []
+
+        async def attempt() -> Completion:
+            nonlocal requests
+            if failed:  # the first attempt's failure, replayed for the retry loop to judge
+                raise failed.pop()
+            requests += 1
+            progress.requests = requests
+            return await send()
+
         try:
-            async for attempt in self._policy.retrying(retryable, budget):
-                with attempt:
-                    requests += 1
-                    progress.requests = requests
-                    completion = await send()
+            try:
+                completion = await attempt()
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
+                # Most calls succeed at once: the retry loop (a dozen objects per call, held
+                # for the whole stream) is built only for a call that needs it. It sees the
+                # first failure as its own first attempt: same waits, same stop rules.
+                failed.append(exc)
+                async for retry in self._policy.retrying(retryable, budget):
+                    with retry:
+                        completion = await attempt()
         except AprError:
             raise  # already says what happened (budget ran out, a chat model refused)
         except Exception as exc:
