@@ -21,7 +21,8 @@ __all__ = ["Portal"]
 T = TypeVar("T")
 
 
-def _transfer(done: concurrent.futures.Future[T], waiter: asyncio.Future[T]) -> None:
+def _hand(done: asyncio.Task[T], waiter: asyncio.Future[T]) -> None:
+    """Give a portal task's outcome to the caller's future (on the caller's loop)."""
     if waiter.done():
         return
     if done.cancelled():
@@ -138,12 +139,28 @@ class Portal:
             return await coro
         caller = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = caller.create_future()
-        future, cancel = self._submit(coro)
-        future.add_done_callback(lambda done: _call_soon(caller, lambda: _transfer(done, waiter)))
+        loop = self._ensure_loop()
+        # No concurrent Future (a Condition and an RLock per request, held for the whole
+        # stream): the portal task hands its outcome straight to the caller's loop.
+        started: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            started.append(task)
+            task.add_done_callback(finished)
+
+        def finished(done: asyncio.Task[T]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved here, even if the caller's loop has closed
+            _call_soon(caller, lambda: _hand(done, waiter))
+
+        loop.call_soon_threadsafe(start)
         try:
             return await waiter
         except asyncio.CancelledError:
-            cancel()  # the request stops on the portal loop: its response is closed
+            # The request stops on the portal loop (its response is closed). ``start`` ran
+            # first there: both were queued on that loop from this thread, in this order.
+            _call_soon(loop, lambda: [t.cancel() for t in started])
             raise
 
     def shutdown(self, final: Coroutine[Any, Any, Any] | None = None, *, wait: bool) -> None:
