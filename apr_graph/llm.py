@@ -275,43 +275,55 @@ class LLMClient:
     ) -> Completion:
         """The one retry loop around single requests (runs on the portal loop)."""
         started = time.time()
-        requests = 0
-
-        def retryable(exc: BaseException) -> bool:
-            return classify(exc, has_format=has_format, has_tools=has_tools) in RETRYABLE
-
-        failed: list[Exception] = []
-
-        async def attempt() -> Completion:
-            nonlocal requests
-            if failed:  # the first attempt's failure, replayed for the retry loop to judge
-                raise failed.pop()
-            requests += 1
-            progress.requests = requests
-            return await send()
-
+        progress.requests = 1
         try:
             try:
-                completion = await attempt()
+                completion = await send()
             except Exception as exc:
-                if not retryable(exc):
+                if classify(exc, has_format=has_format, has_tools=has_tools) not in RETRYABLE:
                     raise
                 # Most calls succeed at once: the retry loop (a dozen objects per call, held
-                # for the whole stream) is built only for a call that needs it. It sees the
-                # first failure as its own first attempt: same waits, same stop rules.
-                failed.append(exc)
-                async for retry in self._policy.retrying(retryable, budget):
-                    with retry:
-                        completion = await attempt()
+                # for the whole stream) is built only for a call that needs it.
+                completion = await self._retried(send, exc, progress, budget, has_format, has_tools)
         except AprError:
             raise  # already says what happened (budget ran out, a chat model refused)
         except Exception as exc:
             kind = classify(exc, has_format=has_format, has_tools=has_tools)
-            error = self._error(exc, kind, model=model, attempts=requests)
+            error = self._error(exc, kind, model=model, attempts=progress.requests)
             if isinstance(error, ServerCapabilityError) and kind == "tools":
                 self._no_tools = error  # a fixed configuration: found once, for good
             raise error from exc
-        return replace(completion, requests=requests, started_at=started)
+        return replace(completion, requests=progress.requests, started_at=started)
+
+    async def _retried(
+        self,
+        send: Callable[[], Awaitable[Completion]],
+        first: Exception,
+        progress: StreamProgress,
+        budget: CallBudget | None,
+        has_format: bool,
+        has_tools: bool,
+    ) -> Completion:
+        """The retries of a call whose first request failed with ``first`` (retryable).
+
+        The retry loop sees that failure as its own first attempt: same waits (a
+        ``Retry-After`` on it is honoured), same stop rules, as if it had made it.
+        """
+        failed = [first]
+
+        def retryable(exc: BaseException) -> bool:
+            return classify(exc, has_format=has_format, has_tools=has_tools) in RETRYABLE
+
+        async def attempt() -> Completion:
+            if failed:  # the first failure, replayed for the loop to judge
+                raise failed.pop()
+            progress.requests += 1
+            return await send()
+
+        async for retry in self._policy.retrying(retryable, budget):
+            with retry:
+                completion = await attempt()
+        return completion
 
     def _error(self, exc: Exception, kind: FailureKind, *, model: str, attempts: int) -> AprError:
         return to_error(
