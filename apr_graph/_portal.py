@@ -21,8 +21,8 @@ __all__ = ["Portal"]
 T = TypeVar("T")
 
 
-def _hand(done: asyncio.Task[T], waiter: asyncio.Future[T]) -> None:
-    """Give a portal task's outcome to the caller's future (on the caller's loop)."""
+def _hand(done: asyncio.Task[T], waiter: asyncio.Future[T] | concurrent.futures.Future[T]) -> None:
+    """Give a portal task's outcome to its caller's future (unless the caller gave up)."""
     if waiter.done():
         return
     if done.cancelled():
@@ -100,17 +100,7 @@ class Portal:
             task = loop.create_task(coro)
             tasks.append(task)
 
-            def settle(done: asyncio.Task[T]) -> None:
-                if future.cancelled():
-                    return
-                if done.cancelled():
-                    future.cancel()
-                elif (error := done.exception()) is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(done.result())
-
-            task.add_done_callback(settle)
+            task.add_done_callback(lambda done: _hand(done, future))
 
         def cancel() -> None:
             future.cancel()
