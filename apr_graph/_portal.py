@@ -123,15 +123,18 @@ class Portal:
             cancel()
             raise
 
-    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the portal loop and await it from any other loop."""
+    def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Start ``coro`` on the portal loop; returns a future of its outcome on the caller's
+        loop. Cancelling that future (or a task awaiting it) cancels ``coro`` on the portal
+        loop, so a streamed request's response is closed."""
         if self.is_current():
-            return await coro
+            return asyncio.ensure_future(coro)
         caller = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = caller.create_future()
         loop = self._ensure_loop()
         # No concurrent Future (a Condition and an RLock per request, held for the whole
-        # stream): the portal task hands its outcome straight to the caller's loop.
+        # stream) and no task on the caller's loop: the portal task hands its outcome
+        # straight to the caller's future.
         started: list[asyncio.Task[T]] = []
 
         def start() -> None:
@@ -144,14 +147,21 @@ class Portal:
                 done.exception()  # retrieved here, even if the caller's loop has closed
             _call_soon(caller, lambda: _hand(done, waiter))
 
+        def given_up(_: asyncio.Future[T]) -> None:
+            # ``start`` ran first on the portal loop: both were queued there from this
+            # thread, in this order.
+            if waiter.cancelled():
+                _call_soon(loop, lambda: [t.cancel() for t in started])
+
+        waiter.add_done_callback(given_up)
         loop.call_soon_threadsafe(start)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # The request stops on the portal loop (its response is closed). ``start`` ran
-            # first there: both were queued on that loop from this thread, in this order.
-            _call_soon(loop, lambda: [t.cancel() for t in started])
-            raise
+        return waiter
+
+    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the portal loop and await it from any other loop."""
+        if self.is_current():
+            return await coro
+        return await self.start(coro)
 
     def shutdown(self, final: Coroutine[Any, Any, Any] | None = None, *, wait: bool) -> None:
         """Cancel what runs, run ``final`` (cleanup), then stop the loop. Safe from any

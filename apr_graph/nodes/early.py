@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
-from apr_graph.nodes.worker import thread_call
+from apr_graph.nodes.worker import start_thread_call, thread_call
 from apr_graph.plan import normalise_plan
 from apr_graph.prompts import worker_messages
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
@@ -238,14 +238,19 @@ class EarlyStarter:
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
-        request = self._request(messages, subtask, allowance, progress)
+        if self.after is None:  # sent now, with no task of its own on this loop
+            request = start_thread_call(
+                self.client, messages, subtask, allowance, progress, self.budget
+            )
+        else:  # sent once ``after`` is done (the warm-up of the shared prefix)
+            request = asyncio.ensure_future(self._after(messages, subtask, allowance, progress))
         started = time.time()
         call = EarlyCall(
             subtask,
             messages,
             allowance,
             progress,
-            asyncio.ensure_future(request),
+            request,
             started,
             self.settings.model_for("worker"),
             relay,
@@ -261,15 +266,15 @@ class EarlyStarter:
             early=True,
         )
 
-    async def _request(
+    async def _after(
         self,
         messages: list[Message],
         subtask: SubtaskRecord,
         allowance: int,
         progress: StreamProgress,
     ) -> Completion:
-        if self.after is not None:  # e.g. the warm-up of the shared prefix
-            await asyncio.shield(self.after)
+        assert self.after is not None
+        await asyncio.shield(self.after)
         return await thread_call(self.client, messages, subtask, allowance, progress, self.budget)
 
 
