@@ -171,47 +171,6 @@ class LLMClient:
             ServerUnreachableError: no connection after the retries.
             ModelCallError: any other failure that retries did not cure.
         """
-        return await self._portal.arun(
-            self._chat_call(
-                messages,
-                role=role,
-                max_tokens=max_tokens,
-                response_format=response_format,
-                stream=stream,
-                progress=progress,
-                budget=budget,
-                tools=tools,
-                temperature=temperature,
-            )
-        )
-
-    def start_chat(self, messages: Sequence[Message], **options: Any) -> asyncio.Future[Completion]:
-        """``chat`` (same arguments) started at once, as a future on the caller's loop, with
-        no task of its own: for a request sent before anyone awaits it. Cancelling the
-        future cancels the request (its response is closed); its failures are the future's
-        exception."""
-        try:
-            call = self._chat_call(messages, **options)
-        except AprError as error:  # known before any request (a server without tools)
-            failed: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-            failed.set_exception(error)
-            return failed
-        return self._portal.start(call)
-
-    def _chat_call(
-        self,
-        messages: Sequence[Message],
-        *,
-        role: Role | str,
-        max_tokens: int | None = None,
-        response_format: dict[str, Any] | None = None,
-        stream: bool = True,
-        progress: StreamProgress | None = None,
-        budget: CallBudget | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        temperature: float | None = None,
-    ) -> Coroutine[Any, Any, Completion]:
-        """The coroutine of one chat call (raises at once what needs no request)."""
         request = ChatRequest(
             messages=messages,
             model=self.settings.model_for(role),
@@ -229,14 +188,23 @@ class LLMClient:
             )
         progress = progress or StreamProgress()
         send = partial(self.transport.chat, request, progress=progress, budget=budget)
-        return self._attempts(
-            send,
-            request.model,
-            progress,
-            budget,
-            has_format=response_format is not None,
-            has_tools=bool(tools),
+        return await self._portal.arun(
+            self._attempts(
+                send,
+                request.model,
+                progress,
+                budget,
+                has_format=response_format is not None,
+                has_tools=bool(tools),
+            )
         )
+
+    def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
+        """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, on its
+        portal loop, with no task on the caller's loop: for a request sent before anyone
+        awaits it. Returns a future of its outcome; cancelling the future cancels the call
+        (its response is closed)."""
+        return self._portal.start(call)
 
     async def complete(
         self,

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
-from apr_graph.nodes.worker import start_thread_call, thread_call
+from apr_graph.nodes.worker import thread_call
 from apr_graph.plan import normalise_plan
 from apr_graph.prompts import worker_messages
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
@@ -239,8 +239,8 @@ class EarlyStarter:
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
         if self.after is None:  # sent now, with no task of its own on this loop
-            request = start_thread_call(
-                self.client, messages, subtask, allowance, progress, self.budget
+            request = self.client.start(
+                thread_call(self.client, messages, subtask, allowance, progress, self.budget)
             )
         else:  # sent once ``after`` is done (the warm-up of the shared prefix)
             request = asyncio.ensure_future(self._after(messages, subtask, allowance, progress))

@@ -8,10 +8,9 @@ race the thread reports its result to the board, which may settle the run and ca
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,7 @@ from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatu
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
-__all__ = ["Verifier", "make_worker", "start_thread_call", "thread_call"]
+__all__ = ["Verifier", "make_worker", "thread_call"]
 
 Verifier = Callable[[str], bool | Awaitable[bool]]
 """A user check of a thread's answer: ``verify(answer) -> bool`` (sync or async)."""
@@ -286,34 +285,18 @@ def thread_call(
     allowance: int,
     progress: StreamProgress,
     budget: CallBudget,
-) -> Awaitable[Completion]:
-    """A thread's streamed model call (its first may be sent early, while the plan streams)."""
-    return client.chat(messages, **_thread_options(subtask, allowance, progress, budget))
-
-
-def start_thread_call(
-    client: LLMClient,
-    messages: list[Message],
-    subtask: SubtaskRecord,
-    allowance: int,
-    progress: StreamProgress,
-    budget: CallBudget,
-) -> asyncio.Future[Completion]:
-    """``thread_call`` sent now, as a future with no task of its own (``start_chat``)."""
-    return client.start_chat(messages, **_thread_options(subtask, allowance, progress, budget))
-
-
-def _thread_options(
-    subtask: SubtaskRecord, allowance: int, progress: StreamProgress, budget: CallBudget
-) -> dict[str, Any]:
-    return {
-        "role": "worker",
-        "stream": True,
-        "progress": progress,
-        "max_tokens": allowance,
-        "budget": budget,
-        "temperature": subtask.get("temperature"),
-    }
+) -> Coroutine[Any, Any, Completion]:
+    """A thread's streamed model call (its first may be sent early, while the plan streams:
+    ``LLMClient.start``)."""
+    return client.chat(
+        messages,
+        role="worker",
+        stream=True,
+        progress=progress,
+        max_tokens=allowance,
+        budget=budget,
+        temperature=subtask.get("temperature"),
+    )
 
 
 async def _verify(
