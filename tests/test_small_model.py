@@ -18,17 +18,18 @@ from tests.conftest import ServerFactory, settings_for
 COUNTDOWN = "Use the numbers [7, 1, 8, 100] and + - * / to make exactly 100."
 
 
+def approaches(*goals: str) -> dict[str, object]:
+    """A plan that tries ``goals`` side by side (ids s1, s2, ...), merged by a call."""
+    subtasks = [{"id": f"s{i}", "goal": goal} for i, goal in enumerate(goals, 1)]
+    return {"strategy": "parallel", "merge": "synthesize", "subtasks": subtasks}
+
+
 async def test_every_thread_concluding_no_solution_is_the_answer(
     make_server: ServerFactory,
 ) -> None:
-    plan = {
-        "strategy": "parallel",
-        "merge": "synthesize",
-        "subtasks": [
-            {"id": "s1", "goal": "Try combinations that start from 100"},
-            {"id": "s2", "goal": "Try combinations that start from 7 * 8"},
-        ],
-    }
+    plan = approaches(
+        "Try combinations that start from 100", "Try combinations that start from 7 * 8"
+    )
     server = make_server(
         [
             Rule(role="planner", reply=Reply(content=plan)),
@@ -62,6 +63,60 @@ async def test_every_thread_concluding_no_solution_is_the_answer(
     assert threads["s2"]["error"] == "dead end: no expression from 7 * 8 reaches 100."
     merge = server.chat_requests("synthesizer")[0].last_user_message
     assert "no expression from 7 * 8 reaches 100" in merge
+
+
+async def test_one_approach_found_and_the_rest_dead_ends_is_merged_without_a_call(
+    make_server: ServerFactory,
+) -> None:
+    plan = approaches(
+        "Try combinations that start from 100",
+        "Try combinations that start from 7 * 8",
+        "Try combinations that start from 8 - 1",
+    )
+    found = "100 - 8 = 92, 92 + 7 = 99, 99 + 1 = 100.\nFinal answer: 100 - 8 + 7 + 1"
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="start from 100", reply=Reply(content=found)),
+            Rule(
+                role="worker",
+                contains="start from 7 * 8",
+                reply=Reply(content="7 * 8 = 56 ...\nDEAD END: no expression from 7 * 8 works."),
+            ),
+            Rule(
+                role="worker",
+                reply=Reply(content="DEAD END: 8 - 1 = 7 leaves 7, 1, 100: no way to 100."),
+            ),
+            Rule(role="synthesizer", reply=Reply(content="merged by a call")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": COUNTDOWN})
+    assert server.chat_requests("synthesizer") == []  # nothing to merge: no call
+    head, body = result["answer"].split("\n\n", 1)
+    assert body == found
+    assert "s2, s3" in head
+    assert "cannot be done" in head
+    statuses = {t["id"]: t["status"] for t in result["threads"]}
+    assert statuses == {"s1": "done", "s2": "failed", "s3": "failed"}
+    assert len(server.chat_requests("worker")) == 5  # each dead end had its one replacement
+
+
+async def test_one_answer_beside_a_failed_call_is_still_merged(make_server: ServerFactory) -> None:
+    plan = approaches(
+        "Try combinations that start from 100", "Try combinations that start from 7 * 8"
+    )
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="start from 100", reply=Reply(content="100 * 1")),
+            Rule(role="worker", reply=Reply(status=400, error_message="bad request")),
+            Rule(role="synthesizer", reply=Reply(content="100 * 1, and s2 did not answer")),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": COUNTDOWN})
+    # A thread that failed is not a conclusion: the merge call is told and answers.
+    assert result["answer"] == "100 * 1, and s2 did not answer"
+    assert len(server.chat_requests("synthesizer")) == 1
 
 
 async def test_a_replacement_is_told_what_failed(make_server: ServerFactory) -> None:

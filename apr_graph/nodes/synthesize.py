@@ -3,8 +3,9 @@
 The merge strategy decides how: ``concat`` puts each part's answer under its subtask, in plan
 order, with no call; ``synthesize`` asks the model to merge every result; ``vote``
 takes the majority final answer; ``race`` takes the first verified result; ``best`` asks a
-judge call to pick one. When a token or time budget ran out, no model is called: the answer is
-assembled from what finished and marked incomplete.
+judge call to pick one. When one thread found the answer and every other one concluded a dead
+end, that answer is the merge, with no call. When a token or time budget ran out, no model is
+called: the answer is assembled from what finished and marked incomplete.
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ def _result_text(thread: ThreadRecord) -> str:
 
 def _dead_end(thread: ThreadRecord) -> bool:
     return thread["status"] == "failed" and (thread["error"] or "").startswith("dead end:")
+
+
+def _sole_survivor(
+    threads: list[ThreadRecord], done: list[ThreadRecord], used: set[str]
+) -> str | None:
+    """The answer when one thread found it and every other one concluded a dead end.
+
+    Approaches tried side by side often end so (a search, a puzzle): a merge call would only
+    restate the one result, at the cost of a call on the critical path (and a small model may
+    garble it). The dead ends are named before it, so the answer says what was ruled out.
+    """
+    final = [t for t in done if t["id"] not in used]
+    dead = [t for t in threads if _dead_end(t)]
+    if len(final) != 1 or not dead or len(done) + len(dead) != len(threads):
+        return None
+    names = ", ".join(t["id"] for t in dead)
+    verb = "their subtasks" if len(dead) > 1 else "its subtask"
+    head = f"({names}: concluded that {verb} cannot be done; the answer is {final[0]['id']}'s)"
+    return f"{head}\n\n{(final[0]['answer'] or '').strip()}"
 
 
 def concatenate(threads: list[ThreadRecord]) -> str:
@@ -158,6 +178,9 @@ async def _merge(
             calls.append(call_record(completion, role="judge"))
         picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
         return (picked[0] if picked else done[0])["answer"] or ""
+    used = {d for s in plan["subtasks"] for d in s["depends_on"]}  # steps others built on
+    if (sole := _sole_survivor(threads, done, used)) is not None:
+        return sole
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
     completion = await board.guard(
         client.chat(
@@ -176,7 +199,6 @@ async def _merge(
     # A merge must not lose a part a thread answered (small models drop parts): check every
     # finished thread's result (but intermediate steps that others built on), and add back
     # the ones the merge left out.
-    used = {d for s in plan["subtasks"] for d in s["depends_on"]}  # steps others built on
     lost = [t for t in done if t["id"] not in used and not kept_in(t["answer"] or "", answer)]
     if lost:
         emit("merge_incomplete", lost=[t["id"] for t in lost])
