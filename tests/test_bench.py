@@ -121,6 +121,11 @@ def test_bench_speedups_and_scaling(tmp_path: Path) -> None:
     (scaling,) = results["scaling"]
     assert (scaling["threads"], scaling["tasks"], scaling["adaptive_correct"]) == (4, 1, 1)
     assert 0 < scaling["fraction_of_ideal"] <= 1.2
+    # The simulated server's batched steps are slower: its ideal is lower, by that much.
+    slowdown = results["simulation"]["batch_slowdown"]
+    bound = scaling["ideal_speedup"] / (1 + slowdown * 3)
+    assert scaling["server_ideal_speedup"] == pytest.approx(bound, abs=0.01)
+    assert scaling["fraction_of_server_ideal"] > scaling["fraction_of_ideal"]
     assert (
         "| 4 | 1/1 (1.00, 95% CI 0.21-1.00) | 1/1 (1.00, 95% CI 0.21-1.00) | "
         in (out / "results.md").read_text()

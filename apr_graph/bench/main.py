@@ -166,7 +166,11 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         "command": "apr bench "
         + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "machine": _machine(),
-        "simulation": {"step_ms": args.step_ms, "reasoning_tokens_per_part": args.reasoning}
+        "simulation": {
+            "step_ms": args.step_ms,
+            "batch_slowdown": LatencyModel.batch_slowdown,
+            "reasoning_tokens_per_part": args.reasoning,
+        }
         if args.backend == "sim"
         else None,
     }
@@ -196,6 +200,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
                 seed=args.seed,
                 progress=step,
                 make_tasks=lambda w: scaling_tasks[w],
+                batch_slowdown=LatencyModel.batch_slowdown,  # the simulated server's
             )
             results["scaling"] = rows
     if sizes:

@@ -55,6 +55,16 @@ def _scaling_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
             "fraction of ideal": "n/a"
             if r["fraction_of_ideal"] is None
             else f"{r['fraction_of_ideal']:.2f}",
+            **(
+                {
+                    "server's ideal": speedup_text(r["server_ideal_speedup"]),
+                    "fraction of server's ideal": "n/a"
+                    if r["fraction_of_server_ideal"] is None
+                    else f"{r['fraction_of_server_ideal']:.2f}",
+                }
+                if "server_ideal_speedup" in r
+                else {}
+            ),
             "sequential wall s": f"{r['sequential_wall_s']:.2f}",
             "adaptive wall s": f"{r['adaptive_wall_s']:.2f}",
         }
@@ -102,6 +112,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("scaling"):
         parts += [
             "## Achieved vs ideal speedup (independent parts)\n",
+            "Ideal: sequential tokens over adaptive's critical-path tokens. Server's ideal (the "
+            "simulated server): the same, with each token at the step time of all threads "
+            "decoding together (a batch of k takes 1 + slowdown * (k - 1) times one step).\n",
             _table(_scaling_table(results["scaling"])),
         ]
     if results.get("overhead"):
