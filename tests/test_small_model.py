@@ -93,7 +93,7 @@ async def test_one_approach_found_and_the_rest_dead_ends_is_merged_without_a_cal
     result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": COUNTDOWN})
     assert server.chat_requests("synthesizer") == []  # nothing to merge: no call
     head, body = result["answer"].split("\n\n", 1)
-    assert body == found
+    assert body == f"Try combinations that start from 100\n{found}"  # the result under its goal
     assert "s2, s3" in head
     assert "cannot be done" in head
     statuses = {t["id"]: t["status"] for t in result["threads"]}

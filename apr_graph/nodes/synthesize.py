@@ -74,7 +74,9 @@ def _sole_survivor(
 
     Approaches tried side by side often end so (a search, a puzzle): a merge call would only
     restate the one result, at the cost of a call on the critical path (and a small model may
-    garble it). The dead ends are named before it, so the answer says what was ruled out.
+    garble it). The dead ends are named before it, so the answer says what was ruled out, and
+    the result stands under its goal, which it answers (a 1.5B model's "Yes" to "Is 25
+    divisible by 5?", for "Which of 21, 25 and 27 is divisible by 5?").
     """
     final = [t for t in done if t["id"] not in used]
     dead = [t for t in threads if _dead_end(t)]
@@ -83,7 +85,7 @@ def _sole_survivor(
     names = ", ".join(t["id"] for t in dead)
     verb = "their subtasks" if len(dead) > 1 else "its subtask"
     head = f"({names}: concluded that {verb} cannot be done; the answer is {final[0]['id']}'s)"
-    return f"{head}\n\n{(final[0]['answer'] or '').strip()}"
+    return f"{head}\n\n{concatenate(final)}"
 
 
 def concatenate(threads: list[ThreadRecord]) -> str:
