@@ -139,7 +139,10 @@ def normalise_plan(
     if plan.strategy == "direct":
         if plan.subtasks:
             notes.append(f"ignored {len(plan.subtasks)} subtasks of a direct plan")
-        return direct_plan(plan.answer, notes)
+        record = direct_plan(plan.answer, notes)
+        if plan.working and plan.working.strip():
+            record["working"] = plan.working.strip()
+        return record
     subtasks: list[SubtaskRecord] = []
     seen: set[str] = set()
     for index, subtask in enumerate(plan.subtasks, start=1):

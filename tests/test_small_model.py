@@ -340,3 +340,40 @@ async def test_goals_are_written_out_when_labels_cannot_name_them(
     planner = server.chat_requests("planner")[0]
     assert goal_schema(planner) == {"type": "string", "maxLength": 600}
     assert "labels its parts" not in planner.last_user_message
+
+
+async def test_a_direct_answer_is_written_after_its_working(make_server: ServerFactory) -> None:
+    # Asked for the answer alone, the 1.5B model answered "What is 84 + 55?" with "149";
+    # with a working field first in the schema, "84 + 55 = 139" and then "139".
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                reply=Reply(
+                    content={"strategy": "direct", "working": "84 + 55 = 139", "answer": "139"}
+                ),
+            )
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke(
+        {"task": "What is 84 + 55?"}
+    )
+    assert result["answer"] == "139"
+    assert result["plan"]["working"] == "84 + 55 = 139"
+    assert result["metrics"]["model_calls"] == 1
+    schema = server.chat_requests("planner")[0].body["response_format"]["json_schema"]["schema"]
+    direct = schema["anyOf"][0]
+    assert list(direct["properties"]) == ["strategy", "working", "answer"]
+    assert direct["required"] == ["strategy", "working", "answer"]
+
+
+async def test_a_direct_plan_without_working_still_answers(make_server: ServerFactory) -> None:
+    # Servers that ignore the schema (or models that skip a field) still get their answer.
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "Paris"}))]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke(
+        {"task": "What is the capital of France?"}
+    )
+    assert result["answer"] == "Paris"
+    assert "working" not in result["plan"]
