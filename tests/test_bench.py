@@ -86,6 +86,12 @@ def test_bench_harness_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "scaling" not in results
     table = (out / "results.md").read_text()
     assert "| multipart | adaptive | 1/1 (1.00, 95% CI 0.21-1.00) | " in table
+    # How busy the machine was, and how long the run took, beside the figures.
+    machine = results["machine"]
+    assert machine["load_before"] >= 0
+    assert machine["load_after"] >= 0
+    assert machine["duration_s"] > 0
+    assert re.search(r"; load average [\d.]+ before, [\d.]+ after; \d+ s\n", table)
     captured = capsys.readouterr()
     # Not on a terminal: a progress line per finished step, with its outcome.
     steps = [line for line in captured.err.splitlines() if line.startswith("apr bench: ")]

@@ -122,7 +122,17 @@ def _machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_before": _load(),
     }
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): a busy machine
+    makes every latency figure worse, so a report says how busy it was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -207,6 +217,8 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         results["overhead"] = await measure_overhead(
             sizes, progress=step, rounds=args.overhead_rounds
         )
+    results["machine"]["load_after"] = _load()
+    results["machine"]["duration_s"] = round(time.monotonic() - started, 1)
     return results
 
 

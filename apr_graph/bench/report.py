@@ -83,6 +83,19 @@ def text_table(rows: Sequence[dict[str, str]]) -> str:
     return "\n".join("  ".join(cells).rstrip() for cells in lines) + "\n"
 
 
+def _load_note(machine: dict[str, Any]) -> str:
+    """``; load average 0.12 before, 1.85 after; 312 s`` (what the results record of it)."""
+    before, after = machine.get("load_before"), machine.get("load_after")
+    note = ""
+    if before is not None:
+        note += f"; load average {before} before"
+        if after is not None:
+            note += f", {after} after"
+    if machine.get("duration_s") is not None:
+        note += f"; {machine['duration_s']:.0f} s"
+    return note
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The human-readable report."""
     machine = results["machine"]
@@ -90,7 +103,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"# apr-graph benchmark ({results['backend']})\n",
         f"Command: `{results['command']}`  \n"
         f"Machine: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"{machine['date']}\n",
+        f"{machine['date']}{_load_note(machine)}\n",
     ]
     if results.get("simulation"):
         sim = results["simulation"]
