@@ -78,11 +78,10 @@ class SimModel:
     def _plan(self, task: Task, request: RecordedRequest) -> Reply:
         if task.suite == "control":
             # A direct answer reasons as much as a sequential one (in its working, as the
-            # schema asks): the plan costs only its JSON.
-            working = f"{self._think(1)} {task.parts[0]} = {task.expected[0]}"
-            return Reply(
-                content={"strategy": "direct", "working": working, "answer": task.expected[0]}
-            )
+            # schema asks) and states its result once, as a sequential answer does: the plan
+            # costs only its JSON.
+            plan = {"strategy": "direct", "working": self._think(1), "answer": task.expected[0]}
+            return Reply(content=plan)
         labels = _goal_labels(request)
         if labels and task.suite in {"arithmetic", "multipart"}:
             goals = labels[: len(task.parts)]  # the schema lets a goal be its part's label only
