@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,6 +20,11 @@ from typing import Any, TypeVar
 __all__ = ["Portal"]
 
 T = TypeVar("T")
+
+_ISOLATED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "apr_graph_isolated", default=False
+)
+"""Set in the context of a task the portal started with no caller context of its own."""
 
 
 def _hand(done: asyncio.Task[T], waiter: asyncio.Future[T] | concurrent.futures.Future[T]) -> None:
@@ -62,7 +68,14 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], Any]) -> 
 class Portal:
     """A lazily started event loop in a daemon thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, caller_context: bool = False) -> None:
+        """``caller_context``: run each coroutine in a copy of its caller's context (what a
+        LangChain chat model needs to nest its runs under the graph's); by default it runs in
+        an empty one. Whatever a task on this loop makes (a connection's reader, a timeout's
+        timer) keeps the context it was made in for as long as it lives: a run's context
+        holds the run's LangGraph config, and through it the whole graph, its state and this
+        portal's client, so pooled connections would keep finished runs alive."""
+        self._caller_context = caller_context
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -70,13 +83,25 @@ class Portal:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
+                # Made in an empty context: the loop's own reader (its self-pipe) keeps the
+                # context it was made in for the loop's life, and the loop's thread lives as
+                # long as the client, so a loop first started inside a run kept that run's
+                # graph, and the client itself, from ever being collected.
+                loop = contextvars.Context().run(asyncio.new_event_loop)
                 thread = threading.Thread(
                     target=_serve, args=(loop,), name="apr-graph", daemon=True
                 )
                 thread.start()
                 self._loop, self._thread = loop, thread
             return self._loop
+
+    def _task_context(self) -> contextvars.Context | None:
+        """The context of a task started now (``None``: a copy of the current one)."""
+        if self._caller_context:
+            return None
+        fresh = contextvars.Context()
+        fresh.run(_ISOLATED.set, True)
+        return fresh
 
     def is_current(self) -> bool:
         """Whether the caller runs on the portal loop itself."""
@@ -97,7 +122,7 @@ class Portal:
             if future.cancelled():
                 coro.close()
                 return
-            task = loop.create_task(coro)
+            task = loop.create_task(coro)  # a sync caller's whole node: it needs its context
             tasks.append(task)
 
             task.add_done_callback(lambda done: _hand(done, future))
@@ -128,7 +153,7 @@ class Portal:
         loop. Cancelling that future (or a task awaiting it) cancels ``coro`` on the portal
         loop, so a streamed request's response is closed."""
         if self.is_current():
-            return asyncio.ensure_future(coro)
+            return asyncio.get_running_loop().create_task(coro, context=self._task_context())
         caller = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = caller.create_future()
         loop = self._ensure_loop()
@@ -138,7 +163,7 @@ class Portal:
         started: list[asyncio.Task[T]] = []
 
         def start() -> None:
-            task = loop.create_task(coro)
+            task = loop.create_task(coro, context=self._task_context())
             started.append(task)
             task.add_done_callback(finished)
 
@@ -159,8 +184,8 @@ class Portal:
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the portal loop and await it from any other loop."""
-        if self.is_current():
-            return await coro
+        if self.is_current() and (self._caller_context or _ISOLATED.get()):
+            return await coro  # already where it belongs: no task of its own
         return await self.start(coro)
 
     def shutdown(self, final: Coroutine[Any, Any, Any] | None = None, *, wait: bool) -> None:

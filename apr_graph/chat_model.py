@@ -205,6 +205,10 @@ class ChatModelClient(LLMClient):
         >>> app = compile_apr_graph(client=ChatModelClient(ChatOpenAI(model="gpt-4.1-mini")))
     """
 
+    _caller_context = True
+    """The chat model's runs nest under the graph's (LangChain reads its parent run, and the
+    callbacks of ``astream_events`` and tracing, from the context)."""
+
     def __init__(self, model: BaseChatModel, settings: AprSettings | None = None) -> None:
         own = {"structured_output": "prompt", "model": type(model).__name__}
         settings = (settings or AprSettings()).model_copy(update={**own, "probe_capacity": False})

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -62,8 +63,11 @@ def _emitter(fields: dict[str, Any]) -> Callable[[str], None] | None:
     except RuntimeError:
         return None
     loop = asyncio.get_running_loop()
+    # The writer reads the run's LangGraph config from the context it runs in, and the
+    # request that calls ``on_text`` runs in a context of its own (see ``Portal``).
+    context = contextvars.copy_context()
 
     def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(writer, {**fields, "text": text})
+        loop.call_soon_threadsafe(writer, {**fields, "text": text}, context=context)
 
     return on_text

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
@@ -55,6 +55,9 @@ class LLMClient:
         ConfigurationError: no transport and no ``base_url``.
     """
 
+    _caller_context: ClassVar[bool] = False
+    """Whether requests run in their caller's context (see ``Portal``)."""
+
     def __init__(self, settings: AprSettings, *, transport: Transport | None = None) -> None:
         if transport is None:
             if settings.base_url is None:
@@ -66,7 +69,7 @@ class LLMClient:
             transport = OpenAITransport(settings)
         self.settings = settings
         self.transport = transport
-        self._portal = Portal()
+        self._portal = Portal(caller_context=self._caller_context)
         self._policy = RetryPolicy(settings)
         self._structured = StructuredOutput(settings, transport.name)
         self._no_tools: ServerCapabilityError | None = None

@@ -4,9 +4,12 @@ that stay inside the hierarchy, and arguments refused when the graph is built.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import openai
@@ -24,7 +27,7 @@ from apr_graph import (
 )
 from apr_graph.graph import boards_of
 from apr_graph.testing import Reply, Rule
-from tests.conftest import ServerFactory, settings_for
+from tests.conftest import ServerFactory, eventually, settings_for
 
 PLAN = {
     "strategy": "parallel",
@@ -131,6 +134,76 @@ async def test_successful_runs_release_their_boards(make_server: ServerFactory) 
     for _ in range(3):
         assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
     assert len(boards_of(app)) == 0
+
+
+def _portal_threads() -> int:
+    return sum(thread.name == "apr-graph" for thread in threading.enumerate())
+
+
+async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFactory) -> None:
+    # A web handler that builds a graph per request: each graph's client (its connection
+    # pool and its loop's thread) must go when the graph does. Its loop was first started
+    # inside a run, and the loop's own reader kept that run's context (the LangGraph config,
+    # and through it the graph and the client): one thread and a pool leaked per request.
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(content="done")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    threads_before = _portal_threads()
+    clients: list[weakref.ref[LLMClient]] = []
+    for _ in range(3):
+        client = LLMClient(settings_for(server))
+        clients.append(weakref.ref(client))
+        app = compile_apr_graph(client=client)
+        assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
+        del app, client
+
+    def released() -> bool:
+        gc.collect()
+        return all(ref() is None for ref in clients) and _portal_threads() <= threads_before
+
+    await eventually(released, "the clients of dropped graphs to be collected")
+
+
+async def test_pooled_connections_do_not_keep_finished_runs_alive(
+    make_server: ServerFactory,
+) -> None:
+    # One long-lived graph: its pool keeps connections open between runs. What a request
+    # makes on the client's loop (a connection's reader, a timeout's timer) keeps the context
+    # it was made in; a request running in its caller's context would pin that run's
+    # LangGraph loop, and with it the run's whole state, for as long as the connection lives.
+    from langgraph.pregel._loop import AsyncPregelLoop
+
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=PLAN)),
+            Rule(role="worker", reply=Reply(content="done")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    async with LLMClient(settings_for(server)) as client:
+        app = compile_apr_graph(client=client)
+        for _ in range(2):
+            assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
+
+        def finished_runs_alive() -> int:
+            gc.collect()
+            return sum(isinstance(o, AsyncPregelLoop) for o in gc.get_objects())
+
+        await eventually(lambda: finished_runs_alive() == 0, "finished runs to be collected")
+
+
+async def test_a_chat_models_runs_still_nest_under_the_graphs() -> None:
+    # Requests through a LangChain chat model do run in their caller's context: LangChain
+    # reads its parent run (and the callbacks of astream_events and tracing) from it.
+    model = FakeListChatModel(responses=['{"strategy": "direct", "working": "2+2", "answer": "4"}'])
+    app = compile_apr_graph(model=model)
+    events = [e["event"] async for e in app.astream_events({"task": "2+2?"}, version="v2")]
+    assert events.count("on_chat_model_start") == 1
+    assert "on_chat_model_stream" in events
 
 
 async def test_junk_retry_after_is_no_advice_and_stays_in_the_hierarchy(
