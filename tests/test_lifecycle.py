@@ -26,7 +26,7 @@ from apr_graph import (
     compile_apr_graph,
 )
 from apr_graph.graph import boards_of
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, eventually, settings_for
 
 PLAN = {
@@ -122,14 +122,19 @@ async def test_no_board_is_left_behind_when_a_thread_fails_the_run(
     assert len(boards_of(app)) == 0
 
 
-async def test_successful_runs_release_their_boards(make_server: ServerFactory) -> None:
-    server = make_server(
+def merging_server(make_server: ServerFactory) -> ScriptedServer:
+    """A server whose runs plan two parts, answer each "done" and merge them as "merged"."""
+    return make_server(
         [
             Rule(role="planner", reply=Reply(content=PLAN)),
             Rule(role="worker", reply=Reply(content="done")),
             Rule(role="synthesizer", reply=Reply(content="merged")),
         ]
     )
+
+
+async def test_successful_runs_release_their_boards(make_server: ServerFactory) -> None:
+    server = merging_server(make_server)
     app = compile_apr_graph(settings=settings_for(server))
     for _ in range(3):
         assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
@@ -145,13 +150,7 @@ async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFa
     # pool and its loop's thread) must go when the graph does. Its loop was first started
     # inside a run, and the loop's own reader kept that run's context (the LangGraph config,
     # and through it the graph and the client): one thread and a pool leaked per request.
-    server = make_server(
-        [
-            Rule(role="planner", reply=Reply(content=PLAN)),
-            Rule(role="worker", reply=Reply(content="done")),
-            Rule(role="synthesizer", reply=Reply(content="merged")),
-        ]
-    )
+    server = merging_server(make_server)
     threads_before = _portal_threads()
     clients: list[weakref.ref[LLMClient]] = []
     for _ in range(3):
@@ -177,13 +176,7 @@ async def test_pooled_connections_do_not_keep_finished_runs_alive(
     # LangGraph loop, and with it the run's whole state, for as long as the connection lives.
     from langgraph.pregel._loop import AsyncPregelLoop
 
-    server = make_server(
-        [
-            Rule(role="planner", reply=Reply(content=PLAN)),
-            Rule(role="worker", reply=Reply(content="done")),
-            Rule(role="synthesizer", reply=Reply(content="merged")),
-        ]
-    )
+    server = merging_server(make_server)
     async with LLMClient(settings_for(server)) as client:
         app = compile_apr_graph(client=client)
         for _ in range(2):
