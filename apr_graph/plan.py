@@ -13,9 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from apr_graph.settings import AprSettings
-from apr_graph.state import Plan, PlanRecord, SubtaskRecord
+from apr_graph.state import Plan, PlanRecord, Subtask, SubtaskRecord
 
-__all__ = ["direct_plan", "labelled_parts", "normalise_plan", "plan_of", "repair_dependencies"]
+__all__ = [
+    "PlanPrefix",
+    "direct_plan",
+    "labelled_parts",
+    "normalise_plan",
+    "plan_of",
+    "repair_dependencies",
+]
 
 
 def repair_dependencies(subtasks: list[SubtaskRecord], notes: list[str]) -> None:
@@ -143,30 +150,12 @@ def normalise_plan(
         if plan.working and plan.working.strip():
             record["working"] = plan.working.strip()
         return record
-    subtasks: list[SubtaskRecord] = []
     seen: set[str] = set()
-    for index, subtask in enumerate(plan.subtasks, start=1):
-        goal = subtask.goal.strip()
-        if not goal:
-            continue
-        sid = subtask.id.strip().replace("/", "-") or f"s{index}"
-        if sid in seen:
-            sid = f"s{index}"
-            while sid in seen:
-                sid += "'"
-        seen.add(sid)
-        allowance = subtask.max_tokens
-        if allowance is not None:
-            allowance = max(settings.min_thread_tokens, min(allowance, settings.worker_max_tokens))
-        subtasks.append(
-            SubtaskRecord(
-                id=sid,
-                goal=goal,
-                depends_on=list(subtask.depends_on),
-                fork=bool(subtask.fork),
-                max_tokens=allowance,
-            )
-        )
+    subtasks = [
+        repaired
+        for index, subtask in enumerate(plan.subtasks, start=1)
+        if (repaired := _subtask_record(index, subtask, seen, settings)) is not None
+    ]
     dropped = len(plan.subtasks) - len(subtasks)
     if dropped:
         notes.append(f"dropped {dropped} subtasks without a goal")
@@ -186,6 +175,80 @@ def normalise_plan(
         for entry in subtasks:
             entry["fork"] = False
     return PlanRecord(strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=notes)
+
+
+def _subtask_record(
+    index: int, subtask: Subtask, seen: set[str], settings: AprSettings
+) -> SubtaskRecord | None:
+    """The ``index``-th subtask of a plan (from 1), its id made unique among ``seen`` (which
+    it joins) and its allowance kept within bounds; ``None`` if it has no goal."""
+    goal = subtask.goal.strip()
+    if not goal:
+        return None
+    sid = subtask.id.strip().replace("/", "-") or f"s{index}"
+    if sid in seen:
+        sid = f"s{index}"
+        while sid in seen:
+            sid += "'"
+    seen.add(sid)
+    allowance = subtask.max_tokens
+    if allowance is not None:
+        allowance = max(settings.min_thread_tokens, min(allowance, settings.worker_max_tokens))
+    return SubtaskRecord(
+        id=sid,
+        goal=goal,
+        depends_on=list(subtask.depends_on),
+        fork=bool(subtask.fork),
+        max_tokens=allowance,
+    )
+
+
+class PlanPrefix:
+    """The repair of a plan that is still being written, as ``normalise_plan`` would repair
+    the plan written so far, done in time proportional to what is new.
+
+    While the plan is plain (distinct goals, no dependencies), a subtask's repair depends
+    only on the subtasks before it, so each is repaired once, as it arrives. A dependency or
+    a repeated goal can change subtasks written earlier: from the first one on, the whole
+    plan so far is repaired again on every call.
+    """
+
+    def __init__(self, settings: AprSettings, *, depth: int, task: str) -> None:
+        self.settings = settings
+        self.depth = depth
+        self.task = task
+        self._written: list[Subtask] = []
+        self._records: list[SubtaskRecord] = []
+        self._ids: set[str] = set()
+        self._goals: set[str] = set()
+        self._plain = True
+
+    def extend(self, merge: str, new: list[Subtask], *, slots: int) -> PlanRecord:
+        """The plan so far, repaired, after ``new`` subtasks were written (``merge``: the
+        plan's, never ``None``; ``slots``: threads the run may still start)."""
+        before = len(self._written)
+        self._written.extend(new)
+        limit = min(self.settings.max_threads, slots)
+        for index, subtask in enumerate(new if self._plain else (), start=before + 1):
+            record = _subtask_record(index, subtask, self._ids, self.settings)
+            if record is None:
+                continue  # no goal: dropped
+            _expand_references([record], self.task, [])
+            key = _goal_key(record["goal"])
+            if subtask.depends_on or key in self._goals:
+                self._plain = False
+                break
+            self._goals.add(key)
+            if len(self._records) < limit:  # past it: clamped
+                record["fork"] = record["fork"] and self.depth + 1 < self.settings.max_depth
+                self._records.append(record)
+        if self._plain:
+            return PlanRecord(
+                strategy="parallel", answer=None, subtasks=self._records, merge=merge, notes=[]
+            )
+        plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
+        plan.subtasks = list(self._written)
+        return normalise_plan(plan, self.settings, depth=self.depth, slots=slots, task=self.task)
 
 
 _APPROACHES = (

@@ -356,3 +356,42 @@ async def test_a_merge_call_streams_the_answer_as_it_is_written(
             final = chunk
     assert len(pieces) > 3
     assert "".join(pieces) == final["answer"] == "the merged answer, word by word"
+
+
+def test_a_growing_plan_is_decoded_once_per_subtask(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apr_graph.nodes import early
+
+    goals = [f"part {i}" for i in range(200)]
+    text = json.dumps(plan_json(*goals))
+    pieces = range(0, len(text) + 1, 7)  # the stream brings 7 characters at a time
+    reader = early.PlanReader()
+    for end in pieces:
+        assert reader.read(text[:end]) == read_plan(text[:end])
+    assert reader.read(text)[2] == plan_json(*goals)["subtasks"]
+
+    tries: list[int] = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+            tries.append(idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(early, "_DECODER", Counting())
+    reader = early.PlanReader()
+    for end in pieces:
+        reader.read(text[:end])
+    # Each subtask once, plus at most one unfinished one per piece (read afresh every
+    # time, the 200 subtasks cost about 200 x 600 / 2 tries).
+    assert len(tries) <= len(goals) + len(pieces)
+
+
+def test_a_plan_that_starts_over_is_read_afresh() -> None:
+    from apr_graph.nodes.early import PlanReader
+
+    reader = PlanReader()
+    first = json.dumps(plan_json("alpha", "beta", merge="vote"))
+    assert len(reader.read(first)[2]) == 2
+    again = json.dumps(plan_json("gamma", merge="concat"))  # the request was sent again
+    assert reader.read(again[:5]) == (None, None, [])
+    assert reader.read(again) == ("parallel", "concat", plan_json("gamma")["subtasks"])
+    assert reader.restarts == 1

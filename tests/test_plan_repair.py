@@ -411,3 +411,57 @@ def test_a_goal_that_only_names_a_part_of_the_task_gets_its_text() -> None:
 
 def parallel_goals(*goals: str) -> Plan:
     return Plan.model_validate({"strategy": "parallel", "subtasks": list(goals)})
+
+
+# -- a plan still being written -----------------------------------------------------------
+
+LABELLED_TASK = "Answer each part: (a) What is 2 + 3? (b) Name a prime. (c) Spell cat."
+
+PREFIX_CASES = {
+    "plain": [sub("s1"), sub("s2"), sub("s3"), sub("s4")],
+    "ids missing, repeated or with slashes": [
+        sub(""),
+        sub("x", "one"),
+        sub("x", "two"),
+        sub("a/b", "three"),
+        sub("", "four"),
+    ],
+    "empty goals among the others": [sub("s1"), sub("s2", " "), sub("s3"), sub("s4", "")],
+    "goals that only name a part": [sub("s1", "(a)"), sub("s2", "answer part b"), sub("s3")],
+    "a goal repeated among others": [sub("s1"), sub("s2"), sub("s3", "goal of s1"), sub("s4")],
+    "one goal again and again": [sub("s1", "same"), sub("s2", "same"), sub("s3", "Same.")],
+    "a dependency after plain subtasks": [sub("s1"), sub("s2"), sub("s3", depends_on=["s1"])],
+    "a cycle": [sub("s1", depends_on=["s2"]), sub("s2", depends_on=["s1"]), sub("s3")],
+    "forks and allowances": [sub("s1", fork=True), sub("s2", max_tokens=1), sub("s3")],
+    "more than max_threads": [sub(f"s{i}") for i in range(1, 9)],
+}
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_a_plan_repaired_as_it_streams_matches_the_repair_of_each_prefix(
+    case: str, depth: int
+) -> None:
+    from apr_graph.plan import PlanPrefix
+
+    settings = AprSettings(max_threads=5, max_depth=2)
+    written = parallel(*PREFIX_CASES[case], merge="synthesize").subtasks
+    prefix = PlanPrefix(settings, depth=depth, task=LABELLED_TASK)
+    # Subtasks arrive one, two or none at a time, as a stream's pieces bring them.
+    at = 0
+    for size in [1, 0, 2, 1, 3, 1, 1]:
+        new, at = written[at : at + size], at + size
+        got = prefix.extend("synthesize", new, slots=6)
+        whole = normalise_plan(
+            parallel(*[s.model_dump() for s in written[:at]], merge="synthesize"),
+            settings,
+            depth=depth,
+            slots=6,
+            task=LABELLED_TASK,
+        )
+        if whole["strategy"] == "direct":  # nothing with a goal yet
+            assert got["subtasks"] == []
+        else:
+            assert (got["merge"], got["subtasks"]) == (whole["merge"], whole["subtasks"])
+        if at >= len(written):
+            break

@@ -28,13 +28,13 @@ from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.worker import thread_call
-from apr_graph.plan import normalise_plan
+from apr_graph.plan import PlanPrefix
 from apr_graph.prompts import worker_messages
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.settings import AprSettings
-from apr_graph.state import CallRecord, Plan, PlanRecord, Subtask, SubtaskRecord
+from apr_graph.state import CallRecord, PlanRecord, Subtask, SubtaskRecord
 
-__all__ = ["EarlyCall", "EarlyStarter", "read_plan"]
+__all__ = ["EarlyCall", "EarlyStarter", "PlanReader", "read_plan"]
 
 _STRING_FIELD = re.compile(r'"(strategy|merge)"\s*:\s*"([A-Za-z_]+)"')
 _SUBTASKS = re.compile(r'"subtasks"\s*:\s*\[')
@@ -47,14 +47,41 @@ def read_plan(text: str) -> tuple[str | None, str | None, list[Any]]:
     Only complete subtasks are returned: each is one whole JSON value, decoded once its
     closing brace (or quote) has arrived. Fields not written yet are ``None``.
     """
-    fields: dict[str, str] = {}
-    for key, value in _STRING_FIELD.findall(text):
-        fields.setdefault(key, value.lower())
-    items: list[Any] = []
-    found = _SUBTASKS.search(text)
-    if found:
-        at, end = found.end(), len(text)
-        while at < end:
+    return PlanReader().read(text)
+
+
+class PlanReader:
+    """``read_plan`` for a text that keeps growing: each subtask is decoded once.
+
+    A text that does not begin with what was read before (the planner's request was sent
+    again, and its reply starts over) is read afresh.
+    """
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        """Times the text started over (what was read of it was dropped)."""
+        self._clear()
+
+    def _clear(self) -> None:
+        self._fields: dict[str, str] = {}
+        self._items: list[Any] = []
+        self._text = ""  # the text as last read
+        self._at: int | None = None  # where the next subtask begins, once "subtasks" is seen
+
+    def read(self, text: str) -> tuple[str | None, str | None, list[Any]]:
+        """What ``text`` holds so far; the list of subtasks returned only grows (until a
+        restart), so ``items[n:]`` are those found since a call that returned ``n``."""
+        if not text.startswith(self._text):
+            self.restarts += 1
+            self._clear()
+        self._text = text
+        if len(self._fields) < 2:
+            for key, value in _STRING_FIELD.findall(text):
+                self._fields.setdefault(key, value.lower())
+        if self._at is None and (found := _SUBTASKS.search(text)):
+            self._at = found.end()
+        at, end = self._at, len(text)
+        while at is not None and at < end:
             while at < end and text[at] in " \t\r\n,":
                 at += 1
             if at >= end or text[at] == "]":
@@ -63,8 +90,9 @@ def read_plan(text: str) -> tuple[str | None, str | None, list[Any]]:
                 item, at = _DECODER.raw_decode(text, at)
             except json.JSONDecodeError:
                 break  # the next subtask is still being written
-            items.append(item)
-    return fields.get("strategy"), fields.get("merge"), items
+            self._items.append(item)
+            self._at = at
+        return self._fields.get("strategy"), self._fields.get("merge"), self._items
 
 
 class _Relay:
@@ -176,6 +204,11 @@ class EarlyStarter:
         self._context = contextvars.copy_context()
         self._scheduled = False
         self._seen: set[str] = set()
+        self._waits: set[str] = set()  # ids that name dependencies, perhaps on unwritten ones
+        self._reader = PlanReader()
+        self._taken = 0  # the reader's subtasks validated so far
+        self._restarts = 0
+        self._plan = PlanPrefix(settings, depth=depth, task=task)
         self.reserved: set[str] = set()
         """Subtasks started early; each took its thread slot from the budget."""
         self.closed = False
@@ -193,34 +226,33 @@ class EarlyStarter:
         self._scheduled = False
         if self.closed:
             return
-        strategy, merge, items = read_plan(self.progress.text)
+        strategy, merge, items = self._reader.read(self.progress.text)
+        if self._reader.restarts != self._restarts:  # the planner's reply started over
+            self._restarts, self._taken, self._waits = self._reader.restarts, 0, set()
+            self._plan = PlanPrefix(self.settings, depth=self.depth, task=self.task)
         merge = self.settings.merge or merge
         if strategy != "parallel" or not items or merge is None:
             return  # a thread's request depends on the merge (voters end with a final line)
-        subtasks = []
-        waits: set[str] = set()  # ids that name dependencies, perhaps on subtasks unwritten
-        for item in items:
+        new = []
+        for item in items[self._taken :]:
             try:
                 written = Subtask.model_validate(
                     {"id": "", "goal": item} if isinstance(item, str) else item
                 )
             except ValidationError:
                 continue  # the final plan decides what becomes of it
-            subtasks.append(written)
+            new.append(written)
             if written.depends_on:
-                waits.add(written.id.strip())
-        plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
-        plan.subtasks = subtasks
-        record = normalise_plan(
-            plan, self.settings, depth=self.depth, slots=self.slots(), task=self.task
-        )
+                self._waits.add(written.id.strip())
+        self._taken = len(items)
+        record = self._plan.extend(merge, new, slots=self.slots())
         if record["strategy"] != "parallel":
             return
         for subtask in record["subtasks"]:
             if subtask["id"] in self._seen:
                 continue
             self._seen.add(subtask["id"])
-            waiting = subtask["depends_on"] or subtask["id"] in waits
+            waiting = subtask["depends_on"] or subtask["id"] in self._waits
             if waiting or subtask["fork"] or not self.budget.admits():
                 continue
             if self.budget.reserve_threads(1):
