@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from apr_graph.answers import majority, normalise_answer
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.settings import AprSettings
-from apr_graph.state import PlanRecord, ThreadRecord
+from apr_graph.state import ThreadRecord
 
 if TYPE_CHECKING:
     from apr_graph.nodes.early import EarlyCall
@@ -36,7 +36,8 @@ class RunBoard:
     run_id: str
     budget: Budget
     merge: str
-    thread_ids: list[str]
+    width: int
+    """Threads of the fan-out (for a vote: how many answers are still to come)."""
     results: dict[str, asyncio.Future[ThreadRecord]] = field(default_factory=dict)
     settle_reason: str | None = None
     winner: str | None = None
@@ -149,7 +150,7 @@ class RunBoard:
         """Count one thread's final answer; settle as soon as the majority is certain."""
         self.votes[thread_id] = normalise_answer(answer)
         winner, lead, runner_up = majority(self.votes)
-        remaining = len([t for t in self.thread_ids if t not in self.finished])
+        remaining = self.width - len(self.finished)
         if lead > runner_up + remaining:
             self.settle(winner, "vote")
 
@@ -187,18 +188,20 @@ class Boards:
         self,
         settings: AprSettings,
         run_id: str,
-        plan: PlanRecord,
+        *,
+        merge: str | None,
+        width: int,
         finished: Iterable[ThreadRecord] = (),
     ) -> RunBoard:
-        """The board of a run resumed from a checkpoint (or met again after a failure).
+        """The board of a run resumed from a checkpoint (or met again after a failure):
+        ``merge`` and ``width`` are its plan's merge and number of threads.
 
         Threads that finished before the interruption are published again, so the threads
         that depend on them find their results. The budget starts afresh.
         """
         board = self._boards.get(run_id)
         if board is None:
-            ids = [s["id"] for s in plan.get("subtasks", [])]
-            board = RunBoard(run_id, Budget(settings), plan.get("merge") or "synthesize", ids)
+            board = RunBoard(run_id, Budget(settings), merge or "synthesize", width)
             self.attach(board)
         for record in finished:
             board.finished.add(record["id"])

@@ -56,7 +56,14 @@ async def prepare_resume(app: App, config: RunnableConfig, *, settings: AprSetti
         if task.name == WORKER and isinstance(task.result, dict):
             finished.extend(t for t in task.result.get("threads", []) if t.get("parent") is None)
     if values.get("run_id"):
-        boards_of(app).revive(settings, values["run_id"], plan_of(values), finished)
+        plan = plan_of(values)
+        boards_of(app).revive(
+            settings,
+            values["run_id"],
+            merge=plan["merge"],
+            width=len(plan["subtasks"]),
+            finished=finished,
+        )
 
 
 async def resume_run(app: App, config: RunnableConfig, *, settings: AprSettings) -> AprOutput:

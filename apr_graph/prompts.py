@@ -235,7 +235,7 @@ def _results_block(results: list[tuple[str, str, str]]) -> str:
 def worker_messages(
     task: str,
     context: str,
-    plan: PlanRecord,
+    merge: str | None,
     subtask: SubtaskRecord,
     *,
     dependencies: list[tuple[str, str, str]] | None = None,
@@ -250,9 +250,9 @@ def worker_messages(
     ``system``: that shared message, when the caller has it already (a fan-out renders it
     once, not once per thread).
     """
-    template = _SOLVE_USER if plan.get("merge") == "concat" else _WORKER_USER
+    template = _SOLVE_USER if merge == "concat" else _WORKER_USER
     user = template.format(id=subtask["id"], goal=subtask["goal"])
-    if plan.get("merge") == "vote":
+    if merge == "vote":
         user += _VOTE_RULE
     if dependencies:
         user = _DEPENDENCIES.format(results=_results_block(dependencies)) + user
@@ -267,7 +267,6 @@ def worker_messages(
 def verifier_messages(
     task: str,
     context: str,
-    plan: PlanRecord,
     subtask: SubtaskRecord,
     result: str,
     *,

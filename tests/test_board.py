@@ -19,7 +19,7 @@ from apr_graph.settings import AprSettings
 
 def board(**settings: object) -> RunBoard:
     budget = Budget(AprSettings(base_url="http://127.0.0.1:9/v1", **settings))  # type: ignore[arg-type]
-    return RunBoard("run", budget, "race", ["s1", "s2"])
+    return RunBoard("run", budget, "race", 2)
 
 
 class Work:

@@ -524,3 +524,58 @@ def test_key_stays_out_of_logs(
     assert asyncio.run(app.ainvoke({"task": "t"}))["answer"] == "ok"
     assert secret not in caplog.text
     assert caplog.records  # debug logging was really captured
+
+
+def size_of(db: Path, suffix: str) -> int:
+    """The size of ``db`` with ``suffix`` (its write-ahead log: ``-wal``), 0 if absent."""
+    path = db.with_name(db.name + suffix)
+    return path.stat().st_size if path.exists() else 0
+
+
+async def test_a_wide_fan_out_checkpoints_in_space_linear_in_its_width(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    """Every ``Send`` payload is stored; one that carried the whole plan made a fan-out's
+    checkpoints grow with the square of its width (15 MB at 256 threads)."""
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    def goals(count: int) -> list[str]:
+        return [f"Describe item number {i} of the list in one short sentence" for i in range(count)]
+
+    plans = {
+        count: {"strategy": "parallel", "merge": "concat", "subtasks": goals(count)}
+        for count in (16, 64)
+    }
+    server = make_server(
+        [
+            Rule(role="planner", contains="16 items", reply=Reply(content=plans[16])),
+            Rule(role="planner", contains="64 items", reply=Reply(content=plans[64])),
+            Rule(role="worker", reply=Reply(content="done")),
+        ]
+    )
+    stored: dict[int, int] = {}
+    for count in plans:
+        db = tmp_path / f"runs-{count}.sqlite"
+        settings = settings_for(server, max_threads=count, max_total_threads=count)
+        async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
+            app = compile_apr_graph(settings=settings, checkpointer=saver)
+            config = {"configurable": {"thread_id": "wide"}}
+            result = await app.ainvoke({"task": f"{count} items"}, config)
+            assert result["metrics"]["threads"] == count
+        stored[count] = sum(size_of(db, suffix) for suffix in ("", "-wal"))
+    per_thread = {count: size / count for count, size in stored.items()}
+    assert per_thread[64] < 1.3 * per_thread[16], per_thread
+
+
+def test_a_thread_checkpointed_with_the_whole_plan_still_resumes() -> None:
+    """A run interrupted under the previous payload shape (the plan in every ``Send``) is
+    resumed by this version: its merge and width are read from that plan."""
+    from apr_graph.nodes.worker import _current
+
+    subtask = {"id": "s2", "goal": "b", "depends_on": [], "fork": False, "max_tokens": None}
+    plan = {"strategy": "parallel", "merge": "vote", "subtasks": [subtask, subtask], "notes": []}
+    old = {"task": "t", "context": "", "plan": plan, "subtask": subtask, "run_id": "r", "depth": 0}
+    payload = _current(old)  # type: ignore[arg-type]
+    assert (payload["merge"], payload["width"], payload["subtask"]) == ("vote", 2, subtask)
+    new = {**old, "merge": "concat", "width": 5}
+    assert _current(new) is new  # type: ignore[arg-type]

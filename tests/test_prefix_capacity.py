@@ -149,7 +149,9 @@ def test_prefix_stats_equal_a_byte_comparison_of_the_whole_prompts() -> None:
             Plan(strategy="parallel", subtasks=subtasks), AprSettings(max_threads=10)
         )
         prompts = [
-            json.dumps(worker_messages("task ü", "ctx", plan, s), ensure_ascii=False).encode()
+            json.dumps(
+                worker_messages("task ü", "ctx", plan["merge"], s), ensure_ascii=False
+            ).encode()
             for s in plan["subtasks"]
         ]
         stats = prefix_stats("task ü", "ctx", plan, shared_system("task ü", "ctx"))

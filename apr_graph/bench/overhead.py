@@ -55,7 +55,7 @@ def _body(n: int) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
         "max_tokens": 1024,
         "temperature": 0.0,
-        "messages": worker_messages(TASK.format(n=n), "", plan, subtasks[0]),
+        "messages": worker_messages(TASK.format(n=n), "", plan["merge"], subtasks[0]),
     }
 
 

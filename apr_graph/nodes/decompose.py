@@ -62,7 +62,7 @@ def make_decompose(
         task, context = read_input(state)
         depth = int(state.get("depth") or 0)
         budget = boards.budget_for(settings, state.get("parent_run"))
-        board = RunBoard(uuid.uuid4().hex, budget, "synthesize", [])
+        board = RunBoard(uuid.uuid4().hex, budget, "synthesize", 0)
         boards.attach(board)
         try:
             return await plan_run(task, context, depth, board)
@@ -158,7 +158,7 @@ def make_decompose(
             for s in normalised["subtasks"]
             if s["id"] in board.early
             and board.early[s["id"]].matches(
-                worker_messages(task, context, normalised, s, system=board.system),
+                worker_messages(task, context, normalised["merge"], s, system=board.system),
                 s["max_tokens"] or settings.worker_max_tokens,
                 s,
             )
@@ -170,7 +170,7 @@ def make_decompose(
             ids = {s["id"] for s in normalised["subtasks"]}
             budget.reserve_threads(len(ids - starter.reserved))  # early ones hold theirs
             board.merge = normalised["merge"] or "synthesize"
-            board.thread_ids = [s["id"] for s in normalised["subtasks"]]
+            board.width = len(normalised["subtasks"])
             normalised["prefix"] = prefix_stats(task, context, normalised, board.system)
         emit(
             "plan",
@@ -224,7 +224,8 @@ def prefix_stats(task: str, context: str, plan: PlanRecord, system: str) -> Pref
     head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
     users = [
         json.dumps(
-            worker_messages(task, context, plan, subtask, system=system)[1], ensure_ascii=False
+            worker_messages(task, context, plan["merge"], subtask, system=system)[1],
+            ensure_ascii=False,
         ).encode()
         for subtask in plan["subtasks"]
     ]

@@ -266,7 +266,7 @@ class EarlyStarter:
 
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
         system = self.system(plan["merge"])
-        messages = worker_messages(self.task, self.context, plan, subtask, system=system)
+        messages = worker_messages(self.task, self.context, plan["merge"], subtask, system=system)
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)

@@ -26,7 +26,8 @@ def make_fan_out(worker: str, skip: str) -> Callable[[AprState], list[Send] | st
                 WorkerInput(
                     task=state.get("task", ""),
                     context=state.get("context", "") or "",
-                    plan=plan,
+                    merge=plan["merge"] or "synthesize",
+                    width=len(subtasks),
                     subtask=subtask,
                     run_id=state.get("run_id", ""),
                     depth=state.get("depth", 0),

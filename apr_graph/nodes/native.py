@@ -246,7 +246,7 @@ def make_native(
         task, context = read_input(state)
         started = time.time()
         budget = boards.budget_for(settings, state.get("parent_run"))
-        board = RunBoard(uuid.uuid4().hex, budget, "concatenate", [])
+        board = RunBoard(uuid.uuid4().hex, budget, "concatenate", 0)
         boards.attach(board)
         run = _Run(client, settings, board, fmt)
         try:

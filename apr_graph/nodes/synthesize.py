@@ -113,7 +113,10 @@ def make_synthesize(
 
     async def synthesize(state: AprState) -> dict[str, Any]:
         run_id = state.get("run_id", "")
-        board = boards.get(run_id) or boards.revive(settings, run_id, plan_of(state))
+        plan = plan_of(state)
+        board = boards.get(run_id) or boards.revive(
+            settings, run_id, merge=plan["merge"], width=len(plan["subtasks"])
+        )
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
         missing = [t["id"] for t in threads if t["status"] != "done"]

@@ -12,7 +12,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel
 
@@ -109,8 +109,9 @@ def make_worker(
     """Build the worker node; ``subgraph()`` returns the graph a forking thread runs."""
 
     async def worker(payload: WorkerInput) -> dict[str, Any]:
+        payload = _current(payload)
         board = boards.get(payload["run_id"]) or boards.revive(
-            settings, payload["run_id"], payload["plan"]
+            settings, payload["run_id"], merge=payload["merge"], width=payload["width"]
         )
         thread = _Thread(payload, time.time(), [])
         sid = thread.subtask["id"]
@@ -159,7 +160,7 @@ async def _solve(
     widened: int | None = None  # the allowance of the one retry of an answer cut off
     if board.system is None:
         board.system = shared_system(
-            payload["task"], payload["context"], tools=bool(tools), merge=payload["plan"]["merge"]
+            payload["task"], payload["context"], tools=bool(tools), merge=payload["merge"]
         )
     call = (
         goal_call(subtask["goal"], tools) if tools and not (dependencies or must_verify) else None
@@ -180,7 +181,7 @@ async def _solve(
         messages = worker_messages(
             payload["task"],
             payload["context"],
-            payload["plan"],
+            payload["merge"],
             subtask,
             dependencies=dependencies,
             rejected=rejected,
@@ -278,6 +279,16 @@ async def _solve(
         rejected = reason
 
 
+def _current(payload: WorkerInput) -> WorkerInput:
+    """``payload`` as this version writes it: one checkpointed by an earlier version (a
+    run resumed after an upgrade) carried the whole plan instead of its merge and width."""
+    legacy = cast(dict[str, Any], payload)
+    if "merge" in legacy or not isinstance(plan := legacy.get("plan"), dict):
+        return payload
+    merge, width = plan.get("merge") or "synthesize", len(plan.get("subtasks") or [])
+    return cast(WorkerInput, {**legacy, "merge": merge, "width": width})
+
+
 def thread_call(
     client: LLMClient,
     messages: list[Message],
@@ -310,7 +321,6 @@ async def _verify(
     messages = verifier_messages(
         payload["task"],
         payload["context"],
-        payload["plan"],
         thread.subtask,
         text,
         system=board.system,
