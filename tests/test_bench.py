@@ -189,3 +189,5 @@ def test_overhead_is_measured_for_every_layer() -> None:
         assert row["apr_vs_aiohttp"] == pytest.approx(
             row["apr_cpu_ms"] / row["aiohttp_cpu_ms"], rel=0.01
         )
+        for ratio, layer in (("ideal_ratio", "apr"), ("floor_ideal_ratio", "floor")):
+            assert row[ratio] == pytest.approx(0.05 / row[f"{layer}_wall_s"], abs=0.01)
