@@ -189,5 +189,9 @@ def test_overhead_is_measured_for_every_layer() -> None:
         assert row["apr_vs_aiohttp"] == pytest.approx(
             row["apr_cpu_ms"] / row["aiohttp_cpu_ms"], rel=0.01
         )
+        assert row["langgraph_vs_aiohttp"] == pytest.approx(
+            row["langgraph_aiohttp_cpu_ms"] / row["aiohttp_cpu_ms"], rel=0.01
+        )
+        assert isinstance(row["apr_full_gcs"], int) and row["apr_full_gcs"] >= 0
         for ratio, layer in (("ideal_ratio", "apr"), ("floor_ideal_ratio", "floor")):
             assert row[ratio] == pytest.approx(0.05 / row[f"{layer}_wall_s"], abs=0.01)

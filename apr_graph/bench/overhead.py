@@ -13,28 +13,38 @@ scripted server in its own process (so the CPU time measured is the client's alo
 - ``sdk``: ``AsyncOpenAI(...).chat.completions.create(stream=True)`` on the SDK's default
   httpx client; ``sdk_aiohttp``: the same on the SDK's aiohttp transport;
 - ``langgraph_sdk``: a minimal LangGraph ``Send`` fan-out whose node makes the httpx SDK call;
+- ``langgraph_aiohttp``: the same fan-out whose node makes the bare ``aiohttp`` request: the
+  floor of any design with a ``Send`` (a checkpointed task) per thread;
+- ``langgraph_batched``: the alternative that design rules out, one ``Send`` per
+  ``BATCH`` threads (a task whose threads are checkpointed together, so a resume redoes the
+  finished threads of an unfinished batch): what LangGraph's per-task cost is;
 - ``apr_httpx`` / ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge) with
   ``http_client="httpx"`` and with the default (aiohttp).
 
 Every worker reply streams for about ``REPLY_S`` seconds, so the N requests really overlap;
 ``ideal_ratio`` is the ideal wall time (one reply; the plan and the merge are instant) over
 apr-graph's, and ``floor_ideal_ratio`` the same for the floor: what the machine allows, since the
-scripted server shares its cores with the client.
+scripted server shares its cores with the client. ``apr_full_gcs``: how many full collections
+of the garbage collector fell in apr-graph's rounds (each costs ~0.1 s in this process, so a
+round with one costs ~0.4 ms more per thread at 256 threads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import operator
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from statistics import median
 from typing import Annotated, Any, TypedDict
 from urllib.parse import urlsplit
 
 import httpx
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Send
 
 from apr_graph.bench.overhead_server import REPLY_S, TASK, serve_forever, subtask
 from apr_graph.graph import compile_apr_graph
@@ -88,27 +98,36 @@ async def _floor(url: str, n: int) -> tuple[float, float]:
     return await _timed(lambda: asyncio.gather(*(one() for _ in range(n))))
 
 
-async def _aiohttp(url: str, n: int) -> tuple[float, float]:
+BATCH = 16
+"""Threads per ``Send`` of the ``langgraph_batched`` layer."""
+
+_HEADERS = {"Content-Type": "application/json", "X-Apr-Role": "worker"}
+
+
+async def _aiohttp_one(http: Any, url: str, payload: bytes) -> None:
+    """One streamed request on a bare ``aiohttp`` session, its SSE lines parsed."""
+    async with http.post(f"{url}/chat/completions", data=payload, headers=_HEADERS) as r:
+        rest = b""
+        async for chunk in r.content.iter_any():
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                    json.loads(line[6:])
+
+
+def _aiohttp_session() -> Any:
     import aiohttp
 
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def _aiohttp(url: str, n: int) -> tuple[float, float]:
     payload = json.dumps(_body(n)).encode()
-    headers = {"Content-Type": "application/json", "X-Apr-Role": "worker"}
 
     async def run() -> None:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as http:
-
-            async def one() -> None:
-                async with http.post(f"{url}/chat/completions", data=payload, headers=headers) as r:
-                    rest = b""
-                    async for chunk in r.content.iter_any():
-                        lines = (rest + chunk).split(b"\n")
-                        rest = lines.pop()
-                        for line in lines:
-                            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                                json.loads(line[6:])
-
-            await asyncio.gather(*(one() for _ in range(n)))
+        async with _aiohttp_session() as http:
+            await asyncio.gather(*(_aiohttp_one(http, url, payload) for _ in range(n)))
 
     return await _timed(run)
 
@@ -168,7 +187,7 @@ async def _sdk_aiohttp(url: str, n: int) -> tuple[float, float]:
 
 
 class _Item(TypedDict):
-    i: int
+    ids: list[int]
 
 
 class _FanState(TypedDict, total=False):
@@ -176,29 +195,63 @@ class _FanState(TypedDict, total=False):
     done: Annotated[list[int], operator.add]
 
 
-async def _langgraph_sdk(url: str, n: int) -> tuple[float, float]:
-    from langchain_core.runnables import RunnableLambda
-    from langgraph.graph import END, START, StateGraph
-    from langgraph.types import Send
+def _fan_out(
+    one: Callable[[int], Coroutine[Any, Any, None]], n: int, *, batch: int = 1
+) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """A minimal LangGraph fan-out of ``n`` threads, ``batch`` of them per ``Send``; each
+    thread is ``one(i)``. Returns what runs it and checks every thread reported."""
 
+    async def work(state: _Item) -> dict[str, list[int]]:
+        await asyncio.gather(*(one(i) for i in state["ids"]))
+        return {"done": state["ids"]}
+
+    def sends(state: _FanState) -> list[Send]:
+        ids = list(range(state["n"]))
+        return [Send("work", {"ids": ids[i : i + batch]}) for i in range(0, len(ids), batch)]
+
+    builder: StateGraph[_FanState, None, _FanState, _FanState] = StateGraph(_FanState)
+    builder.add_node("work", work)  # a plain function: as apr-graph's nodes, no callback run
+    builder.add_conditional_edges(START, sends)
+    builder.add_edge("work", END)
+    app = builder.compile()
+
+    async def run() -> None:
+        result = await app.ainvoke({"n": n})
+        assert sorted(result["done"]) == list(range(n)), "a thread of the fan-out is missing"
+
+    return run
+
+
+async def _langgraph_sdk(url: str, n: int) -> tuple[float, float]:
     body = _body(n)
     client = _sdk_client(url, n)
 
-    async def work(payload: _Item) -> dict[str, list[int]]:
+    async def one(_: int) -> None:
         stream = await client.chat.completions.create(**body)
-        async for _ in stream:
+        async for _chunk in stream:
             pass
-        return {"done": [payload["i"]]}
 
-    builder: StateGraph[_FanState, None, _FanState, _FanState] = StateGraph(_FanState)
-    builder.add_node("work", RunnableLambda(work))
-    builder.add_conditional_edges(START, lambda s: [Send("work", {"i": i}) for i in range(s["n"])])
-    builder.add_edge("work", END)
-    app = builder.compile()
     try:
-        return await _timed(lambda: app.ainvoke({"n": n}))
+        return await _timed(_fan_out(one, n))
     finally:
         await client.close()
+
+
+async def _langgraph_aiohttp(url: str, n: int, *, batch: int = 1) -> tuple[float, float]:
+    payload = json.dumps(_body(n)).encode()
+    http: list[Any] = []
+    fan_out = _fan_out(lambda _: _aiohttp_one(http[0], url, payload), n, batch=batch)
+
+    async def run() -> None:
+        async with _aiohttp_session() as session:
+            http.append(session)
+            await fan_out()
+
+    return await _timed(run)
+
+
+async def _langgraph_batched(url: str, n: int) -> tuple[float, float]:
+    return await _langgraph_aiohttp(url, n, batch=BATCH)
 
 
 async def _apr(url: str, n: int, *, http_client: str = "auto") -> tuple[float, float]:
@@ -233,6 +286,8 @@ LAYERS = {
     "sdk": _sdk,
     "sdk_aiohttp": _sdk_aiohttp,
     "langgraph_sdk": _langgraph_sdk,
+    "langgraph_aiohttp": _langgraph_aiohttp,
+    "langgraph_batched": _langgraph_batched,
     "apr_httpx": _apr_httpx,
     "apr": _apr,
 }
@@ -269,9 +324,13 @@ async def measure_overhead(
         for size in sizes:
             row: dict[str, Any] = {"threads": size, "rounds": rounds}
             timings: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYERS}
+            full_gcs = 0
             for done in range(1, rounds + 1):
                 for name, layer in LAYERS.items():
+                    before = gc.get_stats()[2]["collections"]
                     timings[name].append(await layer(url, size))
+                    if name == "apr":
+                        full_gcs += gc.get_stats()[2]["collections"] - before
                 if progress is not None:
                     progress(f"overhead {size} threads, round {done}/{rounds}")
             for name, measured in timings.items():
@@ -279,6 +338,10 @@ async def measure_overhead(
                 row[f"{name}_wall_s"] = round(median(w for _, w in measured), 2)
             row["apr_vs_floor"] = round(row["apr_cpu_ms"] / max(row["floor_cpu_ms"], 1e-9), 2)
             row["apr_vs_aiohttp"] = round(row["apr_cpu_ms"] / max(row["aiohttp_cpu_ms"], 1e-9), 2)
+            row["langgraph_vs_aiohttp"] = round(
+                row["langgraph_aiohttp_cpu_ms"] / max(row["aiohttp_cpu_ms"], 1e-9), 2
+            )
+            row["apr_full_gcs"] = full_gcs
             row["ideal_ratio"] = round(reply_s / max(row["apr_wall_s"], 1e-9), 2)
             # What this machine allows: the floor's own ratio (the server shares its cores).
             row["floor_ideal_ratio"] = round(reply_s / max(row["floor_wall_s"], 1e-9), 2)
