@@ -1,14 +1,22 @@
 """The server of the overhead measurement, run in a process of its own so that the CPU time
-measured is the client's alone. It imports only the scripted test server and the plan's
-types, so the process is up in a fraction of a second."""
+measured is the client's alone.
+
+It answers every request at once, as a server with enough slots would: one event loop
+(``aiohttp.web``), a streamed reply's chunks paced by timers, no thread per connection. The
+test server (``ScriptedServer``) runs a thread per connection, which at hundreds of
+concurrent streams spends the machine's cores on switching between them, cores the client
+measured here shares. The bodies are the test server's own (``apr_graph.testing.wire``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 
 from apr_graph.state import SubtaskRecord
-from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
+from apr_graph.testing import RecordedRequest, Reply, wire
 
 __all__ = ["CHUNKS", "REPLY_S", "TASK", "serve_forever", "subtask"]
 
@@ -37,22 +45,58 @@ def subtask(index: int) -> SubtaskRecord:
     )
 
 
+def reply_for(request: RecordedRequest, reply_s: float) -> Reply:
+    """The reply to ``request``: the plan of its fan-out, the merge, or a worker's answer of
+    ``CHUNKS`` words streamed over ``reply_s`` seconds."""
+    if request.role == "planner":
+        return _plan(request)
+    if request.role == "synthesizer":
+        return Reply(content="merged")
+    return Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=reply_s / CHUNKS)
+
+
 def serve_forever(reply_s: float = REPLY_S) -> None:
-    """The overhead server (run in its own process): prints its URL, serves until killed.
-    Worker replies stream ``CHUNKS`` chunks over ``reply_s`` seconds."""
-    slow = Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=reply_s / CHUNKS)
-    rules = [
-        Rule(role="planner", reply=_plan),
-        Rule(role="synthesizer", reply=Reply(content="merged")),
-        Rule(reply=slow),
-    ]
-    server = ScriptedServer(rules).start()
-    server.requests = _Discard()  # keep no history: 1,000-thread runs would pile it up
-    print(server.base_url, flush=True)
-    while True:
-        time.sleep(3600)
+    """The overhead server (run in its own process): prints its URL, serves until killed."""
+    asyncio.run(_serve(reply_s))
 
 
-class _Discard(list[RecordedRequest]):
-    def append(self, item: RecordedRequest) -> None:
-        return None
+async def _serve(reply_s: float) -> None:
+    from aiohttp import web
+
+    async def chat(http: web.Request) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        body = json.loads(await http.read())
+        request = RecordedRequest("POST", http.path, headers, body, time.monotonic())
+        reply = reply_for(request, reply_s)
+        payload = wire.completion(request, reply)
+        if not body.get("stream"):
+            return web.json_response(payload)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(http)
+        base = wire.stream_base(payload, False)
+        events = [
+            wire.sse_event(wire.delta_chunk(base, piece, False))
+            for piece in wire.stream_pieces(reply.text())
+        ]
+        if reply.chunk_delay_s:
+            for event in events:
+                await asyncio.sleep(reply.chunk_delay_s)
+                await response.write(event)
+            events = []
+        events.append(wire.sse_event(wire.end_chunk(base, reply, False)))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(wire.sse_event(wire.usage_chunk(base, payload["usage"])))
+        events.append(wire.SSE_DONE)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"http://{host}:{port}/v1", flush=True)
+    await asyncio.Event().wait()
