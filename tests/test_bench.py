@@ -160,6 +160,7 @@ def test_bench_plots(tmp_path: Path) -> None:
         (["--strategies", "fastest"], "--strategies: unknown fastest"),
         (["--parts", "1"], "a multipart question needs at least 2 parts"),
         (["--overhead-rounds", "0"], "--overhead-rounds"),
+        (["--overhead-gc", "later"], "--overhead-gc: invalid choice"),
     ],
 )
 def test_bench_refuses_bad_options_before_running(
@@ -171,6 +172,28 @@ def test_bench_refuses_bad_options_before_running(
     assert message in capsys.readouterr().err
 
 
+def test_overhead_can_be_measured_without_the_collector() -> None:
+    import gc
+
+    from apr_graph.bench.overhead import measure_overhead
+
+    enabled_while_measuring: list[bool] = []
+    assert gc.isenabled()
+    rows = asyncio.run(
+        measure_overhead(
+            [2],
+            reply_s=0.05,
+            rounds=2,
+            collector=False,
+            progress=lambda _: enabled_while_measuring.append(gc.isenabled()),
+        )
+    )
+    assert enabled_while_measuring == [False, False]
+    assert gc.isenabled()  # given back as it was
+    assert rows[0]["gc"] is False and rows[0]["apr_full_gcs"] == 0
+    assert rows[0]["apr_cpu_ms"] > 0
+
+
 def test_overhead_is_measured_for_every_layer() -> None:
     from apr_graph.bench.overhead import LAYERS, measure_overhead
 
@@ -179,7 +202,7 @@ def test_overhead_is_measured_for_every_layer() -> None:
     assert [r["threads"] for r in rows] == [1, 4]
     assert said == [f"overhead {n} threads, round {r}/2" for n in (1, 4) for r in (1, 2)]
     for row in rows:
-        assert row["rounds"] == 2
+        assert row["rounds"] == 2 and row["gc"] is True
         for layer in LAYERS:
             assert row[f"{layer}_cpu_ms"] > 0
             assert row[f"{layer}_wall_s"] >= 0.05  # every layer waited for its replies

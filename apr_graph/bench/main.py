@@ -97,6 +97,14 @@ def parser() -> argparse.ArgumentParser:
         default=3,
         help="interleaved rounds per overhead size; the median is reported [%(default)s]",
     )
+    p.add_argument(
+        "--overhead-gc",
+        choices=("on", "off"),
+        default="on",
+        help="the garbage collector during the overhead rounds: on, as a program runs; off "
+        "to compare the layers' own code, without the full collections that fall in some "
+        "rounds and not others [%(default)s]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--step-ms",
@@ -215,7 +223,10 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
             results["scaling"] = rows
     if sizes:
         results["overhead"] = await measure_overhead(
-            sizes, progress=step, rounds=args.overhead_rounds
+            sizes,
+            progress=step,
+            rounds=args.overhead_rounds,
+            collector=args.overhead_gc == "on",
         )
     results["machine"]["load_after"] = _load()
     results["machine"]["duration_s"] = round(time.monotonic() - started, 1)

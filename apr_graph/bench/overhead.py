@@ -299,6 +299,7 @@ async def measure_overhead(
     progress: Callable[[str], None] | None = None,
     reply_s: float = REPLY_S,
     rounds: int = 3,
+    collector: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per fan-out size: client CPU ms per thread of each layer, and wall times.
 
@@ -307,6 +308,8 @@ async def measure_overhead(
     ``rounds``: each layer is measured this many times, the layers interleaved round by
     round, and the median reported (one run of a wide fan-out varies by tens of percent with
     when the garbage collector happens to run).
+    ``collector``: False measures with the garbage collector off (``gc.disable()``, restored
+    after): the layers' own code, without the full collections that fall in some rounds only.
     """
     server = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -315,6 +318,9 @@ async def measure_overhead(
         f"from apr_graph.bench.overhead_server import serve_forever; serve_forever({reply_s!r})",
         stdout=asyncio.subprocess.PIPE,
     )
+    was_enabled = gc.isenabled()
+    if not collector:
+        gc.disable()
     try:
         assert server.stdout is not None
         url = (await server.stdout.readline()).decode().strip()
@@ -322,7 +328,7 @@ async def measure_overhead(
             await layer(url, 2)
         rows = []
         for size in sizes:
-            row: dict[str, Any] = {"threads": size, "rounds": rounds}
+            row: dict[str, Any] = {"threads": size, "rounds": rounds, "gc": collector}
             timings: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYERS}
             full_gcs = 0
             for done in range(1, rounds + 1):
@@ -348,5 +354,7 @@ async def measure_overhead(
             rows.append(row)
         return rows
     finally:
+        if was_enabled:
+            gc.enable()
         server.kill()
         await server.wait()
