@@ -190,7 +190,8 @@ def test_overhead_can_be_measured_without_the_collector() -> None:
     )
     assert enabled_while_measuring == [False, False]
     assert gc.isenabled()  # given back as it was
-    assert rows[0]["gc"] is False and rows[0]["apr_full_gcs"] == 0
+    assert rows[0]["gc"] is False
+    assert rows[0]["apr_full_gcs"] == 0
     assert rows[0]["apr_cpu_ms"] > 0
 
 
@@ -202,7 +203,8 @@ def test_overhead_is_measured_for_every_layer() -> None:
     assert [r["threads"] for r in rows] == [1, 4]
     assert said == [f"overhead {n} threads, round {r}/2" for n in (1, 4) for r in (1, 2)]
     for row in rows:
-        assert row["rounds"] == 2 and row["gc"] is True
+        assert row["rounds"] == 2
+        assert row["gc"] is True
         for layer in LAYERS:
             assert row[f"{layer}_cpu_ms"] > 0
             assert row[f"{layer}_wall_s"] >= 0.05  # every layer waited for its replies
@@ -215,6 +217,7 @@ def test_overhead_is_measured_for_every_layer() -> None:
         assert row["langgraph_vs_aiohttp"] == pytest.approx(
             row["langgraph_aiohttp_cpu_ms"] / row["aiohttp_cpu_ms"], rel=0.01
         )
-        assert isinstance(row["apr_full_gcs"], int) and row["apr_full_gcs"] >= 0
+        assert isinstance(row["apr_full_gcs"], int)
+        assert row["apr_full_gcs"] >= 0
         for ratio, layer in (("ideal_ratio", "apr"), ("floor_ideal_ratio", "floor")):
             assert row[ratio] == pytest.approx(0.05 / row[f"{layer}_wall_s"], abs=0.01)
