@@ -12,6 +12,7 @@ retry policy see exactly what they see from the SDK.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import ssl
@@ -176,6 +177,52 @@ class AiohttpStreams:
         )
 
 
+class _Silence:
+    """The read timeout of a streamed body, checked a few times per timeout instead of
+    re-armed on every network read.
+
+    aiohttp's ``sock_read`` cancels and schedules a timer for each piece of data that
+    arrives, a tenth of what reading a streamed token costs. Once the headers are in, this
+    watch takes over: every quarter of the timeout it looks whether the body has grown
+    (``StreamReader.total_bytes``), and after a whole timeout without a byte it fails the
+    body with aiohttp's own ``SocketTimeoutError`` (raised to the reader, as before). A
+    silence is caught between one and one and a quarter timeouts after it began.
+    """
+
+    def __init__(self, response: Any, timeout_s: float | None) -> None:
+        self._content = response.content
+        self._timeout = timeout_s
+        self._handle: asyncio.TimerHandle | None = None
+        protocol = getattr(response.connection, "protocol", None)
+        if not timeout_s or protocol is None:
+            return  # no timeout, or the body is already in: aiohttp's own rules stand
+        self._loop = asyncio.get_running_loop()
+        self._seen = self._content.total_bytes
+        self._quiet_since = self._loop.time()
+        protocol.read_timeout = None  # its timer is dropped at the next piece of data
+        self._handle = self._loop.call_later(timeout_s / 4, self._check)
+
+    def _check(self) -> None:
+        assert self._timeout is not None
+        now = self._loop.time()
+        if self._content.total_bytes != self._seen:
+            self._seen, self._quiet_since = self._content.total_bytes, now
+        elif now - self._quiet_since >= self._timeout:
+            import aiohttp
+
+            self._handle = None
+            self._content.set_exception(
+                aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            )
+            return
+        self._handle = self._loop.call_later(self._timeout / 4, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class _SseResponse:
     """An aiohttp response read as lines of server-sent events (what ``read_stream`` reads)."""
 
@@ -183,27 +230,30 @@ class _SseResponse:
         self._response = response
         self._streams = streams
         self._url = url
-        self._lines: AsyncGenerator[str, None] | None = None
+        self._lines: AsyncGenerator[list[str], None] | None = None
 
     @property
     def request(self) -> Any:
         return self._streams._request(self._url)
 
-    def aiter_lines(self) -> AsyncIterator[str]:
-        """The stream's lines, decoded, without their line ends. Chunks are split here (one
-        await per network read, not per line)."""
-        lines = self._lines = self._read_lines()
+    def aiter_line_batches(self) -> AsyncIterator[list[str]]:
+        """The stream's lines, decoded, without their line ends and without the blank lines
+        between events: a list for each network read (one await per read, not per line)."""
+        lines = self._lines = self._read_batches()
         return lines
 
-    async def _read_lines(self) -> AsyncGenerator[str, None]:
+    async def _read_batches(self) -> AsyncGenerator[list[str], None]:
         rest = b""
-        async for chunk in self._response.content.iter_any():
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                yield line.rstrip(b"\r").decode()
-        if rest:
-            yield rest.rstrip(b"\r").decode()
+        silence = _Silence(self._response, self._streams.timeout.sock_read)
+        try:
+            async for chunk in self._response.content.iter_any():
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                yield [line.rstrip(b"\r").decode() for line in lines if line.strip()]
+        finally:
+            silence.stop()
+        if rest.strip():
+            yield [rest.rstrip(b"\r").decode()]
 
     async def aclose(self) -> None:
         """Release the connection: kept alive when the body was read to its end, closed

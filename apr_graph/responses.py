@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -220,16 +220,26 @@ async def read_stream(
     server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
     the read timeout raises its ``APITimeoutError``."""
     end = StreamEnd()
+    wrapper: AsyncGenerator[list[str], None] | None = None
     try:
-        lines = response.aiter_lines()
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue  # comments, event names, keep-alives
-            data = line[5:].strip()
-            if data == "[DONE]":
+        lines: AsyncIterator[list[str]]
+        if hasattr(response, "aiter_line_batches"):  # apr-graph's aiohttp path
+            lines = response.aiter_line_batches()
+        else:  # the SDK's httpx response reads lines only
+            lines = wrapper = _one_each(response.aiter_lines())
+        done = False
+        async for batch in lines:
+            for line in batch:
+                if not line.startswith("data:"):
+                    continue  # comments, event names, keep-alives
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                _take(json.loads(data), end, progress, piece_of, response)
+            if done:
                 await _drain(lines)
                 break
-            _take(json.loads(data), end, progress, piece_of, response)
     except (openai.APIError, asyncio.CancelledError):
         raise
     except Exception as exc:
@@ -240,6 +250,8 @@ async def read_stream(
             f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
         ) from exc
     finally:
+        if wrapper is not None:  # closed here if left mid-way, not by a finalizer task
+            await wrapper.aclose()
         await response.aclose()
     if end.finish_reason is None:
         raise TransientResponseError(
@@ -247,6 +259,12 @@ async def read_stream(
             "tokens (cut off)"
         )
     return end
+
+
+async def _one_each(lines: AsyncIterator[str]) -> AsyncGenerator[list[str], None]:
+    """Lines one at a time, as batches of one (a response that reads lines only)."""
+    async for line in lines:
+        yield [line]
 
 
 _DRAIN_S = 0.1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -32,7 +33,8 @@ from apr_graph.testing import (
     ScriptedServer,
     TransformersServe,
 )
-from tests.conftest import CliRunner, ServerFactory, settings_for
+from apr_graph.testing.script import Pacer
+from tests.conftest import CliRunner, ServerFactory, settings_for, stop_promptly
 from tests.test_graph import echo_worker, merge_synth, parallel_plan
 
 HUB_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -258,6 +260,51 @@ async def test_a_silent_server_times_out(make_server: ServerFactory, silence: Re
     async with LLMClient(settings) as client:
         with pytest.raises(ModelCallError, match="timed out"):
             await client.chat(QUESTION, role="worker", stream=True)
+
+
+class _StallsAfter(ScriptedServer):
+    """Streams its first ``tokens`` pieces 50 ms apart, then goes silent for ``silence_s``
+    (the pieces arrive after the headers, so what watches the silence is the body's own
+    timeout, not the one armed while the headers were awaited)."""
+
+    def __init__(self, rules: list[Rule], *, tokens: int, silence_s: float) -> None:
+        super().__init__(rules)
+        self.tokens, self.silence_s = tokens, silence_s
+
+    def pace(self, request: RecordedRequest, reply: Reply) -> Pacer:
+        server = self
+
+        class Stall(Pacer):
+            def wait(self, tokens: int) -> None:
+                time.sleep(0.05 if tokens <= server.tokens else 0)
+                if tokens == server.tokens + 1:
+                    time.sleep(server.silence_s)
+
+        return Stall()
+
+
+@pytest.mark.parametrize(("silence_s", "times_out"), [(1.5, True), (0.15, False)])
+async def test_silence_mid_body_after_some_tokens_times_out_and_shorter_gaps_do_not(
+    silence_s: float, times_out: bool
+) -> None:
+    # The body's read timeout is watched lazily (not re-armed per piece of data): a silence
+    # that follows streamed tokens is caught within 1-1.25 timeouts; a shorter one is not one.
+    words = "one two three four five six"
+    server = _StallsAfter([Rule(reply=Reply(content=words))], tokens=3, silence_s=silence_s)
+    server.start()
+    try:
+        settings = settings_for(server, request_timeout_s=0.4, max_retries=0)
+        async with LLMClient(settings) as client:
+            started = time.perf_counter()
+            if times_out:
+                with pytest.raises(ModelCallError, match=r"timed out after 0\.4s"):
+                    await client.chat(QUESTION, role="worker", stream=True)
+                assert 0.5 < time.perf_counter() - started < 1.2  # 0.15 s of tokens first
+            else:
+                completion = await client.chat(QUESTION, role="worker", stream=True)
+                assert completion.text == words
+    finally:
+        stop_promptly([server])
 
 
 async def test_a_reply_cut_at_the_token_limit_is_never_pasted_back(
