@@ -7,6 +7,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,7 @@ def test_bench_plots(tmp_path: Path) -> None:
         (["--parts", "1"], "a multipart question needs at least 2 parts"),
         (["--overhead-rounds", "0"], "--overhead-rounds"),
         (["--overhead-gc", "later"], "--overhead-gc: invalid choice"),
+        (["--overhead-chunks", "0"], "--overhead-chunks"),
     ],
 )
 def test_bench_refuses_bad_options_before_running(
@@ -189,10 +191,27 @@ def test_overhead_can_be_measured_without_the_collector() -> None:
         )
     )
     assert enabled_while_measuring == [False, False]
+    assert rows[0]["chunks"] == 5
     assert gc.isenabled()  # given back as it was
     assert rows[0]["gc"] is False
     assert rows[0]["apr_full_gcs"] == 0
     assert rows[0]["apr_cpu_ms"] > 0
+
+
+def test_overhead_with_long_replies_streams_every_chunk_to_every_layer() -> None:
+    from apr_graph.bench.overhead import LAYERS, measure_overhead
+
+    def measure(chunks: int) -> dict[str, Any]:  # no collections: no 0.1-s spikes
+        return asyncio.run(
+            measure_overhead([2], reply_s=0.05, rounds=1, chunks=chunks, collector=False)
+        )[0]
+
+    short, long = measure(5), measure(200)
+    assert long["chunks"] == 200
+    # 40 times the chunks in the same time: every layer read them all, and it cost more
+    for layer in ("floor", "aiohttp", "apr"):
+        assert long[f"{layer}_cpu_ms"] > short[f"{layer}_cpu_ms"], layer
+    assert set(LAYERS) <= {k.removesuffix("_cpu_ms") for k in long if k.endswith("_cpu_ms")}
 
 
 def test_overhead_is_measured_for_every_layer() -> None:

@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
         help="interleaved rounds per overhead size; the median is reported [%(default)s]",
     )
     p.add_argument(
+        "--overhead-chunks",
+        type=_positive(int),
+        default=5,
+        help="streamed chunks (tokens) in each worker reply of the overhead rounds; a long "
+        "reply (e.g. 1000) shows what a streamed token costs each layer [%(default)s]",
+    )
+    p.add_argument(
         "--overhead-gc",
         choices=("on", "off"),
         default="on",
@@ -227,6 +234,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
             progress=step,
             rounds=args.overhead_rounds,
             collector=args.overhead_gc == "on",
+            chunks=args.overhead_chunks,
         )
     results["machine"]["load_after"] = _load()
     results["machine"]["duration_s"] = round(time.monotonic() - started, 1)

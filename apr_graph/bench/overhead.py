@@ -46,7 +46,7 @@ import httpx
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from apr_graph.bench.overhead_server import REPLY_S, TASK, serve_forever, subtask
+from apr_graph.bench.overhead_server import CHUNKS, REPLY_S, TASK, serve_forever, subtask
 from apr_graph.graph import compile_apr_graph
 from apr_graph.prompts import worker_messages
 from apr_graph.settings import AprSettings
@@ -300,6 +300,7 @@ async def measure_overhead(
     reply_s: float = REPLY_S,
     rounds: int = 3,
     collector: bool = True,
+    chunks: int = CHUNKS,
 ) -> list[dict[str, Any]]:
     """One row per fan-out size: client CPU ms per thread of each layer, and wall times.
 
@@ -308,6 +309,8 @@ async def measure_overhead(
     ``rounds``: each layer is measured this many times, the layers interleaved round by
     round, and the median reported (one run of a wide fan-out varies by tens of percent with
     when the garbage collector happens to run).
+    ``chunks``: how many chunks (streamed tokens) a worker's reply has; with a long reply
+    the figures per thread show what each streamed token costs (divide by ``chunks``).
     ``collector``: False measures with the garbage collector off (``gc.disable()``, restored
     after): the layers' own code, without the full collections that fall in some rounds only.
     """
@@ -315,7 +318,8 @@ async def measure_overhead(
         sys.executable,
         "-c",
         # the server's module imports only the test server: the process starts in a blink
-        f"from apr_graph.bench.overhead_server import serve_forever; serve_forever({reply_s!r})",
+        "from apr_graph.bench.overhead_server import serve_forever; "
+        f"serve_forever({reply_s!r}, {chunks!r})",
         stdout=asyncio.subprocess.PIPE,
     )
     was_enabled = gc.isenabled()
@@ -328,7 +332,12 @@ async def measure_overhead(
             await layer(url, 2)
         rows = []
         for size in sizes:
-            row: dict[str, Any] = {"threads": size, "rounds": rounds, "gc": collector}
+            row: dict[str, Any] = {
+                "threads": size,
+                "rounds": rounds,
+                "gc": collector,
+                "chunks": chunks,
+            }
             timings: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYERS}
             full_gcs = 0
             for done in range(1, rounds + 1):

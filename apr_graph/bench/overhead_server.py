@@ -45,29 +45,30 @@ def subtask(index: int) -> SubtaskRecord:
     )
 
 
-def reply_for(request: RecordedRequest, reply_s: float) -> Reply:
+def reply_for(request: RecordedRequest, reply_s: float, chunks: int = CHUNKS) -> Reply:
     """The reply to ``request``: the plan of its fan-out, the merge, or a worker's answer of
-    ``CHUNKS`` words streamed over ``reply_s`` seconds."""
+    ``chunks`` words streamed over ``reply_s`` seconds."""
     if request.role == "planner":
         return _plan(request)
     if request.role == "synthesizer":
         return Reply(content="merged")
-    return Reply(content=" ".join(["ok"] * CHUNKS), chunk_delay_s=reply_s / CHUNKS)
+    return Reply(content=" ".join(["ok"] * chunks), chunk_delay_s=reply_s / chunks)
 
 
-def serve_forever(reply_s: float = REPLY_S) -> None:
-    """The overhead server (run in its own process): prints its URL, serves until killed."""
-    asyncio.run(_serve(reply_s))
+def serve_forever(reply_s: float = REPLY_S, chunks: int = CHUNKS) -> None:
+    """The overhead server (run in its own process): prints its URL, serves until killed.
+    A worker's reply is ``chunks`` words (one streamed chunk each) over ``reply_s`` seconds."""
+    asyncio.run(_serve(reply_s, chunks))
 
 
-async def _serve(reply_s: float) -> None:
+async def _serve(reply_s: float, chunks: int) -> None:
     from aiohttp import web
 
     async def chat(http: web.Request) -> web.StreamResponse:
         headers = {k.lower(): v for k, v in http.headers.items()}
         body = json.loads(await http.read())
         request = RecordedRequest("POST", http.path, headers, body, time.monotonic())
-        reply = reply_for(request, reply_s)
+        reply = reply_for(request, reply_s, chunks)
         payload = wire.completion(request, reply)
         if not body.get("stream"):
             return web.json_response(payload)
