@@ -57,7 +57,7 @@ __all__ = ["measure_overhead", "serve_forever"]
 
 def _body(n: int) -> dict[str, Any]:
     """A worker request of an N-thread fan-out, byte for byte as apr-graph builds it."""
-    subtasks = [subtask(i) for i in range(n)]
+    subtasks = [subtask(i) for i in range(1, n + 1)]
     plan = PlanRecord(
         strategy="parallel", answer=None, subtasks=subtasks, merge="synthesize", notes=[]
     )

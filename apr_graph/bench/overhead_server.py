@@ -27,19 +27,15 @@ TASK = "fan out {n}"
 
 
 def _plan(request: RecordedRequest) -> Reply:
+    """The plan of the fan-out, as the plan schema has a model write it: the goals alone."""
     found = re.search(r"fan out (\d+)", request.all_text)
     count = int(found.group(1)) if found else 1
-    return Reply(
-        content={
-            "strategy": "parallel",
-            "merge": "synthesize",
-            "subtasks": [subtask(i) for i in range(count)],
-        }
-    )
+    goals = [subtask(i)["goal"] for i in range(1, count + 1)]
+    return Reply(content={"strategy": "parallel", "merge": "synthesize", "subtasks": goals})
 
 
 def subtask(index: int) -> SubtaskRecord:
-    """The ``index``-th subtask of the fan-out."""
+    """The ``index``-th subtask of the fan-out (from 1), as apr-graph reads it from the plan."""
     return SubtaskRecord(
         id=f"s{index}", goal=f"part {index}", depends_on=[], fork=False, max_tokens=None
     )
