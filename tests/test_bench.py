@@ -240,3 +240,30 @@ def test_overhead_is_measured_for_every_layer() -> None:
         assert row["apr_full_gcs"] >= 0
         for ratio, layer in (("ideal_ratio", "apr"), ("floor_ideal_ratio", "floor")):
             assert row[ratio] == pytest.approx(0.05 / row[f"{layer}_wall_s"], abs=0.01)
+
+
+async def test_the_overhead_server_plans_as_the_schema_asks_and_floors_send_aprs_bytes() -> None:
+    from apr_graph import compile_apr_graph
+    from apr_graph.bench.overhead import _body
+    from apr_graph.bench.overhead_server import TASK, reply_for
+    from apr_graph.state import plan_json_schema
+    from apr_graph.testing import Rule, ScriptedServer
+
+    n = 3
+    with ScriptedServer([Rule(reply=lambda request: reply_for(request, 0.01))]) as server:
+        settings = AprSettings(
+            base_url=server.base_url, model="m", max_threads=n, probe_capacity=False
+        )
+        out = await compile_apr_graph(settings=settings).ainvoke({"task": TASK.format(n=n)})
+        (plan_request,) = server.chat_requests("planner")
+        workers = server.chat_requests("worker")
+    assert out["metrics"]["threads"] == n
+    plan = json.loads(reply_for(plan_request, 0.01).text())
+    parallel = plan_json_schema(n)["anyOf"][1]
+    assert set(plan) <= set(parallel["properties"])
+    assert set(parallel["required"]) <= set(plan)
+    assert all(isinstance(goal, str) for goal in plan["subtasks"])  # goals, as the schema has it
+    # The bare layers' request is the one apr-graph sent to the first thread, byte for byte.
+    sent = [r.body for r in workers if r.body["messages"] == _body(n)["messages"]]
+    assert len(sent) == 1
+    assert json.dumps(sent[0], sort_keys=True) == json.dumps(_body(n), sort_keys=True)
