@@ -227,17 +227,8 @@ async def read_stream(
             lines = response.aiter_line_batches()
         else:  # the SDK's httpx response reads lines only
             lines = wrapper = _one_each(response.aiter_lines())
-        done = False
         async for batch in lines:
-            for line in batch:
-                if not line.startswith("data:"):
-                    continue  # comments, event names, keep-alives
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                _take(json.loads(data), end, progress, piece_of, response)
-            if done:
+            if _take_lines(batch, end, progress, piece_of, response):
                 await _drain(lines)
                 break
     except (openai.APIError, asyncio.CancelledError):
@@ -279,6 +270,25 @@ async def _drain(lines: Any) -> None:
         async with asyncio.timeout(_DRAIN_S):
             async for _ in lines:
                 pass
+
+
+def _take_lines(
+    batch: list[str],
+    end: StreamEnd,
+    progress: StreamProgress,
+    piece_of: Callable[[Any], str | None],
+    response: Any,
+) -> bool:
+    """Fold a batch of SSE lines into the stream's state; whether ``[DONE]`` was among them
+    (the lines after it are not read)."""
+    for line in batch:
+        if not line.startswith("data:"):
+            continue  # comments, event names, keep-alives
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True
+        _take(json.loads(data), end, progress, piece_of, response)
+    return False
 
 
 def _take(
