@@ -80,10 +80,7 @@ async def _serve(reply_s: float, chunks: int) -> None:
                 await asyncio.sleep(reply.chunk_delay_s)
                 await response.write(event)
             events = []
-        events.append(wire.sse_event(wire.end_chunk(base, reply, False)))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            events.append(wire.sse_event(wire.usage_chunk(base, payload["usage"])))
-        events.append(wire.SSE_DONE)
+        events += wire.stream_end(request, base, reply, payload["usage"], False)
         await response.write(b"".join(events))
         await response.write_eof()
         return response

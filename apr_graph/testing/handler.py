@@ -154,14 +154,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 self._send_chunks(pending)
                 pending = []
         self._send_chunks(pending)
-        if not text:
-            for chunk in wire.tool_call_chunks(base, reply):
-                self._send_chunk(wire.sse_event(chunk))
-        self._send_chunk(wire.sse_event(wire.end_chunk(base, reply, text)))
-        options = (request.body or {}).get("stream_options") or {}
-        if options.get("include_usage"):
-            self._send_chunk(wire.sse_event(wire.usage_chunk(base, body["usage"])))
-        self._send_chunk(wire.SSE_DONE)
+        for event in wire.stream_end(request, base, reply, body["usage"], text):
+            self._send_chunk(event)
         self._send_chunk(b"")
 
     # -- plumbing -------------------------------------------------------------------------

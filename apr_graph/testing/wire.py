@@ -28,6 +28,7 @@ __all__ = [
     "prompt_tokens",
     "sse_event",
     "stream_base",
+    "stream_end",
     "stream_pieces",
     "tool_call_chunks",
     "usage",
@@ -269,6 +270,19 @@ def end_chunk(base: dict[str, Any], reply: Reply, text: bool) -> dict[str, Any]:
 def usage_chunk(base: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
     """The chunk sent after the end when ``stream_options.include_usage`` is set."""
     return {**base, "choices": [], "usage": counts}
+
+
+def stream_end(
+    request: RecordedRequest, base: dict[str, Any], reply: Reply, counts: dict[str, Any], text: bool
+) -> list[bytes]:
+    """The events that close a stream after its content: the tool calls (chat), the end
+    chunk, the usage (``counts``) when ``stream_options.include_usage`` asks for it, and
+    ``[DONE]``."""
+    chunks = [] if text else tool_call_chunks(base, reply)
+    chunks.append(end_chunk(base, reply, text))
+    if ((request.body or {}).get("stream_options") or {}).get("include_usage"):
+        chunks.append(usage_chunk(base, counts))
+    return [*(sse_event(chunk) for chunk in chunks), SSE_DONE]
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
