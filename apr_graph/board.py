@@ -24,9 +24,32 @@ from apr_graph.state import ThreadRecord
 if TYPE_CHECKING:
     from apr_graph.nodes.early import EarlyCall
 
-__all__ = ["Boards", "RunBoard"]
+__all__ = ["DEFERRED", "Boards", "RunBoard", "deferred_record"]
 
 T = TypeVar("T")
+
+DEFERRED = "deferred: a dependency runs in a later step"
+"""The ``error`` of the stand-in record a deferred thread hands its waiting dependents."""
+
+
+def deferred_record(thread_id: str) -> ThreadRecord:
+    """What a thread's dependents receive when it defers (never part of graph state)."""
+    return ThreadRecord(
+        id=thread_id,
+        goal="",
+        status="skipped",
+        answer=None,
+        error=DEFERRED,
+        prompt_tokens=0,
+        completion_tokens=0,
+        critical_path_tokens=0,
+        started_at=0.0,
+        ended_at=0.0,
+        depth=0,
+        parent=None,
+        attempts=0,
+        verified=None,
+    )
 
 
 @dataclass
@@ -48,6 +71,10 @@ class RunBoard:
     """The system message all threads share (rendered once per fan-out)."""
     early: dict[str, EarlyCall] = field(default_factory=dict)
     """First requests of threads started while the plan was written, by subtask id."""
+    scheduled: set[str] = field(default_factory=set)
+    """Ids of the threads sent side by side in this process's current step: the only ones
+    a thread may wait for. A dependency outside it (finished before a crash, or deferred)
+    makes the dependent defer to the join, which reads the results from graph state."""
     _guarded: dict[asyncio.Task[Any], bool] = field(default_factory=dict, repr=False)
     """The tasks in a ``guard`` now, and whether a settled vote or race leaves them be."""
     _stopping: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -76,6 +103,17 @@ class RunBoard:
         future = self._future(record["id"])
         if not future.done():
             future.set_result(record)
+
+    def can_wait_for(self, thread_ids: Iterable[str]) -> bool:
+        """Whether every one of ``thread_ids`` has finished or runs beside the caller."""
+        return all(t in self.finished or t in self.scheduled for t in thread_ids)
+
+    def defer(self, thread_id: str) -> None:
+        """``thread_id`` will run in a later step: its waiting dependents defer too."""
+        self.scheduled.discard(thread_id)
+        future = self.results.pop(thread_id, None)
+        if future is not None and not future.done():
+            future.set_result(deferred_record(thread_id))
 
     async def wait_for(self, thread_ids: Iterable[str]) -> list[ThreadRecord]:
         """The records of ``thread_ids`` once they all finished (raises ``StoppedError``)."""

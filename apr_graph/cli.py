@@ -204,7 +204,7 @@ async def _run(
     with _loading():
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-        from apr_graph.durable import prepare_resume, run_status
+        from apr_graph.durable import run_status
         from apr_graph.graph import create_apr_graph
         from apr_graph.llm import LLMClient
         from apr_graph.preflight import check_server, unknown_model_message
@@ -231,7 +231,6 @@ async def _run(
                     raise _CliError(
                         f"no run is stored under thread id {thread_id!r} in {db}", EXIT_USAGE
                     )
-                await prepare_resume(app, config, settings=settings)
                 record["task"] = values.get("task")
             state: dict[str, Any] = {}
             async for mode, chunk in app.astream(

@@ -1,9 +1,11 @@
 """Resuming a checkpointed run without redoing finished work.
 
 With any LangGraph checkpointer, a run interrupted mid fan-out (crash, SIGKILL, Ctrl-C)
-keeps the plan and the results of the threads that finished. ``resume_run`` continues it:
-decompose is not called again, finished threads are not re-run, and the threads that depend
-on them get their results. Settings and the API key are supplied again by the caller; they
+keeps the plan and the results of the threads that finished, and LangGraph's own resume
+(``app.ainvoke(None, config)``, ``astream``, LangGraph Server) continues it: decompose is not
+called again, finished threads are not re-run, and the threads that depend on them read
+their results from the checkpoint (the join sends them again). ``resume_run`` adds a clear
+error for an unknown or finished run. Settings and the API key come from the graph; they
 are never stored.
 """
 
@@ -17,10 +19,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 
 from apr_graph.errors import InputError
-from apr_graph.graph import WORKER, boards_of
-from apr_graph.plan import plan_of
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprInput, AprOutput, AprState, ThreadRecord
+from apr_graph.state import AprInput, AprOutput, AprState
 
 __all__ = ["StoredRun", "prepare_resume", "resume_run", "run_status", "stored_runs"]
 
@@ -35,47 +35,40 @@ async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, A
     return ("interrupted" if snapshot.next else "finished"), dict(snapshot.values)
 
 
-async def prepare_resume(app: App, config: RunnableConfig, *, settings: AprSettings) -> None:
-    """Get an interrupted run ready to continue with ``app.astream(None, config)``.
-
-    The threads that finished before the interruption are made visible again to the
-    threads that depend on them (their results live in the checkpoint).
+async def prepare_resume(
+    app: App, config: RunnableConfig, *, settings: AprSettings | None = None
+) -> None:
+    """Check that ``config`` names an interrupted run (``app.ainvoke(None, config)`` then
+    finishes it; any LangGraph resume does: the graph reads all it needs from the
+    checkpoint).
 
     Raises:
         InputError: there is no run under this thread id, or it already finished.
+
+    ``settings`` is not needed any more (the graph has them); it is accepted so that calls
+    written for earlier versions keep working.
     """
+    del settings
     snapshot = await app.aget_state(config)
     thread_id = (config.get("configurable") or {}).get("thread_id")
     if not snapshot.values:
         raise InputError(f"no run is stored under thread id {thread_id!r}")
     if not snapshot.next:
         raise InputError(f"the run {thread_id!r} already finished; nothing to resume")
-    values = dict(snapshot.values)
-    finished: list[ThreadRecord] = []
-    for task in snapshot.tasks:
-        if task.name == WORKER and isinstance(task.result, dict):
-            finished.extend(t for t in task.result.get("threads", []) if t.get("parent") is None)
-    if values.get("run_id"):
-        plan = plan_of(values)
-        boards_of(app).revive(
-            settings,
-            values["run_id"],
-            merge=plan["merge"],
-            width=len(plan["subtasks"]),
-            finished=finished,
-        )
 
 
-async def resume_run(app: App, config: RunnableConfig, *, settings: AprSettings) -> AprOutput:
-    """Continue an interrupted run and return its output (see ``prepare_resume``).
+async def resume_run(
+    app: App, config: RunnableConfig, *, settings: AprSettings | None = None
+) -> AprOutput:
+    """Continue an interrupted run and return its output: ``app.ainvoke(None, config)``
+    after ``prepare_resume``'s check, so a wrong id is a clear error, not an empty run.
 
     Example:
         >>> async with AsyncSqliteSaver.from_conn_string("runs.sqlite") as saver:  # doctest: +SKIP
         ...     app = create_apr_graph(settings=settings).compile(checkpointer=saver)
-        ...     result = await resume_run(app, {"configurable": {"thread_id": "job-1"}},
-        ...                               settings=settings)
+        ...     result = await resume_run(app, {"configurable": {"thread_id": "job-1"}})
     """
-    await prepare_resume(app, config, settings=settings)
+    await prepare_resume(app, config)
     return cast(AprOutput, await app.ainvoke(None, config, durability="sync"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from apr_graph.nodes import (
     make_decompose,
     make_fan_out,
     make_finish,
+    make_join,
     make_synthesize,
     make_worker,
 )
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DECOMPOSE",
     "FINISH",
+    "JOIN",
     "NATIVE",
     "SYNTHESIZE",
     "WORKER",
@@ -49,24 +50,25 @@ __all__ = [
 DECOMPOSE = "decompose"
 WORKER = "worker"
 SYNTHESIZE = "synthesize"
+JOIN = "join"
 FINISH = "finish"
 NATIVE = "native"
 
 Node = Callable[[Any], Awaitable[dict[str, Any]]]
 Graph = StateGraph[AprState, None, Any, AprOutput]
 
-_BOARDS: weakref.WeakKeyDictionary[Graph, Boards] = weakref.WeakKeyDictionary()
-"""Each graph's boards, found again by ``resume_run`` (weak: they go with the graph)."""
+_BOARDS_ATTR = "_apr_boards"
+"""Where a builder keeps its graph's live boards (for ``boards_of``; no module registry)."""
 
 
 def boards_of(app: CompiledStateGraph[AprState, None, AprInput, AprOutput]) -> Boards:
-    """The live run boards of a compiled apr-graph.
+    """The live run boards of a compiled apr-graph (what is running now, in this process).
 
     Raises:
         ConfigurationError: ``app`` was not built by ``create_apr_graph``.
     """
-    boards = _BOARDS.get(app.builder)
-    if boards is None:
+    boards = getattr(app.builder, _BOARDS_ATTR, None)
+    if not isinstance(boards, Boards):
         raise ConfigurationError("this graph was not built by create_apr_graph")
     return boards
 
@@ -100,6 +102,11 @@ def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> Runnable[Any, 
     if RunnableCallable is None:  # pragma: no cover
         return RunnableLambda(func, afunc=afunc, name=name)
     return RunnableCallable(func, afunc, name=name, trace=False)
+
+
+def _no_update(state: Any) -> dict[str, Any]:
+    """The join: the workers' step is over; its router decides what runs next."""
+    return {}
 
 
 def _check(
@@ -187,7 +194,7 @@ def create_apr_graph(
         client = LLMClient(settings or AprSettings())
     boards = Boards()
     builder = _build(AprInput, client, client.settings, boards, verify, tuple(tools), [])
-    _BOARDS[builder] = boards
+    setattr(builder, _BOARDS_ATTR, boards)
     return builder
 
 
@@ -228,8 +235,13 @@ def _build(
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, settings, boards))
         builder.add_edge(START, DECOMPOSE)
-        builder.add_conditional_edges(DECOMPOSE, make_fan_out(WORKER, FINISH), [WORKER, FINISH])
-        builder.add_edge(WORKER, SYNTHESIZE)
+        builder.add_node(JOIN, RunnableLambda(_no_update, name=JOIN))
+        fan_out = make_fan_out(WORKER, FINISH, boards)
+        builder.add_conditional_edges(DECOMPOSE, fan_out, [WORKER, FINISH])
+        builder.add_edge(WORKER, JOIN)
+        builder.add_conditional_edges(
+            JOIN, make_join(WORKER, SYNTHESIZE, boards), [WORKER, SYNTHESIZE]
+        )
         builder.add_edge(SYNTHESIZE, FINISH)
     builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
     builder.add_edge(FINISH, END)

@@ -406,6 +406,9 @@ class AprState(TypedDict, total=False):
     run_id: str
     depth: int
     parent_run: str
+    waiting: Annotated[list[str], operator.add]
+    """Ids of threads that deferred: a dependency was not running beside them (a run
+    resumed in a new process, a dependency queued behind them). The join sends them again."""
 
 
 class WorkerInput(TypedDict):
@@ -423,3 +426,5 @@ class WorkerInput(TypedDict):
     subtask: SubtaskRecord
     run_id: str
     depth: int
+    dependencies: NotRequired[list[ThreadRecord]]
+    """Results of the subtask's dependencies, when the join sends a deferred thread again."""

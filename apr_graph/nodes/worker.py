@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import BaseModel
 
 from apr_graph.answers import dead_end, final_answer
-from apr_graph.board import Boards, RunBoard
+from apr_graph.board import DEFERRED, Boards, RunBoard, deferred_record
 from apr_graph.budget import StoppedError
 from apr_graph.errors import (
     AuthenticationError,
@@ -116,9 +116,12 @@ def make_worker(
         thread = _Thread(payload, time.time(), [])
         sid = thread.subtask["id"]
         try:
-            dependencies = await board.wait_for(thread.subtask.get("depends_on") or [])
+            dependencies = await _dependencies(board, payload)
         except StoppedError as stop:
             return _finish(board, boards, thread, thread.record("skipped", error=stop.reason))
+        if dependencies is None:  # the join sends it again, with the results it needs
+            board.defer(sid)
+            return {"waiting": [sid]}
         early = board.early.get(sid)
         if early is not None:  # its request went out while the plan was being written
             thread.started = early.started
@@ -277,6 +280,29 @@ async def _solve(
             return _finish(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason
+
+
+async def _dependencies(board: RunBoard, payload: WorkerInput) -> list[ThreadRecord] | None:
+    """The records of the subtask's dependencies, or None if it must defer to the join.
+
+    A thread waits only for siblings that run beside it in this process (``scheduled``):
+    those hold an execution slot already, so waiting never starves the step. A dependency
+    that finished before a crash, or runs later, is not waited for: the thread defers, and
+    the join sends it again with the results read from graph state.
+    """
+    wanted = payload["subtask"].get("depends_on") or []
+    given = payload.get("dependencies")
+    if given is not None:  # sent again by the join: what is missing did not finish
+        found = {d["id"]: d for d in given}
+        return [found[d] if d in found else _missing(d) for d in wanted]
+    if not board.can_wait_for(wanted):
+        return None
+    records = await board.wait_for(wanted)
+    return None if any(r["error"] == DEFERRED for r in records) else records
+
+
+def _missing(thread_id: str) -> ThreadRecord:
+    return {**deferred_record(thread_id), "status": "failed", "error": "did not finish"}
 
 
 def _current(payload: WorkerInput) -> WorkerInput:

@@ -1,0 +1,337 @@
+"""LangGraph's own resume finishes an interrupted run, on every checkpointer.
+
+The first run is stopped while a dependent thread hangs; a graph built anew (what a new
+process, or LangGraph Server, does) continues it with ``ainvoke(None, config)`` or
+``astream(None, config)``. Nothing apr-graph kept in memory is there any more: what the
+dependent needs must come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from apr_graph import compile_apr_graph
+from apr_graph.testing import Reply, Rule, ScriptedServer
+from tests.conftest import ServerFactory, settings_for
+
+Saver = BaseCheckpointSaver[Any]
+SaverFactory = Callable[[], AbstractAsyncContextManager[Saver]]
+
+HANGS = Reply(content="never", delay_s=60.0)
+
+
+def chain_rules(*, hang: bool) -> list[Rule]:
+    """s2 needs s1's result; with ``hang``, s2's first request never answers."""
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["first part", "second part"],
+        "depends_on": {"2": [1]},
+    }
+    rules = [Rule(role="planner", reply=Reply(content=plan))]
+    if hang:  # the dependent's request, the one that carries s1's result
+        rules.append(Rule(role="worker", contains="first is 7", times=1, reply=HANGS))
+    rules += [
+        Rule(
+            role="worker",
+            contains="second part",
+            reply=lambda r: Reply(
+                content="second uses " + ("7" if "first is 7" in r.last_user_message else "?")
+            ),
+        ),
+        Rule(role="worker", contains="first part", reply=Reply(content="first is 7")),
+    ]
+    return rules
+
+
+def nested_rules(*, hang: bool) -> list[Rule]:
+    """The root forks s1; the fork's c2 needs c1's result; with ``hang``, c2 hangs once."""
+    root = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["big part", "small part"],
+        "fork": [1],
+    }
+    child = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["inner one", "inner two"],
+        "depends_on": {"2": [1]},
+    }
+    rules = [
+        Rule(role="planner", contains="big part", reply=Reply(content=child)),
+        Rule(role="planner", reply=Reply(content=root)),
+    ]
+    if hang:
+        rules.append(Rule(role="worker", contains="one is 5", times=1, reply=HANGS))
+    rules += [
+        Rule(
+            role="worker",
+            contains="inner two",
+            reply=lambda r: Reply(
+                content="two uses " + ("5" if "one is 5" in r.last_user_message else "?")
+            ),
+        ),
+        Rule(role="worker", contains="inner one", reply=Reply(content="one is 5")),
+        Rule(role="worker", contains="small part", reply=Reply(content="small is 1")),
+    ]
+    return rules
+
+
+def worker_requests(server: ScriptedServer, text: str) -> int:
+    return sum(text in r.last_user_message for r in server.chat_requests("worker"))
+
+
+async def stored_thread_ids(saver: Saver) -> set[str]:
+    """Ids of every finished thread any checkpoint of any namespace holds."""
+    found: set[str] = set()
+    async for item in saver.alist(None):
+        for _, channel, value in item.pending_writes or []:
+            if channel == "threads":
+                found |= {t["id"] for t in value}
+    return found
+
+
+async def interrupt_when(
+    app: Any, config: dict[str, Any], saver: Saver, server: ScriptedServer, finished: str, hang: str
+) -> None:
+    """Start a run and stop it once ``finished`` is in a checkpoint and the hanging request
+    (the one quoting its result) reached the server."""
+    run = asyncio.create_task(app.ainvoke({"task": "t"}, config))
+    deadline = time.monotonic() + 30
+
+    def hanging() -> bool:
+        return worker_requests(server, hang) > 0
+
+    while finished not in await stored_thread_ids(saver) or not hanging():
+        assert not run.done(), run
+        assert time.monotonic() < deadline, "the first thread never reached the checkpoint"
+        await asyncio.sleep(0.05)
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server on a loopback port, for this module's tests."""
+    binaries = postgres_bin()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("langgraph.checkpoint.postgres")
+    # Not under pytest's temporary folder: that one is closed to every user but the owner.
+    base = Path(tempfile.mkdtemp(prefix="apr-pg-"))
+    data = base / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    initdb = subprocess.run(
+        [*run_as, str(binaries / "initdb"), "-D", str(data), "-U", "apr", "--auth=trust"],
+        capture_output=True,
+        check=False,
+    )
+    if initdb.returncode:
+        pytest.fail(f"initdb failed: {initdb.stderr.decode(errors='replace')[-500:]}")
+    server = subprocess.Popen(
+        [
+            *run_as,
+            str(binaries / "postgres"),
+            "-D",
+            str(data),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(base),
+            "-F",  # no fsync: a test database
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert server.poll() is None, "postgres exited at start"
+            assert time.monotonic() < deadline, "postgres did not start"
+            time.sleep(0.1)
+        yield f"postgresql://apr@127.0.0.1:{port}/postgres"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def memory_saver(shared: InMemorySaver) -> AsyncIterator[Saver]:
+    yield shared
+
+
+@contextlib.asynccontextmanager
+async def sqlite_saver(db: Path) -> AsyncIterator[Saver]:
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
+        yield saver
+
+
+@contextlib.asynccontextmanager
+async def postgres_saver(url: str) -> AsyncIterator[Saver]:
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    async with AsyncPostgresSaver.from_conn_string(url) as saver:
+        await saver.setup()
+        yield saver
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def savers(request: pytest.FixtureRequest, tmp_path: Path) -> SaverFactory:
+    """Opens the same store again for every call, as a new process would."""
+    if request.param == "memory":
+        shared = InMemorySaver()
+        return lambda: memory_saver(shared)
+    if request.param == "sqlite":
+        return lambda: sqlite_saver(tmp_path / "runs.sqlite")
+    url = request.getfixturevalue("postgres_url")
+    schema = f"t{time.monotonic_ns()}"
+    with_schema = f"{url}?options=-csearch_path%3D{schema}"
+
+    async def create() -> None:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(f"CREATE SCHEMA {schema}")  # one schema per test: no leftovers
+
+    asyncio.run(create())
+    return lambda: postgres_saver(with_schema)
+
+
+async def run_interrupted_then_resumed(
+    server: ScriptedServer,
+    savers: SaverFactory,
+    *,
+    finished: str,
+    hang: str,
+    stream: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    settings = settings_for(server, max_retries=0, **overrides)
+    config: dict[str, Any] = {"configurable": {"thread_id": "job"}}
+    async with savers() as saver:
+        app = compile_apr_graph(settings=settings, checkpointer=saver)
+        await interrupt_when(app, config, saver, server, finished, hang)
+    async with savers() as saver:  # a new graph: nothing of the first run's memory
+        app = compile_apr_graph(settings=settings, checkpointer=saver)
+        if not stream:
+            return dict(await asyncio.wait_for(app.ainvoke(None, config), 30))
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(30):
+            seen += [v async for v in app.astream(None, config, stream_mode="values")]
+        return seen[-1]
+
+
+async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
+    make_server: ServerFactory, savers: SaverFactory
+) -> None:
+    reference = make_server(chain_rules(hang=False))
+    expected = await compile_apr_graph(settings=settings_for(reference)).ainvoke({"task": "t"})
+
+    server = make_server(chain_rules(hang=True))
+    result = await run_interrupted_then_resumed(server, savers, finished="s1", hang="first is 7")
+
+    assert result["answer"] == expected["answer"]
+    assert "second uses 7" in result["answer"]
+    assert worker_requests(server, "Solve only this:\nfirst part") == 1  # not redone
+    assert len(server.chat_requests("planner")) == 1
+    assert {t["id"]: t["status"] for t in result["threads"]} == {"s1": "done", "s2": "done"}
+
+
+async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_thread(
+    make_server: ServerFactory, savers: SaverFactory
+) -> None:
+    reference = make_server(nested_rules(hang=False))
+    settings = settings_for(reference, max_depth=2)
+    expected = await compile_apr_graph(settings=settings).ainvoke({"task": "t"})
+    assert "two uses 5" in expected["answer"]
+
+    server = make_server(nested_rules(hang=True))
+    result = await run_interrupted_then_resumed(
+        server, savers, finished="s1", hang="one is 5", stream=True, max_depth=2
+    )
+
+    assert result["answer"] == expected["answer"]
+    assert worker_requests(server, "Solve only this:\ninner one") == 1
+    assert worker_requests(server, "Solve only this:\nsmall part") == 1
+    assert len(server.chat_requests("planner")) == 2  # the root's plan and the fork's
+
+
+def starving_rules() -> list[Rule]:
+    """Four subtasks need the fifth, which the plan lists last."""
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": [
+            "use base for a",
+            "use base for b",
+            "use base for c",
+            "use base for d",
+            "base",
+        ],
+        "depends_on": {str(i): [5] for i in range(1, 5)},
+    }
+    return [
+        Rule(role="planner", reply=Reply(content=plan)),
+        Rule(
+            role="worker",
+            contains="use base for",
+            reply=lambda r: Reply(
+                content="uses " + ("B" if "base is B" in r.last_user_message else "?")
+            ),
+        ),
+        Rule(role="worker", reply=Reply(content="base is B", delay_s=0.2)),
+    ]
+
+
+async def test_waiting_dependents_never_take_every_slot_async(make_server: ServerFactory) -> None:
+    server = make_server(starving_rules())
+    app = compile_apr_graph(settings=settings_for(server, max_threads=5, stream_plan=False))
+    result = await asyncio.wait_for(app.ainvoke({"task": "t"}, {"max_concurrency": 2}), 30)
+    assert result["answer"].count("uses B") == 4
+    assert len(server.chat_requests("worker")) == 5
+
+
+def test_waiting_dependents_never_take_every_slot_sync(make_server: ServerFactory) -> None:
+    server = make_server(starving_rules())
+    app = compile_apr_graph(settings=settings_for(server, max_threads=5, stream_plan=False))
+    with ThreadPoolExecutor(1) as pool:  # a hung invoke fails the test instead of hanging it
+        result = pool.submit(app.invoke, {"task": "t"}, {"max_concurrency": 2}).result(30)
+    assert result["answer"].count("uses B") == 4
+    assert len(server.chat_requests("worker")) == 5
