@@ -131,3 +131,8 @@ def test_rules_route_by_the_role_read_from_the_request(make_server: ServerFactor
     assert [a.status_code for a in answers] == [200, 200, 200, 400]  # no rule for a role-less call
     said = [a.json()["choices"][0]["message"]["content"] for a in answers[:3]]
     assert said == ["plan", "thread", "merge"]
+
+
+def test_a_rule_for_a_role_no_request_has_is_refused_when_made() -> None:
+    with pytest.raises(ValueError, match=r"'judge'.*synthesizer"):
+        Rule(role="judge", reply=Reply(content="s1"))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from apr_graph.testing.roles import role_of, text_of
+from apr_graph.testing.roles import ROLES, role_of, text_of
 
 __all__ = ["Pacer", "RecordedRequest", "Reply", "ReplyFactory", "Rule"]
 
@@ -135,7 +135,7 @@ class Rule:
     Attributes:
         reply: a ``Reply``, or a function of the request returning one.
         role: match the request's role (``planner``, ``worker``, ``synthesizer``, ...; see
-            ``RecordedRequest.role``).
+            ``RecordedRequest.role``); a role no request is read as is a ``ValueError``.
         contains: match a substring of the last user message.
         pattern: match a regular expression anywhere in the messages.
         where: any other predicate on the request.
@@ -149,6 +149,14 @@ class Rule:
     where: Callable[[RecordedRequest], bool] | None = None
     times: int | None = None
     hits: int = 0
+
+    def __post_init__(self) -> None:
+        # A role no request is read as would never match: say so now, not as a 400 later.
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(
+                f"Rule(role={self.role!r}): no request is read as that role; use one of "
+                f"{', '.join(ROLES)} (the judge and the verifier are 'synthesizer'), or `where=`"
+            )
 
     def matches(self, request: RecordedRequest) -> bool:
         """Whether this rule answers ``request``."""
