@@ -281,7 +281,7 @@ class OpenAITransport:
                 end = await read_stream(response, progress, delta_text)
                 reply = _Reply.streamed(end, progress)
             else:
-                reply = _unpack(await endpoint.send(_post(endpoint, body, request.role)))
+                reply = _unpack(await endpoint.send(_post(endpoint, body)))
             return reply.completion(
                 request.model, prompt_estimate(request.messages), progress, budget
             )
@@ -303,9 +303,7 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            response = await endpoint.send(
-                _post_stream(endpoint, "/completions", body, request.role)
-            )
+            response = await endpoint.send(_post_stream(endpoint, "/completions", body))
             reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
             reply.reasoning_kept = True  # a native reasoner's text is the whole point
             return reply.completion(request.model, prompt_tokens, progress, budget)
@@ -320,7 +318,7 @@ async def _stream_chat(endpoint: _Endpoint, body: dict[str, Any], request: ChatR
     to stream tool calls (llama.cpp before spring 2025: 500 "Cannot use tools with stream"):
     then the request goes unstreamed, now and from then on."""
     try:
-        return await endpoint.send(_post_stream(endpoint, "/chat/completions", body, request.role))
+        return await endpoint.send(_post_stream(endpoint, "/chat/completions", body))
     except openai.APIStatusError as exc:
         refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
         if not (request.tools and refused):
@@ -329,7 +327,7 @@ async def _stream_chat(endpoint: _Endpoint, body: dict[str, Any], request: ChatR
         return None
 
 
-async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], role: str) -> Any:
+async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any]) -> Any:
     """Send a streamed request and return the raw, unread HTTP response.
 
     The bulk path of a fan-out goes around the SDK's request pipeline (options, body
@@ -343,13 +341,13 @@ async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], rol
         return await endpoint.streams.post(
             endpoint.url_of(path),
             json.dumps(payload, ensure_ascii=False).encode(),
-            {**endpoint.stream_headers, "X-Apr-Role": role},
+            endpoint.stream_headers,
         )
     request = endpoint.http.build_request(
         "POST",
         endpoint.url_of(path),
         content=json.dumps(payload, ensure_ascii=False).encode(),
-        headers={**endpoint.stream_headers, "X-Apr-Role": role},
+        headers=endpoint.stream_headers,
         timeout=endpoint.client.timeout,
     )
     try:
@@ -367,13 +365,10 @@ async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any], rol
     return response
 
 
-async def _post(endpoint: _Endpoint, body: dict[str, Any], role: str) -> Any:
+async def _post(endpoint: _Endpoint, body: dict[str, Any]) -> Any:
     """A non-streamed chat request, parsed by the SDK."""
     return await endpoint.client.post(
-        "/chat/completions",
-        body=body,
-        cast_to=openai.types.chat.ChatCompletion,
-        options={"headers": {"X-Apr-Role": role}},
+        "/chat/completions", body=body, cast_to=openai.types.chat.ChatCompletion
     )
 
 

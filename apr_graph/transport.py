@@ -24,6 +24,9 @@ class ChatRequest:
     """One chat completion request, as the front wants it sent.
 
     Attributes:
+        role: which of apr-graph's calls this is (``planner``, ``worker``, ...), for a
+            transport's own use; nothing of it goes to a server (test doubles read a role
+            from the request itself: ``apr_graph.testing.roles``).
         stream: stream the answer (cancelling closes the response); ignored with ``tools``.
         response_format: an OpenAI ``response_format`` object, or ``None``.
         tools: OpenAI tool specs the model may call, or ``None``.

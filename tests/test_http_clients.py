@@ -18,8 +18,9 @@ from apr_graph import (
     LLMClient,
     ModelCallError,
     ServerUnreachableError,
+    compile_apr_graph,
 )
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 
 STACKS = pytest.mark.parametrize("stack", ["aiohttp", "httpx"])
@@ -38,13 +39,58 @@ async def test_a_streamed_call_sends_the_sdk_headers_and_a_streaming_body(
     (request,) = server.chat_requests()
     assert request.headers["authorization"] == "Bearer sk-test-key"
     assert request.headers["user-agent"].startswith("AsyncOpenAI/Python")
-    assert request.headers["x-apr-role"] == "worker"
+    assert not [name for name in request.headers if name.startswith("x-apr")]
     assert request.headers["content-type"] == "application/json"
     assert request.body is not None
     assert request.body["stream"] is True
     assert request.body["stream_options"] == {"include_usage": True}
     assert request.body["messages"] == Q
     assert request.body["max_tokens"] == 50
+
+
+def own_headers(server: ScriptedServer) -> list[str]:
+    """The ``X-Apr-*`` headers of every request ``server`` received (none should have any)."""
+    return [name for r in server.requests for name in r.headers if name.startswith("x-apr")]
+
+
+@STACKS
+async def test_a_run_sends_no_header_of_its_own_and_roles_still_route(
+    make_server: ServerFactory, stack: str
+) -> None:
+    plan = {"strategy": "parallel", "merge": "synthesize", "subtasks": ["red", "green", "blue"]}
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=lambda r: Reply(content=r.last_user_message.split()[2])),
+            Rule(role="synthesizer", reply=lambda r: Reply(content="merged " + r.all_text[-60:])),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, http_client=stack))
+    out = await app.ainvoke({"task": "Name three colours."})
+    assert out["answer"].startswith("merged")
+    assert sorted(t["answer"] for t in out["threads"]) == ["blue", "green", "red"]
+    posts = [r for r in server.requests if r.method == "POST"]
+    routed = {
+        role: len(server.chat_requests(role)) for role in ("planner", "worker", "synthesizer")
+    }
+    assert routed == {"planner": 1, "worker": 3, "synthesizer": 1}
+    assert len(posts) == sum(routed.values())
+    assert own_headers(server) == []
+
+
+@STACKS
+async def test_unstreamed_and_text_completions_send_no_header_of_their_own(
+    make_server: ServerFactory, stack: str
+) -> None:
+    server = make_server([Rule(reply=Reply(content="fine"))])
+    async with LLMClient(settings_for(server, http_client=stack)) as client:
+        await client.chat(Q, role="worker", stream=False)
+        await client.complete("Q:", role="native", stop=["\n"], max_tokens=8)
+    assert sorted(r.path for r in server.requests if r.method == "POST") == [
+        "/v1/chat/completions",
+        "/v1/completions",
+    ]
+    assert own_headers(server) == []
 
 
 @STACKS

@@ -82,7 +82,7 @@ async def _floor(url: str, n: int) -> tuple[float, float]:
     payload = json.dumps(_body(n)).encode()
     head = (
         f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        "Content-Type: application/json\r\nX-Apr-Role: worker\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     ).encode()
 
@@ -101,7 +101,7 @@ async def _floor(url: str, n: int) -> tuple[float, float]:
 BATCH = 16
 """Threads per ``Send`` of the ``langgraph_batched`` layer."""
 
-_HEADERS = {"Content-Type": "application/json", "X-Apr-Role": "worker"}
+_HEADERS = {"Content-Type": "application/json"}
 
 
 async def _aiohttp_one(http: Any, url: str, payload: bytes) -> None:
@@ -140,7 +140,7 @@ async def _httpx(url: str, n: int) -> tuple[float, float]:
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
 
             async def one() -> None:
-                headers = {"content-type": "application/json", "X-Apr-Role": "worker"}
+                headers = {"content-type": "application/json"}
                 async with http.stream(
                     "POST", "/chat/completions", content=payload, headers=headers
                 ) as response:

@@ -3,9 +3,9 @@
 The simulated server measures orchestration, not intelligence, so its model knows every
 task's answer. What it models is how long the answers are: solving one part of a task takes
 ``reasoning`` tokens, so a sequential chain of thought over k parts writes k times as much as
-one thread does, while a plan and a merge are short. Roles come from the ``X-Apr-Role``
-header (the benchmark's baselines send ``sequential``, ``skeleton`` and ``expand``; its
-warm-up request ``warmup``).
+one thread does, while a plan and a merge are short. Roles are read from each request
+(``RecordedRequest.role``, by the rule in ``apr_graph.testing.roles``, which also knows the
+benchmark's baselines ``sequential``, ``skeleton`` and ``expand`` and its warm-up).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from apr_graph.testing.roles import ROLES, role_of, text_of
+
 __all__ = ["Pacer", "RecordedRequest", "Reply", "ReplyFactory", "Rule"]
 
 
@@ -92,8 +94,9 @@ class RecordedRequest:
 
     @property
     def role(self) -> str | None:
-        """The apr-graph role of the call (``X-Apr-Role`` header), if any."""
-        return self.headers.get("x-apr-role")
+        """The apr-graph call this request is (``planner``, ``worker``, ``synthesizer``, ...),
+        read from its body as ``apr_graph.testing.roles`` says; ``None`` for other requests."""
+        return role_of(self.body)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -107,7 +110,7 @@ class RecordedRequest:
         """Text of the last user message (for ``/completions``: the prompt)."""
         for message in reversed(self.messages):
             if message.get("role") == "user":
-                return _text_of(message.get("content"))
+                return text_of(message.get("content"))
         return self.prompt
 
     @property
@@ -119,15 +122,7 @@ class RecordedRequest:
     @property
     def all_text(self) -> str:
         """All message texts joined (or the prompt), for matching."""
-        return "\n".join(_text_of(m.get("content")) for m in self.messages) or self.prompt
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
+        return "\n".join(text_of(m.get("content")) for m in self.messages) or self.prompt
 
 
 ReplyFactory = Callable[[RecordedRequest], Reply]
@@ -139,7 +134,8 @@ class Rule:
 
     Attributes:
         reply: a ``Reply``, or a function of the request returning one.
-        role: match the ``X-Apr-Role`` header (``planner``, ``worker``, ``synthesizer``).
+        role: match the request's role (``planner``, ``worker``, ``synthesizer``, ...; see
+            ``RecordedRequest.role``); a role no request is read as is a ``ValueError``.
         contains: match a substring of the last user message.
         pattern: match a regular expression anywhere in the messages.
         where: any other predicate on the request.
@@ -153,6 +149,14 @@ class Rule:
     where: Callable[[RecordedRequest], bool] | None = None
     times: int | None = None
     hits: int = 0
+
+    def __post_init__(self) -> None:
+        # A role no request is read as would never match: say so now, not as a 400 later.
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(
+                f"Rule(role={self.role!r}): no request is read as that role; use one of "
+                f"{', '.join(ROLES)} (the judge and the verifier are 'synthesizer'), or `where=`"
+            )
 
     def matches(self, request: RecordedRequest) -> bool:
         """Whether this rule answers ``request``."""
