@@ -11,9 +11,10 @@ sampled at ``vote_temperature``. They are set on a copy of the model, through th
 declares (``max_tokens``; ``max_output_tokens`` for Google's, ``num_predict`` for Ollama's;
 ``temperature``), which every integration reads when it builds a request; passed as call
 arguments instead, ChatOllama would hand them on to its client, which refuses them. A model
-without such a field keeps its own. A model that takes only its default temperature
-(OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1, vote_temperature=1)``:
-the server's refusal of another names the temperature.
+without such a field keeps its own. A ``temperature`` given when the model was made stands
+for ``AprSettings.temperature`` when the settings give none. A model that takes only its
+default temperature (OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1,
+vote_temperature=1)``: the server's refusal of another names the temperature.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ class ChatModelClient(LLMClient):
 
     Args:
         model: the chat model every role uses.
-        settings: limits, retries and budgets (``base_url`` is not used).
+        settings: limits, retries and budgets (``base_url`` is not used). Without a
+            ``temperature`` of their own, the one the model was made with holds.
 
     Example:
         >>> from langchain_openai import ChatOpenAI  # doctest: +SKIP
@@ -236,7 +238,17 @@ class ChatModelClient(LLMClient):
     callbacks of ``astream_events`` and tracing, from the context)."""
 
     def __init__(self, model: BaseChatModel, settings: AprSettings | None = None) -> None:
-        own = {"structured_output": "prompt", "model": type(model).__name__}
-        settings = (settings or AprSettings()).model_copy(update={**own, "probe_capacity": False})
+        settings = settings or AprSettings()
+        own: dict[str, Any] = {"structured_output": "prompt", "model": type(model).__name__}
+        # A temperature set when the model was made (by its caller, or by its own validators:
+        # ChatOpenAI gives o1 models 1) was chosen for it; a declared default was not.
+        temperature = getattr(model, "temperature", None)
+        if (
+            isinstance(temperature, float | int)
+            and "temperature" in model.model_fields_set
+            and "temperature" not in settings.model_fields_set
+        ):
+            own["temperature"] = float(temperature)
+        settings = settings.model_copy(update={**own, "probe_capacity": False})
         super().__init__(settings, transport=ChatModelTransport(model, settings))
         self.chat_model = model

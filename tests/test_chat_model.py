@@ -136,6 +136,19 @@ async def test_a_model_whose_limit_is_num_predict_gets_it_there() -> None:
     assert {t["status"] for t in result["threads"]} == {"done"}
 
 
+async def test_a_temperature_given_to_the_model_holds_unless_the_settings_give_one() -> None:
+    direct = {"strategy": "direct", "answer": "4"}
+    model = OpenAILikeModel(plan=direct, temperature=0.3)
+    await compile_apr_graph(model=model).ainvoke({"task": "2+2"})
+    forced = OpenAILikeModel(plan=direct, temperature=0.3)
+    await compile_apr_graph(model=forced, settings=AprSettings(temperature=0.0)).ainvoke(
+        {"task": "2+2"}
+    )
+
+    assert [r["temperature"] for r in model.sent] == [0.3]
+    assert [r["temperature"] for r in forced.sent] == [0.0]
+
+
 async def test_chatopenai_sends_the_limits_to_the_server(make_server: ServerFactory) -> None:
     from langchain_openai import ChatOpenAI
 
