@@ -3,8 +3,18 @@
 ``ChatModelTransport`` sends each request through the model's ``ainvoke`` / ``astream``; the
 client front keeps everything else (the retry layer, budgets, structured output with
 validation and re-asks, cancellation of streamed answers). Structured output uses the
-schema-in-prompt mode, which every model supports; the model's own settings govern sampling
-and length.
+schema-in-prompt mode, which every model supports.
+
+Each request's output limit and temperature are the model's for that call, as with a server:
+a thread cut by its limit is retried with twice the room, and a vote's repeated attempts are
+sampled at ``vote_temperature``. They are set on a copy of the model, through the fields it
+declares (``max_tokens``; ``max_output_tokens`` for Google's, ``num_predict`` for Ollama's;
+``temperature``), which every integration reads when it builds a request; passed as call
+arguments instead, ChatOllama would hand them on to its client, which refuses them. A model
+without such a field keeps its own. A ``temperature`` given when the model was made stands
+for ``AprSettings.temperature`` when the settings give none. A model that takes only its
+default temperature (OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1,
+vote_temperature=1)``: the server's refusal of another names the temperature.
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ class ChatModelTransport:
         self.model = model
         self.settings = settings
         self._limit: AdaptiveLimiter | None = None
+        declared = type(model).model_fields
+        self._max_tokens_field = next((f for f in _MAX_TOKENS_FIELDS if f in declared), None)
+        self._has_temperature = "temperature" in declared
 
     @property
     def name(self) -> str:
@@ -76,9 +89,9 @@ class ChatModelTransport:
         async with self._limiter():
             admit(budget)
             progress.restart(time.time())
-            runnable: Any = self.model
+            runnable: Any = self._model_for(request)
             if request.tools:
-                runnable = self.model.bind_tools(list(request.tools))
+                runnable = runnable.bind_tools(list(request.tools))
             if request.stream:
                 reply = await _stream(runnable, messages, progress)
                 text = progress.text
@@ -107,6 +120,16 @@ class ChatModelTransport:
             tool_calls=calls,
             first_token_at=progress.first_token_at,
         )
+
+    def _model_for(self, request: ChatRequest) -> BaseChatModel:
+        """The model with this request's output limit and temperature (a shallow copy: it
+        shares the model's clients and connections)."""
+        limits: dict[str, Any] = {}
+        if self._max_tokens_field is not None:
+            limits[self._max_tokens_field] = request.max_tokens
+        if self._has_temperature:
+            limits["temperature"] = request.temperature
+        return self.model.model_copy(update=limits) if limits else self.model
 
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
@@ -179,6 +202,10 @@ def _tool_calls(reply: Any) -> tuple[dict[str, str], ...]:
     return tuple(calls)
 
 
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_output_tokens", "num_predict")
+"""A chat model's output-limit field: OpenAI, Anthropic, Mistral, Groq, Bedrock and most
+others; Google's; Ollama's."""
+
 _CUT = {"length", "max_tokens"}
 """Finish reasons of a reply cut by its token limit (OpenAI and Ollama, Anthropic)."""
 
@@ -198,7 +225,8 @@ class ChatModelClient(LLMClient):
 
     Args:
         model: the chat model every role uses.
-        settings: limits, retries and budgets (``base_url`` is not used).
+        settings: limits, retries and budgets (``base_url`` is not used). Without a
+            ``temperature`` of their own, the one the model was made with holds.
 
     Example:
         >>> from langchain_openai import ChatOpenAI  # doctest: +SKIP
@@ -210,7 +238,17 @@ class ChatModelClient(LLMClient):
     callbacks of ``astream_events`` and tracing, from the context)."""
 
     def __init__(self, model: BaseChatModel, settings: AprSettings | None = None) -> None:
-        own = {"structured_output": "prompt", "model": type(model).__name__}
-        settings = (settings or AprSettings()).model_copy(update={**own, "probe_capacity": False})
+        settings = settings or AprSettings()
+        own: dict[str, Any] = {"structured_output": "prompt", "model": type(model).__name__}
+        # A temperature set when the model was made (by its caller, or by its own validators:
+        # ChatOpenAI gives o1 models 1) was chosen for it; a declared default was not.
+        temperature = getattr(model, "temperature", None)
+        if (
+            isinstance(temperature, float | int)
+            and "temperature" in model.model_fields_set
+            and "temperature" not in settings.model_fields_set
+        ):
+            own["temperature"] = float(temperature)
+        settings = settings.model_copy(update={**own, "probe_capacity": False})
         super().__init__(settings, transport=ChatModelTransport(model, settings))
         self.chat_model = model

@@ -2,20 +2,32 @@
 
 Every event is a JSON-shaped dict with an ``event`` key:
 
-- ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes"}``: the plan is ready.
-- ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request. With
-  ``early: true`` it was sent while the plan was still being written (it may come before the
-  ``plan`` event; see ``AprSettings.stream_plan``).
+- ``{"event": "notice", "text"}``: a one-line message for the user (the server does not
+  report how many requests it runs at once, so ``max_concurrency`` is sent at a time).
+- ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes", "merge", "depth"}``:
+  the plan is ready. ``merge`` says how the results are combined (``None`` for a direct
+  answer); ``depth`` is 0 for the run's own plan and one more per nested fork (a native
+  block's plan carries its threads' depth).
+- ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
+  (``depth``: 1 for a thread of the top-level plan). With ``"early": true`` it was sent while
+  the plan was still being written (it may come before the ``plan`` event; see
+  ``AprSettings.stream_plan``).
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
+- ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called the tool named
+  ``tool``; ``ok`` is false when the call was refused or failed (the error went back to the
+  model as the call's result).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
-  "answer"}``: a thread is ``done``, ``failed``, ``cancelled`` or ``skipped``.
+  "answer", "depth"}``: a thread is ``done``, ``failed``, ``cancelled``, ``skipped`` or
+  ``truncated``.
 - ``{"event": "thread_cancelled", "id", "reason", "completion_tokens"}``: a running thread was
   stopped (a vote or race was settled, or a budget ran out).
 - ``{"event": "answer_token", "text"}``: a piece of the final answer as the model writes it
   (the merge call, or the direct answer call); answers that need no call (``concat``, a vote)
   arrive whole in the output.
+- ``{"event": "merge_incomplete", "lost"}``: the merge call left out the results of the
+  threads listed in ``lost`` (their ids); those results were added back under the answer.
 
 Example:
     >>> async for mode, chunk in app.astream(inputs, stream_mode=["custom", "updates"]):
