@@ -5,14 +5,17 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes"}``: the plan is ready.
 - ``{"event": "thread_started", "id", "goal", "at"}``: a thread sent its request. With
   ``early: true`` it was sent while the plan was still being written (it may come before the
-  ``plan`` event; see ``AprSettings.stream_plan``).
+  ``plan`` event; see ``AprSettings.stream_plan``). Every ``thread_started`` is closed by one
+  ``thread_finished``, or by a ``thread_cancelled`` alone for a thread started early that
+  the final plan has no place for.
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
   "answer"}``: a thread is ``done``, ``failed``, ``cancelled`` or ``skipped``.
 - ``{"event": "thread_cancelled", "id", "reason", "completion_tokens"}``: a running thread was
-  stopped (a vote or race was settled, or a budget ran out).
+  stopped (a vote or race was settled, or a budget ran out; its ``thread_finished`` follows),
+  or a thread started early was dropped by the final plan (``depth`` too; no record follows).
 - ``{"event": "answer_token", "text"}``: a piece of the final answer as the model writes it
   (the merge call, or the direct answer call); answers that need no call (``concat``, a vote)
   arrive whole in the output.

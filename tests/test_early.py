@@ -507,7 +507,58 @@ async def test_a_thread_sent_again_with_its_inputs_needs_a_slot_of_its_own(
         assert [t["id"] for t in final["threads"]] == ["s1", "s2"]
         assert "max_total_threads" in " ".join(final["plan"]["notes"])
         assert [c["thread_id"] for c in final["calls"] if c["mode"] == "discarded"] == ["s3"]
+        cancelled = [e for e in events if e["event"] == "thread_cancelled"]
+        assert [e["id"] for e in cancelled] == ["s3"]
+        assert "max_total_threads" in cancelled[0]["reason"]
         merge = server.chat_requests("synthesizer")[0].last_user_message
         assert "alpha" in merge
         assert "beta" in merge
         assert "gamma" not in merge
+
+
+# The events of threads started early.
+
+CLOSING = {"thread_finished", "thread_cancelled"}
+
+
+def assert_every_start_is_closed(events: list[dict[str, Any]]) -> None:
+    """Each ``thread_started`` is followed by exactly one closing event of its thread."""
+    open_ids: list[str] = []
+    for event in events:
+        if event["event"] == "thread_started":
+            assert event["id"] not in open_ids, f"{event['id']} started twice"
+            open_ids.append(event["id"])
+        elif event["event"] in CLOSING and event["id"] in open_ids:
+            open_ids.remove(event["id"])
+            if event["event"] == "thread_cancelled" and any(
+                e["event"] == "thread_finished" and e["id"] == event["id"]
+                for e in events[events.index(event) + 1 :]
+            ):
+                open_ids.append(event["id"])  # a worker's cancel: its record follows
+    assert open_ids == [], f"never closed: {open_ids}"
+
+
+async def test_an_early_thread_the_final_plan_drops_is_cancelled(
+    make_server: ServerFactory,
+) -> None:
+    # The planner's first reply is cut off after three goals (all started early); asked
+    # again, it keeps only the first. The two it dropped are closed, with the reason.
+    cut = json.dumps(plan_json("alpha", "beta", "gamma"))[:-1] + ', "fork": ['  # cut off
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content=cut, chunk_delay_s=STEP_S)),
+            slow_planner(plan_json("alpha")),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": "q"}, stream_mode="custom")]
+    started = [e["id"] for e in events if e["event"] == "thread_started"]
+    assert started == ["s1", "s2", "s3"]
+    assert_every_start_is_closed(events)
+    cancelled = {e["id"]: e for e in events if e["event"] == "thread_cancelled"}
+    assert sorted(cancelled) == ["s2", "s3"]
+    assert all(e["reason"] for e in cancelled.values())
+    finished = [(e["id"], e["status"]) for e in events if e["event"] == "thread_finished"]
+    assert finished == [("s1", "done")]
+    assert len(server.chat_requests("worker")) == 3  # s1's early request was adopted

@@ -150,8 +150,20 @@ def make_decompose(
         if normalised["strategy"] == "parallel":
             board.system = system_for(normalised["merge"])
         held = starter.settle(normalised, board.system, calls)
+        planned = {s["id"] for s in normalised["subtasks"]}
         normalised = _within_slots(normalised, held, budget)
-        board.drop_early({s["id"] for s in normalised["subtasks"]})  # settled: cancelled
+        # Early threads the final plan has no place for are closed here (the others are
+        # closed by their worker node); a thread started is always finished or cancelled.
+        kept = {s["id"] for s in normalised["subtasks"]}
+        for dropped in board.drop_early(kept):
+            sid = dropped.subtask["id"]
+            emit(
+                "thread_cancelled",
+                id=sid,
+                reason=_dropped_reason(sid in planned, budget, settings),
+                completion_tokens=dropped.progress.completion_tokens,
+                depth=depth + 1,
+            )
         if warm is not None:
             await warm
         if normalised["strategy"] == "parallel":
@@ -205,6 +217,15 @@ def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecor
     clamped = plan.copy()
     clamped["subtasks"], clamped["notes"] = subtasks, notes
     return clamped
+
+
+def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings) -> str:
+    """Why a thread started early was cancelled before its worker node ran."""
+    if planned:
+        return f"no thread slot left (max_total_threads={settings.max_total_threads})"
+    if budget.stop_reason:
+        return f"the run stopped while planning ({budget.stop_reason})"
+    return "the final plan has no place for it"
 
 
 def _labels(task: str, settings: AprSettings, tools: list[tuple[str, str]] | None) -> list[str]:
