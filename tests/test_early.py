@@ -562,3 +562,37 @@ async def test_an_early_thread_the_final_plan_drops_is_cancelled(
     finished = [(e["id"], e["status"]) for e in events if e["event"] == "thread_finished"]
     assert finished == [("s1", "done")]
     assert len(server.chat_requests("worker")) == 3  # s1's early request was adopted
+
+
+async def test_the_live_view_never_moves_a_thread_backwards(make_server: ServerFactory) -> None:
+    from apr_graph.cli_view import LiveView
+
+    # Three threads start early; the re-asked plan adopts s1, gives s2 another goal (sent
+    # again) and drops s3. None of the rows goes back to "queued" when the plan arrives.
+    cut = json.dumps(plan_json("alpha", "beta", "gamma"))[:-1] + ', "fork": ['  # cut off
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content=cut, chunk_delay_s=STEP_S)),
+            slow_planner(plan_json("alpha", "delta")),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    view = LiveView()  # what `apr ask` shows on a terminal (not started: nothing drawn)
+    order = {"queued": 0, "running": 1}  # anything else is an outcome
+    seen: dict[str, list[str]] = {}
+    async for event in app.astream({"task": "q"}, stream_mode="custom"):
+        view.on_event(event)
+        for tid, row in view.threads.items():
+            statuses = seen.setdefault(tid, [])
+            if not statuses or statuses[-1] != row["status"]:
+                statuses.append(row["status"])
+    for tid, statuses in seen.items():
+        ranks = [order.get(s, 2) for s in statuses]
+        assert ranks == sorted(ranks), f"{tid}: {statuses}"
+    assert seen == {
+        "s1": ["running", "done"],
+        "s2": ["running", "done"],
+        "s3": ["running", "cancelled"],
+    }
+    assert [view.threads[t]["goal"] for t in ("s1", "s2")] == ["alpha", "delta"]
