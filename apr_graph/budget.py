@@ -73,11 +73,21 @@ class Budget:
         return max(0.0, self.settings.deadline_s - (time.monotonic() - self.started))
 
     def reserve_threads(self, wanted: int) -> int:
-        """Take up to ``wanted`` thread slots; returns how many were granted."""
+        """Take up to ``wanted`` thread slots; returns how many were granted.
+
+        A slot is taken before a thread's request is sent (or before it forks) and pays for
+        one worker request at most: a request that was sent and then discarded keeps its
+        slot spent, so ``max_total_threads`` bounds the worker requests a run sends.
+        """
         with self._lock:
             granted = max(0, min(wanted, self.settings.max_total_threads - self.threads_started))
             self.threads_started += granted
         return granted
+
+    def release_threads(self, count: int) -> None:
+        """Give back ``count`` slots whose requests were never handed to the client."""
+        with self._lock:
+            self.threads_started = max(0, self.threads_started - count)
 
     def charge(self, tokens: int) -> None:
         """Count tokens spent; stop the run when the token budget is reached."""

@@ -37,8 +37,21 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return line
 
 
+_PROGRESS = {"queued": 0, "running": 1}
+"""How far a row has come; every other status is an outcome (2). A row never goes back."""
+
+
+def _progress(thread: dict[str, Any]) -> int:
+    return _PROGRESS.get(thread.get("status", "queued"), 2)
+
+
 class View:
-    """Base view: tracks thread state from the graph's custom events; shows nothing."""
+    """Base view: tracks thread state from the graph's custom events; shows nothing.
+
+    A row only moves forward (queued, running, an outcome): a thread started while the plan
+    was streaming stays running when the plan arrives, and a late or repeated event does not
+    undo an outcome.
+    """
 
     def __init__(self) -> None:
         self.strategy: str | None = None
@@ -60,17 +73,28 @@ class View:
         if kind == "plan":
             self.strategy = event["strategy"]
             for subtask in event.get("subtasks", []):
-                self.threads[subtask["id"]] = {
-                    "goal": subtask["goal"],
-                    "status": "queued",
-                    "tokens": 0,
-                    "started": None,
-                    "elapsed": None,
-                    "answer": None,
-                }
+                row = self.threads.setdefault(
+                    subtask["id"],
+                    {"status": "queued", "tokens": 0, "started": None, "elapsed": None},
+                )
+                row.setdefault("answer", None)
+                row["goal"] = subtask["goal"]  # the final plan's (a re-asked plan may differ)
         elif kind == "thread_started":
             thread = self.threads.setdefault(event["id"], {"goal": event["goal"], "tokens": 0})
-            thread.update(status="running", started=time.monotonic())
+            if _progress(thread) < 1:
+                thread.update(status="running", started=time.monotonic())
+        elif kind == "thread_cancelled":
+            # Followed by the thread's record, if it had a worker; a thread started early
+            # that the final plan dropped gets only this.
+            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
+            if _progress(thread) < 2:
+                started = thread.get("started")
+                thread.update(
+                    status="cancelled",
+                    tokens=event.get("completion_tokens") or 0,
+                    elapsed=None if started is None else time.monotonic() - started,
+                    error=event.get("reason"),
+                )
         elif kind == "thread_finished":
             thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
             thread.update(

@@ -11,7 +11,9 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
   (``depth``: 1 for a thread of the top-level plan). With ``"early": true`` it was sent while
   the plan was still being written (it may come before the ``plan`` event; see
-  ``AprSettings.stream_plan``).
+  ``AprSettings.stream_plan``). Every ``thread_started`` is closed by one
+  ``thread_finished``, or by a ``thread_cancelled`` alone for a thread started early that
+  the final plan has no place for.
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
 - ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called the tool named
@@ -21,8 +23,10 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
   "answer", "depth"}``: a thread is ``done``, ``failed``, ``cancelled``, ``skipped`` or
   ``truncated``.
-- ``{"event": "thread_cancelled", "id", "reason", "completion_tokens"}``: a running thread was
-  stopped (a vote or race was settled, or a budget ran out).
+- ``{"event": "thread_cancelled", "id", "reason", "completion_tokens", "depth"}``: a running
+  thread was stopped (a vote or race was settled, or a budget ran out; its
+  ``thread_finished`` follows), or a thread started early was dropped by the final plan
+  (no record follows; only this one carries ``depth``).
 - ``{"event": "answer_token", "text"}``: a piece of the final answer as the model writes it
   (the merge call, or the direct answer call); answers that need no call (``concat``, a vote)
   arrive whole in the output.

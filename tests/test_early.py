@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 
 from apr_graph import compile_apr_graph, graph
 from apr_graph.nodes.early import read_plan
-from apr_graph.testing import Reply, Rule, ScriptedServer
-from tests.conftest import ServerFactory, eventually, settings_for
+from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
+from tests.conftest import ServerFactory, eventually, settings_for, wait_until
 
 STEP_S = 0.03
 """One decode step of the planner: slow enough that the plan takes a visible while."""
@@ -395,3 +396,203 @@ def test_a_plan_that_starts_over_is_read_afresh() -> None:
     assert reader.read(again[:5]) == (None, None, [])
     assert reader.read(again) == ("parallel", "concat", plan_json("gamma")["subtasks"])
     assert reader.restarts == 1
+
+
+# Thread caps bound the worker requests sent, early ones included.
+
+BRANCHES = {
+    "strategy": "parallel",
+    "merge": "synthesize",
+    "subtasks": ["branch one", "branch two"],
+    "fork": [1, 2],
+}
+STEPS = {  # each branch's own plan; at max_depth=2 its forks are cleared
+    "strategy": "parallel",
+    "merge": "synthesize",
+    "subtasks": ["step one", "step two", "step three"],
+    "fork": [1, 2, 3],
+    "depends_on": {"2": [1]},
+}
+
+
+def answers_directly(request: RecordedRequest) -> bool:
+    """A planner request for a plain answer (not for a plan, which asks for JSON)."""
+    return "response_format" not in (request.body or {})
+
+
+@pytest.mark.parametrize("stream_plan", [True, False])
+async def test_every_plan_forking_sends_at_most_max_total_threads_worker_requests(
+    make_server: ServerFactory, stream_plan: bool
+) -> None:
+    # The plan schema has "fork" and "depends_on" follow the goals, so a streamed plan's
+    # threads start before the planner says they fork or wait for another. A slow warm-up
+    # keeps both branches planning at once, each seeing the same free slots.
+    server = make_server(
+        [
+            Rule(role="warmup", reply=Reply(content="OK", delay_s=0.3)),
+            Rule(role="planner", where=answers_directly, reply=Reply(content="said directly")),
+            Rule(role="planner", contains="branch ", reply=Reply(content=STEPS)),
+            Rule(role="planner", reply=Reply(content=BRANCHES)),
+            Rule(role="worker", reply=Reply(content="leaf result")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    settings = settings_for(
+        server, max_depth=2, max_total_threads=5, stream_plan=stream_plan, warm_prefix=True
+    )
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "fork everything"})
+    assert len(server.chat_requests("worker")) <= 5
+    assert len(result["threads"]) <= 5
+    # What ran is merged: each leaf that ran answered, each branch merged its leaves (or,
+    # left without a slot, answered directly), and the last merge got both branches.
+    leaves = [t for t in result["threads"] if t["depth"] == 2]
+    assert leaves
+    assert [(t["status"], t["answer"]) for t in leaves] == [("done", "leaf result")] * len(leaves)
+    branches = [t for t in result["threads"] if t["depth"] == 1]
+    assert [t["status"] for t in branches] == ["done", "done"]
+    top = server.chat_requests("synthesizer")[-1].last_user_message
+    for branch in branches:
+        assert branch["answer"] in {"merged", "leaf result", "said directly"}
+        assert f"{branch['goal']}" in top
+        assert branch["answer"] in top
+    assert result["answer"] == "merged"
+
+
+@pytest.mark.parametrize("warm_prefix", [False, True])
+async def test_a_thread_sent_again_with_its_inputs_needs_a_slot_of_its_own(
+    make_server: ServerFactory, warm_prefix: bool
+) -> None:
+    # All three goals start as they are written; then gamma turns out to need alpha and
+    # beta, so its early request is of no use. Sent, it spent gamma's slot, and with no
+    # slot left gamma is not sent again. Held back behind a slow warm-up, it was never
+    # sent: the slot comes back and gamma runs once, with its inputs.
+    plan = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": ["alpha", "beta", "gamma"],
+        "depends_on": {"3": [1, 2]},
+    }
+    servers: list[ScriptedServer] = []
+
+    def warm_after_the_plan(_: RecordedRequest) -> Reply:
+        wait_until(lambda: servers[0].chat_requests("planner")[0].ended_at, "the plan")
+        time.sleep(0.3)  # the node settles its early threads as soon as it has read the plan
+        return Reply(content="OK")
+
+    server = make_server(
+        [
+            Rule(role="warmup", reply=warm_after_the_plan),
+            Rule(role="planner", reply=Reply(content=plan, chunk_delay_s=0.01)),
+            Rule(role="worker", reply=Reply(content="part done")),
+            Rule(role="synthesizer", reply=Reply(content="merged")),
+        ]
+    )
+    servers.append(server)
+    settings = settings_for(server, max_total_threads=3, warm_prefix=warm_prefix)
+    app = compile_apr_graph(settings=settings)
+    events: list[dict[str, Any]] = []
+    final: dict[str, Any] = {}
+    async for mode, chunk in app.astream({"task": "q"}, stream_mode=["custom", "values"]):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            final = chunk
+    assert len(server.chat_requests("worker")) == 3
+    assert final["answer"] == "merged"
+    gamma = messages_of(server, "Subtask s3: gamma")
+    if warm_prefix:
+        assert [t["status"] for t in final["threads"]] == ["done"] * 3
+        assert ['<result id="s1"' in m and '<result id="s2"' in m for m in gamma] == [True]
+    else:
+        assert [t["id"] for t in final["threads"]] == ["s1", "s2"]
+        assert "max_total_threads" in " ".join(final["plan"]["notes"])
+        assert [c["thread_id"] for c in final["calls"] if c["mode"] == "discarded"] == ["s3"]
+        cancelled = [e for e in events if e["event"] == "thread_cancelled"]
+        assert [e["id"] for e in cancelled] == ["s3"]
+        assert "max_total_threads" in cancelled[0]["reason"]
+        merge = server.chat_requests("synthesizer")[0].last_user_message
+        assert "alpha" in merge
+        assert "beta" in merge
+        assert "gamma" not in merge
+
+
+# The events of threads started early.
+
+CLOSING = {"thread_finished", "thread_cancelled"}
+
+
+def assert_every_start_is_closed(events: list[dict[str, Any]]) -> None:
+    """Each ``thread_started`` is followed by exactly one closing event of its thread."""
+    open_ids: list[str] = []
+    for event in events:
+        if event["event"] == "thread_started":
+            assert event["id"] not in open_ids, f"{event['id']} started twice"
+            open_ids.append(event["id"])
+        elif event["event"] in CLOSING and event["id"] in open_ids:
+            open_ids.remove(event["id"])
+            if event["event"] == "thread_cancelled" and any(
+                e["event"] == "thread_finished" and e["id"] == event["id"]
+                for e in events[events.index(event) + 1 :]
+            ):
+                open_ids.append(event["id"])  # a worker's cancel: its record follows
+    assert open_ids == [], f"never closed: {open_ids}"
+
+
+async def test_an_early_thread_the_final_plan_drops_is_cancelled(
+    make_server: ServerFactory,
+) -> None:
+    # The planner's first reply is cut off after three goals (all started early); asked
+    # again, it keeps only the first. The two it dropped are closed, with the reason.
+    cut = json.dumps(plan_json("alpha", "beta", "gamma"))[:-1] + ', "fork": ['  # cut off
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content=cut, chunk_delay_s=STEP_S)),
+            slow_planner(plan_json("alpha")),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": "q"}, stream_mode="custom")]
+    started = [e["id"] for e in events if e["event"] == "thread_started"]
+    assert started == ["s1", "s2", "s3"]
+    assert_every_start_is_closed(events)
+    cancelled = {e["id"]: e for e in events if e["event"] == "thread_cancelled"}
+    assert sorted(cancelled) == ["s2", "s3"]
+    assert all(e["reason"] for e in cancelled.values())
+    finished = [(e["id"], e["status"]) for e in events if e["event"] == "thread_finished"]
+    assert finished == [("s1", "done")]
+    assert len(server.chat_requests("worker")) == 3  # s1's early request was adopted
+
+
+async def test_the_live_view_never_moves_a_thread_backwards(make_server: ServerFactory) -> None:
+    from apr_graph.cli_view import LiveView
+
+    # Three threads start early; the re-asked plan adopts s1, gives s2 another goal (sent
+    # again) and drops s3. None of the rows goes back to "queued" when the plan arrives.
+    cut = json.dumps(plan_json("alpha", "beta", "gamma"))[:-1] + ', "fork": ['  # cut off
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content=cut, chunk_delay_s=STEP_S)),
+            slow_planner(plan_json("alpha", "delta")),
+            Rule(role="worker", reply=Reply(content="part done", chunk_delay_s=STEP_S)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    view = LiveView()  # what `apr ask` shows on a terminal (not started: nothing drawn)
+    order = {"queued": 0, "running": 1}  # anything else is an outcome
+    seen: dict[str, list[str]] = {}
+    async for event in app.astream({"task": "q"}, stream_mode="custom"):
+        view.on_event(event)
+        for tid, row in view.threads.items():
+            statuses = seen.setdefault(tid, [])
+            if not statuses or statuses[-1] != row["status"]:
+                statuses.append(row["status"])
+    for tid, statuses in seen.items():
+        ranks = [order.get(s, 2) for s in statuses]
+        assert ranks == sorted(ranks), f"{tid}: {statuses}"
+    assert seen == {
+        "s1": ["running", "done"],
+        "s2": ["running", "done"],
+        "s3": ["running", "cancelled"],
+    }
+    assert [view.threads[t]["goal"] for t in ("s1", "s2")] == ["alpha", "delta"]

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apr_graph.board import Boards, RunBoard
-from apr_graph.budget import StoppedError
+from apr_graph.budget import Budget, StoppedError
 from apr_graph.errors import (
     BudgetExhaustedError,
     InputError,
@@ -147,28 +147,26 @@ def make_decompose(
             raise
         finally:
             starter.closed = True
+        if normalised["strategy"] == "parallel":
+            board.system = system_for(normalised["merge"])
+        held = starter.settle(normalised, board.system, calls)
+        planned = {s["id"] for s in normalised["subtasks"]}
+        normalised = _within_slots(normalised, held, budget)
+        # Early threads the final plan has no place for are closed here (the others are
+        # closed by their worker node); a thread started is always finished or cancelled.
+        kept = {s["id"] for s in normalised["subtasks"]}
+        for dropped in board.drop_early(kept):
+            sid = dropped.subtask["id"]
+            emit(
+                "thread_cancelled",
+                id=sid,
+                reason=_dropped_reason(sid in planned, budget, settings),
+                completion_tokens=dropped.progress.completion_tokens,
+                depth=depth + 1,
+            )
         if warm is not None:
             await warm
         if normalised["strategy"] == "parallel":
-            board.system = system_for(normalised["merge"])
-        # Threads started early that the final plan has no place for are cancelled now; the
-        # others are adopted by their worker node if their request is still the right one.
-        keep = [
-            s["id"]
-            for s in normalised["subtasks"]
-            if s["id"] in board.early
-            and board.early[s["id"]].matches(
-                worker_messages(task, context, normalised["merge"], s, system=board.system),
-                s["max_tokens"] or settings.worker_max_tokens,
-                s,
-            )
-        ]
-        for dropped in board.drop_early(keep):
-            if (record := dropped.cancel(budget.charge)) is not None:
-                calls.append(record)
-        if normalised["strategy"] == "parallel":
-            ids = {s["id"] for s in normalised["subtasks"]}
-            budget.reserve_threads(len(ids - starter.reserved))  # early ones hold theirs
             board.merge = normalised["merge"] or "synthesize"
             board.width = len(normalised["subtasks"])
             normalised["prefix"] = prefix_stats(task, context, normalised, board.system)
@@ -193,6 +191,41 @@ def make_decompose(
         return update
 
     return decompose
+
+
+def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord:
+    """``plan`` with a thread slot for each subtask: those in ``held`` have theirs, the others
+    take one now, and those left without one are clamped (a sibling fork may have taken the
+    slots that were free when the plan was repaired)."""
+    if plan["strategy"] != "parallel":
+        return plan
+    wanted = [s for s in plan["subtasks"] if s["id"] not in held]
+    granted = budget.reserve_threads(len(wanted))
+    if granted == len(wanted):
+        return plan
+    cut = [s["id"] for s in wanted[granted:]]
+    subtasks = [s for s in plan["subtasks"] if s["id"] not in cut]
+    notes = [
+        *plan["notes"],
+        f"clamped {len(plan['subtasks'])} subtasks to {len(subtasks)} (max_total_threads): "
+        f"no thread slot left for {cut}",
+    ]
+    if not subtasks:
+        notes.append("parallel plan had no subtasks: answering directly")
+        return direct_plan("", notes)
+    repair_dependencies(subtasks, notes)
+    clamped = plan.copy()
+    clamped["subtasks"], clamped["notes"] = subtasks, notes
+    return clamped
+
+
+def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings) -> str:
+    """Why a thread started early was cancelled before its worker node ran."""
+    if planned:
+        return f"no thread slot left (max_total_threads={settings.max_total_threads})"
+    if budget.stop_reason:
+        return f"the run stopped while planning ({budget.stop_reason})"
+    return "the final plan has no place for it"
 
 
 def _labels(task: str, settings: AprSettings, tools: list[tuple[str, str]] | None) -> list[str]:

@@ -5,9 +5,15 @@ stream, its thread's request is sent (LLMCompiler dispatches its tasks the same 
 keeps its shape: the worker node of that subtask, reached by its ``Send`` once the plan is
 done, adopts the request already in flight instead of sending its own. It adopts it only if
 the final, repaired plan gives the subtask exactly the same request (same messages, same token
-allowance); otherwise the early request is cancelled and the worker starts afresh. A subtask
-that depends on others, forks, or runs tools is never started early, and none is before the
-plan has named its merge (the plan schema asks for it before the subtasks).
+allowance) and the subtask neither forks nor waits for another (the plan schema has the model
+write ``fork`` and ``depends_on`` after the goals); otherwise the early request is cancelled
+and the worker starts afresh. A subtask written as depending on others, forking or running
+tools is never started early, and none is before the plan has named its merge (the plan schema
+asks for it before the subtasks).
+
+Each early request takes its thread slot from the run's budget before it is sent, as any
+thread does: one that was sent stays paid for even if the final plan has no use for it, so
+``max_total_threads`` bounds the worker requests sent, early ones included.
 """
 
 from __future__ import annotations
@@ -128,15 +134,20 @@ class EarlyCall:
     messages: list[Message]
     allowance: int
     progress: StreamProgress
-    task: asyncio.Future[Completion]
     started: float
     model: str
     relay: _Relay = field(default_factory=_Relay)
+    handed: bool = True
+    """Whether the request was handed to the client (it may have gone out): one held back
+    behind the warm-up and cancelled before never was, and its thread slot can be reused."""
+    cancelled: bool = False
+    task: asyncio.Future[Completion] = field(init=False)
 
     def matches(self, messages: list[Message], allowance: int, subtask: SubtaskRecord) -> bool:
-        """Whether the worker would send exactly this request."""
+        """Whether the worker would send exactly this request (never once it was cancelled)."""
         return (
-            allowance == self.allowance
+            not self.cancelled
+            and allowance == self.allowance
             and messages == self.messages
             and subtask.get("temperature") == self.subtask.get("temperature")
         )
@@ -146,8 +157,12 @@ class EarlyCall:
         self.relay.attach(on_text)
 
     def cancel(self, charge: Callable[[int], None]) -> CallRecord | None:
-        """Cancel the request; charge what it cost; its record if it was sent."""
+        """Cancel the request; charge what it cost; its record if it was sent. Cancelling
+        again does nothing (the cost was counted the first time)."""
         self.task.cancel()
+        if self.cancelled:
+            return None
+        self.cancelled = True
         progress = self.progress
         if progress.started_at <= 0:
             return None
@@ -264,29 +279,66 @@ class EarlyStarter:
         left = self.settings.max_total_threads - self.budget.threads_started
         return left + len(self.reserved)
 
+    def settle(self, plan: PlanRecord, system: str | None, calls: list[CallRecord]) -> set[str]:
+        """Decide what becomes of each thread started early, once ``plan`` is final; returns
+        the subtasks of ``plan`` whose thread slot is taken already (``system``: the threads'
+        shared system message; records of cancelled requests go to ``calls``).
+
+        A thread whose request the plan leaves unchanged (and that neither forks nor waits
+        for another) is adopted by its worker node. Every other early request is cancelled:
+        one never handed to the client gives its slot back; one that was sent keeps its slot
+        spent, unless its subtask now forks (a fork sends no worker request itself: the slot
+        is the fork's). A cancelled request stays on the board while the plan has its
+        subtask, so the worker node knows its thread started and sends the request again.
+        """
+        self.closed = True
+        subtasks = {s["id"]: s for s in plan["subtasks"]}
+        held: set[str] = set()
+        for sid, call in self.early.items():
+            subtask = subtasks.get(sid)
+            if (
+                subtask is not None
+                and not subtask["fork"]
+                and not subtask["depends_on"]  # its request will carry the results it needs
+                and call.matches(
+                    worker_messages(self.task, self.context, plan["merge"], subtask, system=system),
+                    subtask["max_tokens"] or self.settings.worker_max_tokens,
+                    subtask,
+                )
+            ):
+                held.add(sid)
+                continue
+            if (record := call.cancel(self.budget.charge)) is not None:
+                calls.append(record)
+            if not call.handed:
+                self.budget.release_threads(1)
+            elif subtask is not None and subtask["fork"]:
+                held.add(sid)
+        return held
+
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
         system = self.system(plan["merge"])
         messages = worker_messages(self.task, self.context, plan["merge"], subtask, system=system)
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
-        if self.after is None:  # sent now, with no task of its own on this loop
-            request = self.client.start(
-                thread_call(self.client, messages, subtask, allowance, progress, self.budget)
-            )
-        else:  # sent once ``after`` is done (the warm-up of the shared prefix)
-            request = asyncio.ensure_future(self._after(messages, subtask, allowance, progress))
         started = time.time()
         call = EarlyCall(
             subtask,
             messages,
             allowance,
             progress,
-            request,
             started,
             self.settings.model_for("worker"),
             relay,
+            handed=self.after is None,
         )
+        if self.after is None:  # sent now, with no task of its own on this loop
+            call.task = self.client.start(
+                thread_call(self.client, messages, subtask, allowance, progress, self.budget)
+            )
+        else:  # sent once ``after`` is done (the warm-up of the shared prefix)
+            call.task = asyncio.ensure_future(self._after(call))
         call.task.add_done_callback(_retrieve)
         self.early[subtask["id"]] = call
         emit(
@@ -298,16 +350,13 @@ class EarlyStarter:
             early=True,
         )
 
-    async def _after(
-        self,
-        messages: list[Message],
-        subtask: SubtaskRecord,
-        allowance: int,
-        progress: StreamProgress,
-    ) -> Completion:
+    async def _after(self, call: EarlyCall) -> Completion:
         assert self.after is not None
         await asyncio.shield(self.after)
-        return await thread_call(self.client, messages, subtask, allowance, progress, self.budget)
+        call.handed = True
+        return await thread_call(
+            self.client, call.messages, call.subtask, call.allowance, call.progress, self.budget
+        )
 
 
 def _retrieve(task: asyncio.Future[Completion]) -> None:
