@@ -14,17 +14,14 @@ from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph.state import CompiledStateGraph
 
 from apr_graph.errors import InputError
-from apr_graph.graph import WORKER, boards_of
+from apr_graph.graph import WORKER, App, boards_of
 from apr_graph.plan import plan_of
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprInput, AprOutput, AprState, ThreadRecord
+from apr_graph.state import AprOutput, ThreadRecord
 
 __all__ = ["StoredRun", "prepare_resume", "resume_run", "run_status", "stored_runs"]
-
-App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
 
 
 async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, Any]]:

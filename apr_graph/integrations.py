@@ -16,17 +16,15 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.graph import StateGraph
-from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
-from apr_graph.graph import compile_apr_graph, create_apr_graph
+from apr_graph.context import AprContext
+from apr_graph.graph import App, compile_apr_graph, create_apr_graph
 from apr_graph.llm import LLMClient
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprInput, AprOutput, AprState
 
 __all__ = ["AprToolInput", "as_tool", "make_graph"]
-
-App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
 
 DEFAULT_DESCRIPTION = (
     "Solve a hard question that has several independent parts (sub-questions, items to "
@@ -86,7 +84,7 @@ def as_tool(
 
 def make_graph(
     config: RunnableConfig | None = None,
-) -> StateGraph[AprState, None, AprInput, AprOutput]:
+) -> StateGraph[AprState, AprContext, AprInput, AprOutput]:
     """The graph LangGraph Server serves (``langgraph.json``): settings from the environment
     (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``); the server adds its checkpointer."""
     return create_apr_graph(settings=AprSettings())
