@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from apr_graph import AprContext, AprSettings, ConfigurationError, compile_apr_graph
 from apr_graph.context import GRAPH_ONLY
+from apr_graph.integrations import make_graph
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import echo_worker, merge_synth, parallel_plan
@@ -183,3 +184,22 @@ def test_every_setting_is_per_run_or_the_graphs() -> None:
         setting, run = AprSettings.model_fields[name], AprContext.model_fields[name]
         assert run.metadata == setting.metadata, name
         assert run.annotation == setting.annotation | None, name
+
+
+async def test_make_graph_builds_once_and_serves_every_run(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = four_part_server(make_server)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("APR_MODEL", "env-model")
+
+    first, second = make_graph({}), make_graph({"configurable": {"thread_id": "t"}})
+    assert second is first
+    await asyncio.gather(
+        first.ainvoke({"task": "Compute parts 1 to 4 of run-1."}),
+        second.ainvoke({"task": "Compute parts 1 to 4 of run-2."}, context={"model": "other"}),
+    )
+
+    models = {run_of(r): r.body["model"] for r in server.chat_requests("planner") if r.body}
+    assert models == {1: "env-model", 2: "other"}
+    assert sorted(probes(server)) == sorted(PROBES)
