@@ -139,6 +139,31 @@ async def test_sync_runs_and_nested_forks_get_the_run_settings(
     assert result["metrics"]["max_depth_reached"] == 2
 
 
+async def test_budgets_and_deadline_are_per_run(make_server: ServerFactory) -> None:
+    slow = " ".join(["slow"] * 20)
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(2))),
+            Rule(role="worker", reply=Reply(content=slow, chunk_delay_s=0.03)),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+
+    hurried, budgeted, free = await asyncio.gather(
+        app.ainvoke({"task": "Two parts, run-1."}, context={"deadline_s": 0.2}),
+        app.ainvoke({"task": "Two parts, run-2."}, context={"token_budget": 5}),
+        app.ainvoke({"task": "Two parts, run-3."}),
+    )
+
+    assert hurried["metrics"]["stop_reason"] == "deadline"
+    assert budgeted["metrics"]["stop_reason"] == "token_budget"
+    assert hurried["metrics"]["incomplete"]
+    assert budgeted["metrics"]["incomplete"]
+    assert free["metrics"]["stop_reason"] is None
+    assert {t["status"] for t in free["threads"]} == {"done"}
+
+
 @pytest.mark.parametrize(
     ("context", "says"),
     [
