@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from apr_graph.chat_model import ChatModelClient
+    from apr_graph.context import AprContext
     from apr_graph.durable import prepare_resume, resume_run
     from apr_graph.errors import (
         AprError,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from apr_graph.transport import Transport
 
 __all__ = [
+    "AprContext",
     "AprError",
     "AprInput",
     "AprOutput",
@@ -69,6 +71,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _WHERE = {
+    "AprContext": "apr_graph.context",
     "AprError": "apr_graph.errors",
     "AprInput": "apr_graph.state",
     "AprOutput": "apr_graph.state",

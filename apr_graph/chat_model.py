@@ -252,3 +252,19 @@ class ChatModelClient(LLMClient):
         settings = settings.model_copy(update={**own, "probe_capacity": False})
         super().__init__(settings, transport=ChatModelTransport(model, settings))
         self.chat_model = model
+
+    def for_run(self, settings: AprSettings) -> LLMClient:
+        """This client for one run; a run cannot name another model (the chat model is the
+        graph's only one).
+
+        Raises:
+            ConfigurationError: the run's context names a model.
+        """
+        for name in ("model", "planner_model", "worker_model", "synthesizer_model"):
+            if getattr(settings, name) != getattr(self.settings, name):
+                raise ConfigurationError(
+                    f"{name} cannot be set per run on a graph built with model= (a LangChain "
+                    f"chat model, {type(self.chat_model).__name__}): that model serves every "
+                    f"call; drop {name} from the context, or build one graph per chat model"
+                )
+        return super().for_run(settings)

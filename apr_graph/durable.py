@@ -16,15 +16,13 @@ from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph.state import CompiledStateGraph
 
 from apr_graph.errors import InputError
+from apr_graph.graph import App
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprInput, AprOutput, AprState
+from apr_graph.state import AprOutput
 
 __all__ = ["StoredRun", "prepare_resume", "resume_run", "run_status", "stored_runs"]
-
-App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
 
 
 async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, Any]]:

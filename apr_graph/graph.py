@@ -13,9 +13,11 @@ except ImportError:  # pragma: no cover - a LangGraph that moved it
     RunnableCallable = None  # type: ignore[assignment,misc]
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import Checkpointer
 
 from apr_graph.board import Boards
+from apr_graph.context import AprContext
 from apr_graph.errors import ConfigurationError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
@@ -55,13 +57,16 @@ FINISH = "finish"
 NATIVE = "native"
 
 Node = Callable[[Any], Awaitable[dict[str, Any]]]
-Graph = StateGraph[AprState, None, Any, AprOutput]
+RunNode = Callable[[Any, AprSettings], Awaitable[dict[str, Any]]]
+"""A node: the state (or a ``Send`` payload) and the run's effective settings."""
+Graph = StateGraph[AprState, AprContext, Any, AprOutput]
+App = CompiledStateGraph[AprState, AprContext, AprInput, AprOutput]
 
 _BOARDS_ATTR = "_apr_boards"
 """Where a builder keeps its graph's live boards (for ``boards_of``; no module registry)."""
 
 
-def boards_of(app: CompiledStateGraph[AprState, None, AprInput, AprOutput]) -> Boards:
+def boards_of(app: App) -> Boards:
     """The live run boards of a compiled apr-graph (what is running now, in this process).
 
     Raises:
@@ -73,12 +78,12 @@ def boards_of(app: CompiledStateGraph[AprState, None, AprInput, AprOutput]) -> B
     return boards
 
 
-def _releasing(node: Node, boards: Boards) -> Node:
+def _releasing(node: RunNode, boards: Boards) -> RunNode:
     """``node``, releasing its run's board when it fails or is cancelled (the run is over)."""
 
-    async def run(state: Any) -> dict[str, Any]:
+    async def run(state: Any, settings: AprSettings) -> dict[str, Any]:
         try:
-            return await node(state)
+            return await node(state, settings)
         except BaseException:
             if state.get("run_id"):
                 boards.close(state["run_id"], root=not state.get("depth"))
@@ -87,8 +92,22 @@ def _releasing(node: Node, boards: Boards) -> Node:
     return run
 
 
-def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> Runnable[Any, Any]:
-    """A node usable from both ``ainvoke`` and ``invoke``.
+def _run_settings(settings: AprSettings, context: object) -> AprSettings:
+    """The settings of one run: the graph's, with what the run's context changes.
+
+    A context of another type is a parent graph's own (this graph runs as its subgraph, or
+    as a tool of its agent): not this graph's to read.
+    """
+    return context.apply(settings) if isinstance(context, AprContext) else settings
+
+
+def _sync_and_async(
+    name: str, afunc: RunNode, client: LLMClient, settings: AprSettings
+) -> Runnable[Any, Any]:
+    """A node usable from both ``ainvoke`` and ``invoke``, given the run's settings.
+
+    LangGraph hands the node its ``runtime`` (as to any node that names that parameter);
+    the node gets the settings its run's context makes of the graph's.
 
     A sync caller has no loop of its own to lend: the whole node runs on the client's loop,
     one hop per node. Wrapped as LangGraph wraps a plain function node (``trace=False``: the
@@ -96,12 +115,20 @@ def _sync_and_async(name: str, afunc: Node, client: LLMClient) -> Runnable[Any, 
     signature and build a callback run on every call, hundreds of times in a fan-out.
     """
 
-    def func(state: Any) -> dict[str, Any]:
-        return client.run_sync(afunc(state))  # type: ignore[arg-type]
+    def func(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
+        coro = afunc(state, _run_settings(settings, runtime.context))
+        return client.run_sync(coro)  # type: ignore[arg-type]
+
+    async def anode(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
+        return await afunc(state, _run_settings(settings, runtime.context))
 
     if RunnableCallable is None:  # pragma: no cover
-        return RunnableLambda(func, afunc=afunc, name=name)
-    return RunnableCallable(func, afunc, name=name, trace=False)
+        return RunnableLambda(
+            lambda state: func(state, get_runtime()),
+            afunc=lambda state: anode(state, get_runtime()),
+            name=name,
+        )
+    return RunnableCallable(func, anode, name=name, trace=False)
 
 
 def _no_update(state: Any) -> dict[str, Any]:
@@ -151,7 +178,7 @@ def create_apr_graph(
     model: BaseChatModel | None = None,
     verify: Verifier | None = None,
     tools: Sequence[BaseTool] = (),
-) -> StateGraph[AprState, None, AprInput, AprOutput]:
+) -> StateGraph[AprState, AprContext, AprInput, AprOutput]:
     """Build the adaptive parallel reasoning graph (uncompiled).
 
     The model first decides whether to answer directly (one call) or to split the task into
@@ -173,6 +200,9 @@ def create_apr_graph(
     Returns:
         A ``StateGraph``; compile it with the checkpointer of your choice. Input
         ``{"task": str, "context": str?}``; output ``answer``, ``plan``, ``threads``, ``metrics``.
+        Its ``context_schema`` is ``AprContext``: a run may change the models, width, merge,
+        budgets and deadline with ``invoke(..., context={"max_threads": 2})``; one compiled
+        graph (one client, one connection pool) serves runs of every setting.
 
     Raises:
         ConfigurationError: no ``base_url`` is configured, or arguments that cannot work
@@ -184,6 +214,7 @@ def create_apr_graph(
         >>> settings = AprSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B")
         >>> app = create_apr_graph(settings=settings).compile()
         >>> # result = await app.ainvoke({"task": "Compare A, B and C on cost and speed"})
+        >>> # quick = await app.ainvoke({"task": "..."}, context={"model": "Qwen/Qwen3-1.7B"})
     """
     _check(settings, client, model, verify, tools)
     if model is not None:
@@ -205,35 +236,44 @@ def _build(
     boards: Boards,
     verify: Verifier | None,
     tools: tuple[BaseTool, ...],
-    fork: list[CompiledStateGraph[AprState, None, Any, AprOutput]],
+    fork: list[CompiledStateGraph[AprState, AprContext, Any, AprOutput]],
 ) -> Graph:
     """Wire the graph. A forking thread runs the same wiring one level deeper, with the
     internal ``ForkInput`` (compiled once, on first use; as a subgraph it inherits the
-    parent's checkpointer and stream)."""
-    builder: Graph = StateGraph(AprState, input_schema=input_schema, output_schema=AprOutput)
+    parent's checkpointer and stream, and is given its parent run's settings)."""
+    builder: Graph = StateGraph(
+        AprState, context_schema=AprContext, input_schema=input_schema, output_schema=AprOutput
+    )
 
-    def subgraph() -> Node:
+    def subgraph(run: AprSettings) -> Node:
         if not fork:
             child = _build(ForkInput, client, settings, boards, verify, tools, fork)
             fork.append(child.compile(name="apr-graph-fork"))
-        return fork[0].ainvoke
+        compiled, context = fork[0], None if run is settings else AprContext.of(run)
 
-    def add(name: str, node: Node, **kwargs: Any) -> None:
-        builder.add_node(name, _sync_and_async(name, _releasing(node, boards), client), **kwargs)
+        async def run_fork(child_input: dict[str, Any]) -> dict[str, Any]:
+            # The context is passed on, not inherited: a sync run's nodes run on the
+            # client's loop, outside the parent graph's config.
+            result: dict[str, Any] = await compiled.ainvoke(child_input, context=context)
+            return result
+
+        return run_fork
+
+    def add(name: str, node: RunNode, **kwargs: Any) -> None:
+        wrapped = _sync_and_async(name, _releasing(node, boards), client, settings)
+        builder.add_node(name, wrapped, **kwargs)
 
     if settings.native is not None:
-        add(NATIVE, make_native(client, settings, boards))
+        add(NATIVE, make_native(client, boards, native=settings.native))
         builder.add_edge(START, NATIVE)
         builder.add_edge(NATIVE, FINISH)
     else:
-        worker = make_worker(
-            client, settings, boards, verify=verify, subgraph=subgraph, tools=tools
-        )
+        worker = make_worker(client, boards, verify=verify, subgraph=subgraph, tools=tools)
         listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
-        decompose = make_decompose(client, settings, boards, start_early=not tools, tools=listed)
+        decompose = make_decompose(client, boards, start_early=not tools, tools=listed)
         add(DECOMPOSE, decompose)
         add(WORKER, worker, input_schema=WorkerInput)
-        add(SYNTHESIZE, make_synthesize(client, settings, boards))
+        add(SYNTHESIZE, make_synthesize(client, boards))
         builder.add_edge(START, DECOMPOSE)
         builder.add_node(JOIN, RunnableLambda(_no_update, name=JOIN))
         fan_out = make_fan_out(WORKER, FINISH, boards)
@@ -257,7 +297,7 @@ def compile_apr_graph(
     tools: Sequence[BaseTool] = (),
     checkpointer: Checkpointer = None,
     name: str = "apr-graph",
-) -> CompiledStateGraph[AprState, None, AprInput, AprOutput]:
+) -> App:
     """``create_apr_graph(...).compile(...)`` in one call.
 
     Example:

@@ -3,7 +3,8 @@
 - ``as_tool``: a LangChain tool (sync and async) an agent calls to hand off a hard,
   decomposable question; its content is the answer, its artifact the run record.
 - ``make_graph``: the factory ``langgraph.json`` points LangGraph Server at (settings from the
-  environment).
+  environment): one compiled graph per process, whose runs set their own models, width,
+  merge and budgets through the run context (``AprContext``).
 - As a subgraph, the compiled graph is a node of your own graph as it is: its input
   (``task``, ``context``) and output (``answer``, ``plan``, ``threads``, ``metrics``) schemas
   only touch those keys, and its events stream through the parent with ``subgraphs=True``.
@@ -11,22 +12,19 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, StructuredTool
-from langgraph.graph import StateGraph
-from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
-from apr_graph.graph import compile_apr_graph, create_apr_graph
+from apr_graph.graph import App, compile_apr_graph
 from apr_graph.llm import LLMClient
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprInput, AprOutput, AprState
 
 __all__ = ["AprToolInput", "as_tool", "make_graph"]
-
-App = CompiledStateGraph[AprState, None, AprInput, AprOutput]
 
 DEFAULT_DESCRIPTION = (
     "Solve a hard question that has several independent parts (sub-questions, items to "
@@ -84,9 +82,34 @@ def as_tool(
     )
 
 
-def make_graph(
-    config: RunnableConfig | None = None,
-) -> StateGraph[AprState, None, AprInput, AprOutput]:
+_served: dict[tuple[tuple[str, str], ...], App] = {}
+"""The graph ``make_graph`` serves, by the environment it was built from (only the last)."""
+_serving = threading.Lock()
+
+
+def _environment() -> tuple[tuple[str, str], ...]:
+    """The variables ``AprSettings()`` reads."""
+    names = ("APR_", "OPENAI_")
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(names)))
+
+
+def make_graph(config: RunnableConfig | None = None) -> App:
     """The graph LangGraph Server serves (``langgraph.json``): settings from the environment
-    (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``); the server adds its checkpointer."""
-    return create_apr_graph(settings=AprSettings())
+    (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``); the server adds its checkpointer.
+
+    Built on the first call, and the same compiled graph for every later one (built again
+    only if those variables changed): the server calls a graph factory for every run, state
+    read and schema request, and one graph means one client, one connection pool, one
+    capacity probe per endpoint and one memory of structured-output modes for the process.
+    A run's own settings come from its context (``AprContext``, e.g.
+    ``client.runs.create(..., context={"max_threads": 4})``); ``config`` is not read. A
+    compiled graph at module level would be served the same way, but built on import: the
+    module could not be imported without an endpoint configured.
+    """
+    key = _environment()
+    with _serving:  # the server may ask from several threads at once: build once
+        app = _served.get(key)
+        if app is None:
+            _served.clear()
+            app = _served[key] = compile_apr_graph(settings=AprSettings())
+        return app

@@ -11,6 +11,7 @@ request there, closing its HTTP response.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -69,10 +70,14 @@ class LLMClient:
             transport = OpenAITransport(settings)
         self.settings = settings
         self.transport = transport
+        self._requests = settings  # what shapes each request: models, allowances, temperature
+        self._origin: LLMClient | None = None
         self._portal = Portal(caller_context=self._caller_context)
         self._policy = RetryPolicy(settings)
         self._structured = StructuredOutput(settings, transport.name)
-        self._no_tools: ServerCapabilityError | None = None
+        self._found: dict[str, ServerCapabilityError] = {}
+        """What the server was found unable to do (``tools``), for good; shared with the
+        ``for_run`` views."""
         # A client dropped without close() still releases its connections, quietly.
         weakref.finalize(self, _release, self._portal, transport)
 
@@ -85,6 +90,21 @@ class LLMClient:
     def concurrency_limit(self) -> int:
         """Requests currently allowed in flight (lowered after 429/503, then recovering)."""
         return self.transport.concurrency_limit()
+
+    def for_run(self, settings: AprSettings) -> LLMClient:
+        """This client, sending one run's model names, output allowances and temperature
+        (those of ``settings``).
+
+        Not a new client: the endpoint, key, connections, concurrency limit, capacity probe,
+        retries and the structured-output modes remembered per endpoint and model stay this
+        client's, shared by every run. ``settings``' other fields are not read.
+        """
+        if settings is self._requests:
+            return self
+        view = copy.copy(self)
+        view._requests = settings
+        view._origin = self._origin or self  # the owner of the connections lives as long
+        return view
 
     def _redact(self, text: str) -> str:
         key = self.settings.api_key.get_secret_value()
@@ -174,18 +194,18 @@ class LLMClient:
             ServerUnreachableError: no connection after the retries.
             ModelCallError: any other failure that retries did not cure.
         """
+        run = self._requests
         request = ChatRequest(
             messages=messages,
-            model=self.settings.model_for(role),
+            model=run.model_for(role),
             role=role,
-            max_tokens=max_tokens or self.settings.max_tokens_for(role),
-            temperature=self.settings.temperature if temperature is None else temperature,
+            max_tokens=max_tokens or run.max_tokens_for(role),
+            temperature=run.temperature if temperature is None else temperature,
             stream=stream,
             response_format=response_format,
             tools=tools,
         )
-        if tools and self._no_tools is not None:
-            known = self._no_tools
+        if tools and (known := self._found.get("tools")) is not None:
             raise ServerCapabilityError(
                 str(known), status_code=known.status_code, attempts=0, url=known.url
             )
@@ -229,10 +249,10 @@ class LLMClient:
         """
         request = TextRequest(
             prompt=prompt,
-            model=self.settings.model_for(role),
+            model=self._requests.model_for(role),
             role=role,
             max_tokens=max_tokens,
-            temperature=self.settings.temperature,
+            temperature=self._requests.temperature,
             stop=tuple(stop),
             extra_body=dict(extra_body or {}),
         )
@@ -266,6 +286,7 @@ class LLMClient:
                 messages,
                 output_type,
                 role=role,
+                model=self._requests.model_for(role),
                 schema=schema,
                 max_tokens=max_tokens,
                 budget=budget,
@@ -301,7 +322,7 @@ class LLMClient:
             kind = classify(exc, has_format=has_format, has_tools=has_tools)
             error = self._error(exc, kind, model=model, attempts=progress.requests)
             if isinstance(error, ServerCapabilityError) and kind == "tools":
-                self._no_tools = error  # a fixed configuration: found once, for good
+                self._found["tools"] = error  # a fixed configuration: found once, for good
             raise error from exc
         return replace(completion, requests=progress.requests, started_at=started)
 

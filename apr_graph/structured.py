@@ -84,15 +84,18 @@ class StructuredOutput:
         output_type: type[T],
         *,
         role: str,
+        model: str | None = None,
         schema: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         budget: CallBudget | None = None,
         progress: StreamProgress | None = None,
     ) -> tuple[T, Completion]:
         """Ask for JSON matching ``output_type`` through ``chat`` and return it validated;
-        ``progress`` is passed to every request (it restarts with each)."""
+        ``model``: the model ``chat`` sends (default: the settings' for ``role``), whose mode
+        is remembered; ``progress`` is passed to every request (it restarts with each)."""
         schema = schema or output_type.model_json_schema()
-        key = f"{self.where}|{self.settings.model_for(role)}"
+        model = model or self.settings.model_for(role)
+        key = f"{self.where}|{model}"
         modes = self._modes_for(key)
         spent: Completion | None = None
         queue = list(modes)
@@ -100,7 +103,16 @@ class StructuredOutput:
             mode = queue.pop(0)
             try:
                 value, completion = await self._in_mode(
-                    chat, mode, messages, output_type, schema, role, max_tokens, budget, progress
+                    chat,
+                    mode,
+                    messages,
+                    output_type,
+                    schema,
+                    role,
+                    model,
+                    max_tokens,
+                    budget,
+                    progress,
                 )
             except _ModeRejectedError as rejected:
                 spent = rejected.spent if spent is None else spent.plus(rejected.spent)
@@ -125,6 +137,7 @@ class StructuredOutput:
         output_type: type[T],
         schema: dict[str, Any],
         role: str,
+        model: str,
         max_tokens: int | None,
         budget: CallBudget | None,
         progress: StreamProgress | None = None,
@@ -150,7 +163,6 @@ class StructuredOutput:
                 )
             except ResponseFormatRefusedError as exc:
                 now = time.time()
-                model = self.settings.model_for(role)
                 zero = Completion("", None, 0, 0, None, exc.attempts, now, now, model, mode)
                 raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
             total = completion if total is None else total.plus(completion)

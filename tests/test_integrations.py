@@ -145,7 +145,11 @@ def test_langgraph_json_points_at_a_working_factory(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("APR_MAX_THREADS", "3")
     graph = getattr(module, attribute)({})
-    assert set(graph.compile().get_graph().nodes) >= {"decompose", "worker", "synthesize"}
+    assert set(graph.get_graph().nodes) >= {"decompose", "worker", "synthesize"}
+    # What the server shows a run may set (Studio's context form): no key, no endpoint.
+    per_run = graph.get_context_jsonschema()["properties"]
+    assert {"model", "max_threads", "merge", "token_budget", "deadline_s"} <= set(per_run)
+    assert not {"api_key", "base_url"} & set(per_run)
 
 
 async def test_two_endpoints_share_the_load(make_server: ServerFactory) -> None:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,12 @@ import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
-from apr_graph import compile_apr_graph
+from apr_graph import AprSettings, compile_apr_graph
 from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
+from tests.test_cli import clean_env
 
 Saver = BaseCheckpointSaver[Any]
-SaverFactory = Callable[[], AbstractAsyncContextManager[Saver]]
 
 HANGS = Reply(content="never", delay_s=60.0)
 
@@ -212,17 +216,30 @@ async def postgres_saver(url: str) -> AsyncIterator[Saver]:
         yield saver
 
 
+@dataclass(frozen=True)
+class Store:
+    """A checkpoint store that can be opened again, in this process or another one."""
+
+    kind: str
+    target: str = ""
+    shared: InMemorySaver | None = None
+
+    def open(self) -> AbstractAsyncContextManager[Saver]:
+        if self.shared is not None:
+            return memory_saver(self.shared)
+        if self.kind == "sqlite":
+            return sqlite_saver(Path(self.target))
+        return postgres_saver(self.target)
+
+
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-def savers(request: pytest.FixtureRequest, tmp_path: Path) -> SaverFactory:
-    """Opens the same store again for every call, as a new process would."""
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "memory":
-        shared = InMemorySaver()
-        return lambda: memory_saver(shared)
+        return Store("memory", shared=InMemorySaver())
     if request.param == "sqlite":
-        return lambda: sqlite_saver(tmp_path / "runs.sqlite")
+        return Store("sqlite", str(tmp_path / "runs.sqlite"))
     url = request.getfixturevalue("postgres_url")
     schema = f"t{time.monotonic_ns()}"
-    with_schema = f"{url}?options=-csearch_path%3D{schema}"
 
     async def create() -> None:
         import psycopg
@@ -231,12 +248,59 @@ def savers(request: pytest.FixtureRequest, tmp_path: Path) -> SaverFactory:
             await conn.execute(f"CREATE SCHEMA {schema}")  # one schema per test: no leftovers
 
     asyncio.run(create())
-    return lambda: postgres_saver(with_schema)
+    return Store("postgres", f"{url}?options=-csearch_path%3D{schema}")
+
+
+FIRST_RUN = """
+import asyncio, json, sys
+from apr_graph import AprSettings, compile_apr_graph
+kind, target, values = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+async def main():
+    if kind == "sqlite":
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver as Saver
+    else:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver as Saver
+    async with Saver.from_conn_string(target) as saver:
+        if kind == "postgres":
+            await saver.setup()
+        app = compile_apr_graph(settings=AprSettings(**values), checkpointer=saver)
+        await app.ainvoke({"task": "t"}, {"configurable": {"thread_id": "job"}})
+
+asyncio.run(main())
+"""
+
+
+async def killed_when(
+    store: Store, settings: AprSettings, server: ScriptedServer, finished: str, hang: str
+) -> None:
+    """Run in a process of its own, killed once ``finished`` is in a checkpoint and the
+    hanging request (the one quoting its result) reached the server."""
+    values = settings.model_dump(mode="json", exclude_unset=True)
+    values["api_key"] = settings.api_key.get_secret_value() if settings.api_key else None
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-c", FIRST_RUN, store.kind, store.target, json.dumps(values)],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        async with store.open() as saver:
+            while finished not in await stored_thread_ids(saver) or not (
+                worker_requests(server, hang)
+            ):
+                assert process.returncode is None, "the first run ended by itself"
+                assert time.monotonic() < deadline, "the first thread never got stored"
+                await asyncio.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
 
 
 async def run_interrupted_then_resumed(
     server: ScriptedServer,
-    savers: SaverFactory,
+    store: Store,
     *,
     finished: str,
     hang: str,
@@ -245,10 +309,13 @@ async def run_interrupted_then_resumed(
 ) -> dict[str, Any]:
     settings = settings_for(server, max_retries=0, **overrides)
     config: dict[str, Any] = {"configurable": {"thread_id": "job"}}
-    async with savers() as saver:
-        app = compile_apr_graph(settings=settings, checkpointer=saver)
-        await interrupt_when(app, config, saver, server, finished, hang)
-    async with savers() as saver:  # a new graph: nothing of the first run's memory
+    if store.shared is None:  # killed, as a process is
+        await killed_when(store, settings, server, finished, hang)
+    else:  # the store lives in this process: the run is cancelled instead
+        async with store.open() as saver:
+            app = compile_apr_graph(settings=settings, checkpointer=saver)
+            await interrupt_when(app, config, saver, server, finished, hang)
+    async with store.open() as saver:  # a new graph: nothing of the first run's memory
         app = compile_apr_graph(settings=settings, checkpointer=saver)
         if not stream:
             return dict(await asyncio.wait_for(app.ainvoke(None, config), 30))
@@ -259,13 +326,13 @@ async def run_interrupted_then_resumed(
 
 
 async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
-    make_server: ServerFactory, savers: SaverFactory
+    make_server: ServerFactory, store: Store
 ) -> None:
     reference = make_server(chain_rules(hang=False))
     expected = await compile_apr_graph(settings=settings_for(reference)).ainvoke({"task": "t"})
 
     server = make_server(chain_rules(hang=True))
-    result = await run_interrupted_then_resumed(server, savers, finished="s1", hang="first is 7")
+    result = await run_interrupted_then_resumed(server, store, finished="s1", hang="first is 7")
 
     assert result["answer"] == expected["answer"]
     assert "second uses 7" in result["answer"]
@@ -275,7 +342,7 @@ async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
 
 
 async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_thread(
-    make_server: ServerFactory, savers: SaverFactory
+    make_server: ServerFactory, store: Store
 ) -> None:
     reference = make_server(nested_rules(hang=False))
     settings = settings_for(reference, max_depth=2)
@@ -284,7 +351,7 @@ async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_t
 
     server = make_server(nested_rules(hang=True))
     result = await run_interrupted_then_resumed(
-        server, savers, finished="s1", hang="one is 5", stream=True, max_depth=2
+        server, store, finished="s1", hang="one is 5", stream=True, max_depth=2
     )
 
     assert result["answer"] == expected["answer"]

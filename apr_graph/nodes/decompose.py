@@ -48,29 +48,35 @@ def read_input(state: AprState) -> tuple[str, str]:
 
 def make_decompose(
     client: LLMClient,
-    settings: AprSettings,
     boards: Boards,
     *,
     start_early: bool = True,
     tools: list[tuple[str, str]] | None = None,
-) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
-    """Build the decompose node; ``start_early``: threads may start while the plan streams
-    in (with ``settings.stream_plan``); ``tools``: (name, description) of the threads' tools,
-    which the planner is told about."""
+) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
+    """Build the decompose node (given each run's settings); ``start_early``: threads may
+    start while the plan streams in (with ``settings.stream_plan``); ``tools``: (name,
+    description) of the threads' tools, which the planner is told about."""
 
-    async def decompose(state: AprState) -> dict[str, Any]:
+    async def decompose(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
         depth = int(state.get("depth") or 0)
         budget = boards.budget_for(settings, state.get("parent_run"))
         board = RunBoard(uuid.uuid4().hex, budget, "synthesize", 0)
         boards.attach(board)
         try:
-            return await plan_run(task, context, depth, board)
+            return await plan_run(client.for_run(settings), settings, task, context, depth, board)
         except BaseException:  # failed or cancelled: the run is over, its board goes too
             boards.close(board.run_id, root=depth == 0)
             raise
 
-    async def plan_run(task: str, context: str, depth: int, board: RunBoard) -> dict[str, Any]:
+    async def plan_run(
+        client: LLMClient,
+        settings: AprSettings,
+        task: str,
+        context: str,
+        depth: int,
+        board: RunBoard,
+    ) -> dict[str, Any]:
         started = time.time()
         budget = board.budget
         calls: list[CallRecord] = []

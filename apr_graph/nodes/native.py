@@ -235,20 +235,19 @@ def _check_tags(settings: AprSettings, fmt: NativeFormat, text: str) -> None:
 
 
 def make_native(
-    client: LLMClient, settings: AprSettings, boards: Boards
-) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
-    """Build the native node (``AprSettings(native=...)``)."""
-    if settings.native is None:
-        raise ValueError("make_native needs AprSettings(native='threadweaver' or 'multiverse')")
-    fmt = FORMATS[settings.native]
+    client: LLMClient, boards: Boards, *, native: str
+) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
+    """Build the native node of the format ``native`` (``AprSettings.native``), given each
+    run's settings."""
+    fmt = FORMATS[native]
 
-    async def native(state: AprState) -> dict[str, Any]:
+    async def native_run(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
         started = time.time()
         budget = boards.budget_for(settings, state.get("parent_run"))
         board = RunBoard(uuid.uuid4().hex, budget, "concatenate", 0)
         boards.attach(board)
-        run = _Run(client, settings, board, fmt)
+        run = _Run(client.for_run(settings), settings, board, fmt)
         try:
             chain = await _generate(
                 run, _prompt(settings, fmt, task, context), depth=0, end=None, owner=None
@@ -288,4 +287,4 @@ def make_native(
             "calls": run.calls,
         }
 
-    return native
+    return native_run

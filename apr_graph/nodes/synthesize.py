@@ -107,11 +107,11 @@ def concatenate(threads: list[ThreadRecord]) -> str:
 
 
 def make_synthesize(
-    client: LLMClient, settings: AprSettings, boards: Boards
-) -> Callable[[AprState], Awaitable[dict[str, Any]]]:
-    """Build the synthesize node."""
+    client: LLMClient, boards: Boards
+) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
+    """Build the synthesize node (given each run's settings)."""
 
-    async def synthesize(state: AprState) -> dict[str, Any]:
+    async def synthesize(state: AprState, settings: AprSettings) -> dict[str, Any]:
         run_id = state.get("run_id", "")
         plan = plan_of(state)
         board = boards.get(run_id) or boards.revive(
@@ -138,7 +138,8 @@ def make_synthesize(
             merge = "concat" if merge == "concat" else "synthesize"
         calls: list[CallRecord] = []
         try:
-            answer = await _merge(client, board, state, threads, done, calls, merge)
+            llm = client.for_run(settings)
+            answer = await _merge(llm, board, state, threads, done, calls, merge)
         except (StoppedError, BudgetExhaustedError):
             answer = _partial_answer(done, missing, board.budget.stop_reason or "budget")
         return {"answer": answer, "calls": calls}

@@ -99,16 +99,16 @@ class _Thread:
 
 def make_worker(
     client: LLMClient,
-    settings: AprSettings,
     boards: Boards,
     *,
     verify: Verifier | None,
-    subgraph: Callable[[], Subgraph],
+    subgraph: Callable[[AprSettings], Subgraph],
     tools: Sequence[BaseTool] = (),
-) -> Callable[[WorkerInput], Awaitable[dict[str, Any]]]:
-    """Build the worker node; ``subgraph()`` returns the graph a forking thread runs."""
+) -> Callable[[WorkerInput, AprSettings], Awaitable[dict[str, Any]]]:
+    """Build the worker node (given each run's settings); ``subgraph(settings)`` returns the
+    graph a forking thread runs, with its run's settings."""
 
-    async def worker(payload: WorkerInput) -> dict[str, Any]:
+    async def worker(payload: WorkerInput, settings: AprSettings) -> dict[str, Any]:
         payload = _current(payload)
         board = boards.get(payload["run_id"]) or boards.revive(
             settings, payload["run_id"], merge=payload["merge"], width=payload["width"]
@@ -141,8 +141,9 @@ def make_worker(
         if failed_deps:
             done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
         if thread.subtask.get("fork"):
-            return await _fork(board, boards, thread, done_deps, subgraph())
-        return await _solve(client, settings, board, boards, thread, done_deps, verify, tools)
+            return await _fork(board, boards, thread, done_deps, subgraph(settings))
+        llm = client.for_run(settings)
+        return await _solve(llm, settings, board, boards, thread, done_deps, verify, tools)
 
     return worker
 

@@ -1,0 +1,215 @@
+"""Per-run settings: the graph's ``context_schema``.
+
+One compiled graph serves every run; a run may change what a run decides (models, width,
+merge, budgets, deadline) through LangGraph's run context, the way langgraph 1.x prebuilt
+agents take theirs::
+
+    await app.ainvoke({"task": "..."}, context={"max_threads": 2, "merge": "concat"})
+
+The keys are named exactly as ``AprSettings`` fields and checked by the same constraints when
+the run starts. What belongs to the endpoint (URL, key, HTTP stack, concurrency, retries,
+capacity probe, structured-output mode) or to the graph's shape (``native``) is set once, on
+the graph's ``AprSettings``: a context naming it is refused, as is an unknown key. A run
+without a context uses the graph's settings unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from apr_graph.settings import AprSettings, MergeStrategy
+
+__all__ = ["GRAPH_ONLY", "AprContext"]
+
+GRAPH_ONLY: dict[str, str] = {
+    "base_url": "the endpoint",
+    "base_urls": "the endpoint",
+    "api_key": "the endpoint's secret",
+    "http_client": "the graph's HTTP client, shared by every run",
+    "request_timeout_s": "the graph's HTTP client, shared by every run",
+    "max_concurrency": "the endpoint's concurrency limit, shared by every run",
+    "probe_capacity": "the endpoint's capacity, probed once for every run",
+    "max_retries": "the client's retry policy, shared by every run",
+    "retry_max_wait_s": "the client's retry policy, shared by every run",
+    "max_repairs": "the client's structured-output chain, shared by every run",
+    "structured_output": "the structured-output mode remembered per endpoint",
+    "native": "the graph's shape",
+    "native_prompt": "the graph's native format",
+    "native_skip_special_tokens": "what the endpoint needs of native requests",
+    "native_stop_token_ids": "what the endpoint needs of native requests",
+    "native_require_tags": "the graph's native format",
+}
+"""``AprSettings`` fields a run may not change, and whose they are."""
+
+
+class AprContext(BaseModel):
+    """What one run may change of the graph's ``AprSettings`` (LangGraph's run context).
+
+    Every field is optional: a field left out keeps the graph's setting. Each has the meaning
+    and the bounds of the ``AprSettings`` field of the same name.
+
+    Example:
+        >>> app = compile_apr_graph(settings=settings)  # doctest: +SKIP
+        >>> await app.ainvoke(  # doctest: +SKIP
+        ...     {"task": "Compare A, B and C"},
+        ...     context={"model": "Qwen/Qwen3-8B", "max_threads": 3, "deadline_s": 30},
+        ... )
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,  # a context naming api_key must not echo the key
+    )
+
+    model: str | None = None
+    """Model name of every call, unless a role override is set."""
+
+    planner_model: str | None = None
+    """Model of the decompose call."""
+
+    worker_model: str | None = None
+    """Model of thread calls."""
+
+    synthesizer_model: str | None = None
+    """Model of the merge call (and of verifier and judge calls)."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature of every call."""
+
+    planner_max_tokens: int | None = Field(default=None, ge=16)
+    """Output-token allowance of the decompose call."""
+
+    worker_max_tokens: int | None = Field(default=None, ge=16)
+    """Output-token allowance of each thread."""
+
+    synthesizer_max_tokens: int | None = Field(default=None, ge=16)
+    """Output-token allowance of the merge call."""
+
+    max_threads: int | None = Field(default=None, ge=1, le=4096)
+    """The most threads one decomposition may start."""
+
+    max_depth: int | None = Field(default=None, ge=1, le=8)
+    """Levels of decomposition (1: threads never fork)."""
+
+    max_total_threads: int | None = Field(default=None, ge=1, le=4096)
+    """The most threads the whole run may start, forks and replacements included."""
+
+    merge: MergeStrategy | None = None
+    """Force a merge strategy; ``None`` lets the model choose."""
+
+    token_budget: int | None = Field(default=None, ge=1)
+    """Prompt + completion tokens for the run; ``None``: no limit."""
+
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds for the run; ``None``: no deadline."""
+
+    max_replacements: int | None = Field(default=None, ge=0, le=10)
+    """Fresh attempts for a thread that fails verification or reports a dead end."""
+
+    min_thread_tokens: int | None = Field(default=None, ge=16)
+    """The smallest output allowance the plan may give one thread."""
+
+    vote_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Temperature of repeated attempts at one goal (a vote)."""
+
+    native_max_tokens: int | None = Field(default=None, ge=16)
+    """Tokens one chain of a native run may generate."""
+
+    stream_plan: bool | None = None
+    """Start threads while the plan streams in."""
+
+    label_goals: bool | None = None
+    """Plan a task that labels its parts by label."""
+
+    warm_prefix: bool | None = None
+    """Prime the server's prefix cache before a fan-out."""
+
+    max_tool_calls: int | None = Field(default=None, ge=0, le=64)
+    """Tool calls one thread may make."""
+
+    stream_tokens: bool | None = None
+    """Emit a ``token`` event for every piece of every thread's answer."""
+
+    on_thread_error: Literal["tolerate", "fail"] | None = None
+    """``tolerate`` a thread that fails after retries, or ``fail`` the run."""
+
+    _applied: tuple[AprSettings, AprSettings] | None = PrivateAttr(default=None)
+    """The last ``apply``: its base and its result (every node of a run asks again)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key in cls.model_fields:
+                continue
+            if key in GRAPH_ONLY:
+                raise ValueError(
+                    f"{key!r} cannot be set per run: it is {GRAPH_ONLY[key]}; set "
+                    f"AprSettings({key}=...) (or APR_{key.upper()}) where the graph is built, "
+                    "and drop it from the context"
+                )
+            close = difflib.get_close_matches(str(key), cls.model_fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"unknown per-run setting {key!r}: {hint}the context takes "
+                f"{', '.join(cls.model_fields)}"
+            )
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _required_is_not_none(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name in _NOT_NULLABLE:
+            raise ValueError("cannot be None: leave it out to keep the graph's setting")
+        if info.field_name in _MODELS and isinstance(value, str) and not value.strip():
+            raise ValueError("a model name must not be empty")
+        return value
+
+    @classmethod
+    def of(cls, settings: AprSettings) -> AprContext:
+        """The context that gives a run exactly ``settings``' per-run values."""
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
+
+    def apply(self, settings: AprSettings) -> AprSettings:
+        """``settings`` with this run's values (``settings`` itself when none is set)."""
+        applied = self._applied
+        if applied is not None and applied[0] is settings:
+            return applied[1]
+        update = self.model_dump(exclude_unset=True)
+        # Every value was checked against the field's bounds above: no second validation.
+        result = settings.model_copy(update=update) if update else settings
+        self._applied = (settings, result)
+        return result
+
+
+def _nullable(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return type(None) in get_args(annotation)
+    return annotation is None
+
+
+_MODELS = frozenset({"model", "planner_model", "worker_model", "synthesizer_model"})
+
+_NOT_NULLABLE = frozenset(
+    name
+    for name in AprContext.model_fields
+    if not _nullable(AprSettings.model_fields[name].annotation)
+)
+"""Per-run fields whose ``AprSettings`` field has no ``None`` (``max_threads=None`` is no
+setting at all)."""
