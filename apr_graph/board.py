@@ -1,11 +1,13 @@
 """Where the threads of one run meet: dependencies, early stop, cancellation.
 
 All threads of one fan-out run as concurrent ``Send`` tasks of one LangGraph step. They meet on
-a ``RunBoard``: a dependent thread awaits the results it needs (so it starts as soon as they
-exist, not in rigid waves), a vote or race settles the run and the other threads cancel their
-requests. Boards hold live asyncio objects, so they stay out of graph state (which must remain
-JSON for checkpointers); state carries only the run id. Each graph owns its ``Boards``, and a
-board is released on every way out of a run: finished, failed or cancelled.
+a ``RunBoard``: a dependent thread awaits the results it needs from siblings scheduled beside
+it (so it starts as soon as they exist, not in rigid waves), a vote or race settles the run and
+the other threads cancel their requests. A board is live coordination only: everything a run
+needs to finish is in graph state, so a run resumed in another process (or by LangGraph Server)
+gets a fresh board and its dependents read their results from the checkpoint through the join.
+Boards hold asyncio objects, so they stay out of graph state; state carries the run id. Each
+graph owns its ``Boards``, and a board is released on every way out of a run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from apr_graph.answers import majority, normalise_answer
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.settings import AprSettings
-from apr_graph.state import ThreadRecord
+from apr_graph.state import CallRecord, ThreadRecord
 
 if TYPE_CHECKING:
     from apr_graph.nodes.early import EarlyCall
@@ -71,6 +73,8 @@ class RunBoard:
     """The system message all threads share (rendered once per fan-out)."""
     early: dict[str, EarlyCall] = field(default_factory=dict)
     """First requests of threads started while the plan was written, by subtask id."""
+    revived: bool = False
+    """Made for a run this process did not start: its budget may not know all it spent."""
     scheduled: set[str] = field(default_factory=set)
     """Ids of the threads sent side by side in this process's current step: the only ones
     a thread may wait for. A dependency outside it (finished before a crash, or deferred)
@@ -103,6 +107,13 @@ class RunBoard:
         future = self._future(record["id"])
         if not future.done():
             future.set_result(record)
+
+    def catch_up(self, calls: Iterable[CallRecord]) -> None:
+        """Count, on a revived board, the tokens the checkpoint's ``calls`` spent before."""
+        if self.revived:
+            spent = sum(c["prompt_tokens"] + c["completion_tokens"] for c in calls)
+            if spent > self.budget.tokens_used:
+                self.budget.charge(spent - self.budget.tokens_used)
 
     def can_wait_for(self, thread_ids: Iterable[str]) -> bool:
         """Whether every one of ``thread_ids`` has finished or runs beside the caller."""
@@ -223,27 +234,17 @@ class Boards:
         return self._boards.get(run_id)
 
     def revive(
-        self,
-        settings: AprSettings,
-        run_id: str,
-        *,
-        merge: str | None,
-        width: int,
-        finished: Iterable[ThreadRecord] = (),
+        self, settings: AprSettings, run_id: str, *, merge: str | None, width: int
     ) -> RunBoard:
-        """The board of a run resumed from a checkpoint (or met again after a failure):
-        ``merge`` and ``width`` are its plan's merge and number of threads.
-
-        Threads that finished before the interruption are published again, so the threads
-        that depend on them find their results. The budget starts afresh.
-        """
+        """The board of a run this process did not start (resumed from a checkpoint, or met
+        again after a failure): ``merge`` and ``width`` are its plan's merge and number of
+        threads. Its budget starts afresh; ``RunBoard.catch_up`` counts what the checkpoint
+        says was spent before."""
         board = self._boards.get(run_id)
         if board is None:
             board = RunBoard(run_id, Budget(settings), merge or "synthesize", width)
+            board.revived = True
             self.attach(board)
-        for record in finished:
-            board.finished.add(record["id"])
-            board.publish(record)
         return board
 
     def close(self, run_id: str, *, root: bool) -> None:

@@ -339,6 +339,10 @@ async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
     assert worker_requests(server, "Solve only this:\nfirst part") == 1  # not redone
     assert len(server.chat_requests("planner")) == 1
     assert {t["id"]: t["status"] for t in result["threads"]} == {"s1": "done", "s2": "done"}
+    # The budget counts what the run spent before the interruption too (the plan, s1).
+    spent = sum(c["prompt_tokens"] + c["completion_tokens"] for c in result["calls"])
+    assert {c["role"] for c in result["calls"]} >= {"planner", "worker"}
+    assert result["metrics"]["budget_tokens_used"] >= spent
 
 
 async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_thread(

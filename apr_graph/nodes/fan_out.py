@@ -63,6 +63,7 @@ def _sends(
     board = boards.get(run_id)
     if board is not None:  # these threads run side by side in this process: they may wait
         board.scheduled = {s["id"] for s in ordered}
+        board.catch_up(state.get("calls") or [])
     sends = []
     for subtask in ordered:
         payload = WorkerInput(

@@ -117,6 +117,7 @@ def make_synthesize(
         board = boards.get(run_id) or boards.revive(
             settings, run_id, merge=plan["merge"], width=len(plan["subtasks"])
         )
+        board.catch_up(state.get("calls") or [])
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
         missing = [t["id"] for t in threads if t["status"] != "done"]
