@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     from apr_graph.graph import compile_apr_graph, create_apr_graph
     from apr_graph.integrations import as_tool
     from apr_graph.llm import LLMClient
+    from apr_graph.plan_schema import Plan, Subtask
     from apr_graph.responses import Completion
     from apr_graph.settings import AprSettings, MergeStrategy
-    from apr_graph.state import AprInput, AprOutput, Plan, PlanRecord, Subtask, ThreadRecord
+    from apr_graph.state import AprInput, AprOutput, PlanRecord, ThreadRecord
     from apr_graph.transport import Transport
 
 __all__ = [
@@ -87,12 +88,12 @@ _WHERE = {
     "MergeStrategy": "apr_graph.settings",
     "ModelCallError": "apr_graph.errors",
     "ModelNotFoundError": "apr_graph.errors",
-    "Plan": "apr_graph.state",
+    "Plan": "apr_graph.plan_schema",
     "PlanRecord": "apr_graph.state",
     "ServerCapabilityError": "apr_graph.errors",
     "ServerUnreachableError": "apr_graph.errors",
     "StructuredOutputError": "apr_graph.errors",
-    "Subtask": "apr_graph.state",
+    "Subtask": "apr_graph.plan_schema",
     "ThreadRecord": "apr_graph.state",
     "Transport": "apr_graph.transport",
     "as_tool": "apr_graph.integrations",

@@ -278,7 +278,10 @@ def _ask(args: argparse.Namespace) -> int:
     thread_id: str | None = args.thread_id
     db = args.db or _default_db()
     if resuming:
-        _check_stored(db, args.thread_id)  # before any server is started
+        with _loading():
+            from apr_graph.cli_runs import missing_run
+        if (unknown := missing_run(db, args.thread_id)) is not None:  # before any server starts
+            raise _CliError(unknown, EXIT_USAGE)
     settings = _settings(args)
     view = make_view(quiet=args.quiet)
     record: dict[str, Any] = {
@@ -328,18 +331,6 @@ def _ask(args: argparse.Namespace) -> int:
         print(state.get("answer", ""))
     view.summary(state.get("metrics") or {})
     return 0
-
-
-def _check_stored(db: Path, thread_id: str) -> None:
-    with _loading():
-        from apr_graph.cli_runs import describe_runs, find_run, list_runs
-
-    if find_run(db, thread_id) is None:
-        stored = list_runs(db)
-        listing = "; stored runs:\n" + describe_runs(stored) if stored else " (it holds no runs)"
-        raise _CliError(
-            f"no run is stored under thread id {thread_id!r} in {db}{listing}", EXIT_USAGE
-        )
 
 
 def _runs(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from apr_graph.durable import StoredRun, stored_runs
 from apr_graph.graph import create_apr_graph
 from apr_graph.settings import AprSettings
 
-__all__ = ["describe_runs", "find_run", "list_runs"]
+__all__ = ["describe_runs", "find_run", "list_runs", "missing_run"]
 
 _OFFLINE = AprSettings(base_url="http://127.0.0.1:9/v1", probe_capacity=False)
 """Settings for a graph that only reads its checkpoints: it never sends a request."""
@@ -48,3 +48,12 @@ def describe_runs(runs: list[StoredRun]) -> str:
 def find_run(db: Path, thread_id: str) -> StoredRun | None:
     """The stored run ``thread_id``, or ``None``."""
     return next((run for run in list_runs(db) if run.thread_id == thread_id), None)
+
+
+def missing_run(db: Path, thread_id: str) -> str | None:
+    """What to tell a user who names a run ``db`` does not hold (None if it holds it)."""
+    if find_run(db, thread_id) is not None:
+        return None
+    stored = list_runs(db)
+    listing = "; stored runs:\n" + describe_runs(stored) if stored else " (it holds no runs)"
+    return f"no run is stored under thread id {thread_id!r} in {db}{listing}"

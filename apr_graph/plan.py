@@ -12,8 +12,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from apr_graph.plan_schema import Plan, Subtask
 from apr_graph.settings import AprSettings
-from apr_graph.state import Plan, PlanRecord, Subtask, SubtaskRecord
+from apr_graph.state import PlanRecord, SubtaskRecord
 
 __all__ = [
     "PlanPrefix",

@@ -1,7 +1,7 @@
-"""Graph state, the plan schema and the reducers that merge parallel updates.
+"""Graph state, the records it holds and the reducers that merge parallel updates.
 
 State stays JSON-shaped (dicts, lists, str, numbers) so any checkpointer can store it;
-pydantic validates at the edges (the model's plan, the caller's input).
+pydantic validates at the edges (the model's plan: ``plan_schema``; the caller's input).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import operator
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import TypedDict
 
 __all__ = [
@@ -19,246 +18,13 @@ __all__ = [
     "CallRecord",
     "ForkInput",
     "NativeBlock",
-    "Plan",
     "PlanRecord",
     "PrefixStats",
-    "Subtask",
     "SubtaskRecord",
     "ThreadRecord",
     "WorkerInput",
     "merge_threads",
-    "plan_json_schema",
 ]
-
-
-class Subtask(BaseModel):
-    """One piece of the task, solved by one thread."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: str = Field(description="Short unique id, e.g. 's1'.")
-    goal: str = Field(description="What this thread must find out or produce, self-contained.")
-    depends_on: list[str] = Field(
-        default_factory=list, description="Ids of subtasks whose results this one needs."
-    )
-    fork: bool = Field(
-        default=False, description="True if this subtask is itself worth splitting further."
-    )
-    max_tokens: int | None = Field(
-        default=None, description="Output tokens this thread needs: small for easy parts."
-    )
-
-    @field_validator("id", mode="before")
-    @classmethod
-    def _id_to_str(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int | float) else value
-
-    @field_validator("depends_on", mode="before")
-    @classmethod
-    def _ids_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if isinstance(value, str | int):
-            value = [value]
-        return [str(v) for v in value] if isinstance(value, list) else value
-
-    @field_validator("fork", mode="before")
-    @classmethod
-    def _lenient_bool(cls, value: Any) -> Any:
-        return False if value is None else value
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _lenient_int(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return int(value) if value.strip().isdigit() else None
-        return value
-
-
-class Plan(BaseModel):
-    """The model's decision: answer directly, or split into independent subtasks."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    strategy: Literal["direct", "parallel"] = Field(
-        description="'direct' for a simple task, 'parallel' when it splits into independent parts."
-    )
-    working: str | None = Field(
-        default=None,
-        description="For 'direct': a line or two of working (the calculation, the fact).",
-    )
-    answer: str | None = Field(
-        default=None, description="For 'direct': the complete final answer. Else null."
-    )
-    subtasks: list[Subtask] = Field(
-        default_factory=list,
-        description="For 'parallel': the independent subtasks. Else empty.",
-    )
-    merge: str | None = Field(
-        default=None,
-        description="How to combine results: concat, synthesize, vote, race or best.",
-    )
-    depends_on: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="For 'parallel', rarely: goal number -> numbers of the goals it needs.",
-    )
-    fork: list[str] = Field(
-        default_factory=list,
-        description="For 'parallel', rarely: numbers of the goals large enough to split again.",
-    )
-
-    @field_validator("depends_on", mode="before")
-    @classmethod
-    def _dependency_map(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return {}
-        refs = {str(k): v if isinstance(v, list) else [v] for k, v in value.items()}
-        return {k: [str(r) for r in v if isinstance(r, str | int)] for k, v in refs.items()}
-
-    @field_validator("fork", mode="before")
-    @classmethod
-    def _fork_list(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return []
-        return [str(v) for v in value if isinstance(v, str | int) and not isinstance(v, bool)]
-
-    @model_validator(mode="after")
-    def _apply_options(self) -> Plan:
-        """Apply the plan-level ``depends_on`` and ``fork`` to the subtasks they name.
-
-        A plan written as a list of goals names subtasks by number (1 is the first goal) or by
-        id; a reference to no subtask is left for plan repair to report.
-        """
-        if not (self.depends_on or self.fork):
-            return self
-        for index, subtask in enumerate(self.subtasks, start=1):
-            subtask.id = subtask.id.strip() or f"s{index}"
-
-        def resolve(ref: str) -> Subtask | None:
-            ref = ref.strip()
-            for subtask in self.subtasks:
-                if subtask.id == ref:
-                    return subtask
-            if ref.isdigit() and 1 <= int(ref) <= len(self.subtasks):
-                return self.subtasks[int(ref) - 1]
-            return None
-
-        for key, refs in self.depends_on.items():
-            target = resolve(key)
-            if target is not None:
-                found = [resolve(r) for r in refs]
-                names = [f.id if f is not None else r for f, r in zip(found, refs, strict=True)]
-                target.depends_on = list(dict.fromkeys([*target.depends_on, *names]))
-        for ref in self.fork:
-            target = resolve(ref)
-            if target is not None:
-                target.fork = True
-        return self
-
-    @field_validator("merge", mode="before")
-    @classmethod
-    def _known_merge(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return None
-        value = value.strip().lower()
-        return value if value in {"concat", "synthesize", "vote", "race", "best"} else None
-
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _normalise_strategy(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("answer", mode="before")
-    @classmethod
-    def _number_is_text(cls, value: Any) -> Any:
-        return (
-            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-        )
-
-    @field_validator("subtasks", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if isinstance(value, list):  # a subtask may be written as its goal alone
-            return [{"id": "", "goal": v} if isinstance(v, str) else v for v in value]
-        return value
-
-
-WORKING_MAX_CHARS = 400
-"""The longest ``working`` a direct plan may write (about 100 tokens): room for one
-calculation or a recalled fact, not for a chain of thought."""
-
-
-def plan_json_schema(max_threads: int, labels: list[str] | None = None) -> dict[str, Any]:
-    """The JSON schema sent to the server: a direct answer *or* bounded subtasks.
-
-    Two alternatives instead of one object with optional fields: a constrained decoder then
-    cannot emit subtasks after a direct answer (small models otherwise loop on junk subtasks
-    until the token limit), and the subtask array is capped at ``max_threads``. Validation
-    itself (``Plan``) stays lenient; oversized plans are clamped afterwards.
-
-    ``labels``: the labelled parts of the task (``["a", "b", "c"]``); each subtask is then
-    one of them, written as its label (``"(b)"``), and its thread is given that part's text.
-    """
-    number = {"type": "integer", "minimum": 1, "maximum": max_threads}
-    goal: dict[str, Any] = (
-        {"type": "string", "enum": [f"({label})" for label in labels]}
-        if labels
-        else {"type": "string", "maxLength": 600}
-    )
-    return {
-        "title": "Plan",
-        "anyOf": [
-            {
-                "type": "object",
-                # The working before the answer: asked for the answer alone, a 1.5B model got
-                # 26 of 40 general one-step questions right (84 + 55 -> "149"); with a short
-                # working field first, 33 of 40, for ~20 more tokens each (BENCHMARKS.md).
-                "properties": {
-                    "strategy": {"type": "string", "enum": ["direct"]},
-                    "working": {"type": "string", "maxLength": WORKING_MAX_CHARS},
-                    "answer": {"type": "string"},
-                },
-                "required": ["strategy", "working", "answer"],
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "properties": {
-                    "strategy": {"type": "string", "enum": ["parallel"]},
-                    "merge": {
-                        "type": "string",
-                        "enum": ["concat", "synthesize", "vote", "race", "best"],
-                    },
-                    # Goals alone, their rare options after them by goal number: every token
-                    # of the plan delays every thread, and offered per-subtask objects, a
-                    # 1.5B model wrote every option of every subtask (174 tokens for three
-                    # questions; 55-65 as goals).
-                    "subtasks": {
-                        "type": "array",
-                        "items": goal,
-                        "minItems": 1,
-                        "maxItems": max_threads,
-                    },
-                    "depends_on": {
-                        "type": "object",
-                        "additionalProperties": {
-                            "type": "array",
-                            "items": number,
-                            "maxItems": max_threads,
-                        },
-                    },
-                    "fork": {"type": "array", "items": number, "maxItems": max_threads},
-                },
-                # merge is required so that constrained decoders (llama.cpp puts optional
-                # properties after the required ones) write it before the subtasks: a thread
-                # can then start as soon as its subtask is written.
-                "required": ["strategy", "merge", "subtasks"],
-                "additionalProperties": False,
-            },
-        ],
-    }
 
 
 class CallRecord(TypedDict):

@@ -246,7 +246,7 @@ async def test_the_overhead_server_plans_as_the_schema_asks_and_floors_send_aprs
     from apr_graph import compile_apr_graph
     from apr_graph.bench.overhead import _body
     from apr_graph.bench.overhead_server import TASK, reply_for
-    from apr_graph.state import plan_json_schema
+    from apr_graph.plan_schema import plan_json_schema
     from apr_graph.testing import Rule, ScriptedServer
 
     n = 3

@@ -10,7 +10,8 @@ import pytest
 from apr_graph import AprSettings
 from apr_graph.nodes.decompose import normalise_plan, repair_dependencies
 from apr_graph.plan import labelled_parts
-from apr_graph.state import Plan, SubtaskRecord
+from apr_graph.plan_schema import Plan
+from apr_graph.state import SubtaskRecord
 
 CYCLE_NOTE = "dependencies form a cycle: running the subtasks one after another"
 

@@ -140,8 +140,8 @@ def test_prefix_stats_equal_a_byte_comparison_of_the_whole_prompts() -> None:
     from apr_graph import AprSettings
     from apr_graph.nodes.decompose import prefix_stats
     from apr_graph.plan import normalise_plan
+    from apr_graph.plan_schema import Plan
     from apr_graph.prompts import shared_system, worker_messages
-    from apr_graph.state import Plan
 
     for count in (1, 2, 9):
         subtasks = [{"id": f"s{i}", "goal": f"goal é {i} " * (i + 1)} for i in range(count)]

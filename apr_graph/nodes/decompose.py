@@ -24,10 +24,11 @@ from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.early import EarlyStarter
 from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_dependencies
+from apr_graph.plan_schema import Plan, plan_json_schema
 from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
 from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprState, CallRecord, Plan, PlanRecord, PrefixStats, plan_json_schema
+from apr_graph.state import AprState, CallRecord, PlanRecord, PrefixStats
 
 __all__ = ["make_decompose", "normalise_plan", "read_input", "repair_dependencies"]
 

@@ -35,10 +35,11 @@ from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.worker import thread_call
 from apr_graph.plan import PlanPrefix
+from apr_graph.plan_schema import Subtask
 from apr_graph.prompts import worker_messages
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.settings import AprSettings
-from apr_graph.state import CallRecord, PlanRecord, Subtask, SubtaskRecord
+from apr_graph.state import CallRecord, PlanRecord, SubtaskRecord
 
 __all__ = ["EarlyCall", "EarlyStarter", "PlanReader", "read_plan"]
 

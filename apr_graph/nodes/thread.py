@@ -1,0 +1,173 @@
+"""One thread's bookkeeping, shared by the ways a thread ends: the record it builds, the
+results it needs first, the fork that runs the graph one level deeper, and the update it
+leaves in graph state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from apr_graph.answers import final_answer
+from apr_graph.board import DEFERRED, Boards, RunBoard, deferred_record
+from apr_graph.budget import StoppedError
+from apr_graph.errors import (
+    AuthenticationError,
+    ModelCallError,
+    ModelNotFoundError,
+    ServerCapabilityError,
+)
+from apr_graph.events import emit
+from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
+
+__all__ = ["Subgraph", "Thread", "dependencies_of", "finish_thread", "fork_thread"]
+
+Subgraph = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Thread:
+    """What one thread accumulates while it runs."""
+
+    payload: WorkerInput
+    started: float
+    calls: list[CallRecord]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+
+    @property
+    def subtask(self) -> SubtaskRecord:
+        return self.payload["subtask"]
+
+    def record(
+        self,
+        status: ThreadStatus,
+        *,
+        answer: str | None = None,
+        error: str | None = None,
+        verified: bool | None = None,
+        critical: int | None = None,
+    ) -> ThreadRecord:
+        return ThreadRecord(
+            id=self.subtask["id"],
+            goal=self.subtask["goal"],
+            status=status,
+            answer=answer,
+            error=error,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            critical_path_tokens=self.completion_tokens if critical is None else critical,
+            started_at=self.started,
+            ended_at=time.time(),
+            depth=self.payload["depth"] + 1,
+            parent=None,
+            attempts=self.attempts,
+            verified=verified,
+        )
+
+
+async def dependencies_of(board: RunBoard, payload: WorkerInput) -> list[ThreadRecord] | None:
+    """The records of the subtask's dependencies, or None if it must defer to the join.
+
+    A thread waits only for siblings that run beside it in this process (``scheduled``):
+    those hold an execution slot already, so waiting never starves the step. A dependency
+    that finished before a crash, or runs later, is not waited for: the thread defers, and
+    the join sends it again with the results read from graph state.
+    """
+    wanted = payload["subtask"].get("depends_on") or []
+    given = payload.get("dependencies")
+    if given is not None:  # sent again by the join: what is missing did not finish
+        found = {d["id"]: d for d in given}
+        return [found[d] if d in found else _missing(d) for d in wanted]
+    if not board.can_wait_for(wanted):
+        return None
+    records = await board.wait_for(wanted)
+    return None if any(r["error"] == DEFERRED for r in records) else records
+
+
+def _missing(thread_id: str) -> ThreadRecord:
+    return {**deferred_record(thread_id), "status": "failed", "error": "did not finish"}
+
+
+async def fork_thread(
+    board: RunBoard,
+    boards: Boards,
+    thread: Thread,
+    dependencies: list[tuple[str, str, str]],
+    subgraph: Subgraph,
+) -> dict[str, Any]:
+    """Run the same graph on this subtask, one level deeper, and fold its result back."""
+    payload, sid = thread.payload, thread.subtask["id"]
+    context = payload["context"]
+    if dependencies:
+        context += "\n\n" + "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
+    thread.attempts = 1
+    child_input = {
+        "task": thread.subtask["goal"],
+        "context": context.strip(),
+        "depth": payload["depth"] + 1,
+        "parent_run": board.run_id,
+    }
+    try:
+        child = await board.guard(subgraph(child_input))
+    except StoppedError as stop:
+        return finish_thread(board, boards, thread, thread.record("cancelled", error=stop.reason))
+    except (AuthenticationError, ModelNotFoundError, ServerCapabilityError):
+        raise
+    except ModelCallError as exc:
+        return finish_thread(board, boards, thread, thread.record("failed", error=str(exc)))
+    metrics = child.get("metrics") or {}
+    thread.prompt_tokens = int(metrics.get("prompt_tokens", 0))
+    thread.completion_tokens = int(metrics.get("completion_tokens", 0))
+    incomplete = bool(metrics.get("incomplete"))
+    record = thread.record(
+        "cancelled" if incomplete else "done",
+        answer=child.get("answer"),
+        error="incomplete: " + ", ".join(metrics.get("missing", [])) if incomplete else None,
+        critical=int(metrics.get("critical_path_tokens", 0)),
+    )
+    nested = [
+        {**t, "id": f"{sid}/{t['id']}", "parent": f"{sid}/{t['parent']}" if t["parent"] else sid}
+        for t in child.get("threads") or []
+    ]
+    thread.calls.extend(
+        {**c, "thread_id": f"{sid}/{c['thread_id']}" if c["thread_id"] else sid}  # type: ignore[typeddict-item]
+        for c in child.get("calls") or []
+    )
+    result = finish_thread(board, boards, thread, record)
+    result["threads"] = result["threads"] + nested
+    return result
+
+
+def finish_thread(
+    board: RunBoard, boards: Boards, thread: Thread, record: ThreadRecord
+) -> dict[str, Any]:
+    """Publish the record, do the vote/race bookkeeping, emit the event, build the update."""
+    sid = record["id"]
+    board.finished.add(sid)
+    board.publish(record)
+    if record["status"] == "done" and record["answer"]:
+        if board.merge == "vote":
+            board.vote(sid, final_answer(record["answer"]))
+        elif board.merge == "race" and record["verified"]:
+            board.settle(sid, "race")
+    if record["status"] == "cancelled":
+        emit(
+            "thread_cancelled",
+            id=sid,
+            reason=record["error"],
+            completion_tokens=record["completion_tokens"],
+        )
+    emit(
+        "thread_finished",
+        id=sid,
+        status=record["status"],
+        completion_tokens=record["completion_tokens"],
+        elapsed_s=round(record["ended_at"] - record["started_at"], 3),
+        error=record["error"],
+        answer=record["answer"],
+        depth=record["depth"],
+    )
+    return {"threads": [record], "calls": thread.calls}
