@@ -304,7 +304,7 @@ async def run_interrupted_then_resumed(
     *,
     finished: str,
     hang: str,
-    stream: bool = False,
+    events: list[dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     settings = settings_for(server, max_retries=0, **overrides)
@@ -317,12 +317,16 @@ async def run_interrupted_then_resumed(
             await interrupt_when(app, config, saver, server, finished, hang)
     async with store.open() as saver:  # a new graph: nothing of the first run's memory
         app = compile_apr_graph(settings=settings, checkpointer=saver)
-        if not stream:
+        if events is None:
             return dict(await asyncio.wait_for(app.ainvoke(None, config), 30))
-        seen: list[dict[str, Any]] = []
+        values: dict[str, Any] = {}
         async with asyncio.timeout(30):
-            seen += [v async for v in app.astream(None, config, stream_mode="values")]
-        return seen[-1]
+            async for mode, chunk in app.astream(None, config, stream_mode=["custom", "values"]):
+                if mode == "values":
+                    values = chunk
+                else:
+                    events.append(chunk)
+        return values
 
 
 async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
@@ -354,11 +358,16 @@ async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_t
     assert "two uses 5" in expected["answer"]
 
     server = make_server(nested_rules(hang=True))
+    events: list[dict[str, Any]] = []
     result = await run_interrupted_then_resumed(
-        server, store, finished="s1", hang="one is 5", stream=True, max_depth=2
+        server, store, finished="s1", hang="one is 5", events=events, max_depth=2
     )
 
     assert result["answer"] == expected["answer"]
+    started = [e["id"] for e in events if e["event"] == "thread_started"]
+    closed = [e["id"] for e in events if e["event"] == "thread_finished"]
+    assert started, events
+    assert sorted(started) == sorted(closed)  # each started once, each closed once
     assert worker_requests(server, "Solve only this:\ninner one") == 1
     assert worker_requests(server, "Solve only this:\nsmall part") == 1
     assert len(server.chat_requests("planner")) == 2  # the root's plan and the fork's
