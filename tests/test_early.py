@@ -159,18 +159,22 @@ async def test_a_thread_the_repaired_plan_changes_is_started_again(
     assert all(t["status"] == "done" for t in result["threads"])
 
 
+GAMMA_NEEDS_ALPHA_AND_BETA = {
+    "strategy": "parallel",
+    "merge": "synthesize",
+    "subtasks": ["alpha", "beta", "gamma"],
+    "depends_on": {"3": [1, 2]},
+}
+"""Three goals written first; the dependency after them (gamma already started early)."""
+
+
 async def test_a_dependency_written_after_the_goals_restarts_that_thread_with_its_inputs(
     make_server: ServerFactory,
 ) -> None:
     # Goals come first and start as they are written; "depends_on" follows them. The thread
     # it names was started without its inputs: that request is discarded and sent again with
     # the results it needs; the others are adopted.
-    plan = {
-        "strategy": "parallel",
-        "merge": "synthesize",
-        "subtasks": ["alpha", "beta", "gamma"],
-        "depends_on": {"3": [1, 2]},
-    }
+    plan = GAMMA_NEEDS_ALPHA_AND_BETA
     server, result = await run_replanned(make_server, plan)
     assert [(s["id"], s["depends_on"]) for s in result["plan"]["subtasks"]] == [
         ("s1", []),
@@ -466,12 +470,7 @@ async def test_a_thread_sent_again_with_its_inputs_needs_a_slot_of_its_own(
     # beta, so its early request is of no use. Sent, it spent gamma's slot, and with no
     # slot left gamma is not sent again. Held back behind a slow warm-up, it was never
     # sent: the slot comes back and gamma runs once, with its inputs.
-    plan = {
-        "strategy": "parallel",
-        "merge": "synthesize",
-        "subtasks": ["alpha", "beta", "gamma"],
-        "depends_on": {"3": [1, 2]},
-    }
+    plan = GAMMA_NEEDS_ALPHA_AND_BETA
     servers: list[ScriptedServer] = []
 
     def warm_after_the_plan(_: RecordedRequest) -> Reply:

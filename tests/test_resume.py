@@ -52,17 +52,22 @@ def chain_rules(*, hang: bool) -> list[Rule]:
     rules = [Rule(role="planner", reply=Reply(content=plan))]
     if hang:  # the dependent's request, the one that carries s1's result
         rules.append(Rule(role="worker", contains="first is 7", times=1, reply=HANGS))
-    rules += [
-        Rule(
-            role="worker",
-            contains="second part",
-            reply=lambda r: Reply(
-                content="second uses " + ("7" if "first is 7" in r.last_user_message else "?")
-            ),
-        ),
+    return [
+        *rules,
+        quoting("second part", "first is 7"),
         Rule(role="worker", contains="first part", reply=Reply(content="first is 7")),
     ]
-    return rules
+
+
+def quoting(goal: str, needed: str) -> Rule:
+    """The worker of ``goal``: says whether its prompt carried the result ``needed``."""
+    return Rule(
+        role="worker",
+        contains=goal,
+        reply=lambda r: Reply(
+            content=f"{goal}: " + ("had " if needed in r.last_user_message else "lacked ") + needed
+        ),
+    )
 
 
 def nested_rules(*, hang: bool) -> list[Rule]:
@@ -86,13 +91,7 @@ def nested_rules(*, hang: bool) -> list[Rule]:
     if hang:
         rules.append(Rule(role="worker", contains="one is 5", times=1, reply=HANGS))
     rules += [
-        Rule(
-            role="worker",
-            contains="inner two",
-            reply=lambda r: Reply(
-                content="two uses " + ("5" if "one is 5" in r.last_user_message else "?")
-            ),
-        ),
+        quoting("inner two", "one is 5"),
         Rule(role="worker", contains="inner one", reply=Reply(content="one is 5")),
         Rule(role="worker", contains="small part", reply=Reply(content="small is 1")),
     ]
@@ -339,7 +338,7 @@ async def test_ainvoke_none_finishes_a_run_whose_dependent_was_interrupted(
     result = await run_interrupted_then_resumed(server, store, finished="s1", hang="first is 7")
 
     assert result["answer"] == expected["answer"]
-    assert "second uses 7" in result["answer"]
+    assert "second part: had first is 7" in result["answer"]
     assert worker_requests(server, "Solve only this:\nfirst part") == 1  # not redone
     assert len(server.chat_requests("planner")) == 1
     assert {t["id"]: t["status"] for t in result["threads"]} == {"s1": "done", "s2": "done"}
@@ -355,7 +354,7 @@ async def test_astream_none_resumes_a_nested_fork_without_redoing_its_finished_t
     reference = make_server(nested_rules(hang=False))
     settings = settings_for(reference, max_depth=2)
     expected = await compile_apr_graph(settings=settings).ainvoke({"task": "t"})
-    assert "two uses 5" in expected["answer"]
+    assert "inner two: had one is 5" in expected["answer"]
 
     server = make_server(nested_rules(hang=True))
     events: list[dict[str, Any]] = []
@@ -389,13 +388,7 @@ def starving_rules() -> list[Rule]:
     }
     return [
         Rule(role="planner", reply=Reply(content=plan)),
-        Rule(
-            role="worker",
-            contains="use base for",
-            reply=lambda r: Reply(
-                content="uses " + ("B" if "base is B" in r.last_user_message else "?")
-            ),
-        ),
+        quoting("use base for", "base is B"),
         Rule(role="worker", reply=Reply(content="base is B", delay_s=0.2)),
     ]
 
@@ -404,7 +397,7 @@ async def test_waiting_dependents_never_take_every_slot_async(make_server: Serve
     server = make_server(starving_rules())
     app = compile_apr_graph(settings=settings_for(server, max_threads=5, stream_plan=False))
     result = await asyncio.wait_for(app.ainvoke({"task": "t"}, {"max_concurrency": 2}), 30)
-    assert result["answer"].count("uses B") == 4
+    assert result["answer"].count("had base is B") == 4
     assert len(server.chat_requests("worker")) == 5
 
 
@@ -413,5 +406,5 @@ def test_waiting_dependents_never_take_every_slot_sync(make_server: ServerFactor
     app = compile_apr_graph(settings=settings_for(server, max_threads=5, stream_plan=False))
     with ThreadPoolExecutor(1) as pool:  # a hung invoke fails the test instead of hanging it
         result = pool.submit(app.invoke, {"task": "t"}, {"max_concurrency": 2}).result(30)
-    assert result["answer"].count("uses B") == 4
+    assert result["answer"].count("had base is B") == 4
     assert len(server.chat_requests("worker")) == 5
