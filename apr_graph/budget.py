@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ class StoppedError(Exception):
 class Budget:
     """Tokens, time and thread slots of a whole run, nested forks included.
 
-    The client charges it from its own thread as answers arrive and asks ``admits()`` right
-    before each request goes out, so counting is thread-safe and the stop signal is handed
-    to the run's event loop.
+    The client charges it as answers arrive and asks ``admits()`` right before each request
+    goes out. Everything touches it from the run's own event loop (an async caller's, or the
+    client's helper loop, where a sync run's nodes and requests all run), so it needs no lock
+    and signals a stop at once.
     """
 
     settings: AprSettings
@@ -42,13 +42,10 @@ class Budget:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = None
-    _thread: int = 0
 
     def __post_init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
         if self.settings.deadline_s is not None:
             self._timer = self._loop.call_later(self.settings.deadline_s, self.stop, "deadline")
 
@@ -79,37 +76,27 @@ class Budget:
         one worker request at most: a request that was sent and then discarded keeps its
         slot spent, so ``max_total_threads`` bounds the worker requests a run sends.
         """
-        with self._lock:
-            granted = max(0, min(wanted, self.settings.max_total_threads - self.threads_started))
-            self.threads_started += granted
+        granted = max(0, min(wanted, self.settings.max_total_threads - self.threads_started))
+        self.threads_started += granted
         return granted
 
     def release_threads(self, count: int) -> None:
         """Give back ``count`` slots whose requests were never handed to the client."""
-        with self._lock:
-            self.threads_started = max(0, self.threads_started - count)
+        self.threads_started = max(0, self.threads_started - count)
 
     def charge(self, tokens: int) -> None:
         """Count tokens spent; stop the run when the token budget is reached."""
-        with self._lock:
-            self.tokens_used += tokens
-            over = self.settings.token_budget is not None and (
-                self.tokens_used >= self.settings.token_budget
-            )
-        if over:
+        self.tokens_used += tokens
+        budget = self.settings.token_budget
+        if budget is not None and self.tokens_used >= budget:
             self.stop("token_budget")
 
     def stop(self, reason: str) -> None:
         """Stop the run: nothing new starts and running threads are cancelled."""
-        with self._lock:
-            if self.stop_reason is not None:
-                return
-            self.stop_reason = reason
-        if threading.get_ident() == self._thread or self._loop is None:
-            self._signal()
-        else:
-            with contextlib.suppress(RuntimeError):  # the run's loop is gone already
-                self._loop.call_soon_threadsafe(self._signal)
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        self._signal()
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the run's loop when the run stops (at once if it has)."""

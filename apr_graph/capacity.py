@@ -9,19 +9,24 @@ What is probed, where (all at once, within one short timeout):
   tokens), which is reported, but the width stays unknown.
 - Ollama, LiteLLM, ``transformers serve``, OpenAI: nothing to ask; the width is unknown.
 
-An unknown width leaves the settings' ``max_concurrency`` in charge.
+An unknown width leaves the settings' ``max_concurrency`` in charge. The probe goes on aiohttp
+(``http_pool``), once per client whatever event loops it serves (``ProbeOnce``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import re
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+from apr_graph.http_pool import HttpPool
 
-__all__ = ["CapacityReport", "probe_parallel_capacity", "server_root"]
+__all__ = ["CapacityReport", "ProbeOnce", "probe_parallel_capacity", "server_root"]
 
 _TIMEOUT_S = 3.0
 UNKNOWN = "not reported by the server"
@@ -88,29 +93,76 @@ async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> 
     """What the server says about its capacity (an empty report if it says nothing).
 
     The three endpoints are asked at once, within one short timeout, so a server that says
-    nothing (or hangs) costs at most ``_TIMEOUT_S`` once per client.
+    nothing (or hangs) costs at most ``_TIMEOUT_S`` once per client. They are asked on
+    connections of the probe's own, closed after it: the client's pool keeps only the
+    connections its requests use.
     """
+    pool = HttpPool(timeout_s=_TIMEOUT_S, https=base_url.startswith("https://"), keepalive_s=1)
+    try:
+        return await _ask_all(pool, base_url, api_key)
+    finally:
+        await pool.aclose()
+
+
+async def _ask_all(pool: HttpPool, base_url: str, api_key: str | None) -> CapacityReport:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     root = server_root(base_url)
-    # Plain HTTP needs no TLS context (loading the CA bundle costs up to 0.2 s).
-    verify = root.startswith("https://")
-    async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers, verify=verify) as http:
 
-        async def ask(path: str) -> httpx.Response | None:
-            try:
-                response = await http.get(root + path)
-            except httpx.HTTPError:
-                return None
-            return response if response.status_code == 200 else None
+    async def ask(path: str) -> Any:
+        try:
+            return await pool.fetch("GET", root + path, headers, timeout_s=_TIMEOUT_S)
+        except Exception:  # any failure, or a failed status, says nothing
+            return None
 
-        props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
-    for response, parse in ((props, _from_props), (slots, _from_slots)):
-        if response is not None:
-            try:
-                report = parse(response.json())
-            except ValueError:
+    props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
+    report = _from_props(props) or _from_slots(slots)
+    found = _from_metrics(metrics) if isinstance(metrics, str) else None
+    return report or found or CapacityReport()
+
+
+class ProbeOnce:
+    """A probe run once for all who ask, from any event loop.
+
+    A caller that finds the probe under way (on its loop or another) waits for it, and runs
+    it itself if the prober gave up (was cancelled) before the end.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self._running: concurrent.futures.Future[None] | None = None
+        self._lock = threading.Lock()
+
+    async def run(self, probe: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``probe`` unless it ran (or wait for the run under way)."""
+        while not self.done:
+            with self._lock:
+                running, mine = self._running, self._running is None
+                if running is None:
+                    running = self._running = concurrent.futures.Future()
+            if not mine:
+                await _finished(running)
                 continue
-            if report is not None:
-                return report
-    found = _from_metrics(metrics.text) if metrics is not None else None
-    return found or CapacityReport()
+            try:
+                await probe()
+                self.done = True
+            finally:
+                with self._lock:
+                    self._running = None
+                running.set_result(None)
+
+
+async def _finished(future: concurrent.futures.Future[None]) -> None:
+    """Wait on this loop for ``future``, set on any loop (cancelling the wait leaves it be)."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(RuntimeError):  # this loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle)
+
+    future.add_done_callback(wake)
+    await woken

@@ -56,6 +56,10 @@ def _usage(message: BaseMessage | None) -> dict[str, Any]:
 class ChatModelTransport:
     """Requests through a LangChain ``BaseChatModel``, at most ``max_concurrency`` at once.
 
+    Each request runs in its caller's task and context, so the model's runs nest under the
+    graph's (LangChain reads its parent run, and the callbacks of ``astream_events`` and
+    tracing, from the context); the model owns its connections.
+
     Args:
         model: the chat model every role uses.
         settings: ``max_concurrency`` is used.
@@ -64,7 +68,7 @@ class ChatModelTransport:
     def __init__(self, model: BaseChatModel, settings: AprSettings) -> None:
         self.model = model
         self.settings = settings
-        self._limit: AdaptiveLimiter | None = None
+        self._limit = AdaptiveLimiter(settings.max_concurrency)  # serves any loop
         declared = type(model).model_fields
         self._max_tokens_field = next((f for f in _MAX_TOKENS_FIELDS if f in declared), None)
         self._has_temperature = "temperature" in declared
@@ -74,11 +78,6 @@ class ChatModelTransport:
         """The chat model's class name."""
         return f"LangChain {type(self.model).__name__}"
 
-    def _limiter(self) -> AdaptiveLimiter:
-        if self._limit is None:  # made on the client's loop, where it is used
-            self._limit = AdaptiveLimiter(self.settings.max_concurrency)
-        return self._limit
-
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
@@ -86,7 +85,7 @@ class ChatModelTransport:
         from langchain_core.messages import convert_to_messages
 
         messages = convert_to_messages(list(request.messages))
-        async with self._limiter():
+        async with self._limit:
             admit(budget)
             progress.restart(time.time())
             runnable: Any = self._model_for(request)
@@ -158,11 +157,10 @@ class ChatModelTransport:
 
     def concurrency_limit(self) -> int:
         """Requests allowed in flight right now."""
-        return self._limit.limit if self._limit is not None else self.settings.max_concurrency
+        return self._limit.limit
 
     async def aclose(self) -> None:
         """Nothing to release: the chat model owns its connections."""
-        self._limit = None
 
 
 async def _stream(runnable: Any, messages: list[BaseMessage], progress: StreamProgress) -> Any:
@@ -232,10 +230,6 @@ class ChatModelClient(LLMClient):
         >>> from langchain_openai import ChatOpenAI  # doctest: +SKIP
         >>> app = compile_apr_graph(client=ChatModelClient(ChatOpenAI(model="gpt-4.1-mini")))
     """
-
-    _caller_context = True
-    """The chat model's runs nest under the graph's (LangChain reads its parent run, and the
-    callbacks of ``astream_events`` and tracing, from the context)."""
 
     def __init__(self, model: BaseChatModel, settings: AprSettings | None = None) -> None:
         settings = settings or AprSettings()

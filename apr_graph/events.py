@@ -63,7 +63,8 @@ def emit(event: str, **fields: Any) -> None:
 def token_emitter(thread_id: str) -> Callable[[str], None] | None:
     """A callback that streams one thread's text as ``token`` events, from any thread.
 
-    The model client calls it on its own loop; the event is handed to the run's loop.
+    The model client calls it as text arrives, outside the node's context; the event is
+    handed to the run's loop, in that context.
     """
     return _emitter({"event": "token", "id": thread_id})
 
@@ -80,7 +81,8 @@ def _emitter(fields: dict[str, Any]) -> Callable[[str], None] | None:
         return None
     loop = asyncio.get_running_loop()
     # The writer reads the run's LangGraph config from the context it runs in, and the
-    # request that calls ``on_text`` runs in a context of its own (see ``Portal``).
+    # request that calls ``on_text`` runs in an empty one (``http_pool.isolated``: pooled
+    # connections must not keep a finished run alive).
     context = contextvars.copy_context()
 
     def on_text(text: str) -> None:

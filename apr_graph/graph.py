@@ -109,10 +109,14 @@ def _sync_and_async(
     LangGraph hands the node its ``runtime`` (as to any node that names that parameter);
     the node gets the settings its run's context makes of the graph's.
 
-    A sync caller has no loop of its own to lend: the whole node runs on the client's loop,
-    one hop per node. Wrapped as LangGraph wraps a plain function node (``trace=False``: the
-    graph traces the node's task itself); a ``RunnableLambda`` would inspect the function's
-    signature and build a callback run on every call, hundreds of times in a fan-out.
+    An async run's nodes, and their requests, run on the caller's loop. A sync caller has
+    no loop to lend (LangGraph runs each node in a worker thread), and a loop per node would
+    open a connection pool per node: the whole node runs on the client's one helper loop
+    (``LLMClient.run_sync``), one hop per node, not per request.
+
+    Wrapped as LangGraph wraps a plain function node (``trace=False``: the graph traces the
+    node's task itself); a ``RunnableLambda`` would inspect the function's signature and
+    build a callback run on every call, hundreds of times in a fan-out.
     """
 
     def func(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:

@@ -3,18 +3,30 @@
 A 429 or 503 halves the number of requests allowed in flight (never below 1); every
 ``limit`` successes in a row raise it by one, back up to the configured maximum. A storm of
 429s thus becomes a trickle of retries instead of a storm of them.
+
+One limiter serves every event loop that sends to its server (``asyncio.run`` per call, the
+helper loop of sync calls, several threads): its counts are guarded by a thread lock, not by
+asyncio primitives (those belong to the loop that first used them), and a waiter is woken on
+its own loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from types import TracebackType
 
 __all__ = ["AdaptiveLimiter"]
 
 
+def _grant(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class AdaptiveLimiter:
-    """An async context manager admitting at most ``limit`` holders at once (AIMD)."""
+    """An async context manager admitting at most ``limit`` holders at once (AIMD), first
+    come first served, from any event loop."""
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
@@ -22,12 +34,26 @@ class AdaptiveLimiter:
         self.in_flight = 0
         self.decreases = 0
         self._successes = 0
-        self._changed = asyncio.Condition()
+        self._lock = threading.Lock()
+        self._waiting: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
+        """Waiters in arrival order; a waiter taken out of it was given a slot."""
 
     async def __aenter__(self) -> AdaptiveLimiter:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
-            self.in_flight += 1
+        with self._lock:
+            if self.in_flight < self.limit and not self._waiting:
+                self.in_flight += 1
+                return self
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiting[waiter] = loop
+        try:
+            await waiter
+        except BaseException:
+            with self._lock:
+                if self._waiting.pop(waiter, None) is None:  # a slot was given: pass it on
+                    self.in_flight -= 1
+                    self._admit()
+            raise
         return self
 
     async def __aexit__(
@@ -36,26 +62,50 @@ class AdaptiveLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        async with self._changed:
+        with self._lock:
             self.in_flight -= 1
-            self._changed.notify_all()
+            self._admit()
+
+    def _admit(self) -> None:
+        """Give free slots to the first waiters (the lock held)."""
+        while self._waiting and self.in_flight < self.limit:
+            waiter = next(iter(self._waiting))
+            loop = self._waiting.pop(waiter)
+            if loop.is_closed():
+                continue  # nobody will ever take it
+            self.in_flight += 1
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                _grant(waiter)
+                continue
+            try:
+                loop.call_soon_threadsafe(_grant, waiter)
+            except RuntimeError:  # its loop closed meanwhile
+                self.in_flight -= 1
+
+    def resize(self, maximum: int) -> None:
+        """Set the maximum (and the current limit) to ``maximum``: what the server runs."""
+        with self._lock:
+            self.maximum = self.limit = maximum
+            self._admit()
 
     def overloaded(self) -> None:
         """The server pushed back (429/503): halve the limit."""
-        self.limit = max(1, self.limit // 2)
-        self._successes = 0
-        self.decreases += 1
+        with self._lock:
+            self.limit = max(1, self.limit // 2)
+            self._successes = 0
+            self.decreases += 1
 
     def succeeded(self) -> None:
         """One request went through: after ``limit`` in a row, allow one more."""
         if self.limit >= self.maximum:
             return
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            self.limit += 1
-            asyncio.get_running_loop().create_task(self._wake())
-
-    async def _wake(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        with self._lock:
+            self._successes += 1
+            if self._successes >= self.limit:
+                self._successes = 0
+                self.limit += 1
+                self._admit()

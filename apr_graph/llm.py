@@ -3,9 +3,9 @@
 ``LLMClient`` puts one retry policy (``retry``), one error classification (``failures``) and
 structured output (``structured``) around a transport that sends single requests
 (``openai_transport`` for OpenAI-compatible servers, ``chat_model`` for LangChain chat models).
-Every call runs on the client's own background loop (``_portal``): one connection pool and one
-concurrency limit serve sync and async callers alike, and cancelling the caller cancels the
-request there, closing its HTTP response.
+Every call runs on its caller's event loop, with no hop between threads: cancelling the caller
+closes the HTTP response. Sync code lends no loop: ``run_sync`` runs a coroutine on the
+client's one helper loop (one hop per graph node, not per request).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from apr_graph._portal import Portal
 from apr_graph.errors import AprError, ConfigurationError, ServerCapabilityError
 from apr_graph.failures import RETRYABLE, FailureKind, classify, to_error
 from apr_graph.openai_transport import OpenAITransport
@@ -29,6 +28,7 @@ from apr_graph.responses import Completion, Message, StreamProgress
 from apr_graph.retry import CallBudget, RetryPolicy
 from apr_graph.settings import AprSettings, Role
 from apr_graph.structured import StructuredOutput
+from apr_graph.sync_loop import SyncLoop
 from apr_graph.transport import ChatRequest, TextRequest, Transport
 
 __all__ = ["CallBudget", "Completion", "LLMClient", "StreamProgress"]
@@ -37,8 +37,20 @@ T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
 
 
-def _release(portal: Portal, transport: Transport, *, wait: bool = False) -> None:
-    portal.shutdown(transport.aclose(), wait=wait)
+def _close_soon(transport: Transport) -> None:
+    """Close ``transport`` from sync code: awaited in a loop of its own, or, when this thread
+    runs a loop (it cannot be blocked), in a task there."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(transport.aclose())
+        return
+    task = loop.create_task(transport.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 class LLMClient:
@@ -56,9 +68,6 @@ class LLMClient:
         ConfigurationError: no transport and no ``base_url``.
     """
 
-    _caller_context: ClassVar[bool] = False
-    """Whether requests run in their caller's context (see ``Portal``)."""
-
     def __init__(self, settings: AprSettings, *, transport: Transport | None = None) -> None:
         if transport is None:
             if settings.base_url is None:
@@ -72,14 +81,15 @@ class LLMClient:
         self.transport = transport
         self._requests = settings  # what shapes each request: models, allowances, temperature
         self._origin: LLMClient | None = None
-        self._portal = Portal(caller_context=self._caller_context)
+        self._sync = SyncLoop()
         self._policy = RetryPolicy(settings)
         self._structured = StructuredOutput(settings, transport.name)
         self._found: dict[str, ServerCapabilityError] = {}
         """What the server was found unable to do (``tools``), for good; shared with the
         ``for_run`` views."""
-        # A client dropped without close() still releases its connections, quietly.
-        weakref.finalize(self, _release, self._portal, transport)
+        # A client dropped without close() stops its helper loop; its pools close with
+        # their loops, or when dropped (``http_pool``).
+        weakref.finalize(self, self._sync.shutdown, wait=False)
 
     @property
     def base_url(self) -> str:
@@ -112,16 +122,24 @@ class LLMClient:
 
     # -- lifecycle -------------------------------------------------------------------------
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
-        """Run a coroutine that uses this client from synchronous code."""
-        return self._portal.run(coro)
+        """Run a coroutine that uses this client from synchronous code, on the client's
+        helper loop (in the caller's context).
+
+        Raises:
+            RuntimeError: called from that loop itself (await the coroutine instead).
+        """
+        return self._sync.run(coro)
 
     def close(self) -> None:
-        """Close the connections and stop the background loop. The client can be reused."""
-        _release(self._portal, self.transport, wait=True)
+        """Close the connections (on every event loop that has some) and stop the helper
+        loop of sync calls. The client can be reused. In async code, ``await aclose()``."""
+        self._sync.shutdown(wait=True)
+        _close_soon(self.transport)
 
     async def aclose(self) -> None:
         """``close()`` for async code."""
-        await asyncio.to_thread(self.close)
+        await asyncio.to_thread(self._sync.shutdown, wait=True)
+        await self.transport.aclose()
 
     def __enter__(self) -> LLMClient:
         return self
@@ -138,7 +156,7 @@ class LLMClient:
     # -- calls ---------------------------------------------------------------------------
     async def capacity(self) -> int:
         """Requests the server(s) run at once: probed once, else the settings."""
-        return await self._portal.arun(self.transport.capacity())
+        return await self.transport.capacity()
 
     async def capacity_report(self) -> dict[str, Any]:
         """What probing found: ``width`` (``None`` when the server does not say), ``source``,
@@ -150,7 +168,7 @@ class LLMClient:
     async def list_models(self) -> list[str]:
         """The model names the server offers (``GET /models``)."""
         try:
-            return await self._portal.arun(self.transport.list_models())
+            return await self.transport.list_models()
         except AprError:
             raise  # already says what happened; never its own cause
         except Exception as exc:
@@ -211,23 +229,21 @@ class LLMClient:
             )
         progress = progress or StreamProgress()
         send = partial(self.transport.chat, request, progress=progress, budget=budget)
-        return await self._portal.arun(
-            self._attempts(
-                send,
-                request.model,
-                progress,
-                budget,
-                has_format=response_format is not None,
-                has_tools=bool(tools),
-            )
+        return await self._attempts(
+            send,
+            request.model,
+            progress,
+            budget,
+            has_format=response_format is not None,
+            has_tools=bool(tools),
         )
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
-        """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, on its
-        portal loop, with no task on the caller's loop: for a request sent before anyone
-        awaits it. Returns a future of its outcome; cancelling the future cancels the call
-        (its response is closed)."""
-        return self._portal.start(call)
+        """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, as a
+        task on the caller's loop: for a request sent before anyone awaits it. Returns a
+        future of its outcome; cancelling the future cancels the call (its response is
+        closed)."""
+        return asyncio.ensure_future(call)
 
     async def complete(
         self,
@@ -258,7 +274,7 @@ class LLMClient:
         )
         progress = progress or StreamProgress()
         send = partial(self.transport.complete, request, progress=progress, budget=budget)
-        return await self._portal.arun(self._attempts(send, request.model, progress, budget))
+        return await self._attempts(send, request.model, progress, budget)
 
     async def structured(
         self,
@@ -280,18 +296,16 @@ class LLMClient:
             StructuredOutputError: no valid answer after ``max_repairs`` re-asks.
             ModelCallError: the request itself failed.
         """
-        return await self._portal.arun(
-            self._structured(
-                self.chat,
-                messages,
-                output_type,
-                role=role,
-                model=self._requests.model_for(role),
-                schema=schema,
-                max_tokens=max_tokens,
-                budget=budget,
-                progress=progress,
-            )
+        return await self._structured(
+            self.chat,
+            messages,
+            output_type,
+            role=role,
+            model=self._requests.model_for(role),
+            schema=schema,
+            max_tokens=max_tokens,
+            budget=budget,
+            progress=progress,
         )
 
     async def _attempts(
@@ -304,7 +318,7 @@ class LLMClient:
         has_format: bool = False,
         has_tools: bool = False,
     ) -> Completion:
-        """The one retry loop around single requests (runs on the portal loop)."""
+        """The one retry loop around single requests."""
         started = time.time()
         progress.requests = 1
         try:

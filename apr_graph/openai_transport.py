@@ -1,15 +1,19 @@
 """Requests to OpenAI-compatible servers: endpoints, their limits, probing, request shapes.
 
-Each endpoint (``base_url`` plus any ``base_urls`` replicas) has its own SDK client (SDK
-retries off) and its own adaptive limiter; a request goes to the least-loaded endpoint that is
-not cooling down after refusing connections. The server's parallel capacity is probed once,
-before the first request, and sizes each endpoint's limiter.
+Each endpoint (``base_url`` plus any ``base_urls`` replicas) has its own adaptive limiter; a
+request goes to the least-loaded endpoint that is not cooling down after refusing connections.
+The server's parallel capacity is probed once, before the first request, and sizes each
+endpoint's limiter. Limiters, probe results and what a server was found to refuse are the
+transport's, shared by every event loop that uses it; connections are per loop (``http_pool``).
+
+Requests run on the caller's event loop, each in a task of its own with an empty context
+(``http_pool.isolated``: connections they leave in the pool must not keep the caller's run
+alive); cancelling the caller closes the HTTP response.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import time
@@ -19,9 +23,8 @@ from typing import Any
 
 import openai
 
-from apr_graph.capacity import CapacityReport, probe_parallel_capacity
-from apr_graph.errors import ConfigurationError
-from apr_graph.http_stream import AiohttpStreams, status_error, transport_error
+from apr_graph.capacity import CapacityReport, ProbeOnce, probe_parallel_capacity
+from apr_graph.http_pool import HttpPool, SseResponse, isolated
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.responses import (
     Completion,
@@ -39,6 +42,7 @@ from apr_graph.responses import (
     usage_counts,
 )
 from apr_graph.retry import CallBudget
+from apr_graph.sdk_compat import sdk_headers
 from apr_graph.settings import AprSettings
 from apr_graph.transport import ChatRequest, TextRequest, admit
 
@@ -53,71 +57,15 @@ _KEEPALIVE_S = 30.0
 run's fan-out instead of being opened again."""
 
 
-def _http_client(settings: AprSettings, base_url: str) -> Any:
-    """The SDK's HTTP client with its pool sized to the concurrency actually used: as many
-    kept-alive connections as requests may be in flight (the SDK keeps 100 for 5 s, so a
-    256-wide fan-out opened 256 new ones every time). The limiter bounds connections.
-
-    With aiohttp (``http_client``, by default when installed) the SDK's own aiohttp transport
-    is under it: the same client and error types, much less client CPU per streamed request
-    when hundreds are in flight (BENCHMARKS.md)."""
-    aiohttp = _uses_aiohttp(settings)
-    limits = type(openai.DEFAULT_CONNECTION_LIMITS)(
-        # aiohttp reads None as its default cap of 100 connections, 0 as no cap
-        max_connections=0 if aiohttp else None,
-        max_keepalive_connections=settings.max_concurrency,
-        keepalive_expiry=_KEEPALIVE_S,
-    )
-    factory = openai.DefaultAioHttpClient if aiohttp else openai.DefaultAsyncHttpxClient
-    if base_url.startswith("https://"):
-        return factory(limits=limits)
-    # Plain HTTP (a local or in-cluster server) needs no TLS context: building one per
-    # client costs tens of milliseconds.
-    return factory(limits=limits, verify=False)
-
-
-def _uses_aiohttp(settings: AprSettings) -> bool:
-    """Whether the endpoints run on aiohttp; asking for it without it installed is refused."""
-    installed = importlib.util.find_spec("aiohttp") is not None
-    if settings.http_client == "aiohttp" and not installed:
-        raise ConfigurationError(
-            "http_client='aiohttp' needs aiohttp: pip install 'openai[aiohttp]' "
-            "(or set http_client='httpx' or 'auto')"
-        )
-    return installed and settings.http_client != "httpx"
-
-
 class _Endpoint:
-    """One server: its SDK client and its own adaptive limiter (they live on one loop)."""
+    """One server: its URL, headers and adaptive limiter (shared by every loop)."""
 
     def __init__(self, settings: AprSettings, base_url: str) -> None:
         self.url = base_url
-        self.http = _http_client(settings, base_url)
-        self.client = openai.AsyncOpenAI(
-            base_url=base_url,
-            api_key=settings.api_key.get_secret_value(),
-            max_retries=0,
-            timeout=settings.request_timeout_s,
-            http_client=self.http,
-        )
-        self.stream_headers = {
-            **{k: v for k, v in self.client.default_headers.items() if isinstance(v, str)},
-            **self.client.auth_headers,
-            "Accept": "text/event-stream",
-        }
-        """The SDK's own headers (auth, user agent, organization), built once, not per request."""
+        headers = sdk_headers(settings.api_key.get_secret_value())
+        self.stream_headers = {**headers, "Accept": "text/event-stream"}
+        self.json_headers = {**headers, "Accept": "application/json"}
         self._urls: dict[str, str] = {}
-        self.streams = (
-            AiohttpStreams(
-                self.http,
-                timeout_s=settings.request_timeout_s,
-                https=base_url.startswith("https://"),
-                keepalive_s=_KEEPALIVE_S,
-            )
-            if _uses_aiohttp(settings)
-            else None
-        )
-        """Streamed requests on aiohttp directly (``None``: on the SDK's httpx client)."""
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
         self.streams_tools = True
@@ -128,14 +76,14 @@ class _Endpoint:
         """The full URL of ``path`` under the endpoint's base URL, joined once per path."""
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = str(self.client.base_url.join(path.lstrip("/")))
+            url = self._urls[path] = f"{self.url.rstrip('/')}/{path.lstrip('/')}"
         return url
 
     def load(self) -> float:
         return self.limit.in_flight / self.limit.limit
 
     async def send(self, request: Awaitable[Any]) -> Any:
-        """Await one SDK request and teach this endpoint's limiter what happened: 429/503
+        """Await one request and teach this endpoint's limiter what happened: 429/503
         shrink it, success grows it, a refused connection sets the endpoint aside a while."""
         try:
             result = await request
@@ -160,46 +108,42 @@ class OpenAITransport:
     def __init__(self, settings: AprSettings) -> None:
         if settings.base_url is None:
             raise ValueError("OpenAITransport needs settings.base_url")
-        _uses_aiohttp(settings)  # refused when the graph is built, not at its first request
         self.settings = settings
         self.urls = list(dict.fromkeys([settings.base_url, *settings.base_urls]))
-        self._endpoints: list[_Endpoint] = []
-        self._probed = False
-        self._probe_lock: asyncio.Lock | None = None
+        self._endpoints = [_Endpoint(settings, url) for url in self.urls]
+        self.pool = HttpPool(
+            timeout_s=settings.request_timeout_s,
+            https=any(url.startswith("https://") for url in self.urls),
+            keepalive_s=_KEEPALIVE_S,
+        )
+        self._probed = ProbeOnce()
 
     @property
     def name(self) -> str:
         """The first endpoint's URL."""
         return self.urls[0]
 
-    def _all(self) -> list[_Endpoint]:
-        # Built on first use, on the client's loop, so each endpoint has one client and limiter.
-        if not self._endpoints:
-            self._endpoints.extend(_Endpoint(self.settings, url) for url in self.urls)
-        return self._endpoints
-
     async def _pick(self) -> _Endpoint:
         """The least-loaded endpoint among those not cooling down (probed first, once)."""
-        await self.capacity()
+        if not self._probed.done:
+            await self.capacity()
         now = time.monotonic()
-        endpoints = self._all()
+        endpoints = self._endpoints
         up = [e for e in endpoints if e.down_until <= now] or endpoints
         return min(up, key=_Endpoint.load)
 
     async def capacity(self) -> int:
-        """Requests the servers run at once: probed once (``probe_capacity``), else settings."""
-        endpoints = self._all()
-        if self._probe_lock is None:
-            self._probe_lock = asyncio.Lock()
-        async with self._probe_lock:
-            if not self._probed:
-                self._probed = True
-                if self.settings.probe_capacity:
-                    await asyncio.gather(*(self._probe(e) for e in endpoints))
-                else:
-                    for endpoint in endpoints:
-                        endpoint.report = CapacityReport(source="not asked (probe_capacity off)")
-        return sum(e.limit.maximum for e in endpoints)
+        """Requests the servers run at once: probed once (``probe_capacity``), else settings;
+        once for the transport, whatever loops ask (``ProbeOnce``)."""
+        await self._probed.run(lambda: isolated(self._probe_all()))
+        return sum(e.limit.maximum for e in self._endpoints)
+
+    async def _probe_all(self) -> None:
+        if not self.settings.probe_capacity:
+            for endpoint in self._endpoints:
+                endpoint.report = CapacityReport(source="not asked (probe_capacity off)")
+            return
+        await asyncio.gather(*(self._probe(e) for e in self._endpoints))
 
     async def _probe(self, endpoint: _Endpoint) -> None:
         report = await probe_parallel_capacity(
@@ -211,17 +155,17 @@ class OpenAITransport:
         slots = report.width
         if "max_concurrency" in self.settings.model_fields_set:
             slots = min(slots, self.settings.max_concurrency)  # the user's cap still holds
-        endpoint.limit.maximum = endpoint.limit.limit = slots
+        endpoint.limit.resize(slots)
 
     def capacity_report(self) -> dict[str, Any]:
         """What probing found, over all endpoints: ``width`` (``None``: unknown), ``source``,
         ``limit`` (requests allowed in flight), and any ``slot_context`` / ``kv_cache_tokens``."""
-        reports = [e.report for e in self._all()]
+        reports = [e.report for e in self._endpoints]
         widths = [r.width for r in reports]
         found: dict[str, Any] = {
             "width": None if None in widths else sum(w or 0 for w in widths),
             "source": "; ".join(dict.fromkeys(r.source for r in reports)),
-            "limit": sum(e.limit.maximum for e in self._all()),
+            "limit": sum(e.limit.maximum for e in self._endpoints),
         }
         for name in ("slot_context", "kv_cache_tokens"):
             values = [getattr(r, name) for r in reports if getattr(r, name) is not None]
@@ -231,8 +175,6 @@ class OpenAITransport:
 
     def concurrency_limit(self) -> int:
         """Requests currently allowed in flight, over all endpoints."""
-        if not self._endpoints:
-            return self.settings.max_concurrency * len(self.urls)
         return sum(e.limit.limit for e in self._endpoints)
 
     @property
@@ -242,23 +184,30 @@ class OpenAITransport:
 
     async def list_models(self) -> list[str]:
         """``GET /models`` of the first endpoint."""
-        page = await self._all()[0].client.models.list()
-        return [model.id async for model in page]
+        return await isolated(self._list_models())
+
+    async def _list_models(self) -> list[str]:
+        endpoint = self._endpoints[0]
+        page = await self.pool.fetch("GET", endpoint.url_of("/models"), endpoint.json_headers)
+        listed = page.get("data") if isinstance(page, dict) else None
+        if not isinstance(listed, list):
+            raise TransientResponseError(f"the server did not list models: {str(page)[:120]!r}")
+        return [str(m["id"]) for m in listed if isinstance(m, dict) and "id" in m]
 
     async def aclose(self) -> None:
-        """Close every endpoint's connections (they are rebuilt on next use)."""
-        endpoints, self._endpoints = self._endpoints, []
-        self._probed = False
-        for endpoint in endpoints:
-            if endpoint.streams is not None:
-                await endpoint.streams.aclose()
-            await endpoint.client.close()
+        """Close the connections, on every loop that has some (reopened on next use)."""
+        await self.pool.aclose()
 
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One chat completion, streamed when the request asks (tool calls too: their
         deltas are assembled by ``read_stream``)."""
+        return await isolated(self._chat(request, progress, budget))
+
+    async def _chat(
+        self, request: ChatRequest, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
         endpoint = await self._pick()
         max_tokens = _fit(request.max_tokens, prompt_estimate(request.messages), endpoint)
         body: dict[str, Any] = {
@@ -276,12 +225,12 @@ class OpenAITransport:
             progress.restart(time.time())  # sent only once a slot is free
             response = None
             if request.stream and (endpoint.streams_tools or not request.tools):
-                response = await _stream_chat(endpoint, body, request)
+                response = await self._stream_chat(endpoint, body, request)
             if response is not None:
                 end = await read_stream(response, progress, delta_text)
                 reply = _Reply.streamed(end, progress)
             else:
-                reply = _unpack(await endpoint.send(_post(endpoint, body)))
+                reply = _unpack(await endpoint.send(self._post(endpoint, body)))
             return reply.completion(
                 request.model, prompt_estimate(request.messages), progress, budget
             )
@@ -290,6 +239,11 @@ class OpenAITransport:
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One streamed ``/v1/completions`` request ending at a stop string."""
+        return await isolated(self._complete(request, progress, budget))
+
+    async def _complete(
+        self, request: TextRequest, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
         endpoint = await self._pick()
         prompt_tokens = estimate_tokens(request.prompt)
         body = {
@@ -303,73 +257,50 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            response = await endpoint.send(_post_stream(endpoint, "/completions", body))
+            response = await endpoint.send(self._post_stream(endpoint, "/completions", body))
             reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
             reply.reasoning_kept = True  # a native reasoner's text is the whole point
             return reply.completion(request.model, prompt_tokens, progress, budget)
+
+    async def _stream_chat(
+        self, endpoint: _Endpoint, body: dict[str, Any], request: ChatRequest
+    ) -> SseResponse | None:
+        """The unread response of a streamed chat request, or ``None`` when the server
+        refuses to stream tool calls (llama.cpp before spring 2025: 500 "Cannot use tools
+        with stream"): then the request goes unstreamed, now and from then on."""
+        try:
+            response: SseResponse = await endpoint.send(
+                self._post_stream(endpoint, "/chat/completions", body)
+            )
+        except openai.APIStatusError as exc:
+            refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
+            if not (request.tools and refused):
+                raise
+            endpoint.streams_tools = False
+            return None
+        return response
+
+    async def _post_stream(
+        self, endpoint: _Endpoint, path: str, body: dict[str, Any]
+    ) -> SseResponse:
+        """Send a streamed request; the raw, unread response (read by ``read_stream``)."""
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        return await self.pool.stream(
+            endpoint.url_of(path), _dumps(payload), endpoint.stream_headers
+        )
+
+    async def _post(self, endpoint: _Endpoint, body: dict[str, Any]) -> Any:
+        """A non-streamed chat request: its parsed JSON body."""
+        url = endpoint.url_of("/chat/completions")
+        return await self.pool.fetch("POST", url, endpoint.json_headers, _dumps(body))
 
 
 _STREAM = re.compile(r"\bstream", re.I)
 """In a refusal, the word that says streaming was the problem ("upstream ..." is not)."""
 
 
-async def _stream_chat(endpoint: _Endpoint, body: dict[str, Any], request: ChatRequest) -> Any:
-    """The unread response of a streamed chat request, or ``None`` when the server refuses
-    to stream tool calls (llama.cpp before spring 2025: 500 "Cannot use tools with stream"):
-    then the request goes unstreamed, now and from then on."""
-    try:
-        return await endpoint.send(_post_stream(endpoint, "/chat/completions", body))
-    except openai.APIStatusError as exc:
-        refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
-        if not (request.tools and refused):
-            raise
-        endpoint.streams_tools = False
-        return None
-
-
-async def _post_stream(endpoint: _Endpoint, path: str, body: dict[str, Any]) -> Any:
-    """Send a streamed request and return the raw, unread HTTP response.
-
-    The bulk path of a fan-out goes around the SDK's request pipeline (options, body
-    transform, per-chunk models): on aiohttp to the endpoint's own aiohttp session
-    (``http_stream``), on httpx to the SDK's HTTP client (its pool, headers, timeout).
-    Failures still surface as the SDK's error types, so classification and retries see
-    what the SDK would raise.
-    """
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    if endpoint.streams is not None:  # aiohttp, directly
-        return await endpoint.streams.post(
-            endpoint.url_of(path),
-            json.dumps(payload, ensure_ascii=False).encode(),
-            endpoint.stream_headers,
-        )
-    request = endpoint.http.build_request(
-        "POST",
-        endpoint.url_of(path),
-        content=json.dumps(payload, ensure_ascii=False).encode(),
-        headers=endpoint.stream_headers,
-        timeout=endpoint.client.timeout,
-    )
-    try:
-        response = await endpoint.http.send(request, stream=True)
-    except Exception as exc:
-        raise transport_error(exc, request) from exc
-    if response.status_code >= 400:
-        try:
-            await response.aread()
-        except Exception as exc:
-            raise transport_error(exc, request) from exc
-        finally:
-            await response.aclose()
-        raise status_error(response)
-    return response
-
-
-async def _post(endpoint: _Endpoint, body: dict[str, Any]) -> Any:
-    """A non-streamed chat request, parsed by the SDK."""
-    return await endpoint.client.post(
-        "/chat/completions", body=body, cast_to=openai.types.chat.ChatCompletion
-    )
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
 _CONTEXT_MARGIN = 32
@@ -440,18 +371,21 @@ class _Reply:
 
 
 def _unpack(result: Any) -> _Reply:
-    """The reply of a non-streamed chat completion."""
-    if not isinstance(result, openai.types.chat.ChatCompletion):
+    """The reply of a non-streamed chat completion (its JSON body)."""
+    if not isinstance(result, dict) or "choices" not in result:
         snippet = str(result)[:120]
         raise TransientResponseError(f"the server did not return a completion: {snippet!r}")
-    if not result.choices:
+    choices = result["choices"]
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise TransientResponseError("the server returned no choices")
-    choice = result.choices[0]
-    message = choice.message
+    choice = choices[0]
+    message = choice.get("message")
+    message = message if isinstance(message, dict) else {}
+    content = message.get("content")
     return _Reply(
-        message.content or "",
-        choice.finish_reason,
-        result.usage,
-        (result.model_extra or {}).get("timings"),
+        content if isinstance(content, str) else "",
+        choice.get("finish_reason"),
+        result.get("usage"),
+        result.get("timings"),
         tool_calls=tool_calls_of(message),
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import openai
 
-from apr_graph.http_stream import timed_out
+from apr_graph.sdk_compat import timed_out
 
 __all__ = [
     "Completion",

@@ -6,9 +6,16 @@ Every field can be set in code, or through the environment: ``APR_<FIELD>`` (for
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AprSettings", "MergeStrategy", "Role"]
@@ -20,6 +27,16 @@ MergeStrategy = Literal["concat", "synthesize", "vote", "race", "best"]
 """How thread results become the answer: each part's answer under its subtask (no call), a
 model merge, a majority vote with early stop, the first verified result (siblings cancelled),
 or the result a judge call picks."""
+
+
+def _aiohttp_only(value: str) -> str:
+    if value == "httpx":
+        raise ValueError(
+            "http_client='httpx' is no longer offered: every request goes on aiohttp, which "
+            "costs less client CPU per streamed token (BENCHMARKS.md); drop the setting "
+            "(and APR_HTTP_CLIENT)"
+        )
+    return value
 
 
 class AprSettings(BaseSettings):
@@ -78,12 +95,13 @@ class AprSettings(BaseSettings):
     request_timeout_s: float = Field(default=120.0, gt=0)
     """Timeout of one HTTP request, in seconds."""
 
-    http_client: Literal["auto", "aiohttp", "httpx"] = "auto"
-    """The HTTP stack: ``aiohttp`` (a dependency of apr-graph): streamed requests on an
-    aiohttp session of apr's own, the rest on the SDK's aiohttp transport (about half the
-    client CPU per thread of httpx in fan-outs of hundreds of threads, BENCHMARKS.md); or
-    ``httpx``: the SDK's default client for everything. ``auto``: aiohttp when it is
-    importable, else httpx."""
+    http_client: Annotated[Literal["auto", "aiohttp", "httpx"], AfterValidator(_aiohttp_only)] = (
+        "auto"
+    )
+    """Deprecated: every request goes on aiohttp (apr-graph's own sessions, one per event
+    loop; about half the client CPU per thread of httpx in fan-outs of hundreds of threads,
+    BENCHMARKS.md). ``auto`` and ``aiohttp`` are accepted and mean that; ``httpx`` is
+    refused."""
 
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of one request after a transient error (connection, timeout, 408, 409, 429, 5xx)."""

@@ -1,9 +1,10 @@
 """The small interface between the client front (``LLMClient``) and whatever serves the model.
 
 A transport sends *one* request and reports what came back; the front around it owns the
-retry policy, error classification, structured output and the background loop. Two ship with
-apr-graph: ``OpenAITransport`` (any OpenAI-compatible server, several replicas) and
-``ChatModelTransport`` (any LangChain chat model). Every method runs on the client's own loop.
+retry policy, error classification and structured output. Two ship with apr-graph:
+``OpenAITransport`` (any OpenAI-compatible server, several replicas) and ``ChatModelTransport``
+(any LangChain chat model). Every method runs on its caller's event loop, and one transport
+may serve several loops (``asyncio.run`` per call, the client's helper loop of sync calls).
 """
 
 from __future__ import annotations

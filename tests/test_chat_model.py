@@ -171,9 +171,9 @@ async def test_chatopenai_sends_the_limits_to_the_server(make_server: ServerFact
         result = await compile_apr_graph(client=client).ainvoke({"task": "t"})
     finally:
         # langchain-openai keeps the model's HTTP client in a global cache; its connections
-        # were opened on the client's loop, so they are closed there, before that loop stops
-        client.run_sync(model.root_async_client.close())
-        client.close()
+        # were opened on this test's loop, so they are closed here, before that loop stops
+        await model.root_async_client.close()
+        await client.aclose()
 
     bodies = [r.body for r in server.chat_requests()]
     sent = [(b.get("max_completion_tokens"), b.get("temperature")) for b in bodies]

@@ -1,20 +1,19 @@
-"""The streamed bulk path on both HTTP stacks under the SDK (aiohttp and httpx): what goes on
-the wire, and the errors a caller sees, must not depend on the stack."""
+"""The one HTTP stack (aiohttp): what goes on the wire, and the errors a caller sees (the SDK's
+classes, read by the one retry policy)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from apr_graph import (
     AprSettings,
     AuthenticationError,
-    ConfigurationError,
     LLMClient,
     ModelCallError,
     ServerUnreachableError,
@@ -23,16 +22,14 @@ from apr_graph import (
 from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 
-STACKS = pytest.mark.parametrize("stack", ["aiohttp", "httpx"])
 Q = [{"role": "user", "content": "q"}]
 
 
-@STACKS
 async def test_a_streamed_call_sends_the_sdk_headers_and_a_streaming_body(
-    make_server: ServerFactory, stack: str
+    make_server: ServerFactory,
 ) -> None:
     server = make_server([Rule(reply=Reply(content="one two three"))])
-    settings = settings_for(server, http_client=stack, api_key="sk-test-key")
+    settings = settings_for(server, api_key="sk-test-key")
     async with LLMClient(settings) as client:
         answer = await client.chat(Q, role="worker", max_tokens=50)
     assert answer.text == "one two three"
@@ -53,9 +50,8 @@ def own_headers(server: ScriptedServer) -> list[str]:
     return [name for r in server.requests for name in r.headers if name.startswith("x-apr")]
 
 
-@STACKS
 async def test_a_run_sends_no_header_of_its_own_and_roles_still_route(
-    make_server: ServerFactory, stack: str
+    make_server: ServerFactory,
 ) -> None:
     plan = {"strategy": "parallel", "merge": "synthesize", "subtasks": ["red", "green", "blue"]}
     server = make_server(
@@ -65,7 +61,7 @@ async def test_a_run_sends_no_header_of_its_own_and_roles_still_route(
             Rule(role="synthesizer", reply=lambda r: Reply(content="merged " + r.all_text[-60:])),
         ]
     )
-    app = compile_apr_graph(settings=settings_for(server, http_client=stack))
+    app = compile_apr_graph(settings=settings_for(server))
     out = await app.ainvoke({"task": "Name three colours."})
     assert out["answer"].startswith("merged")
     assert sorted(t["answer"] for t in out["threads"]) == ["blue", "green", "red"]
@@ -78,12 +74,11 @@ async def test_a_run_sends_no_header_of_its_own_and_roles_still_route(
     assert own_headers(server) == []
 
 
-@STACKS
 async def test_unstreamed_and_text_completions_send_no_header_of_their_own(
-    make_server: ServerFactory, stack: str
+    make_server: ServerFactory,
 ) -> None:
     server = make_server([Rule(reply=Reply(content="fine"))])
-    async with LLMClient(settings_for(server, http_client=stack)) as client:
+    async with LLMClient(settings_for(server)) as client:
         await client.chat(Q, role="worker", stream=False)
         await client.complete("Q:", role="native", stop=["\n"], max_tokens=8)
     assert sorted(r.path for r in server.requests if r.method == "POST") == [
@@ -93,72 +88,53 @@ async def test_unstreamed_and_text_completions_send_no_header_of_their_own(
     assert own_headers(server) == []
 
 
-@STACKS
-async def test_a_refused_key_is_the_sdk_error_after_one_request(
-    make_server: ServerFactory, stack: str
-) -> None:
+async def test_a_refused_key_is_the_sdk_error_after_one_request(make_server: ServerFactory) -> None:
     server = make_server([Rule(reply=Reply(status=401, error_message="bad key"))])
-    async with LLMClient(settings_for(server, http_client=stack)) as client:
+    async with LLMClient(settings_for(server)) as client:
         with pytest.raises(AuthenticationError, match="bad key"):
             await client.chat(Q, role="worker")
     assert len(server.chat_requests()) == 1
 
 
-@STACKS
-async def test_a_rate_limit_is_retried_on_either_stack(
-    make_server: ServerFactory, stack: str
-) -> None:
+async def test_a_rate_limit_is_retried(make_server: ServerFactory) -> None:
     server = make_server(
         [
             Rule(reply=Reply(status=429, headers={"Retry-After": "0"}), times=1),
             Rule(reply=Reply(content="fine")),
         ]
     )
-    async with LLMClient(settings_for(server, http_client=stack)) as client:
+    async with LLMClient(settings_for(server)) as client:
         answer = await client.chat(Q, role="worker")
     assert answer.text == "fine"
     assert answer.requests == 2
 
 
-@STACKS
-async def test_a_closed_port_is_unreachable_not_a_timeout(
-    make_server: ServerFactory, stack: str
-) -> None:
+async def test_a_closed_port_is_unreachable_not_a_timeout(make_server: ServerFactory) -> None:
     server = make_server([])
     url = server.base_url
     server.stop()
-    settings = AprSettings(base_url=url, max_retries=1, retry_max_wait_s=0.05, http_client=stack)
+    settings = AprSettings(base_url=url, max_retries=1, retry_max_wait_s=0.05)
     async with LLMClient(settings) as client:
         with pytest.raises(ServerUnreachableError, match="cannot connect"):
             await client.chat(Q, role="worker")
 
 
-@STACKS
-async def test_a_silent_server_times_out_on_either_stack(
-    make_server: ServerFactory, stack: str
-) -> None:
+async def test_a_silent_server_times_out(make_server: ServerFactory) -> None:
     server = make_server([Rule(reply=Reply(content="late", delay_s=2))])
-    settings = settings_for(server, request_timeout_s=0.3, max_retries=0, http_client=stack)
+    settings = settings_for(server, request_timeout_s=0.3, max_retries=0)
     async with LLMClient(settings) as client:
         with pytest.raises(ModelCallError, match=r"timed out after 0\.3s"):
             await client.chat(Q, role="worker")
 
 
-def test_asking_for_aiohttp_without_it_says_how_to_fix_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name)
-    )
-    settings = AprSettings(base_url="http://127.0.0.1:9/v1", http_client="aiohttp")
-    with pytest.raises(ConfigurationError, match=r"pip install 'openai\[aiohttp\]'"):
-        LLMClient(settings)
+def test_asking_for_httpx_is_refused_saying_what_to_do() -> None:
+    with pytest.raises(ValidationError, match="drop the setting"):
+        AprSettings(base_url="http://127.0.0.1:9/v1", http_client="httpx")
+    assert AprSettings(http_client="aiohttp").http_client == "aiohttp"  # still accepted
 
 
-@STACKS
-async def test_the_environment_proxy_carries_the_stream_on_either_stack(
-    make_server: ServerFactory, stack: str, monkeypatch: pytest.MonkeyPatch
+async def test_the_environment_proxy_carries_the_stream(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proxy = make_server([Rule(reply=Reply(content="via the proxy"))])
     monkeypatch.setenv("HTTP_PROXY", proxy.base_url.rsplit("/v1", 1)[0])
@@ -166,7 +142,6 @@ async def test_the_environment_proxy_carries_the_stream_on_either_stack(
     monkeypatch.delenv("no_proxy", raising=False)
     settings = AprSettings(
         base_url="http://api.example.invalid/v1",
-        http_client=stack,
         max_retries=0,
         probe_capacity=False,
     )
@@ -177,29 +152,25 @@ async def test_the_environment_proxy_carries_the_stream_on_either_stack(
     assert request.path == "http://api.example.invalid/v1/chat/completions"
 
 
-@STACKS
-async def test_a_stream_cut_mid_way_is_retried_on_either_stack(
-    make_server: ServerFactory, stack: str
-) -> None:
+async def test_a_stream_cut_mid_way_is_retried(make_server: ServerFactory) -> None:
     server = make_server(
         [
             Rule(reply=Reply(content="one two three four", cut_stream_after=2), times=1),
             Rule(reply=Reply(content="whole answer")),
         ]
     )
-    async with LLMClient(settings_for(server, http_client=stack)) as client:
+    async with LLMClient(settings_for(server)) as client:
         answer = await client.chat(Q, role="worker")
     assert answer.text == "whole answer"
     assert answer.requests == 2
     assert len(server.chat_requests()) == 2
 
 
-@STACKS
 async def test_streamed_requests_one_after_another_reuse_one_connection(
-    make_server: ServerFactory, stack: str
+    make_server: ServerFactory,
 ) -> None:
     server = make_server([Rule(reply=Reply(content="again"))])
-    async with LLMClient(settings_for(server, http_client=stack)) as client:
+    async with LLMClient(settings_for(server)) as client:
         for _ in range(3):
             assert (await client.chat(Q, role="worker")).text == "again"
     peers = {r.peer for r in server.chat_requests()}
@@ -207,8 +178,7 @@ async def test_streamed_requests_one_after_another_reuse_one_connection(
     assert len(peers) == 1, peers  # kept alive, not opened again per request
 
 
-@STACKS
-async def test_a_body_left_open_after_done_still_answers_at_once(stack: str) -> None:
+async def test_a_body_left_open_after_done_still_answers_at_once() -> None:
     # A server that sends [DONE] and then neither ends the body nor closes the connection:
     # the answer is complete; reading on for the body's end must not cost it (nor 120 s).
     chunk = {"choices": [{"index": 0, "delta": {"content": "complete"}, "finish_reason": "stop"}]}
@@ -233,7 +203,6 @@ async def test_a_body_left_open_after_done_still_answers_at_once(stack: str) -> 
     port = server.sockets[0].getsockname()[1]
     settings = AprSettings(
         base_url=f"http://127.0.0.1:{port}/v1",
-        http_client=stack,
         max_retries=0,
         probe_capacity=False,
         request_timeout_s=30,

@@ -487,9 +487,9 @@ async def test_a_langchain_chat_model_streams_tool_calls(make_server: ServerFact
     assert [r.body.get("stream") for r in with_tools] == [True, True]
     assert result["threads"][0]["answer"] == "17 * 23 = 391; the capital is Nairobi"
     # langchain-openai keeps the model's HTTP client in a global cache; its connections
-    # were opened on the client's loop, so they are closed there, before that loop stops
-    client.run_sync(model.root_async_client.close())
-    client.close()
+    # were opened on this test's loop, so they are closed here, before that loop stops
+    await model.root_async_client.close()
+    await client.aclose()
 
 
 async def test_a_server_that_cannot_stream_tools_is_asked_unstreamed(

@@ -18,8 +18,7 @@ scripted server in its own process (so the CPU time measured is the client's alo
 - ``langgraph_batched``: the alternative that design rules out, one ``Send`` per
   ``BATCH`` threads (a task whose threads are checkpointed together, so a resume redoes the
   finished threads of an unfinished batch): what LangGraph's per-task cost is;
-- ``apr_httpx`` / ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge) with
-  ``http_client="httpx"`` and with the default (aiohttp).
+- ``apr``: apr-graph's ``ainvoke`` (plan, N threads, merge).
 
 Every worker reply streams for about ``REPLY_S`` seconds, so the N requests really overlap;
 ``ideal_ratio`` is the ideal wall time (one reply; the plan and the merge are instant) over
@@ -254,7 +253,7 @@ async def _langgraph_batched(url: str, n: int) -> tuple[float, float]:
     return await _langgraph_aiohttp(url, n, batch=BATCH)
 
 
-async def _apr(url: str, n: int, *, http_client: str = "auto") -> tuple[float, float]:
+async def _apr(url: str, n: int) -> tuple[float, float]:
     settings = AprSettings(
         base_url=url,
         model="m",
@@ -262,7 +261,6 @@ async def _apr(url: str, n: int, *, http_client: str = "auto") -> tuple[float, f
         max_total_threads=n,
         max_concurrency=min(n, 1024),
         probe_capacity=False,
-        http_client=http_client,
     )
     app = compile_apr_graph(settings=settings)
     result: dict[str, Any] = {}
@@ -275,10 +273,6 @@ async def _apr(url: str, n: int, *, http_client: str = "auto") -> tuple[float, f
     return timing
 
 
-async def _apr_httpx(url: str, n: int) -> tuple[float, float]:
-    return await _apr(url, n, http_client="httpx")
-
-
 LAYERS = {
     "floor": _floor,
     "aiohttp": _aiohttp,
@@ -288,7 +282,6 @@ LAYERS = {
     "langgraph_sdk": _langgraph_sdk,
     "langgraph_aiohttp": _langgraph_aiohttp,
     "langgraph_batched": _langgraph_batched,
-    "apr_httpx": _apr_httpx,
     "apr": _apr,
 }
 

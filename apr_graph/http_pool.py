@@ -1,0 +1,309 @@
+"""HTTP on aiohttp, the one stack: a session per event loop, requests, SSE bodies.
+
+Every request of an ``OpenAITransport`` goes through an ``HttpPool``, streamed or not, and the
+capacity probe too: no SDK request pipeline, no httpx API over aiohttp, no per-chunk models
+(BENCHMARKS.md). Failures are the SDK's error classes (``sdk_compat``).
+
+Connections belong to an event loop, and callers bring many (``asyncio.run`` per call, a test's
+own loop, the client's helper loop of sync calls): a pool keeps one ``aiohttp.ClientSession``
+per loop, made there on first use and closed when that loop shuts down (its
+``shutdown_asyncgens``, which ``asyncio.run`` and ``asyncio.Runner`` call), when the pool is
+dropped, or by ``aclose()``.
+
+Requests run in a task with an empty context (``isolated``): what a request leaves on its loop
+(a pooled connection's reader, the pool's keep-alive timer) keeps the context it was made in,
+and a caller's context holds its LangGraph run (config, graph, state): a pooled connection
+made in it would keep a finished run alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import ssl
+import threading
+import urllib.request
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from apr_graph.sdk_compat import sdk_request, status_error, transport_error
+
+__all__ = ["HttpPool", "SseResponse", "isolated"]
+
+T = TypeVar("T")
+
+
+async def isolated(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the running loop in a task with an empty context (see the module's
+    docstring). Cancelling the caller cancels it, and the caller resumes once it has ended
+    (its HTTP response closed)."""
+    return await asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+
+
+async def _keep(session: Any) -> AsyncGenerator[None, None]:
+    """Holds a loop's session open; closed by the loop's ``shutdown_asyncgens`` (or when
+    dropped: the loop's finalizer hook closes it there), closing the session."""
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+async def _shut(keeper: AsyncGenerator[None, None]) -> None:
+    with contextlib.suppress(RuntimeError):  # being closed by the loop's shutdown already
+        await keeper.aclose()
+
+
+_closing: set[asyncio.Task[None]] = set()
+"""Sessions being closed on their own loops (held: a loop keeps only weak references)."""
+
+
+def _shut_here(keeper: AsyncGenerator[None, None]) -> None:
+    task = asyncio.get_running_loop().create_task(_shut(keeper))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+class HttpPool:
+    """aiohttp sessions of one client, one per event loop, and the requests sent on them.
+
+    Args:
+        timeout_s: for connecting, and for each read of a body.
+        https: whether an endpoint is ``https://`` (then certifi's certificates are trusted,
+            as by the SDK; plain HTTP builds no TLS context).
+        keepalive_s: how long an idle connection is kept.
+    """
+
+    def __init__(self, *, timeout_s: float, https: bool, keepalive_s: float) -> None:
+        import aiohttp
+
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
+        )
+        self._https = https
+        self._tls: ssl.SSLContext | None = None
+        self._keepalive_s = keepalive_s
+        self._proxies: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+        self._sessions: dict[weakref.ref[asyncio.AbstractEventLoop], _Kept] = {}
+        # Held by the finalizer too, not only by the pool: a pool dropped in a reference cycle
+        # must not take its sessions with it (they would be finalized unclosed).
+        weakref.finalize(self, _close_all, self._sessions)
+
+    async def session(self) -> Any:
+        """The running loop's session (opened on first use there)."""
+        loop = asyncio.get_running_loop()
+        found = self._sessions.get(weakref.ref(loop))
+        if found is not None:
+            return found[0]
+        import aiohttp
+
+        if self._https and self._tls is None:
+            self._tls = _tls_context()  # built once, shared by the loops' sessions
+        # no cap on connections: the endpoints' limiters bound the requests in flight
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=self._keepalive_s, ssl=self._tls or False
+        )
+        session = aiohttp.ClientSession(connector=connector)
+        keeper = _keep(session)
+        await keeper.asend(None)  # registers it with this loop: its shutdown closes it
+        sessions = self._sessions
+        with self._lock:  # the entry goes with its loop (closed by then: see the docstring)
+            sessions[weakref.ref(loop, lambda key: sessions.pop(key, None))] = (session, keeper)
+        return session
+
+    async def stream(self, url: str, payload: bytes, headers: dict[str, str]) -> SseResponse:
+        """POST ``payload``; the unread response of a 2xx status, else the SDK's error."""
+        session = await self.session()
+        try:
+            response = await session.post(
+                url, data=payload, headers=headers, timeout=self.timeout, proxy=self._proxy(url)
+            )
+        except Exception as exc:
+            raise transport_error(exc, "POST", url) from exc
+        if response.status >= 400:
+            try:
+                content = await response.read()
+            except Exception as exc:
+                raise transport_error(exc, "POST", url) from exc
+            finally:
+                response.release()
+            raise status_error(response.status, response.headers, content, "POST", url)
+        return SseResponse(response, self.timeout.sock_read, url)
+
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        payload: bytes | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """One request read whole: the body of a 2xx status parsed as JSON (its text when it
+        is not JSON), else the SDK's error (``timeout_s``: a bound on the whole request
+        instead of the pool's timeouts)."""
+        import aiohttp
+
+        timeout = self.timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
+        session = await self.session()
+        try:
+            async with session.request(
+                method, url, data=payload, headers=headers, timeout=timeout, proxy=self._proxy(url)
+            ) as response:
+                content = await response.read()
+        except Exception as exc:
+            raise transport_error(exc, method, url) from exc
+        if response.status >= 400:
+            raise status_error(response.status, response.headers, content, method, url)
+        try:
+            return json.loads(content)
+        except ValueError:
+            return content.decode(errors="replace")
+
+    def _proxy(self, url: str) -> str | None:
+        """The proxy the environment names for ``url`` (``HTTP(S)_PROXY``, ``NO_PROXY``), as
+        the SDK's client honours them; looked up once per URL, not per request (as aiohttp's
+        ``trust_env`` would, at a cost a fan-out notices)."""
+        if url not in self._proxies:
+            parts = urlsplit(url)
+            bypass = urllib.request.proxy_bypass(parts.hostname or "")
+            found = None if bypass else urllib.request.getproxies().get(parts.scheme)
+            self._proxies[url] = found
+        return self._proxies[url]
+
+    async def aclose(self) -> None:
+        """Close the sessions: the running loop's now, other loops' on their own loops (a
+        closed loop's was closed by its shutdown). A later request opens a new one."""
+        here = _close_all(self._sessions, keep_here=True)
+        if here is not None:
+            await _shut(here)
+
+
+_Kept = tuple[Any, AsyncGenerator[None, None]]
+"""A loop's session, and what keeps it open until that loop shuts down."""
+
+
+def _close_all(
+    sessions: dict[weakref.ref[asyncio.AbstractEventLoop], _Kept], *, keep_here: bool = False
+) -> AsyncGenerator[None, None] | None:
+    """Close the sessions on their own loops (a closed loop's was closed by its shutdown);
+    with ``keep_here``, the running loop's is returned for the caller to await."""
+    own = None
+    while sessions:
+        try:
+            key, (_, keeper) = sessions.popitem()
+        except KeyError:  # emptied meanwhile
+            break
+        loop = key()
+        if loop is None or loop.is_closed():
+            continue
+        if keep_here and loop is asyncio._get_running_loop():
+            own = keeper
+            continue
+        with contextlib.suppress(RuntimeError):  # it closed meanwhile
+            loop.call_soon_threadsafe(_shut_here, keeper)
+    return own
+
+
+class _Silence:
+    """The read timeout of a streamed body, checked a few times per timeout instead of
+    re-armed on every network read.
+
+    aiohttp's ``sock_read`` re-arms a timer for each piece of data that arrives, a tenth of
+    what reading a streamed token costs. Once the headers are in, this
+    watch takes over: every quarter of the timeout it looks whether the body has grown
+    (``StreamReader.total_bytes``), and after a whole timeout without a byte it fails the
+    body with aiohttp's own ``SocketTimeoutError`` (raised to the reader, as before). A
+    silence is caught between one and one and a quarter timeouts after it began.
+    """
+
+    def __init__(self, response: Any, timeout_s: float | None) -> None:
+        self._content = response.content
+        self._timeout = timeout_s
+        self._handle: asyncio.TimerHandle | None = None
+        protocol = getattr(response.connection, "protocol", None)
+        if not timeout_s or protocol is None:
+            return  # no timeout, or the body is already in: aiohttp's own rules stand
+        self._loop = asyncio.get_running_loop()
+        self._seen = self._content.total_bytes
+        self._quiet_since = self._loop.time()
+        protocol.read_timeout = None  # its timer is dropped at the next piece of data
+        self._handle = self._loop.call_later(timeout_s / 4, self._check)
+
+    def _check(self) -> None:
+        assert self._timeout is not None
+        now = self._loop.time()
+        if self._content.total_bytes != self._seen:
+            self._seen, self._quiet_since = self._content.total_bytes, now
+        elif now - self._quiet_since >= self._timeout:
+            import aiohttp
+
+            self._handle = None
+            self._content.set_exception(
+                aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            )
+            return
+        self._handle = self._loop.call_later(self._timeout / 4, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class SseResponse:
+    """An aiohttp response read as lines of server-sent events (what ``read_stream`` reads)."""
+
+    def __init__(self, response: Any, timeout_s: float | None, url: str) -> None:
+        self._response = response
+        self._timeout_s = timeout_s
+        self._url = url
+        self._lines: AsyncGenerator[list[str], None] | None = None
+
+    @property
+    def request(self) -> Any:
+        """The SDK's request object (errors carry one)."""
+        return sdk_request("POST", self._url)
+
+    def aiter_line_batches(self) -> AsyncIterator[list[str]]:
+        """The stream's lines, decoded, without their line ends and without the blank lines
+        between events: a list for each network read (one await per read, not per line)."""
+        lines = self._lines = self._read_batches()
+        return lines
+
+    async def _read_batches(self) -> AsyncGenerator[list[str], None]:
+        rest = b""
+        silence = _Silence(self._response, self._timeout_s)
+        try:
+            async for chunk in self._response.content.iter_any():
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                yield [line.rstrip(b"\r").decode() for line in lines if line.strip()]
+        finally:
+            silence.stop()
+        if rest.strip():
+            yield [rest.rstrip(b"\r").decode()]
+
+    async def aclose(self) -> None:
+        """Release the connection: kept alive when the body was read to its end, closed
+        otherwise: a cancelled thread's server stops generating."""
+        if self._lines is not None:  # one left mid-way: closed here, not by a finalizer task
+            await self._lines.aclose()
+        if self._response.content.is_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The certificates the SDK trusts (certifi's), else the system's."""
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
