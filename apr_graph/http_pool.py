@@ -202,7 +202,7 @@ def _close_all(
         loop = key()
         if loop is None or loop.is_closed():
             continue
-        if keep_here and loop is asyncio._get_running_loop():
+        if keep_here and loop.is_running() and loop is asyncio.get_running_loop():
             own = keeper
             continue
         with contextlib.suppress(RuntimeError):  # it closed meanwhile

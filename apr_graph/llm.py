@@ -138,7 +138,8 @@ class LLMClient:
 
     async def aclose(self) -> None:
         """``close()`` for async code."""
-        await asyncio.to_thread(self._sync.shutdown, wait=True)
+        if self._sync.started:  # its thread is joined, without blocking this loop
+            await asyncio.to_thread(self._sync.shutdown, wait=True)
         await self.transport.aclose()
 
     def __enter__(self) -> LLMClient:

@@ -51,6 +51,11 @@ class SyncLoop:
             future.cancel()
             raise
 
+    @property
+    def started(self) -> bool:
+        """Whether the loop runs (a sync call started it, and no shutdown stopped it)."""
+        return self._loop is not None
+
     def shutdown(self, *, wait: bool) -> None:
         """Cancel what runs there, close its pools (``shutdown_asyncgens``) and stop it. Safe
         from any thread, and from a finalizer (``wait=False``)."""
