@@ -44,17 +44,25 @@ async def isolated(coro: Coroutine[Any, Any, T]) -> T:
     return await asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
+_Kept = tuple[Any, AsyncGenerator[None, None]]
+"""A loop's session, and what keeps it open until that loop shuts down."""
+
+
 async def _keep(session: Any) -> AsyncGenerator[None, None]:
     """Holds a loop's session open; closed by the loop's ``shutdown_asyncgens`` (or when
     dropped: the loop's finalizer hook closes it there), closing the session."""
     try:
         yield
     finally:
-        await session.close()
+        await session.close()  # returns at once if it was closed (``_shut``)
 
 
-async def _shut(keeper: AsyncGenerator[None, None]) -> None:
-    with contextlib.suppress(RuntimeError):  # being closed by the loop's shutdown already
+async def _shut(kept: _Kept) -> None:
+    """Close a session, then its keeper. The session first: the loop's shutdown may be
+    closing the keeper at the same time, and closing a closed session does nothing."""
+    session, keeper = kept
+    await session.close()
+    with contextlib.suppress(RuntimeError):  # the loop's shutdown is closing it already
         await keeper.aclose()
 
 
@@ -62,8 +70,8 @@ _closing: set[asyncio.Task[None]] = set()
 """Sessions being closed on their own loops (held: a loop keeps only weak references)."""
 
 
-def _shut_here(keeper: AsyncGenerator[None, None]) -> None:
-    task = asyncio.get_running_loop().create_task(_shut(keeper))
+def _shut_here(kept: _Kept) -> None:
+    task = asyncio.get_running_loop().create_task(_shut(kept))
     _closing.add(task)
     task.add_done_callback(_closing.discard)
 
@@ -184,29 +192,25 @@ class HttpPool:
             await _shut(here)
 
 
-_Kept = tuple[Any, AsyncGenerator[None, None]]
-"""A loop's session, and what keeps it open until that loop shuts down."""
-
-
 def _close_all(
     sessions: dict[weakref.ref[asyncio.AbstractEventLoop], _Kept], *, keep_here: bool = False
-) -> AsyncGenerator[None, None] | None:
+) -> _Kept | None:
     """Close the sessions on their own loops (a closed loop's was closed by its shutdown);
     with ``keep_here``, the running loop's is returned for the caller to await."""
     own = None
     while sessions:
         try:
-            key, (_, keeper) = sessions.popitem()
+            key, kept = sessions.popitem()
         except KeyError:  # emptied meanwhile
             break
         loop = key()
         if loop is None or loop.is_closed():
             continue
         if keep_here and loop.is_running() and loop is asyncio.get_running_loop():
-            own = keeper
+            own = kept
             continue
         with contextlib.suppress(RuntimeError):  # it closed meanwhile
-            loop.call_soon_threadsafe(_shut_here, keeper)
+            loop.call_soon_threadsafe(_shut_here, kept)
     return own
 
 

@@ -43,7 +43,11 @@ def _close_soon(transport: Transport) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        asyncio.run(transport.aclose())
+        own = asyncio.new_event_loop()  # not asyncio.run: the thread's current loop stays
+        try:
+            own.run_until_complete(transport.aclose())
+        finally:
+            own.close()
         return
     task = loop.create_task(transport.aclose())
     _closing.add(task)

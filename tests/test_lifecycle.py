@@ -27,7 +27,7 @@ from apr_graph import (
 )
 from apr_graph.graph import boards_of
 from apr_graph.testing import Reply, Rule, ScriptedServer
-from tests.conftest import ServerFactory, eventually, settings_for
+from tests.conftest import ServerFactory, eventually, settings_for, wait_until
 
 PLAN = {
     "strategy": "parallel",
@@ -141,17 +141,15 @@ async def test_successful_runs_release_their_boards(make_server: ServerFactory) 
     assert len(boards_of(app)) == 0
 
 
-def _portal_threads() -> int:
+def _helper_threads() -> int:
     return sum(thread.name == "apr-graph" for thread in threading.enumerate())
 
 
 async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFactory) -> None:
     # A web handler that builds a graph per request: each graph's client (its connection
-    # pool and its loop's thread) must go when the graph does. Its loop was first started
-    # inside a run, and the loop's own reader kept that run's context (the LangGraph config,
-    # and through it the graph and the client): one thread and a pool leaked per request.
+    # pool) must go when the graph does, though the pool lives on the caller's loop.
     server = merging_server(make_server)
-    threads_before = _portal_threads()
+    threads_before = _helper_threads()
     clients: list[weakref.ref[LLMClient]] = []
     for _ in range(3):
         client = LLMClient(settings_for(server))
@@ -162,16 +160,38 @@ async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFa
 
     def released() -> bool:
         gc.collect()
-        return all(ref() is None for ref in clients) and _portal_threads() <= threads_before
+        return all(ref() is None for ref in clients) and _helper_threads() <= threads_before
 
     await eventually(released, "the clients of dropped graphs to be collected")
+
+
+def test_a_graph_built_per_sync_run_leaves_nothing_behind(make_server: ServerFactory) -> None:
+    # The same with invoke(): each client's helper loop (its thread, and the pool on it) must
+    # go with it. A helper loop first started inside a run kept that run's context through
+    # the loop's own reader (the LangGraph config, the graph, the client): one thread and a
+    # pool leaked per request.
+    server = merging_server(make_server)
+    threads_before = _helper_threads()
+    clients: list[weakref.ref[LLMClient]] = []
+    for _ in range(3):
+        client = LLMClient(settings_for(server))
+        clients.append(weakref.ref(client))
+        app = compile_apr_graph(client=client)
+        assert app.invoke({"task": "two parts"})["answer"] == "merged"
+        del app, client
+
+    def released() -> bool:
+        gc.collect()
+        return all(ref() is None for ref in clients) and _helper_threads() <= threads_before
+
+    wait_until(released, "the clients and helper threads of dropped graphs to go")
 
 
 async def test_pooled_connections_do_not_keep_finished_runs_alive(
     make_server: ServerFactory,
 ) -> None:
     # One long-lived graph: its pool keeps connections open between runs. What a request
-    # makes on the client's loop (a connection's reader, a timeout's timer) keeps the context
+    # leaves on the loop (a connection's reader, the pool's keep-alive timer) keeps the context
     # it was made in; a request running in its caller's context would pin that run's
     # LangGraph loop, and with it the run's whole state, for as long as the connection lives.
     from langgraph.pregel._loop import AsyncPregelLoop

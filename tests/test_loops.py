@@ -147,3 +147,17 @@ def test_the_concurrency_limit_holds_across_loops_in_several_threads(
     spans = sorted((r.started_at, r.ended_at or time.monotonic()) for r in server.chat_requests())
     overlaps = [a for a, b in itertools.pairwise(spans) if b[0] < a[1] - 0.01]
     assert overlaps == []  # one request in flight at a time, whatever loop sent it
+
+
+def test_closing_a_client_while_a_loop_it_used_is_idle_closes_that_loops_connections(
+    make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server([Rule(reply=Reply(content="fine"))])
+    port = int(server.base_url.rsplit(":", 1)[1].split("/")[0])
+    client = LLMClient(settings_for(server, probe_capacity=False))
+    with asyncio.Runner() as runner:
+        assert runner.run(client.chat(Q, role="worker")).text == "fine"
+        assert _established_to(port) == 1  # kept alive on that loop, which now idles
+        client.close()  # closed on that loop when it next runs: here, at its shutdown
+    assert _established_to(port) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
