@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from collections.abc import Callable
 from typing import Any
@@ -61,16 +60,16 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def token_emitter(thread_id: str) -> Callable[[str], None] | None:
-    """A callback that streams one thread's text as ``token`` events, from any thread.
+    """A callback that streams one thread's text as ``token`` events.
 
-    The model client calls it as text arrives, outside the node's context; the event is
-    handed to the run's loop, in that context.
+    The model client calls it as text arrives, on the run's loop but outside the node's
+    context; the event is written in that context.
     """
     return _emitter({"event": "token", "id": thread_id})
 
 
 def answer_emitter() -> Callable[[str], None] | None:
-    """A callback that streams the final answer as ``answer_token`` events, from any thread."""
+    """A callback that streams the final answer as ``answer_token`` events."""
     return _emitter({"event": "answer_token"})
 
 
@@ -79,13 +78,12 @@ def _emitter(fields: dict[str, Any]) -> Callable[[str], None] | None:
         writer = get_stream_writer()
     except RuntimeError:
         return None
-    loop = asyncio.get_running_loop()
     # The writer reads the run's LangGraph config from the context it runs in, and the
     # request that calls ``on_text`` runs in an empty one (``http_pool.isolated``: pooled
     # connections must not keep a finished run alive).
     context = contextvars.copy_context()
 
     def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(writer, {**fields, "text": text}, context=context)
+        context.run(writer, {**fields, "text": text})
 
     return on_text

@@ -9,14 +9,13 @@ leaving out ``/v1``; the error says so.
 
 from __future__ import annotations
 
-import httpx
-
 from apr_graph.errors import (
     AuthenticationError,
     ModelCallError,
     ModelNotFoundError,
     ServerUnreachableError,
 )
+from apr_graph.http_pool import HttpPool
 from apr_graph.llm import LLMClient
 from apr_graph.settings import AprSettings
 
@@ -42,13 +41,14 @@ async def _answers_under_v1(url: str, api_key: str) -> bool:
     if url.rstrip("/").endswith("/v1"):
         return False
     headers = {"Authorization": f"Bearer {api_key}"}
+    pool = HttpPool(timeout_s=_TIMEOUT_S, https=url.startswith("https://"), keepalive_s=1)
     try:
-        verify = url.startswith("https://")  # plain HTTP needs no TLS context
-        async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers, verify=verify) as http:
-            response = await http.get(url.rstrip("/") + "/v1/models")
-    except httpx.HTTPError:
+        await pool.fetch("GET", url.rstrip("/") + "/v1/models", headers, timeout_s=_TIMEOUT_S)
+    except Exception:  # unreachable, or any failed status: not the API either
         return False
-    return response.status_code == 200
+    finally:
+        await pool.aclose()
+    return True
 
 
 async def check_server(client: LLMClient) -> list[str]:

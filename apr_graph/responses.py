@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -114,7 +114,7 @@ class StreamProgress:
             (it was still waiting for a concurrency slot).
         requests: requests sent so far, retries included.
         charged: the answer was complete and its tokens were charged to the call's budget.
-        on_text: called with each piece of text as it arrives (on the client's loop).
+        on_text: called with each piece of text as it arrives (on the run's loop).
     """
 
     text: str = ""
@@ -220,13 +220,8 @@ async def read_stream(
     server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
     the read timeout raises its ``APITimeoutError``."""
     end = StreamEnd()
-    wrapper: AsyncGenerator[list[str], None] | None = None
     try:
-        lines: AsyncIterator[list[str]]
-        if hasattr(response, "aiter_line_batches"):  # apr-graph's aiohttp path
-            lines = response.aiter_line_batches()
-        else:  # the SDK's httpx response reads lines only
-            lines = wrapper = _one_each(response.aiter_lines())
+        lines: AsyncIterator[list[str]] = response.aiter_line_batches()
         async for batch in lines:
             if _take_lines(batch, end, progress, piece_of, response):
                 await _drain(lines)
@@ -241,8 +236,6 @@ async def read_stream(
             f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
         ) from exc
     finally:
-        if wrapper is not None:  # closed here if left mid-way, not by a finalizer task
-            await wrapper.aclose()
         await response.aclose()
     if end.finish_reason is None:
         raise TransientResponseError(
@@ -250,12 +243,6 @@ async def read_stream(
             "tokens (cut off)"
         )
     return end
-
-
-async def _one_each(lines: AsyncIterator[str]) -> AsyncGenerator[list[str], None]:
-    """Lines one at a time, as batches of one (a response that reads lines only)."""
-    async for line in lines:
-        yield [line]
 
 
 _DRAIN_S = 0.1

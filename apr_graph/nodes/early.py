@@ -334,7 +334,7 @@ class EarlyStarter:
             relay,
             handed=self.after is None,
         )
-        if self.after is None:  # sent now, with no task of its own on this loop
+        if self.after is None:  # sent now, as a task of the client's (``LLMClient.start``)
             call.task = self.client.start(
                 thread_call(self.client, messages, subtask, allowance, progress, self.budget)
             )
