@@ -27,6 +27,7 @@ from apr_graph.errors import ConfigurationError
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.llm import LLMClient
 from apr_graph.responses import (
+    LOOPED,
     Completion,
     StreamProgress,
     estimate_tokens,
@@ -108,7 +109,7 @@ class ChatModelTransport:
         calls = _tool_calls(reply)
         return Completion(
             text=strip_reasoning(text),
-            finish_reason=_finish_reason(reply, calls),
+            finish_reason=LOOPED if progress.loop is not None else _finish_reason(reply, calls),
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=None,
@@ -173,6 +174,9 @@ async def _stream(runnable: Any, messages: list[BaseMessage], progress: StreamPr
             progress.add(chunk.content)
         elif getattr(chunk, "tool_call_chunks", None):
             progress.add_call_piece()
+        if progress.loop is not None:  # leaving the loop closes the model's stream
+            progress.cut_at_loop()
+            break
     return total
 
 

@@ -34,6 +34,11 @@ def summary_line(metrics: dict[str, Any]) -> str:
         line += f" · {threads} threads: the server ran them one at a time"
     elif threads:
         line += f" · 1 thread ({metrics['thread_span_s']:.2f}s)"
+    if metrics.get("loops"):
+        line += (
+            f" · {metrics['loops']} repeating replies stopped "
+            f"({metrics.get('loop_saved_tokens', 0):,} tokens not generated)"
+        )
     return line
 
 
@@ -95,6 +100,9 @@ class View:
                     elapsed=None if started is None else time.monotonic() - started,
                     error=event.get("reason"),
                 )
+        elif kind == "thread_looped":
+            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
+            thread["looped"] = event["at_tokens"]
         elif kind == "thread_finished":
             thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
             thread.update(
@@ -133,6 +141,11 @@ class PlainView(View):
             count = len(event.get("subtasks", []))
             detail = f", {count} threads" if count else ""
             self.notice(f"apr: plan {event['strategy']}{detail}")
+        elif kind == "thread_looped":
+            self.notice(
+                f"apr: thread {event['id']} began repeating itself after {event['at_tokens']} "
+                f"tokens: stopped ({event['saved_tokens']} tokens not generated)"
+            )
         elif kind == "thread_finished":
             self.notice(
                 f"apr: thread {event['id']} {event['status']} · {event['completion_tokens']} "
@@ -204,9 +217,10 @@ class LiveView(PlainView):
                 spent = f"{time.monotonic() - thread['started']:.1f}s"
             else:
                 spent = ""
+            label = f"{status} (looped)" if thread.get("looped") is not None else status
             table.add_row(
                 tid,
-                Text(status, style=styles.get(status, "")),
+                Text(label, style=styles.get(status, "")),
                 str(thread.get("tokens") or ""),
                 spent,
                 thread.get("goal", "")[:70],

@@ -120,6 +120,12 @@ class AprContext(BaseModel):
     max_replacements: int | None = Field(default=None, ge=0, le=10)
     """Fresh attempts for a thread that fails verification or reports a dead end."""
 
+    stop_loops: bool | None = None
+    """Stop a streamed reply where it starts repeating itself."""
+
+    retry_loops: bool | None = None
+    """Give a thread that looped one fresh attempt."""
+
     min_thread_tokens: int | None = Field(default=None, ge=16)
     """The smallest output allowance the plan may give one thread."""
 

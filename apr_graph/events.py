@@ -20,6 +20,11 @@ Every event is a JSON-shaped dict with an ``event`` key:
   ``tool``; ``ok`` is false when the call was refused or failed (the error went back to the
   model as the call's result).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
+- ``{"event": "thread_looped", "id", "attempt", "at_tokens", "streamed_tokens",
+  "saved_tokens"}``: the thread's reply began repeating itself and its request was closed;
+  ``at_tokens`` of it are kept, ``streamed_tokens`` had streamed, ``saved_tokens`` of its
+  allowance were not generated. A ``thread_retry`` follows if it gets one more attempt, else
+  its ``thread_finished`` (``status`` ``done``, the record's ``looped`` says where).
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
   "answer", "depth"}``: a thread is ``done``, ``failed``, ``cancelled``, ``skipped`` or
   ``truncated``.

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from apr_graph.errors import AprError, ConfigurationError, ServerCapabilityError
 from apr_graph.failures import RETRYABLE, FailureKind, classify, to_error
 from apr_graph.openai_transport import OpenAITransport
-from apr_graph.responses import Completion, Message, StreamProgress
+from apr_graph.responses import LOOPED, Completion, Message, StreamProgress
 from apr_graph.retry import CallBudget, RetryPolicy
 from apr_graph.settings import AprSettings, Role
 from apr_graph.structured import StructuredOutput
@@ -55,6 +55,13 @@ def _close_soon(transport: Transport) -> None:
 
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+def _with_loop_saving(completion: Completion, allowance: int | None) -> Completion:
+    """``completion``, with the tokens its allowance had left when a loop cut it."""
+    if completion.finish_reason != LOOPED or not allowance:
+        return completion
+    return replace(completion, loop_saved_tokens=max(0, allowance - completion.completion_tokens))
 
 
 class LLMClient:
@@ -233,8 +240,11 @@ class LLMClient:
                 str(known), status_code=known.status_code, attempts=0, url=known.url
             )
         progress = progress or StreamProgress()
+        # A reply a server constrains to a JSON schema is bounded by it (lengths, item
+        # counts), and JSON cut mid-way is of no use: such replies run to their end.
+        progress.detect_loops = self._requests.stop_loops and response_format is None
         send = partial(self.transport.chat, request, progress=progress, budget=budget)
-        return await self._attempts(
+        completion = await self._attempts(
             send,
             request.model,
             progress,
@@ -242,6 +252,7 @@ class LLMClient:
             has_format=response_format is not None,
             has_tools=bool(tools),
         )
+        return _with_loop_saving(completion, request.max_tokens)
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
         """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, as a
@@ -278,8 +289,10 @@ class LLMClient:
             extra_body=dict(extra_body or {}),
         )
         progress = progress or StreamProgress()
+        progress.detect_loops = self._requests.stop_loops
         send = partial(self.transport.complete, request, progress=progress, budget=budget)
-        return await self._attempts(send, request.model, progress, budget)
+        completion = await self._attempts(send, request.model, progress, budget)
+        return _with_loop_saving(completion, request.max_tokens)
 
     async def structured(
         self,

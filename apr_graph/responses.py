@@ -18,9 +18,11 @@ from typing import Any
 
 import openai
 
+from apr_graph.loops import Loop, LoopDetector
 from apr_graph.sdk_compat import timed_out
 
 __all__ = [
+    "LOOPED",
     "Completion",
     "Message",
     "StreamEnd",
@@ -87,6 +89,9 @@ class Completion:
     (``"a call to search, which is not a tool here (tools: multiply)"``; also past the call
     limit, or cut off by the token limit, which keeps ``finish_reason="length"``). The text
     is then no answer."""
+    loop_saved_tokens: int = 0
+    """Set when the reply was cut where it started repeating itself (``finish_reason``
+    ``loop``): the tokens its allowance had left, which the server did not generate."""
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -115,6 +120,8 @@ class StreamProgress:
         requests: requests sent so far, retries included.
         charged: the answer was complete and its tokens were charged to the call's budget.
         on_text: called with each piece of text as it arrives (on the run's loop).
+        detect_loops: watch the text for degenerate repetition (``loops``): once found,
+            ``loop`` says where, and the stream is closed there.
     """
 
     text: str = ""
@@ -124,6 +131,12 @@ class StreamProgress:
     charged: bool = False
     on_text: Callable[[str], None] | None = None
     first_token_at: float | None = None
+    detect_loops: bool = True
+    loop: Loop | None = None
+    """Where the text started repeating itself, once it did (``text`` then ends there)."""
+    loop_tokens: int = 0
+    """Tokens streamed when the loop was found (all paid for; the text keeps fewer)."""
+    _detector: LoopDetector | None = field(default=None, repr=False)
 
     def add(self, piece: str) -> None:
         """One more piece of streamed text."""
@@ -133,6 +146,16 @@ class StreamProgress:
         self.completion_tokens += 1
         if self.on_text is not None:
             self.on_text(piece)
+        if self.detect_loops and self.loop is None:
+            if self._detector is None:
+                self._detector = LoopDetector()
+            if (found := self._detector.feed(piece)) is not None:
+                self.loop, self.loop_tokens = found, self.completion_tokens
+
+    def cut_at_loop(self) -> None:
+        """Keep the text from before the loop (the repeated block said once)."""
+        if self.loop is not None:
+            self.text = self.text[: self.loop.keep]
 
     def add_call_piece(self) -> None:
         """One more streamed piece of a tool call: a token, but not text."""
@@ -146,6 +169,7 @@ class StreamProgress:
         self.text, self.completion_tokens, self.started_at = "", 0, started_at
         self.first_token_at = None
         self.charged = False
+        self.loop, self.loop_tokens, self._detector = None, 0, None
 
 
 @dataclass
@@ -212,6 +236,10 @@ def _field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+LOOPED = "loop"
+"""The ``finish_reason`` of a reply cut where it started repeating itself (apr-graph's own)."""
+
+
 async def read_stream(
     response: Any, progress: StreamProgress, piece_of: Callable[[Any], str | None]
 ) -> StreamEnd:
@@ -225,6 +253,10 @@ async def read_stream(
         async for batch in lines:
             if _take_lines(batch, end, progress, piece_of, response):
                 await _drain(lines)
+                break
+            if progress.loop is not None:  # closing the response stops the server too
+                end.finish_reason = LOOPED
+                progress.cut_at_loop()
                 break
     except (openai.APIError, asyncio.CancelledError):
         raise

@@ -144,6 +144,18 @@ class AprSettings(BaseSettings):
     """Fresh attempts, with a different approach, for a thread that fails verification or
     reports a dead end."""
 
+    stop_loops: bool = True
+    """Stop a streamed reply (a thread, the plan, the merge, a direct answer) where it starts
+    repeating itself (the same block of words back to back; ``apr_graph.loops``): the
+    request is closed, the text before the loop is kept, and the thread is marked
+    ``looped``. A loop is not a thread that needs more room: it is never retried with more."""
+
+    retry_loops: bool = True
+    """Give a thread that looped before saying much (less than an eighth of its allowance)
+    one fresh attempt at the same allowance, told it repeated itself, when the run's token
+    budget has room for it and its deadline has not passed. A thread that looped after a
+    real answer keeps that answer: another attempt would lengthen the run's critical path."""
+
     min_thread_tokens: int = Field(default=256, ge=16)
     """The smallest output allowance the plan may give one thread. Planners guess low (a
     1.5B model gave a two-number multiplication 100 tokens, and its worked answer was cut

@@ -17,6 +17,7 @@ __all__ = [
     "AprState",
     "CallRecord",
     "ForkInput",
+    "LoopRecord",
     "NativeBlock",
     "PlanRecord",
     "PrefixStats",
@@ -41,6 +42,10 @@ class CallRecord(TypedDict):
     ended_at: float
     mode: str
     first_token_at: NotRequired[float | None]
+    finish_reason: NotRequired[str | None]
+    """How the reply ended (``loop``: cut where it started repeating itself)."""
+    loop_saved_tokens: NotRequired[int]
+    """For a reply cut at a loop: the tokens its allowance had left."""
 
 
 ThreadStatus = Literal["done", "truncated", "failed", "cancelled", "skipped"]
@@ -70,6 +75,22 @@ class ThreadRecord(TypedDict):
     parent: str | None
     attempts: int
     verified: bool | None
+    looped: NotRequired[LoopRecord]
+    """Set when the thread's reply started repeating itself and was cut there (its answer is
+    what came before the loop)."""
+
+
+class LoopRecord(TypedDict):
+    """Where a thread's reply started repeating itself."""
+
+    at_tokens: int
+    """Tokens of the answer kept (before the loop)."""
+    streamed_tokens: int
+    """Tokens the reply had streamed when the loop was found and its request closed."""
+    period_words: int
+    """Words in the repeated block."""
+    attempts: int
+    """Attempts that looped (a thread that looped gets at most one more)."""
 
 
 def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[ThreadRecord]:

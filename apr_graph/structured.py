@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
 from apr_graph.prompts import repair_message, schema_instruction
-from apr_graph.responses import Completion, Message, StreamProgress, extract_json
+from apr_graph.responses import LOOPED, Completion, Message, StreamProgress, extract_json
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 
@@ -33,6 +33,10 @@ ChatCall = Callable[..., Awaitable[Completion]]
 
 _NO_JSON = "not valid JSON: the reply contains no JSON object"
 _CUT_OFF = "your JSON was cut off at the output-token limit; reply with a shorter JSON object"
+_LOOPED = (
+    "your JSON began repeating itself and was cut off there; reply with a shorter JSON object "
+    "that says each thing once"
+)
 
 
 class _ModeRejectedError(Exception):
@@ -174,11 +178,11 @@ class StructuredOutput:
                 # (transformers serve does). Constrained decoding never yields prose.
                 raise _ModeRejectedError(total, ignored=True)
             errors.append(outcome)
-            if outcome == _CUT_OFF:
+            if outcome in (_CUT_OFF, _LOOPED):
                 # Pasting a cut-off reply back would only fill the context: ask afresh.
                 last = conversation[-1]
-                if _CUT_OFF not in str(last["content"]):
-                    conversation[-1] = {**last, "content": f"{last['content']}\n\n({_CUT_OFF})"}
+                if outcome not in str(last["content"]):
+                    conversation[-1] = {**last, "content": f"{last['content']}\n\n({outcome})"}
                 continue
             conversation.append({"role": "assistant", "content": completion.text[:4000]})
             conversation.append(repair_message(outcome))
@@ -198,6 +202,8 @@ def _validate(completion: Completion, output_type: type[T]) -> T | str:
     """The validated value, or the error message to show the model."""
     if completion.finish_reason == "length":
         return _CUT_OFF
+    if completion.finish_reason == LOOPED:
+        return _LOOPED
     if "{" not in completion.text:
         return _NO_JSON
     try:

@@ -206,7 +206,7 @@ async def test_a_thread_that_runs_out_of_tokens_is_cut_not_done(
     make_server: ServerFactory,
 ) -> None:
     """Issue 16, point 3: a thread cut at ``native_max_tokens`` says so and is closed."""
-    long = Reply(content=" " + "word " * 40, finish_reason="length")
+    long = Reply(content=" " + "".join(f"word{i} " for i in range(40)), finish_reason="length")
     server = make_server([Rule(reply=one_block_model("<Outline>1: a</Outline>\n", long))])
     app = compile_apr_graph(
         settings=settings_for(server, native="threadweaver", native_max_tokens=40)
@@ -215,9 +215,25 @@ async def test_a_thread_that_runs_out_of_tokens_is_cut_not_done(
     (thread,) = result["threads"]
     assert thread["status"] == "cancelled"
     assert thread["error"] == "cut at native_max_tokens=40"
-    assert "word \n</Thread>\n</Parallel>" in result["plan"]["reasoning"]
+    assert "word39 \n</Thread>\n</Parallel>" in result["plan"]["reasoning"]
     bodies = [r.body or {} for r in server.requests if r.path.endswith("/completions")]
     assert bodies[0]["max_tokens"] == 40  # not worker_max_tokens
+
+
+async def test_a_thread_that_repeats_itself_is_cut_where_its_loop_began(
+    make_server: ServerFactory,
+) -> None:
+    said = " The sum is 12. "
+    looping = Reply(content=said + "Let me check it again. " * 200, finish_reason="length")
+    server = make_server([Rule(reply=one_block_model("<Outline>1: a</Outline>\n", looping))])
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    result = await app.ainvoke({"task": "t"})
+    (thread,) = result["threads"]
+    assert thread["status"] == "cancelled"
+    assert thread["error"] == "cut where it began repeating itself"
+    assert thread["answer"].startswith(said.strip())
+    assert thread["answer"].count("check it again") <= 1
+    assert result["metrics"]["loops"] == 1
 
 
 async def test_threadweaver_may_answer_without_a_block_unless_tags_are_required(

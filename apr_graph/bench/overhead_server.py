@@ -48,7 +48,9 @@ def reply_for(request: RecordedRequest, reply_s: float, chunks: int = CHUNKS) ->
         return _plan(request)
     if request.role == "synthesizer":
         return Reply(content="merged")
-    return Reply(content=" ".join(["ok"] * chunks), chunk_delay_s=reply_s / chunks)
+    # Every chunk a word of its own: one word over and over is a loop, which apr-graph stops.
+    words = " ".join(f"ok{i}" for i in range(chunks))
+    return Reply(content=words, chunk_delay_s=reply_s / chunks)
 
 
 def serve_forever(reply_s: float = REPLY_S, chunks: int = CHUNKS) -> None:

@@ -64,7 +64,9 @@ class SimModel:
         return max(matches, key=lambda t: len(t.prompt)) if matches else None
 
     def _think(self, parts: int) -> str:
-        return " ".join(["step"] * (self.reasoning * parts))
+        # Every word its own, as reasoning moves on (one word said over and over is a loop,
+        # which apr-graph stops: ``apr_graph.loops``), and without digits (graders read them).
+        return " ".join(f"step{_letters(i)}" for i in range(self.reasoning * parts))
 
     def _final(self, task: Task) -> str:
         if task.suite == "countdown":
@@ -153,3 +155,13 @@ class SimModel:
         share = max(1, -(-len(task.parts) // count))
         answer = self._final(task) if index == count else ""
         return Reply(content=f"{self._think(share)} {answer}".strip())
+
+
+def _letters(number: int) -> str:
+    """``number`` written in the letters a-z (0 -> "a", 26 -> "ba")."""
+    digits = ""
+    while True:
+        number, rest = divmod(number, 26)
+        digits = chr(ord("a") + rest) + digits
+        if not number:
+            return digits

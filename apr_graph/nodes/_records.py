@@ -22,4 +22,6 @@ def call_record(completion: Completion, *, role: str, thread_id: str | None = No
         ended_at=completion.ended_at,
         mode=completion.mode,
         first_token_at=completion.first_token_at,
+        finish_reason=completion.finish_reason,
+        loop_saved_tokens=completion.loop_saved_tokens,
     )

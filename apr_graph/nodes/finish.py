@@ -9,6 +9,7 @@ from typing import Any
 from apr_graph.board import Boards
 from apr_graph.budget import EXHAUSTED
 from apr_graph.plan import plan_of
+from apr_graph.responses import LOOPED
 from apr_graph.state import AprState, CallRecord, ThreadRecord
 
 __all__ = ["compute_metrics", "make_finish"]
@@ -96,6 +97,8 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
         "thread_span_s": round(span, 4),
         "parallel_saved_s": round(max(0.0, sum(durations) - span), 4),
         "service_overlap_s": service_overlap(calls),
+        "loops": sum(1 for c in calls if c.get("finish_reason") == LOOPED),
+        "loop_saved_tokens": sum(c.get("loop_saved_tokens", 0) for c in calls),
     }
 
 

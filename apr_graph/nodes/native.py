@@ -29,6 +29,7 @@ from apr_graph.llm import LLMClient
 from apr_graph.native import FORMATS, NativeFormat, NativeProtocolError, Outline, final_answer
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.decompose import read_input
+from apr_graph.responses import LOOPED
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, NativeBlock, PlanRecord, ThreadRecord
 
@@ -72,6 +73,8 @@ class _Chain:
     critical: int
     cut: bool
     closed: bool = False
+    looped: bool = False
+    """Cut where it began repeating itself (not at the token limit)."""
 
 
 async def _generate(
@@ -100,6 +103,8 @@ async def _generate(
         out += completion.text
         critical += completion.completion_tokens
         left -= completion.completion_tokens
+        if completion.finish_reason == LOOPED:  # what came before the loop is kept
+            return _Chain(out, critical, cut=True, looped=True)
         if completion.finish_reason == "length":
             if left > 0 and completion.text:  # the server allowed less than asked: go on
                 continue
@@ -184,6 +189,8 @@ async def _thread(
     mine = [c for c in run.calls if c["thread_id"] == sid]
     tokens = sum(c["completion_tokens"] for c in mine)
     error = f"cut at native_max_tokens={run.settings.native_max_tokens}" if chain.cut else None
+    if chain.looped:
+        error = "cut where it began repeating itself"
     record = ThreadRecord(
         id=sid,
         goal=outline.goal,

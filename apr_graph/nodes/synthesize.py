@@ -60,6 +60,8 @@ def _result_text(thread: ThreadRecord) -> str:
         return f"(this thread concluded that its subtask cannot be done: {thread['error']})"
     if thread["status"] != "done" or not answer:
         return f"(this thread {thread['status']}: {thread['error'] or 'empty answer'})"
+    if "looped" in thread:
+        return f"{answer}\n(note: this thread began repeating itself here and was stopped)"
     return answer
 
 

@@ -19,7 +19,14 @@ from apr_graph.errors import (
     ServerCapabilityError,
 )
 from apr_graph.events import emit
-from apr_graph.state import CallRecord, SubtaskRecord, ThreadRecord, ThreadStatus, WorkerInput
+from apr_graph.state import (
+    CallRecord,
+    LoopRecord,
+    SubtaskRecord,
+    ThreadRecord,
+    ThreadStatus,
+    WorkerInput,
+)
 
 __all__ = ["Subgraph", "Thread", "dependencies_of", "finish_thread", "fork_thread"]
 
@@ -36,6 +43,7 @@ class Thread:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 0
+    looped: LoopRecord | None = None
 
     @property
     def subtask(self) -> SubtaskRecord:
@@ -50,7 +58,7 @@ class Thread:
         verified: bool | None = None,
         critical: int | None = None,
     ) -> ThreadRecord:
-        return ThreadRecord(
+        record = ThreadRecord(
             id=self.subtask["id"],
             goal=self.subtask["goal"],
             status=status,
@@ -66,6 +74,9 @@ class Thread:
             attempts=self.attempts,
             verified=verified,
         )
+        if self.looped is not None:
+            record["looped"] = self.looped
+        return record
 
 
 async def dependencies_of(board: RunBoard, payload: WorkerInput) -> list[ThreadRecord] | None:

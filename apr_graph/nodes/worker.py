@@ -38,10 +38,17 @@ from apr_graph.nodes.thread import (
 )
 from apr_graph.nodes.tool_loop import run_call, tool_loop
 from apr_graph.prompts import shared_system, verifier_messages, worker_messages
-from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
+from apr_graph.responses import (
+    LOOPED,
+    Completion,
+    Message,
+    StreamProgress,
+    estimate_tokens,
+    prompt_estimate,
+)
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
-from apr_graph.state import SubtaskRecord, ThreadStatus, WorkerInput
+from apr_graph.state import LoopRecord, SubtaskRecord, ThreadStatus, WorkerInput
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
@@ -205,8 +212,15 @@ async def _solve(
         thread.completion_tokens += completion.completion_tokens
         thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
         text = completion.text
+        if completion.finish_reason == LOOPED:
+            retry = _looped(settings, board, thread, progress, text, allowance)
+            if retry is not None:
+                rejected = retry
+                continue
+            record = thread.record("done", answer=text or None)
+            return finish_thread(board, boards, thread, record)
         cut = completion.finish_reason == "length"
-        if cut and widened is None:
+        if cut and widened is None and thread.looped is None:
             # Cut mid-work by its token limit: one more try with twice the room, which does
             # not count as a replacement.
             widened = allowance * 2
@@ -243,6 +257,55 @@ async def _solve(
             return finish_thread(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected = reason
+
+
+def _looped(
+    settings: AprSettings,
+    board: RunBoard,
+    thread: Thread,
+    progress: StreamProgress,
+    text: str,
+    allowance: int,
+) -> str | None:
+    """Record a reply cut where it started repeating itself; the reason for one fresh
+    attempt if it deserves one, else None (the text before the loop is the result).
+
+    A loop is not a thread that needs more room: it is never given more. It gets one more
+    attempt, told it repeated itself, only when the loop came early (less than an eighth of
+    its allowance before it: little of an answer) and the run's budget has room for it.
+    """
+    kept = estimate_tokens(text)
+    loop = progress.loop
+    earlier = thread.looped["attempts"] if thread.looped else 0
+    thread.looped = LoopRecord(
+        at_tokens=kept,
+        streamed_tokens=progress.loop_tokens,
+        period_words=loop.period_words if loop else 0,
+        attempts=earlier + 1,
+    )
+    sid = thread.subtask["id"]
+    emit(
+        "thread_looped",
+        id=sid,
+        attempt=thread.attempts,
+        at_tokens=kept,
+        streamed_tokens=progress.loop_tokens,
+        saved_tokens=max(0, allowance - progress.completion_tokens),
+    )
+    budget = board.budget
+    room = budget.admits() and (
+        settings.token_budget is None or settings.token_budget - budget.tokens_used >= allowance
+    )
+    remaining_s = budget.remaining_s()
+    if earlier or not settings.retry_loops or kept >= allowance // 8 or not room:
+        return None
+    if remaining_s is not None and remaining_s < 1:
+        return None
+    reason = (
+        f"it started repeating itself after about {kept} tokens. Say each point once, then stop"
+    )
+    emit("thread_retry", id=sid, attempt=thread.attempts + 1, reason=reason)
+    return reason
 
 
 def _current(payload: WorkerInput) -> WorkerInput:

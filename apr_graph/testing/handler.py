@@ -152,8 +152,10 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             pending.append(wire.sse_event(wire.delta_chunk(base, piece, text)))
             if len(pending) >= batch:
                 self._send_chunks(pending)
+                request.streamed += len(pending)
                 pending = []
         self._send_chunks(pending)
+        request.streamed += len(pending)
         for event in wire.stream_end(request, base, reply, body["usage"], text):
             self._send_chunk(event)
         self._send_chunk(b"")

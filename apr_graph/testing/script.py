@@ -91,6 +91,9 @@ class RecordedRequest:
     status: int | None = None
     peer: tuple[str, int] | None = None
     """The client's address and port: requests on one kept-alive connection share it."""
+    streamed: int = 0
+    """Content pieces (words) of a streamed reply written before it ended or the client hung
+    up."""
 
     @property
     def role(self) -> str | None:

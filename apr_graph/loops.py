@@ -1,0 +1,113 @@
+"""Degenerate repetition in streamed text: the model says the same thing again and again.
+
+Small models loop, and large ones do too on long outputs: a thread that loops runs on to its
+token limit, and a retry with more room loops on to that one. A loop is found while the text
+streams, as a run of words that repeats a block of ``p`` words back to back: at least
+``_min_repeats(p)`` times, and over at least ``MIN_SPAN_WORDS`` words. Exact repetition of a
+block of 20 words or more is read as a loop at its second copy; shorter blocks need a third
+copy, and a block of a few words needs a span of ``MIN_SPAN_WORDS`` (a list or a table row
+repeats short tokens legitimately, a sentence does not repeat verbatim). Longer blocks than
+``MAX_PERIOD_WORDS`` are not looked for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["MAX_PERIOD_WORDS", "MIN_SPAN_WORDS", "Loop", "LoopDetector"]
+
+MAX_PERIOD_WORDS = 150
+"""The longest repeated block looked for (a paragraph)."""
+
+MIN_SPAN_WORDS = 30
+"""The fewest repeated words that make a loop, whatever the block's length."""
+
+_CHECK_EVERY = 4
+"""Words between two looks at the tail (a loop is found at most this many words late)."""
+
+_WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Where a loop was found.
+
+    Attributes:
+        keep: characters of the text to keep: everything before the first repeat (the block
+            itself is said once).
+        period_words: words in the repeated block.
+        repeats: copies of the block seen when the loop was found.
+    """
+
+    keep: int
+    period_words: int
+    repeats: int
+
+
+def _min_repeats(period: int) -> int:
+    least = 2 if period >= 20 else 3
+    return max(least, -(-MIN_SPAN_WORDS // period))
+
+
+class LoopDetector:
+    """Fed streamed text piece by piece; ``feed`` returns the ``Loop`` once there is one."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._words: list[str] = []
+        self._starts: list[int] = []
+        """Where each word starts in the text."""
+        self._scanned = 0
+        """Characters of the text already split into complete words."""
+        self._since_check = 0
+        self.loop: Loop | None = None
+
+    def feed(self, piece: str) -> Loop | None:
+        """Take the next piece of text; the loop, once one is found (then always the same)."""
+        if self.loop is not None or not piece:
+            return self.loop
+        self._text += piece
+        new = self._split()
+        self._since_check += new
+        if new and self._since_check >= _CHECK_EVERY:
+            self._since_check = 0
+            self.loop = self._look()
+        return self.loop
+
+    def _split(self) -> int:
+        """Split the text up to its last white space (the word after it may go on in the
+        next piece) into words; returns how many were added."""
+        text = self._text
+        end = len(text)
+        while end > self._scanned and not text[end - 1].isspace():
+            end -= 1
+        added = 0
+        for match in _WORD.finditer(text, self._scanned, end):
+            self._words.append(match.group())
+            self._starts.append(match.start())
+            added += 1
+        self._scanned = max(self._scanned, end)
+        return added
+
+    def _look(self) -> Loop | None:
+        """The loop at the end of the complete words, if any (the shortest block first)."""
+        words = self._words
+        count = len(words)
+        for period in range(1, min(MAX_PERIOD_WORDS, count // 2) + 1):
+            repeats = _min_repeats(period)
+            span = period * repeats
+            if span > count:
+                continue
+            tail = count - span
+            if all(words[i] == words[i + period] for i in range(tail, count - period)):
+                start = tail
+                while start > 0 and words[start - 1] == words[start - 1 + period]:
+                    start -= 1  # the repetition began earlier than the tail looked at
+                first_repeat = start + period
+                return Loop(
+                    keep=self._starts[first_repeat],
+                    period_words=period,
+                    repeats=(count - start) // period,
+                )
+        return None

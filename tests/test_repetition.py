@@ -1,0 +1,297 @@
+"""A reply that repeats itself is stopped soon after its loop starts, not given more room.
+
+The scripted workers write their result and then one phrase over and over until their
+``max_tokens`` (``finish_reason: length``), as a small model that loops does.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apr_graph import compile_apr_graph
+from apr_graph.loops import MAX_PERIOD_WORDS, LoopDetector
+from apr_graph.testing import RecordedRequest, Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+PHRASE = "Let me check the code again to be sure. "
+ALLOWANCE = 400
+CUT_WITHIN = 300
+"""Tokens (words, as the scripted server counts them) a loop may stream before it is cut."""
+
+FILES = ["calculator.py", "dataset.py", "sample.py"]
+
+
+def finding(goal: str) -> str:
+    """A thread's real result: a few sentences about its file (~45 words)."""
+    name = next((f for f in FILES if f in goal), goal)
+    return (
+        f"Findings for {name}, most serious first. One: divide() does not guard against a "
+        "zero divisor and raises at run time. Two: the loader opens files without closing "
+        "them. Three: the names x1 and tmp2 say nothing about what they hold. "
+    )
+
+
+def looping(result: str, *, delay_s: float = 0.001) -> Any:
+    """A reply factory: ``result``, then ``PHRASE`` until the request's ``max_tokens``."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        limit = int((request.body or {}).get("max_tokens") or ALLOWANCE)
+        words = (result + PHRASE * limit).split()[:limit]
+        return Reply(content=" ".join(words), finish_reason="length", chunk_delay_s=delay_s)
+
+    return reply
+
+
+def review_plan(merge: str = "concat") -> dict[str, Any]:
+    return {
+        "strategy": "parallel",
+        "merge": merge,
+        "subtasks": [f"Review {name}" for name in FILES],
+    }
+
+
+def loop_start(request: RecordedRequest) -> int:
+    """Words the worker streamed before its loop began."""
+    return len(finding(request.last_user_message).split())
+
+
+def events_of(chunks: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    return [chunk for mode, chunk in chunks if mode == "custom"]
+
+
+async def run(app: Any, task: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    values: dict[str, Any] = {}
+    events: list[dict[str, Any]] = []
+    async for mode, chunk in app.astream({"task": task}, stream_mode=["custom", "values"]):
+        if mode == "values":
+            values = chunk
+        else:
+            events.append(chunk)
+    return values, events
+
+
+async def test_looping_threads_are_cut_soon_after_the_loop_starts_and_keep_their_result(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(role="worker", reply=lambda r: looping(finding(r.last_user_message))(r)),
+        ]
+    )
+    settings = settings_for(server, worker_max_tokens=ALLOWANCE, stream_plan=False)
+    result, events = await run(compile_apr_graph(settings=settings), "Review three files")
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == 3  # no retry with twice the room, no fresh attempt either
+    assert {r.body["max_tokens"] for r in workers if r.body} == {ALLOWANCE}
+    for request in workers:
+        assert request.streamed - loop_start(request) <= CUT_WITHIN, request.streamed
+        assert request.streamed < ALLOWANCE  # the client closed the stream; the server stopped
+    for thread in result["threads"]:
+        assert thread["status"] == "done"
+        assert thread["answer"].startswith(finding(thread["goal"]).strip())
+        assert thread["answer"].count("check the code again") <= 1
+        assert thread["looped"]["at_tokens"] > 0
+        assert thread["looped"]["attempts"] == 1
+    for name in FILES:
+        assert f"Findings for {name}" in result["answer"]
+    assert result["metrics"]["loops"] == 3
+    assert result["metrics"]["loop_saved_tokens"] > 0
+    looped = [e for e in events if e["event"] == "thread_looped"]
+    assert sorted(e["id"] for e in looped) == ["s1", "s2", "s3"]
+    assert all(e["saved_tokens"] > 0 for e in looped)
+
+
+async def test_a_thread_that_loops_before_saying_anything_gets_one_fresh_attempt(
+    make_server: ServerFactory,
+) -> None:
+    fresh = "The file is fine: nothing to report."
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(role="worker", contains="repeating itself", reply=Reply(content=fresh)),
+            Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
+            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
+        ]
+    )
+    settings = settings_for(server, worker_max_tokens=ALLOWANCE, stream_plan=False)
+    result, events = await run(compile_apr_graph(settings=settings), "Review three files")
+
+    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    assert len(mine) == 2  # the loop, and one fresh attempt at the same room
+    assert [r.body["max_tokens"] for r in mine if r.body] == [ALLOWANCE, ALLOWANCE]
+    assert "repeating itself" in mine[1].last_user_message
+    thread = next(t for t in result["threads"] if "dataset.py" in t["goal"])
+    assert thread["answer"] == fresh
+    assert thread["attempts"] == 2
+    assert [e["event"] for e in events if e.get("id") == thread["id"]].count("thread_retry") == 1
+
+
+async def test_a_thread_that_loops_again_is_not_tried_a_third_time(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
+            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
+        ]
+    )
+    settings = settings_for(server, worker_max_tokens=ALLOWANCE, stream_plan=False)
+    result, _ = await run(compile_apr_graph(settings=settings), "Review three files")
+
+    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    assert len(mine) == 2
+    assert all(r.streamed <= CUT_WITHIN for r in mine)
+    thread = next(t for t in result["threads"] if "dataset.py" in t["goal"])
+    assert thread["looped"]["attempts"] == 2
+    assert result["metrics"]["loops"] == 2
+
+
+async def test_no_fresh_attempt_when_the_budget_has_no_room_for_it(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
+            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
+        ]
+    )
+    settings = settings_for(
+        server, worker_max_tokens=ALLOWANCE, stream_plan=False, token_budget=ALLOWANCE * 2
+    )
+    await run(compile_apr_graph(settings=settings), "Review three files")
+    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    assert len(mine) == 1
+
+
+async def test_a_looping_merge_is_cut_and_what_it_said_before_is_the_answer(
+    make_server: ServerFactory,
+) -> None:
+    summary = "All three files divide without a zero check; dataset.py also leaks files. "
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan("synthesize"))),
+            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
+            Rule(role="synthesizer", reply=looping(summary)),
+        ]
+    )
+    settings = settings_for(server, synthesizer_max_tokens=ALLOWANCE, stream_plan=False)
+    result, _ = await run(compile_apr_graph(settings=settings), "Review three files")
+
+    merge = server.chat_requests("synthesizer")
+    assert len(merge) == 1
+    assert merge[0].streamed - len(summary.split()) <= CUT_WITHIN
+    assert result["answer"].startswith(summary.strip())
+    assert result["answer"].count("check the code again") <= 1
+    assert result["metrics"]["loops"] == 1
+
+
+async def test_a_looping_direct_answer_is_cut(make_server: ServerFactory) -> None:
+    said = "Paris is the capital of France. "
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                where=lambda r: "response_format" in (r.body or {}),
+                reply=Reply(content={"strategy": "direct", "answer": None}),
+            ),
+            Rule(role="planner", reply=looping(said)),
+        ]
+    )
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE)
+    result, _ = await run(compile_apr_graph(settings=settings), "Capital of France?")
+    direct = [r for r in server.chat_requests("planner") if "response_format" not in r.body]
+    assert len(direct) == 1
+    assert direct[0].streamed - len(said.split()) <= CUT_WITHIN
+    assert result["answer"].startswith(said.strip())
+
+
+async def test_a_looping_plan_written_without_a_schema_is_cut_and_asked_again(
+    make_server: ServerFactory,
+) -> None:
+    # A server that takes no response_format: the schema is in the prompt and nothing
+    # bounds the reply. (A reply constrained by the schema is bounded by it: never cut.)
+    looping_plan = '{"strategy": "direct", "working": "' + "I think that " * ALLOWANCE
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                times=1,
+                reply=Reply(content=looping_plan, finish_reason="length", chunk_delay_s=0.001),
+            ),
+            Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "4"})),
+        ]
+    )
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE, structured_output="prompt")
+    result, _ = await run(compile_apr_graph(settings=settings), "2 + 2?")
+    first, second = server.chat_requests("planner")
+    assert first.streamed <= CUT_WITHIN
+    assert "repeating itself" in second.last_user_message
+    assert result["answer"] == "4"
+
+
+async def test_a_plan_constrained_by_its_schema_is_never_cut(make_server: ServerFactory) -> None:
+    same = {"strategy": "direct", "answer": "4", "subtasks": [{"id": "x", "goal": "junk"}] * 10}
+    server = make_server([Rule(role="planner", reply=Reply(content=same))])
+    result, _ = await run(compile_apr_graph(settings=settings_for(server)), "2 + 2?")
+    assert result["answer"] == "4"
+    assert result["metrics"]["loops"] == 0
+
+
+async def test_stop_loops_off_lets_a_reply_run_to_its_limit(make_server: ServerFactory) -> None:
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(
+                role="worker", reply=lambda r: looping(finding(r.last_user_message), delay_s=0)(r)
+            ),
+        ]
+    )
+    settings = settings_for(
+        server, worker_max_tokens=ALLOWANCE, stream_plan=False, stop_loops=False
+    )
+    result, _ = await run(compile_apr_graph(settings=settings), "Review three files")
+    assert all("looped" not in t for t in result["threads"])
+    assert result["metrics"]["loops"] == 0
+
+
+# -- the detector on its own ----------------------------------------------------------------
+
+
+def feed(text: str, step: int = 7) -> tuple[Any, int]:
+    """Feed ``text`` in pieces; the loop found and the characters fed when it was."""
+    detector = LoopDetector()
+    for start in range(0, len(text), step):
+        found = detector.feed(text[start : start + step])
+        if found is not None:
+            return found, start + step
+    return None, len(text)
+
+
+@pytest.mark.parametrize("period", [1, 2, 5, 12, 19, 20, 40, 80, MAX_PERIOD_WORDS])
+def test_a_block_repeated_back_to_back_is_found_within_300_words(period: int) -> None:
+    block = " ".join(f"w{i}" for i in range(period)) + " "
+    before = "An honest start of an answer that says something first. "
+    text = before + block * (1 + math.ceil(600 / period))
+    found, fed = feed(text)
+    assert found is not None
+    assert text[: found.keep] == before + block  # the block said once is kept
+    streamed_after_start = len(text[len(before + block) : fed].split())
+    assert streamed_after_start <= CUT_WITHIN
+
+
+def test_ordinary_text_and_code_are_not_loops() -> None:
+    root = Path(__file__).resolve().parents[1]
+    sources = [*sorted(root.glob("apr_graph/**/*.py")), *sorted(root.glob("*.md"))]
+    assert len(sources) > 40
+    found = {str(p.relative_to(root)): feed(p.read_text())[0] for p in sources}
+    assert {name: loop for name, loop in found.items() if loop is not None} == {}
+    table = "| n | n squared |\n|---|---|\n" + "".join(f"| {i} | {i * i} |\n" for i in range(200))
+    assert feed(table)[0] is None
