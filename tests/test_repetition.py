@@ -287,6 +287,20 @@ def test_a_block_repeated_back_to_back_is_found_within_300_words(period: int) ->
     assert streamed_after_start <= CUT_WITHIN
 
 
+def test_a_list_that_repeats_its_items_under_new_numbers_is_a_loop() -> None:
+    items = [
+        "**Bug**: The `mean` function does not handle the case where the list is empty.",
+        "**Bug**: The `clear` function does not correctly clear the history list.",
+        "**Bug**: The `round2` function does not handle the case where the input is text.",
+    ]
+    numbered = "".join(f"{n}. {items[(n - 1) % 3]}\n\n" for n in range(1, 40))
+    found, fed = feed("Findings for calculator.py:\n\n" + numbered)
+    assert found is not None
+    kept = ("Findings for calculator.py:\n\n" + numbered)[: found.keep]
+    assert kept.count("**Bug**") == 3  # each finding once
+    assert fed < len("Findings for calculator.py:\n\n" + numbered) // 2
+
+
 def test_ordinary_text_and_code_are_not_loops() -> None:
     root = Path(__file__).resolve().parents[1]
     sources = [*sorted(root.glob("apr_graph/**/*.py")), *sorted(root.glob("*.md"))]
@@ -295,3 +309,5 @@ def test_ordinary_text_and_code_are_not_loops() -> None:
     assert {name: loop for name, loop in found.items() if loop is not None} == {}
     table = "| n | n squared |\n|---|---|\n" + "".join(f"| {i} | {i * i} |\n" for i in range(200))
     assert feed(table)[0] is None
+    steps = "".join(f"{n}. Add {n} to the total and write the new total down.\n" for n in range(60))
+    assert feed(steps)[0] is None
