@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from apr_graph.errors import AprError, ConfigurationError, ServerCapabilityError
 from apr_graph.failures import RETRYABLE, FailureKind, classify, to_error
 from apr_graph.openai_transport import OpenAITransport
-from apr_graph.responses import LOOPED, Completion, Message, StreamProgress
+from apr_graph.responses import Completion, Message, StreamProgress, with_loop_saving
 from apr_graph.retry import CallBudget, RetryPolicy
 from apr_graph.settings import AprSettings, Role
 from apr_graph.structured import StructuredOutput
@@ -55,13 +55,6 @@ def _close_soon(transport: Transport) -> None:
 
 
 _closing: set[asyncio.Task[None]] = set()
-
-
-def _with_loop_saving(completion: Completion, allowance: int | None) -> Completion:
-    """``completion``, with the tokens its allowance had left when a loop cut it."""
-    if completion.finish_reason != LOOPED or not allowance:
-        return completion
-    return replace(completion, loop_saved_tokens=max(0, allowance - completion.completion_tokens))
 
 
 class LLMClient:
@@ -252,7 +245,7 @@ class LLMClient:
             has_format=response_format is not None,
             has_tools=bool(tools),
         )
-        return _with_loop_saving(completion, request.max_tokens)
+        return with_loop_saving(completion, request.max_tokens)
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
         """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, as a
@@ -292,7 +285,7 @@ class LLMClient:
         progress.detect_loops = self._requests.stop_loops
         send = partial(self.transport.complete, request, progress=progress, budget=budget)
         completion = await self._attempts(send, request.model, progress, budget)
-        return _with_loop_saving(completion, request.max_tokens)
+        return with_loop_saving(completion, request.max_tokens)
 
     async def structured(
         self,

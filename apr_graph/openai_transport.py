@@ -28,15 +28,11 @@ from apr_graph.http_pool import HttpPool, SseResponse, isolated
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.responses import (
     Completion,
-    StreamEnd,
     StreamProgress,
     TransientResponseError,
     cached_tokens,
-    choice_text,
-    delta_text,
     estimate_tokens,
     prompt_estimate,
-    read_stream,
     strip_reasoning,
     tool_calls_of,
     usage_counts,
@@ -44,6 +40,7 @@ from apr_graph.responses import (
 from apr_graph.retry import CallBudget
 from apr_graph.sdk_compat import sdk_headers
 from apr_graph.settings import AprSettings
+from apr_graph.sse import StreamEnd, choice_text, delta_text, read_stream
 from apr_graph.transport import ChatRequest, TextRequest, admit
 
 __all__ = ["OpenAITransport"]

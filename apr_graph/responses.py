@@ -7,37 +7,30 @@ wrap its JSON in prose or code fences.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import openai
-
 from apr_graph.loops import Loop, LoopDetector
-from apr_graph.sdk_compat import timed_out
 
 __all__ = [
     "LOOPED",
     "Completion",
     "Message",
-    "StreamEnd",
     "StreamProgress",
     "TransientResponseError",
     "cached_tokens",
-    "choice_text",
-    "delta_text",
     "estimate_tokens",
     "extract_json",
+    "field_of",
     "prompt_estimate",
-    "read_stream",
     "strip_reasoning",
     "tool_calls_of",
     "usage_counts",
+    "with_loop_saving",
 ]
 
 Message = dict[str, Any]
@@ -172,64 +165,7 @@ class StreamProgress:
         self.loop, self.loop_tokens, self._detector = None, 0, None
 
 
-@dataclass
-class StreamEnd:
-    """How a stream ended: its finish and stop reasons, the usage it reported, and the tool
-    calls its deltas assembled."""
-
-    finish_reason: str | None = None
-    stop_reason: str | None = None
-    usage: Any = None
-    timings: Any = None
-    """llama.cpp's ``timings`` (``cache_n``: prompt tokens served from its cache)."""
-    calls: dict[int, dict[str, str]] = field(default_factory=dict)
-    """Tool calls by their stream ``index``, as assembled so far."""
-
-    @property
-    def tool_calls(self) -> tuple[dict[str, str], ...]:
-        """The assembled tool calls as ``{"id", "name", "arguments"}``, in index order."""
-        return tuple(
-            {**call, "arguments": call["arguments"] or "{}"}
-            for _, call in sorted(self.calls.items())
-            if call["name"]
-        )
-
-    def add_call_deltas(self, deltas: Any) -> int:
-        """Fold one chunk's ``delta.tool_calls`` in; returns how many pieces it carried.
-
-        A call's pieces share an ``index`` (OpenAI, vLLM, llama.cpp): the first carries its
-        ``id`` and ``name``, the rest slices of ``function.arguments``, which are joined.
-        Servers that repeat the id or the whole name in every piece are tolerated; a piece
-        without an index belongs to the call at its position in the list.
-        """
-        if not isinstance(deltas, list):
-            return 0
-        taken = 0
-        for position, delta in enumerate(deltas):
-            if not isinstance(delta, dict):
-                continue
-            index = delta.get("index")
-            call = self.calls.setdefault(
-                index if isinstance(index, int) else position,
-                {"id": "", "name": "", "arguments": ""},
-            )
-            function = delta.get("function")
-            function = function if isinstance(function, dict) else {}
-            if isinstance(delta.get("id"), str) and delta["id"] and not call["id"]:
-                call["id"] = delta["id"]
-            name = function.get("name")
-            if isinstance(name, str) and name != call["name"]:
-                call["name"] += name
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                call["arguments"] += arguments
-            elif isinstance(arguments, dict):  # a server that sends them parsed, once
-                call["arguments"] = json.dumps(arguments)
-            taken += 1
-        return taken
-
-
-def _field(obj: Any, name: str) -> Any:
+def field_of(obj: Any, name: str) -> Any:
     """``obj.name`` or ``obj[name]``: SDK models and plain JSON alike."""
     if isinstance(obj, dict):
         return obj.get(name)
@@ -238,118 +174,6 @@ def _field(obj: Any, name: str) -> Any:
 
 LOOPED = "loop"
 """The ``finish_reason`` of a reply cut where it started repeating itself (apr-graph's own)."""
-
-
-async def read_stream(
-    response: Any, progress: StreamProgress, piece_of: Callable[[Any], str | None]
-) -> StreamEnd:
-    """Read a raw server-sent-event response (OpenAI chunks, parsed as plain JSON) into
-    ``progress``. Leaving, normally or by cancellation, closes the HTTP response, so the
-    server stops generating. An ``error`` event raises the SDK's ``APIError``; silence past
-    the read timeout raises its ``APITimeoutError``."""
-    end = StreamEnd()
-    try:
-        lines: AsyncIterator[list[str]] = response.aiter_line_batches()
-        async for batch in lines:
-            if _take_lines(batch, end, progress, piece_of, response):
-                await _drain(lines)
-                break
-            if progress.loop is not None:  # closing the response stops the server too
-                end.finish_reason = LOOPED
-                progress.cut_at_loop()
-                break
-    except (openai.APIError, asyncio.CancelledError):
-        raise
-    except Exception as exc:
-        if timed_out(exc):
-            raise openai.APITimeoutError(request=response.request) from exc
-        # The transport broke mid-stream, or a chunk was not JSON: worth a retry.
-        raise TransientResponseError(
-            f"the stream broke after {progress.completion_tokens} tokens: {type(exc).__name__}"
-        ) from exc
-    finally:
-        await response.aclose()
-    if end.finish_reason is None:
-        raise TransientResponseError(
-            f"the stream ended without a finish_reason after {progress.completion_tokens} "
-            "tokens (cut off)"
-        )
-    return end
-
-
-_DRAIN_S = 0.1
-"""How long the rest of a body is read after ``[DONE]`` (the SDK's own bound)."""
-
-
-async def _drain(lines: Any) -> None:
-    """Read a stream on to its end after ``[DONE]``, as the SDK does, so its connection goes
-    back to the pool and the next request reuses it. Bounded, and never an error: a server
-    that keeps the body open after ``[DONE]`` costs ``_DRAIN_S``, not a completed answer."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_DRAIN_S):
-            async for _ in lines:
-                pass
-
-
-def _take_lines(
-    batch: list[str],
-    end: StreamEnd,
-    progress: StreamProgress,
-    piece_of: Callable[[Any], str | None],
-    response: Any,
-) -> bool:
-    """Fold a batch of SSE lines into the stream's state; whether ``[DONE]`` was among them
-    (the lines after it are not read)."""
-    for line in batch:
-        if not line.startswith("data:"):
-            continue  # comments, event names, keep-alives
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return True
-        _take(json.loads(data), end, progress, piece_of, response)
-    return False
-
-
-def _take(
-    chunk: Any,
-    end: StreamEnd,
-    progress: StreamProgress,
-    piece_of: Callable[[Any], str | None],
-    response: Any,
-) -> None:
-    """Fold one streamed chunk into the stream's progress and end state."""
-    if not isinstance(chunk, dict):
-        raise TransientResponseError(f"a stream chunk is not a JSON object: {str(chunk)[:80]!r}")
-    if chunk.get("error"):
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise openai.APIError(str(message), request=response.request, body=error)
-    end.usage = chunk.get("usage") or end.usage
-    end.timings = chunk.get("timings") or end.timings
-    for choice in chunk.get("choices") or []:
-        piece = piece_of(choice)
-        if piece:
-            progress.add(piece)
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and delta.get("tool_calls"):
-            for _ in range(end.add_call_deltas(delta["tool_calls"])):
-                progress.add_call_piece()
-        end.finish_reason = choice.get("finish_reason") or end.finish_reason
-        found = choice.get("stop_reason") or choice.get("stopping_word")
-        if isinstance(found, str):
-            end.stop_reason = found
-
-
-def delta_text(choice: Any) -> str | None:
-    """The text of one chat-stream choice."""
-    text = _field(_field(choice, "delta"), "content")
-    return text if isinstance(text, str) else None
-
-
-def choice_text(choice: Any) -> str | None:
-    """The text of one text-completion-stream choice."""
-    text = _field(choice, "text")
-    return text if isinstance(text, str) else None
 
 
 def estimate_tokens(text: str) -> int:
@@ -364,8 +188,8 @@ def prompt_estimate(messages: Sequence[Message]) -> int:
 
 def usage_counts(usage: Any, *, prompt: int, completion: int) -> tuple[int, int]:
     """``(prompt_tokens, completion_tokens)`` from a reported usage, else the estimates."""
-    reported_prompt = _field(usage, "prompt_tokens")
-    reported_completion = _field(usage, "completion_tokens")
+    reported_prompt = field_of(usage, "prompt_tokens")
+    reported_completion = field_of(usage, "completion_tokens")
     if reported_prompt is None or reported_completion is None:
         return prompt, completion
     return int(reported_prompt), int(reported_completion)
@@ -374,7 +198,7 @@ def usage_counts(usage: Any, *, prompt: int, completion: int) -> tuple[int, int]
 def cached_tokens(usage: Any, timings: Any = None) -> int | None:
     """Prompt tokens served from the prefix cache: OpenAI/vLLM usage details, else llama.cpp
     ``timings.cache_n``; ``None`` when the server does not say."""
-    cached = _field(_field(usage, "prompt_tokens_details"), "cached_tokens")
+    cached = field_of(field_of(usage, "prompt_tokens_details"), "cached_tokens")
     if cached is not None:
         return int(cached)
     if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
@@ -385,14 +209,14 @@ def cached_tokens(usage: Any, timings: Any = None) -> int | None:
 def tool_calls_of(message: Any) -> tuple[dict[str, str], ...]:
     """The tool calls of an assistant message as ``{"id", "name", "arguments"}``."""
     calls = []
-    for call in _field(message, "tool_calls") or []:
-        function = _field(call, "function")
+    for call in field_of(message, "tool_calls") or []:
+        function = field_of(call, "function")
         if function is not None:
             calls.append(
                 {
-                    "id": str(_field(call, "id") or ""),
-                    "name": str(_field(function, "name")),
-                    "arguments": str(_field(function, "arguments") or "{}"),
+                    "id": str(field_of(call, "id") or ""),
+                    "name": str(field_of(function, "name")),
+                    "arguments": str(field_of(function, "arguments") or "{}"),
                 }
             )
     return tuple(calls)
@@ -414,3 +238,10 @@ def extract_json(text: str) -> Any:
         raise ValueError("the reply contains no JSON object")
     value, _ = json.JSONDecoder().raw_decode(cleaned[start:])
     return value
+
+
+def with_loop_saving(completion: Completion, allowance: int | None) -> Completion:
+    """``completion``, with the tokens its allowance had left when a loop cut it."""
+    if completion.finish_reason != LOOPED or not allowance:
+        return completion
+    return replace(completion, loop_saved_tokens=max(0, allowance - completion.completion_tokens))
