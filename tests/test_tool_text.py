@@ -16,7 +16,8 @@ from apr_graph import compile_apr_graph
 from apr_graph.chat_model import ChatModelClient
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.tool_loop import read_text_calls, tool_loop, tools_note
-from apr_graph.responses import StreamEnd, StreamProgress
+from apr_graph.responses import StreamProgress
+from apr_graph.sse import StreamEnd
 from apr_graph.testing import LlamaCpp, RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import merge_synth
