@@ -54,6 +54,10 @@ def review_plan(merge: str = "concat") -> dict[str, Any]:
     }
 
 
+def dataset_requests(server: Any) -> list[RecordedRequest]:
+    return [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+
+
 def loop_start(request: RecordedRequest) -> int:
     """Words the worker streamed before its loop began."""
     return len(finding(request.last_user_message).split())
@@ -122,7 +126,7 @@ async def test_a_thread_that_loops_before_saying_anything_gets_one_fresh_attempt
     settings = settings_for(server, worker_max_tokens=ALLOWANCE, stream_plan=False)
     result, events = await run(compile_apr_graph(settings=settings), "Review three files")
 
-    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    mine = dataset_requests(server)
     assert len(mine) == 2  # the loop, and one fresh attempt at the same room
     assert [r.body["max_tokens"] for r in mine if r.body] == [ALLOWANCE, ALLOWANCE]
     assert "repeating itself" in mine[1].last_user_message
@@ -132,20 +136,23 @@ async def test_a_thread_that_loops_before_saying_anything_gets_one_fresh_attempt
     assert [e["event"] for e in events if e.get("id") == thread["id"]].count("thread_retry") == 1
 
 
+def dataset_loops_at_once() -> list[Rule]:
+    """The thread of dataset.py loops before saying anything, every time; the others answer."""
+    return [
+        Rule(role="planner", reply=Reply(content=review_plan())),
+        Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
+        Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
+    ]
+
+
 async def test_a_thread_that_loops_again_is_not_tried_a_third_time(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server(
-        [
-            Rule(role="planner", reply=Reply(content=review_plan())),
-            Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
-            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
-        ]
-    )
+    server = make_server(dataset_loops_at_once())
     settings = settings_for(server, worker_max_tokens=ALLOWANCE, stream_plan=False)
     result, _ = await run(compile_apr_graph(settings=settings), "Review three files")
 
-    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    mine = dataset_requests(server)
     assert len(mine) == 2
     assert all(r.streamed <= CUT_WITHIN for r in mine)
     thread = next(t for t in result["threads"] if "dataset.py" in t["goal"])
@@ -156,18 +163,12 @@ async def test_a_thread_that_loops_again_is_not_tried_a_third_time(
 async def test_no_fresh_attempt_when_the_budget_has_no_room_for_it(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server(
-        [
-            Rule(role="planner", reply=Reply(content=review_plan())),
-            Rule(role="worker", contains="dataset.py", reply=looping("Hmm. ")),
-            Rule(role="worker", reply=lambda r: Reply(content=finding(r.last_user_message))),
-        ]
-    )
+    server = make_server(dataset_loops_at_once())
     settings = settings_for(
         server, worker_max_tokens=ALLOWANCE, stream_plan=False, token_budget=ALLOWANCE * 2
     )
     await run(compile_apr_graph(settings=settings), "Review three files")
-    mine = [r for r in server.chat_requests("worker") if "dataset.py" in r.last_user_message]
+    mine = dataset_requests(server)
     assert len(mine) == 1
 
 
