@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -145,18 +146,28 @@ def _helper_threads() -> int:
     return sum(thread.name == "apr-graph" for thread in threading.enumerate())
 
 
-async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFactory) -> None:
-    # A web handler that builds a graph per request: each graph's client (its connection
-    # pool) must go when the graph does, though the pool lives on the caller's loop.
-    server = merging_server(make_server)
-    threads_before = _helper_threads()
-    clients: list[weakref.ref[LLMClient]] = []
-    for _ in range(3):
+def graphs_of_their_own(
+    server: ScriptedServer, clients: list[weakref.ref[LLMClient]], runs: int = 3
+) -> Iterator[Any]:
+    """A graph with a client of its own per run (weak references to the clients go to
+    ``clients``); nothing here keeps one alive once the caller drops it."""
+    for _ in range(runs):
         client = LLMClient(settings_for(server))
         clients.append(weakref.ref(client))
         app = compile_apr_graph(client=client)
+        del client
+        yield app
+        del app
+
+
+async def test_a_graph_built_per_run_leaves_nothing_behind(make_server: ServerFactory) -> None:
+    # A web handler that builds a graph per request: each graph's client (its connection
+    # pool) must go when the graph does, though the pool lives on the caller's loop.
+    threads_before = _helper_threads()
+    clients: list[weakref.ref[LLMClient]] = []
+    for app in graphs_of_their_own(merging_server(make_server), clients):
         assert (await app.ainvoke({"task": "two parts"}))["answer"] == "merged"
-        del app, client
+        del app
 
     def released() -> bool:
         gc.collect()
@@ -170,15 +181,11 @@ def test_a_graph_built_per_sync_run_leaves_nothing_behind(make_server: ServerFac
     # go with it. A helper loop first started inside a run kept that run's context through
     # the loop's own reader (the LangGraph config, the graph, the client): one thread and a
     # pool leaked per request.
-    server = merging_server(make_server)
     threads_before = _helper_threads()
     clients: list[weakref.ref[LLMClient]] = []
-    for _ in range(3):
-        client = LLMClient(settings_for(server))
-        clients.append(weakref.ref(client))
-        app = compile_apr_graph(client=client)
+    for app in graphs_of_their_own(merging_server(make_server), clients):
         assert app.invoke({"task": "two parts"})["answer"] == "merged"
-        del app, client
+        del app
 
     def released() -> bool:
         gc.collect()

@@ -61,12 +61,16 @@ class Recording:
         await self.inner.aclose()
 
 
+def recording(make_server: ServerFactory) -> tuple[AprSettings, Recording]:
+    """Settings for a merging server, and a transport that records where each call ran."""
+    settings = settings_for(merging_server(make_server))
+    return settings, Recording(settings)
+
+
 async def test_an_async_run_sends_every_request_from_its_callers_loop_and_thread(
     make_server: ServerFactory,
 ) -> None:
-    server = merging_server(make_server)
-    settings = settings_for(server)
-    transport = Recording(settings)
+    settings, transport = recording(make_server)
     async with LLMClient(settings, transport=transport) as client:
         result = await compile_apr_graph(client=client).ainvoke({"task": "two parts"})
     assert result["answer"] == "merged"
@@ -79,9 +83,7 @@ async def test_an_async_run_sends_every_request_from_its_callers_loop_and_thread
 async def test_a_sync_run_uses_one_helper_loop_and_an_async_run_then_uses_its_own(
     make_server: ServerFactory,
 ) -> None:
-    server = merging_server(make_server)
-    settings = settings_for(server)
-    transport = Recording(settings)
+    settings, transport = recording(make_server)
     async with LLMClient(settings, transport=transport) as client:
         app = compile_apr_graph(client=client)
         # invoke() from a worker thread, then from this loop's own thread (which it blocks)
