@@ -292,14 +292,10 @@ def _looped(
         streamed_tokens=progress.loop_tokens,
         saved_tokens=max(0, allowance - progress.completion_tokens),
     )
-    budget = board.budget
-    room = budget.admits() and (
-        settings.token_budget is None or settings.token_budget - budget.tokens_used >= allowance
-    )
-    remaining_s = budget.remaining_s()
+    budget = board.budget  # stopped once its deadline passes: admits() says so
+    left = None if settings.token_budget is None else settings.token_budget - budget.tokens_used
+    room = budget.admits() and (left is None or left >= allowance)
     if earlier or not settings.retry_loops or kept >= allowance // 8 or not room:
-        return None
-    if remaining_s is not None and remaining_s < 1:
         return None
     reason = (
         f"it started repeating itself after about {kept} tokens. Say each point once, then stop"
