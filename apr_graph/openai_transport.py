@@ -18,7 +18,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
@@ -228,9 +228,12 @@ class OpenAITransport:
                 reply = _Reply.streamed(end, progress)
             else:
                 reply = _unpack(await endpoint.send(self._post(endpoint, body)))
-            return reply.completion(
+            completion = reply.completion(
                 request.model, prompt_estimate(request.messages), progress, budget
             )
+            if max_tokens < request.max_tokens:  # the context, not the caller, set the limit
+                completion = replace(completion, max_tokens_sent=max_tokens)
+            return completion
 
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None

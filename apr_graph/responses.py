@@ -82,6 +82,9 @@ class Completion:
     (``"a call to search, which is not a tool here (tools: multiply)"``; also past the call
     limit, or cut off by the token limit, which keeps ``finish_reason="length"``). The text
     is then no answer."""
+    max_tokens_sent: int | None = None
+    """The output allowance the last request carried, when the transport lowered it to fit
+    the server's per-slot context (``None``: as asked)."""
     loop_saved_tokens: int = 0
     """Set when the reply was cut where it started repeating itself (``finish_reason``
     ``loop``): the tokens its allowance had left, which the server did not generate."""

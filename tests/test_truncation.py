@@ -4,8 +4,9 @@ again, reaches the merge marked as incomplete: never as a whole answer."""
 from __future__ import annotations
 
 from apr_graph import compile_apr_graph
-from apr_graph.testing import Reply, Rule
+from apr_graph.testing import LlamaCpp, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
+from tests.test_graph import merge_synth, parallel_plan
 
 PLAN = {
     "strategy": "parallel",
@@ -68,3 +69,27 @@ async def test_the_plan_cannot_give_a_thread_less_than_the_floor(
     )
     await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "17*23?"})
     assert server.chat_requests("worker")[0].body["max_tokens"] == 256  # not the plan's 100
+
+
+async def test_a_thread_cut_by_the_servers_context_is_not_retried_with_more_room(
+    make_server: ServerFactory,
+) -> None:
+    # llama.cpp with 4 slots of a small context: the allowance is lowered to what the slot
+    # leaves after the prompt, and a reply cut there would be cut there again with any
+    # allowance (a 1.5B model's review threads were retried at 2,048 and cut at ~450 again).
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(2))),
+            Rule(role="worker", reply=Reply(content="17 * 23 = 17 * 20 +", finish_reason="length")),
+            merge_synth(),
+        ],
+        personality=LlamaCpp(n_ctx=700, total_slots=4),
+    )
+    settings = settings_for(server, worker_max_tokens=1024, stream_plan=False)
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "t"})
+    workers = server.chat_requests("worker")
+    assert len(workers) == 2  # one request per thread: no retry with twice the room
+    assert all(r.body and r.body["max_tokens"] < 1024 for r in workers)
+    for thread in result["threads"]:
+        assert thread["status"] == "truncated"
+        assert "the server's context left room for" in (thread["error"] or "")

@@ -220,6 +220,13 @@ async def _solve(
             record = thread.record("done", answer=text or None)
             return finish_thread(board, boards, thread, record)
         cut = completion.finish_reason == "length"
+        fitted = completion.max_tokens_sent
+        if cut and fitted is not None:
+            # The server's context, not the thread's allowance, cut it: more room cannot fit.
+            error = f"truncated: the server's context left room for {fitted} tokens of output"
+            return finish_thread(
+                board, boards, thread, thread.record("truncated", answer=text, error=error)
+            )
         if cut and widened is None and thread.looped is None:
             # Cut mid-work by its token limit: one more try with twice the room, which does
             # not count as a replacement.
