@@ -397,7 +397,8 @@ def checkpointed_threads(db: Path, thread_id: str) -> set[str]:
     with SqliteSaver.from_conn_string(str(db)) as saver:
         stored = saver.get_tuple({"configurable": {"thread_id": thread_id}})
     writes = stored.pending_writes or [] if stored else []
-    return {t["id"] for _, channel, value in writes if channel == "threads" for t in value}
+    threads = [getattr(v, "value", v) for _, channel, v in writes if channel == "threads"]
+    return {t["id"] for written in threads for t in written}  # a run's first write: Overwrite
 
 
 def test_sigkill_mid_fan_out_then_resume_redoes_nothing(tmp_path: Path, run_cli: CliRunner) -> None:

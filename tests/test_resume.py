@@ -107,8 +107,8 @@ async def stored_thread_ids(saver: Saver) -> set[str]:
     found: set[str] = set()
     async for item in saver.alist(None):
         for _, channel, value in item.pending_writes or []:
-            if channel == "threads":
-                found |= {t["id"] for t in value}
+            if channel == "threads":  # a run's first write replaces (``Overwrite``) the list
+                found |= {t["id"] for t in getattr(value, "value", value)}
     return found
 
 
@@ -408,3 +408,30 @@ def test_waiting_dependents_never_take_every_slot_sync(make_server: ServerFactor
         result = pool.submit(app.invoke, {"task": "t"}, {"max_concurrency": 2}).result(30)
     assert result["answer"].count("had base is B") == 4
     assert len(server.chat_requests("worker")) == 5
+
+
+async def test_a_second_run_on_one_langgraph_thread_keeps_only_its_own_records(
+    make_server: ServerFactory,
+) -> None:
+    # A LangGraph thread is a conversation: the second task's answer, threads and calls are
+    # its own, not merged with the first run's (the first plan had a third thread).
+    first = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["alpha 1", "alpha 2", "alpha 3"],
+    }
+    second = {"strategy": "parallel", "merge": "concat", "subtasks": ["beta 1", "beta 2"]}
+    server = make_server(
+        [
+            Rule(role="planner", contains="first task", reply=Reply(content=first)),
+            Rule(role="planner", contains="second task", reply=Reply(content=second)),
+            Rule(role="worker", reply=lambda r: Reply(content="did " + r.last_user_message[-7:])),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server), checkpointer=InMemorySaver())
+    config: dict[str, Any] = {"configurable": {"thread_id": "conversation"}}
+    await app.ainvoke({"task": "first task"}, config)
+    result = await app.ainvoke({"task": "second task"}, config)
+    assert [t["goal"] for t in result["threads"]] == ["beta 1", "beta 2"]
+    assert "alpha" not in result["answer"]
+    assert len(result["calls"]) == result["metrics"]["model_calls"] == 3

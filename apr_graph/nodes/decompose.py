@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from langgraph.types import Overwrite
+
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.errors import (
@@ -188,7 +190,11 @@ def make_decompose(
         update: dict[str, Any] = {
             "started_at": started,
             "plan": normalised,
-            "calls": calls,
+            # A run starts its records afresh: a LangGraph thread (a conversation) may hold
+            # an earlier run's threads, calls and deferrals, which are not this run's.
+            "calls": Overwrite(calls),
+            "threads": Overwrite([]),
+            "waiting": Overwrite([]),
             "capacity": capacity,
             "run_id": board.run_id,
             "depth": depth,

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from langgraph.types import Overwrite
+
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError
@@ -290,8 +292,9 @@ def make_native(
             "run_id": board.run_id,
             "plan": plan,
             "answer": answer,
-            "threads": run.threads,
-            "calls": run.calls,
+            # A run starts its records afresh: a LangGraph thread may hold an earlier run's.
+            "threads": Overwrite(run.threads),
+            "calls": Overwrite(run.calls),
         }
 
     return native_run
