@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from apr_graph.sdk_compat import sdk_request, status_error, transport_error
 
-__all__ = ["HttpPool", "SseResponse", "isolated"]
+__all__ = ["HttpPool", "SseResponse", "close_in_background", "isolated"]
 
 T = TypeVar("T")
 
@@ -67,13 +67,19 @@ async def _shut(kept: _Kept) -> None:
 
 
 _closing: set[asyncio.Task[None]] = set()
-"""Sessions being closed on their own loops (held: a loop keeps only weak references)."""
+"""Closings running on their own loops (held: a loop keeps only weak references to tasks)."""
+
+
+def close_in_background(closing: Coroutine[Any, Any, None]) -> None:
+    """Run ``closing`` as a task of the running loop that nobody awaits, kept alive to its
+    end (a connection pool's or a transport's close, from code that cannot wait for it)."""
+    task = asyncio.get_running_loop().create_task(closing)
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _shut_here(kept: _Kept) -> None:
-    task = asyncio.get_running_loop().create_task(_shut(kept))
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
+    close_in_background(_shut(kept))
 
 
 class HttpPool:

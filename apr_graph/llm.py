@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from apr_graph.errors import AprError, ConfigurationError, ServerCapabilityError
 from apr_graph.failures import RETRYABLE, FailureKind, classify, to_error
+from apr_graph.http_pool import close_in_background
 from apr_graph.openai_transport import OpenAITransport
 from apr_graph.responses import Completion, Message, StreamProgress, with_loop_saving
 from apr_graph.retry import CallBudget, RetryPolicy
@@ -41,7 +42,7 @@ def _close_soon(transport: Transport) -> None:
     """Close ``transport`` from sync code: awaited in a loop of its own, or, when this thread
     runs a loop (it cannot be blocked), in a task there."""
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
         own = asyncio.new_event_loop()  # not asyncio.run: the thread's current loop stays
         try:
@@ -49,12 +50,7 @@ def _close_soon(transport: Transport) -> None:
         finally:
             own.close()
         return
-    task = loop.create_task(transport.aclose())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Task[None]] = set()
+    close_in_background(transport.aclose())
 
 
 class LLMClient:
