@@ -7,12 +7,16 @@ request), and releases tokens the way a GPU server with continuous batching woul
   ``step_s * (1 + batch_slowdown * (running - 1))``, so bigger batches are slower per step
   but far faster in total;
 - a new sequence first pays prefill: ``prefill_s_per_token`` for each prompt token that is
-  not in the prefix cache (blocks of ``block`` tokens, as vLLM caches them);
+  not in the prefix cache (blocks of ``block`` tokens, as vLLM caches them). On a GPU
+  (``prefill_chunk=0``) prefill runs beside the decode steps and costs the decoders nothing;
+  on a CPU (``prefill_chunk=N``) compute is shared, as llama.cpp shares it: each step also
+  processes up to N prompt tokens, and the step lasts that much longer for everyone;
 - at most ``slots`` sequences run at once; the rest wait in line;
 - a client that hangs up frees its slot at once (the server stops generating).
 
-Tokens are words. Defaults resemble an 8B model on one modern GPU: 20 ms per decode step,
-about 3 ms per 100 uncached prompt tokens, 64 slots.
+Tokens are words. Defaults (``LatencyModel.gpu()``) resemble an 8B model on one modern GPU:
+20 ms per decode step, about 3 ms per 100 uncached prompt tokens, 64 slots.
+``LatencyModel.cpu()`` is a 1.5B model on a 2-core CPU with llama-server's 4 slots.
 """
 
 from __future__ import annotations
@@ -31,13 +35,41 @@ __all__ = ["LatencyModel", "SimulatedServer"]
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """The timing of the simulated server."""
+    """The timing of the simulated server.
+
+    With ``n`` sequences decoding, the aggregate rate is ``n / (1 + batch_slowdown * (n - 1))``
+    times one sequence's: about ``n`` on a GPU (``batch_slowdown`` near 0), little more than
+    1 on a CPU, where each sequence's weights pass is paid again.
+    """
 
     step_s: float = 0.02
     batch_slowdown: float = 0.01
     prefill_s_per_token: float = 0.00003
     slots: int = 64
     block: int = 16
+    prefill_chunk: int = 0
+    """0: prefill overlaps decoding (a GPU); N: each step also processes up to N prompt
+    tokens and lasts that much longer (a CPU, llama.cpp's ``n_batch``)."""
+
+    @classmethod
+    def gpu(cls, scale: float = 1.0) -> LatencyModel:
+        """An 8B model on one modern GPU: 50 tokens/s per stream, batching nearly free
+        (3.9x the tokens/s at 4 streams), prefill ~33,000 tokens/s, 64 slots. ``scale``
+        divides every time (``scale=20``: twenty times faster, for tests)."""
+        return cls(step_s=0.02 / scale, prefill_s_per_token=0.00003 / scale)
+
+    @classmethod
+    def cpu(cls, scale: float = 1.0) -> LatencyModel:
+        """A 1.5B model on a 2-core CPU with llama-server ``-np 4``: 23 tokens/s for one
+        stream, 1.21x that at 2 streams and 1.37x at 4, prefill ~150 tokens/s that stalls
+        the decoders, 4 slots. ``scale`` divides every time."""
+        return cls(
+            step_s=1 / 23 / scale,
+            batch_slowdown=0.64,
+            prefill_s_per_token=1 / 150 / scale,
+            slots=4,
+            prefill_chunk=2048,
+        )
 
     def step_time(self, running: int) -> float:
         """Seconds one decode step takes with ``running`` sequences."""
@@ -120,16 +152,45 @@ class _Scheduler:
                     self.running.append(self.waiting.pop(0))
                 batch = len(self.running)
                 self.stats.peak_batch = max(self.stats.peak_batch, batch)
-            step = self.model.step_time(batch)
+                if self.model.prefill_chunk:
+                    step, shares = self._shared_step()
+                else:
+                    step, shares = self.model.step_time(batch), {}
             time.sleep(step)
             with self.cv:
                 self.stats.steps += 1
                 for sequence in self.running:
-                    if sequence.prefill_left_s > 0:
+                    if self.model.prefill_chunk:
+                        self._advance_shared(sequence, shares)
+                    elif sequence.prefill_left_s > 0:
                         sequence.prefill_left_s -= step
                     else:
                         sequence.emitted += 1
                 self.cv.notify_all()
+
+    def _shared_step(self) -> tuple[float, dict[int, float]]:
+        """A CPU step (lock held): one token for each decoding sequence, plus up to
+        ``prefill_chunk`` prompt tokens of the sequences in prefill, first come first served.
+        Returns its length and each prefilling sequence's prefill seconds in it (by ``id``)."""
+        room = self.model.prefill_chunk * self.model.prefill_s_per_token
+        shares: dict[int, float] = {}
+        for sequence in self.running:
+            if sequence.prefill_left_s > 0 and room > 0:
+                shares[id(sequence)] = min(sequence.prefill_left_s, room)
+                room -= shares[id(sequence)]
+        decoding = sum(1 for s in self.running if s.prefill_left_s <= 0)
+        decode_s = self.model.step_time(decoding) if decoding else 0.0
+        return decode_s + sum(shares.values()), shares
+
+    @staticmethod
+    def _advance_shared(sequence: _Sequence, shares: dict[int, float]) -> None:
+        if sequence.prefill_left_s <= 0:
+            sequence.emitted += 1
+        elif id(sequence) in shares:
+            sequence.prefill_left_s -= shares[id(sequence)]
+            if sequence.prefill_left_s <= 1e-12:  # the prompt's last logits give a token
+                sequence.prefill_left_s = 0.0
+                sequence.emitted += 1
 
 
 class _SimPacer(Pacer):
