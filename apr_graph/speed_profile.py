@@ -1,0 +1,198 @@
+"""What concurrency buys on one endpoint, and the wall time a direct answer or a plan takes.
+
+A ``SpeedProfile`` holds measured rates: aggregate decode tokens/s with k streams at once,
+uncached prefill tokens/s, and the latency of a minimal request. On a GPU server with
+continuous batching, 4 streams decode nearly 4x the tokens/s of one; on a 2-core CPU
+llama-server, 1.37x. The predictions turn that into seconds, so a fork decision can compare
+one direct call with planning + threads + merge on the server at hand.
+
+Example:
+    >>> cpu = SpeedProfile({1: 22.9, 2: 27.7, 4: 31.4}, 150.0, 0.2, "measured")
+    >>> round(cpu.gain(4), 2)
+    1.37
+    >>> round(predict_call_s(cpu, prompt_tokens=100, output_tokens=600), 1)
+    27.1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+__all__ = ["SpeedProfile", "predict_call_s", "predict_plan_s"]
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """Measured speed of one endpoint (one server and model).
+
+    Attributes:
+        decode_tps: aggregate completion tokens/s with k streams decoding at once, by k.
+        prefill_tps: uncached prompt tokens/s (``None``: not measured).
+        first_token_s: latency of a minimal request: network, queue, a tiny prefill.
+        source: where the figures come from (``apr calibrate, 2026-12-05 18:40``,
+            ``observed in 14 calls``).
+        weights: how many observations each ``decode_tps`` figure rests on (a calibration
+            counts as several; see ``speed_store``).
+        first_token_weight: the same for ``first_token_s``.
+        observed_calls: calls learned from since the profile was measured.
+    """
+
+    decode_tps: Mapping[int, float]
+    prefill_tps: float | None
+    first_token_s: float | None
+    source: str
+    weights: Mapping[int, float] = field(default_factory=dict)
+    first_token_weight: float = 0.0
+    observed_calls: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.decode_tps:
+            raise ValueError("SpeedProfile needs decode_tps for at least one stream count")
+        for streams, tps in self.decode_tps.items():
+            if streams < 1 or not (tps > 0 and math.isfinite(tps)):
+                raise ValueError(f"decode_tps[{streams}] = {tps}: need k >= 1 and a rate > 0")
+        if self.prefill_tps is not None and not self.prefill_tps > 0:
+            raise ValueError(f"prefill_tps = {self.prefill_tps}: need a rate > 0 or None")
+        if self.first_token_s is not None and not self.first_token_s >= 0:
+            raise ValueError(f"first_token_s = {self.first_token_s}: need >= 0 or None")
+
+    def aggregate_tps(self, streams: int) -> float:
+        """Completion tokens/s of ``streams`` streams together.
+
+        Linear between measured stream counts; flat beyond the largest (a server's slots
+        run out) and below the smallest (no gain is assumed that was not measured).
+        """
+        if streams < 1:
+            raise ValueError(f"streams = {streams}: need at least 1")
+        points = sorted(self.decode_tps.items())
+        if streams <= points[0][0]:
+            return points[0][1]
+        for (k0, tps0), (k1, tps1) in pairwise(points):
+            if streams <= k1:
+                return tps0 + (tps1 - tps0) * (streams - k0) / (k1 - k0)
+        return points[-1][1]
+
+    def gain(self, streams: int) -> float:
+        """What ``streams`` streams decode together, as a multiple of one stream."""
+        return self.aggregate_tps(streams) / self.aggregate_tps(1)
+
+    def to_json(self) -> dict[str, Any]:
+        """The profile as JSON-ready data (stream counts as string keys)."""
+        return {
+            "decode_tps": {str(k): round(v, 3) for k, v in sorted(self.decode_tps.items())},
+            "prefill_tps": None if self.prefill_tps is None else round(self.prefill_tps, 3),
+            "first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
+            "source": self.source,
+            "weights": {str(k): round(v, 3) for k, v in sorted(self.weights.items())},
+            "first_token_weight": round(self.first_token_weight, 3),
+            "observed_calls": self.observed_calls,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> SpeedProfile:
+        """A profile from ``to_json`` data.
+
+        Raises:
+            ValueError: the data is not a profile.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a speed profile is a JSON object, not {type(data).__name__}")
+        try:
+            return cls(
+                decode_tps={int(k): float(v) for k, v in dict(data["decode_tps"]).items()},
+                prefill_tps=_optional_float(data.get("prefill_tps")),
+                first_token_s=_optional_float(data.get("first_token_s")),
+                source=str(data.get("source", "")),
+                weights={int(k): float(v) for k, v in dict(data.get("weights") or {}).items()},
+                first_token_weight=float(data.get("first_token_weight") or 0.0),
+                observed_calls=int(data.get("observed_calls") or 0),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a speed profile: {exc}") from exc
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _prefill_s(profile: SpeedProfile, tokens: int) -> float:
+    return tokens / profile.prefill_tps if profile.prefill_tps and tokens > 0 else 0.0
+
+
+def _check(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise ValueError(f"{name} = {value}: need >= 0")
+
+
+def predict_call_s(
+    profile: SpeedProfile,
+    *,
+    prompt_tokens: int,
+    output_tokens: int,
+    streams: int = 1,
+    cached_tokens: int = 0,
+) -> float:
+    """Seconds one call takes while ``streams`` streams (itself included) decode at once:
+    first-token latency + uncached prefill + its tokens at one stream's share of the rate."""
+    _check(prompt_tokens=prompt_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens)
+    per_stream = profile.aggregate_tps(streams) / streams
+    return (
+        (profile.first_token_s or 0.0)
+        + _prefill_s(profile, prompt_tokens - min(cached_tokens, prompt_tokens))
+        + output_tokens / per_stream
+    )
+
+
+def _batch_s(profile: SpeedProfile, prompt_tokens: int, tokens: Sequence[int]) -> float:
+    """Seconds a batch of threads started together takes, until its longest ends.
+
+    The prompts are prefilled one after another (prefill is compute-bound everywhere);
+    then all decode, and as the shorter threads end, the rest speed up to the rate of
+    fewer streams.
+    """
+    elapsed = (profile.first_token_s or 0.0) + len(tokens) * _prefill_s(profile, prompt_tokens)
+    done = 0
+    for index, length in enumerate(sorted(tokens)):
+        running = len(tokens) - index
+        elapsed += (length - done) / (profile.aggregate_tps(running) / running)
+        done = length
+    return elapsed
+
+
+def predict_plan_s(
+    profile: SpeedProfile,
+    *,
+    prompt_tokens: int,
+    plan_tokens: int,
+    thread_prompt_tokens: int,
+    thread_tokens: list[int],
+    width: int,
+    merge_prompt_tokens: int,
+    merge_tokens: int,
+    thread_cached_tokens: int = 0,
+) -> float:
+    """Seconds a plan takes: the planning call, the threads ``width`` at a time, the merge.
+
+    The threads start in their order in batches of ``width``; each batch lasts until its
+    longest thread ends (``_batch_s``). ``merge_tokens == 0`` is a merge that makes no call
+    (``concat``). ``thread_cached_tokens``: the part of each thread prompt a prefix cache
+    serves (the task they share).
+    """
+    _check(plan_tokens=plan_tokens, thread_prompt_tokens=thread_prompt_tokens)
+    _check(merge_prompt_tokens=merge_prompt_tokens, merge_tokens=merge_tokens)
+    if width < 1 or any(t < 0 for t in thread_tokens):
+        raise ValueError(f"width = {width}, thread_tokens = {thread_tokens}: need width >= 1")
+    total = predict_call_s(profile, prompt_tokens=prompt_tokens, output_tokens=plan_tokens)
+    uncached = max(0, thread_prompt_tokens - thread_cached_tokens)
+    for start in range(0, len(thread_tokens), width):
+        total += _batch_s(profile, uncached, thread_tokens[start : start + width])
+    if merge_tokens > 0:
+        total += predict_call_s(
+            profile, prompt_tokens=merge_prompt_tokens, output_tokens=merge_tokens
+        )
+    return total

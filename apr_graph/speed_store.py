@@ -1,0 +1,231 @@
+"""Speed profiles remembered per endpoint in a JSON file, and learned from runs' own calls.
+
+The file is ``{"version": 1, "endpoints": {key: profile}}``. It is shared by every process
+of the user: each write reads the file afresh and replaces only its own endpoint's entry
+(others' entries, even ones this version cannot read, are kept), through a temporary file
+and ``os.replace``, so a reader never sees half a file; of two concurrent writers, the last
+wins. A corrupt file is a warning and reads as empty; the next write keeps it beside the new
+one as ``<name>.corrupt``.
+
+Weighting: ``apr calibrate`` replaces an endpoint's profile, each figure counting as
+``CALIBRATION_WEIGHT`` observations. A finished run is one observation per stream count it
+ran at; it moves a figure by ``1 / (weight + 1)`` of the difference, but never by less than
+``MIN_ALPHA`` (an exponential moving average once about ten observations are in), so a
+calibration outweighs a few runs and a server that changed is followed within a few dozen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from apr_graph.speed_profile import SpeedProfile
+from apr_graph.state import CallRecord
+
+__all__ = [
+    "CALIBRATION_WEIGHT",
+    "MIN_ALPHA",
+    "SpeedStore",
+    "default_speed_file",
+    "endpoint_key",
+]
+
+CALIBRATION_WEIGHT = 8.0
+"""Observations one calibration figure counts as: a few noisy runs do not undo it."""
+MIN_ALPHA = 0.1
+"""The least share of a figure a new observation moves: the average keeps following."""
+MIN_TOKENS = 16
+"""Calls shorter than this say too little about the decode rate (timing noise dominates)."""
+SMALL_PROMPT = 256
+"""Uncached prompt tokens below which a call's first-token wait is mostly latency."""
+_VERSION = 1
+
+
+def endpoint_key(base_url: str, model: str) -> str:
+    """The store's key of a server and model: ``model @ url`` (trailing ``/`` and the case
+    of scheme and host ignored)."""
+    url = base_url.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        host, slash, path = rest.partition("/")
+        url = f"{scheme.lower()}://{host.lower()}{slash}{path}"
+    return f"{model} @ {url}"
+
+
+def default_speed_file() -> Path:
+    """``$APR_SPEED_FILE``, else ``$XDG_CACHE_HOME/apr-graph/speed.json`` (``~/.cache``)."""
+    if given := os.environ.get("APR_SPEED_FILE", "").strip():
+        return Path(given).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / "apr-graph" / "speed.json"
+
+
+class SpeedStore:
+    """Speed profiles by endpoint key, in a JSON file (``path``) or in memory (``None``)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._memory: dict[str, Any] = {}
+
+    def get(self, endpoint: str) -> SpeedProfile | None:
+        """The profile of ``endpoint``, or ``None`` (unknown, or unreadable: a warning)."""
+        data = self._read().get(endpoint)
+        if data is None:
+            return None
+        try:
+            return SpeedProfile.from_json(data)
+        except ValueError as exc:
+            warnings.warn(
+                f"speed file {self.path}: the entry of {endpoint!r} is unreadable ({exc}); "
+                "it is ignored",
+                stacklevel=2,
+            )
+            return None
+
+    def put(self, endpoint: str, profile: SpeedProfile) -> None:
+        """Store ``profile`` as ``endpoint``'s, keeping every other endpoint's entry."""
+        if self.path is None:
+            self._memory[endpoint] = profile.to_json()
+            return
+        entries = self._read(keep_corrupt=True)
+        entries[endpoint] = profile.to_json()
+        text = json.dumps({"version": _VERSION, "endpoints": entries}, indent=2, sort_keys=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(text + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def observe(self, endpoint: str, calls: Sequence[CallRecord]) -> SpeedProfile | None:
+        """Learn from a finished run's calls and store the result.
+
+        Each call of at least ``MIN_TOKENS`` tokens gives its decode rate (tokens after the
+        first, over the time from the first to the last) and how many of the run's calls
+        decoded beside it on average; rate x that average is the aggregate rate at that
+        many streams (rounded). Calls of other runs or users on the same server are not
+        seen. Calls with small uncached prompts give the first-token latency.
+
+        Returns:
+            The updated profile, or ``None`` when nothing is stored and nothing was learned.
+        """
+        stored = self.get(endpoint)
+        learned = _observed_rates(calls)
+        first_token = _observed_first_token(calls)
+        if not learned and first_token is None:
+            return stored
+        decode = dict(stored.decode_tps) if stored else {}
+        weights = dict(stored.weights) if stored else {}
+        for streams, tps in learned.items():
+            if streams in decode:  # a figure without a weight was measured: a calibration's
+                weight = weights.get(streams, CALIBRATION_WEIGHT)
+                decode[streams], weights[streams] = _blend(decode[streams], weight, tps)
+            elif stored is not None:  # a new stream count starts from the curve's guess
+                decode[streams], weights[streams] = _blend(stored.aggregate_tps(streams), 1, tps)
+            else:
+                decode[streams], weights[streams] = tps, 1.0
+        if not decode:  # only a latency was seen: no profile stands on that alone
+            return stored
+        latency = stored.first_token_s if stored else None
+        latency_weight = (stored.first_token_weight or CALIBRATION_WEIGHT) if stored else 0.0
+        if first_token is not None:
+            latency, latency_weight = _blend(latency, latency_weight, first_token)
+        observed = (stored.observed_calls if stored else 0) + len(calls)
+        base = stored.source.split("; observed in")[0] if stored else ""
+        since = f"observed in {observed} calls" + (" since" if base else "")
+        profile = SpeedProfile(
+            decode_tps=decode,
+            prefill_tps=stored.prefill_tps if stored else None,
+            first_token_s=latency,
+            source=f"{base}; {since}" if base else since,
+            weights=weights,
+            first_token_weight=latency_weight,
+            observed_calls=observed,
+        )
+        self.put(endpoint, profile)
+        return profile
+
+    def _read(self, *, keep_corrupt: bool = False) -> dict[str, Any]:
+        """The raw entries by endpoint; a corrupt file warns and reads as empty (moved aside
+        as ``<name>.corrupt`` with ``keep_corrupt``, before it is written over)."""
+        if self.path is None:
+            return dict(self._memory)
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            warnings.warn(
+                f"speed file {self.path} is unreadable ({exc}): treated as empty", stacklevel=3
+            )
+            return {}
+        try:
+            data = json.loads(text)
+            entries = data["endpoints"]
+            if not isinstance(entries, dict):
+                raise TypeError("endpoints is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            warnings.warn(
+                f"speed file {self.path} is corrupt ({exc}): treated as empty; "
+                f"it is kept as {aside} when next written",
+                stacklevel=3,
+            )
+            if keep_corrupt:
+                os.replace(self.path, aside)
+            return {}
+        return dict(entries)
+
+
+def _blend(old: float | None, weight: float, new: float) -> tuple[float, float]:
+    """``old`` (resting on ``weight`` observations) moved towards one new observation."""
+    if old is None or weight <= 0:
+        return new, 1.0
+    alpha = max(1.0 / (weight + 1.0), MIN_ALPHA)
+    return old + alpha * (new - old), weight + 1.0
+
+
+def _decode_span(call: CallRecord) -> tuple[float, float]:
+    return call.get("first_token_at") or call["started_at"], call["ended_at"]
+
+
+def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
+    """Aggregate tokens/s by stream count: one figure per count, weighted by time."""
+    spans = [_decode_span(call) for call in calls]
+    seen: dict[int, list[tuple[float, float]]] = {}
+    for call, (start, end) in zip(calls, spans, strict=True):
+        duration = end - start
+        if call["completion_tokens"] < MIN_TOKENS or duration <= 0:
+            continue
+        decoded = call["completion_tokens"] - (1 if call.get("first_token_at") else 0)
+        beside = sum(max(0.0, min(end, e) - max(start, s)) for s, e in spans) / duration
+        streams = max(1, round(beside))
+        seen.setdefault(streams, []).append((decoded / duration * beside, duration))
+    return {
+        streams: sum(tps * t for tps, t in figures) / sum(t for _, t in figures)
+        for streams, figures in seen.items()
+    }
+
+
+def _observed_first_token(calls: Sequence[CallRecord]) -> float | None:
+    """The median first-token wait of calls whose uncached prompt was small."""
+    waits = [
+        first - call["started_at"]
+        for call in calls
+        if (first := call.get("first_token_at")) is not None
+        and call["prompt_tokens"] - (call["cached_tokens"] or 0) <= SMALL_PROMPT
+        and first >= call["started_at"]
+    ]
+    return statistics.median(waits) if waits else None

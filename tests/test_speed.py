@@ -1,0 +1,258 @@
+"""Speed profiles: calibration against simulated servers, the store, learning from calls,
+and predictions."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apr_graph.llm import LLMClient
+from apr_graph.speed import (
+    SpeedProfile,
+    SpeedStore,
+    calibrate,
+    default_speed_file,
+    endpoint_key,
+    predict_call_s,
+    predict_plan_s,
+)
+from apr_graph.speed_store import CALIBRATION_WEIGHT
+from apr_graph.state import CallRecord
+from apr_graph.testing import RecordedRequest, Reply
+from apr_graph.testing.simulated import LatencyModel, SimulatedServer
+from tests.conftest import settings_for, stop_promptly
+
+CPU_SCALE = 10.0
+"""Ten times faster than the CPU it imitates: steps of 4 ms stay well above timer noise."""
+GPU_SCALE = 4.0
+
+
+def counting(request: RecordedRequest) -> Reply:
+    """A model that counts for as long as it is allowed (``max_tokens`` words)."""
+    allowed = int((request.body or {}).get("max_tokens") or 64)
+    return Reply(content=" ".join(str(n) for n in range(1, allowed + 1)))
+
+
+@pytest.fixture
+def simulated() -> Iterator[list[SimulatedServer]]:
+    started: list[SimulatedServer] = []
+    yield started
+    stop_promptly(list(started))
+
+
+def start(started: list[SimulatedServer], latency: LatencyModel) -> SimulatedServer:
+    server = SimulatedServer(counting, latency=latency).start()
+    started.append(server)
+    return server
+
+
+def expected(latency: LatencyModel) -> SpeedProfile:
+    """The profile a latency model implies, by arithmetic."""
+    counts = [k for k in (1, 2, 3, 4) if k <= latency.slots]
+    return SpeedProfile(
+        decode_tps={k: k / latency.step_time(k) for k in counts},
+        prefill_tps=1 / latency.prefill_s_per_token,
+        first_token_s=latency.step_s,
+        source="arithmetic",
+    )
+
+
+# -- calibration -----------------------------------------------------------------------------
+async def test_calibrate_finds_little_gain_on_the_cpu(simulated: list[SimulatedServer]) -> None:
+    server = start(simulated, LatencyModel.cpu(CPU_SCALE))
+    lines: list[str] = []
+    async with LLMClient(settings_for(server)) as client:
+        profile = await calibrate(client, on_progress=lines.append)
+    assert sorted(profile.decode_tps) == [1, 2, 4]
+    assert profile.gain(4) == pytest.approx(1.37, rel=0.2)
+    assert profile.gain(2) == pytest.approx(1.21, rel=0.2)
+    assert profile.aggregate_tps(1) == pytest.approx(23 * CPU_SCALE, rel=0.2)
+    assert profile.prefill_tps == pytest.approx(150 * CPU_SCALE, rel=0.2)
+    assert profile.first_token_s is not None
+    assert profile.first_token_s < 0.1
+    assert profile.source.startswith("apr calibrate, ")
+    assert len(lines) == 5  # latency, 1, 2 and 4 streams, prefill
+    assert all(line.startswith("calibrate: ") for line in lines)
+
+
+async def test_calibrate_finds_nearly_free_batching_on_the_gpu(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = start(simulated, LatencyModel.gpu(GPU_SCALE))
+    async with LLMClient(settings_for(server)) as client:
+        profile = await calibrate(client)
+    assert profile.gain(4) >= 3
+    assert profile.aggregate_tps(1) == pytest.approx(50 * GPU_SCALE, rel=0.2)
+
+
+async def test_calibrate_refuses_a_model_that_stops_at_once(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = SimulatedServer(lambda r: Reply(content="1 2 3"), latency=LatencyModel.gpu(20))
+    simulated.append(server.start())
+    async with LLMClient(settings_for(server)) as client:
+        with pytest.raises(Exception, match="stopped after 3 tokens"):
+            await calibrate(client)
+
+
+# -- the profile and the predictions -------------------------------------------------------
+def test_aggregate_is_interpolated_and_flat_outside_what_was_measured() -> None:
+    profile = SpeedProfile({2: 30.0, 4: 40.0}, None, None, "hand")
+    assert profile.aggregate_tps(1) == 30.0  # no gain is assumed that was not measured
+    assert profile.aggregate_tps(3) == 35.0
+    assert profile.aggregate_tps(16) == 40.0
+    assert profile.gain(4) == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match="at least one"):
+        SpeedProfile({}, None, None, "hand")
+
+
+def test_predict_call_adds_latency_prefill_and_decoding() -> None:
+    profile = SpeedProfile({1: 20.0, 4: 40.0}, 100.0, 0.5, "hand")
+    seconds = predict_call_s(profile, prompt_tokens=300, output_tokens=100, cached_tokens=100)
+    assert seconds == pytest.approx(0.5 + 2 + 5)
+    assert predict_call_s(profile, prompt_tokens=0, output_tokens=100, streams=4) == 10.5
+
+
+def test_plans_lose_on_the_cpu_and_win_on_the_gpu() -> None:
+    def direct(profile: SpeedProfile) -> float:
+        return predict_call_s(profile, prompt_tokens=100, output_tokens=600)
+
+    def plan(profile: SpeedProfile, *, merge_tokens: int) -> float:
+        return predict_plan_s(
+            profile,
+            prompt_tokens=100,
+            plan_tokens=100,
+            thread_prompt_tokens=300,
+            thread_tokens=[200, 200, 200],
+            width=4,
+            merge_prompt_tokens=700,
+            merge_tokens=merge_tokens,
+        )
+
+    cpu, gpu = expected(LatencyModel.cpu()), expected(LatencyModel.gpu())
+    assert plan(cpu, merge_tokens=300) > 1.5 * direct(cpu)
+    assert plan(cpu, merge_tokens=0) > direct(cpu)  # even a concat merge loses there
+    assert direct(gpu) >= 1.8 * plan(gpu, merge_tokens=0)
+    # Writing a 300-token synthesis costs as much as the threads save, even on a GPU.
+    assert plan(gpu, merge_tokens=300) == pytest.approx(direct(gpu), rel=0.1)
+
+
+def test_threads_beyond_the_width_wait_for_a_second_batch() -> None:
+    profile = SpeedProfile({1: 10.0, 2: 20.0}, None, None, "hand")
+    two = predict_plan_s(
+        profile,
+        prompt_tokens=0,
+        plan_tokens=0,
+        thread_prompt_tokens=0,
+        thread_tokens=[100, 50, 100],
+        width=2,
+        merge_prompt_tokens=0,
+        merge_tokens=0,
+    )
+    assert two == pytest.approx(10 + 10)  # [100, 50] at 10 tokens/s each, then [100]
+
+
+# -- the store --------------------------------------------------------------------------------
+CPU = SpeedProfile({1: 22.9, 2: 27.7, 4: 31.4}, 150.0, 0.2, "apr calibrate, test")
+
+
+def test_store_round_trips_and_keeps_other_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "speed.json"
+    SpeedStore(path).put("a", CPU)
+    SpeedStore(path).put("b", SpeedProfile({1: 50.0}, None, None, "other"))
+    store = SpeedStore(path)
+    assert store.get("a") == CPU
+    assert store.get("b") == SpeedProfile({1: 50.0}, None, None, "other")
+    assert store.get("c") is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["speed.json"]  # no leftovers
+    memory = SpeedStore(None)
+    memory.put("a", CPU)
+    assert memory.get("a") == CPU
+
+
+def test_a_corrupt_file_warns_reads_empty_and_is_kept_aside(tmp_path: Path) -> None:
+    path = tmp_path / "speed.json"
+    path.write_text('{"endpoints": {"a": ')
+    store = SpeedStore(path)
+    with pytest.warns(UserWarning, match="is corrupt"):
+        assert store.get("a") is None
+    with pytest.warns(UserWarning, match="is corrupt"):
+        store.put("b", CPU)
+    assert store.get("b") == CPU
+    assert (tmp_path / "speed.json.corrupt").read_text() == '{"endpoints": {"a": '
+
+
+def test_an_unreadable_entry_spares_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"version": 1, "endpoints": {"bad": {"decode_tps": 3}}}))
+    store = SpeedStore(path)
+    store.put("good", CPU)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert store.get("bad") is None
+    assert store.get("good") == CPU
+    assert json.loads(path.read_text())["endpoints"]["bad"] == {"decode_tps": 3}
+
+
+def test_where_profiles_are_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_speed_file() == tmp_path / "apr-graph" / "speed.json"
+    monkeypatch.setenv("APR_SPEED_FILE", str(tmp_path / "mine.json"))
+    assert default_speed_file() == tmp_path / "mine.json"
+    assert endpoint_key("HTTP://Host:8000/v1/", "m") == endpoint_key("http://host:8000/v1", "m")
+    assert endpoint_key("http://a/v1", "m") != endpoint_key("http://a/v1", "n")
+
+
+# -- learning from calls ------------------------------------------------------------------------
+def call(started: float, tokens: int, rate: float, prompt: int = 100) -> CallRecord:
+    """A streamed call: first token after 0.5 s, then ``rate`` tokens/s."""
+    return CallRecord(
+        role="worker",
+        thread_id=None,
+        model="m",
+        prompt_tokens=prompt,
+        completion_tokens=tokens,
+        cached_tokens=0,
+        requests=1,
+        started_at=started,
+        ended_at=started + 0.5 + (tokens - 1) / rate,
+        mode="text",
+        first_token_at=started + 0.5,
+    )
+
+
+def run_calls() -> list[CallRecord]:
+    """One call alone at 20 tokens/s, then four together at 8 tokens/s each."""
+    return [call(0.0, 201, 20.0), *(call(20.0, 161, 8.0) for _ in range(4)), call(50, 3, 1.0)]
+
+
+def test_observe_learns_a_profile_from_a_run() -> None:
+    store = SpeedStore(None)
+    profile = store.observe("e", run_calls())
+    assert profile is not None
+    assert profile.aggregate_tps(1) == pytest.approx(20.0)
+    assert profile.aggregate_tps(4) == pytest.approx(32.0)
+    assert profile.gain(4) == pytest.approx(1.6)
+    assert profile.first_token_s == pytest.approx(0.5)
+    assert profile.source == "observed in 6 calls"
+    assert store.get("e") == profile
+    assert SpeedStore(None).observe("e", [call(0.0, 3, 1.0)]) is None  # too short to time
+
+
+def test_a_calibration_outweighs_a_few_runs() -> None:
+    store = SpeedStore(None)
+    store.put("e", CPU)
+    first = store.observe("e", run_calls())
+    assert first is not None
+    moved = 1 / (CALIBRATION_WEIGHT + 1)
+    assert first.aggregate_tps(1) == pytest.approx(22.9 + moved * (20.0 - 22.9))
+    assert first.aggregate_tps(4) == pytest.approx(31.4 + moved * (32.0 - 31.4))
+    assert first.source == "apr calibrate, test; observed in 6 calls since"
+    for _ in range(60):
+        latest = store.observe("e", run_calls())
+    assert latest is not None
+    assert latest.aggregate_tps(1) == pytest.approx(20.0, rel=0.01)  # a changed server
+    assert math.isclose(latest.aggregate_tps(2), 27.7)  # never observed: unchanged
