@@ -7,6 +7,7 @@
     apr runs                                       # the runs kept, with status and task
     apr ask --local-model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf "..."   # any GGUF file
     apr serve                                      # keep the embedded model up for others
+    apr calibrate --base-url http://gpu:8000/v1    # measure what parallel threads buy there
 
 Exit codes: 0 ok, 1 model call failed, 2 bad usage or input (a task too long for the model's
 context too), 3 configuration (the local extra is missing, the server cannot do tools),
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from pydantic import ValidationError
 
+from apr_graph.cli_calibrate import add_calibrate_command, calibrate_command
 from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error, serve
 from apr_graph.cli_view import View, make_view
 from apr_graph.errors import (
@@ -102,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         "resume", parents=[common], help="finish an interrupted 'apr ask --thread-id ID' run"
     )
     resume.add_argument("thread_id", help="the id given to apr ask --thread-id")
+    add_calibrate_command(commands, common)
 
     runs = commands.add_parser("runs", help="list the runs kept by 'apr ask --thread-id'")
     runs.add_argument(
@@ -373,7 +376,7 @@ def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        commands = {"serve": serve, "runs": _runs}
+        commands = {"serve": serve, "runs": _runs, "calibrate": calibrate_command}
         return commands.get(args.command, _ask)(args)
     except _CliError as exc:
         _fail(str(exc), exc.code)

@@ -1,5 +1,5 @@
 """Speed profiles: calibration against simulated servers, the store, learning from calls,
-and predictions."""
+predictions, and ``apr calibrate``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from apr_graph.speed_store import CALIBRATION_WEIGHT
 from apr_graph.state import CallRecord
 from apr_graph.testing import RecordedRequest, Reply
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
-from tests.conftest import settings_for, stop_promptly
+from tests.conftest import CliRunner, settings_for, stop_promptly
 
 CPU_SCALE = 10.0
 """Ten times faster than the CPU it imitates: steps of 4 ms stay well above timer noise."""
@@ -256,3 +256,57 @@ def test_a_calibration_outweighs_a_few_runs() -> None:
     assert latest is not None
     assert latest.aggregate_tps(1) == pytest.approx(20.0, rel=0.01)  # a changed server
     assert math.isclose(latest.aggregate_tps(2), 27.7)  # never observed: unchanged
+
+
+# -- apr calibrate -----------------------------------------------------------------------------
+def test_apr_calibrate_json_stores_the_profile(
+    simulated: list[SimulatedServer],
+    run_cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    server = start(simulated, LatencyModel.gpu(GPU_SCALE))
+    monkeypatch.setenv("APR_SPEED_FILE", str(tmp_path / "speed.json"))
+    done = run_cli("calibrate", "--base-url", server.base_url, "--model", "test-model", "--json")
+    assert done.code == 0, done.err
+    printed = json.loads(done.out)
+    key = endpoint_key(server.base_url, "test-model")
+    assert printed["endpoint"] == key
+    assert float(printed["decode_tps"]["4"]) / float(printed["decode_tps"]["1"]) >= 3
+    stored = SpeedStore(tmp_path / "speed.json").get(key)
+    assert stored is not None
+    assert stored.to_json() == {k: v for k, v in printed.items() if k in stored.to_json()}
+    assert "calibrate: 4 streams" in done.err
+
+
+def test_apr_calibrate_prints_a_table(
+    simulated: list[SimulatedServer],
+    run_cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    server = start(simulated, LatencyModel.gpu(GPU_SCALE))
+    monkeypatch.setenv("APR_SPEED_FILE", str(tmp_path / "speed.json"))
+    done = run_cli("calibrate", "-q", "--base-url", server.base_url, "--model", "test-model")
+    assert done.code == 0, done.err
+    assert done.err == ""
+    lines = done.out.splitlines()
+    assert lines[0].split() == ["streams", "tokens/s", "gain"]
+    assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "4"]
+    assert lines[-1] == f"stored for {endpoint_key(server.base_url, 'test-model')} in " + str(
+        tmp_path / "speed.json"
+    )
+
+
+def test_apr_calibrate_against_no_server_is_one_line(
+    simulated: list[SimulatedServer], run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start(simulated, LatencyModel.gpu())
+    url = server.base_url
+    server.stop()
+    monkeypatch.setenv("APR_MAX_RETRIES", "1")
+    monkeypatch.setenv("APR_RETRY_MAX_WAIT_S", "0.1")
+    done = run_cli("calibrate", "--base-url", url)
+    assert done.code == 4
+    assert done.err.strip().splitlines() == [done.err.strip()]
+    assert done.err.startswith(f"apr: error: cannot connect to {url}")
