@@ -42,7 +42,6 @@ __all__ = [
 _COUNT: list[Message] = [
     {"role": "user", "content": "Count from 1 to 500, separated by spaces."},
 ]
-_MINIMAL: list[Message] = [{"role": "user", "content": "Say OK."}]
 _PREFILL_WORDS = 1000
 """Words of the prefill prompt: about a thousand tokens with common English words."""
 _VOCABULARY = (
@@ -78,13 +77,16 @@ def _aggregate_tps(done: Sequence[Completion]) -> float:
     return decoded / max(max(c.ended_at for c in done) - start, 1e-6)
 
 
+def _unique(text: str) -> list[Message]:
+    """``text`` after a nonce: a message no prefix cache has seen."""
+    return [{"role": "user", "content": f"Note {random.getrandbits(64):016x}: {text}"}]
+
+
 def _prefill_prompt() -> list[Message]:
-    """A prompt of about a thousand tokens no prefix cache has seen (it starts unique)."""
-    rng = random.Random()
-    nonce = f"{rng.getrandbits(64):016x}"
+    """A unique prompt of about a thousand tokens."""
     vocabulary = _VOCABULARY.split()
-    words = " ".join(rng.choice(vocabulary) for _ in range(_PREFILL_WORDS))
-    return [{"role": "user", "content": f"Note {nonce}: {words}\nReply with OK."}]
+    words = " ".join(random.choice(vocabulary) for _ in range(_PREFILL_WORDS))
+    return _unique(f"{words}\nReply with OK.")
 
 
 async def calibrate(
@@ -113,10 +115,10 @@ async def calibrate(
     report = await client.capacity_report()
     width = min(w for w in (streams, report.get("width"), report.get("limit")) if w)
     if width < streams:
-        say(f"calibrate: {width} requests run at once here, so {width} streams at most")
+        say(f"calibrate: this server or client runs {width} at once: no more streams are timed")
 
     # The latency first: its requests also warm up the connection and a lazily loaded model.
-    minimal = [await _timed(client, _MINIMAL, 1) for _ in range(2)]
+    minimal = [await _timed(client, _unique("Say OK."), 1) for _ in range(2)]
     first_token_s = min(_first_token_s(c) for c in minimal)
     say(f"calibrate: first token after {first_token_s:.3f} s (a minimal request)")
 
