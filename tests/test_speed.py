@@ -3,6 +3,7 @@ predictions, and ``apr calibrate``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
@@ -97,6 +98,28 @@ async def test_calibrate_refuses_a_model_that_stops_at_once(
     async with LLMClient(settings_for(server)) as client:
         with pytest.raises(Exception, match="stopped after 3 tokens"):
             await calibrate(client)
+
+
+async def decode_s_beside_a_long_prompt(server: SimulatedServer) -> float:
+    """Seconds a 40-token reply takes while a 1,000-word prompt arrives beside it."""
+    async with LLMClient(settings_for(server)) as client:
+        reply = client.start(
+            client.chat([{"role": "user", "content": "go"}], role="worker", max_tokens=40)
+        )
+        await asyncio.sleep(0.02)
+        words = " ".join(f"w{n}" for n in range(1000))
+        await client.chat([{"role": "user", "content": words}], role="worker", max_tokens=1)
+        done = await reply
+    return done.ended_at - (done.first_token_at or done.started_at)
+
+
+async def test_a_prompt_stalls_decoding_on_the_cpu_only(simulated: list[SimulatedServer]) -> None:
+    cpu = LatencyModel.cpu(CPU_SCALE)
+    stalled = await decode_s_beside_a_long_prompt(start(simulated, cpu))
+    assert stalled > 1000 * cpu.prefill_s_per_token  # the decoder waited for the prefill
+    gpu = LatencyModel.gpu(GPU_SCALE)
+    beside = await decode_s_beside_a_long_prompt(start(simulated, gpu))
+    assert beside < 40 * gpu.step_time(2) * 1.5  # prefill ran beside the decode steps
 
 
 # -- the profile and the predictions -------------------------------------------------------
