@@ -342,7 +342,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    print(f"apr: error: {message}", file=sys.stderr)
+    # Errors are one line: whatever a server or a library put in the message, line breaks
+    # and blank lines included, becomes single spaces.
+    print(f"apr: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -28,7 +28,7 @@ from apr_graph.errors import (
 from apr_graph.responses import TransientResponseError
 from apr_graph.retry import retry_after_s
 
-__all__ = ["FailureKind", "classify", "server_message", "to_error"]
+__all__ = ["FailureKind", "classify", "one_line", "server_message", "to_error"]
 
 FailureKind = Literal[
     "auth",
@@ -58,16 +58,23 @@ _FORMAT = re.compile(r"response_format|json_schema|json schema|grammar|\bschema\
 _TOOLS = re.compile(r"\btools?\b.*(requires?|not supported|unsupported|not enabled)|--jinja", re.I)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, line breaks included, made one space."""
+    return " ".join(text.split())
+
+
 def server_message(exc: openai.APIStatusError) -> str:
-    """The error text of a failed response (OpenAI, vLLM and llama.cpp body shapes)."""
+    """The error text of a failed response (OpenAI, vLLM and llama.cpp body shapes), on one
+    line: a LiteLLM proxy's 500 for a dead backend runs over several, blank ones among them,
+    and an error is shown as one line."""
     body = exc.body
     if isinstance(body, dict):
         message = body.get("message") or body.get("error")
         if isinstance(message, dict):
             message = message.get("message")
         if message:
-            return str(message)[:300]
-    return str(exc.message)[:300]
+            return one_line(str(message))[:300]
+    return one_line(str(exc.message))[:300]
 
 
 def _error_type(exc: openai.APIStatusError) -> str:

@@ -1,0 +1,47 @@
+"""What LiteLLM 1.108.7 and ``transformers serve`` 5.25.0 did to apr (issue 34), through the
+public API against the doubles that answer as they do: an empty key, the width notice, a
+wildcard route's catalogue, a dead backend's multi-line 500, and a dropped
+``response_format`` answered with JSON that fails the schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apr_graph.testing import LiteLLMProxy, RecordedRequest, Reply, Rule
+from tests.conftest import CliRunner, ServerFactory
+from tests.test_real_servers import DIRECT
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def posts(server: Any) -> list[RecordedRequest]:
+    return [r for r in server.requests if r.method == "POST"]
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's retries, short: one retry, waits under a second."""
+    monkeypatch.setenv("APR_MAX_RETRIES", "1")
+    monkeypatch.setenv("APR_RETRY_MAX_WAIT_S", "0.2")
+
+
+# -- 4. a dead backend behind the proxy --------------------------------------------------------
+
+
+def test_a_dead_backend_behind_the_proxy_is_one_line(
+    make_server: ServerFactory, run_cli: CliRunner, fast_retries: None
+) -> None:
+    server = make_server(
+        [Rule(reply=Reply(content=DIRECT))], personality=LiteLLMProxy(backend_down=True)
+    )
+    run = run_cli("ask", "-q", "--base-url", server.base_url, "--model", "test-model", "t")
+    assert run.code == 1, run.err
+    (line,) = error_lines(run.err)
+    assert "HTTP 500" in line
+    assert "Connection error" in line
+    assert "  " not in line.split("HTTP 500", 1)[1]  # the blank lines are gone, not spaced out
+    assert len(posts(server)) >= 2  # a 500 is still worth a retry
