@@ -5,13 +5,15 @@ wildcard route's catalogue, a dead backend's multi-line 500, and a dropped
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+from apr_graph.cli_view import LiveView
 from apr_graph.testing import LiteLLMProxy, RecordedRequest, Reply, Rule
 from tests.conftest import CliRunner, ServerFactory
-from tests.test_real_servers import DIRECT
+from tests.test_real_servers import DIRECT, fan_out_rules
 
 
 def error_lines(err: str) -> list[str]:
@@ -27,6 +29,31 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's retries, short: one retry, waits under a second."""
     monkeypatch.setenv("APR_MAX_RETRIES", "1")
     monkeypatch.setenv("APR_RETRY_MAX_WAIT_S", "0.2")
+
+
+# -- 2. the width notice -----------------------------------------------------------------------
+
+
+def test_a_server_that_does_not_report_its_width_gets_one_line_saying_so(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
+    server = make_server(fan_out_rules(), personality=LiteLLMProxy())
+    common = ("--base-url", server.base_url, "--model", "test-model", "--max-concurrency", "3")
+    run = run_cli("ask", *common, "t")
+    assert run.code == 0, run.err
+    said = [line for line in run.err.splitlines() if "does not report" in line]
+    assert len(said) == 1, run.err
+    assert re.search(r"\b3\b", said[0])
+    for quiet in (("-q",), ("--json",)):
+        run = run_cli("ask", *quiet, *common, "t")
+        assert run.code == 0, run.err
+        assert "does not report" not in run.err
+
+
+def test_the_live_table_prints_a_notice_above_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    view = LiveView()  # what a terminal gets (not started: nothing but the line is drawn)
+    view.on_event({"event": "notice", "text": "apr: the server\ndoes not report its width"})
+    assert capsys.readouterr().err == "apr: the server does not report its width\n"
 
 
 # -- 4. a dead backend behind the proxy --------------------------------------------------------
