@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
+from apr_graph import LLMClient, ModelNotFoundError
 from apr_graph.cli_view import LiveView
-from apr_graph.testing import LiteLLMProxy, RecordedRequest, Reply, Rule
-from tests.conftest import CliRunner, ServerFactory
-from tests.test_real_servers import DIRECT, fan_out_rules
+from apr_graph.testing import LiteLLMProxy, RecordedRequest, Reply, Rule, TransformersServe
+from tests.conftest import CliRunner, ServerFactory, settings_for
+from tests.test_real_servers import DIRECT, HUB_MODEL, QUESTION, fan_out_rules
 
 
 def error_lines(err: str) -> list[str]:
@@ -54,6 +55,51 @@ def test_the_live_table_prints_a_notice_above_itself(capsys: pytest.CaptureFixtu
     view = LiveView()  # what a terminal gets (not started: nothing but the line is drawn)
     view.on_event({"event": "notice", "text": "apr: the server\ndoes not report its width"})
     assert capsys.readouterr().err == "apr: the server does not report its width\n"
+
+
+# -- 3. a wildcard route's catalogue -----------------------------------------------------------
+
+
+def test_a_wildcard_proxy_runs_a_name_its_catalogue_does_not_list(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
+    server = make_server(
+        [Rule(reply=Reply(content=DIRECT))],
+        models=[],
+        api_key="sk-master",
+        personality=LiteLLMProxy(wildcard=True),
+    )
+    url = server.base_url
+    run = run_cli("ask", "-q", "--api-key", "sk-master", "--base-url", url, "--model", "qwen", "t")
+    assert (run.code, run.out.strip()) == (0, "4"), run.err[:500]
+    assert {r.body["model"] for r in posts(server) if r.body} == {"qwen"}
+
+
+def test_a_name_the_proxy_refuses_is_exit_6_with_a_short_list(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
+    offered = [f"model-{i:03d}" for i in range(212)]
+    server = make_server(
+        [Rule(reply=Reply(content=DIRECT))], models=offered, personality=LiteLLMProxy()
+    )
+    run = run_cli("ask", "-q", "--base-url", server.base_url, "--model", "qwen", "t")
+    assert run.code == 6, run.err
+    (line,) = error_lines(run.err)
+    assert "'qwen'" in line
+    assert "model-004" in line
+    assert "model-005" not in line
+    assert "207 more" in line
+    assert len(line) < 600
+
+
+async def test_a_pinned_transformers_serve_refuses_another_name_as_unknown(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([], models=[HUB_MODEL], personality=TransformersServe())
+    async with LLMClient(settings_for(server, model="qwen")) as client:
+        with pytest.raises(ModelNotFoundError, match="pinned"):
+            await client.chat(QUESTION, role="worker")
+    assert len(posts(server)) == 1
 
 
 # -- 4. a dead backend behind the proxy --------------------------------------------------------
