@@ -20,6 +20,7 @@ from apr_graph.errors import (
 )
 from apr_graph.http_pool import HttpPool
 from apr_graph.llm import LLMClient
+from apr_graph.sdk_compat import authorization
 from apr_graph.settings import AprSettings
 
 __all__ = ["check_server", "unknown_model_message"]
@@ -50,7 +51,7 @@ def _model_names(settings: AprSettings) -> list[str]:
 async def _answers_under_v1(url: str, api_key: str) -> bool:
     if url.rstrip("/").endswith("/v1"):
         return False
-    headers = {"Authorization": f"Bearer {api_key}"}
+    headers = authorization(api_key)
     pool = HttpPool(timeout_s=_TIMEOUT_S, https=url.startswith("https://"), keepalive_s=1)
     try:
         await pool.fetch("GET", url.rstrip("/") + "/v1/models", headers, timeout_s=_TIMEOUT_S)

@@ -32,6 +32,48 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APR_RETRY_MAX_WAIT_S", "0.2")
 
 
+# -- 1. an empty key ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_empty_key_runs_on_a_keyless_server(
+    make_server: ServerFactory, run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    server = make_server(
+        [Rule(reply=Reply(content=DIRECT))], models=[HUB_MODEL], personality=TransformersServe()
+    )
+    key = ["--api-key="] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("OPENAI_API_KEY", "")
+    run = run_cli("ask", "-q", *key, "--base-url", server.base_url, "--model", HUB_MODEL, "t")
+    assert (run.code, run.out.strip()) == (0, "4"), run.err
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_empty_key_to_a_proxy_that_wants_one_is_a_key_error_in_one_line(
+    make_server: ServerFactory,
+    run_cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_retries: None,
+    how: str,
+) -> None:
+    # LiteLLM answers a request without a key with a plain-text 500, which says nothing of
+    # keys: apr must send something it can refuse as a key.
+    server = make_server(
+        [Rule(reply=Reply(content=DIRECT))], api_key="sk-master", personality=LiteLLMProxy()
+    )
+    key = ["--api-key="] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("OPENAI_API_KEY", "")
+    run = run_cli("ask", "-q", *key, "--base-url", server.base_url, "--model", "test-model", "t")
+    assert run.code == 5, run.err
+    assert len(error_lines(run.err)) == 1, run.err
+    assert "API key" in run.err
+    refused = [r for r in server.requests if r.status == 400]
+    assert len(refused) == 1  # a refused key is never retried
+    assert refused[0].headers["authorization"] == "Bearer not-needed"
+
+
 # -- 2. the width notice -----------------------------------------------------------------------
 
 
