@@ -5,16 +5,18 @@ wildcard route's catalogue, a dead backend's multi-line 500, and a dropped
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, model_validator
 
-from apr_graph import LLMClient, ModelNotFoundError
+from apr_graph import LLMClient, ModelNotFoundError, compile_apr_graph
 from apr_graph.cli_view import LiveView
 from apr_graph.testing import LiteLLMProxy, RecordedRequest, Reply, Rule, TransformersServe
 from tests.conftest import CliRunner, ServerFactory, settings_for
-from tests.test_real_servers import DIRECT, HUB_MODEL, QUESTION, fan_out_rules
+from tests.test_real_servers import DIRECT, HUB_MODEL, QUESTION, SCHEMA_INSTRUCTION, fan_out_rules
 
 
 def error_lines(err: str) -> list[str]:
@@ -160,3 +162,103 @@ def test_a_dead_backend_behind_the_proxy_is_one_line(
     assert "Connection error" in line
     assert "  " not in line.split("HTTP 500", 1)[1]  # the blank lines are gone, not spaced out
     assert len(posts(server)) >= 2  # a 500 is still worth a retry
+
+
+# -- 5. a dropped response_format, answered with JSON that fails the schema --------------------
+
+
+class Answer(BaseModel):
+    value: int
+
+
+def fenced_json_unless_schema_in_prompt(good: dict[str, Any], bad: dict[str, Any]) -> Rule:
+    """A model behind a server that drops ``response_format``: fenced JSON of its own shape,
+    the schema's shape only when the schema is in the prompt."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        if SCHEMA_INSTRUCTION in request.all_text:
+            return Reply(content=good)
+        return Reply(content=f"Here you go:\n```json\n{json.dumps(bad)}\n```")
+
+    return Rule(reply=reply)
+
+
+async def test_json_that_fails_the_schema_falls_back_to_the_schema_in_the_prompt(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [fenced_json_unless_schema_in_prompt({"value": 4}, {"answer": "four"})],
+        models=[HUB_MODEL],
+        personality=TransformersServe(),
+    )
+    async with LLMClient(settings_for(server, model=HUB_MODEL)) as client:
+        value, completion = await client.structured(QUESTION, Answer, role="planner")
+    assert value == Answer(value=4)
+    assert completion.mode == "prompt"
+    first, second = posts(server)
+    assert (first.body or {})["response_format"]["type"] == "json_schema"
+    assert "response_format" not in (second.body or {})
+    assert SCHEMA_INSTRUCTION in second.all_text
+
+
+async def test_a_run_on_transformers_serve_records_the_mode_that_worked(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [fenced_json_unless_schema_in_prompt(DIRECT, {"plan": ["think", "answer"]})],
+        models=[HUB_MODEL],
+        personality=TransformersServe(),
+    )
+    app = compile_apr_graph(settings=settings_for(server, model=HUB_MODEL))
+    result = await app.ainvoke({"task": "What is 2 + 2?"})
+    assert result["answer"] == "4"
+    planner = [c for c in result["calls"] if c["role"] == "planner"]
+    assert [c["mode"] for c in planner] == ["prompt"]
+
+
+async def test_json_cut_off_at_the_limit_is_re_asked_in_the_same_mode(
+    make_server: ServerFactory,
+) -> None:
+    # A reply cut at max_tokens says nothing about the format: it is asked afresh, not a
+    # reason to drop constrained decoding.
+    server = make_server(
+        [
+            Rule(reply=Reply(content='{"val', finish_reason="length"), times=1),
+            Rule(reply=Reply(content={"value": 4})),
+        ]
+    )
+    async with LLMClient(settings_for(server)) as client:
+        value, completion = await client.structured(QUESTION, Answer, role="planner")
+    assert value == Answer(value=4)
+    assert completion.mode == "json_schema"
+    assert all((r.body or {}).get("response_format") for r in posts(server))
+
+
+class Even(BaseModel):
+    value: int
+
+    @model_validator(mode="after")
+    def _even(self) -> Even:
+        if self.value % 2:
+            raise ValueError("value must be even")
+        return self
+
+
+async def test_json_that_breaks_only_the_models_own_rules_is_re_asked_in_the_same_mode(
+    make_server: ServerFactory,
+) -> None:
+    # A rule no JSON schema states is not enforced by constrained decoding either: breaking
+    # it says nothing about the server, so the model is shown its error, schema mode kept.
+    server = make_server(
+        [
+            Rule(reply=Reply(content={"value": 3}), times=1),
+            Rule(reply=Reply(content={"value": 4})),
+        ]
+    )
+    async with LLMClient(settings_for(server)) as client:
+        value, completion = await client.structured(QUESTION, Even, role="planner")
+    assert value == Even(value=4)
+    assert completion.mode == "json_schema"
+    second = posts(server)[1]
+    assert (second.body or {})["response_format"]["type"] == "json_schema"
+    assert "value must be even" in second.all_text
