@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apr_graph.http_pool import HttpPool
+from apr_graph.sdk_compat import authorization
 
 __all__ = ["CapacityReport", "ProbeOnce", "probe_parallel_capacity", "server_root"]
 
@@ -105,7 +106,7 @@ async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> 
 
 
 async def _ask_all(pool: HttpPool, base_url: str, api_key: str | None) -> CapacityReport:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = authorization(api_key)
     root = server_root(base_url)
 
     async def ask(path: str) -> Any:

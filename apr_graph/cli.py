@@ -286,7 +286,8 @@ def _ask(args: argparse.Namespace) -> int:
         if (unknown := missing_run(db, args.thread_id)) is not None:  # before any server starts
             raise _CliError(unknown, EXIT_USAGE)
     settings = _settings(args)
-    view = make_view(quiet=args.quiet)
+    # With --json the output is for a program: the run's notices stay out of its way.
+    view = make_view(quiet=args.quiet, run_notices=not args.json)
     record: dict[str, Any] = {
         "task": inputs["task"] if inputs else None,
         "thread_id": thread_id,
@@ -345,7 +346,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    print(f"apr: error: {message}", file=sys.stderr)
+    # Errors are one line: whatever a server or a library put in the message, line breaks
+    # and blank lines included, becomes single spaces.
+    print(f"apr: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -125,17 +125,24 @@ class QuietView(View):
 
 
 class PlainView(View):
-    """Plain lines on stderr, for logs and pipes."""
+    """Plain lines on stderr, for logs and pipes.
 
-    def __init__(self) -> None:
+    Args:
+        run_notices: print the run's ``notice`` events (e.g. that the server does not report
+            its width); off with ``--json``.
+    """
+
+    def __init__(self, *, run_notices: bool = True) -> None:
         super().__init__()
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.run_notices = run_notices
 
     def notice(self, message: str) -> None:
         self.console.print(message, markup=False)
 
     def on_event(self, event: dict[str, Any]) -> None:
         super().on_event(event)
+        self._notify(event)
         kind = event.get("event")
         if kind == "plan":
             count = len(event.get("subtasks", []))
@@ -151,6 +158,11 @@ class PlainView(View):
                 f"apr: thread {event['id']} {event['status']} · {event['completion_tokens']} "
                 f"tokens · {event['elapsed_s']:.2f}s"
             )
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        """Print a ``notice`` event's text: one line, which the live table would not show."""
+        if event.get("event") == "notice" and self.run_notices:
+            self.notice(" ".join(str(event.get("text", "")).split()))
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if metrics:
@@ -171,8 +183,8 @@ class PlainView(View):
 class LiveView(PlainView):
     """A live table of the plan and its threads, redrawn on stderr."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, run_notices: bool = True) -> None:
+        super().__init__(run_notices=run_notices)
         self.started = time.monotonic()
         self.live = Live(
             console=self.console,
@@ -190,7 +202,8 @@ class LiveView(PlainView):
         super().__exit__(exc_type, exc, tb)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        View.on_event(self, event)  # the table shows it; no extra lines
+        View.on_event(self, event)  # the table shows the threads; no extra lines for them
+        self._notify(event)  # printed above the table
 
     def _render(self) -> Group:
         elapsed = time.monotonic() - self.started
@@ -228,8 +241,10 @@ class LiveView(PlainView):
         return Group(head, table)
 
 
-def make_view(*, quiet: bool) -> View:
-    """The view for this terminal: live on a TTY, plain lines otherwise, none with --quiet."""
+def make_view(*, quiet: bool, run_notices: bool = True) -> View:
+    """The view for this terminal: live on a TTY, plain lines otherwise, none with --quiet;
+    ``run_notices``: print the run's ``notice`` events."""
     if quiet:
         return QuietView()
-    return LiveView() if sys.stderr.isatty() else PlainView()
+    view = LiveView if sys.stderr.isatty() else PlainView
+    return view(run_notices=run_notices)

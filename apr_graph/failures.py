@@ -28,7 +28,7 @@ from apr_graph.errors import (
 from apr_graph.responses import TransientResponseError
 from apr_graph.retry import retry_after_s
 
-__all__ = ["FailureKind", "classify", "server_message", "to_error"]
+__all__ = ["FailureKind", "classify", "one_line", "server_message", "to_error"]
 
 FailureKind = Literal[
     "auth",
@@ -54,20 +54,33 @@ _CONTEXT = re.compile(
     r"|prompt is too long|maximum context",
     re.I,
 )
+_UNKNOWN_MODEL = re.compile(
+    r"invalid model name|model .{0,120}(does not exist|not found)|unknown model|is pinned to",
+    re.I,
+)
+"""A 400 that refuses the model name: LiteLLM's "Invalid model name passed in model=...",
+``transformers serve --force-model``'s "Server is pinned to 'X'; requested 'Y'."."""
 _FORMAT = re.compile(r"response_format|json_schema|json schema|grammar|\bschema\b", re.I)
 _TOOLS = re.compile(r"\btools?\b.*(requires?|not supported|unsupported|not enabled)|--jinja", re.I)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, line breaks included, made one space."""
+    return " ".join(text.split())
+
+
 def server_message(exc: openai.APIStatusError) -> str:
-    """The error text of a failed response (OpenAI, vLLM and llama.cpp body shapes)."""
+    """The error text of a failed response (OpenAI, vLLM, llama.cpp and FastAPI's
+    ``detail`` body shapes), on one line: a LiteLLM proxy's 500 for a dead backend runs over
+    several, blank ones among them, and an error is shown as one line."""
     body = exc.body
     if isinstance(body, dict):
-        message = body.get("message") or body.get("error")
+        message = body.get("message") or body.get("error") or body.get("detail")
         if isinstance(message, dict):
             message = message.get("message")
         if message:
-            return str(message)[:300]
-    return str(exc.message)[:300]
+            return one_line(str(message))[:300]
+    return one_line(str(exc.message))[:300]
 
 
 def _error_type(exc: openai.APIStatusError) -> str:
@@ -91,7 +104,7 @@ def _classify_status(
         return "tools"
     if has_format and status in {400, 422, 500, 501} and _FORMAT.search(text):
         return "format"
-    if status == 404:
+    if status == 404 or (status == 400 and _UNKNOWN_MODEL.search(text)):
         return "not_found"
     if status in _RETRYABLE_STATUS or status >= 500:
         return "transient"
@@ -163,7 +176,7 @@ def to_error(
         )
     if kind == "not_found":
         return ModelNotFoundError(
-            f"{head} for model {model!r}: {said}", status_code=404, attempts=attempts, url=url
+            f"{head} for model {model!r}: {said}", status_code=status, attempts=attempts, url=url
         )
     if kind == "context":
         return ContextOverflowError(

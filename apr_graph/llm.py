@@ -207,7 +207,7 @@ class LLMClient:
 
         Raises:
             AuthenticationError: the key was refused, after exactly one request.
-            ModelNotFoundError: 404.
+            ModelNotFoundError: the server refused the model name (404, or a 400 that says so).
             ContextOverflowError: the request does not fit the model's context.
             ServerCapabilityError: the server cannot do what the request needs.
             ServerUnreachableError: no connection after the retries.

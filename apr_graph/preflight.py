@@ -1,10 +1,13 @@
 """Checks before a run: is the model name one the server serves, and is the URL its API?
 
 Servers disagree on unknown model names: vLLM and OpenAI refuse them (404), llama.cpp serves
-its one model whatever the name, a LiteLLM proxy may route any name. So the check reads
-``/v1/models``: a name it does not list fails at once, unless the server is llama.cpp, which
-gets one warning. A base URL that 404s where ``URL/v1`` would answer is the common slip of
-leaving out ``/v1``; the error says so.
+its one model whatever the name, a LiteLLM proxy routes the names of its ``model_list`` and,
+with a wildcard route, any name, while its ``/v1/models`` lists a provider's whole catalogue.
+So a listing decides nothing: a name it lacks is tried, and only the server's own "unknown
+model" answer to the first request refuses it (the CLI's exit 6, with a short list of the
+names offered). llama.cpp, which answers under any name, gets one warning. A base URL that
+404s where ``URL/v1`` would answer is the common slip of leaving out ``/v1``; the error says
+so.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from apr_graph.errors import (
 )
 from apr_graph.http_pool import HttpPool
 from apr_graph.llm import LLMClient
+from apr_graph.sdk_compat import authorization
 from apr_graph.settings import AprSettings
 
 __all__ = ["check_server", "unknown_model_message"]
@@ -24,9 +28,16 @@ __all__ = ["check_server", "unknown_model_message"]
 _TIMEOUT_S = 3.0
 
 
+_SHOWN = 5
+"""The most offered names an error lists: a proxy's catalogue has hundreds."""
+
+
 def unknown_model_message(url: str, model: str, offered: list[str]) -> str:
-    """The message for a model name the server does not serve."""
-    listing = ", ".join(offered) if offered else "(the server lists none)"
+    """The message for a model name the server does not serve, naming at most five of the
+    names it offers."""
+    listing = ", ".join(offered[:_SHOWN]) if offered else "(the server lists none)"
+    if len(offered) > _SHOWN:
+        listing += f" and {len(offered) - _SHOWN} more"
     return (
         f"the server at {url} does not serve model {model!r}; it offers: {listing} "
         "(choose one with --model)"
@@ -40,7 +51,7 @@ def _model_names(settings: AprSettings) -> list[str]:
 async def _answers_under_v1(url: str, api_key: str) -> bool:
     if url.rstrip("/").endswith("/v1"):
         return False
-    headers = {"Authorization": f"Bearer {api_key}"}
+    headers = authorization(api_key)
     pool = HttpPool(timeout_s=_TIMEOUT_S, https=url.startswith("https://"), keepalive_s=1)
     try:
         await pool.fetch("GET", url.rstrip("/") + "/v1/models", headers, timeout_s=_TIMEOUT_S)
@@ -54,9 +65,10 @@ async def _answers_under_v1(url: str, api_key: str) -> bool:
 async def check_server(client: LLMClient) -> list[str]:
     """Check the server before a run; returns warnings to show, raises what cannot work.
 
+    A configured name the server does not list is not refused here: the run tries it.
+
     Raises:
         ServerUnreachableError: the URL is not the API (e.g. ``/v1`` is missing).
-        ModelNotFoundError: the server lists its models and a configured name is not one.
     """
     settings, url = client.settings, client.base_url
     try:
@@ -82,6 +94,6 @@ async def check_server(client: LLMClient) -> list[str]:
             f"apr: warning: {url} is llama.cpp, which serves {offered[0]!r} whatever the "
             f"model name: {', '.join(map(repr, missing))} is ignored"
         ]
-    raise ModelNotFoundError(
-        unknown_model_message(url, missing[0], offered), status_code=404, url=url
-    )
+    # A proxy routes names it does not list (a wildcard route lists a provider's catalogue):
+    # the first request says whether the name is served.
+    return []

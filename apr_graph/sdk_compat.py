@@ -19,6 +19,8 @@ from typing import Any, get_type_hints
 import openai
 
 __all__ = [
+    "KEYLESS",
+    "authorization",
     "sdk_headers",
     "sdk_request",
     "status_error",
@@ -42,6 +44,23 @@ _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
 }
 
 
+KEYLESS = "not-needed"
+"""The key sent when none is given: the settings' default, which keyless local servers
+ignore."""
+
+
+def authorization(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for ``api_key``; an empty key sends ``KEYLESS``.
+
+    The SDK refuses to build a client without a key ("Missing credentials"); an empty key
+    (``--api-key=``, ``OPENAI_API_KEY=``) means the server needs none. Sending nothing would
+    not do: a LiteLLM proxy with a master key answers a request without one with a bare
+    500 "Internal Server Error" (1.108.7), which reads as a broken server and is retried;
+    a key it does not know is a key error, shown at once.
+    """
+    return {"Authorization": f"Bearer {(api_key or '').strip() or KEYLESS}"}
+
+
 def sdk_headers(api_key: str) -> dict[str, str]:
     """What the SDK's client sends with every request: its user agent, the key, and the
     organization and project of the environment (``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``);
@@ -49,9 +68,8 @@ def sdk_headers(api_key: str) -> dict[str, str]:
     headers = {
         "User-Agent": f"AsyncOpenAI/Python {openai.__version__}",
         "Content-Type": "application/json",
+        **authorization(api_key),
     }
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
     for name, variable in _ENVIRONMENT_HEADERS:
         if value := os.environ.get(variable):
             headers[name] = value

@@ -3,8 +3,10 @@
 Modes, tried in order until one works, and remembered per endpoint and model:
 ``json_schema`` (vLLM, SGLang, llama.cpp, OpenAI), ``json_object`` with the schema
 (llama-cpp-python's server), then the schema in the prompt. A mode is abandoned when the server
-refuses it *and says so*; every answer is parsed and validated, and an invalid one is re-asked
-with the error shown to the model. A reply cut off at the token limit is never pasted back.
+refuses it *and says so*, or ignores it: a reply in prose, or (``json_schema``) JSON the schema
+forbids in a reply that was not cut off. Every answer is parsed and validated, and an invalid
+one is re-asked with the error shown to the model. A reply cut off at the token limit is never
+pasted back.
 """
 
 from __future__ import annotations
@@ -173,9 +175,14 @@ class StructuredOutput:
             outcome = _validate(completion, output_type)
             if isinstance(outcome, BaseModel):
                 return outcome, replace(total, mode=mode)
-            if outcome == _NO_JSON and response_format is not None and self._may_fall_back:
-                # A 200 in prose: the server dropped the response_format without a word
-                # (transformers serve does). Constrained decoding never yields prose.
+            dropped = outcome == _NO_JSON or (
+                mode == "json_schema" and _breaks_schema(completion, outcome, output_type)
+            )
+            if dropped and response_format is not None and self._may_fall_back:
+                # A 200 in prose, or JSON the schema forbids in a reply that was not cut off:
+                # the server dropped the response_format without a word (transformers serve
+                # 5.25.0 does). Constrained decoding yields neither; re-asking without the
+                # schema in sight would only repair blind.
                 raise _ModeRejectedError(total, ignored=True)
             errors.append(outcome)
             if outcome in (_CUT_OFF, _LOOPED):
@@ -196,6 +203,27 @@ class StructuredOutput:
             prompt_tokens=total.prompt_tokens if total else 0,
             completion_tokens=total.completion_tokens if total else 0,
         )
+
+
+_VALIDATOR_ERRORS = frozenset({"value_error", "assertion_error"})
+"""Pydantic error types of a model's own validators: rules a JSON schema cannot state, which
+constrained decoding does not enforce, so breaking them says nothing about the server."""
+
+
+def _breaks_schema(completion: Completion, outcome: str, output_type: type[T]) -> bool:
+    """Whether an invalid reply, not cut off, breaks what the JSON schema itself says: no
+    JSON, wrong types, missing or unknown keys (not only the model's own validators)."""
+    if outcome in (_CUT_OFF, _LOOPED):
+        return False
+    try:
+        data = extract_json(completion.text)
+    except ValueError:
+        return True
+    try:
+        output_type.model_validate(data)
+    except ValidationError as exc:
+        return any(error["type"] not in _VALIDATOR_ERRORS for error in exc.errors())
+    return False
 
 
 def _validate(completion: Completion, output_type: type[T]) -> T | str:

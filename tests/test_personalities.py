@@ -5,6 +5,7 @@ These test the scripted servers themselves over loopback HTTP, not the apr clien
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -166,26 +167,35 @@ def test_llama_cpp_key_errors_and_unknown_paths(serve: Any) -> None:
 # -- LiteLLM proxy -----------------------------------------------------------------------------
 
 
+def sse_events(reply: httpx.Response) -> list[str]:
+    """The ``data:`` payloads of a streamed reply, in order."""
+    return [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+
+
 def test_litellm_without_a_database_answers_a_wrong_key_with_400(serve: Any) -> None:
-    _, client = serve(LiteLLMProxy(), api_key="sk-master")
+    _, client = serve(LiteLLMProxy(), api_key="sk-master", models=["anything"])
     wrong = client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer x"})
     assert wrong.status_code == 400
     assert wrong.json() == {
         "error": {
-            "message": "No connected db.",
-            "type": "no_db_connection",
-            "param": None,
+            "message": "Authentication Error, No connected db.",
+            "type": "auth_error",
+            "param": "None",
             "code": "400",
         }
     }
-    none = client.post("/v1/chat/completions", json=chat())
-    assert none.status_code == 401
-    assert none.json()["error"] == {
-        "message": "Authentication Error, No api key passed in.",
-        "type": "auth_error",
-        "param": "None",
-        "code": "401",
-    }
+
+
+@pytest.mark.parametrize("header", [None, "sk-master", "Basic sk-master"])
+def test_litellm_answers_a_missing_key_with_a_plain_text_500(
+    serve: Any, header: str | None
+) -> None:
+    _, client = serve(LiteLLMProxy(), api_key="sk-master", models=["anything"])
+    headers = {} if header is None else {"Authorization": header}
+    reply = client.post("/v1/chat/completions", json=chat(), headers=headers)
+    assert reply.status_code == 500
+    assert reply.text == "Internal Server Error"
+    assert reply.headers["content-type"].startswith("text/plain")
 
 
 def test_litellm_legacy_releases_said_authentication_error(serve: Any) -> None:
@@ -196,15 +206,54 @@ def test_litellm_legacy_releases_said_authentication_error(serve: Any) -> None:
     assert wrong.json()["error"]["type"] == "auth_error"
 
 
-def test_litellm_forwards_any_model_to_its_one_backend(serve: Any) -> None:
+def test_litellm_refuses_a_model_no_entry_routes_with_400(serve: Any) -> None:
     _, client = serve(LiteLLMProxy(), api_key="sk-master", models=["gpt-4o-mini"])
+    headers = {"Authorization": "Bearer sk-master"}
+    served = client.post("/v1/chat/completions", json=chat(model="gpt-4o-mini"), headers=headers)
+    assert served.status_code == 200
+    other = client.post("/v1/chat/completions", json=chat(model="qwen"), headers=headers)
+    assert other.status_code == 400
+    assert other.json()["error"] == {
+        "message": "/chat/completions: Invalid model name passed in model=qwen. "
+        "Call `/v1/models` to view available models for your key.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "400",
+    }
+    listing = client.get("/v1/models", headers=headers).json()
+    assert [m["id"] for m in listing["data"]] == ["gpt-4o-mini"]
+    assert client.get("/health/liveliness").json() == "I'm alive!"
+
+
+def test_litellm_wildcard_forwards_any_model_and_lists_a_catalogue(serve: Any) -> None:
+    _, client = serve(LiteLLMProxy(wildcard=True), api_key="sk-master", models=[])
     headers = {"Authorization": "Bearer sk-master"}
     for model in ("gpt-4o-mini", "qwen", "whatever/else"):
         reply = client.post("/v1/chat/completions", json=chat(model=model), headers=headers)
         assert reply.status_code == 200
-    listing = client.get("/v1/models", headers=headers).json()
-    assert listing["data"][0]["id"] == "gpt-4o-mini"
-    assert client.get("/health/liveliness").json() == "I'm alive!"
+    names = [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
+    assert len(names) == len(set(names)) == 212
+    assert "qwen" not in names
+
+
+def test_litellm_dead_backend_is_a_500_over_several_lines(serve: Any) -> None:
+    _, client = serve(LiteLLMProxy(backend_down=True))
+    reply = client.post("/v1/chat/completions", json=chat(model="test-model"))
+    assert reply.status_code == 500
+    error = reply.json()["error"]
+    assert error["type"] == "internal_server_error"
+    assert error["code"] == "500"
+    assert "\n\n" in error["message"]
+
+
+def test_litellm_streams_usage_with_an_empty_delta_and_done(serve: Any) -> None:
+    _, client = serve(LiteLLMProxy(), content="two words")
+    body = chat(model="test-model", stream=True, stream_options={"include_usage": True})
+    events = sse_events(client.post("/v1/chat/completions", json=body))
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])
+    assert usage["choices"] == [{"index": 0, "delta": {}}]
+    assert usage["usage"]["completion_tokens"] == 2
 
 
 def test_litellm_has_no_props_slots_or_metrics(serve: Any) -> None:
@@ -220,7 +269,7 @@ def test_litellm_error_codes_are_strings(serve: Any) -> None:
         [Rule(reply=Reply(status=429, error_message="slow down"))], personality=LiteLLMProxy()
     )
     with server, httpx.Client(base_url=server.base_url) as client:
-        reply = client.post("/chat/completions", json=chat())
+        reply = client.post("/chat/completions", json=chat(model="test-model"))
     assert reply.status_code == 429
     assert reply.json()["error"]["code"] == "429"
     assert reply.json()["error"]["message"] == "slow down"
@@ -235,7 +284,17 @@ def test_transformers_serve_drops_response_format(serve: Any) -> None:
     reply = client.post("/v1/chat/completions", json=chat(model=HUB_MODEL, response_format=schema))
     assert reply.status_code == 200
     assert reply.json()["choices"][0]["message"]["content"] == "Sure! Here is prose."
-    assert reply.json()["model"] == f"{HUB_MODEL}@main"
+    assert reply.json()["model"] == HUB_MODEL  # 5.25.0: no @main
+
+
+def test_transformers_serve_streams_usage_and_no_done(serve: Any) -> None:
+    _, client = serve(TransformersServe(), content="two words", models=[HUB_MODEL])
+    body = chat(model=HUB_MODEL, stream=True, stream_options={"include_usage": True})
+    events = sse_events(client.post("/v1/chat/completions", json=body))
+    assert "[DONE]" not in events
+    usage = json.loads(events[-1])
+    assert usage["usage"]["completion_tokens"] == 2
+    assert usage["model"] == HUB_MODEL
 
 
 def test_transformers_serve_has_no_props_slots_or_metrics(serve: Any) -> None:
@@ -246,8 +305,10 @@ def test_transformers_serve_has_no_props_slots_or_metrics(serve: Any) -> None:
         assert reply.json() == {"detail": "Not Found"}
     assert client.get("/health").json() == {"status": "ok"}
     listing = client.get("/v1/models").json()
-    assert listing["data"][0]["id"] == HUB_MODEL
-    assert listing["data"][0]["owned_by"] == ["Qwen", "Qwen2.5-1.5B-Instruct"]
+    (card,) = listing["data"]
+    assert card["id"] == HUB_MODEL
+    assert (card["object"], card["owned_by"], card["created"]) == ("model", "local", 0)
+    assert isinstance(card["status"], dict)
 
 
 def test_transformers_serve_answers_only_its_model(serve: Any) -> None:

@@ -156,7 +156,9 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 pending = []
         self._send_chunks(pending)
         request.streamed += len(pending)
-        for event in wire.stream_end(request, base, reply, body["usage"], text):
+        persona = self.server.scripted.personality
+        ending = persona.stream_end(request, base, reply, body["usage"], text)
+        for event in ending:
             self._send_chunk(event)
         self._send_chunk(b"")
 

@@ -267,22 +267,33 @@ def end_chunk(base: dict[str, Any], reply: Reply, text: bool) -> dict[str, Any]:
     return {**base, **extra, "choices": [end]}
 
 
-def usage_chunk(base: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
-    """The chunk sent after the end when ``stream_options.include_usage`` is set."""
-    return {**base, "choices": [], "usage": counts}
+def usage_chunk(
+    base: dict[str, Any], counts: dict[str, Any], choices: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The chunk sent after the end when ``stream_options.include_usage`` is set; OpenAI
+    sends no ``choices`` (``[]``), some servers an empty delta."""
+    return {**base, "choices": list(choices or []), "usage": counts}
 
 
 def stream_end(
-    request: RecordedRequest, base: dict[str, Any], reply: Reply, counts: dict[str, Any], text: bool
+    request: RecordedRequest,
+    base: dict[str, Any],
+    reply: Reply,
+    counts: dict[str, Any],
+    text: bool,
+    *,
+    usage_choices: list[dict[str, Any]] | None = None,
+    done: bool = True,
 ) -> list[bytes]:
     """The events that close a stream after its content: the tool calls (chat), the end
-    chunk, the usage (``counts``) when ``stream_options.include_usage`` asks for it, and
-    ``[DONE]``."""
+    chunk, the usage (``counts``, with ``usage_choices``) when
+    ``stream_options.include_usage`` asks for it, and ``[DONE]`` unless ``done`` is off."""
     chunks = [] if text else tool_call_chunks(base, reply)
     chunks.append(end_chunk(base, reply, text))
     if ((request.body or {}).get("stream_options") or {}).get("include_usage"):
-        chunks.append(usage_chunk(base, counts))
-    return [*(sse_event(chunk) for chunk in chunks), SSE_DONE]
+        chunks.append(usage_chunk(base, counts, usage_choices))
+    events = [sse_event(chunk) for chunk in chunks]
+    return [*events, SSE_DONE] if done else events
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:

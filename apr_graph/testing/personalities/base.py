@@ -101,6 +101,17 @@ class Personality:
         status = server.response_format_status
         return self.error(status, f"response_format type {kind!r} is not supported")
 
+    def stream_end(
+        self,
+        request: RecordedRequest,
+        base: dict[str, Any],
+        reply: Reply,
+        counts: dict[str, Any],
+        text: bool,
+    ) -> list[bytes]:
+        """The events that close a stream after its content (``wire.stream_end``)."""
+        return wire.stream_end(request, base, reply, counts, text)
+
     def decorate(self, server: ScriptedServer, request: RecordedRequest, reply: Reply) -> Reply:
         """What the server adds to a successful scripted reply (usage details, timings)."""
         return reply

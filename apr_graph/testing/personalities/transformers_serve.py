@@ -1,20 +1,26 @@
 """``transformers serve`` (5.x) as a personality of the scripted server.
 
-Reproduced from huggingface/transformers (https://github.com/huggingface/transformers),
-``src/transformers/cli/serving``:
+Checked against ``transformers serve`` 5.25.0 (issue 34, CPU, with and without
+``--continuous-batching``):
 
-- ``chat_completion.py`` ``UNUSED_CHAT_COMPLETION_FIELDS`` and ``utils.py``
-  ``BaseHandler._validate_request``: ``response_format`` (with ``tool_choice``, ``n``,
-  ``stream_options``...) is logged as unsupported and ignored, so the model answers in prose;
-  keys OpenAI's ``CompletionCreateParamsStreaming`` lacks are a 422 "Unexpected fields in the
-  request: {...}";
+- streams end without ``data: [DONE]``: the last event is the usage chunk (or the finish);
+- ``stream_options.include_usage`` is honoured: the usage comes in a chunk of its own;
+- ``response_format`` is dropped (the log says ``Ignoring unsupported fields``), so the model
+  answers in prose, or in fenced JSON that follows no schema;
+- ``/v1/models`` entries are ``{"id", "object": "model", "owned_by": "local", "created": 0,
+  "status": {...}}``; a reply's ``model`` is the name as requested, without ``@main``;
+- ``/props``, ``/slots`` and ``/metrics`` are FastAPI's 404 ``{"detail": "Not Found"}``;
+  ``/health`` answers; there is no API key.
+
+From huggingface/transformers (https://github.com/huggingface/transformers),
+``src/transformers/cli/serving``, and not contradicted by 5.25.0:
+
+- ``utils.py`` ``BaseHandler._validate_request``: keys OpenAI's
+  ``CompletionCreateParamsStreaming`` lacks are a 422 "Unexpected fields in the request:
+  {...}";
 - ``utils.py`` ``BaseHandler._resolve_model``: with ``--force-model`` another model name is a
   400 "Server is pinned to 'X'; requested 'Y'."; without it the name is loaded from the Hub,
-  and a name it cannot load fails as FastAPI's plain-text 500 "Internal Server Error";
-  ``model_manager.py`` ``process_model_name``: replies name the model ``X@main``;
-- ``model_manager.py`` ``get_gen_models``: ``/v1/models`` lists cached models, ``owned_by``
-  being the repo id split on ``/``; ``server.py``: ``/health``; FastAPI's ``{"detail": "Not
-  Found"}`` for ``/props``, ``/slots``, ``/metrics``; no API key.
+  and a name it cannot load fails as FastAPI's plain-text 500 "Internal Server Error".
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from apr_graph.testing import wire
 from apr_graph.testing.personalities.base import Personality, Route
 from apr_graph.testing.script import RecordedRequest, Reply
 from apr_graph.testing.wire import Answer
@@ -47,12 +54,10 @@ def _known_keys() -> frozenset[str]:
     }
 
 
-_CREATED = 1754000000.0
-
-
 @dataclass
 class TransformersServe(Personality):
-    """``transformers serve``: one Hub model, ``response_format`` ignored, FastAPI errors.
+    """``transformers serve``: one Hub model, ``response_format`` ignored, FastAPI errors,
+    streams without ``[DONE]``.
 
     The served model is the server's first model name, a Hub path such as
     ``Qwen/Qwen2.5-1.5B-Instruct``. There is no API key.
@@ -90,9 +95,15 @@ class TransformersServe(Personality):
         return {"/health": {"status": "ok"}}
 
     def models(self, server: ScriptedServer) -> Any:
-        """The Hub cache's generative models (``owned_by`` is a list, as the server has it)."""
+        """The served models; ``status`` as the server has it (apr reads only ``id``)."""
         data = [
-            {"owned_by": m.split("/"), "id": m, "object": "model", "created": _CREATED}
+            {
+                "id": m,
+                "object": "model",
+                "owned_by": "local",
+                "created": 0,
+                "status": {"value": "loaded"},
+            }
             for m in server.models
         ]
         return {"object": "list", "data": data}
@@ -115,11 +126,23 @@ class TransformersServe(Personality):
         return Answer(500, "Internal Server Error", "text/plain; charset=utf-8")
 
     def decorate(self, server: ScriptedServer, request: RecordedRequest, reply: Reply) -> Reply:
-        """Replies name the model with its revision: ``Qwen/Qwen2.5-1.5B-Instruct@main``."""
-        extra = {"model": _canonical(server.models[0]), **reply.extra}
+        """Replies name the model as requested (5.25.0: no ``@main`` revision suffix)."""
+        extra = {"model": (request.body or {}).get("model") or server.models[0], **reply.extra}
         return dataclasses.replace(reply, extra=extra)
+
+    def stream_end(
+        self,
+        request: RecordedRequest,
+        base: dict[str, Any],
+        reply: Reply,
+        counts: dict[str, Any],
+        text: bool,
+    ) -> list[bytes]:
+        """The finish and the usage chunk, then nothing: no ``data: [DONE]`` (5.25.0)."""
+        return wire.stream_end(request, base, reply, counts, text, done=False)
 
 
 def _canonical(model: str) -> str:
-    """``process_model_name``: a model id with its revision, ``@main`` by default."""
+    """``process_model_name``: a model id with its revision, ``@main`` by default (the
+    server still resolves names this way, though its replies no longer show it)."""
     return model if "@" in model else f"{model}@main"
