@@ -1,0 +1,114 @@
+"""The task-shape router: the shipped weights on held-out data, and the trainer's own functions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from apr_graph.router import Shape, task_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "decision"
+
+
+def _held_out(name: str) -> list[dict[str, object]]:
+    with (DATA / name).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _balanced_accuracy(labels: list[int], predicted: list[int]) -> float:
+    ones = [p for y, p in zip(labels, predicted, strict=True) if y == 1]
+    zeros = [p for y, p in zip(labels, predicted, strict=True) if y == 0]
+    return (sum(ones) / len(ones) + zeros.count(0) / len(zeros)) / 2
+
+
+@pytest.fixture(scope="module")
+def trainer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_router", ROOT / "scripts/train_router.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_router_loads_and_explains() -> None:
+    shape = task_shape("(a) What causes tides? (b) Why is the sky blue?")
+    assert isinstance(shape, Shape)
+    assert 0.0 <= shape.parallel <= 1.0
+    assert 0.0 < shape.threshold < 1.0
+    assert shape.parts == 2
+    assert len(shape.why) == 3
+    assert all(isinstance(reason, str) and reason for reason in shape.why)
+    assert shape.splits == (shape.parallel >= shape.threshold)
+
+
+def test_held_out_sot_vicuna_meets_the_issue_target() -> None:
+    rows = _held_out("heldout_sot_vicuna.jsonl")
+    assert len(rows) == 80
+    labels = [int(str(r["label"])) for r in rows]
+    predicted = [int(task_shape(str(r["prompt"])).splits) for r in rows]
+    assert _balanced_accuracy(labels, predicted) >= 0.75
+
+
+def test_held_out_gsm8k_singles_direct_and_triples_split() -> None:
+    rows = _held_out("heldout_gsm8k_test.jsonl")
+    singles = [str(r["prompt"]) for r in rows if r["label"] == 0]
+    triples = [str(r["prompt"]) for r in rows if r["label"] == 1]
+    assert (len(singles), len(triples)) == (8, 4)
+    assert sum(not task_shape(p).splits for p in singles) >= 7
+    assert all(task_shape(p).splits for p in triples)
+    assert all(task_shape(p).parts == 3 for p in triples)
+
+
+@pytest.mark.parametrize(
+    ("task", "splits"),
+    [
+        ("Write a short story about a lighthouse keeper", False),
+        ("What is the capital of France?", False),
+        ("Explain how a refrigerator works.", False),
+        ("Pretend you are a pirate captain and give a speech to your crew.", False),
+        ("What are the pros and cons of remote work?", True),
+        (
+            "Answer each part: (a) What causes tides? (b) Why is the sky blue? "
+            "(c) How do vaccines work?",
+            True,
+        ),
+        ("Question 1: How do bees make honey?\nQuestion 2: Why do cats purr?", True),
+        # Known miss, not asserted: "List ten tips for learning a new language, with a line on
+        # each" comes out direct (p ~0.12). SoT's LIMA labels give "list" requests no signal
+        # ("list" there is mostly a programming list), so the router has nothing to learn from.
+    ],
+)
+def test_hand_written_prompts(task: str, splits: bool) -> None:
+    assert task_shape(task).splits is splits
+
+
+def test_context_is_ignored() -> None:
+    task = "Write a short story about a lighthouse keeper"
+    assert task_shape(task, context="(1) a (2) b (3) c? list tips") == task_shape(task)
+
+
+def test_trainer_learns_a_separable_toy_set(trainer: ModuleType) -> None:
+    rng = random.Random(0)
+    rows, labels = [], []
+    for _ in range(60):
+        label = rng.randint(0, 1)
+        # feature 0 decides the label; features 1 and 2 are noise
+        rows.append(([0, 1, 2], [1.0 if label else -1.0, rng.random(), rng.random()]))
+        labels.append(label)
+    weights, bias = trainer.fit_logistic(rows, labels, 3, l2=1e-3)
+    probs = trainer.predict(rows, weights, bias)
+    assert trainer.balanced_accuracy(labels, [int(p >= 0.5) for p in probs]) == 1.0
+    assert weights[0] > 1.0
+    assert abs(weights[0]) > 5 * max(abs(weights[1]), abs(weights[2]))
+    threshold, accuracy = trainer.best_threshold(probs, labels)
+    assert accuracy == 1.0
+    assert 0.0 < threshold < 1.0
+    fold = trainer.folds(labels, 5, 1)
+    assert sorted(set(fold)) == [0, 1, 2, 3, 4]
