@@ -45,6 +45,8 @@ GRAPH_ONLY: dict[str, str] = {
     "retry_max_wait_s": "the client's retry policy, shared by every run",
     "max_repairs": "the client's structured-output chain, shared by every run",
     "structured_output": "the structured-output mode remembered per endpoint",
+    "speed_file": "the endpoint's speed profile, shared by every run",
+    "learn_speed": "the endpoint's speed profile, shared by every run",
     "native": "the graph's shape",
     "native_prompt": "the graph's native format",
     "native_skip_special_tokens": "what the endpoint needs of native requests",
@@ -152,6 +154,13 @@ class AprContext(BaseModel):
 
     on_thread_error: Literal["tolerate", "fail"] | None = None
     """``tolerate`` a thread that fails after retries, or ``fail`` the run."""
+
+    prefer: Literal["speed", "quality"] | None = None
+    """``speed``: fork only where it is predicted to pay on this endpoint; ``quality``:
+    whenever the task splits."""
+
+    router: bool | None = None
+    """Read the task with the shipped router before planning."""
 
     _applied: tuple[AprSettings, AprSettings] | None = PrivateAttr(default=None)
     """The last ``apply``: its base and its result (every node of a run asks again)."""

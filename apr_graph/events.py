@@ -4,10 +4,11 @@ Every event is a JSON-shaped dict with an ``event`` key:
 
 - ``{"event": "notice", "text"}``: a one-line message for the user (the server does not
   report how many requests it runs at once, so ``max_concurrency`` is sent at a time).
-- ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes", "merge", "depth"}``:
-  the plan is ready. ``merge`` says how the results are combined (``None`` for a direct
-  answer); ``depth`` is 0 for the run's own plan and one more per nested fork (a native
-  block's plan carries its threads' depth).
+- ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes", "merge", "depth",
+  "decision"}``: the plan is ready. ``merge`` says how the results are combined (``None`` for
+  a direct answer); ``depth`` is 0 for the run's own plan and one more per nested fork (a
+  native block's plan carries its threads' depth); ``decision`` why the run answers
+  directly or forks (``apr_graph.decide``; ``None`` for a native run).
 - ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
   (``depth``: 1 for a thread of the top-level plan). With ``"early": true`` it was sent while
   the plan was still being written (it may come before the ``plan`` event; see

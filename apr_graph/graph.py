@@ -18,6 +18,7 @@ from langgraph.types import Checkpointer
 
 from apr_graph.board import Boards
 from apr_graph.context import AprContext
+from apr_graph.decide import speed_store
 from apr_graph.errors import ConfigurationError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes import (
@@ -31,6 +32,7 @@ from apr_graph.nodes import (
 )
 from apr_graph.nodes.native import make_native
 from apr_graph.settings import AprSettings
+from apr_graph.speed import SpeedStore
 from apr_graph.state import AprInput, AprOutput, AprState, ForkInput, WorkerInput
 
 if TYPE_CHECKING:
@@ -228,7 +230,8 @@ def create_apr_graph(
     if client is None:
         client = LLMClient(settings or AprSettings())
     boards = Boards()
-    builder = _build(AprInput, client, client.settings, boards, verify, tuple(tools), [])
+    speed = speed_store(client.settings)
+    builder = _build(AprInput, client, client.settings, boards, speed, verify, tuple(tools), [])
     setattr(builder, _BOARDS_ATTR, boards)
     return builder
 
@@ -238,6 +241,7 @@ def _build(
     client: LLMClient,
     settings: AprSettings,
     boards: Boards,
+    speed: SpeedStore,
     verify: Verifier | None,
     tools: tuple[BaseTool, ...],
     fork: list[CompiledStateGraph[AprState, AprContext, Any, AprOutput]],
@@ -251,7 +255,7 @@ def _build(
 
     def subgraph(run: AprSettings) -> Node:
         if not fork:
-            child = _build(ForkInput, client, settings, boards, verify, tools, fork)
+            child = _build(ForkInput, client, settings, boards, speed, verify, tools, fork)
             fork.append(child.compile(name="apr-graph-fork"))
         compiled, context = fork[0], None if run is settings else AprContext.of(run)
 
@@ -274,7 +278,7 @@ def _build(
     else:
         worker = make_worker(client, boards, verify=verify, subgraph=subgraph, tools=tools)
         listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
-        decompose = make_decompose(client, boards, start_early=not tools, tools=listed)
+        decompose = make_decompose(client, boards, speed=speed, start_early=not tools, tools=listed)
         add(DECOMPOSE, decompose)
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, boards))
@@ -287,7 +291,7 @@ def _build(
             JOIN, make_join(WORKER, SYNTHESIZE, boards), [WORKER, SYNTHESIZE]
         )
         builder.add_edge(SYNTHESIZE, FINISH)
-    builder.add_node(FINISH, RunnableLambda(make_finish(boards), name=FINISH))
+    add(FINISH, make_finish(client, boards, speed))
     builder.add_edge(FINISH, END)
     return builder
 

@@ -227,6 +227,28 @@ class AprSettings(BaseSettings):
     """A thread that still fails after retries: ``tolerate`` records it as failed, lets its
     siblings finish and tells the merge which subtasks failed; ``fail`` ends the run."""
 
+    prefer: Literal["speed", "quality"] = "speed"
+    """What a fork must buy. ``speed``: fork only where the plan is predicted to finish before
+    one direct call on this endpoint (from its speed profile: ``apr calibrate``, or learned
+    from earlier runs; with no profile yet, fork as the task and plan say). ``quality``: fork
+    whenever the task splits into independent parts, whatever the server (shorter contexts
+    per part, at the price of time on servers that batch poorly)."""
+
+    router: bool = True
+    """Read a top-level task with the shipped router (``apr_graph.router``, learned from public
+    labelled prompts) before planning: a task that reads as one continuous piece (a story, one
+    explanation, one word problem whose steps need each other) is answered by one call, with
+    no planning call. Off: the planner model alone decides (small models split nearly
+    everything)."""
+
+    speed_file: str | None = None
+    """The JSON file of measured endpoint speeds (``apr calibrate``, and each run's own calls);
+    ``None``: ``$APR_SPEED_FILE``, else ``~/.cache/apr-graph/speed.json``; ``""``: keep them
+    in memory only."""
+
+    learn_speed: bool = True
+    """Update the endpoint's speed profile from each finished run's calls."""
+
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
     """How to ask for JSON: ``auto`` tries ``json_schema``, then ``json_object`` with a schema,
     then the schema in the prompt, and remembers per endpoint what worked."""

@@ -16,6 +16,8 @@ __all__ = [
     "AprOutput",
     "AprState",
     "CallRecord",
+    "Decider",
+    "DecisionRecord",
     "ForkInput",
     "LoopRecord",
     "NativeBlock",
@@ -145,6 +147,29 @@ class NativeBlock(TypedDict):
     forked: int
 
 
+Decider = Literal["router", "speed", "chain", "model", "plan", "quality"]
+"""What decided a run's strategy (see ``DecisionRecord.by``)."""
+
+
+class DecisionRecord(TypedDict):
+    """Why a run answered directly or forked, as returned in ``plan["decision"]``."""
+
+    choice: Literal["direct", "parallel"]
+    by: Decider
+    """What decided: ``router`` (the task reads as one piece), ``speed`` (forking was
+    predicted not to pay on this endpoint), ``chain`` (the plan's goals form one chain),
+    ``model`` (the planner answered directly), ``plan`` (the plan was run as planned),
+    ``quality`` (``prefer="quality"``: forked whatever the server)."""
+    reason: str
+    shape: float | None
+    """The router's probability that the answer splits into independent parts."""
+    threshold: float | None
+    predicted_direct_s: NotRequired[float]
+    predicted_parallel_s: NotRequired[float]
+    speed_source: NotRequired[str]
+    """Where the endpoint's speed profile came from (calibration, earlier runs)."""
+
+
 class PlanRecord(TypedDict):
     """The plan a run followed, as returned in the ``plan`` output key.
 
@@ -166,6 +191,8 @@ class PlanRecord(TypedDict):
     blocks: NotRequired[list[NativeBlock]]
     reasoning: NotRequired[str]
     critical_path_tokens: NotRequired[int]
+    decision: NotRequired[DecisionRecord]
+    """Why the run answered directly or forked (``apr_graph.decide``)."""
 
 
 class AprOutput(TypedDict, total=False):

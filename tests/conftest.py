@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,13 +85,23 @@ def stop_promptly(servers: list[ScriptedServer]) -> None:
 
 
 def settings_for(server: ScriptedServer, **overrides: Any) -> AprSettings:
-    """Fast settings aimed at ``server``."""
+    """Fast settings aimed at ``server``.
+
+    The fork decision is the scripted planner's alone (no router, no speed profile learned
+    from the scripted server's instant replies, a chain of goals run as planned; also set by
+    ``_clean_env`` for settings read from the environment): most tests script a plan and
+    check what the graph does with it. ``tests/test_decision.py`` tests the decision with its
+    defaults.
+    """
     values: dict[str, Any] = {
         "base_url": server.base_url,
         "model": "test-model",
         "max_retries": 2,
         "retry_max_wait_s": 2.0,
         "request_timeout_s": 10.0,
+        "router": False,
+        "learn_speed": False,
+        "prefer": "quality",
     }
     values.update(overrides)
     return AprSettings(**values)
@@ -164,8 +175,21 @@ TEST_SWITCHES = frozenset({"APR_UPDATE_SNAPSHOTS"})
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A developer's own OPENAI_* / APR_* variables must not leak into tests.
     for name in list(os.environ):
         if name.startswith(("APR_", "OPENAI_")) and name not in TEST_SWITCHES:
             monkeypatch.delenv(name)
+    # Nor the speed profiles the developer's runs measured, nor a test's into theirs.
+    monkeypatch.setenv("APR_SPEED_FILE", str(tmp_path / "speed.json"))
+    # Tests script the planner's plan and check what the graph does with it: the decision
+    # is the scripted planner's (no router, no speed learned from instant scripted replies,
+    # a chain of goals run as planned).
+    # tests/test_decision.py tests the decision with its defaults.
+    monkeypatch.setenv("APR_ROUTER", "false")
+    monkeypatch.setenv("APR_LEARN_SPEED", "false")
+    monkeypatch.setenv("APR_PREFER", "quality")
+
+
+SUITE_SETTINGS = frozenset({"APR_SPEED_FILE", "APR_ROUTER", "APR_LEARN_SPEED", "APR_PREFER"})
+"""What ``_clean_env`` sets for every test: kept in the environment of its subprocesses."""

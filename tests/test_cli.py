@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
-from tests.conftest import CliRunner, ServerFactory, wait_until
+from tests.conftest import SUITE_SETTINGS, CliRunner, ServerFactory, wait_until
 
 MODEL = "test-model"
 """The model ScriptedServer lists at ``/v1/models`` (apr may check the name before a run)."""
@@ -36,7 +36,12 @@ def apr_executable() -> str:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APR_", "OPENAI_"))}
+    """The environment of a subprocess: the developer's own settings out, the suite's in."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("APR_", "OPENAI_")) or k in SUITE_SETTINGS
+    }
     env.update(extra)
     return env
 

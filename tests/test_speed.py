@@ -221,6 +221,7 @@ def test_an_unreadable_entry_spares_the_others(tmp_path: Path) -> None:
 
 
 def test_where_profiles_are_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("APR_SPEED_FILE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_speed_file() == tmp_path / "apr-graph" / "speed.json"
     monkeypatch.setenv("APR_SPEED_FILE", str(tmp_path / "mine.json"))

@@ -23,8 +23,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from apr_graph.bench.overhead import measure_overhead
-from apr_graph.bench.report import suite_table, text_table, write_report
-from apr_graph.bench.runner import run_tasks, scaling_rows, summarise, warm_up
+from apr_graph.bench.report import decision_table, suite_table, text_table, write_report
+from apr_graph.bench.runner import decision_rows, run_tasks, scaling_rows, summarise, warm_up
 from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
@@ -209,6 +209,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         await warm_up(client)
         outcomes = await run_tasks(client, tasks, strategies, points=args.points, progress=step)
         results["suites"] = summarise(outcomes)
+        results["decision"] = decision_rows(outcomes, tasks)
         results["outcomes"] = [o.as_dict() for o in outcomes]
         widest = max(
             (o for o in outcomes if o.strategy == "adaptive"),
@@ -313,5 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in suite_table(results.get("suites", []))
     ]
     print(text_table(table), end="")
+    if results.get("decision"):
+        print(text_table(decision_table(results["decision"])), end="")
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

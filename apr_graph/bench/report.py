@@ -9,7 +9,7 @@ from typing import Any
 
 from apr_graph.bench.quality import accuracy_text, speedup_text
 
-__all__ = ["markdown", "suite_table", "text_table", "write_report"]
+__all__ = ["decision_table", "markdown", "suite_table", "text_table", "write_report"]
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
@@ -72,6 +72,27 @@ def _scaling_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
+def decision_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The decision rows, formatted."""
+
+    def speed(value: Any) -> str:
+        return "n/a" if value is None else f"{value}x"
+
+    return [
+        {
+            "suite": row["suite"],
+            "strategy": row["strategy"],
+            "direct": str(row["direct"]),
+            "parallel": str(row["parallel"]),
+            "decided by": row["by"],
+            "agrees with label": row["agrees_with_label"],
+            "predicted speedup": speed(row["predicted_speedup"]),
+            "actual speedup": speed(row["actual_speedup"]),
+        }
+        for row in rows
+    ]
+
+
 def text_table(rows: Sequence[dict[str, str]]) -> str:
     """Rows of strings as aligned plain-text columns, for a terminal."""
     if not rows:
@@ -121,6 +142,16 @@ def markdown(results: dict[str, Any]) -> str:
             "only at comparable accuracy (n/a when nothing was right or the accuracy is below "
             "sequential's 95% interval).\n",
             _table(suite_table(results["suites"])),
+        ]
+    if results.get("decision"):
+        parts += [
+            "## The fork decision\n",
+            "What apr-graph chose per suite (direct: one call; parallel: threads), what decided "
+            "it (router: the task reads as one piece; speed: forking was predicted not to pay "
+            "on this server; model: the planner answered; plan: forked as planned), agreement "
+            "with the suite's label, and the speedup over one sequential call its decision "
+            "predicted (1.0 for a direct answer) beside the measured one (median).\n",
+            _table(decision_table(results["decision"])),
         ]
     if results.get("scaling"):
         parts += [

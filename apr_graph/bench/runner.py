@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from apr_graph.bench.quality import not_a_win, wilson
@@ -14,7 +14,7 @@ from apr_graph.bench.suites import Task, make_suite
 from apr_graph.errors import AprError
 from apr_graph.llm import LLMClient
 
-__all__ = ["p90", "run_tasks", "scaling_rows", "summarise", "warm_up"]
+__all__ = ["decision_rows", "p90", "run_tasks", "scaling_rows", "summarise", "warm_up"]
 
 Progress = Callable[[str], None]
 
@@ -55,6 +55,55 @@ async def run_tasks(
                     verdict = "error" if outcome.error else "right" if outcome.correct else "wrong"
                     progress(f"{task.id} {strategy} {verdict} {outcome.wall_s:.1f}s")
     return outcomes
+
+
+def decision_rows(outcomes: Sequence[Outcome], tasks: Sequence[Task]) -> list[dict[str, Any]]:
+    """The fork decision per suite: how often apr-graph answered directly or forked, how
+    often that agrees with the suite's label (where it has one), and the speedup over one
+    sequential call its decision predicted beside the one measured on the same tasks."""
+    label = {t.id: t.splits for t in tasks}
+    rows: list[dict[str, Any]] = []
+    for suite in sorted({o.suite for o in outcomes}):
+        mine = [o for o in outcomes if o.suite == suite and o.decision is not None]
+        base = {
+            o.task_id: o.wall_s for o in outcomes if o.suite == suite and o.strategy == "sequential"
+        }
+        for strategy in dict.fromkeys(o.strategy for o in mine):
+            runs = [o for o in mine if o.strategy == strategy]
+            labelled = [o for o in runs if label.get(o.task_id) is not None]
+            agree = sum((o.decision == "parallel") == label[o.task_id] for o in labelled)
+            predicted = [
+                o.predicted_other_s / o.predicted_wall_s if o.decision == "parallel" else 1.0
+                for o in runs
+                if o.predicted_wall_s and o.predicted_other_s
+            ]
+            actual = [base[o.task_id] / o.wall_s for o in runs if o.task_id in base and o.wall_s]
+            rows.append(
+                {
+                    "suite": suite,
+                    "strategy": strategy,
+                    "tasks": len(runs),
+                    "direct": sum(o.decision == "direct" for o in runs),
+                    "parallel": sum(o.decision == "parallel" for o in runs),
+                    "by": ", ".join(
+                        f"{k} {v}"
+                        for k, v in sorted(_counts(o.decided_by or "model" for o in runs).items())
+                    ),
+                    "agrees_with_label": f"{agree}/{len(labelled)}" if labelled else "n/a",
+                    "predicted_speedup": round(statistics.median(predicted), 2)
+                    if predicted
+                    else None,
+                    "actual_speedup": round(statistics.median(actual), 2) if actual else None,
+                }
+            )
+    return rows
+
+
+def _counts(items: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
 
 
 def p90(values: Sequence[float]) -> float:

@@ -78,6 +78,10 @@ class SimModel:
         )
 
     def _plan(self, task: Task, request: RecordedRequest) -> Reply:
+        if not request.system_message.startswith("You are the planner"):
+            # A direct answer (the router or the speed decision skipped the plan): it
+            # reasons as a sequential answer does.
+            return self._sequential(task, request)
         if task.suite == "control":
             # A direct answer reasons as much as a sequential one (in its working, as the
             # schema asks) and states its result once, as a sequential answer does: the plan

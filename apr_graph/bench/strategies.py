@@ -56,6 +56,13 @@ class Outcome:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     parts_correct: int = 0
     parts_total: int = 1
+    decision: str | None = None
+    """``direct`` or ``parallel``: what an apr-graph run chose (``None`` for the others)."""
+    decided_by: str | None = None
+    predicted_wall_s: float | None = None
+    """The decision's predicted wall time of the way it chose (with a speed profile)."""
+    predicted_other_s: float | None = None
+    """... and of the way it did not choose."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -124,6 +131,10 @@ async def _adaptive(client: LLMClient, task: Task, name: str) -> Outcome:
         metrics["critical_path_tokens"],
         answer,
         timeline=timeline,
+        decision=metrics.get("decision") or result["plan"]["strategy"],
+        decided_by=metrics.get("decided_by"),
+        predicted_wall_s=metrics.get("predicted_wall_s"),
+        predicted_other_s=metrics.get("predicted_other_s"),
     )
 
 

@@ -37,6 +37,8 @@ class Task:
         score: how many of the parts an answer gets right, out of how many (by default the
             whole task is one part).
         meta: facts the simulated model uses to script its replies.
+        splits: whether the task has independent parts worth threads (the label the fork
+            decision is checked against), ``None`` where it is a matter of taste.
     """
 
     suite: str
@@ -47,6 +49,7 @@ class Task:
     check: Callable[[str], bool] = field(compare=False, repr=False)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     score: Callable[[str], tuple[int, int]] | None = field(default=None, compare=False, repr=False)
+    splits: bool | None = None
 
     def part_score(self, answer: str) -> tuple[int, int]:
         """Parts right and parts in all, for ``answer``."""
@@ -134,6 +137,7 @@ def _arithmetic(rng: random.Random, index: int, k: int) -> Task:
         check=lambda answer: _numbers_in_order(answer, expected),
         meta={"labels": list(labels[:k])},
         score=lambda answer: _numbers_found(answer, expected),
+        splits=True,
     )
 
 
@@ -173,6 +177,7 @@ def _control(rng: random.Random, index: int) -> Task:
         [f"{a} + {b}"],
         expected,
         check=lambda answer: _numbers_in_order(answer, expected),
+        splits=False,
     )
 
 
@@ -200,6 +205,7 @@ def _multipart(rng: random.Random, index: int, k: int) -> Task:
         check=check,
         meta={"labels": list(labels)},
         score=score,
+        splits=True,
     )
 
 

@@ -15,6 +15,7 @@ from langgraph.types import Overwrite
 
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
+from apr_graph.decide import after_plan, before_plan
 from apr_graph.errors import (
     BudgetExhaustedError,
     InputError,
@@ -29,7 +30,9 @@ from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_d
 from apr_graph.plan_schema import Plan, plan_json_schema
 from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
 from apr_graph.responses import StreamProgress
+from apr_graph.router import Shape
 from apr_graph.settings import AprSettings
+from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
 from apr_graph.state import AprState, CallRecord, PlanRecord, PrefixStats
 
 __all__ = ["make_decompose", "normalise_plan", "read_input", "repair_dependencies"]
@@ -53,10 +56,12 @@ def make_decompose(
     client: LLMClient,
     boards: Boards,
     *,
+    speed: SpeedStore,
     start_early: bool = True,
     tools: list[tuple[str, str]] | None = None,
 ) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
-    """Build the decompose node (given each run's settings); ``start_early``: threads may
+    """Build the decompose node (given each run's settings); ``speed``: the endpoints' speed
+    profiles the fork decision weighs (``apr_graph.decide``); ``start_early``: threads may
     start while the plan streams in (with ``settings.stream_plan``); ``tools``: (name,
     description) of the threads' tools, which the planner is told about."""
 
@@ -81,12 +86,80 @@ def make_decompose(
         board: RunBoard,
     ) -> dict[str, Any]:
         started = time.time()
-        budget = board.budget
         calls: list[CallRecord] = []
         capacity = await client.capacity_report()
         if capacity["width"] is None and depth == 0 and settings.probe_capacity:
             emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
         width = capacity["limit"] if settings.probe_capacity else None
+        endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
+        profile = speed.get(endpoint) if settings.prefer == "speed" else None
+        decision, shape = before_plan(
+            task, context, settings, profile, width=capacity["limit"], depth=depth
+        )
+        if decision is None:
+            normalised = await run_planner(
+                client,
+                settings,
+                task,
+                context,
+                depth,
+                board,
+                calls,
+                width,
+                capacity["limit"],
+                profile,
+                shape,
+            )
+        else:
+            normalised = direct_plan("", [])
+            normalised["decision"] = decision
+        if normalised["strategy"] == "parallel":
+            board.merge = normalised["merge"] or "synthesize"
+            board.width = len(normalised["subtasks"])
+            system = board.system or shared_system(task, context)  # set by the planner
+            normalised["prefix"] = prefix_stats(task, context, normalised, system)
+        emit(
+            "plan",
+            strategy=normalised["strategy"],
+            subtasks=normalised["subtasks"],
+            notes=normalised["notes"],
+            merge=normalised["merge"],
+            depth=depth,
+            decision=normalised.get("decision"),
+        )
+        update: dict[str, Any] = {
+            "started_at": started,
+            "plan": normalised,
+            # A run starts its records afresh: a LangGraph thread (a conversation) may hold
+            # an earlier run's threads, calls and deferrals, which are not this run's.
+            "calls": Overwrite(calls),
+            "threads": Overwrite([]),
+            "waiting": Overwrite([]),
+            "capacity": capacity,
+            "run_id": board.run_id,
+            "depth": depth,
+        }
+        if normalised["strategy"] == "direct":
+            update["answer"] = await _direct_answer(client, board, normalised, task, context, calls)
+        return update
+
+    async def run_planner(
+        client: LLMClient,
+        settings: AprSettings,
+        task: str,
+        context: str,
+        depth: int,
+        board: RunBoard,
+        calls: list[CallRecord],
+        width: int | None,
+        limit: int,
+        profile: SpeedProfile | None,
+        shape: Shape | None,
+    ) -> PlanRecord:
+        """The model's plan, repaired, decided on (``decide.after_plan``) and given its
+        thread slots; early threads the final plan has no place for are closed."""
+        started = time.time()
+        budget = board.budget
         labels = _labels(task, settings, tools)
         messages = planner_messages(task, context, settings.max_threads, width, tools, labels)
 
@@ -127,6 +200,21 @@ def make_decompose(
             normalised = normalise_plan(
                 plan, settings, depth=depth, slots=starter.slots(), task=task
             )
+            decision = after_plan(
+                normalised,
+                task,
+                context,
+                settings,
+                profile,
+                shape,
+                width=limit,
+                spent_s=time.time() - started,
+            )
+            if decision["choice"] == "direct" and normalised["strategy"] == "parallel":
+                normalised = direct_plan(
+                    "", [*normalised["notes"], f"answering directly: {decision['reason']}"]
+                )
+            normalised["decision"] = decision
         except StructuredOutputError as exc:
             # A model that cannot plan still deserves an answer: fall back to a direct one.
             normalised = direct_plan(
@@ -169,39 +257,13 @@ def make_decompose(
             emit(
                 "thread_cancelled",
                 id=sid,
-                reason=_dropped_reason(sid in planned, budget, settings),
+                reason=_dropped_reason(sid in planned, budget, settings, normalised),
                 completion_tokens=dropped.progress.completion_tokens,
                 depth=depth + 1,
             )
         if warm is not None:
             await warm
-        if normalised["strategy"] == "parallel":
-            board.merge = normalised["merge"] or "synthesize"
-            board.width = len(normalised["subtasks"])
-            normalised["prefix"] = prefix_stats(task, context, normalised, board.system)
-        emit(
-            "plan",
-            strategy=normalised["strategy"],
-            subtasks=normalised["subtasks"],
-            notes=normalised["notes"],
-            merge=normalised["merge"],
-            depth=depth,
-        )
-        update: dict[str, Any] = {
-            "started_at": started,
-            "plan": normalised,
-            # A run starts its records afresh: a LangGraph thread (a conversation) may hold
-            # an earlier run's threads, calls and deferrals, which are not this run's.
-            "calls": Overwrite(calls),
-            "threads": Overwrite([]),
-            "waiting": Overwrite([]),
-            "capacity": capacity,
-            "run_id": board.run_id,
-            "depth": depth,
-        }
-        if normalised["strategy"] == "direct":
-            update["answer"] = await _direct_answer(client, board, normalised, task, context, calls)
-        return update
+        return normalised
 
     return decompose
 
@@ -232,8 +294,11 @@ def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecor
     return clamped
 
 
-def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings) -> str:
+def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings, plan: PlanRecord) -> str:
     """Why a thread started early was cancelled before its worker node ran."""
+    decision = plan.get("decision")
+    if decision is not None and plan["strategy"] == "direct" and decision["by"] != "model":
+        return f"answering directly: {decision['reason']}"
     if planned:
         return f"no thread slot left (max_total_threads={settings.max_total_threads})"
     if budget.stop_reason:

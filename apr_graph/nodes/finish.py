@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apr_graph.board import Boards
 from apr_graph.budget import EXHAUSTED
+from apr_graph.llm import LLMClient
 from apr_graph.plan import plan_of
 from apr_graph.responses import LOOPED
-from apr_graph.state import AprState, CallRecord, ThreadRecord
+from apr_graph.settings import AprSettings
+from apr_graph.speed import SpeedStore, endpoint_key
+from apr_graph.state import AprState, CallRecord, DecisionRecord, ThreadRecord
 
-__all__ = ["compute_metrics", "make_finish"]
+__all__ = ["compute_metrics", "decision_metrics", "make_finish"]
 
 
 def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> dict[str, Any]:
@@ -102,10 +105,26 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
     }
 
 
-def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
-    """Build the finish node: metrics, then forget the run's live board."""
+def decision_metrics(decision: DecisionRecord, wall_s: float) -> dict[str, Any]:
+    """The run's decision, and its predicted wall time beside the actual one."""
+    predicted = decision.get(f"predicted_{decision['choice']}_s")
+    return {
+        "decision": decision["choice"],
+        "decided_by": decision["by"],
+        "predicted_wall_s": predicted,
+        "predicted_other_s": decision.get(
+            "predicted_parallel_s" if decision["choice"] == "direct" else "predicted_direct_s"
+        ),
+    }
 
-    def finish(state: AprState) -> dict[str, Any]:
+
+def make_finish(
+    client: LLMClient, boards: Boards, speed: SpeedStore
+) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
+    """Build the finish node: metrics (the decision's prediction beside the actual), what
+    the run's calls say of the endpoint's speed, then forget the run's live board."""
+
+    async def finish(state: AprState, settings: AprSettings) -> dict[str, Any]:
         metrics = compute_metrics(state, time.time())
         metrics["total_tokens"] = metrics["prompt_tokens"] + metrics["completion_tokens"]
         run_id = state.get("run_id", "")
@@ -133,6 +152,12 @@ def make_finish(boards: Boards) -> Callable[[AprState], dict[str, Any]]:
             if board.merge == "vote":
                 metrics["votes"] = dict(board.votes)
             boards.close(run_id, root=not state.get("depth"))
+        decision = plan.get("decision")
+        if decision is not None:
+            metrics.update(decision_metrics(decision, metrics["wall_time_s"]))
+        if settings.learn_speed and not state.get("depth"):
+            endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
+            speed.observe(endpoint, state.get("calls") or [])
         return {"metrics": metrics}
 
     return finish

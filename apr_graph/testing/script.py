@@ -109,6 +109,14 @@ class RecordedRequest:
         return list(self.body.get("messages") or [])
 
     @property
+    def system_message(self) -> str:
+        """Text of the first system message (a planner's and a direct answer's differ)."""
+        for message in self.messages:
+            if message.get("role") == "system":
+                return text_of(message.get("content"))
+        return ""
+
+    @property
     def last_user_message(self) -> str:
         """Text of the last user message (for ``/completions``: the prompt)."""
         for message in reversed(self.messages):

@@ -1,0 +1,267 @@
+"""The fork decision with its defaults: what the task is (the router), what forking buys on
+the server at hand (the speed profile), and plans whose goals form a chain."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from apr_graph import compile_apr_graph
+from apr_graph.decide import is_chain, speed_store
+from apr_graph.llm import LLMClient
+from apr_graph.prompts import direct_messages
+from apr_graph.speed import calibrate, endpoint_key
+from apr_graph.state import SubtaskRecord
+from apr_graph.testing import RecordedRequest, Reply, Rule
+from apr_graph.testing.simulated import LatencyModel, SimulatedServer
+from tests.conftest import ServerFactory, settings_for, stop_promptly
+
+STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+THREE = (
+    "Solve these three independent problems, giving each answer as a number. "
+    "(1) A shop sells pens at 3 dollars each. How much do 7 pens cost? "
+    "(2) A train travels 60 km per hour. How far does it go in 4 hours? "
+    "(3) A box holds 12 eggs. How many eggs are in 5 boxes?"
+)
+PART_WORDS = 150
+"""Words of one part's worked answer in the scripted model (a direct answer has three)."""
+
+
+def decided(settings_overrides: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """The decision's own defaults (the suite's ``settings_for`` turns them off)."""
+    return {
+        "router": True,
+        "learn_speed": True,
+        "prefer": "speed",
+        **(settings_overrides or {}),
+        **kw,
+    }
+
+
+def planner_request(request: RecordedRequest) -> bool:
+    return request.system_message.startswith("You are the planner")
+
+
+# -- what the task is -----------------------------------------------------------------------
+async def test_a_story_is_answered_by_one_call_without_a_plan(make_server: ServerFactory) -> None:
+    server = make_server([Rule(role="planner", reply=Reply(content="Once, a keeper..."))])
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    result = await app.ainvoke({"task": STORY})
+
+    assert result["answer"] == "Once, a keeper..."
+    assert len(server.chat_requests()) == 1
+    assert not planner_request(server.chat_requests()[0])
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "direct"
+    assert decision["by"] == "router"
+    assert decision["shape"] < decision["threshold"]
+    assert "reads as one piece" in decision["reason"]
+    assert result["metrics"]["decision"] == "direct"
+    assert result["metrics"]["decided_by"] == "router"
+
+
+async def test_a_labelled_three_part_task_is_planned_and_forked(
+    make_server: ServerFactory,
+) -> None:
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["1", "2", "3"]}
+
+    def worker(request: RecordedRequest) -> Reply:
+        return Reply(content=f"answer to {request.last_user_message.splitlines()[0][:40]}")
+
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content=plan)), Rule(role="worker", reply=worker)]
+    )
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    result = await app.ainvoke({"task": THREE})
+
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "parallel"
+    assert decision["by"] == "plan"
+    assert decision["shape"] >= decision["threshold"]
+    assert "no speed profile" in decision["reason"]
+    assert len(result["threads"]) == 3
+    assert planner_request(server.chat_requests()[0])
+
+
+async def test_the_router_can_be_turned_off_per_run(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"}))]
+    )
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    result = await app.ainvoke({"task": STORY}, context={"router": False})
+
+    assert result["answer"] == "ok"
+    assert planner_request(server.chat_requests()[0])
+    assert result["plan"]["decision"]["by"] == "model"
+    assert result["plan"]["decision"]["shape"] is None
+
+
+# -- a chain is not a fan-out -----------------------------------------------------------------
+async def test_a_plan_whose_goals_form_a_chain_runs_as_one_call(
+    make_server: ServerFactory,
+) -> None:
+    chain = {
+        "strategy": "parallel",
+        "subtasks": [
+            {"id": "s1", "goal": "find how many clips were sold in April"},
+            {"id": "s2", "goal": "from that, find May's sales", "depends_on": ["s1"]},
+            {"id": "s3", "goal": "add the two months", "depends_on": ["s2"]},
+        ],
+    }
+
+    def planner(request: RecordedRequest) -> Reply:
+        return Reply(content=chain if planner_request(request) else "72 clips")
+
+    server = make_server([Rule(role="planner", reply=planner)])
+    app = compile_apr_graph(settings=settings_for(server, **decided(router=False)))
+
+    result = await app.ainvoke({"task": "Natalia sold clips in April and May: how many?"})
+
+    assert result["answer"] == "72 clips"
+    assert [r.role for r in server.chat_requests()] == ["planner", "planner"]
+    assert result["threads"] == []
+    decision = result["plan"]["decision"]
+    assert decision["by"] == "chain"
+    assert "form one chain" in decision["reason"]
+    assert any("answering directly" in note for note in result["plan"]["notes"])
+
+
+def _subtasks(*depends: list[str]) -> list[SubtaskRecord]:
+    return [
+        SubtaskRecord(id=f"s{i}", goal=f"goal {i}", depends_on=d, fork=False, max_tokens=None)
+        for i, d in enumerate(depends, start=1)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("depends", "chain"),
+    [
+        (([], ["s1"], ["s2"]), True),
+        (([], ["s1"], ["s1", "s2"]), True),
+        (([], [], ["s1", "s2"]), False),  # s1 and s2 run at once
+        (([], ["s1"], []), False),
+        (([],), False),
+        (([], ["nowhere"]), False),
+    ],
+)
+def test_is_chain(depends: tuple[list[str], ...], chain: bool) -> None:
+    assert is_chain(_subtasks(*depends)) is chain
+
+
+# -- what forking buys on this server -------------------------------------------------------
+def scripted_model(request: RecordedRequest) -> Reply:
+    """A model whose answers take as many words as a real one's would: a part's worked answer
+    is ``PART_WORDS`` words, a direct answer to the three-part task three times that."""
+    body = request.body or {}
+    if planner_request(request):
+        return Reply(
+            content={"strategy": "parallel", "merge": "concat", "subtasks": ["1", "2", "3"]}
+        )
+    if request.system_message.startswith("You are a careful assistant"):
+        words = 3 * PART_WORDS
+    else:  # a thread, or calibration's counting (as long as it is allowed)
+        words = min(PART_WORDS, int(body.get("max_tokens") or PART_WORDS))
+        if "Count from 1" in request.last_user_message:
+            words = int(body.get("max_tokens") or 64)
+    return Reply(content=" ".join([f"w{i}" for i in range(words - 1)] + ["21, 240, 60"]))
+
+
+@pytest.fixture
+def simulated() -> Iterator[list[SimulatedServer]]:
+    started: list[SimulatedServer] = []
+    yield started
+    stop_promptly(list(started))
+
+
+async def calibrated(started: list[SimulatedServer], latency: LatencyModel) -> SimulatedServer:
+    server = SimulatedServer(scripted_model, latency=latency).start()
+    started.append(server)
+    settings = settings_for(server, **decided())
+    async with LLMClient(settings) as client:
+        profile = await calibrate(client)
+    speed_store(settings).put(endpoint_key(server.base_url, "test-model"), profile)
+    return server
+
+
+async def sequential_s(server: SimulatedServer) -> float:
+    async with LLMClient(settings_for(server)) as client:
+        started = time.perf_counter()
+        await client.chat(direct_messages(THREE, ""), role="planner", stream=True)
+        return time.perf_counter() - started
+
+
+async def test_on_a_cpu_like_server_three_parts_are_answered_by_one_call(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = await calibrated(simulated, LatencyModel.cpu(20))
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    result = await app.ainvoke({"task": THREE})
+
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "direct", decision
+    assert decision["by"] == "speed", decision
+    assert "would not pay on this server" in decision["reason"]
+    assert decision["predicted_parallel_s"] > decision["predicted_direct_s"]
+    assert not any(planner_request(r) for r in server.chat_requests()[-1:])
+    assert result["metrics"]["model_calls"] == 1
+    assert result["metrics"]["predicted_wall_s"] == decision["predicted_direct_s"]
+
+
+async def test_on_a_gpu_like_server_three_parts_fork_and_win(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = await calibrated(simulated, LatencyModel.gpu(4))
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+    baseline = await sequential_s(server)
+
+    started = time.perf_counter()
+    result = await app.ainvoke({"task": THREE})
+    wall = time.perf_counter() - started
+
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "parallel", decision
+    assert decision["by"] == "plan", decision
+    assert len(result["threads"]) == 3
+    assert baseline / wall >= 1.8, (baseline, wall)
+    predicted = result["metrics"]["predicted_wall_s"]
+    assert predicted is not None
+    assert result["metrics"]["predicted_other_s"] > predicted
+
+
+async def test_prefer_quality_forks_on_the_cpu_like_server_too(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = await calibrated(simulated, LatencyModel.cpu(20))
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    result = await app.ainvoke({"task": THREE}, context={"prefer": "quality"})
+
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "parallel"
+    assert decision["by"] == "quality"
+    assert len(result["threads"]) == 3
+
+
+async def test_a_run_teaches_the_endpoint_its_speed(make_server: ServerFactory) -> None:
+    def reply(request: RecordedRequest) -> Reply:
+        return Reply(content=" ".join(f"w{i}" for i in range(40)), chunk_delay_s=0.002)
+
+    server = make_server([Rule(reply=reply)])
+    settings = settings_for(server, **decided())
+    store = speed_store(settings)
+    key = endpoint_key(server.base_url, "test-model")
+    assert store.get(key) is None
+
+    await compile_apr_graph(settings=settings).ainvoke({"task": STORY})
+
+    learned = json.loads(store.path.read_text()) if store.path else {}
+    assert store.get(key) is not None, learned
+    assert store.get(key).aggregate_tps(1) > 0  # type: ignore[union-attr]
