@@ -79,6 +79,15 @@ def _questions(text: str) -> list[str]:
     return [json.loads(line)["question"].strip() for line in text.splitlines() if line.strip()]
 
 
+def _answers(text: str) -> list[str]:
+    """Each problem's final answer: the number after GSM8K's ``####``."""
+    return [
+        json.loads(line)["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        for line in text.splitlines()
+        if line.strip()
+    ]
+
+
 def multi_task(problems: list[str], style: str, rng: random.Random) -> str:
     """Join independent problems into one task in one of the ways people write such lists."""
     n = len(problems)
@@ -159,15 +168,29 @@ def main() -> None:
                 for i, (y, p) in enumerate(rows)
             ],
         )
-    test = _questions(_read(args.gsm8k, GSM8K_COMMIT, "grade_school_math/data/test.jsonl"))
+    test_text = _read(args.gsm8k, GSM8K_COMMIT, "grade_school_math/data/test.jsonl")
+    test, answers = _questions(test_text), _answers(test_text)
     held: list[dict[str, object]] = [
-        {"prompt": test[i], "label": 0, "source": f"gsm8k-test-single:{i}"} for i in range(8)
+        {
+            "prompt": test[i],
+            "label": 0,
+            "source": f"gsm8k-test-single:{i}",
+            "answers": [answers[i]],
+        }
+        for i in range(8)
     ]
     for start in range(8, 20, 3):
         body = "\n".join(f"({j + 1}) {test[start + j]}" for j in range(3))
         prompt = "Solve these three independent problems. Give each answer as a number.\n" + body
         source = f"gsm8k-test-triple:{start},{start + 1},{start + 2}"
-        held.append({"prompt": prompt, "label": 1, "source": source})
+        held.append(
+            {
+                "prompt": prompt,
+                "label": 1,
+                "source": source,
+                "answers": answers[start : start + 3],
+            }
+        )
     _write_jsonl("heldout_gsm8k_test.jsonl", held)
 
 
