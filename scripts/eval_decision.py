@@ -130,15 +130,18 @@ def _balanced(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
+WAYS: dict[str, dict[str, Any]] = {
+    "planner_alone": {"router": False, "prefer": "quality"},
+    "quality": {"router": True, "prefer": "quality"},
+    "speed": {"router": True, "prefer": "speed"},
+}
+
+
 async def eval_labels(
-    client: LLMClient, rows: list[dict[str, Any]], name: str, width: int
+    client: LLMClient, rows: list[dict[str, Any]], name: str, width: int, names: list[str]
 ) -> dict[str, Any]:
-    """The three decisions on labelled prompts."""
-    ways = {
-        "planner_alone": {"router": False, "prefer": "quality"},
-        "quality": {"router": True, "prefer": "quality"},
-        "speed": {"router": True, "prefer": "speed"},
-    }
+    """The chosen decisions (``WAYS``) on labelled prompts."""
+    ways = {n: WAYS[n] for n in names}
     results = []
     for index, row in enumerate(rows):
         entry: dict[str, Any] = {"prompt": row["prompt"][:120], "label": row["label"]}
@@ -234,6 +237,7 @@ async def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--sets", default="sot,gsm8k")
     parser.add_argument("--dev-count", type=int, default=40)
+    parser.add_argument("--ways", default=",".join(WAYS), help="decisions to compare")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     settings = AprSettings(base_url=args.base_url, model=args.model)
@@ -246,11 +250,14 @@ async def main() -> int:
         profile = store.get(endpoint_key(client.base_url, settings.model_for("worker")))
         results["speed_profile"] = None if profile is None else profile.source
         sets = [s for s in args.sets.split(",") if s]
+        ways = [w for w in args.ways.split(",") if w]
         if "sot" in sets:
             rows = [json.loads(line) for line in (DATA / "heldout_sot_vicuna.jsonl").open()]
-            results["sot"] = await eval_labels(client, rows, "sot", width)
+            results["sot"] = await eval_labels(client, rows, "sot", width, ways)
         if "dev" in sets:
-            results["dev"] = await eval_labels(client, _dev_sample(args.dev_count), "dev", width)
+            results["dev"] = await eval_labels(
+                client, _dev_sample(args.dev_count), "dev", width, ways
+            )
         if "gsm8k" in sets:
             results["gsm8k"] = await eval_gsm8k(client)
     results["ended"] = time.ctime()

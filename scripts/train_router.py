@@ -52,7 +52,8 @@ Example = tuple[str, int, str]
 
 
 def load_dev() -> list[Example]:
-    """The development data: (prompt, label, source) from LIMA's router labels and GSM8K train."""
+    """The development data: (prompt, label, source) from LIMA's router labels, GSM8K train
+    and our own general requests (``own_dev.jsonl``)."""
     examples: list[Example] = []
     with (DATA / "sot_lima_router.csv").open(encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=";")
@@ -62,6 +63,12 @@ def load_dev() -> list[Example]:
         for line in f:
             row = json.loads(line)
             examples.append((row["prompt"], int(row["label"]), "gsm8k-train"))
+    # Our own general requests: LIMA's labels say little about everyday list requests ("list
+    # ten tips ...", where LIMA's "list" is mostly a programming list).
+    with (DATA / "own_dev.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            examples.append((row["prompt"], int(row["label"]), "own"))
     return examples
 
 

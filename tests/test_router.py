@@ -80,9 +80,11 @@ def test_held_out_gsm8k_singles_direct_and_triples_split() -> None:
             True,
         ),
         ("Question 1: How do bees make honey?\nQuestion 2: Why do cats purr?", True),
-        # Known miss, not asserted: "List ten tips for learning a new language, with a line on
-        # each" comes out direct (p ~0.12). SoT's LIMA labels give "list" requests no signal
-        # ("list" there is mostly a programming list), so the router has nothing to learn from.
+        # Everyday list requests: LIMA's labels gave them no signal ("list" there is mostly a
+        # programming list: "List ten tips for learning a new language" came out direct at
+        # p 0.12); data/decision/own_dev.jsonl teaches them. These are not in it.
+        ("What are some ways to save money on groceries?", True),
+        ("Give a few tips for sleeping better, with a sentence on each.", True),
     ],
 )
 def test_hand_written_prompts(task: str, splits: bool) -> None:
