@@ -60,6 +60,8 @@ class View:
 
     def __init__(self) -> None:
         self.strategy: str | None = None
+        self.decision: str | None = None
+        """Why the run answers directly or forks (its top-level plan's decision)."""
         self.threads: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> View:
@@ -77,6 +79,9 @@ class View:
         kind = event.get("event")
         if kind == "plan":
             self.strategy = event["strategy"]
+            decision = event.get("decision")
+            if decision is not None and not event.get("depth"):
+                self.decision = f"{decision['by']}: {decision['reason']}"
             for subtask in event.get("subtasks", []):
                 row = self.threads.setdefault(
                     subtask["id"],
@@ -147,7 +152,8 @@ class PlainView(View):
         if kind == "plan":
             count = len(event.get("subtasks", []))
             detail = f", {count} threads" if count else ""
-            self.notice(f"apr: plan {event['strategy']}{detail}")
+            why = f" ({self.decision})" if self.decision and not event.get("depth") else ""
+            self.notice(f"apr: plan {event['strategy']}{detail}{why}")
         elif kind == "thread_looped":
             self.notice(
                 f"apr: thread {event['id']} began repeating itself after {event['at_tokens']} "
@@ -209,8 +215,9 @@ class LiveView(PlainView):
         elapsed = time.monotonic() - self.started
         head = Text(f"apr · {elapsed:5.1f}s · ", style="bold")
         head.append(f"plan: {self.strategy}" if self.strategy else "planning ...")
+        why = Text(f"  {self.decision}", style="dim") if self.decision else None
         if not self.threads:
-            return Group(head)
+            return Group(head, why) if why else Group(head)
         table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
         for column in ("thread", "status", "tokens", "time", "goal"):
             table.add_column(column)
@@ -238,7 +245,7 @@ class LiveView(PlainView):
                 spent,
                 thread.get("goal", "")[:70],
             )
-        return Group(head, table)
+        return Group(head, why, table) if why else Group(head, table)
 
 
 def make_view(*, quiet: bool, run_notices: bool = True) -> View:

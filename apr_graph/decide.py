@@ -129,16 +129,17 @@ def before_plan(
         parts=min(labels or PARTS_UNLABELLED, settings.max_threads),
         part_tokens=part_tokens or PART_TOKENS,
     )
-    # Before the plan its merge is unknown: a task that labels its parts is usually a list
-    # of questions (each answer shown under its part), anything else is merged by a call.
-    merge = settings.merge or ("concat" if labels else "synthesize")
+    # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
+    # loses even so is not asked for; one that might win is asked for, and decided on again
+    # with its own merge and width (``after_plan``).
+    merge = settings.merge or "concat"
     direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=True)
     if parallel_s < direct_s:
         return None, shape
     record = _record(
         "direct",
         "speed",
-        _slower(profile, estimate.parts, direct_s, parallel_s, width),
+        _slower(profile, estimate.parts, direct_s, parallel_s, width, at_best=True),
         shape,
     )
     _predicted(record, profile, direct_s, parallel_s)
@@ -250,12 +251,19 @@ def is_chain(subtasks: list[SubtaskRecord]) -> bool:
 
 
 def _slower(
-    profile: SpeedProfile, parts: int, direct_s: float, parallel_s: float, width: int
+    profile: SpeedProfile,
+    parts: int,
+    direct_s: float,
+    parallel_s: float,
+    width: int,
+    *,
+    at_best: bool = False,
 ) -> str:
     streams = max(1, min(width, parts))
+    best = " at best" if at_best else ""
     return (
         f"forking would not pay on this server: ~{direct_s:.1f}s as one call vs "
-        f"~{parallel_s:.1f}s as {parts} threads ({streams} at once decode "
+        f"~{parallel_s:.1f}s{best} as {parts} threads ({streams} at once decode "
         f"{profile.gain(streams):.2f}x one stream)"
     )
 

@@ -220,15 +220,16 @@ async def eval_gsm8k(client: LLMClient) -> dict[str, Any]:
 
 
 def _dev_sample(count: int) -> list[dict[str, Any]]:
-    with (DATA / "sot_lima_router.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    key = next(k for k in rows[0] if k.lower() in {"label", "router", "parallel"})
-    text = next(k for k in rows[0] if k.lower() in {"prompt", "question", "instruction", "text"})
+    """``count`` prompts of the development set's LIMA labels, half of each label."""
+    with (DATA / "sot_lima_router.csv").open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=";")
+        next(reader)  # label;request
+        rows = [(int(label), request) for label, request in reader]
     rng = random.Random(0)
-    ones = [r for r in rows if str(r[key]).strip() == "1"]
-    zeros = [r for r in rows if str(r[key]).strip() == "0"]
+    ones = [r for r in rows if r[0] == 1]
+    zeros = [r for r in rows if r[0] == 0]
     picked = rng.sample(ones, count // 2) + rng.sample(zeros, count - count // 2)
-    return [{"prompt": r[text], "label": int(r[key])} for r in picked]
+    return [{"prompt": request, "label": label} for label, request in picked]
 
 
 async def main() -> int:

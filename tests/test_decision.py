@@ -18,7 +18,7 @@ from apr_graph.speed import calibrate, endpoint_key
 from apr_graph.state import SubtaskRecord
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
-from tests.conftest import ServerFactory, settings_for, stop_promptly
+from tests.conftest import CliRunner, ServerFactory, settings_for, stop_promptly
 
 STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 THREE = (
@@ -265,3 +265,17 @@ async def test_a_run_teaches_the_endpoint_its_speed(make_server: ServerFactory) 
     learned = json.loads(store.path.read_text()) if store.path else {}
     assert store.get(key) is not None, learned
     assert store.get(key).aggregate_tps(1) > 0  # type: ignore[union-attr]
+
+
+def test_apr_ask_says_why_it_answered_directly(
+    make_server: ServerFactory, run_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APR_ROUTER", "true")  # the suite turns it off; a user has it on
+    server = make_server([Rule(role="planner", reply=Reply(content="Once, a keeper..."))])
+
+    done = run_cli("ask", "--base-url", server.base_url, "--model", "test-model", STORY)
+
+    assert done.code == 0, done.err
+    assert done.out == "Once, a keeper...\n"
+    assert "apr: plan direct (router: the task reads as one piece" in done.err
+    assert len(server.chat_requests()) == 1
