@@ -267,3 +267,40 @@ async def test_the_overhead_server_plans_as_the_schema_asks_and_floors_send_aprs
     sent = [r.body for r in workers if r.body["messages"] == _body(n)["messages"]]
     assert len(sent) == 1
     assert json.dumps(sent[0], sort_keys=True) == json.dumps(_body(n), sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("profile", "choice", "by"), [("cpu", "direct", "speed"), ("gpu", "parallel", "plan")]
+)
+def test_bench_calibrates_and_shows_the_decision_per_server(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    profile: str,
+    choice: str,
+    by: str,
+) -> None:
+    # The decision's defaults (the suite turns them off for scripted plans).
+    for name, value in {"APR_ROUTER": "true", "APR_PREFER": "speed"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "bench"
+    code = main(
+        [
+            *("--sim-profile", profile, "--calibrate", "--suites", "multipart"),
+            *("--strategies", "sequential,adaptive", "--tasks", "2", "--parts", "3"),
+            *("--step-ms", "2", "--reasoning", "60", "--scaling", "", "--overhead", ""),
+            *("--no-plots", "--out", str(out)),
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["speed_profile"]["decode_tps"]
+    (row,) = results["decision"]
+    assert (row["suite"], row["strategy"], row[choice]) == ("multipart", "adaptive", 2)
+    assert row["by"] == f"{by} 2"
+    assert row["agrees_with_label"] == ("2/2" if choice == "parallel" else "0/2")
+    if choice == "parallel":  # the GPU-like server: forking pays, as predicted
+        assert row["predicted_speedup"] > 1.5
+        assert row["actual_speedup"] > 1.5
+    assert "## The fork decision" in (out / "results.md").read_text()
+    assert "decided by" in capsys.readouterr().out

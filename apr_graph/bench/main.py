@@ -29,10 +29,12 @@ from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
 from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error
+from apr_graph.decide import speed_store
 from apr_graph.errors import InputError
 from apr_graph.llm import LLMClient
 from apr_graph.local import LocalBackendError, LocalServer
 from apr_graph.settings import AprSettings
+from apr_graph.speed import calibrate, endpoint_key
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
 
 __all__ = ["main", "parser"]
@@ -113,6 +115,19 @@ def parser() -> argparse.ArgumentParser:
         "rounds and not others [%(default)s]",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sim-profile",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="sim: a GPU server that batches (4 streams ~3.9x one) or a 2-core CPU server "
+        "with 4 slots (4 streams 1.37x one, slow prefill) [%(default)s]",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the endpoint first (as apr calibrate does) and keep its speed profile "
+        "(the sim's in OUT/speed.json), so the adaptive runs decide with it",
+    )
     p.add_argument(
         "--step-ms",
         type=_positive(float),
@@ -195,6 +210,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
             "step_ms": args.step_ms,
             "batch_slowdown": LatencyModel.batch_slowdown,
             "reasoning_tokens_per_part": args.reasoning,
+            "profile": args.sim_profile,
         }
         if args.backend == "sim"
         else None,
@@ -207,6 +223,14 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
         client = LLMClient(settings)
         stack.push_async_callback(client.aclose)
         await warm_up(client)
+        if args.calibrate:
+            profile = await calibrate(
+                client, on_progress=lambda line: print(f"apr bench: {line}", file=sys.stderr)
+            )
+            speed_store(settings).put(
+                endpoint_key(client.base_url, settings.model_for("worker")), profile
+            )
+            results["speed_profile"] = profile.to_json()
         outcomes = await run_tasks(client, tasks, strategies, points=args.points, progress=step)
         results["suites"] = summarise(outcomes)
         results["decision"] = decision_rows(outcomes, tasks)
@@ -247,7 +271,10 @@ async def _backend(
 ) -> tuple[AprSettings, LocalServer | None]:
     """The settings of the backend's client, and the local model server it started, if any."""
     if args.backend == "sim":
-        latency = LatencyModel(step_s=args.step_ms / 1000)
+        if args.sim_profile == "cpu":  # scaled so that one decode step takes --step-ms
+            latency = LatencyModel.cpu(scale=1000 / 23 / args.step_ms)
+        else:
+            latency = LatencyModel(step_s=args.step_ms / 1000)
         server = SimulatedServer(SimModel(tasks, reasoning=args.reasoning), latency=latency).start()
         stack.callback(server.stop)
         sim = AprSettings(
@@ -256,6 +283,8 @@ async def _backend(
             max_concurrency=64,
             max_threads=16,
             max_total_threads=64,
+            # A simulated server's speed (a new port each run) belongs with its results.
+            speed_file=str(args.out / "speed.json"),
         )
         return sim, None
     if args.backend == "local":
