@@ -52,6 +52,7 @@ from apr_graph.state import AprInput
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
+    from apr_graph.llm import LLMClient
     from apr_graph.local import LocalServer
 
 __all__ = ["main"]
@@ -69,6 +70,17 @@ class _CliError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+async def unknown_model_error(client: LLMClient, model: str) -> _CliError:
+    """The error (exit 6) for a model the server does not know, with the names it offers."""
+    from apr_graph.preflight import unknown_model_message
+
+    try:
+        offered = await client.list_models()
+    except AprError:
+        offered = []
+    return _CliError(unknown_model_message(client.base_url, model, offered), EXIT_UNKNOWN_MODEL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,7 +222,7 @@ async def _run(
         from apr_graph.durable import run_status
         from apr_graph.graph import create_apr_graph
         from apr_graph.llm import LLMClient
-        from apr_graph.preflight import check_server, unknown_model_message
+        from apr_graph.preflight import check_server
 
     client = LLMClient(settings)
     try:
@@ -250,12 +262,7 @@ async def _run(
                     state = payload
             return state
     except ModelNotFoundError as exc:
-        try:
-            offered = await client.list_models()
-        except AprError:
-            offered = []
-        message = unknown_model_message(client.base_url, settings.model, offered)
-        raise _CliError(message, EXIT_UNKNOWN_MODEL) from exc
+        raise await unknown_model_error(client, settings.model) from exc
     finally:
         await client.aclose()
 

@@ -63,12 +63,12 @@ def describe_profile(profile: SpeedProfile) -> str:
 async def _measure(
     settings: AprSettings, args: argparse.Namespace, notice: Callable[[str], None]
 ) -> SpeedProfile:
-    from apr_graph.cli import EXIT_UNKNOWN_MODEL, _CliError, _loading
+    from apr_graph.cli import _loading, unknown_model_error
 
     with _loading():
-        from apr_graph.errors import AprError, ModelNotFoundError
+        from apr_graph.errors import ModelNotFoundError
         from apr_graph.llm import LLMClient
-        from apr_graph.preflight import check_server, unknown_model_message
+        from apr_graph.preflight import check_server
         from apr_graph.speed import calibrate
 
     client = LLMClient(settings)
@@ -77,12 +77,7 @@ async def _measure(
             print(warning, file=sys.stderr)  # even with --quiet, as apr ask does
         return await calibrate(client, streams=args.streams, tokens=args.tokens, on_progress=notice)
     except ModelNotFoundError as exc:
-        try:
-            offered = await client.list_models()
-        except AprError:
-            offered = []
-        message = unknown_model_message(client.base_url, settings.model, offered)
-        raise _CliError(message, EXIT_UNKNOWN_MODEL) from exc
+        raise await unknown_model_error(client, settings.model) from exc
     finally:
         await client.aclose()
 
