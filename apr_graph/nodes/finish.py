@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -157,7 +158,9 @@ def make_finish(
             metrics.update(decision_metrics(decision, metrics["wall_time_s"]))
         if settings.learn_speed and not state.get("depth"):
             endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
-            speed.observe(endpoint, state.get("calls") or [])
+            # A small file written with fsync: in a worker thread, not on the loop where
+            # other runs' threads are streaming.
+            await asyncio.to_thread(speed.observe, endpoint, state.get("calls") or [])
         return {"metrics": metrics}
 
     return finish
