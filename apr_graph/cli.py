@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from pydantic import ValidationError
 
 from apr_graph.cli_calibrate import add_calibrate_command, calibrate_command
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error, serve
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, serve
 from apr_graph.cli_view import View, make_view
 from apr_graph.errors import (
     AprError,
@@ -325,7 +325,7 @@ def _ask(args: argparse.Namespace) -> int:
         try:
             state = asyncio.run(_run(settings, inputs, view, record, thread_id=thread_id, db=db))
         except BaseException as exc:
-            crashed = crash_error(server) if server is not None else None
+            crashed = server.crash_error() if server is not None else None
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record["error"] = str(crashed or exc)
             if args.trace:

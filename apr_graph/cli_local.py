@@ -17,7 +17,7 @@ from typing import Any
 
 from apr_graph.cli_view import PlainView
 from apr_graph.errors import InputError
-from apr_graph.local import LocalBackendError, LocalServer, local_engine
+from apr_graph.local import LocalServer, local_engine
 from apr_graph.local_model import (
     DEFAULT_SLOTS,
     LocalDefaults,
@@ -32,7 +32,6 @@ __all__ = [
     "LocalChoice",
     "add_local_options",
     "choose_local",
-    "crash_error",
     "serve",
 ]
 
@@ -44,6 +43,7 @@ DEMO_NOTICE = (
 )
 
 _LLAMA_CPP = "https://github.com/ggml-org/llama.cpp"
+_OFF = {"off", "0", "false", "no"}
 
 
 def add_local_options(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +106,7 @@ class LocalChoice:
             slots=self.defaults.slots,
             ctx_per_slot=self.defaults.ctx_per_slot,
             startup_timeout_s=float(os.environ.get("APR_LOCAL_STARTUP_TIMEOUT", "180")),
+            repack=os.environ.get("APR_LOCAL_REPACK", "").strip().lower() not in _OFF,
         )
 
     def notices(self) -> list[str]:
@@ -157,6 +158,7 @@ class LocalChoice:
             "server": {
                 "engine": server.kind,
                 "parallel_requests": server.parallel_requests,
+                "repack": server.repack,
                 **self.defaults.as_record(),
             },
             "settings": sources,
@@ -175,6 +177,8 @@ class LocalChoice:
             notice(line)
         notice(f"apr: starting {self.engine} with {self.model.path.name} ...")
         server = stack.enter_context(self.server())
+        for line in server.notes:
+            notice(line)
         notice(f"apr: {server.kind} ready at {server.base_url} ({self.shape(server)})")
         settings, record = self.settings(settings, server)
         if applied := record["settings"]["defaults"]:
@@ -190,26 +194,6 @@ class LocalChoice:
         values = {"max_concurrency": self.defaults.slots if self.parallel else 1}
         values.update(self.defaults.settings)
         return " ".join(f"APR_{k.upper()}={shlex.quote(_plain(v))}" for k, v in values.items())
-
-
-def crash_error(server: LocalServer) -> LocalBackendError | None:
-    """What to say when the server started for this run has died under it (a failed request
-    then reads "cannot connect", which sends the user looking in the wrong place)."""
-    death = server.death()
-    if death is None:
-        return None
-    hint = ""
-    if "SIGSEGV" in death or "SIGILL" in death:
-        hint = (
-            "; a llama.cpp build whose CPU code this machine refuses crashes like this (e.g. AMX "
-            "in a VM): rebuild it for a generic CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF "
-            "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir --no-deps "
-            "llama-cpp-python, or point apr at another server (--base-url)"
-        )
-    return LocalBackendError(
-        f"the embedded model server ({server.kind}) {death} while answering; "
-        f"its last log lines: {server.log_tail()}{hint}"
-    )
 
 
 def _plain(value: Any) -> str:
@@ -243,6 +227,8 @@ def serve(args: argparse.Namespace) -> int:
         plain.notice(line)
     try:
         with local.server(port=args.port, host=args.host) as server:
+            for line in server.notes:
+                plain.notice(line)
             alias, url = local.model.alias, server.base_url
             what = (
                 "SmolLM2-135M-Instruct, a demo model"

@@ -7,6 +7,12 @@ concurrently), else the ``llama-cpp-python[server]`` server (one request at a ti
 the chat template the model file carries. The server is stopped on exit, on error, on Ctrl-C,
 and (Linux) when this process dies.
 
+Once it answers, it is asked for two tokens. A llama.cpp built for this machine's CPU can die
+there: a VM whose CPU reports AMX but does not let programs use it kills a native build in its
+AMX kernels (SIGSEGV or SIGILL). Then the server is started again without llama.cpp's extra
+CPU buffer types (``--no-repack``), which is how the same build runs there, and the user is told
+(``APR_LOCAL_REPACK=off`` starts it that way at once).
+
 A 135M model is a demo of the mechanics, not of reasoning quality.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -30,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 
 from apr_graph.errors import ConfigurationError
+from apr_graph.llama_cpp_server import NO_REPACK
 
 __all__ = [
     "LOCAL_MODEL",
@@ -119,7 +127,11 @@ class LocalServer:
     slots: int = 4
     ctx_per_slot: int = 4096
     startup_timeout_s: float = 180.0
+    repack: bool = True
+    """llama.cpp's extra CPU buffer types (repacked weights, AMX); ``False`` is ``--no-repack``."""
     kind: str = field(default="", init=False)
+    notes: list[str] = field(default_factory=list, init=False)
+    """What the user should know about how the server was started."""
     log_path: Path | None = field(default=None, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -151,12 +163,13 @@ class LocalServer:
                 self.alias,
                 "--jinja",
                 "--no-webui",
+                *([] if self.repack else [NO_REPACK]),
             ]
         self.kind = local_engine()  # raises when llama-cpp-python is missing too
         return [
             sys.executable,
             "-m",
-            "llama_cpp.server",
+            *(["llama_cpp.server"] if self.repack else ["apr_graph.llama_cpp_server", NO_REPACK]),
             "--model",
             str(model),
             "--host",
@@ -172,10 +185,33 @@ class LocalServer:
         ]
 
     def start(self) -> LocalServer:
-        """Start the server and wait until it answers; raise ``LocalBackendError`` if not."""
+        """Start the server and wait until it answers; raise ``LocalBackendError`` if not.
+
+        A build that dies on its first answer (SIGSEGV, SIGILL) is started again without
+        repacked weights; if it dies that way too, the error says how to rebuild it.
+        """
         model = self.model or bundled_model_path()
         if self.port == 0:
             self.port = _free_port(self.host)
+        self._launch(model)
+        if self._crashed_on_first_answer() and self.repack:
+            first = self.death()
+            self.stop()
+            self.repack = False
+            self._launch(model)
+            if not self._crashed_on_first_answer():
+                self.notes.append(
+                    f"apr: the {self.kind} build {first} on its first answer (a CPU feature "
+                    "this machine reports but refuses, e.g. AMX in a VM), so it runs without "
+                    "repacked weights (--no-repack); APR_LOCAL_REPACK=off starts it that way "
+                    "at once, a build for a generic CPU keeps them"
+                )
+        if (crash := self.crash_error()) is not None:
+            self.stop()
+            raise crash
+        return self
+
+    def _launch(self, model: Path) -> None:
         command = self.command(model)
         log = tempfile.NamedTemporaryFile(prefix="apr-local-", suffix=".log", delete=False)  # noqa: SIM115
         self.log_path = Path(log.name)
@@ -194,7 +230,51 @@ class LocalServer:
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def _crashed_on_first_answer(self) -> bool:
+        """Ask for two tokens; whether the server died of SIGSEGV or SIGILL answering."""
+        body = {
+            "model": self.alias,
+            "messages": [{"role": "user", "content": "Say OK."}],
+            "max_tokens": 2,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(
+            f"{self.base_url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError, ValueError),
+            urllib.request.urlopen(request, timeout=self.startup_timeout_s) as response,
+        ):
+            response.read()
+        # An answer or an HTTP error from a live server is not ours to judge here; a server
+        # that dropped the connection may take a moment to be reaped.
+        assert self._process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=0.5)
+        death = self.death() or ""
+        return "SIGSEGV" in death or "SIGILL" in death
+
+    def crash_error(self) -> LocalBackendError | None:
+        """What to say when the server died under a run, or ``None`` while it runs."""
+        death = self.death()
+        if death is None:
+            return None
+        hint = ""
+        if "SIGSEGV" in death or "SIGILL" in death:
+            tried = "" if self.repack else ", also without repacked weights (--no-repack)"
+            hint = (
+                "; a llama.cpp build whose CPU code this machine refuses crashes like this"
+                f"{tried}: rebuild it for a generic CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF "
+                "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir --no-deps "
+                "llama-cpp-python, or point apr at another server (--base-url)"
+            )
+        return LocalBackendError(
+            f"the embedded model server ({self.kind}) {death} while answering; "
+            f"its last log lines: {self.log_tail()}{hint}"
+        )
 
     def _environment(self) -> dict[str, str]:
         """The server's environment: ours, and for llama-cpp-python passive OpenMP waits.

@@ -4,7 +4,9 @@ Run by the local-backend tests as the ``llama-server`` on PATH: it takes the rea
 line (``-m``, ``--host``, ``--port``, ``--parallel``, ``-c``, ``--alias``), serves the scripted
 server with the llama.cpp personality on that port, and writes its command line and process id
 to ``$FAKE_LLAMA_RECORD`` so a test can check what apr asked for and that the process is gone.
-With ``$FAKE_LLAMA_CRASH`` set it dies of SIGSEGV on its first chat request.
+``$FAKE_LLAMA_CRASH`` makes it die of SIGSEGV: ``run`` on the run's first request (its
+start-up "Say OK." is answered), ``amx`` on any request unless started with ``--no-repack`` (a
+native build on a VM that refuses AMX), ``always`` on any request.
 No model is loaded: a planner that splits three questions, threads that stream their answers.
 """
 
@@ -52,8 +54,11 @@ def _crash(request: RecordedRequest) -> Reply:
     raise AssertionError("unreachable")
 
 
-def _rules() -> list[Rule]:
-    if os.environ.get("FAKE_LLAMA_CRASH"):
+def _rules(no_repack: bool) -> list[Rule]:
+    crash = os.environ.get("FAKE_LLAMA_CRASH", "")
+    if crash == "run":
+        return [Rule(role="warmup", reply=Reply(content="OK")), Rule(reply=_crash)]
+    if crash == "always" or (crash == "amx" and not no_repack):
         return [Rule(reply=_crash)]
     plan = {
         "strategy": "parallel",
@@ -64,6 +69,7 @@ def _rules() -> list[Rule]:
         Rule(role="planner", reply=Reply(content=plan)),
         Rule(role="worker", reply=_worker),
         Rule(role="synthesizer", reply=Reply(content=joined)),
+        Rule(role="warmup", reply=Reply(content="OK")),
     ]
 
 
@@ -86,7 +92,9 @@ def main(argv: list[str]) -> None:
         personality = LlamaCpp(
             n_ctx=args.c // args.parallel, total_slots=args.parallel, model_path=args.model
         )
-    server = ScriptedServer(_rules(), models=[args.alias], personality=personality)
+    server = ScriptedServer(
+        _rules("--no-repack" in argv), models=[args.alias], personality=personality
+    )
     httpd = _OnPort(server, args.host, args.port)
     server._httpd = httpd  # the scripted server binds a free port; apr chose this one
     httpd.serve_forever()

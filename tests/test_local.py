@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,24 @@ def test_ask_on_the_embedded_model_end_to_end() -> None:
     port = int(re.search(r"ready at http://127\.0\.0\.1:(\d+)/v1", done.stderr).group(1))
     assert wait_closed(port), "the embedded server outlived apr"
     print(f"apr ask on the embedded model: {time.monotonic() - started:.1f}s")
+
+
+def test_the_embedded_model_answers_without_repacked_weights(tmp_path: Path) -> None:
+    # How apr runs a native llama.cpp on a VM that refuses the CPU's AMX: llama-cpp-python,
+    # through apr's launcher, with no extra CPU buffer types.
+    trace = tmp_path / "run.json"
+    done = subprocess.run(
+        [apr_executable(), "ask", "--trace", str(trace), "What is 2 + 2?"],
+        env=clean_env(APR_LOCAL_REPACK="off"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    server = json.loads(trace.read_text())["local"]["server"]
+    assert (server["engine"], server["repack"]) == ("llama-cpp-python", False)
 
 
 def start_serve() -> subprocess.Popen[str]:

@@ -91,6 +91,7 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert (option(argv, "--parallel"), option(argv, "-c")) == ("4", str(4 * 8192))
     assert option(argv, "--alias") == "qwen2.5-1.5b-instruct-q4_k_m"
     assert "--jinja" in argv  # the model's own chat template
+    assert "--no-repack" not in argv  # repacked weights are faster where the CPU runs them
     assert gone(started(fake_llama)["pid"]), "the model server outlived apr"
 
     assert "Qwen2.5 1.5B Instruct (1.54B parameters, 1.1 GB) runs locally" in done.err
@@ -107,6 +108,7 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert local["server"] == {
         "engine": "llama-server",
         "parallel_requests": 4,
+        "repack": True,
         "slots": 4,
         "ctx_per_slot": 8192,
         "chosen_by": {"slots": "model", "ctx_per_slot": "model"},
@@ -127,7 +129,7 @@ def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "run")
     trace = tmp_path / "run.json"
     done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
     assert done.code == 3, done.err
@@ -138,6 +140,65 @@ def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
     assert "CMAKE_ARGS='-DGGML_NATIVE=OFF" in error  # how to get a build that runs here
     assert "killed by SIGSEGV" in json.loads(trace.read_text())["error"]
     assert gone(started(fake_llama)["pid"])
+
+
+def test_a_build_that_dies_on_its_first_answer_runs_again_without_repacked_weights(
+    run_cli: CliRunner,
+    fake_llama: Path,
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A native llama.cpp on a VM whose CPU reports AMX but refuses it: SIGSEGV on the first
+    # request, fine with --no-repack.
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "amx")
+    trace = tmp_path / "run.json"
+    done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+    assert done.code == 0, done.err
+    assert done.out == ANSWER + "\n"
+    told = [line for line in done.err.splitlines() if "--no-repack" in line]
+    assert len(told) == 1
+    assert "build was killed by SIGSEGV on its first answer" in told[0]
+    assert "APR_LOCAL_REPACK=off" in told[0]
+    argv = started(fake_llama)["argv"]
+    assert "--no-repack" in argv
+    assert gone(started(fake_llama)["pid"])
+    assert json.loads(trace.read_text())["local"]["server"]["repack"] is False
+
+    # Told to, it starts that way at once: one start, nothing to say.
+    monkeypatch.setenv("APR_LOCAL_REPACK", "off")
+    done = run_cli("ask", "--local-model", str(model), TASK)
+    assert done.code == 0, done.err
+    assert "on its first answer" not in done.err
+    assert "--no-repack" in started(fake_llama)["argv"]
+
+
+def test_a_build_that_dies_without_repacked_weights_too_is_one_line_at_start(
+    run_cli: CliRunner,
+    fake_llama: Path,
+    model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "always")
+    done = run_cli("ask", "--local-model", str(model), TASK)
+    assert done.code == 3, done.err
+    error = done.err.strip().splitlines()[-1]
+    assert error.startswith("apr: error: the embedded model server (llama-server) was killed")
+    assert "also without repacked weights (--no-repack)" in error
+    assert "CMAKE_ARGS='-DGGML_NATIVE=OFF" in error
+    assert "Traceback" not in done.err
+    assert gone(started(fake_llama)["pid"])
+
+
+def test_llama_cpp_python_without_repacked_weights_runs_through_apr_s_launcher(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", _path_without_llama_server())
+    server = LocalServer(model=model, port=8000, repack=False)
+    command = server.command(model)
+    assert command[1:4] == ["-m", "apr_graph.llama_cpp_server", "--no-repack"]
+    assert option(command, "--model") == str(model)
+    assert LocalServer(model=model, port=8000).command(model)[1:3] == ["-m", "llama_cpp.server"]
 
 
 def test_options_and_variables_override_every_default(
@@ -367,7 +428,7 @@ def test_bench_stops_when_the_local_server_crashes_and_names_it(
 ) -> None:
     from apr_graph.bench.main import main as bench
 
-    monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "run")
     out = tmp_path / "bench"
     suite = ["--suites", "control", "--tasks", "3", "--strategies", "sequential"]
     code = bench(["--backend", "local", "--local-model", str(model), *suite, "--out", str(out)])

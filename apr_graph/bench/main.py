@@ -28,7 +28,7 @@ from apr_graph.bench.runner import decision_rows, run_tasks, scaling_rows, summa
 from apr_graph.bench.simmodel import SimModel
 from apr_graph.bench.strategies import STRATEGIES
 from apr_graph.bench.suites import SUITES, Task, make_suite
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, crash_error
+from apr_graph.cli_local import LocalChoice, add_local_options, choose_local
 from apr_graph.decide import speed_store
 from apr_graph.errors import InputError
 from apr_graph.llm import LLMClient
@@ -189,7 +189,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
     def step(label: str) -> None:
         nonlocal done
         # A local server that died makes every later task a "connection error": stop, name it.
-        if local_server is not None and (crashed := crash_error(local_server)) is not None:
+        if local_server is not None and (crashed := local_server.crash_error()) is not None:
             raise crashed
         done += 1
         progress.update(bar, advance=1, description=label)
