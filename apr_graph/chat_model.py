@@ -6,7 +6,7 @@ validation and re-asks, cancellation of streamed answers). Structured output use
 schema-in-prompt mode, which every model supports.
 
 Each request's output limit and temperature are the model's for that call, as with a server:
-a thread cut by its limit is retried with twice the room, and a vote's repeated attempts are
+a tool thread cut by its limit is retried with twice the room, and a vote's repeated attempts are
 sampled at ``vote_temperature``. They are set on a copy of the model, through the fields it
 declares (``max_tokens``; ``max_output_tokens`` for Google's, ``num_predict`` for Ollama's;
 ``temperature``), which every integration reads when it builds a request; passed as call

@@ -15,6 +15,8 @@ from apr_graph.state import PlanRecord, SubtaskRecord
 
 __all__ = [
     "PLANNER_SYSTEM",
+    "continuation_messages",
+    "continued",
     "direct_messages",
     "judge_messages",
     "planner_messages",
@@ -122,6 +124,11 @@ Results of the subtasks this one depends on:
 {results}
 
 """
+
+_CONTINUE = (
+    "You were cut off at your length limit. Continue exactly where you stopped: do not "
+    "repeat what you wrote and do not start over."
+)
 
 _RETRY = """\
 
@@ -269,6 +276,31 @@ def worker_messages(
         {"role": "system", "content": system or shared_system(task, context)},
         {"role": "user", "content": user},
     ]
+
+
+def continuation_messages(messages: list[Message], partial: str) -> list[Message]:
+    """``messages`` of a reply cut off by its token limit, then that reply and a request to
+    go on from where it stopped (a server's prefix cache holds everything but the last line)."""
+    return [
+        *messages,
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": _CONTINUE},
+    ]
+
+
+def continued(partial: str, more: str) -> str:
+    """``partial`` followed by its continuation ``more``, less any text ``more`` repeats
+    from the end of ``partial`` (models often restart the sentence they were cut in).
+
+    Replies arrive stripped, so the space a continuation began with is put back, unless it
+    begins with punctuation.
+    """
+    for size in range(min(len(partial), len(more), 400), 7, -1):
+        if partial.endswith(more[:size]):
+            return partial + more[size:]
+    if partial and more and not partial[-1].isspace() and more[0] not in ".,;:!?)]}":
+        return f"{partial} {more}"
+    return partial + more
 
 
 def verifier_messages(

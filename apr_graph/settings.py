@@ -160,7 +160,7 @@ class AprSettings(BaseSettings):
     """The smallest output allowance the plan may give one thread. Planners guess low (a
     1.5B model gave a two-number multiplication 100 tokens, and its worked answer was cut
     there); 256 holds a short worked answer of a small model, and a thread that is still cut
-    off gets one retry with twice the room."""
+    off is continued once from where it stopped."""
 
     vote_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     """Temperature of the repeated attempts when a plan lists the same goal several times

@@ -1,5 +1,6 @@
-"""A thread cut off by its token limit is tried once more with twice the room, and, if cut
-again, reaches the merge marked as incomplete: never as a whole answer."""
+"""A thread cut off by its token limit is continued once from where it stopped, with the same
+allowance (a tool thread is tried again with twice the room), and, if cut again, reaches the
+merge marked as incomplete: never as a whole answer."""
 
 from __future__ import annotations
 
@@ -14,25 +15,34 @@ PLAN = {
 }
 
 
-async def test_a_cut_thread_gets_one_retry_with_twice_the_room(make_server: ServerFactory) -> None:
+async def test_a_cut_thread_is_continued_where_it_stopped_with_the_same_room(
+    make_server: ServerFactory,
+) -> None:
     server = make_server(
         [
             Rule(role="planner", reply=Reply(content=PLAN)),
             Rule(
                 role="worker",
                 times=1,
-                reply=Reply(content="17 * 23 = 17 * 20 +", finish_reason="length"),
+                reply=Reply(content="17 * 23 = 17 * 20 + 17 * 3", finish_reason="length"),
             ),
-            Rule(role="worker", reply=Reply(content="17 * 23 = 391")),
+            # The model restarts the sentence it was cut in: the repeat is not kept twice.
+            Rule(role="worker", reply=Reply(content="17 * 20 + 17 * 3 = 340 + 51 = 391")),
             Rule(role="synthesizer", reply=Reply(content="391")),
         ]
     )
     settings = settings_for(server, min_thread_tokens=16)  # the plan's 100 stands
     result = await compile_apr_graph(settings=settings).ainvoke({"task": "17*23?"})
     workers = server.chat_requests("worker")
-    assert [w.body["max_tokens"] for w in workers if w.body] == [100, 200]
+    assert [w.body["max_tokens"] for w in workers if w.body] == [100, 100]
+    again = workers[1].messages
+    assert again[:2] == workers[0].messages  # the same prefix: a server's cache holds it
+    assert again[2] == {"role": "assistant", "content": "17 * 23 = 17 * 20 + 17 * 3"}
+    assert again[3]["role"] == "user"
+    assert "Continue exactly where you stopped" in again[3]["content"]
     thread = result["threads"][0]
-    assert (thread["status"], thread["answer"], thread["error"]) == ("done", "17 * 23 = 391", None)
+    assert (thread["status"], thread["error"]) == ("done", None)
+    assert thread["answer"] == "17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391"
     assert thread["attempts"] == 2
 
 
@@ -48,10 +58,10 @@ async def test_a_thread_cut_twice_reaches_the_merge_marked_incomplete(
     )
     settings = settings_for(server, min_thread_tokens=16)
     result = await compile_apr_graph(settings=settings).ainvoke({"task": "17*23?"})
-    assert len(server.chat_requests("worker")) == 2  # one retry, not more
+    assert len(server.chat_requests("worker")) == 2  # one continuation, not more
     thread = result["threads"][0]
     assert thread["status"] == "truncated"  # never reported as done
-    assert thread["answer"] == "17 * 23 = 17 * 20 +"
+    assert thread["answer"] == "17 * 23 = 17 * 20 +"  # a continuation that repeats adds nothing
     assert thread["error"] == "truncated: cut off at its 200-token limit"
     merge = server.chat_requests("synthesizer")[0].last_user_message
     assert "this result is incomplete: truncated" in merge

@@ -37,7 +37,13 @@ from apr_graph.nodes.thread import (
     fork_thread,
 )
 from apr_graph.nodes.tool_loop import run_call, tool_loop
-from apr_graph.prompts import shared_system, verifier_messages, worker_messages
+from apr_graph.prompts import (
+    continuation_messages,
+    continued,
+    shared_system,
+    verifier_messages,
+    worker_messages,
+)
 from apr_graph.responses import (
     LOOPED,
     Completion,
@@ -130,7 +136,8 @@ async def _solve(
     payload, subtask = thread.payload, thread.subtask
     must_verify = verify is not None or board.merge == "race"
     rejected: str | None = None
-    widened: int | None = None  # the allowance of the one retry of an answer cut off
+    widened: int | None = None  # the allowance of the one retry of a tool thread cut off
+    partial: str | None = None  # a reply cut off by its limit, which the next request continues
     if board.system is None:
         board.system = shared_system(
             payload["task"], payload["context"], tools=bool(tools), merge=payload["merge"]
@@ -160,6 +167,8 @@ async def _solve(
             rejected=rejected,
             system=board.system,
         )
+        if partial is not None:
+            messages = continuation_messages(messages, partial)
         progress = StreamProgress(
             on_text=token_emitter(subtask["id"]) if settings.stream_tokens else None
         )
@@ -211,7 +220,7 @@ async def _solve(
         thread.prompt_tokens += completion.prompt_tokens
         thread.completion_tokens += completion.completion_tokens
         thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
-        text = completion.text
+        text = completion.text if partial is None else continued(partial, completion.text)
         if completion.finish_reason == LOOPED:
             retry = _looped(settings, board, thread, progress, text, allowance)
             if retry is not None:
@@ -227,15 +236,22 @@ async def _solve(
             return finish_thread(
                 board, boards, thread, thread.record("truncated", answer=text, error=error)
             )
-        if cut and widened is None and thread.looped is None:
-            # Cut mid-work by its token limit: one more try with twice the room, which does
-            # not count as a replacement.
-            widened = allowance * 2
-            reason = f"cut off at its {allowance}-token limit; again with {widened}"
+        if cut and widened is None and partial is None and thread.looped is None:
+            # Cut mid-work by its token limit: one more request, which does not count as a
+            # replacement. It goes on from where the reply stopped, with the same allowance
+            # (the server's prefix cache holds the reply so far); a tool thread's transcript
+            # cannot be continued, so it starts again with twice the room.
+            if tools:
+                widened = allowance * 2
+                reason = f"cut off at its {allowance}-token limit; again with {widened}"
+            else:
+                partial = text
+                reason = f"cut off at its {allowance}-token limit; continued for {allowance} more"
             emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
             continue
         if cut:  # cut again: keep what there is, and say so (the merge is told)
-            error = f"truncated: cut off at its {allowance}-token limit"
+            limit = allowance if partial is None else 2 * allowance
+            error = f"truncated: cut off at its {limit}-token limit"
             record = thread.record("truncated", answer=text, error=error)
             return finish_thread(board, boards, thread, record)
         gave_up = dead_end(text)
@@ -256,14 +272,14 @@ async def _solve(
         if valid:
             record = thread.record("done", answer=text, verified=True if must_verify else None)
             return finish_thread(board, boards, thread, record)
-        replacements = thread.attempts - (widened is not None)
+        replacements = thread.attempts - (widened is not None or partial is not None)
         if replacements > settings.max_replacements or board.budget.reserve_threads(1) == 0:
             dead = reason.startswith("DEAD END: ")
             error = f"dead end: {reason[10:]}" if dead else f"rejected: {reason}"
             record = thread.record("failed", answer=text, error=error, verified=False)
             return finish_thread(board, boards, thread, record)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
-        rejected = reason
+        rejected, partial = reason, None  # a fresh attempt, not a continuation
 
 
 def _looped(
