@@ -73,6 +73,9 @@ class SpeedStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._memory: dict[str, Any] = {}
+        # The file's entries as last read, by its (mtime, size): a run reads it once, and
+        # most runs find it unchanged.
+        self._cache: tuple[tuple[int, int], dict[str, Any]] | None = None
 
     def get(self, endpoint: str) -> SpeedProfile | None:
         """The profile of ``endpoint``, or ``None`` (unknown, or unreadable: a warning)."""
@@ -163,6 +166,9 @@ class SpeedStore:
         if self.path is None:
             return dict(self._memory)
         try:
+            stat = self.path.stat()
+            if self._cache is not None and self._cache[0] == (stat.st_mtime_ns, stat.st_size):
+                return dict(self._cache[1])
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
@@ -186,6 +192,7 @@ class SpeedStore:
             if keep_corrupt:
                 os.replace(self.path, aside)
             return {}
+        self._cache = ((stat.st_mtime_ns, stat.st_size), dict(entries))
         return dict(entries)
 
 

@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,6 +196,27 @@ def test_store_round_trips_and_keeps_other_endpoints(tmp_path: Path) -> None:
     memory = SpeedStore(None)
     memory.put("a", CPU)
     assert memory.get("a") == CPU
+
+
+def test_a_store_reads_its_file_once_until_another_process_changes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "speed.json"
+    SpeedStore(path).put("a", CPU)
+    store = SpeedStore(path)
+    reads: list[Path] = []
+    real = Path.read_text
+
+    def counted(self: Path, *args: Any, **kwargs: Any) -> str:
+        reads.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    assert store.get("a") == CPU
+    assert store.get("a") == CPU
+    assert len(reads) == 1
+    SpeedStore(path).put("a", SpeedProfile({1: 50.0}, None, None, "calibrated elsewhere"))
+    assert store.get("a") == SpeedProfile({1: 50.0}, None, None, "calibrated elsewhere")
 
 
 def test_a_corrupt_file_warns_reads_empty_and_is_kept_aside(tmp_path: Path) -> None:
