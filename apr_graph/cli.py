@@ -21,20 +21,32 @@ import asyncio
 import gc
 import importlib
 import json
-import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AsyncExitStack, ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from pydantic import ValidationError
-
+from apr_graph import cli_common
 from apr_graph.cli_calibrate import add_calibrate_command, calibrate_command
-from apr_graph.cli_local import LocalChoice, add_local_options, choose_local, serve
+from apr_graph.cli_common import (
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CliError,
+    default_db,
+    loading,
+    local_choice,
+    settings_from,
+    unknown_model_error,
+)
+from apr_graph.cli_local import add_local_options, serve
 from apr_graph.cli_view import View, make_view
 from apr_graph.errors import (
     AprError,
@@ -52,35 +64,9 @@ from apr_graph.state import AprInput
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
-    from apr_graph.llm import LLMClient
     from apr_graph.local import LocalServer
 
 __all__ = ["main"]
-
-EXIT_MODEL_ERROR = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_UNREACHABLE = 4
-EXIT_AUTH = 5
-EXIT_UNKNOWN_MODEL = 6
-EXIT_INTERRUPTED = 130
-
-
-class _CliError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-async def unknown_model_error(client: LLMClient, model: str) -> _CliError:
-    """The error (exit 6) for a model the server does not know, with the names it offers."""
-    from apr_graph.preflight import unknown_model_message
-
-    try:
-        offered = await client.list_models()
-    except AprError:
-        offered = []
-    return _CliError(unknown_model_message(client.base_url, model, offered), EXIT_UNKNOWN_MODEL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--trace", type=Path, help="write the full run record to this JSON file")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     common.add_argument(
-        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {_default_db()}]"
+        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {default_db()}]"
     )
     add_local_options(common)
 
@@ -120,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="list the runs kept by 'apr ask --thread-id'")
     runs.add_argument(
-        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {_default_db()}]"
+        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {default_db()}]"
     )
     commands.add_parser(
         "bench",
@@ -134,75 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OWN_PROCESS = False
-"""Whether ``main`` runs as the console script: the process ends when the command does."""
-
-
-@contextmanager
-def _loading() -> Iterator[None]:
-    """Import the graph, the client or the checkpointer with the cycle collector paused.
-
-    They are imported by the commands that use them, so ``apr serve`` and ``apr --help`` do not
-    wait for them. LangGraph, LangChain and OpenAI make about a million objects; while they load,
-    the collector would walk them again and again (a third of the time). In a process of its
-    own they live until exit, so they are frozen: the collector never walks them again.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if _OWN_PROCESS:
-            gc.freeze()
-        if enabled:
-            gc.enable()
-
-
 def _load_graph() -> None:
     """Import the graph and the client (most of what ``_run`` imports)."""
-    with _loading():
+    with loading():
         for module in ("apr_graph.graph", "apr_graph.llm"):
             importlib.import_module(module)
-
-
-def _default_db() -> Path:
-    return Path(os.environ.get("APR_DB") or Path.home() / ".cache" / "apr-graph" / "runs.sqlite")
-
-
-def _settings(args: argparse.Namespace) -> AprSettings:
-    given = {
-        "base_url": args.base_url,
-        "model": args.model,
-        "api_key": args.api_key,
-        "max_threads": args.max_threads,
-        "max_concurrency": args.max_concurrency,
-    }
-    try:
-        return AprSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise _CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
-
-
-def _local_choice(args: argparse.Namespace, settings: AprSettings) -> LocalChoice | None:
-    """The local model to run, checked before anything starts; ``None``: use the server."""
-    if args.local_model and args.base_url:
-        raise _CliError(
-            "--local-model runs a model here and --base-url names a server: give one of them",
-            EXIT_USAGE,
-        )
-    if settings.base_url is not None and not args.local_model:
-        return None  # a configured server beats APR_LOCAL_MODEL, which stands in for one
-    return choose_local(args)
 
 
 def _read_task(task: str) -> str:
     if task == "-":
         task = sys.stdin.read()
     if not task.strip():
-        raise _CliError('the task is empty: apr ask "your question"', EXIT_USAGE)
+        raise CliError('the task is empty: apr ask "your question"', EXIT_USAGE)
     return task
 
 
@@ -216,7 +145,7 @@ async def _run(
     db: Path,
 ) -> dict[str, Any]:
     """Run (``inputs``) or resume (``None``) the graph, streaming events to ``view``."""
-    with _loading():
+    with loading():
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         from apr_graph.durable import run_status
@@ -243,7 +172,7 @@ async def _run(
                     view.notice(f"apr: run {thread_id!r} had already finished")
                     return values
                 if status == "new":
-                    raise _CliError(
+                    raise CliError(
                         f"no run is stored under thread id {thread_id!r} in {db}", EXIT_USAGE
                     )
                 record["task"] = values.get("task")
@@ -286,13 +215,13 @@ def _ask(args: argparse.Namespace) -> int:
         if args.context:
             inputs["context"] = args.context
     thread_id: str | None = args.thread_id
-    db = args.db or _default_db()
+    db = args.db or default_db()
     if resuming:
-        with _loading():
+        with loading():
             from apr_graph.cli_runs import missing_run
         if (unknown := missing_run(db, args.thread_id)) is not None:  # before any server starts
-            raise _CliError(unknown, EXIT_USAGE)
-    settings = _settings(args)
+            raise CliError(unknown, EXIT_USAGE)
+    settings = settings_from(args)
     # With --json the output is for a program: the run's notices stay out of its way.
     view = make_view(quiet=args.quiet, run_notices=not args.json)
     record: dict[str, Any] = {
@@ -302,19 +231,19 @@ def _ask(args: argparse.Namespace) -> int:
         "status": "running",
         "events": [],
     }
-    local = _local_choice(args, settings)
+    local = local_choice(args, settings)
     server: LocalServer | None = None
     with ExitStack() as stack:
         if local is not None:
             if settings.base_url is not None:
                 view.notice("apr: --local-model given, so the configured server URL is not used")
             # The model server takes seconds to start: the graph loads meanwhile, on another core.
-            loading = threading.Thread(target=_load_graph, name="apr-load", daemon=True)
-            loading.start()
+            loader = threading.Thread(target=_load_graph, name="apr-load", daemon=True)
+            loader.start()
             try:
                 settings, record["local"], server = local.start(stack, settings, notice=view.notice)
             finally:
-                loading.join()
+                loader.join()
         record["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
         if thread_id is not None and not resuming:
             view.notice(
@@ -345,10 +274,10 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    with _loading():
+    with loading():
         from apr_graph.cli_runs import describe_runs, list_runs
 
-    print(describe_runs(list_runs(args.db or _default_db())))
+    print(describe_runs(list_runs(args.db or default_db())))
     return 0
 
 
@@ -367,8 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``apr`` console script."""
     if argv is not None:
         return _main(list(argv))
-    global _OWN_PROCESS
-    _OWN_PROCESS = True
+    cli_common.OWN_PROCESS = True
     try:
         return _main(sys.argv[1:])
     finally:
@@ -379,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
-        with _loading():
+        with loading():
             from apr_graph.bench.main import main as bench
 
         return bench(argv[1:])
@@ -388,7 +316,7 @@ def _main(argv: list[str]) -> int:
     try:
         commands = {"serve": serve, "runs": _runs, "calibrate": calibrate_command}
         return commands.get(args.command, _ask)(args)
-    except _CliError as exc:
+    except CliError as exc:
         _fail(str(exc), exc.code)
     except KeyboardInterrupt:
         print("apr: interrupted; in-flight requests were cancelled", file=sys.stderr)

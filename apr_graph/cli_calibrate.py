@@ -19,6 +19,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from apr_graph.cli_common import (
+    EXIT_USAGE,
+    CliError,
+    loading,
+    local_choice,
+    settings_from,
+    unknown_model_error,
+)
+
 if TYPE_CHECKING:
     from apr_graph.settings import AprSettings
     from apr_graph.speed import SpeedProfile
@@ -63,9 +72,8 @@ def describe_profile(profile: SpeedProfile) -> str:
 async def _measure(
     settings: AprSettings, args: argparse.Namespace, notice: Callable[[str], None]
 ) -> SpeedProfile:
-    from apr_graph.cli import _loading, unknown_model_error
 
-    with _loading():
+    with loading():
         from apr_graph.errors import ModelNotFoundError
         from apr_graph.llm import LLMClient
         from apr_graph.preflight import check_server
@@ -85,13 +93,12 @@ async def _measure(
 def calibrate_command(args: argparse.Namespace) -> int:
     """Run ``apr calibrate``; errors are raised for ``apr``'s main to report."""
     # apr's own option handling, as apr ask uses it (cli imports this module first)
-    from apr_graph.cli import EXIT_USAGE, _CliError, _local_choice, _settings
     from apr_graph.speed import SpeedStore, default_speed_file, endpoint_key
 
     if args.streams < 1 or args.tokens < 16:
-        raise _CliError("--streams must be at least 1 and --tokens at least 16", EXIT_USAGE)
-    settings = _settings(args)
-    local = _local_choice(args, settings)
+        raise CliError("--streams must be at least 1 and --tokens at least 16", EXIT_USAGE)
+    settings = settings_from(args)
+    local = local_choice(args, settings)
 
     def notice(line: str) -> None:
         if not args.quiet:

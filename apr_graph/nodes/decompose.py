@@ -22,14 +22,14 @@ from apr_graph.errors import (
     ModelCallError,
     StructuredOutputError,
 )
-from apr_graph.events import answer_emitter, emit
+from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.direct import direct_answer
 from apr_graph.nodes.early import EarlyStarter
 from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_dependencies
 from apr_graph.plan_schema import Plan, plan_json_schema
-from apr_graph.prompts import direct_messages, planner_messages, shared_system, worker_messages
-from apr_graph.responses import StreamProgress
+from apr_graph.prompts import planner_messages, shared_system, worker_messages
 from apr_graph.router import Shape
 from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
@@ -140,7 +140,7 @@ def make_decompose(
             "depth": depth,
         }
         if normalised["strategy"] == "direct":
-            update["answer"] = await _direct_answer(
+            update["answer"] = await direct_answer(
                 client, settings, board, normalised, task, context, calls
             )
         return update
@@ -372,44 +372,3 @@ async def _warm(
     except (StoppedError, BudgetExhaustedError, ModelCallError):
         return  # a warm-up is an optimisation; the threads run either way
     calls.append(call_record(warm, role="warmup"))
-
-
-def direct_allowance(task: str, settings: AprSettings) -> int:
-    """Output tokens of a direct answer: the whole answer, every part of it (a three-problem
-    task answered step by step took 1,089 tokens on a 1.5B model, and was cut at the
-    planner's 1,024), so a thread's allowance per labelled part, at least the planner's."""
-    parts = max(2, len(labelled_parts(task)))
-    return max(settings.planner_max_tokens, settings.worker_max_tokens * parts)
-
-
-async def _direct_answer(
-    client: LLMClient,
-    settings: AprSettings,
-    board: RunBoard,
-    plan: PlanRecord,
-    task: str,
-    context: str,
-    calls: list[CallRecord],
-) -> str:
-    answer = plan["answer"] or ""
-    if not answer:
-        try:
-            direct = await board.guard(
-                client.chat(
-                    direct_messages(task, context),
-                    role="planner",
-                    max_tokens=direct_allowance(task, settings),
-                    budget=board.budget,
-                    progress=StreamProgress(on_text=answer_emitter()),
-                )
-            )
-        except (StoppedError, BudgetExhaustedError) as stop:
-            reason = board.budget.stop_reason or getattr(stop, "reason", "budget")
-            return f"(incomplete: the {reason} was reached before an answer)"
-        calls.append(call_record(direct, role="planner"))
-        answer = direct.text
-    if not answer.strip():
-        raise ModelCallError(
-            f"the model at {client.base_url} returned an empty answer", url=client.base_url
-        )
-    return answer

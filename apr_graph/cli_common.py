@@ -1,0 +1,123 @@
+"""What the ``apr`` commands share: exit codes, the error they exit with, settings from the
+options, the local model choice, and imports made with the collector paused."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from apr_graph.cli_local import LocalChoice, choose_local
+from apr_graph.errors import AprError
+from apr_graph.settings import AprSettings
+
+if TYPE_CHECKING:
+    from apr_graph.llm import LLMClient
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CONFIG",
+    "EXIT_INTERRUPTED",
+    "EXIT_MODEL_ERROR",
+    "EXIT_UNKNOWN_MODEL",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "CliError",
+    "default_db",
+    "loading",
+    "local_choice",
+    "settings_from",
+    "unknown_model_error",
+]
+
+EXIT_MODEL_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNREACHABLE = 4
+EXIT_AUTH = 5
+EXIT_UNKNOWN_MODEL = 6
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A command's failure: one line on stderr and its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def unknown_model_error(client: LLMClient, model: str) -> CliError:
+    """The error (exit 6) for a model the server does not know, with the names it offers."""
+    from apr_graph.preflight import unknown_model_message
+
+    try:
+        offered = await client.list_models()
+    except AprError:
+        offered = []
+    return CliError(unknown_model_message(client.base_url, model, offered), EXIT_UNKNOWN_MODEL)
+
+
+OWN_PROCESS = False
+"""Whether ``main`` runs as the console script: the process ends when the command does."""
+
+
+@contextmanager
+def loading() -> Iterator[None]:
+    """Import the graph, the client or the checkpointer with the cycle collector paused.
+
+    They are imported by the commands that use them, so ``apr serve`` and ``apr --help`` do not
+    wait for them. LangGraph, LangChain and OpenAI make about a million objects; while they load,
+    the collector would walk them again and again (a third of the time). In a process of its
+    own they live until exit, so they are frozen: the collector never walks them again.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if OWN_PROCESS:
+            gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def default_db() -> Path:
+    """Where ``apr ask --thread-id`` keeps runs: ``$APR_DB``, else the user's cache folder."""
+    return Path(os.environ.get("APR_DB") or Path.home() / ".cache" / "apr-graph" / "runs.sqlite")
+
+
+def settings_from(args: argparse.Namespace) -> AprSettings:
+    """Settings from the options given (then ``APR_*``/``OPENAI_*``); bad values exit 2."""
+    given = {
+        "base_url": args.base_url,
+        "model": args.model,
+        "api_key": args.api_key,
+        "max_threads": args.max_threads,
+        "max_concurrency": args.max_concurrency,
+    }
+    try:
+        return AprSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
+
+
+def local_choice(args: argparse.Namespace, settings: AprSettings) -> LocalChoice | None:
+    """The local model to run, checked before anything starts; ``None``: use the server."""
+    if args.local_model and args.base_url:
+        raise CliError(
+            "--local-model runs a model here and --base-url names a server: give one of them",
+            EXIT_USAGE,
+        )
+    if settings.base_url is not None and not args.local_model:
+        return None  # a configured server beats APR_LOCAL_MODEL, which stands in for one
+    return choose_local(args)
