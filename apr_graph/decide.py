@@ -54,7 +54,8 @@ __all__ = [
 
 PART_TOKENS = 200
 """Tokens one part of an answer takes when nothing better is known (a short worked answer of
-an instruct model); an endpoint's own runs replace it (``SpeedStore`` keeps the figure)."""
+an instruct model); once runs on an endpoint have finished threads, the length they took
+replaces it (``SpeedProfile.part_tokens``, learned by ``SpeedStore.observe``)."""
 
 PARTS_UNLABELLED = 4
 """Parts assumed for a task that splits but does not label its parts."""
@@ -104,7 +105,6 @@ def before_plan(
     *,
     width: int,
     depth: int,
-    part_tokens: int | None = None,
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
 
@@ -127,7 +127,7 @@ def before_plan(
     estimate = Estimate(
         prompt_tokens=prompt_tokens(task, context),
         parts=min(labels or PARTS_UNLABELLED, settings.max_threads),
-        part_tokens=part_tokens or PART_TOKENS,
+        part_tokens=_part_tokens(profile),
     )
     # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
     # loses even so is not asked for; one that might win is asked for, and decided on again
@@ -156,7 +156,6 @@ def after_plan(
     *,
     width: int,
     spent_s: float = 0.0,
-    part_tokens: int | None = None,
 ) -> DecisionRecord:
     """The decision once the model has planned: run the plan, or answer with one call.
 
@@ -185,7 +184,7 @@ def after_plan(
             "forking as planned",
             shape,
         )
-    allowance = part_tokens or PART_TOKENS
+    allowance = _part_tokens(profile)
     estimate = Estimate(prompt_tokens(task, context), len(subtasks), allowance)
     # The planning call is spent: compare what is left of each way.
     direct_s, parallel_s = predict(
@@ -266,6 +265,11 @@ def _slower(
         f"~{parallel_s:.1f}s{best} as {parts} threads ({streams} at once decode "
         f"{profile.gain(streams):.2f}x one stream)"
     )
+
+
+def _part_tokens(profile: SpeedProfile) -> int:
+    """Tokens one thread's answer takes: learned on this endpoint, else ``PART_TOKENS``."""
+    return round(profile.part_tokens) if profile.part_tokens else PART_TOKENS
 
 
 def _record(

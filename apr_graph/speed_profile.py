@@ -39,6 +39,9 @@ class SpeedProfile:
             counts as several; see ``speed_store``).
         first_token_weight: the same for ``first_token_s``.
         observed_calls: calls learned from since the profile was measured.
+        part_tokens: what one thread's answer takes on this endpoint, learned from runs'
+            finished threads (``None``: not seen yet; ``decide.PART_TOKENS`` stands in).
+        part_weight: how many runs ``part_tokens`` rests on.
     """
 
     decode_tps: Mapping[int, float]
@@ -48,6 +51,8 @@ class SpeedProfile:
     weights: Mapping[int, float] = field(default_factory=dict)
     first_token_weight: float = 0.0
     observed_calls: int = 0
+    part_tokens: float | None = None
+    part_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.decode_tps:
@@ -90,6 +95,8 @@ class SpeedProfile:
             "weights": {str(k): round(v, 3) for k, v in sorted(self.weights.items())},
             "first_token_weight": round(self.first_token_weight, 3),
             "observed_calls": self.observed_calls,
+            "part_tokens": None if self.part_tokens is None else round(self.part_tokens, 1),
+            "part_weight": round(self.part_weight, 3),
         }
 
     @classmethod
@@ -110,6 +117,8 @@ class SpeedProfile:
                 weights={int(k): float(v) for k, v in dict(data.get("weights") or {}).items()},
                 first_token_weight=float(data.get("first_token_weight") or 0.0),
                 observed_calls=int(data.get("observed_calls") or 0),
+                part_tokens=_optional_float(data.get("part_tokens")),
+                part_weight=float(data.get("part_weight") or 0.0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a speed profile: {exc}") from exc

@@ -44,6 +44,8 @@ MIN_TOKENS = 16
 """Calls shorter than this say too little about the decode rate (timing noise dominates)."""
 SMALL_PROMPT = 256
 """Uncached prompt tokens below which a call's first-token wait is mostly latency."""
+PART_MEMORY = 10.0
+"""Runs the learned length of a thread's answer rests on at most: newer runs keep moving it."""
 _VERSION = 1
 
 
@@ -127,7 +129,8 @@ class SpeedStore:
         stored = self.get(endpoint)
         learned = _observed_rates(calls)
         first_token = _observed_first_token(calls)
-        if not learned and first_token is None:
+        part = _observed_part(calls)
+        if not learned and first_token is None and part is None:
             return stored
         decode = dict(stored.decode_tps) if stored else {}
         weights = dict(stored.weights) if stored else {}
@@ -145,6 +148,10 @@ class SpeedStore:
         latency_weight = (stored.first_token_weight or CALIBRATION_WEIGHT) if stored else 0.0
         if first_token is not None:
             latency, latency_weight = _blend(latency, latency_weight, first_token)
+        part_tokens = stored.part_tokens if stored else None
+        part_weight = stored.part_weight if stored else 0.0
+        if part is not None:  # the last PART_MEMORY runs count: a model's habits change
+            part_tokens, part_weight = _blend(part_tokens, min(part_weight, PART_MEMORY), part)
         observed = (stored.observed_calls if stored else 0) + len(calls)
         base = stored.source.split("; observed in")[0] if stored else ""
         since = f"observed in {observed} calls" + (" since" if base else "")
@@ -156,6 +163,8 @@ class SpeedStore:
             weights=weights,
             first_token_weight=latency_weight,
             observed_calls=observed,
+            part_tokens=part_tokens,
+            part_weight=part_weight,
         )
         self.put(endpoint, profile)
         return profile
@@ -224,6 +233,17 @@ def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
         streams: sum(tps * t for tps, t in figures) / sum(t for _, t in figures)
         for streams, figures in seen.items()
     }
+
+
+def _observed_part(calls: Sequence[CallRecord]) -> float | None:
+    """The mean length of the run's thread answers that ended by themselves (a thread cut
+    by its limit, or one that looped, says nothing of what an answer takes)."""
+    lengths = [
+        call["completion_tokens"]
+        for call in calls
+        if call["role"] == "worker" and call.get("finish_reason") == "stop"
+    ]
+    return statistics.fmean(lengths) if lengths else None
 
 
 def _observed_first_token(calls: Sequence[CallRecord]) -> float | None:

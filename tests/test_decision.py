@@ -234,6 +234,12 @@ async def test_on_a_gpu_like_server_three_parts_fork_and_win(
     predicted = result["metrics"]["predicted_wall_s"]
     assert predicted is not None
     assert result["metrics"]["predicted_other_s"] > predicted
+    # The run taught the endpoint how long a thread's answer is here (the calibration could
+    # not): the next decision predicts with it.
+    settings = settings_for(server, **decided())
+    learned = speed_store(settings).get(endpoint_key(server.base_url, "test-model"))
+    assert learned is not None
+    assert learned.part_tokens == pytest.approx(PART_WORDS, rel=0.25)
 
 
 async def test_prefer_quality_forks_on_the_cpu_like_server_too(

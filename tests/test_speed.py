@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from apr_graph.decide import before_plan
 from apr_graph.llm import LLMClient
+from apr_graph.settings import AprSettings
 from apr_graph.speed import (
     SpeedProfile,
     SpeedStore,
@@ -286,6 +288,37 @@ def test_observe_learns_a_profile_from_a_run() -> None:
     assert profile.source == "observed in 6 calls"
     assert store.get("e") == profile
     assert SpeedStore(None).observe("e", [call(0.0, 3, 1.0)]) is None  # too short to time
+
+
+def test_observe_learns_how_long_a_threads_answer_is() -> None:
+    store = SpeedStore(None)
+    ended = [call(0.0, 300, 20.0), call(0.0, 100, 20.0), call(0.0, 1024, 20.0)]
+    ended[0]["finish_reason"] = ended[1]["finish_reason"] = "stop"
+    ended[2]["finish_reason"] = "length"  # cut off: says nothing of what an answer takes
+    profile = store.observe("e", ended)
+    assert profile is not None
+    assert profile.part_tokens == pytest.approx(200.0)
+    assert profile.part_weight == 1.0
+    assert store.get("e").part_tokens == pytest.approx(200.0)  # type: ignore[union-attr]
+    for _ in range(30):  # later runs move it; the newest ten count
+        profile = store.observe("e", [{**ended[0], "completion_tokens": 600}])
+        assert profile is not None
+    assert profile.part_tokens == pytest.approx(600.0, rel=0.02)
+    assert profile.part_weight == pytest.approx(11.0)
+
+
+def test_the_decision_predicts_with_the_learned_answer_length() -> None:
+    settings = AprSettings(prefer="speed", router=False)
+    short = SpeedProfile({1: 20.0, 4: 24.0}, 200.0, 0.2, "measured", part_tokens=50.0)
+    long = SpeedProfile({1: 20.0, 4: 24.0}, 200.0, 0.2, "measured", part_tokens=800.0)
+    task = "Answer (a) one thing (b) another (c) a third"
+    # Short answers: planning costs more than 1.2x on three threads saves. Long ones: the
+    # same server's threads pay, so the plan is asked for.
+    quick, _ = before_plan(task, "", settings, short, width=4, depth=0)
+    assert quick is not None
+    assert (quick["choice"], quick["by"]) == ("direct", "speed")
+    slow, _ = before_plan(task, "", settings, long, width=4, depth=0)
+    assert slow is None
 
 
 def test_a_calibration_outweighs_a_few_runs() -> None:
