@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from langgraph.types import Overwrite
@@ -97,19 +98,8 @@ def make_decompose(
             task, context, settings, profile, width=capacity["limit"], depth=depth
         )
         if decision is None:
-            normalised = await run_planner(
-                client,
-                settings,
-                task,
-                context,
-                depth,
-                board,
-                calls,
-                width,
-                capacity["limit"],
-                profile,
-                shape,
-            )
+            run = _Run(client, settings, task, context, depth, board, calls)
+            normalised = await run_planner(run, width, capacity["limit"], profile, shape)
         else:
             normalised = direct_plan("", [])
             normalised["decision"] = decision
@@ -146,20 +136,18 @@ def make_decompose(
         return update
 
     async def run_planner(
-        client: LLMClient,
-        settings: AprSettings,
-        task: str,
-        context: str,
-        depth: int,
-        board: RunBoard,
-        calls: list[CallRecord],
+        run: _Run,
         width: int | None,
         limit: int,
         profile: SpeedProfile | None,
         shape: Shape | None,
     ) -> PlanRecord:
         """The model's plan, repaired, decided on (``decide.after_plan``) and given its
-        thread slots; early threads the final plan has no place for are closed."""
+        thread slots; early threads the final plan has no place for are closed. ``width``:
+        the server's width the planner is told (``None``: not probed); ``limit``: requests
+        in flight the decision counts on."""
+        client, settings, task, context = run.client, run.settings, run.task, run.context
+        depth, board, calls = run.depth, run.board, run.calls
         started = time.time()
         budget = board.budget
         labels = _labels(task, settings, tools)
@@ -268,6 +256,19 @@ def make_decompose(
         return normalised
 
     return decompose
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run's planning: its client and settings, task, depth, board and call records."""
+
+    client: LLMClient
+    settings: AprSettings
+    task: str
+    context: str
+    depth: int
+    board: RunBoard
+    calls: list[CallRecord]
 
 
 def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord:
