@@ -20,7 +20,9 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called the tool named
   ``tool``; ``ok`` is false when the call was refused or failed (the error went back to the
   model as the call's result).
-- ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted.
+- ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted,
+  or a reply cut off by its token limit is continued from where it stopped (``reason`` says
+  which; a continuation's tokens follow the ones already streamed).
 - ``{"event": "thread_looped", "id", "attempt", "at_tokens", "streamed_tokens",
   "saved_tokens"}``: the thread's reply began repeating itself and its request was closed;
   ``at_tokens`` of it are kept, ``streamed_tokens`` had streamed, ``saved_tokens`` of its
