@@ -4,7 +4,9 @@ Modes, tried in order until one works, and remembered per endpoint and model:
 ``json_schema`` (vLLM, SGLang, llama.cpp, OpenAI), ``json_object`` with the schema
 (llama-cpp-python's server), then the schema in the prompt. A mode is abandoned when the server
 refuses it *and says so*, or ignores it: a reply in prose, or (``json_schema``) JSON the schema
-forbids in a reply that was not cut off. Every answer is parsed and validated, and an invalid
+forbids in a reply that was not cut off, whether the output type rejects it or, wrapped in
+prose or a code fence (which constrained decoding never writes), takes it loosely (its
+structure is checked against the schema sent with ``jsonschema``). Every answer is parsed and validated, and an invalid
 one is re-asked with the error shown to the model. A reply cut off at the token limit is never
 pasted back.
 """
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
 from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
@@ -173,9 +176,15 @@ class StructuredOutput:
                 raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
             total = completion if total is None else total.plus(completion)
             outcome = _validate(completion, output_type)
+            schema_held = mode != "json_schema" or _fits(completion, schema)
             if isinstance(outcome, BaseModel):
-                return outcome, replace(total, mode=mode)
-            dropped = outcome == _NO_JSON or (
+                if schema_held or not self._may_fall_back:
+                    return outcome, replace(total, mode=mode)
+                # The output type took it, the schema sent forbids it: transformers serve
+                # 5.25.0 dropped the schema and a 1.5B model wrote a plan without its merge,
+                # its goals spelled out where the schema lists labels.
+                raise _ModeRejectedError(total, ignored=True)
+            dropped = not schema_held or outcome == _NO_JSON or (
                 mode == "json_schema" and _breaks_schema(completion, outcome, output_type)
             )
             if dropped and response_format is not None and self._may_fall_back:
@@ -224,6 +233,45 @@ def _breaks_schema(completion: Completion, outcome: str, output_type: type[T]) -
     except ValidationError as exc:
         return any(error["type"] not in _VALIDATOR_ERRORS for error in exc.errors())
     return False
+
+
+_LIMITS = frozenset(
+    {"maxLength", "minLength", "maxItems", "minItems", "maximum", "minimum", "pattern"}
+)
+"""Keywords some engines' constrained decoding does not enforce: breaking them alone says
+nothing about whether the server applied the schema."""
+
+
+def _structure(schema: Any) -> Any:
+    """``schema`` without ``_LIMITS``: the keys, types and values any constrained decoder
+    enforces."""
+    if isinstance(schema, dict):
+        return {k: _structure(v) for k, v in schema.items() if k not in _LIMITS}
+    if isinstance(schema, list):
+        return [_structure(v) for v in schema]
+    return schema
+
+
+def _fits(completion: Completion, schema: dict[str, Any]) -> bool:
+    """Whether a reply that the output type accepted can have come from a server that
+    applied the schema sent.
+
+    Constrained decoding writes one bare JSON object of the schema's structure. A reply
+    that wraps its JSON in prose or a code fence *and* breaks that structure (a plan without
+    its merge, goals spelled out where the schema lists labels) was written with the schema
+    ignored, however loosely the output type reads it. A bare object is taken as it is: the
+    output type decides.
+    """
+    text = completion.text.strip()
+    if completion.finish_reason in ("length", LOOPED) or (
+        text.startswith("{") and text.endswith("}")
+    ):
+        return True
+    try:
+        data = extract_json(text)
+    except ValueError:
+        return True  # not JSON at all: the output type's own check says so
+    return bool(Draft202012Validator(_structure(schema)).is_valid(data))
 
 
 def _validate(completion: Completion, output_type: type[T]) -> T | str:

@@ -201,6 +201,52 @@ async def test_json_that_fails_the_schema_falls_back_to_the_schema_in_the_prompt
     assert SCHEMA_INSTRUCTION in second.all_text
 
 
+THREE = (
+    "Answer three questions: (1) What is the capital of Australia? (2) Which gas do plants "
+    "take in for photosynthesis? (3) What is 17 times 23?"
+)
+
+
+async def test_a_plan_the_loose_type_takes_but_the_schema_forbids_means_the_schema_was_ignored(
+    make_server: ServerFactory,
+) -> None:
+    # What transformers serve 5.25.0 and the 1.5B model did: no merge, the goals spelled out
+    # where the schema sent lists the labels. The plan type takes it; the schema does not.
+    loose = {
+        "strategy": "parallel",
+        "subtasks": [
+            "What is the capital of Australia?",
+            "Which gas do plants take in for photosynthesis?",
+            "What is 17 times 23?",
+        ],
+    }
+    strict = {"strategy": "parallel", "merge": "concat", "subtasks": ["(1)", "(2)", "(3)"]}
+    planner = fenced_json_unless_schema_in_prompt(strict, loose)
+    server = make_server(
+        [
+            Rule(role="planner", reply=planner.reply),
+            Rule(role="worker", reply=Reply(content="part answered")),
+        ],
+        models=[HUB_MODEL],
+        personality=TransformersServe(),
+    )
+    app = compile_apr_graph(settings=settings_for(server, model=HUB_MODEL))
+    result = await app.ainvoke({"task": THREE})
+
+    plan = result["plan"]
+    assert plan["merge"] == "concat"
+    assert [s["goal"] for s in plan["subtasks"]] == [
+        "(1) What is the capital of Australia?",
+        "(2) Which gas do plants take in for photosynthesis?",
+        "(3) What is 17 times 23?",
+    ]
+    planner_calls = [c for c in result["calls"] if c["role"] == "planner"]
+    assert [c["mode"] for c in planner_calls] == ["prompt"]
+    first, second = (r for r in posts(server) if r.role == "planner")
+    assert (first.body or {})["response_format"]["type"] == "json_schema"
+    assert SCHEMA_INSTRUCTION in second.all_text
+
+
 async def test_a_run_on_transformers_serve_records_the_mode_that_worked(
     make_server: ServerFactory,
 ) -> None:
