@@ -184,8 +184,10 @@ class StructuredOutput:
                 # 5.25.0 dropped the schema and a 1.5B model wrote a plan without its merge,
                 # its goals spelled out where the schema lists labels.
                 raise _ModeRejectedError(total, ignored=True)
-            dropped = not schema_held or outcome == _NO_JSON or (
-                mode == "json_schema" and _breaks_schema(completion, outcome, output_type)
+            dropped = (
+                not schema_held
+                or outcome == _NO_JSON
+                or (mode == "json_schema" and _breaks_schema(completion, outcome, output_type))
             )
             if dropped and response_format is not None and self._may_fall_back:
                 # A 200 in prose, or JSON the schema forbids in a reply that was not cut off:
