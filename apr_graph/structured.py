@@ -6,9 +6,9 @@ Modes, tried in order until one works, and remembered per endpoint and model:
 refuses it *and says so*, or ignores it: a reply in prose, or (``json_schema``) JSON the schema
 forbids in a reply that was not cut off, whether the output type rejects it or, wrapped in
 prose or a code fence (which constrained decoding never writes), takes it loosely (its
-structure is checked against the schema sent with ``jsonschema``). Every answer is parsed and validated, and an invalid
-one is re-asked with the error shown to the model. A reply cut off at the token limit is never
-pasted back.
+structure is checked against the schema sent with ``jsonschema``). Every answer is parsed and
+validated, and an invalid one is re-asked with the error shown to the model. A reply cut off at
+the token limit is never pasted back.
 """
 
 from __future__ import annotations

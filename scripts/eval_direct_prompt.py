@@ -1,0 +1,138 @@
+"""Compare wordings of the direct answer's instructions on GSM8K *train* tasks (development
+material, never the held-out test items): parts right and tokens, one call per task and wording.
+
+Not a test: it needs a running model server and takes minutes on a CPU.
+
+    python scripts/eval_direct_prompt.py --base-url http://127.0.0.1:8090/v1 --model qwen \\
+        --gsm8k /work/.mirror/openai+grade-school-math/repo --out /tmp/direct.json
+
+Tasks: a fixed sample (seed 16) of the development set's multi-problem tasks and single
+problems (``data/decision/gsm8k_train_dev.jsonl``), their answers read from the GSM8K train
+split (a git repository or checkout of openai/grade-school-math). Wordings: ``now`` (the
+instructions apr-graph sends) and ``short`` (session 15's, which made multi-problem answers
+one line each). A part is right when its number is on a line that gives a final answer (or,
+without one, among the answer's last numbers); a single problem when its number is the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from apr_graph.prompts import _DIRECT_SYSTEM
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "decision" / "gsm8k_train_dev.jsonl"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+WORDINGS = {
+    "now": _DIRECT_SYSTEM,
+    "short": _DIRECT_SYSTEM.replace(
+        " A task of\nseveral parts: solve each part in turn, with all of its steps, "
+        "before the next.",
+        "",
+    ),
+}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(raw.replace(",", "")) for raw in _NUMBER.findall(text)]
+
+
+def score(text: str, answers: list[str]) -> int:
+    """Parts of ``answers`` the reply gets right (see the module's docstring)."""
+    want = [float(a) for a in answers]
+    lines = [
+        line for line in text.splitlines() if "final answer" in line.lower() or "boxed" in line
+    ]
+    if len(want) == 1:
+        numbers = _numbers(lines[-1]) if lines else _numbers(text)
+        return int(bool(numbers) and abs(numbers[-1] - want[0]) < 1e-6)
+    numbers = (
+        [n for line in lines for n in _numbers(line)] if lines else _numbers(text)[-len(want) :]
+    )
+    return sum(any(abs(n - w) < 1e-6 for n in numbers) for w in want)
+
+
+def tasks(gsm8k: Path, multi: int, single: int) -> list[dict[str, Any]]:
+    """The sample, each task with its ``answers``."""
+    show = ["git", "-C", str(gsm8k), "show", "HEAD:grade_school_math/data/train.jsonl"]
+    if (gsm8k / "grade_school_math").is_dir():
+        text = (gsm8k / "grade_school_math" / "data" / "train.jsonl").read_text()
+    else:
+        text = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    train = [json.loads(line) for line in text.splitlines()]
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    rng = random.Random(16)
+    chosen = rng.sample([r for r in rows if r["label"] == 1], multi) + rng.sample(
+        [r for r in rows if r["label"] == 0], single
+    )
+    for row in chosen:
+        indices = [int(i) for i in row["source"].split(":")[1].split(",")]
+        row["answers"] = [
+            train[i]["answer"].split("####")[-1].strip().replace(",", "") for i in indices
+        ]
+    return chosen
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--gsm8k", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--multi", type=int, default=6)
+    parser.add_argument("--single", type=int, default=4)
+    args = parser.parse_args()
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=900) as client:
+        for task in tasks(args.gsm8k, args.multi, args.single):
+            for name, system in WORDINGS.items():
+                body = {
+                    "model": args.model,
+                    "temperature": 0,
+                    "max_tokens": 768 * max(2, len(task["answers"])),
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"<task>\n{task['prompt']}\n</task>"},
+                    ],
+                }
+                started = time.time()
+                reply = (await client.post(f"{args.base_url}/chat/completions", json=body)).json()
+                text = reply["choices"][0]["message"]["content"]
+                right = score(text, task["answers"])
+                results.append(
+                    {
+                        "wording": name,
+                        "source": task["source"],
+                        "parts": len(task["answers"]),
+                        "right": right,
+                        "tokens": reply["usage"]["completion_tokens"],
+                        "seconds": round(time.time() - started, 1),
+                        "text": text,
+                    }
+                )
+                print(f"{name:6} {task['source']:45} {right}/{len(task['answers'])}", flush=True)
+                args.out.write_text(json.dumps(results, indent=1))
+    for name in WORDINGS:
+        mine = [r for r in results if r["wording"] == name]
+        multi = [r for r in mine if r["parts"] > 1]
+        single = [r for r in mine if r["parts"] == 1]
+        print(
+            f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
+            f"{sum(r['parts'] for r in multi)} ({sum(r['tokens'] for r in multi)} tokens), "
+            f"single problems {sum(r['right'] for r in single)}/{len(single)} "
+            f"({sum(r['tokens'] for r in single)} tokens)"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
