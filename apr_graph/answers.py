@@ -31,13 +31,23 @@ def dead_end(text: str) -> str | None:
     return None
 
 
-def kept_in(answer: str, merged: str) -> bool:
-    """Whether a merged answer still holds a thread's result.
+_SHORT_WORDS = 4
+"""An answer this short ("Carbon dioxide", "blue whale") is its words."""
+
+_COMMON = frozenset(
+    "that this with from they them their there these those which what when where have been "  # noqa: SIM905
+    "were will would could should about into than then also only each both answer".split()
+)
+
+
+def kept_in(answer: str, merged: str) -> bool | None:
+    """Whether a merged answer still holds a thread's result; ``None``: it cannot be told.
 
     Checked on the thread's final answer (its 'Final answer:' line, else its last line):
     found whole in the merge (case, spacing and markup aside), or else its last number, or
     else one of its names (capitalised words after the first), must be there. A result with
-    neither (prose a merge may rightly summarise) cannot be checked and counts as kept.
+    neither (prose a merge may rightly summarise, or a short answer: see ``words_in``) cannot
+    be checked this way.
     """
     raw = final_answer(answer)
     final = normalise_answer(raw)
@@ -49,7 +59,20 @@ def kept_in(answer: str, merged: str) -> bool:
         wanted = numbers[-1].replace(",", "")
         return wanted in {n.replace(",", "") for n in _NUMBER.findall(whole)}
     names = re.findall(r"(?<=\s)[^\W\d_a-z][^\W\d_]+", raw)
-    return not names or any(re.search(rf"\b{re.escape(n.lower())}\b", whole) for n in names)
+    if names:
+        return any(re.search(rf"\b{re.escape(n.lower())}\b", whole) for n in names)
+    return None
+
+
+def words_in(answer: str, merged: str) -> bool | None:
+    """For a short final answer without numbers or names: whether one of its words (four
+    letters or more, a plural or tense aside) is in the merge; ``None`` for any other."""
+    final = normalise_answer(final_answer(answer))
+    words = [w for w in re.findall(r"[^\W\d_]{4,}", final) if w not in _COMMON]
+    if len(final.split()) > _SHORT_WORDS or not words:
+        return None
+    whole = normalise_answer(merged)
+    return any(re.search(rf"\b{re.escape(w[: max(4, len(w) - 2)])}", whole) for w in words)
 
 
 def final_answer(text: str) -> str:

@@ -93,7 +93,7 @@ async def test_dependent_step_starts_when_its_dependency_is_done(
             Rule(
                 role="worker", contains="s3: use x", reply=Reply(content="x + 1 = 8", delay_s=0.1)
             ),
-            Rule(role="synthesizer", reply=Reply(content="8")),
+            Rule(role="synthesizer", reply=Reply(content="8, and the side work: side")),
         ]
     )
     result = await compile_apr_graph(settings=settings_for(server)).ainvoke({"task": "t"})
@@ -104,7 +104,7 @@ async def test_dependent_step_starts_when_its_dependency_is_done(
     assert s1.started_at < s2.ended_at
     assert s2.started_at < s1.ended_at
     assert "x is 7" in s3.last_user_message  # it sees the result it depends on
-    assert result["answer"] == "8"
+    assert result["answer"] == "8, and the side work: side"
 
 
 async def test_cyclic_dependencies_run_in_order_and_unknown_ids_are_dropped(

@@ -348,7 +348,8 @@ async def test_a_merge_call_streams_the_answer_as_it_is_written(
         [
             Rule(role="planner", reply=Reply(content=plan_json("x", "y", merge="synthesize"))),
             Rule(role="worker", reply=Reply(content="part")),
-            Rule(role="synthesizer", reply=Reply(content="the merged answer, word by word")),
+            # It keeps the threads' one-word answer, so nothing is added back after it.
+            Rule(role="synthesizer", reply=Reply(content="the merged part, word by word")),
         ]
     )
     app = compile_apr_graph(settings=settings_for(server))
@@ -360,7 +361,7 @@ async def test_a_merge_call_streams_the_answer_as_it_is_written(
         elif mode == "values":
             final = chunk
     assert len(pieces) > 3
-    assert "".join(pieces) == final["answer"] == "the merged answer, word by word"
+    assert "".join(pieces) == final["answer"] == "the merged part, word by word"
 
 
 def test_a_growing_plan_is_decoded_once_per_subtask(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,7 +460,7 @@ async def test_every_plan_forking_sends_at_most_max_total_threads_worker_request
         assert branch["answer"] in {"merged", "leaf result", "said directly"}
         assert f"{branch['goal']}" in top
         assert branch["answer"] in top
-    assert result["answer"] == "merged"
+    assert result["answer"].startswith("merged")  # a part the fake merge dropped comes after
 
 
 @pytest.mark.parametrize("warm_prefix", [False, True])

@@ -198,6 +198,39 @@ async def test_a_merge_that_drops_parts_gets_them_back(make_server: ServerFactor
     assert [e["lost"] for e in events if e["event"] == "merge_incomplete"] == [["s2", "s3"]]
 
 
+async def test_a_merge_that_drops_a_short_answer_without_numbers_or_names_gets_it_back(
+    make_server: ServerFactory,
+) -> None:
+    # What transformers serve's 1.5B merge did: part (2), "Carbon dioxide", was gone, and
+    # nothing said so (no number to look for, and its only capital is its first word).
+    task = (
+        "Answer three questions: (1) What is the capital of Australia? (2) Which gas do "
+        "plants take in for photosynthesis? (3) What is 17 times 23?"
+    )
+    plan = {"strategy": "parallel", "merge": "synthesize", "subtasks": ["(1)", "(2)", "(3)"]}
+    answers = {"Australia": "Canberra", "photosynthesis": "Carbon dioxide", "17 times": "391"}
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            *(
+                Rule(role="worker", contains=asked, reply=Reply(content=f"Final answer: {said}"))
+                for asked, said in answers.items()
+            ),
+            Rule(
+                role="synthesizer",
+                reply=Reply(content="The capital of Australia is Canberra. 17 times 23 is 391."),
+            ),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": task}, stream_mode="custom")]
+    lost = [e["lost"] for e in events if e["event"] == "merge_incomplete"]
+    assert lost == [["s2"]]
+    result = await app.ainvoke({"task": task})
+    assert "Carbon dioxide" in result["answer"]
+    assert result["answer"].count("Canberra") == 1
+
+
 async def test_a_planner_repeating_one_goal_gets_a_vote_of_different_attempts(
     make_server: ServerFactory,
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from apr_graph.answers import final_answer, kept_in, majority, normalise_answer
+from apr_graph.answers import final_answer, kept_in, majority, normalise_answer, words_in
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
@@ -207,8 +207,16 @@ async def _merge(
         return concatenate(threads)
     # A merge must not lose a part a thread answered (small models drop parts): check every
     # finished thread's result (but intermediate steps that others built on), and add back
-    # the ones the merge left out.
-    lost = [t for t in done if t["id"] not in used and not kept_in(t["answer"] or "", answer)]
+    # the ones the merge left out. A short answer with no number or name ("Carbon dioxide")
+    # is looked for by its words once the merge is seen to keep other parts: a merge that
+    # kept (1) and (3) but not a word of (2) dropped it.
+    parts = [t for t in done if t["id"] not in used]
+    kept = {t["id"]: kept_in(t["answer"] or "", answer) for t in parts}
+    keeps_parts = any(kept.values())
+    for t in parts:
+        if kept[t["id"]] is None and keeps_parts:
+            kept[t["id"]] = words_in(t["answer"] or "", answer)
+    lost = [t for t in parts if kept[t["id"]] is False]
     if lost:
         emit("merge_incomplete", lost=[t["id"] for t in lost])
         answer += "\n\n" + concatenate(lost)
