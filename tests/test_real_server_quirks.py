@@ -308,3 +308,21 @@ async def test_json_that_breaks_only_the_models_own_rules_is_re_asked_in_the_sam
     second = posts(server)[1]
     assert (second.body or {})["response_format"]["type"] == "json_schema"
     assert "value must be even" in second.all_text
+
+
+@pytest.mark.parametrize("labels", [[], ["1", "2", "3"]])
+def test_the_schema_in_the_prompt_comes_with_examples_that_fit_it(labels: list[str]) -> None:
+    # A 1.5B model shown only the schema copied it back three times (transformers serve);
+    # with an object of each allowed shape beside it, it wrote a plan.
+    from jsonschema import Draft202012Validator
+
+    from apr_graph.plan_schema import plan_json_schema
+    from apr_graph.prompts import schema_instruction
+
+    schema = plan_json_schema(4, labels)
+    text = schema_instruction(schema)
+    assert SCHEMA_INSTRUCTION in text
+    examples = [json.loads(line) for line in text.split("one per line:\n", 1)[1].splitlines()]
+    assert [e["strategy"] for e in examples] == ["direct", "parallel"]
+    for example in examples:
+        assert Draft202012Validator(schema).is_valid(example), example
