@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,38 +123,46 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert metrics["thread_span_s"] < metrics["thread_time_sum_s"]
 
 
+@pytest.fixture
+def ask_crashing(
+    run_cli: CliRunner, fake_llama: Path, model: Path, tmp_path: Path, monkeypatch: Any
+) -> Callable[[str], tuple[Any, dict[str, Any]]]:
+    """``apr ask`` on the fake llama-server crashing as ``FAKE_LLAMA_CRASH`` says; returns
+    the finished command and its trace."""
+
+    def ask(mode: str) -> tuple[Any, dict[str, Any]]:
+        monkeypatch.setenv("FAKE_LLAMA_CRASH", mode)
+        trace = tmp_path / "run.json"
+        done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+        return done, json.loads(trace.read_text()) if trace.exists() else {}
+
+    return ask
+
+
 def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
-    run_cli: CliRunner,
-    fake_llama: Path,
-    model: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ask_crashing: Callable[[str], tuple[Any, dict[str, Any]]], fake_llama: Path
 ) -> None:
-    monkeypatch.setenv("FAKE_LLAMA_CRASH", "run")
-    trace = tmp_path / "run.json"
-    done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+    done, trace = ask_crashing("run")
     assert done.code == 3, done.err
     error = done.err.strip().splitlines()[-1]
     said = "apr: error: the embedded model server (llama-server) was killed by SIGSEGV"
     assert error.startswith(said)
     assert "cannot connect" not in error
     assert "CMAKE_ARGS='-DGGML_NATIVE=OFF" in error  # how to get a build that runs here
-    assert "killed by SIGSEGV" in json.loads(trace.read_text())["error"]
+    assert "killed by SIGSEGV" in trace["error"]
     assert gone(started(fake_llama)["pid"])
 
 
 def test_a_build_that_dies_on_its_first_answer_runs_again_without_repacked_weights(
+    ask_crashing: Callable[[str], tuple[Any, dict[str, Any]]],
     run_cli: CliRunner,
     fake_llama: Path,
     model: Path,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A native llama.cpp on a VM whose CPU reports AMX but refuses it: SIGSEGV on the first
     # request, fine with --no-repack.
-    monkeypatch.setenv("FAKE_LLAMA_CRASH", "amx")
-    trace = tmp_path / "run.json"
-    done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+    done, trace = ask_crashing("amx")
     assert done.code == 0, done.err
     assert done.out == ANSWER + "\n"
     told = [line for line in done.err.splitlines() if "--no-repack" in line]
@@ -163,7 +172,7 @@ def test_a_build_that_dies_on_its_first_answer_runs_again_without_repacked_weigh
     argv = started(fake_llama)["argv"]
     assert "--no-repack" in argv
     assert gone(started(fake_llama)["pid"])
-    assert json.loads(trace.read_text())["local"]["server"]["repack"] is False
+    assert trace["local"]["server"]["repack"] is False
 
     # Told to, it starts that way at once: one start, nothing to say.
     monkeypatch.setenv("APR_LOCAL_REPACK", "off")
@@ -174,13 +183,9 @@ def test_a_build_that_dies_on_its_first_answer_runs_again_without_repacked_weigh
 
 
 def test_a_build_that_dies_without_repacked_weights_too_is_one_line_at_start(
-    run_cli: CliRunner,
-    fake_llama: Path,
-    model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ask_crashing: Callable[[str], tuple[Any, dict[str, Any]]], fake_llama: Path
 ) -> None:
-    monkeypatch.setenv("FAKE_LLAMA_CRASH", "always")
-    done = run_cli("ask", "--local-model", str(model), TASK)
+    done, _ = ask_crashing("always")
     assert done.code == 3, done.err
     error = done.err.strip().splitlines()[-1]
     assert error.startswith("apr: error: the embedded model server (llama-server) was killed")
