@@ -132,6 +132,7 @@ class LocalServer:
     kind: str = field(default="", init=False)
     notes: list[str] = field(default_factory=list, init=False)
     """What the user should know about how the server was started."""
+    _fault_at: str = field(default="", init=False, repr=False)
     log_path: Path | None = field(default=None, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -187,24 +188,25 @@ class LocalServer:
     def start(self) -> LocalServer:
         """Start the server and wait until it answers; raise ``LocalBackendError`` if not.
 
-        A build that dies on its first answer (SIGSEGV, SIGILL) is started again without
-        repacked weights; if it dies that way too, the error says how to rebuild it.
+        A build that dies loading the model or on its first answer (SIGSEGV, SIGILL) is
+        started again without repacked weights; if it dies that way too, the error says how
+        to rebuild it.
         """
         model = self.model or bundled_model_path()
         if self.port == 0:
             self.port = _free_port(self.host)
         self._launch(model)
         if self._crashed_on_first_answer() and self.repack:
-            first = self.death()
+            first, where = self.death(), self._fault_at
             self.stop()
             self.repack = False
             self._launch(model)
             if not self._crashed_on_first_answer():
                 self.notes.append(
-                    f"apr: the {self.kind} build {first} on its first answer (a CPU feature "
-                    "this machine reports but refuses, e.g. AMX in a VM), so it runs without "
-                    "repacked weights (--no-repack); APR_LOCAL_REPACK=off starts it that way "
-                    "at once, a build for a generic CPU keeps them"
+                    f"apr: the {self.kind} build {first} {where} (a CPU feature this machine "
+                    "reports but refuses, e.g. AMX in a VM), so it runs without repacked "
+                    "weights (--no-repack); APR_LOCAL_REPACK=off starts it that way at once, "
+                    "a build for a generic CPU keeps them"
                 )
         if (crash := self.crash_error()) is not None:
             self.stop()
@@ -225,14 +227,29 @@ class LocalServer:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log.close()
+        self._fault_at = "loading the model"
         try:
             self._wait_ready()
+        except LocalBackendError:
+            if self._cpu_fault():
+                return  # start() tries again without repacked weights, or says so
+            self.stop()
+            raise
         except BaseException:
             self.stop()
             raise
+        self._fault_at = "on its first answer"
+
+    def _cpu_fault(self) -> bool:
+        """Whether the server was killed by SIGSEGV or SIGILL (a CPU path it may not use)."""
+        death = self.death() or ""
+        return "SIGSEGV" in death or "SIGILL" in death
 
     def _crashed_on_first_answer(self) -> bool:
-        """Ask for two tokens; whether the server died of SIGSEGV or SIGILL answering."""
+        """Ask for two tokens; whether the server died of SIGSEGV or SIGILL, loading the
+        model or answering."""
+        if self.death() is not None:
+            return self._cpu_fault()
         body = {
             "model": self.alias,
             "messages": [{"role": "user", "content": "Say OK."}],
@@ -254,8 +271,7 @@ class LocalServer:
         assert self._process is not None
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(timeout=0.5)
-        death = self.death() or ""
-        return "SIGSEGV" in death or "SIGILL" in death
+        return self._cpu_fault()
 
     def crash_error(self) -> LocalBackendError | None:
         """What to say when the server died under a run, or ``None`` while it runs."""
@@ -271,8 +287,9 @@ class LocalServer:
                 "-DGGML_AVX2=ON' pip install --force-reinstall --no-cache-dir --no-deps "
                 "llama-cpp-python, or point apr at another server (--base-url)"
             )
+        doing = "loading the model" if self._fault_at == "loading the model" else "answering"
         return LocalBackendError(
-            f"the embedded model server ({self.kind}) {death} while answering; "
+            f"the embedded model server ({self.kind}) {death} while {doing}; "
             f"its last log lines: {self.log_tail()}{hint}"
         )
 

@@ -6,7 +6,8 @@ server with the llama.cpp personality on that port, and writes its command line 
 to ``$FAKE_LLAMA_RECORD`` so a test can check what apr asked for and that the process is gone.
 ``$FAKE_LLAMA_CRASH`` makes it die of SIGSEGV: ``run`` on the run's first request (its
 start-up "Say OK." is answered), ``amx`` on any request unless started with ``--no-repack`` (a
-native build on a VM that refuses AMX), ``always`` on any request.
+native build on a VM that refuses AMX), ``amx-load`` the same while loading the model (before
+it answers at all), ``always`` on any request.
 No model is loaded: a planner that splits three questions, threads that stream their answers.
 """
 
@@ -87,6 +88,8 @@ def main(argv: list[str]) -> None:
     record = os.environ.get("FAKE_LLAMA_RECORD")
     if record:
         Path(record).write_text(json.dumps({"argv": argv, "pid": os.getpid()}))
+    if os.environ.get("FAKE_LLAMA_CRASH") == "amx-load" and "--no-repack" not in argv:
+        os.kill(os.getpid(), signal.SIGSEGV)  # repacking the weights for AMX, at load
     personality = None
     if not args.serial:
         personality = LlamaCpp(

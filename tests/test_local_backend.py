@@ -153,21 +153,26 @@ def test_a_server_that_crashes_under_the_run_is_named_not_called_unreachable(
     assert gone(started(fake_llama)["pid"])
 
 
-def test_a_build_that_dies_on_its_first_answer_runs_again_without_repacked_weights(
+@pytest.mark.parametrize(
+    ("crash", "where"), [("amx", "on its first answer"), ("amx-load", "loading the model")]
+)
+def test_a_build_that_dies_at_first_use_runs_again_without_repacked_weights(
     ask_crashing: Callable[[str], tuple[Any, dict[str, Any]]],
     run_cli: CliRunner,
     fake_llama: Path,
     model: Path,
     monkeypatch: pytest.MonkeyPatch,
+    crash: str,
+    where: str,
 ) -> None:
     # A native llama.cpp on a VM whose CPU reports AMX but refuses it: SIGSEGV on the first
-    # request, fine with --no-repack.
-    done, trace = ask_crashing("amx")
+    # request or while loading the model, fine with --no-repack.
+    done, trace = ask_crashing(crash)
     assert done.code == 0, done.err
     assert done.out == ANSWER + "\n"
     told = [line for line in done.err.splitlines() if "--no-repack" in line]
     assert len(told) == 1
-    assert "build was killed by SIGSEGV on its first answer" in told[0]
+    assert f"build was killed by SIGSEGV {where}" in told[0]
     assert "APR_LOCAL_REPACK=off" in told[0]
     argv = started(fake_llama)["argv"]
     assert "--no-repack" in argv
