@@ -8,9 +8,6 @@ part once. Untrusted text (task, context, thread results) is quoted as data insi
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from apr_graph.state import PlanRecord, SubtaskRecord
 
 __all__ = [
@@ -20,8 +17,6 @@ __all__ = [
     "direct_messages",
     "judge_messages",
     "planner_messages",
-    "repair_message",
-    "schema_instruction",
     "shared_system",
     "synthesizer_messages",
     "verifier_messages",
@@ -362,56 +357,3 @@ def direct_messages(task: str, context: str) -> list[Message]:
         {"role": "system", "content": _DIRECT_SYSTEM},
         {"role": "user", "content": _task_block(task, context)},
     ]
-
-
-def schema_instruction(schema: dict[str, Any]) -> str:
-    """Appended to the system message when the server cannot constrain output to a schema.
-
-    The schema, then an example of each shape it allows: a small model shown the schema
-    alone copies it back (a 1.5B model on ``transformers serve`` did, three times)."""
-    shapes = schema.get("anyOf") or [schema]
-    examples = "\n".join(json.dumps(_example(shape)) for shape in shapes)
-    return (
-        "\n\nReply with one JSON object that validates against this JSON schema, "
-        "and nothing else (no prose, no code fences):\n"
-        + json.dumps(schema, separators=(",", ":"))
-        + "\nDo not repeat the schema: fill it in. Objects of its shape"
-        + (", one per line:" if len(shapes) > 1 else ":")
-        + f"\n{examples}"
-    )
-
-
-def _example(schema: dict[str, Any]) -> Any:
-    """A small instance of ``schema``: its required keys, first choices, minimal values."""
-    if "anyOf" in schema:
-        return _example(schema["anyOf"][0])
-    if "enum" in schema:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if kind == "object":
-        required = schema.get("required") or list(schema.get("properties") or {})
-        return {key: _example(schema["properties"][key]) for key in required}
-    if kind == "array":
-        items = schema.get("items") or {}
-        if "enum" in items:
-            return list(items["enum"][:2])
-        return [_example(items)]
-    if kind == "integer":
-        return int(schema.get("minimum", 1))
-    if kind == "number":
-        return float(schema.get("minimum", 0))
-    if kind == "boolean":
-        return True
-    return "..."
-
-
-def repair_message(error: str) -> Message:
-    """The re-ask after an invalid structured answer: the model sees its own error."""
-    return {
-        "role": "user",
-        "content": (
-            "Your reply was not valid. Error:\n"
-            f"{error}\n"
-            "Reply again with one corrected JSON object only."
-        ),
-    }

@@ -13,6 +13,7 @@ the token limit is never pasted back.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -22,12 +23,11 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
 from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
-from apr_graph.prompts import repair_message, schema_instruction
 from apr_graph.responses import LOOPED, Completion, Message, StreamProgress, extract_json
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 
-__all__ = ["ChatCall", "StructuredMode", "StructuredOutput"]
+__all__ = ["ChatCall", "StructuredMode", "StructuredOutput", "repair_message", "schema_instruction"]
 
 T = TypeVar("T", bound=BaseModel)
 StructuredMode = Literal["json_schema", "json_object", "prompt"]
@@ -292,3 +292,56 @@ def _validate(completion: Completion, output_type: type[T]) -> T | str:
         return output_type.model_validate(data)
     except ValidationError as exc:
         return exc.json(include_url=False, include_context=False)[:2000]
+
+
+def schema_instruction(schema: dict[str, Any]) -> str:
+    """Appended to the system message when the server cannot constrain output to a schema.
+
+    The schema, then an example of each shape it allows: a small model shown the schema
+    alone copies it back (a 1.5B model on ``transformers serve`` did, three times)."""
+    shapes = schema.get("anyOf") or [schema]
+    examples = "\n".join(json.dumps(_example(shape)) for shape in shapes)
+    return (
+        "\n\nReply with one JSON object that validates against this JSON schema, "
+        "and nothing else (no prose, no code fences):\n"
+        + json.dumps(schema, separators=(",", ":"))
+        + "\nDo not repeat the schema: fill it in. Objects of its shape"
+        + (", one per line:" if len(shapes) > 1 else ":")
+        + f"\n{examples}"
+    )
+
+
+def _example(schema: dict[str, Any]) -> Any:
+    """A small instance of ``schema``: its required keys, first choices, minimal values."""
+    if "anyOf" in schema:
+        return _example(schema["anyOf"][0])
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        required = schema.get("required") or list(schema.get("properties") or {})
+        return {key: _example(schema["properties"][key]) for key in required}
+    if kind == "array":
+        items = schema.get("items") or {}
+        if "enum" in items:
+            return list(items["enum"][:2])
+        return [_example(items)]
+    if kind == "integer":
+        return int(schema.get("minimum", 1))
+    if kind == "number":
+        return float(schema.get("minimum", 0))
+    if kind == "boolean":
+        return True
+    return "..."
+
+
+def repair_message(error: str) -> Message:
+    """The re-ask after an invalid structured answer: the model sees its own error."""
+    return {
+        "role": "user",
+        "content": (
+            "Your reply was not valid. Error:\n"
+            f"{error}\n"
+            "Reply again with one corrected JSON object only."
+        ),
+    }

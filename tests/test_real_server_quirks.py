@@ -317,7 +317,7 @@ def test_the_schema_in_the_prompt_comes_with_examples_that_fit_it(labels: list[s
     from jsonschema import Draft202012Validator
 
     from apr_graph.plan_schema import plan_json_schema
-    from apr_graph.prompts import schema_instruction
+    from apr_graph.structured import schema_instruction
 
     schema = plan_json_schema(4, labels)
     text = schema_instruction(schema)
