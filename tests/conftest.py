@@ -170,6 +170,18 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
     return run
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Let the suite's subprocesses take Ctrl-C whatever started it.
+
+    A job started with ``&`` from a non-interactive shell ignores SIGINT, Python keeps it
+    ignored, and the children inherit that: the tests that press Ctrl-C on ``apr`` would
+    wait for nothing. A handler (unlike "ignore") is reset by exec, so children get the
+    default again.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # Read by the tests themselves (e.g. APR_UPDATE_SNAPSHOTS=1), so kept by ``_clean_env``.
 TEST_SWITCHES = frozenset({"APR_UPDATE_SNAPSHOTS"})
 
