@@ -8,10 +8,10 @@ the chat template the model file carries. The server is stopped on exit, on erro
 and (Linux) when this process dies.
 
 Once it answers, it is asked for two tokens. A llama.cpp built for this machine's CPU can die
-there: a VM whose CPU reports AMX but does not let programs use it kills a native build in its
-AMX kernels (SIGSEGV or SIGILL). Then the server is started again without llama.cpp's extra
-CPU buffer types (``--no-repack``), which is how the same build runs there, and the user is told
-(``APR_LOCAL_REPACK=off`` starts it that way at once).
+loading the model or there: a VM whose CPU reports AMX but does not let programs use it kills a
+native build in its AMX code (SIGSEGV or SIGILL). Then the server is started again without
+llama.cpp's extra CPU buffer types (``--no-repack``), which is how the same build runs there,
+and the user is told (``APR_LOCAL_REPACK=off`` starts it that way at once).
 
 A 135M model is a demo of the mechanics, not of reasoning quality.
 """

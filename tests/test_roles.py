@@ -13,14 +13,13 @@ from apr_graph.prompts import (
     direct_messages,
     judge_messages,
     planner_messages,
-    repair_message,
-    schema_instruction,
     shared_system,
     synthesizer_messages,
     verifier_messages,
     worker_messages,
 )
 from apr_graph.state import PlanRecord, SubtaskRecord
+from apr_graph.structured import repair_message, schema_instruction
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory
 
