@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
 from apr_graph.errors import ModelCallError, ResponseFormatRefusedError, StructuredOutputError
@@ -273,6 +272,9 @@ def _fits(completion: Completion, schema: dict[str, Any]) -> bool:
         data = extract_json(text)
     except ValueError:
         return True  # not JSON at all: the output type's own check says so
+    # Imported here: only a reply like this one needs it, and it takes ~50 ms to import.
+    from jsonschema import Draft202012Validator
+
     return bool(Draft202012Validator(_structure(schema)).is_valid(data))
 
 
