@@ -236,12 +236,18 @@ def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
 
 
 def _observed_part(calls: Sequence[CallRecord]) -> float | None:
-    """The mean length of the run's thread answers that ended by themselves (a thread cut
-    by its limit, or one that looped, says nothing of what an answer takes)."""
+    """The mean length of the run's thread answers that ended by themselves: each thread's
+    worker calls together (a continuation after a cut is part of the same answer), counted
+    when its last call stopped by itself (one cut by its limit, or that looped, says
+    nothing of what an answer takes)."""
+    threads: dict[object, list[CallRecord]] = {}
+    for call in calls:
+        if call["role"] == "worker":
+            threads.setdefault(call["thread_id"] or id(call), []).append(call)
     lengths = [
-        call["completion_tokens"]
-        for call in calls
-        if call["role"] == "worker" and call.get("finish_reason") == "stop"
+        sum(call["completion_tokens"] for call in own)
+        for own in threads.values()
+        if own[-1].get("finish_reason") == "stop"
     ]
     return statistics.fmean(lengths) if lengths else None
 

@@ -299,6 +299,14 @@ def test_observe_learns_how_long_a_threads_answer_is() -> None:
     assert profile is not None
     assert profile.part_tokens == pytest.approx(200.0)
     assert profile.part_weight == 1.0
+    # A thread cut at its limit and continued is one answer of both calls' length.
+    continued = [
+        {**ended[2], "thread_id": "s1"},
+        {**ended[0], "thread_id": "s1", "completion_tokens": 76},
+    ]
+    assert SpeedStore(None).observe("f", [*continued, *ended[:2]]).part_tokens == pytest.approx(  # type: ignore[union-attr]
+        (1100 + 300 + 100) / 3
+    )
     assert store.get("e").part_tokens == pytest.approx(200.0)  # type: ignore[union-attr]
     for _ in range(30):  # later runs move it; the newest ten count
         profile = store.observe("e", [{**ended[0], "completion_tokens": 600}])
