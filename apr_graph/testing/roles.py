@@ -35,7 +35,12 @@ __all__ = ["ROLES", "role_of", "text_of"]
 ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "sequential", "skeleton", "expand")
 """Every role ``role_of`` can tell."""
 
-_PLANNER = ("You are the planner of a parallel reasoning system.", "You are a careful assistant.")
+_PLANNER = (
+    "You are the planner of a parallel reasoning system.",
+    # The direct answer; the sequential baseline's opening is the same up to "gives every".
+    "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
+    "every result the task asks for.",
+)
 _SHARED = "You are one part of a parallel reasoning system."
 _MERGES = (
     "All threads have finished.",  # the merge
