@@ -9,7 +9,8 @@ Not a test: it needs a running model server and takes minutes on a CPU.
 Tasks: a fixed sample (seed 16) of the development set's multi-problem tasks and single
 problems (``data/decision/gsm8k_train_dev.jsonl``), their answers read from the GSM8K train
 split (a git repository or checkout of openai/grade-school-math). Wordings (``--wordings``):
-``now`` (the request apr-graph sends), ``seq`` (the sequential baseline's), ``session16`` and
+``now`` (the request apr-graph sends, also the sequential baseline's), ``asks-for`` (the same
+reworded: "every result the task asks for"), ``session16`` and
 ``session16-long`` (the task quoted in ``<task>`` tags, with and without "keeping each step
 short"). ``--concurrency`` sends several at once (the accuracy holds, the times do not).
 A part is right when its number is on a line that gives a final answer (or, without one,
@@ -31,8 +32,7 @@ from typing import Any
 
 import httpx
 
-from apr_graph.bench.strategies import _SEQUENTIAL
-from apr_graph.prompts import direct_messages
+from apr_graph.prompts import DIRECT_SYSTEM, direct_messages
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "decision" / "gsm8k_train_dev.jsonl"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -55,10 +55,14 @@ def _tagged(system: str) -> Callable[[str], list[dict[str, str]]]:
 
 WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
     "now": lambda task: direct_messages(task, ""),
-    # The sequential baseline's own request (``apr bench``'s and ``eval_decision.py``'s): the
-    # reference the direct answer must not fall below.
-    "seq": lambda task: [
-        {"role": "system", "content": _SEQUENTIAL},
+    # Session 17's first rewording of the baseline's request.
+    "asks-for": lambda task: [
+        {
+            "role": "system",
+            "content": DIRECT_SYSTEM.replace(
+                "every requested result", "every result the task asks for"
+            ),
+        },
         {"role": "user", "content": task},
     ],
     "session16": _tagged(_TAGGED),

@@ -31,8 +31,12 @@ def test_a_fast_wrong_strategy_never_shows_a_speedup(
 ) -> None:
     # The "224x speedup at 0% accuracy" case: the planner answers at once, and wrongly.
     rules = [
-        Rule(role="sequential", reply=_sequential_answer),
-        Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "no idea"})),
+        Rule(
+            role="planner",
+            where=lambda r: r.system_message.startswith("You are the planner"),
+            reply=Reply(content={"strategy": "direct", "answer": "no idea"}),
+        ),
+        Rule(role="planner", reply=_sequential_answer),  # the sequential baseline's call
     ]
     out = tmp_path / "bench"
     with ScriptedServer(rules) as server:

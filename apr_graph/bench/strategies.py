@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from apr_graph.bench.suites import Task
 from apr_graph.graph import compile_apr_graph
 from apr_graph.llm import LLMClient
+from apr_graph.prompts import DIRECT_SYSTEM
 from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
 
@@ -27,10 +28,6 @@ __all__ = ["STRATEGIES", "Outcome", "native_settings", "run_strategy"]
 
 STRATEGIES = ("sequential", "adaptive", "split", "native")
 
-_SEQUENTIAL = (
-    "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
-    "every requested result."
-)
 _SKELETON = (
     "Write the skeleton of an answer to the task: exactly {points} points, a few words each. "
     'Reply with JSON: {{"points": ["...", ...]}}.'
@@ -84,7 +81,7 @@ def _span(completion: Completion, label: str, origin: float) -> dict[str, Any]:
 async def _sequential(client: LLMClient, task: Task) -> Outcome:
     started = time.time()
     messages = [
-        {"role": "system", "content": _SEQUENTIAL},
+        {"role": "system", "content": DIRECT_SYSTEM},
         {"role": "user", "content": task.prompt},
     ]
     completion = await client.chat(

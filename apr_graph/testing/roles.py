@@ -6,13 +6,14 @@ differently from a thread tells them apart by what every request of a role carri
 - ``native``: a text completion (``/v1/completions``, a ``prompt``): only native mode
   sends those;
 - ``planner``: the planner's system message, or the direct answer's (a plan that brought no
-  answer is answered by the planner's role);
+  answer is answered by the planner's role). The benchmark's ``sequential`` baseline sends
+  the direct answer's request (one plain call), so it is read as ``planner`` too;
 - after the plan, every request starts with the run's shared system message, and its first
   user message says what is asked (later user messages are repairs or tool results):
   ``warmup`` (the cache warm-up's "Reply with OK."), ``synthesizer`` (a merge, and the judge
   and the verifier, which run with the synthesizer's role) or ``worker`` (a thread's subtask);
-- the benchmark's baselines (``apr_graph.bench.strategies``): ``sequential`` and
-  ``skeleton`` by their system messages, ``expand`` by its one user message, and its
+- the benchmark's other baselines (``apr_graph.bench.strategies``): ``skeleton`` by its
+  system message, ``expand`` by its one user message, and its
   warm-up's "Say OK." as ``warmup``.
 
 Anything else (e.g. an agent's own model calls) has no role: ``None``. Openings, not
@@ -32,14 +33,12 @@ from apr_graph.local import FIRST_ANSWER
 
 __all__ = ["ROLES", "role_of", "text_of"]
 
-ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "sequential", "skeleton", "expand")
+ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "skeleton", "expand")
 """Every role ``role_of`` can tell."""
 
 _PLANNER = (
     "You are the planner of a parallel reasoning system.",
-    # The direct answer; the sequential baseline's opening is the same up to "gives every".
-    "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
-    "every result the task asks for.",
+    "Solve the task step by step",  # the direct answer, and the sequential baseline
 )
 _SHARED = "You are one part of a parallel reasoning system."
 _MERGES = (
@@ -50,7 +49,6 @@ _MERGES = (
 _THREADS = ("Subtask ", "Results of the subtasks this one depends on:")
 _WARMUPS = ("Reply with OK.", "Say OK.", FIRST_ANSWER)
 _BASELINES = {
-    "Solve the task step by step": "sequential",
     "Write the skeleton of an answer": "skeleton",
 }
 
