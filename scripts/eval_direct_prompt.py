@@ -65,6 +65,17 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
         },
         {"role": "user", "content": task},
     ],
+    # The baseline's request with session 15's "keeping each step short", the task not quoted.
+    "short": lambda task: [
+        {
+            "role": "system",
+            "content": DIRECT_SYSTEM.replace(
+                "step by step, then", "step by step, keeping each step short, then"
+            ),
+        },
+        {"role": "user", "content": task},
+    ],
+    "bare": lambda task: [{"role": "user", "content": task}],  # no instructions at all
     "session16": _tagged(_TAGGED),
     "session16-long": _tagged(
         _TAGGED.replace(", keeping each step short, then end\nwith", ", then end with")
@@ -89,6 +100,30 @@ def score(text: str, answers: list[str]) -> int:
         [n for line in lines for n in _numbers(line)] if lines else _numbers(text)[-len(want) :]
     )
     return sum(any(abs(n - w) < 1e-6 for n in numbers) for w in want)
+
+
+def sums(count: int) -> list[dict[str, Any]]:
+    """``count`` lists of one to four two-digit sums, differences and products of our own
+    (seed 17, numbered "1." ..., not the benchmark's arithmetic suite: its tasks stay unseen)."""
+    rng = random.Random(17)
+    out = []
+    for index in range(count):
+        items = []
+        for _ in range(rng.randint(1, 4)):
+            a, b, op = rng.randint(12, 98), rng.randint(12, 98), rng.choice("+-*")
+            items.append((f"{a} {op} {b}", a + b if op == "+" else a - b if op == "-" else a * b))
+        listed = " ".join(f"{i}. {expr}" for i, (expr, _) in enumerate(items, 1))
+        prompt = (
+            f"Work out each of these: {listed}" if len(items) > 1 else f"Compute {items[0][0]}."
+        )
+        out.append(
+            {
+                "source": f"own-sums:{index}",
+                "prompt": prompt,
+                "answers": [str(value) for _, value in items],
+            }
+        )
+    return out
 
 
 def tasks(gsm8k: Path, multi: int, single: int) -> list[dict[str, Any]]:
@@ -145,6 +180,7 @@ async def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--multi", type=int, default=6)
     parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--sums", type=int, default=0, help="lists of sums of our own")
     parser.add_argument("--wordings", default=",".join(WORDINGS), help="comma-separated")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests at once (accuracy only: times vary)"
@@ -166,13 +202,14 @@ async def main() -> None:
         await asyncio.gather(
             *(
                 run(task, name)
-                for task in tasks(args.gsm8k, args.multi, args.single)
+                for task in [*tasks(args.gsm8k, args.multi, args.single), *sums(args.sums)]
                 for name in names
             )
         )
     for name in names:
         mine = [r for r in results if r["wording"] == name]
-        multi = [r for r in mine if r["parts"] > 1]
+        own = [r for r in mine if r["source"].startswith("own-sums")]
+        multi = [r for r in mine if r["parts"] > 1 and r not in own]
         single = [r for r in mine if r["parts"] == 1]
         print(
             f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
@@ -181,6 +218,12 @@ async def main() -> None:
             f"({sum(r['tokens'] for r in multi)} tokens), "
             f"single problems {sum(r['right'] for r in single)}/{len(single)} "
             f"({sum(r['tokens'] for r in single)} tokens)"
+            + (
+                f", sums {sum(r['right'] for r in own)}/{sum(r['parts'] for r in own)}"
+                f" ({sum(r['tokens'] for r in own)} tokens)"
+                if own
+                else ""
+            )
         )
 
 
