@@ -13,8 +13,9 @@ split (a git repository or checkout of openai/grade-school-math). Wordings (``--
 reworded: "every result the task asks for"), ``session16`` and
 ``session16-long`` (the task quoted in ``<task>`` tags, with and without "keeping each step
 short"). ``--concurrency`` sends several at once (the accuracy holds, the times do not).
-A part is right when its number is on a line that gives a final answer (or, without one,
-among the answer's last numbers); a single problem when its number is the last.
+A part is right when its number is on a line that gives a final answer, or in the lines a
+bare "Final answer:" heads (without any, among the answer's last numbers); a single problem
+when its number is the last of those. ``--rescore --out FILE`` scores a result file again.
 """
 
 from __future__ import annotations
@@ -87,18 +88,36 @@ def _numbers(text: str) -> list[float]:
     return [float(raw.replace(",", "")) for raw in _NUMBER.findall(text)]
 
 
+def _final_lines(text: str) -> list[str]:
+    """The lines that give a final answer ("final answer", "boxed"); one with no number of its
+    own ("Final answer:" above a list) brings the lines after it, up to the next blank line."""
+    lines = text.splitlines()
+    picked = []
+    for index, line in enumerate(lines):
+        if "final answer" not in line.lower() and "boxed" not in line:
+            continue
+        picked.append(line)
+        if _numbers(line):
+            continue
+        rest = lines[index + 1 :]
+        while rest and not rest[0].strip():
+            rest = rest[1:]
+        for following in rest:
+            if not following.strip():
+                break
+            picked.append(following)
+    return picked
+
+
 def score(text: str, answers: list[str]) -> int:
     """Parts of ``answers`` the reply gets right (see the module's docstring)."""
     want = [float(a) for a in answers]
-    lines = [
-        line for line in text.splitlines() if "final answer" in line.lower() or "boxed" in line
-    ]
+    lines = _final_lines(text)
+    found = [n for line in lines for n in _numbers(line)]
     if len(want) == 1:
-        numbers = _numbers(lines[-1]) if lines else _numbers(text)
+        numbers = found or _numbers(text)
         return int(bool(numbers) and abs(numbers[-1] - want[0]) < 1e-6)
-    numbers = (
-        [n for line in lines for n in _numbers(line)] if lines else _numbers(text)[-len(want) :]
-    )
+    numbers = found or _numbers(text)[-len(want) :]
     return sum(any(abs(n - w) < 1e-6 for n in numbers) for w in want)
 
 
@@ -128,37 +147,103 @@ def sums(count: int) -> list[dict[str, Any]]:
 
 def tasks(gsm8k: Path, multi: int, single: int) -> list[dict[str, Any]]:
     """The sample, each task with its ``answers``."""
-    show = ["git", "-C", str(gsm8k), "show", "HEAD:grade_school_math/data/train.jsonl"]
-    if (gsm8k / "grade_school_math").is_dir():
-        text = (gsm8k / "grade_school_math" / "data" / "train.jsonl").read_text()
-    else:
-        text = subprocess.run(show, capture_output=True, text=True, check=True).stdout
-    train = [json.loads(line) for line in text.splitlines()]
+    train = _train_answers(gsm8k)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
     rng = random.Random(16)
     chosen = rng.sample([r for r in rows if r["label"] == 1], multi) + rng.sample(
         [r for r in rows if r["label"] == 0], single
     )
     for row in chosen:
-        indices = [int(i) for i in row["source"].split(":")[1].split(",")]
-        row["answers"] = [
-            train[i]["answer"].split("####")[-1].strip().replace(",", "") for i in indices
-        ]
+        row["answers"] = answers_of(row["source"], train)
     return chosen
+
+
+def _train_answers(gsm8k: Path) -> list[str]:
+    """The GSM8K train split's final answers, in order."""
+    show = ["git", "-C", str(gsm8k), "show", "HEAD:grade_school_math/data/train.jsonl"]
+    if (gsm8k / "grade_school_math").is_dir():
+        text = (gsm8k / "grade_school_math" / "data" / "train.jsonl").read_text()
+    else:
+        text = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    return [
+        json.loads(line)["answer"].split("####")[-1].strip().replace(",", "")
+        for line in text.splitlines()
+    ]
+
+
+def answers_of(source: str, train: list[str]) -> list[str]:
+    """The expected answers of the task named ``source`` (a GSM8K train task or our sums)."""
+    kind, _, rest = source.partition(":")
+    if kind == "own-sums":
+        return list(sums(int(rest) + 1)[int(rest)]["answers"])
+    return [train[int(i)] for i in rest.split(",")]
+
+
+def summary(results: list[dict[str, Any]], names: list[str]) -> None:
+    """Print each wording's totals."""
+    for name in names:
+        mine = [r for r in results if r["wording"] == name]
+        own = [r for r in mine if r["source"].startswith("own-sums")]
+        multi = [r for r in mine if r["parts"] > 1 and r not in own]
+        single = [r for r in mine if r["parts"] == 1 and r not in own]
+        print(
+            f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
+            f"{sum(r['parts'] for r in multi)}, tasks all right "
+            f"{sum(r['right'] == r['parts'] for r in multi)}/{len(multi)} "
+            f"({sum(r['tokens'] for r in multi)} tokens), "
+            f"single problems {sum(r['right'] for r in single)}/{len(single)} "
+            f"({sum(r['tokens'] for r in single)} tokens)"
+            + (
+                f", sums {sum(r['right'] for r in own)}/{sum(r['parts'] for r in own)}"
+                f" ({sum(r['tokens'] for r in own)} tokens)"
+                if own
+                else ""
+            )
+        )
+
+
+def rescore(path: Path, gsm8k: Path) -> None:
+    """Score a result file's replies again with ``score`` (written back), and print it."""
+    train = _train_answers(gsm8k)
+    results = json.loads(path.read_text())
+    for row in results:
+        row["right"] = score(row["text"], answers_of(row["source"], train))
+    path.write_text(json.dumps(results, indent=1))
+    summary(results, list(dict.fromkeys(r["wording"] for r in results)))
+
+
+def server_parser(description: str, *, server: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every evaluation script here takes: the server, the model
+    (required unless ``server`` is false), the GSM8K checkout and the output file."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--base-url", required=server)
+    parser.add_argument("--model", required=server)
+    parser.add_argument("--gsm8k", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+async def complete(
+    client: httpx.AsyncClient, args: argparse.Namespace, messages: Any, max_tokens: int
+) -> tuple[str, int]:
+    """One chat completion at temperature 0: its text and completion tokens."""
+    body = {
+        "model": args.model,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": messages,
+    }
+    reply = (await client.post(f"{args.base_url}/chat/completions", json=body)).json()
+    return reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
 
 
 async def _one(
     client: httpx.AsyncClient, args: argparse.Namespace, task: dict[str, Any], name: str
 ) -> dict[str, Any]:
-    body = {
-        "model": args.model,
-        "temperature": 0,
-        "max_tokens": 768 * max(2, len(task["answers"])),
-        "messages": WORDINGS[name](task["prompt"]),
-    }
     started = time.time()
-    reply = (await client.post(f"{args.base_url}/chat/completions", json=body)).json()
-    text = reply["choices"][0]["message"]["content"]
+    text, tokens = await complete(
+        client, args, WORDINGS[name](task["prompt"]), 768 * max(2, len(task["answers"]))
+    )
     right = score(text, task["answers"])
     print(f"{name:6} {task['source']:45} {right}/{len(task['answers'])}", flush=True)
     return {
@@ -166,18 +251,17 @@ async def _one(
         "source": task["source"],
         "parts": len(task["answers"]),
         "right": right,
-        "tokens": reply["usage"]["completion_tokens"],
+        "tokens": tokens,
         "seconds": round(time.time() - started, 1),
         "text": text,
     }
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--gsm8k", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = server_parser(__doc__, server=False)
+    parser.add_argument(
+        "--rescore", action="store_true", help="score the replies in --out again; no requests"
+    )
     parser.add_argument("--multi", type=int, default=6)
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--sums", type=int, default=0, help="lists of sums of our own")
@@ -186,6 +270,11 @@ async def main() -> None:
         "--concurrency", type=int, default=1, help="requests at once (accuracy only: times vary)"
     )
     args = parser.parse_args()
+    if args.rescore:
+        rescore(args.out, args.gsm8k)
+        return
+    if not args.base_url or not args.model:
+        parser.error("--base-url and --model are required (unless --rescore)")
     names = [n for n in args.wordings.split(",") if n]
     unknown = [n for n in names if n not in WORDINGS]
     if unknown:
@@ -206,25 +295,7 @@ async def main() -> None:
                 for name in names
             )
         )
-    for name in names:
-        mine = [r for r in results if r["wording"] == name]
-        own = [r for r in mine if r["source"].startswith("own-sums")]
-        multi = [r for r in mine if r["parts"] > 1 and r not in own]
-        single = [r for r in mine if r["parts"] == 1]
-        print(
-            f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
-            f"{sum(r['parts'] for r in multi)}, tasks all right "
-            f"{sum(r['right'] == r['parts'] for r in multi)}/{len(multi)} "
-            f"({sum(r['tokens'] for r in multi)} tokens), "
-            f"single problems {sum(r['right'] for r in single)}/{len(single)} "
-            f"({sum(r['tokens'] for r in single)} tokens)"
-            + (
-                f", sums {sum(r['right'] for r in own)}/{sum(r['parts'] for r in own)}"
-                f" ({sum(r['tokens'] for r in own)} tokens)"
-                if own
-                else ""
-            )
-        )
+    summary(results, names)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ temperature 0; scored by ``eval_direct_prompt.score``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import httpx
-from eval_direct_prompt import score, tasks
+from eval_direct_prompt import complete, score, server_parser, tasks
 
 from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages, shared_system, worker_messages
@@ -51,14 +49,12 @@ def thread_request(problem: str, others: list[str], position: int) -> list[dict[
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--gsm8k", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = server_parser(__doc__)
     parser.add_argument("--single", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=3)
     args = parser.parse_args()
+    if args.single < 3:
+        parser.error("--single must be at least 3 (each problem is put beside two others)")
     singles = [t for t in tasks(args.gsm8k, 8, args.single) if len(t["answers"]) == 1]
     rng = random.Random(5)
     jobs = []
@@ -70,10 +66,8 @@ async def main() -> None:
     results: list[dict[str, Any]] = []
 
     async def run(task: dict[str, Any], way: str, messages: list[dict[str, str]]) -> None:
-        body = {"model": args.model, "messages": messages, "temperature": 0, "max_tokens": 2048}
         async with gate:
-            reply = (await client.post(f"{args.base_url}/chat/completions", json=body)).json()
-        text = reply["choices"][0]["message"]["content"]
+            text, tokens = await complete(client, args, messages, 2048)
         right = score(text, task["answers"])
         print(f"{way:6} {task['source']:30} {right}", flush=True)
         results.append(
@@ -81,7 +75,7 @@ async def main() -> None:
                 "way": way,
                 "source": task["source"],
                 "right": right,
-                "tokens": reply["usage"]["completion_tokens"],
+                "tokens": tokens,
                 "text": text,
             }
         )
