@@ -77,6 +77,34 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
         {"role": "user", "content": task},
     ],
     "bare": lambda task: [{"role": "user", "content": task}],  # no instructions at all
+    # Session 18: steps as many as the task needs (a one-step question is not cut into digits).
+    "needs": lambda task: [
+        {
+            "role": "system",
+            "content": DIRECT_SYSTEM.replace(
+                "Solve the task step by step, then",
+                "Solve the task, working through as many steps as it needs, then",
+            ),
+        },
+        {"role": "user", "content": task},
+    ],
+    "brief": lambda task: [
+        {
+            "role": "system",
+            "content": "Answer the question, then end with a last line 'Final answer: ...'.",
+        },
+        {"role": "user", "content": task},
+    ],
+    "steps-if": lambda task: [
+        {
+            "role": "system",
+            "content": DIRECT_SYSTEM.replace(
+                "Solve the task step by step, then end",
+                "Solve the task. If it takes several steps, work through them in order. End",
+            ),
+        },
+        {"role": "user", "content": task},
+    ],
     "session16": _tagged(_TAGGED),
     "session16-long": _tagged(
         _TAGGED.replace(", keeping each step short, then end\nwith", ", then end with")
@@ -145,6 +173,32 @@ def sums(count: int) -> list[dict[str, Any]]:
     return out
 
 
+def questions(count: int) -> list[dict[str, Any]]:
+    """``count`` one-step questions of our own (seed 18): a sum, difference, product,
+    percentage or unit conversion, asked in varied words, each with one number for answer."""
+    rng = random.Random(18)
+    out = []
+    for index in range(count):
+        a, b = rng.randint(12, 98), rng.randint(12, 98)
+        kind = ("plus", "minus", "times", "percent", "hours", "dozen")[index % 6]
+        prompt, value = {
+            "plus": (("What is {a} + {b}?", "How much is {a} plus {b}?")[index // 6 % 2], a + b),
+            "minus": (("What is {a} - {b}?", "Subtract {b} from {a}.")[index // 6 % 2], a - b),
+            "times": (("What is {a} * {b}?", "Multiply {a} by {b}.")[index // 6 % 2], a * b),
+            "percent": ("What is 10% of {c}?", a * 10),
+            "hours": ("How many minutes are in {a} hours?", a * 60),
+            "dozen": ("How many eggs are in {a} dozen?", a * 12),
+        }[kind]
+        out.append(
+            {
+                "source": f"own-steps:{index}",
+                "prompt": prompt.format(a=a, b=b, c=a * 100),
+                "answers": [str(value)],
+            }
+        )
+    return out
+
+
 def tasks(gsm8k: Path, multi: int, single: int) -> list[dict[str, Any]]:
     """The sample, each task with its ``answers``."""
     train = _train_answers(gsm8k)
@@ -176,6 +230,8 @@ def answers_of(source: str, train: list[str]) -> list[str]:
     kind, _, rest = source.partition(":")
     if kind == "own-sums":
         return list(sums(int(rest) + 1)[int(rest)]["answers"])
+    if kind == "own-steps":
+        return list(questions(int(rest) + 1)[int(rest)]["answers"])
     return [train[int(i)] for i in rest.split(",")]
 
 
@@ -184,8 +240,9 @@ def summary(results: list[dict[str, Any]], names: list[str]) -> None:
     for name in names:
         mine = [r for r in results if r["wording"] == name]
         own = [r for r in mine if r["source"].startswith("own-sums")]
+        steps = [r for r in mine if r["source"].startswith("own-steps")]
         multi = [r for r in mine if r["parts"] > 1 and r not in own]
-        single = [r for r in mine if r["parts"] == 1 and r not in own]
+        single = [r for r in mine if r["parts"] == 1 and r not in own and r not in steps]
         print(
             f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
             f"{sum(r['parts'] for r in multi)}, tasks all right "
@@ -197,6 +254,12 @@ def summary(results: list[dict[str, Any]], names: list[str]) -> None:
                 f", sums {sum(r['right'] for r in own)}/{sum(r['parts'] for r in own)}"
                 f" ({sum(r['tokens'] for r in own)} tokens)"
                 if own
+                else ""
+            )
+            + (
+                f", one-step questions {sum(r['right'] for r in steps)}/{len(steps)}"
+                f" ({sum(r['tokens'] for r in steps)} tokens)"
+                if steps
                 else ""
             )
         )
@@ -265,6 +328,7 @@ async def main() -> None:
     parser.add_argument("--multi", type=int, default=6)
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--sums", type=int, default=0, help="lists of sums of our own")
+    parser.add_argument("--questions", type=int, default=0, help="one-step questions of our own")
     parser.add_argument("--wordings", default=",".join(WORDINGS), help="comma-separated")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests at once (accuracy only: times vary)"
@@ -291,7 +355,11 @@ async def main() -> None:
         await asyncio.gather(
             *(
                 run(task, name)
-                for task in [*tasks(args.gsm8k, args.multi, args.single), *sums(args.sums)]
+                for task in [
+                    *tasks(args.gsm8k, args.multi, args.single),
+                    *sums(args.sums),
+                    *questions(args.questions),
+                ]
                 for name in names
             )
         )

@@ -38,7 +38,7 @@ ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "skeleton", "ex
 
 _PLANNER = (
     "You are the planner of a parallel reasoning system.",
-    "Solve the task step by step",  # the direct answer, and the sequential baseline
+    "Answer the question, then end with",  # the direct answer, and the sequential baseline
 )
 _SHARED = "You are one part of a parallel reasoning system."
 _MERGES = (
