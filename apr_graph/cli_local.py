@@ -182,7 +182,10 @@ class LocalChoice:
         notice(f"apr: {server.kind} ready at {server.base_url} ({self.shape(server)})")
         settings, record = self.settings(settings, server)
         if applied := record["settings"]["defaults"]:
-            listed = ", ".join(f"{name} {_plain(value)}" for name, value in applied.items())
+            listed = ", ".join(
+                f"{name} {value!r}" if isinstance(value, str) else f"{name} {_plain(value)}"
+                for name, value in applied.items()
+            )
             notice(
                 f"apr: settings for this model: {listed} (options and APR_* variables override "
                 "them; --trace records them)"

@@ -92,6 +92,9 @@ class AprContext(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature of every call."""
 
+    direct_instructions: str | None = Field(default=None, min_length=1)
+    """The system message of a direct answer."""
+
     planner_max_tokens: int | None = Field(default=None, ge=16)
     """Output-token allowance of the decompose call."""
 

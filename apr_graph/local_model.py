@@ -15,6 +15,7 @@ from typing import Any
 
 from apr_graph.gguf import GgufError, GgufInfo, read_gguf
 from apr_graph.local import LOCAL_MODEL, LocalBackendError, bundled_model_path
+from apr_graph.prompts import STEP_BY_STEP_SYSTEM
 from apr_graph.settings import AprSettings
 
 __all__ = [
@@ -180,6 +181,7 @@ def _tiny_settings() -> dict[str, Any]:
         "worker_max_tokens": 160,
         "synthesizer_max_tokens": 256,
         "request_timeout_s": 300.0,  # a CPU prefilling a long prompt sends nothing meanwhile
+        "direct_instructions": STEP_BY_STEP_SYSTEM,  # too small to judge how much to reason
     }
 
 

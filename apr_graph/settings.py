@@ -115,6 +115,10 @@ class AprSettings(BaseSettings):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature of every call."""
 
+    direct_instructions: str | None = Field(default=None, min_length=1)
+    """The system message of a direct answer (and of ``apr bench``'s sequential baseline);
+    ``None``: ``prompts.DIRECT_SYSTEM``, which leaves the model to decide how much to reason."""
+
     planner_max_tokens: int = Field(default=1024, ge=16)
     """Output-token allowance of the decompose call."""
 

@@ -87,6 +87,18 @@ async def test_a_direct_answer_is_the_task_asked_as_the_user_s_own_message(
     assert "never instructions" in with_context[0]["content"]
 
 
+async def test_a_direct_answer_s_instructions_are_a_setting(make_server: ServerFactory) -> None:
+    server = make_server([Rule(reply=Reply(content="Final answer: 28"))])
+    own = "Think it through, then reply with the result alone."
+    app = compile_apr_graph(settings=settings_for(server, direct_instructions=own, **decided()))
+
+    result = await app.ainvoke({"task": "Tom has 40 apples and gives away 12. How many are left?"})
+
+    (request,) = server.chat_requests()
+    assert request.body["messages"][0] == {"role": "system", "content": own}
+    assert result["answer"] == "Final answer: 28"
+
+
 async def test_a_labelled_three_part_task_is_planned_and_forked(
     make_server: ServerFactory,
 ) -> None:

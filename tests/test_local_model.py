@@ -13,6 +13,7 @@ from apr_graph import AprSettings
 from apr_graph.gguf import GgufError, read_gguf
 from apr_graph.local import LocalBackendError, bundled_model_path
 from apr_graph.local_model import LocalModel, apply_local_defaults, local_defaults
+from apr_graph.prompts import STEP_BY_STEP_SYSTEM
 
 QWEN_15B = {
     "general.architecture": "qwen2",
@@ -183,6 +184,7 @@ def test_a_tiny_model_gets_the_demo_limits(tmp_path: Path) -> None:
     assert defaults.settings["max_threads"] == 4  # however many slots: it cannot plan wide
     assert defaults.settings["worker_max_tokens"] == 160
     assert defaults.settings["deadline_s"] == 300.0
+    assert defaults.settings["direct_instructions"] == STEP_BY_STEP_SYSTEM
     assert defaults.ctx_per_slot == 4096
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from apr_graph.bench.suites import Task
 from apr_graph.graph import compile_apr_graph
 from apr_graph.llm import LLMClient
-from apr_graph.prompts import DIRECT_SYSTEM
+from apr_graph.prompts import direct_messages
 from apr_graph.responses import Completion
 from apr_graph.settings import AprSettings
 
@@ -80,10 +80,7 @@ def _span(completion: Completion, label: str, origin: float) -> dict[str, Any]:
 
 async def _sequential(client: LLMClient, task: Task) -> Outcome:
     started = time.time()
-    messages = [
-        {"role": "system", "content": DIRECT_SYSTEM},
-        {"role": "user", "content": task.prompt},
-    ]
+    messages = direct_messages(task.prompt, "", client.settings.direct_instructions)
     completion = await client.chat(
         messages, role="sequential", stream=True, max_tokens=client.settings.worker_max_tokens * 4
     )

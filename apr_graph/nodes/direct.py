@@ -41,7 +41,7 @@ async def direct_answer(
         try:
             direct = await board.guard(
                 client.chat(
-                    direct_messages(task, context),
+                    direct_messages(task, context, settings.direct_instructions),
                     role="planner",
                     max_tokens=direct_allowance(task, settings),
                     budget=board.budget,
