@@ -9,10 +9,14 @@ Not a test: it needs a running model server and takes minutes on a CPU.
 Tasks: a fixed sample (seed 16) of the development set's multi-problem tasks and single
 problems (``data/decision/gsm8k_train_dev.jsonl``), their answers read from the GSM8K train
 split (a git repository or checkout of openai/grade-school-math). Wordings (``--wordings``):
-``now`` (the request apr-graph sends, also the sequential baseline's), ``asks-for`` (the same
-reworded: "every result the task asks for"), ``session16`` and
-``session16-long`` (the task quoted in ``<task>`` tags, with and without "keeping each step
-short"). ``--concurrency`` sends several at once (the accuracy holds, the times do not).
+``now`` (the request apr-graph sends, also the sequential baseline's; since session 18 the
+same as ``brief``), ``session17`` (the request before), ``asks-for``, ``short``, ``needs``
+and ``steps-if`` (session 17's "Solve the task step by step, ..." reworded, or with "keeping
+each step short"), ``bare`` (no system message), ``session16`` and ``session16-long`` (the
+task quoted in ``<task>`` tags, with and without "keeping each step short"). ``--sums N``
+adds lists of sums of our own, ``--questions N`` one-step questions of our own (never the
+bench's suites). ``--concurrency`` sends several at once (the accuracy holds, the times do
+not).
 A part is right when its number is on a line that gives a final answer, or in the lines a
 bare "Final answer:" heads (without any, among the answer's last numbers); a single problem
 when its number is the last of those. ``--rescore --out FILE`` scores a result file again.
@@ -33,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from apr_graph.prompts import DIRECT_SYSTEM, direct_messages
+from apr_graph.prompts import STEP_BY_STEP_SYSTEM, direct_messages
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "decision" / "gsm8k_train_dev.jsonl"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -56,11 +60,12 @@ def _tagged(system: str) -> Callable[[str], list[dict[str, str]]]:
 
 WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
     "now": lambda task: direct_messages(task, ""),
+    "session17": lambda task: direct_messages(task, "", STEP_BY_STEP_SYSTEM),
     # Session 17's first rewording of the baseline's request.
     "asks-for": lambda task: [
         {
             "role": "system",
-            "content": DIRECT_SYSTEM.replace(
+            "content": STEP_BY_STEP_SYSTEM.replace(
                 "every requested result", "every result the task asks for"
             ),
         },
@@ -70,7 +75,7 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
     "short": lambda task: [
         {
             "role": "system",
-            "content": DIRECT_SYSTEM.replace(
+            "content": STEP_BY_STEP_SYSTEM.replace(
                 "step by step, then", "step by step, keeping each step short, then"
             ),
         },
@@ -81,7 +86,7 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
     "needs": lambda task: [
         {
             "role": "system",
-            "content": DIRECT_SYSTEM.replace(
+            "content": STEP_BY_STEP_SYSTEM.replace(
                 "Solve the task step by step, then",
                 "Solve the task, working through as many steps as it needs, then",
             ),
@@ -98,7 +103,7 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
     "steps-if": lambda task: [
         {
             "role": "system",
-            "content": DIRECT_SYSTEM.replace(
+            "content": STEP_BY_STEP_SYSTEM.replace(
                 "Solve the task step by step, then end",
                 "Solve the task. If it takes several steps, work through them in order. End",
             ),
