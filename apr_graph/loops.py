@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 __all__ = ["MAX_PERIOD_WORDS", "MIN_SPAN_WORDS", "Loop", "LoopDetector"]
 
-MAX_PERIOD_WORDS = 150
-"""The longest repeated block looked for (a paragraph)."""
+MAX_PERIOD_WORDS = 300
+"""The longest repeated block looked for (a few paragraphs): a 1.5B model reviewing code
+cycled through eight findings of ~25 words each (a 200-word block) until its limit, twice,
+when blocks of up to 150 words were looked for."""
 
 MIN_SPAN_WORDS = 30
 """The fewest repeated words that make a loop, whatever the block's length."""

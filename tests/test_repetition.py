@@ -276,7 +276,7 @@ def feed(text: str, step: int = 7) -> tuple[Any, int]:
     return None, len(text)
 
 
-@pytest.mark.parametrize("period", [1, 2, 5, 12, 19, 20, 40, 80, MAX_PERIOD_WORDS])
+@pytest.mark.parametrize("period", [1, 2, 5, 12, 19, 20, 40, 80, 150, 290])
 def test_a_block_repeated_back_to_back_is_found_within_300_words(period: int) -> None:
     block = " ".join(f"w{i}" for i in range(period)) + " "
     before = "An honest start of an answer that says something first. "
@@ -300,6 +300,24 @@ def test_a_list_that_repeats_its_items_under_new_numbers_is_a_loop() -> None:
     kept = ("Findings for calculator.py:\n\n" + numbered)[: found.keep]
     assert kept.count("**Bug**") == 3  # each finding once
     assert fed < len("Findings for calculator.py:\n\n" + numbered) // 2
+
+
+def test_a_cycle_of_many_findings_is_a_loop() -> None:
+    """Seen on a 1.5B model: eight findings of one pattern, over and over (a 200-word block)."""
+    names = ["std", "evaluate", "last", "median", "round2", "clear", "main", "mean"]
+    item = (
+        "**Bug**: The `{}` function does not handle division by zero, which can lead to "
+        "runtime errors. The function should include checks to avoid this."
+    )
+    start = "Findings:\n\n1. **Risky Code**: `calc` does not check its divisor.\n\n"
+    numbered = "".join(f"{n}. {item.format(names[(n - 2) % 8])}\n\n" for n in range(2, 60))
+    found, fed = feed(start + numbered)
+    assert found is not None
+    assert found.period_words <= MAX_PERIOD_WORDS
+    kept = (start + numbered)[: found.keep]
+    assert all(kept.count(f"`{name}`") == 1 for name in names)  # each finding once
+    assert "Risky Code" in kept
+    assert fed < len(start + numbered) // 2
 
 
 def test_ordinary_text_and_code_are_not_loops() -> None:
