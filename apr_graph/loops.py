@@ -108,6 +108,8 @@ class LoopDetector:
             if span > count:
                 continue
             tail = count - span
+            if words[-1] != words[-1 - period]:
+                continue  # the last word is in every check below: most periods end here
             if all(words[i] == words[i + period] for i in range(tail, count - period)):
                 start = tail
                 while start > 0 and words[start - 1] == words[start - 1 + period]:
