@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("task", help="the task; '-' reads it from standard input")
     ask.add_argument("--context", help="extra context the model may use")
     ask.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file the model may use, named by its path (repeat it for several); a thread "
+        "whose goal names some of the files reads only those (setting thread_documents)",
+    )
+    ask.add_argument(
         "--thread-id", help="checkpoint the run under this id, so 'apr resume ID' can finish it"
     )
 
@@ -133,6 +141,19 @@ def _read_task(task: str) -> str:
     if not task.strip():
         raise CliError('the task is empty: apr ask "your question"', EXIT_USAGE)
     return task
+
+
+def _read_files(paths: list[str]) -> dict[str, str]:
+    """The ``--file`` documents, each named by its path as given."""
+    documents = {}
+    for path in paths:
+        try:
+            documents[path] = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(
+                f"--file {path}: cannot read it as UTF-8 text ({exc})", EXIT_USAGE
+            ) from exc
+    return documents
 
 
 async def _run(
@@ -212,7 +233,15 @@ def _ask(args: argparse.Namespace) -> int:
     inputs: AprInput | None = None
     if not resuming:
         inputs = {"task": _read_task(args.task)}
-        if args.context:
+        if args.context and args.file:
+            raise CliError(
+                "--context and --file do not combine: put the text in a file and pass it "
+                "with --file too",
+                EXIT_USAGE,
+            )
+        if args.file:
+            inputs["context"] = _read_files(args.file)
+        elif args.context:
             inputs["context"] = args.context
     thread_id: str | None = args.thread_id
     db = args.db or default_db()

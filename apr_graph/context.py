@@ -149,6 +149,9 @@ class AprContext(BaseModel):
     warm_prefix: bool | None = None
     """Prime the server's prefix cache before a fan-out."""
 
+    thread_documents: Literal["named", "all"] | None = None
+    """Give each thread the context documents its goal names, or all of them."""
+
     max_tool_calls: int | None = Field(default=None, ge=0, le=64)
     """Tool calls one thread may make."""
 

@@ -12,7 +12,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
   (``depth``: 1 for a thread of the top-level plan). With ``"early": true`` it was sent while
   the plan was still being written (it may come before the ``plan`` event; see
-  ``AprSettings.stream_plan``). Every ``thread_started`` is closed by one
+  ``AprSettings.stream_plan``). With ``"documents": [names]`` it was given only those of the
+  context's documents (``AprSettings.thread_documents``). Every ``thread_started`` is closed by one
   ``thread_finished``, or by a ``thread_cancelled`` alone for a thread started early that
   the final plan has no place for.
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only

@@ -221,6 +221,15 @@ class AprSettings(BaseSettings):
     """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's
     prefix cache holds it when the threads arrive."""
 
+    thread_documents: Literal["named", "all"] = "named"
+    """When the context is named documents (``{"task": ..., "context": {"calc.py": "..."}}``):
+    ``named`` gives a thread only the documents its goal names (the whole context when it
+    names none, or all of them), ``all`` gives every thread the whole context. A thread that
+    reviews one of three files then reads one file, not three: on a CPU server, where every
+    thread reads its prompt itself, that is most of a fan-out's time; a thread does not see
+    what other documents say about its own (use ``all`` when the parts depend on each other).
+    The plan, the merge and a direct answer always read every document."""
+
     max_tool_calls: int = Field(default=4, ge=0, le=64)
     """Tool calls one thread may make (with ``create_apr_graph(tools=...)``)."""
 

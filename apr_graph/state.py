@@ -104,10 +104,12 @@ def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[T
 
 
 class AprInput(TypedDict, total=False):
-    """What a caller passes in: the task, and optional context the model may use."""
+    """What a caller passes in: the task, and optional context the model may use: a string,
+    or named documents (a mapping of name to text, e.g. files), of which each thread is given
+    the ones its goal names (``AprSettings.thread_documents``)."""
 
     task: str
-    context: str
+    context: str | dict[str, str]
 
 
 class ForkInput(AprInput, total=False):
@@ -209,7 +211,7 @@ class AprState(TypedDict, total=False):
     """The full graph state (input, output and the bookkeeping in between)."""
 
     task: str
-    context: str
+    context: str | dict[str, str]
     answer: str
     plan: PlanRecord
     threads: Annotated[list[ThreadRecord], merge_threads]
@@ -233,12 +235,15 @@ class WorkerInput(TypedDict):
     with N squared (15 MB for 256 threads)."""
 
     task: str
-    context: str
+    context: str | dict[str, str]
+    """The run's context; the worker node gives the thread its part (``thread_context``)."""
     merge: str
     width: int
     """Threads in the fan-out."""
     subtask: SubtaskRecord
     run_id: str
     depth: int
+    documents: NotRequired[list[str]]
+    """The context documents this thread was given, when its goal names some (not all)."""
     dependencies: NotRequired[list[ThreadRecord]]
     """Results of the subtask's dependencies, when the join sends a deferred thread again."""

@@ -138,7 +138,7 @@ def test_prefix_stats_equal_a_byte_comparison_of_the_whole_prompts() -> None:
     import os
 
     from apr_graph import AprSettings
-    from apr_graph.nodes.decompose import prefix_stats
+    from apr_graph.inputs import prefix_stats
     from apr_graph.plan import normalise_plan
     from apr_graph.plan_schema import Plan
     from apr_graph.prompts import shared_system, worker_messages

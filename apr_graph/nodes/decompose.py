@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,38 +17,24 @@ from apr_graph.budget import Budget, StoppedError
 from apr_graph.decide import after_plan, before_plan
 from apr_graph.errors import (
     BudgetExhaustedError,
-    InputError,
     ModelCallError,
     StructuredOutputError,
 )
 from apr_graph.events import emit
+from apr_graph.inputs import prefix_stats, read_input
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.direct import direct_answer
 from apr_graph.nodes.early import EarlyStarter
 from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_dependencies
 from apr_graph.plan_schema import Plan, plan_json_schema
-from apr_graph.prompts import planner_messages, shared_system, worker_messages
+from apr_graph.prompts import planner_messages, shared_system
 from apr_graph.router import Shape
 from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
-from apr_graph.state import AprState, CallRecord, PlanRecord, PrefixStats
+from apr_graph.state import AprState, CallRecord, PlanRecord
 
 __all__ = ["make_decompose", "normalise_plan", "read_input", "repair_dependencies"]
-
-
-def read_input(state: AprState) -> tuple[str, str]:
-    """The validated task and context of the graph input."""
-    task = state.get("task")
-    if not isinstance(task, str) or not task.strip():
-        raise InputError(
-            f"the graph input needs a non-empty 'task' string, got {task!r}: "
-            "invoke it with {'task': 'your question'}"
-        )
-    context = state.get("context") or ""
-    if not isinstance(context, str):
-        raise InputError(f"'context' must be a string, got {type(context).__name__}")
-    return task.strip(), context
 
 
 def make_decompose(
@@ -73,7 +57,9 @@ def make_decompose(
         board = RunBoard(uuid.uuid4().hex, budget, "synthesize", 0)
         boards.attach(board)
         try:
-            return await plan_run(client.for_run(settings), settings, task, context, depth, board)
+            return await plan_run(
+                client.for_run(settings), settings, task, context, depth, board, state
+            )
         except BaseException:  # failed or cancelled: the run is over, its board goes too
             boards.close(board.run_id, root=depth == 0)
             raise
@@ -85,6 +71,7 @@ def make_decompose(
         context: str,
         depth: int,
         board: RunBoard,
+        state: AprState,
     ) -> dict[str, Any]:
         started = time.time()
         calls: list[CallRecord] = []
@@ -97,8 +84,9 @@ def make_decompose(
         decision, shape = before_plan(
             task, context, settings, profile, width=capacity["limit"], depth=depth
         )
+        given = state.get("context") or ""
         if decision is None:
-            run = _Run(client, settings, task, context, depth, board, calls)
+            run = _Run(client, settings, task, context, given, depth, board, calls)
             normalised = await run_planner(run, width, capacity["limit"], profile, shape)
         else:
             normalised = direct_plan("", [])
@@ -107,7 +95,9 @@ def make_decompose(
             board.merge = normalised["merge"] or "synthesize"
             board.width = len(normalised["subtasks"])
             system = board.system or shared_system(task, context)  # set by the planner
-            normalised["prefix"] = prefix_stats(task, context, normalised, system)
+            normalised["prefix"] = prefix_stats(
+                task, context, normalised, system, given, settings.thread_documents
+            )
         emit(
             "plan",
             strategy=normalised["strategy"],
@@ -154,8 +144,11 @@ def make_decompose(
         messages = planner_messages(task, context, settings.max_threads, width, tools, labels)
 
         @functools.cache
-        def system_for(merge: str | None) -> str:
-            return shared_system(task, context, tools=bool(tools), merge=merge)
+        def system_for(merge: str | None, own: str | None = None) -> str:
+            """The threads' shared system message; ``own``: a thread's own documents."""
+            return shared_system(
+                task, context if own is None else own, tools=bool(tools), merge=merge
+            )
 
         board.system = system_for(None)  # the merge is not known yet: what a warm-up warms
         # The threads' shared prefix does not depend on the plan: warm it while planning.
@@ -170,7 +163,7 @@ def make_decompose(
             early=board.early,
             system=system_for,
             task=task,
-            context=context,
+            context=run.given,
             depth=depth,
             budget=budget,
             after=warm,
@@ -266,6 +259,8 @@ class _Run:
     settings: AprSettings
     task: str
     context: str
+    given: str | Mapping[str, str]
+    """The context as the input gave it (documents are split among threads)."""
     depth: int
     board: RunBoard
     calls: list[CallRecord]
@@ -325,32 +320,6 @@ def _unknown_width(url: str, limit: int) -> str:
     return (
         f"apr: {url} does not report how many requests it runs at once; sending up to "
         f"{limit} at a time (set max_concurrency to change it)"
-    )
-
-
-def prefix_stats(task: str, context: str, plan: PlanRecord, system: str) -> PrefixStats:
-    """How much of the fan-out's prompts is one shared prefix, byte for byte.
-
-    The threads' requests are ``[system, user]`` with one shared ``system``: their JSON
-    differs from the first byte of the user message on, so only the (short) user messages
-    are compared: O(N) for N threads, not N full prompts.
-    """
-    head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
-    users = [
-        json.dumps(
-            worker_messages(task, context, plan["merge"], subtask, system=system)[1],
-            ensure_ascii=False,
-        ).encode()
-        for subtask in plan["subtasks"]
-    ]
-    common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
-    before = len(head.encode()) + len(b", ")
-    shortest = before + min(len(u) for u in users) + len(b"]")
-    shared = shortest if len(set(users)) == 1 else before + len(common)
-    return PrefixStats(
-        shared_chars=shared,
-        shortest_prompt_chars=shortest,
-        shared_fraction=round(shared / shortest, 4) if shortest else 0.0,
     )
 
 

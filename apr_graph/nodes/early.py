@@ -24,7 +24,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from apr_graph.budget import Budget
 from apr_graph.events import emit
+from apr_graph.inputs import thread_context
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.worker import thread_call
 from apr_graph.plan import PlanPrefix
@@ -199,9 +200,9 @@ class EarlyStarter:
         settings: AprSettings,
         *,
         early: dict[str, EarlyCall],
-        system: Callable[[str | None], str],
+        system: Callable[[str | None, str | None], str],
         task: str,
-        context: str,
+        context: str | Mapping[str, str],
         depth: int,
         budget: Budget,
         after: asyncio.Future[None] | None = None,
@@ -302,7 +303,7 @@ class EarlyStarter:
                 and not subtask["fork"]
                 and not subtask["depends_on"]  # its request will carry the results it needs
                 and call.matches(
-                    worker_messages(self.task, self.context, plan["merge"], subtask, system=system),
+                    self._messages(plan["merge"], subtask, system),
                     subtask["max_tokens"] or self.settings.worker_max_tokens,
                     subtask,
                 )
@@ -317,9 +318,26 @@ class EarlyStarter:
                 held.add(sid)
         return held
 
+    def _messages(
+        self, merge: str | None, subtask: SubtaskRecord, system: str | None = None
+    ) -> list[Message]:
+        """The thread's request, as its worker node would send it (the same documents);
+        ``system``: the shared system message, when the caller has it."""
+        context, documents = thread_context(
+            self.context, subtask["goal"], self.settings.thread_documents
+        )
+        if documents is not None:
+            system = self.system(merge, context)
+        elif system is None:
+            system = self.system(merge, None)
+        return worker_messages(self.task, context, merge, subtask, system=system)
+
+    def _documents(self, subtask: SubtaskRecord) -> dict[str, list[str]]:
+        names = thread_context(self.context, subtask["goal"], self.settings.thread_documents)[1]
+        return {} if names is None else {"documents": names}
+
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
-        system = self.system(plan["merge"])
-        messages = worker_messages(self.task, self.context, plan["merge"], subtask, system=system)
+        messages = self._messages(plan["merge"], subtask)
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
@@ -349,6 +367,7 @@ class EarlyStarter:
             at=started,
             depth=self.depth + 1,
             early=True,
+            **self._documents(subtask),
         )
 
     async def _after(self, call: EarlyCall) -> Completion:

@@ -27,10 +27,10 @@ from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError
 from apr_graph.events import emit
+from apr_graph.inputs import read_input
 from apr_graph.llm import LLMClient
 from apr_graph.native import FORMATS, NativeFormat, NativeProtocolError, Outline, final_answer
 from apr_graph.nodes._records import call_record
-from apr_graph.nodes.decompose import read_input
 from apr_graph.responses import LOOPED
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, NativeBlock, PlanRecord, ThreadRecord

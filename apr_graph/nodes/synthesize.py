@@ -20,6 +20,7 @@ from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
 from apr_graph.events import answer_emitter, emit
+from apr_graph.inputs import render_context
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.plan import plan_of
@@ -159,7 +160,7 @@ async def _merge(
     calls: list[CallRecord],
     merge: str,
 ) -> str:
-    task, context = state.get("task", ""), state.get("context", "") or ""
+    task, context = state.get("task", ""), render_context(state.get("context") or "")
     plan = plan_of(state)
     if merge == "concat":
         return concatenate(threads)

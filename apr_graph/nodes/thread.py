@@ -44,6 +44,10 @@ class Thread:
     completion_tokens: int = 0
     attempts: int = 0
     looped: LoopRecord | None = None
+    context: str = ""
+    """The context this thread is given, rendered (``prompts.thread_context``)."""
+    documents: list[str] | None = None
+    """The names of its documents, when it is given a part of the context's documents."""
 
     @property
     def subtask(self) -> SubtaskRecord:
@@ -111,7 +115,7 @@ async def fork_thread(
 ) -> dict[str, Any]:
     """Run the same graph on this subtask, one level deeper, and fold its result back."""
     payload, sid = thread.payload, thread.subtask["id"]
-    context = payload["context"]
+    context = thread.context
     if dependencies:
         context += "\n\n" + "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
     thread.attempts = 1

@@ -26,6 +26,7 @@ from apr_graph.errors import (
     ServerCapabilityError,
 )
 from apr_graph.events import emit, token_emitter
+from apr_graph.inputs import render_context, thread_context
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.goal_call import goal_call
@@ -88,7 +89,17 @@ def make_worker(
         board = boards.get(payload["run_id"]) or boards.revive(
             settings, payload["run_id"], merge=payload["merge"], width=payload["width"]
         )
+        if board.system is None:  # a run resumed in a new process: the whole context's
+            board.system = shared_system(
+                payload["task"],
+                render_context(payload["context"]),
+                tools=bool(tools),
+                merge=payload["merge"],
+            )
         thread = Thread(payload, time.time(), [])
+        thread.context, thread.documents = thread_context(
+            payload["context"], thread.subtask["goal"], settings.thread_documents
+        )
         sid = thread.subtask["id"]
         try:
             dependencies = await dependencies_of(board, payload)
@@ -108,6 +119,7 @@ def make_worker(
                 goal=thread.subtask["goal"],
                 at=thread.started,
                 depth=payload["depth"] + 1,
+                **({} if thread.documents is None else {"documents": thread.documents}),
             )
         done_deps = [
             (d["id"], d["goal"], d["answer"] or "") for d in dependencies if d["status"] == "done"
@@ -138,9 +150,10 @@ async def _solve(
     rejected: str | None = None
     widened: int | None = None  # the allowance of the one retry of a tool thread cut off
     partial: str | None = None  # a reply cut off by its limit, which the next request continues
-    if board.system is None:
-        board.system = shared_system(
-            payload["task"], payload["context"], tools=bool(tools), merge=payload["merge"]
+    system = board.system or ""
+    if thread.documents is not None:  # its own documents: a prefix of its own
+        system = shared_system(
+            payload["task"], thread.context, tools=bool(tools), merge=payload["merge"]
         )
     call = (
         goal_call(subtask["goal"], tools) if tools and not (dependencies or must_verify) else None
@@ -160,12 +173,12 @@ async def _solve(
         thread.attempts += 1
         messages = worker_messages(
             payload["task"],
-            payload["context"],
+            thread.context,
             payload["merge"],
             subtask,
             dependencies=dependencies,
             rejected=rejected,
-            system=board.system,
+            system=system,
         )
         if partial is not None:
             messages = continuation_messages(messages, partial)
@@ -368,7 +381,7 @@ async def _verify(
     payload = thread.payload
     messages = verifier_messages(
         payload["task"],
-        payload["context"],
+        thread.context,
         thread.subtask,
         text,
         system=board.system,

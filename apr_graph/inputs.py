@@ -1,0 +1,153 @@
+"""The run's input: its task and context, and the part of the context each thread is given.
+
+A context is a string, or named documents (a mapping of name to text, e.g. the files of a
+code review). The plan, the merge and a direct answer read all of it; a thread whose goal
+names some of the documents reads only those (``AprSettings.thread_documents``): a thread
+that reviews one of three files then reads one file, not three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+
+from apr_graph.errors import InputError
+from apr_graph.prompts import quote, shared_system, worker_messages
+from apr_graph.state import AprState, PlanRecord, PrefixStats
+
+__all__ = ["documents_named", "prefix_stats", "read_input", "render_context", "thread_context"]
+
+
+def read_input(state: AprState) -> tuple[str, str]:
+    """The validated task and context of the graph input, the context as prompts carry it
+    (``render_context``)."""
+    task = state.get("task")
+    if not isinstance(task, str) or not task.strip():
+        raise InputError(
+            f"the graph input needs a non-empty 'task' string, got {task!r}: "
+            "invoke it with {'task': 'your question'}"
+        )
+    context = state.get("context") or ""
+    if isinstance(context, Mapping):
+        for name, text in context.items():
+            if not isinstance(name, str) or not name.strip() or not isinstance(text, str):
+                raise InputError(
+                    "'context' as documents maps each non-empty name to its text, got "
+                    f"{name!r}: {type(text).__name__}"
+                )
+    elif not isinstance(context, str):
+        raise InputError(
+            "'context' must be a string or a mapping of document names to texts, got "
+            f"{type(context).__name__}"
+        )
+    return task.strip(), render_context(context)
+
+
+def render_context(context: str | Mapping[str, str]) -> str:
+    """The context as the prompts carry it: a string as it is; named documents (a mapping of
+    name to text, e.g. files) one after the other, each inside a ``<document name="...">``
+    tag, so a model can tell them apart and cite them by name."""
+    if isinstance(context, str):
+        return context
+    return "\n".join(
+        f'<document name="{quote(name).replace(chr(34), "&quot;")}">\n{quote(text)}\n</document>'
+        for name, text in context.items()
+    )
+
+
+def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
+    """The names of the ``documents`` that ``goal`` names, in the documents' order: a name
+    counts when it appears as a whole word, in any case, either whole or as its last path
+    part (``src/calc.py`` is named by "calc.py" when no other document ends so).
+
+    A thread is given these documents only (``AprSettings.thread_documents``); a goal that
+    names none, or all, gets the whole context.
+    """
+    tails: dict[str, list[str]] = {}
+    for name in documents:
+        tails.setdefault(re.split(r"[\\/]", name)[-1].lower(), []).append(name)
+    named = []
+    for name in documents:
+        tail = re.split(r"[\\/]", name)[-1]
+        forms = {name.lower()} | ({tail.lower()} if len(tails[tail.lower()]) == 1 else set())
+        if any(
+            re.search(rf"(?<![\w./\\-]){re.escape(form)}(?![\w/\\-]|\.\w)", goal.lower())
+            for form in forms
+            if form
+        ):
+            named.append(name)
+    return named
+
+
+def thread_context(
+    context: str | Mapping[str, str] | None, goal: str, documents: str = "named"
+) -> tuple[str, list[str] | None]:
+    """The context one thread is given, rendered, and the names of its documents when that
+    is a part of them: with ``documents="named"``, a goal that names some but not all of the
+    context's documents gets those only (``documents_named``); otherwise the whole context.
+    A context of one string is always given whole."""
+    if isinstance(context, str):
+        return context, None
+    if not context:
+        return "", None
+    if documents == "named":
+        names = documents_named(context, goal)
+        if names and len(names) < len(context):
+            return render_context({name: context[name] for name in names}), names
+    return render_context(context), None
+
+
+def prefix_stats(
+    task: str,
+    context: str,
+    plan: PlanRecord,
+    system: str,
+    given: str | Mapping[str, str] = "",
+    documents: str = "all",
+) -> PrefixStats:
+    """How much of the fan-out's prompts is one shared prefix, byte for byte.
+
+    The threads' requests are ``[system, user]`` with one shared ``system``: their JSON
+    differs from the first byte of the user message on, so only the (short) user messages
+    are compared: O(N) for N threads, not N full prompts. Threads given documents of their
+    own (``given``, ``documents``: see ``thread_context``) have systems of their own: their
+    whole prompts are compared.
+    """
+    own = [thread_context(given, s["goal"], documents) for s in plan["subtasks"]]
+    if any(names is not None for _, names in own):
+        prompts = [
+            json.dumps(
+                worker_messages(
+                    task, text, plan["merge"], subtask, system=shared_system(task, text)
+                )
+                if names is not None
+                else worker_messages(task, context, plan["merge"], subtask, system=system),
+                ensure_ascii=False,
+            ).encode()
+            for subtask, (text, names) in zip(plan["subtasks"], own, strict=True)
+        ]
+        shared, shortest = len(os.path.commonprefix(prompts)), min(len(p) for p in prompts)  # noqa: RUF071
+        return PrefixStats(
+            shared_chars=shared,
+            shortest_prompt_chars=shortest,
+            shared_fraction=round(shared / shortest, 4) if shortest else 0.0,
+        )
+    head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
+    users = [
+        json.dumps(
+            worker_messages(task, context, plan["merge"], subtask, system=system)[1],
+            ensure_ascii=False,
+        ).encode()
+        for subtask in plan["subtasks"]
+    ]
+    common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
+    before = len(head.encode()) + len(b", ")
+    shortest = before + min(len(u) for u in users) + len(b"]")
+    shared = shortest if len(set(users)) == 1 else before + len(common)
+    return PrefixStats(
+        shared_chars=shared,
+        shortest_prompt_chars=shortest,
+        shared_fraction=round(shared / shortest, 4) if shortest else 0.0,
+    )

@@ -1,0 +1,157 @@
+"""A context of named documents: each thread reads the documents its goal names."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apr_graph import InputError, compile_apr_graph
+from apr_graph.testing import Reply, Rule
+from tests.conftest import CliRunner, ServerFactory, settings_for
+from tests.test_graph import echo_worker, merge_synth
+
+TASK = "Review calculator.py and dataset.py for bugs, then say how the two fit together."
+DOCUMENTS = {
+    "calculator.py": "def mean(xs):\n    return sum(xs) / len(xs)  # CALC-BODY\n",
+    "src/dataset.py": "class Dataset:\n    rows = []  # DATA-BODY\n",
+}
+PLAN = {
+    "strategy": "parallel",
+    "merge": "synthesize",
+    "subtasks": [
+        {"id": "s1", "goal": "Review calculator.py for bugs"},
+        {"id": "s2", "goal": "Review dataset.py for bugs"},
+        {"id": "s3", "goal": "Say how the two files fit together"},
+    ],
+}
+
+
+def _server(make_server: ServerFactory) -> Any:
+    return make_server(
+        [Rule(role="planner", reply=Reply(content=PLAN)), echo_worker(), merge_synth()]
+    )
+
+
+def _worker_text(server: Any) -> dict[str, str]:
+    """Each thread's whole request as text, by the goal in its last message."""
+    out = {}
+    for request in server.chat_requests("worker"):
+        goal = request.last_user_message.split(":", 1)[1].splitlines()[0].strip()
+        out[goal] = json.dumps(request.messages)
+    return out
+
+
+async def test_a_thread_reads_only_the_documents_its_goal_names(
+    make_server: ServerFactory,
+) -> None:
+    server = _server(make_server)
+    app = compile_apr_graph(settings=settings_for(server))
+    events: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    async for mode, chunk in app.astream(
+        {"task": TASK, "context": DOCUMENTS}, stream_mode=["custom", "values"]
+    ):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            result = chunk
+    sent = _worker_text(server)
+    assert len(sent) == 3  # early-started threads were adopted, not sent again
+    calc, data, both = (
+        sent["Review calculator.py for bugs"],
+        sent["Review dataset.py for bugs"],
+        sent["Say how the two files fit together"],
+    )
+    assert "CALC-BODY" in calc
+    assert "DATA-BODY" not in calc
+    # "dataset.py" names the document "src/dataset.py" by its last path part.
+    assert "DATA-BODY" in data
+    assert "CALC-BODY" not in data
+    assert '<document name=\\"src/dataset.py\\">' in data
+    assert "CALC-BODY" in both
+    assert "DATA-BODY" in both
+    # The plan and the merge read every document.
+    for role in ("planner", "synthesizer"):
+        text = json.dumps(server.chat_requests(role)[0].messages)
+        assert "CALC-BODY" in text
+        assert "DATA-BODY" in text
+    started = {e["id"]: e.get("documents") for e in events if e["event"] == "thread_started"}
+    assert started == {"s1": ["calculator.py"], "s2": ["src/dataset.py"], "s3": None}
+    # The shared-prefix figure is still a byte comparison of the whole prompts.
+    prompts = [json.dumps(r.messages).encode() for r in server.chat_requests("worker")]
+    shared = len(os.path.commonprefix(prompts))  # noqa: RUF071
+    fraction = round(shared / min(len(p) for p in prompts), 4)
+    assert result["metrics"]["shared_prefix_fraction"] == pytest.approx(fraction, abs=0.02)
+    assert "result(Review calculator.py for bugs)" in result["answer"]
+
+
+@pytest.mark.parametrize("stream_plan", [True, False])
+async def test_thread_documents_all_gives_every_thread_the_whole_context(
+    make_server: ServerFactory, stream_plan: bool
+) -> None:
+    server = _server(make_server)
+    app = compile_apr_graph(settings=settings_for(server, stream_plan=stream_plan))
+    await app.ainvoke({"task": TASK, "context": DOCUMENTS}, context={"thread_documents": "all"})
+    sent = _worker_text(server)
+    assert len(sent) == 3
+    assert all("CALC-BODY" in text and "DATA-BODY" in text for text in sent.values())
+
+
+async def test_a_string_context_is_given_whole(make_server: ServerFactory) -> None:
+    server = _server(make_server)
+    app = compile_apr_graph(settings=settings_for(server))
+    await app.ainvoke({"task": TASK, "context": "calculator.py: CALC-BODY; dataset.py: DATA-BODY"})
+    assert all("CALC-BODY" in t and "DATA-BODY" in t for t in _worker_text(server).values())
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"a.py": 3}, "maps each non-empty name to its text"),
+        ({" ": "text"}, "maps each non-empty name to its text"),
+        (["a.py"], "a string or a mapping of document names to texts, got list"),
+    ],
+)
+async def test_a_bad_context_is_a_clear_error(
+    make_server: ServerFactory, context: Any, message: str
+) -> None:
+    server = _server(make_server)
+    app = compile_apr_graph(settings=settings_for(server))
+    with pytest.raises(InputError, match=message):
+        await app.ainvoke({"task": TASK, "context": context})
+    assert server.chat_requests() == []
+
+
+def test_apr_ask_takes_files_as_documents(
+    make_server: ServerFactory, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    server = _server(make_server)
+    calc = tmp_path / "calculator.py"
+    calc.write_text(DOCUMENTS["calculator.py"])
+    data = tmp_path / "dataset.py"
+    data.write_text(DOCUMENTS["src/dataset.py"])
+    done = run_cli(
+        "ask", "--base-url", server.base_url, "--model", "test-model",
+        "--file", str(calc), "--file", str(data), TASK,
+    )  # fmt: skip
+    assert done.code == 0, done.err
+    sent = _worker_text(server)
+    assert "DATA-BODY" not in sent["Review calculator.py for bugs"]
+    assert f'<document name=\\"{calc}\\">' in sent["Review calculator.py for bugs"]
+
+
+def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> None:
+    done = run_cli("ask", "--file", str(tmp_path / "missing.py"), "x")
+    assert done.code == 2
+    assert "--file" in done.err
+    assert "missing.py" in done.err
+    assert "Traceback" not in done.err
+    note = tmp_path / "n.txt"
+    note.write_text("n")
+    done = run_cli("ask", "--file", str(note), "--context", "more", "x")
+    assert done.code == 2
+    assert "--context and --file do not combine" in done.err
