@@ -17,7 +17,14 @@ from apr_graph.errors import InputError
 from apr_graph.prompts import quote, shared_system, worker_messages
 from apr_graph.state import AprState, PlanRecord, PrefixStats
 
-__all__ = ["documents_named", "prefix_stats", "read_input", "render_context", "thread_context"]
+__all__ = [
+    "documents_named",
+    "planner_view",
+    "prefix_stats",
+    "read_input",
+    "render_context",
+    "thread_context",
+]
 
 
 def read_input(state: AprState) -> tuple[str, str]:
@@ -97,6 +104,29 @@ def thread_context(
         if names and len(names) < len(context):
             return render_context({name: context[name] for name in names}), names
     return render_context(context), None
+
+
+def planner_view(context: str | Mapping[str, str], chars: int | None) -> tuple[str, bool]:
+    """The context as the planner reads it, and whether that is only a part of it.
+
+    Named documents longer than ``chars`` are shown by their beginning (cut at a line end),
+    with their full size: the planner decides and splits by what the documents are, and
+    reading all of them would put their whole prefill before the first thread starts (a
+    string context, or ``chars=None``, is read whole).
+    """
+    if isinstance(context, str) or chars is None:
+        return render_context(context), False
+    if all(len(text) <= chars for text in context.values()):
+        return render_context(context), False
+    parts = []
+    for name, text in context.items():
+        head = text if len(text) <= chars else text[:chars].rsplit("\n", 1)[0] + "\n[...]"
+        size = f'lines="{text.count(chr(10)) + 1}" chars="{len(text)}"'
+        parts.append(
+            f'<document name="{quote(name).replace(chr(34), "&quot;")}" {size}>\n'
+            f"{quote(head)}\n</document>"
+        )
+    return "\n".join(parts), True
 
 
 def prefix_stats(

@@ -173,7 +173,9 @@ WORKING_MAX_CHARS = 400
 calculation or a recalled fact, not for a chain of thought."""
 
 
-def plan_json_schema(max_threads: int, labels: list[str] | None = None) -> dict[str, Any]:
+def plan_json_schema(
+    max_threads: int, labels: list[str] | None = None, *, answer: bool = True
+) -> dict[str, Any]:
     """The JSON schema sent to the server: a direct answer *or* bounded subtasks.
 
     Two alternatives instead of one object with optional fields: a constrained decoder then
@@ -183,6 +185,8 @@ def plan_json_schema(max_threads: int, labels: list[str] | None = None) -> dict[
 
     ``labels``: the labelled parts of the task (``["a", "b", "c"]``); each subtask is then
     one of them, written as its label (``"(b)"``), and its thread is given that part's text.
+    ``answer=False``: a direct plan is ``{"strategy": "direct"}`` alone (the planner did not
+    read the whole context, so another call answers).
     """
     number = {"type": "integer", "minimum": 1, "maximum": max_threads}
     goal: dict[str, Any] = (
@@ -190,10 +194,18 @@ def plan_json_schema(max_threads: int, labels: list[str] | None = None) -> dict[
         if labels
         else {"type": "string", "maxLength": 600}
     )
+    direct: dict[str, Any] = {
+        "type": "object",
+        "properties": {"strategy": {"type": "string", "enum": ["direct"]}},
+        "required": ["strategy"],
+        "additionalProperties": False,
+    }
     return {
         "title": "Plan",
         "anyOf": [
-            {
+            direct
+            if not answer
+            else {
                 "type": "object",
                 # The working before the answer: asked for the answer alone, a 1.5B model got
                 # 26 of 40 general one-step questions right (84 + 55 -> "149"); with a short

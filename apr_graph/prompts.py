@@ -71,6 +71,11 @@ written as its label alone: its thread is given that part's text."""
 """In the user message, after the task, so that the system message stays the same for every
 task (one cached prefix)."""
 
+_PLANNER_PARTIAL = """
+
+The documents are shown in part (their beginning and size). To answer the task directly,
+write only strategy "direct": another call answers it with every document whole."""
+
 _SHARED_SYSTEM = """\
 You are one part of a parallel reasoning system. The task below was split into independent
 subtasks, each solved by its own thread at the same time; the results are merged at the end.
@@ -206,12 +211,15 @@ def planner_messages(
     width: int | None = None,
     tools: list[tuple[str, str]] | None = None,
     labels: list[str] | None = None,
+    partial: bool = False,
 ) -> list[Message]:
     """Messages of the decompose call; the system message is the same for every task.
 
     ``width``: how many requests the server runs at once, when it said so. ``tools``: the
     (name, description) of the tools the threads may call. ``labels``: the task's labelled
-    parts, which a parallel plan names by label (see ``plan_json_schema``).
+    parts, which a parallel plan names by label (see ``plan_json_schema``). ``partial``: the
+    context's documents are shown in part (``inputs.planner_view``): the planner does not
+    answer itself.
     """
     note = (
         f"The server runs {width} threads at once; more subtasks than that wait in line.\n"
@@ -225,6 +233,8 @@ def planner_messages(
     user = _task_block(task, context)
     if labels:
         user += _PLANNER_LABELS.format(labels=", ".join(f"({label})" for label in labels))
+    if partial:
+        user += _PLANNER_PARTIAL
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": user},

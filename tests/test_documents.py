@@ -155,3 +155,64 @@ def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> No
     done = run_cli("ask", "--file", str(note), "--context", "more", "x")
     assert done.code == 2
     assert "--context and --file do not combine" in done.err
+
+
+LONG = {
+    "calculator.py": "def mean(xs):\n    return sum(xs) / len(xs)\n" + "# CALC-TAIL\n" * 80,
+    "dataset.py": "class Dataset:\n    rows = []\n" + "# DATA-TAIL\n" * 80,
+}
+
+
+def _direct_then_answer(make_server: ServerFactory, plan: dict[str, Any]) -> Any:
+    """A planner that answers ``plan``; the direct call after it answers "DIRECT"."""
+
+    def reply(request: Any) -> Reply:
+        if "You are the planner" in request.messages[0]["content"]:
+            return Reply(content=plan)
+        return Reply(content="DIRECT")
+
+    return make_server([Rule(role="planner", reply=reply)])
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [{"strategy": "direct"}, {"strategy": "direct", "working": "-", "answer": "from the head"}],
+)
+async def test_the_planner_reads_long_documents_in_part_and_never_answers_them(
+    make_server: ServerFactory, plan: dict[str, Any]
+) -> None:
+    server = _direct_then_answer(make_server, plan)
+    app = compile_apr_graph(settings=settings_for(server))
+    result = await app.ainvoke({"task": "Review calculator.py and dataset.py", "context": LONG})
+    planner, direct = server.chat_requests("planner")
+    seen = json.dumps(planner.messages)
+    assert "def mean(xs)" in seen  # each document's beginning, name and size
+    assert "CALC-TAIL" in seen
+    assert seen.count("CALC-TAIL") < 60
+    assert f'chars=\\"{len(LONG["calculator.py"])}\\"' in seen
+    assert "shown in part" in seen
+    # The plan's schema offers no answer of its own: a direct answer reads every document.
+    direct_choice = planner.body["response_format"]["json_schema"]["schema"]["anyOf"][0]
+    assert direct_choice["required"] == ["strategy"]
+    assert json.dumps(direct.messages).count("CALC-TAIL") == 80
+    assert result["answer"] == "DIRECT"
+
+
+async def test_the_planner_reads_short_documents_whole_and_may_answer(
+    make_server: ServerFactory,
+) -> None:
+    server = _direct_then_answer(make_server, {"strategy": "direct", "working": "-", "answer": "A"})
+    app = compile_apr_graph(settings=settings_for(server))
+    result = await app.ainvoke({"task": "Review calculator.py", "context": DOCUMENTS})
+    assert len(server.chat_requests()) == 1
+    assert "CALC-BODY" in json.dumps(server.chat_requests()[0].messages)
+    assert result["answer"] == "A"
+    # planner_document_chars=None reads long ones whole too, per run.
+    server = _direct_then_answer(make_server, {"strategy": "direct", "working": "-", "answer": "B"})
+    app = compile_apr_graph(settings=settings_for(server))
+    result = await app.ainvoke(
+        {"task": "Review calculator.py", "context": LONG},
+        context={"planner_document_chars": None},
+    )
+    assert json.dumps(server.chat_requests()[0].messages).count("CALC-TAIL") == 80
+    assert result["answer"] == "B"

@@ -21,7 +21,7 @@ from apr_graph.errors import (
     StructuredOutputError,
 )
 from apr_graph.events import emit
-from apr_graph.inputs import prefix_stats, read_input
+from apr_graph.inputs import planner_view, prefix_stats, read_input
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.direct import direct_answer
@@ -141,7 +141,10 @@ def make_decompose(
         started = time.time()
         budget = board.budget
         labels = _labels(task, settings, tools)
-        messages = planner_messages(task, context, settings.max_threads, width, tools, labels)
+        view, partial = planner_view(run.given, settings.planner_document_chars)
+        messages = planner_messages(
+            task, view, settings.max_threads, width, tools, labels, partial=partial
+        )
 
         @functools.cache
         def system_for(merge: str | None, own: str | None = None) -> str:
@@ -174,7 +177,7 @@ def make_decompose(
                     messages,
                     Plan,
                     role="planner",
-                    schema=plan_json_schema(settings.max_threads, labels),
+                    schema=plan_json_schema(settings.max_threads, labels, answer=not partial),
                     budget=budget,
                     progress=starter.progress if start_early and settings.stream_plan else None,
                 )
@@ -183,6 +186,8 @@ def make_decompose(
             normalised = normalise_plan(
                 plan, settings, depth=depth, slots=starter.slots(), task=task
             )
+            if partial and normalised["strategy"] == "direct":
+                normalised["answer"] = ""  # written without the documents: one call that reads them
             decision = after_plan(
                 normalised,
                 task,

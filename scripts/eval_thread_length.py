@@ -1,0 +1,178 @@
+"""How long threads write against one plain call on the whole task, per wording of the
+threads' instructions (development material of our own, never the bench's or an issue's
+tasks).
+
+Not a test: it needs a running model server and takes minutes on a CPU.
+
+    python scripts/eval_thread_length.py --base-url http://127.0.0.1:8090/v1 --model qwen \\
+        --wordings now,part --out /tmp/lengths.json
+
+Each task has labelled parts; each part is answered with the request a thread of a
+``concat`` plan sends (``prompts.worker_messages``, the shared system message with the
+wording's instructions), and the whole task by one plain call (``prompts.direct_messages``).
+A fan-out on a CPU server costs about its longest thread (and every thread's prompt): a
+thread that writes more than the plain call's answer to the whole task loses the time the
+fork was for. Reported per wording: the longest thread and the threads' sum, each over the
+plain call's tokens (median over tasks), and replies cut by their limit. Temperature 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from apr_graph.inputs import render_context
+from apr_graph.plan import labelled_parts
+from apr_graph.prompts import direct_messages, shared_system, worker_messages
+from apr_graph.state import SubtaskRecord
+
+_STACK = '''class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, x):
+        self.items.append(x)
+    def pop(self):
+        return self.items.pop(0)
+    def peek(self):
+        return self.items[len(self.items)]
+'''
+_CACHE = '''import time
+_cache = {}
+def cached(key, compute, ttl=60):
+    if key in _cache and time.time() - _cache[key][1] < ttl:
+        return _cache[key][0]
+    value = compute()
+    _cache[key] = (value, time.time())
+    return value
+def clear():
+    _cache = {}
+'''
+_PARSE = '''def parse_price(text):
+    text = text.replace("$", "").replace(",", ".")
+    return float(text)
+def total(prices):
+    t = 0
+    for p in prices:
+        t += parse_price(p)
+    return round(t)
+'''
+
+TASKS: list[dict[str, Any]] = [
+    {"task": "Explain how each sorting algorithm works and when to use it: (a) quicksort "
+     "(b) merge sort (c) heap sort."},
+    {"task": "Compare these languages for writing a command-line tool: (a) Python (b) Go "
+     "(c) Rust."},
+    {"task": "Give a first-time visitor practical tips for (a) Tokyo (b) Lisbon (c) Chicago."},
+    {"task": "For a small web service, describe good practice for (a) caching (b) logging "
+     "(c) error handling."},
+    {"task": "Suggest unit tests for (a) a stack class (b) a queue class (c) an LRU cache."},
+    {"task": "Summarise the main causes of (a) the French Revolution (b) the First World War "
+     "(c) the 2008 financial crisis."},
+    {"task": "Review these files for bugs and unclear names: (a) stack.py (b) cache.py "
+     "(c) prices.py. Give the findings for each file, most serious first.",
+     "context": {"stack.py": _STACK, "cache.py": _CACHE, "prices.py": _PARSE}},
+    {"task": "Explain each concept with a short example: (a) recursion (b) closures "
+     "(c) generators in Python."},
+]
+
+_NOW = "Be concise: give the reasoning that matters, then the result."
+WORDINGS: dict[str, str] = {
+    "now": _NOW,
+    "part": (
+        "Be concise: your result is one part of the final answer, beside the other threads' "
+        "results, so make it as long as that part of one complete answer: the reasoning that "
+        "matters, then the result; no introduction, no summary, no copy of the context."
+    ),
+    "brief": (
+        "Be brief: give the reasoning that matters, then the result; do not restate the task, "
+        "do not rewrite the context, do not repeat yourself."
+    ),
+}
+
+
+def thread_messages(item: dict[str, Any], label: str, wording: str) -> list[dict[str, str]]:
+    task, context = item["task"], item.get("context") or ""
+    subtask: SubtaskRecord = {
+        "id": f"s{label}",
+        "goal": f"({label}) {labelled_parts(task)[label]}",
+        "depends_on": [],
+        "fork": False,
+        "max_tokens": None,
+    }
+    from apr_graph.inputs import thread_context
+
+    given, _ = thread_context(context, subtask["goal"])
+    system = shared_system(task, given, merge="concat").replace(_NOW, WORDINGS[wording])
+    return worker_messages(task, given, "concat", subtask, system=system)
+
+
+async def complete(
+    client: httpx.AsyncClient, args: argparse.Namespace, messages: Any, max_tokens: int
+) -> dict[str, Any]:
+    body = {"model": args.model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
+    reply = (await client.post(f"{args.base_url}/chat/completions", json=body)).json()
+    choice = reply["choices"][0]
+    return {
+        "text": choice["message"]["content"],
+        "tokens": reply["usage"]["completion_tokens"],
+        "cut": choice["finish_reason"] == "length",
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--wordings", default="now,part,brief")
+    parser.add_argument("--tasks", type=int, default=len(TASKS))
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    args = parser.parse_args()
+    names = args.wordings.split(",")
+    gate = asyncio.Semaphore(args.concurrency)
+    results: list[dict[str, Any]] = []
+
+    async def one(client: httpx.AsyncClient, index: int, kind: str, label: str, msgs: Any) -> None:
+        async with gate:
+            out = await complete(client, args, msgs, args.max_tokens)
+        results.append({"task": index, "kind": kind, "label": label, **out})
+        print(f"task {index} {kind:6} {label or '-':2} {out['tokens']:5} tokens", flush=True)
+
+    async with httpx.AsyncClient(timeout=900) as client:
+        jobs = []
+        for index, item in enumerate(TASKS[: args.tasks]):
+            context = render_context(item.get("context") or "")
+            jobs.append(one(client, index, "plain", "", direct_messages(item["task"], context)))
+            for label in labelled_parts(item["task"]):
+                for name in names:
+                    jobs.append(one(client, index, name, label, thread_messages(item, label, name)))
+        await asyncio.gather(*jobs)
+    summary = {}
+    for name in names:
+        longest, total, cut = [], [], 0
+        for index in range(min(args.tasks, len(TASKS))):
+            plain = next(r for r in results if r["task"] == index and r["kind"] == "plain")
+            threads = [r for r in results if r["task"] == index and r["kind"] == name]
+            longest.append(max(r["tokens"] for r in threads) / plain["tokens"])
+            total.append(sum(r["tokens"] for r in threads) / plain["tokens"])
+            cut += sum(r["cut"] for r in threads)
+        summary[name] = {
+            "longest_over_plain_median": round(statistics.median(longest), 2),
+            "longest_over_plain_max": round(max(longest), 2),
+            "sum_over_plain_median": round(statistics.median(total), 2),
+            "tasks_longest_over_1_5": sum(x > 1.5 for x in longest),
+            "threads_cut": cut,
+        }
+    args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
