@@ -71,11 +71,6 @@ written as its label alone: its thread is given that part's text."""
 """In the user message, after the task, so that the system message stays the same for every
 task (one cached prefix)."""
 
-_PLANNER_PARTIAL = """
-
-The documents are shown in part (their beginning and size). To answer the task directly,
-write only strategy "direct": another call answers it with every document whole."""
-
 _SHARED_SYSTEM = """\
 You are one part of a parallel reasoning system. The task below was split into independent
 subtasks, each solved by its own thread at the same time; the results are merged at the end.
@@ -211,15 +206,12 @@ def planner_messages(
     width: int | None = None,
     tools: list[tuple[str, str]] | None = None,
     labels: list[str] | None = None,
-    partial: bool = False,
 ) -> list[Message]:
     """Messages of the decompose call; the system message is the same for every task.
 
     ``width``: how many requests the server runs at once, when it said so. ``tools``: the
     (name, description) of the tools the threads may call. ``labels``: the task's labelled
-    parts, which a parallel plan names by label (see ``plan_json_schema``). ``partial``: the
-    context's documents are shown in part (``inputs.planner_view``): the planner does not
-    answer itself.
+    parts, which a parallel plan names by label (see ``plan_json_schema``).
     """
     note = (
         f"The server runs {width} threads at once; more subtasks than that wait in line.\n"
@@ -233,8 +225,6 @@ def planner_messages(
     user = _task_block(task, context)
     if labels:
         user += _PLANNER_LABELS.format(labels=", ".join(f"({label})" for label in labels))
-    if partial:
-        user += _PLANNER_PARTIAL
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": user},
@@ -373,7 +363,10 @@ def synthesizer_messages(
 
 def direct_messages(task: str, context: str, system: str | None = None) -> list[Message]:
     """Messages of a direct answer: the task whole, as the user's own message; a context
-    follows it as quoted data. ``system``: the instructions (``DIRECT_SYSTEM`` by default)."""
+    comes before it as quoted data, so the task is the last thing the model reads. Asked to
+    review three files of 1,400 tokens with the task first, a 1.5B model answered "Final
+    answer: None" (5 tokens); with the files first, a review (481 tokens).
+    ``system``: the instructions (``DIRECT_SYSTEM`` by default)."""
     system = system or DIRECT_SYSTEM
     if not context:
         return [
@@ -382,5 +375,5 @@ def direct_messages(task: str, context: str, system: str | None = None) -> list[
         ]
     return [
         {"role": "system", "content": system + _DIRECT_CONTEXT},
-        {"role": "user", "content": f"{task}\n\n<context>\n{quote(context)}\n</context>"},
+        {"role": "user", "content": f"<context>\n{quote(context)}\n</context>\n\n{task}"},
     ]

@@ -142,9 +142,10 @@ def make_decompose(
         budget = board.budget
         labels = _labels(task, settings, tools)
         view, partial = planner_view(run.given, settings.planner_document_chars)
-        messages = planner_messages(
-            task, view, settings.max_threads, width, tools, labels, partial=partial
-        )
+        # Told that the documents were cut and that a direct answer would read them whole,
+        # a 1.5B planner answered directly a review of three files it split with them whole:
+        # the cut shows as "[...]" and the sizes; the schema alone keeps it from answering.
+        messages = planner_messages(task, view, settings.max_threads, width, tools, labels)
 
         @functools.cache
         def system_for(merge: str | None, own: str | None = None) -> str:
