@@ -98,7 +98,18 @@ def _parts(task: str) -> tuple[tuple[str, str], ...]:
         stop = next((s for s, _, nxt in found[index + 1 :] if nxt == _successor(label)), len(task))
         parts[label] = task[end:stop].strip()
         expected = _successor(label)
-    return tuple(parts.items()) if len(parts) >= 2 else ()
+    if len(parts) < 2:
+        return ()
+    # "... (b) dataset.py (c) sample.py. Give the findings for each file.": when the other
+    # parts are phrases, a sentence after the last one is the task's own closing instruction
+    # (every thread reads the task), not a part of (c): its thread answered every file.
+    *first, last = parts
+    if not any(_SENTENCE_END.search(parts[label]) for label in first):
+        parts[last] = _SENTENCE_END.split(parts[last], maxsplit=1)[0].strip()
+    return tuple(parts.items())
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 def _successor(label: str) -> str:

@@ -32,7 +32,7 @@ from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages, shared_system, worker_messages
 from apr_graph.state import SubtaskRecord
 
-_STACK = '''class Stack:
+_STACK = """class Stack:
     def __init__(self):
         self.items = []
     def push(self, x):
@@ -41,8 +41,8 @@ _STACK = '''class Stack:
         return self.items.pop(0)
     def peek(self):
         return self.items[len(self.items)]
-'''
-_CACHE = '''import time
+"""
+_CACHE = """import time
 _cache = {}
 def cached(key, compute, ttl=60):
     if key in _cache and time.time() - _cache[key][1] < ttl:
@@ -52,8 +52,8 @@ def cached(key, compute, ttl=60):
     return value
 def clear():
     _cache = {}
-'''
-_PARSE = '''def parse_price(text):
+"""
+_PARSE = """def parse_price(text):
     text = text.replace("$", "").replace(",", ".")
     return float(text)
 def total(prices):
@@ -61,24 +61,36 @@ def total(prices):
     for p in prices:
         t += parse_price(p)
     return round(t)
-'''
+"""
 
 TASKS: list[dict[str, Any]] = [
-    {"task": "Explain how each sorting algorithm works and when to use it: (a) quicksort "
-     "(b) merge sort (c) heap sort."},
-    {"task": "Compare these languages for writing a command-line tool: (a) Python (b) Go "
-     "(c) Rust."},
+    {
+        "task": "Explain how each sorting algorithm works and when to use it: (a) quicksort "
+        "(b) merge sort (c) heap sort."
+    },
+    {
+        "task": "Compare these languages for writing a command-line tool: (a) Python (b) Go "
+        "(c) Rust."
+    },
     {"task": "Give a first-time visitor practical tips for (a) Tokyo (b) Lisbon (c) Chicago."},
-    {"task": "For a small web service, describe good practice for (a) caching (b) logging "
-     "(c) error handling."},
+    {
+        "task": "For a small web service, describe good practice for (a) caching (b) logging "
+        "(c) error handling."
+    },
     {"task": "Suggest unit tests for (a) a stack class (b) a queue class (c) an LRU cache."},
-    {"task": "Summarise the main causes of (a) the French Revolution (b) the First World War "
-     "(c) the 2008 financial crisis."},
-    {"task": "Review these files for bugs and unclear names: (a) stack.py (b) cache.py "
-     "(c) prices.py. Give the findings for each file, most serious first.",
-     "context": {"stack.py": _STACK, "cache.py": _CACHE, "prices.py": _PARSE}},
-    {"task": "Explain each concept with a short example: (a) recursion (b) closures "
-     "(c) generators in Python."},
+    {
+        "task": "Summarise the main causes of (a) the French Revolution (b) the First World War "
+        "(c) the 2008 financial crisis."
+    },
+    {
+        "task": "Review these files for bugs and unclear names: (a) stack.py (b) cache.py "
+        "(c) prices.py. Give the findings for each file, most serious first.",
+        "context": {"stack.py": _STACK, "cache.py": _CACHE, "prices.py": _PARSE},
+    },
+    {
+        "task": "Explain each concept with a short example: (a) recursion (b) closures "
+        "(c) generators in Python."
+    },
 ]
 
 _NOW = "Be concise: give the reasoning that matters, then the result."

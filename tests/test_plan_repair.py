@@ -383,6 +383,19 @@ def test_plan_level_options_naming_no_goal_are_reported_not_guessed() -> None:
             "Steps: 1. Sort the list. 2. Print it, 3.5 wide.",
             {"1": "Sort the list.", "2": "Print it, 3.5 wide."},
         ),
+        # Parts that are phrases: a sentence after the last is the task's closing instruction.
+        (
+            "Review (a) calc.py (b) data.py (c) sample.py. Give the findings for each file.",
+            {"a": "calc.py", "b": "data.py", "c": "sample.py."},
+        ),
+        (  # parts that are sentences keep every sentence of the last
+            "Solve (1) Tom has 3 apples. He eats 1. How many are left? (2) Sam has 5 pears. "
+            "He gets 2 more. How many now?",
+            {
+                "1": "Tom has 3 apples. He eats 1. How many are left?",
+                "2": "Sam has 5 pears. He gets 2 more. How many now?",
+            },
+        ),
         ("What is 3.5 * 2?", {}),  # a decimal is no label
         ("Explain (b) first, then (c).", {}),  # a list starts at (a) or 1
         ("Only (a) this one.", {}),  # one part is not a list
