@@ -108,6 +108,16 @@ WORDINGS: dict[str, str] = {
 }
 
 
+USER_WORDINGS: dict[str, str] = {
+    # The thread's own message for a part that is a phrase ("(a) calculator.py"), not a
+    # question: asked to "solve" it, a thread may rewrite a file it was asked to review.
+    "task-part": (
+        "Subtask {id} (other threads answer the rest of the task). Do what the task asks for "
+        "this part only:\n{goal}"
+    ),
+}
+
+
 def thread_messages(item: dict[str, Any], label: str, wording: str) -> list[dict[str, str]]:
     task, context = item["task"], item.get("context") or ""
     subtask: SubtaskRecord = {
@@ -120,8 +130,11 @@ def thread_messages(item: dict[str, Any], label: str, wording: str) -> list[dict
     from apr_graph.inputs import thread_context
 
     given, _ = thread_context(context, subtask["goal"])
-    system = shared_system(task, given, merge="concat").replace(_NOW, WORDINGS[wording])
-    return worker_messages(task, given, "concat", subtask, system=system)
+    system = shared_system(task, given, merge="concat").replace(_NOW, WORDINGS.get(wording, _NOW))
+    messages = worker_messages(task, given, "concat", subtask, system=system)
+    if wording in USER_WORDINGS:
+        messages[-1]["content"] = USER_WORDINGS[wording].format(**subtask)
+    return messages
 
 
 async def complete(
