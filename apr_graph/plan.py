@@ -103,10 +103,17 @@ def _parts(task: str) -> tuple[tuple[str, str], ...]:
     # "... (b) dataset.py (c) sample.py. Give the findings for each file.": when the other
     # parts are phrases, a sentence after the last one is the task's own closing instruction
     # (every thread reads the task), not a part of (c): its thread answered every file.
+    # Only after phrases: "(a) What is 2 + 2? (b) Tom has 3 apples. He eats one. How many?"
+    # keeps every sentence of (b).
     *first, last = parts
-    if not any(_SENTENCE_END.search(parts[label]) for label in first):
+    if all(_is_phrase(parts[label]) for label in first):
         parts[last] = _SENTENCE_END.split(parts[last], maxsplit=1)[0].strip()
     return tuple(parts.items())
+
+
+def _is_phrase(text: str) -> bool:
+    """No sentence in it, nor one ending it: "calculator.py", "quicksort", "Lisbon,"."""
+    return not _SENTENCE_END.search(text) and not text.rstrip().endswith((".", "?", "!", ":"))
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")

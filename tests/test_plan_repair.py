@@ -396,6 +396,14 @@ def test_plan_level_options_naming_no_goal_are_reported_not_guessed() -> None:
                 "2": "Sam has 5 pears. He gets 2 more. How many now?",
             },
         ),
+        (  # after questions, the last part is never cut
+            "(a) What is 2 + 2? (b) Who wrote Emma? (c) Tom has 3 apples. He eats one. How many?",
+            {
+                "a": "What is 2 + 2?",
+                "b": "Who wrote Emma?",
+                "c": "Tom has 3 apples. He eats one. How many?",
+            },
+        ),
         ("What is 3.5 * 2?", {}),  # a decimal is no label
         ("Explain (b) first, then (c).", {}),  # a list starts at (a) or 1
         ("Only (a) this one.", {}),  # one part is not a list
