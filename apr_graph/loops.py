@@ -10,6 +10,12 @@ repeats short tokens legitimately, a sentence does not repeat verbatim). A numbe
 markers count as one word, so a list that repeats its items under new numbers is a loop too
 (a 1.5B model reviewing code listed the same eight findings as 8-15, 16-23, 24-31...). Longer
 blocks than ``MAX_PERIOD_WORDS`` are not looked for.
+
+A list that runs away repeats no block: each item is new, with the same sentence in it ("It's
+also a great place to take photos.", "This is a risky code because it can lead to unexpected
+behavior or crashes."). So a sentence of ``SENTENCE_WORDS`` words or more said for the
+``SENTENCE_REPEATS``-th time (outside code blocks, in any case, list markers aside) is a loop
+too, cut where that sentence starts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["MAX_PERIOD_WORDS", "MIN_SPAN_WORDS", "Loop", "LoopDetector"]
+__all__ = [
+    "MAX_PERIOD_WORDS",
+    "MIN_SPAN_WORDS",
+    "SENTENCE_REPEATS",
+    "SENTENCE_WORDS",
+    "Loop",
+    "LoopDetector",
+]
 
 MAX_PERIOD_WORDS = 300
 """The longest repeated block looked for (a few paragraphs): a 1.5B model reviewing code
@@ -26,6 +39,17 @@ when blocks of up to 150 words were looked for."""
 
 MIN_SPAN_WORDS = 30
 """The fewest repeated words that make a loop, whatever the block's length."""
+
+SENTENCE_WORDS = 8
+SENTENCE_REPEATS = 5
+"""In 827 replies of a 1.5B model kept in this repository's runs (``data/decision/runs``,
+reviews, GSM8K, open questions), a sentence of 8+ words came 5 times or more in 23, every one
+a loop or a list running away (travel tips, museums, findings); 4 times in 11, some of them
+sound (a plain review said "If the value is not numeric, it will raise a `ValueError`." four
+times, once per function)."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+_SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
 
 _CHECK_EVERY = 4
 """Words between two looks at the tail (a loop is found at most this many words late)."""
@@ -68,6 +92,10 @@ class LoopDetector:
         self._scanned = 0
         """Characters of the text already split into complete words."""
         self._since_check = 0
+        self._said: dict[str, list[int]] = {}
+        """Each sentence said so far: where each of its copies starts."""
+        self._sentence_from = 0
+        self._in_code = False
         self.loop: Loop | None = None
 
     def feed(self, piece: str) -> Loop | None:
@@ -79,8 +107,31 @@ class LoopDetector:
         self._since_check += new
         if new and self._since_check >= _CHECK_EVERY:
             self._since_check = 0
-            self.loop = self._look()
+            self.loop = self._look() or self._sentences()
         return self.loop
+
+    def _sentences(self) -> Loop | None:
+        """The loop of a sentence said ``SENTENCE_REPEATS`` times, among those completed."""
+        text = self._text
+        for end in _SENTENCE_END.finditer(text, self._sentence_from):
+            start, self._sentence_from = self._sentence_from, end.end()
+            raw = text[start : end.start()]
+            if raw.lstrip().startswith("```"):
+                self._in_code = not self._in_code
+                continue
+            sentence = " ".join(_SENTENCE_LEAD.sub("", raw).lower().split())
+            if self._in_code or sentence.count(" ") < SENTENCE_WORDS - 1:
+                continue
+            said = self._said.setdefault(sentence, [])
+            said.append(start + len(raw) - len(raw.lstrip()))
+            if len(said) >= SENTENCE_REPEATS:
+                between = len(text[said[0] : said[-1]].split())
+                return Loop(
+                    keep=said[-1],
+                    period_words=max(1, between // (len(said) - 1)),
+                    repeats=len(said),
+                )
+        return None
 
     def _split(self) -> int:
         """Split the text up to its last white space (the word after it may go on in the

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from apr_graph import compile_apr_graph
-from apr_graph.loops import MAX_PERIOD_WORDS, LoopDetector
+from apr_graph.loops import MAX_PERIOD_WORDS, SENTENCE_REPEATS, LoopDetector
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
@@ -305,9 +305,9 @@ def test_a_list_that_repeats_its_items_under_new_numbers_is_a_loop() -> None:
 def test_a_cycle_of_many_findings_is_a_loop() -> None:
     """Seen on a 1.5B model: eight findings of one pattern, over and over (a 200-word block)."""
     names = ["std", "evaluate", "last", "median", "round2", "clear", "main", "mean"]
-    item = (
-        "**Bug**: The `{}` function does not handle division by zero, which can lead to "
-        "runtime errors. The function should include checks to avoid this."
+    item = (  # no sentence comes back word for word outside the cycle (see the next test)
+        "**Bug**: The `{0}` function does not handle division by zero, which can lead to "
+        "runtime errors. `{0}` should include checks to avoid this."
     )
     start = "Findings:\n\n1. **Risky Code**: `calc` does not check its divisor.\n\n"
     numbered = "".join(f"{n}. {item.format(names[(n - 2) % 8])}\n\n" for n in range(2, 60))
@@ -315,9 +315,56 @@ def test_a_cycle_of_many_findings_is_a_loop() -> None:
     assert found is not None
     assert found.period_words <= MAX_PERIOD_WORDS
     kept = (start + numbered)[: found.keep]
-    assert all(kept.count(f"`{name}`") == 1 for name in names)  # each finding once
+    assert all(kept.count(f"The `{name}` function") == 1 for name in names)  # each once
     assert "Risky Code" in kept
     assert fed < len(start + numbered) // 2
+
+
+def test_a_list_that_runs_away_with_one_sentence_in_every_item_is_a_loop() -> None:
+    """Seen on a 1.5B model: new items, each ending with the same sentence, to the limit."""
+    places = ["History", "Science", "Fine Arts", "Nature", "Design", "Music", "Film", "Toys"]
+    item = (
+        "**Visit the Tokyo Museum of {0}**: This is a popular museum and a great place to "
+        "see {0}. It's also a great place to take photos of the city."
+    )
+    start = "Tips for Tokyo:\n\n"
+    text = start + "".join(f"{n}. {item.format(p)}\n\n" for n, p in enumerate(places, 1))
+    found, fed = feed(text)
+    assert found is not None
+    assert found.repeats == SENTENCE_REPEATS
+    kept = text[: found.keep]
+    assert kept.count("It's also a great place") == SENTENCE_REPEATS - 1
+    assert kept.rstrip().endswith("see Design.")  # cut where the sentence comes the 5th time
+    assert "Music" not in text[:fed]  # found as it was said
+
+
+def test_a_sentence_said_in_code_or_short_or_four_times_is_no_loop() -> None:
+    line = "    raise ValueError('the column does not exist in this dataset')\n"
+    code = "```python\n" + "".join(f"def f{i}(x):\n{line}" for i in range(12)) + "```\n"
+    assert feed(code)[0] is None
+    words = [
+        "apple",
+        "pear",
+        "plum",
+        "fig",
+        "kiwi",
+        "lime",
+        "date",
+        "peach",
+        "grape",
+        "melon",
+        "mango",
+        "guava",
+        "lemon",
+    ]
+    short = "".join(f"- {word} is in the basket. Done and dusted.\n" for word in words)
+    assert feed(short)[0] is None
+    four = "".join(
+        f"{n}. The `{name}` function reads text. If the value is not numeric, it will raise "
+        "a ValueError.\n"
+        for n, name in enumerate(["get", "sample", "filter", "mean"], 1)
+    )
+    assert feed(four + "That is all.\n")[0] is None
 
 
 def test_ordinary_text_and_code_are_not_loops() -> None:
