@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from eval_thread_prompt import label_subtask
 
-from apr_graph.inputs import render_context
+from apr_graph.inputs import render_context, thread_context
 from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages, shared_system, worker_messages
-from apr_graph.state import SubtaskRecord
 
 _STACK = """class Stack:
     def __init__(self):
@@ -120,15 +120,7 @@ USER_WORDINGS: dict[str, str] = {
 
 def thread_messages(item: dict[str, Any], label: str, wording: str) -> list[dict[str, str]]:
     task, context = item["task"], item.get("context") or ""
-    subtask: SubtaskRecord = {
-        "id": f"s{label}",
-        "goal": f"({label}) {labelled_parts(task)[label]}",
-        "depends_on": [],
-        "fork": False,
-        "max_tokens": None,
-    }
-    from apr_graph.inputs import thread_context
-
+    subtask = label_subtask(task, label)
     given, _ = thread_context(context, subtask["goal"])
     system = shared_system(task, given, merge="concat").replace(_NOW, WORDINGS.get(wording, _NOW))
     messages = worker_messages(task, given, "concat", subtask, system=system)

@@ -29,6 +29,17 @@ from apr_graph.prompts import direct_messages, shared_system, worker_messages
 from apr_graph.state import SubtaskRecord
 
 
+def label_subtask(task: str, label: str) -> SubtaskRecord:
+    """The subtask a plan by labels gives the thread of part ``label`` of ``task``."""
+    return {
+        "id": f"s{label}",
+        "goal": f"({label}) {labelled_parts(task)[label]}",
+        "depends_on": [],
+        "fork": False,
+        "max_tokens": None,
+    }
+
+
 def thread_request(problem: str, others: list[str], position: int) -> list[dict[str, str]]:
     """The messages of the thread that solves ``problem`` within a three-problem task."""
     problems = [*others]
@@ -36,14 +47,7 @@ def thread_request(problem: str, others: list[str], position: int) -> list[dict[
     task = "Solve these three independent problems. Give each answer as a number.\n" + "\n".join(
         f"({i}) {p}" for i, p in enumerate(problems, 1)
     )
-    label = str(position + 1)
-    subtask: SubtaskRecord = {
-        "id": f"s{label}",
-        "goal": f"({label}) {labelled_parts(task)[label]}",
-        "depends_on": [],
-        "fork": False,
-        "max_tokens": None,
-    }
+    subtask = label_subtask(task, str(position + 1))
     system = shared_system(task, "", merge="concat")
     return worker_messages(task, "", "concat", subtask, system=system)
 
