@@ -150,7 +150,8 @@ class AprSettings(BaseSettings):
 
     stop_loops: bool = True
     """Stop a streamed reply (a thread, the plan, the merge, a direct answer) where it starts
-    repeating itself (the same block of words back to back; ``apr_graph.loops``): the
+    repeating itself (the same block of words back to back, or one sentence said a fifth
+    time; ``apr_graph.loops``): the
     request is closed, the text before the loop is kept, and the thread is marked
     ``looped``. A loop is not a thread that needs more room: it is never retried with more."""
 
