@@ -52,6 +52,15 @@ def read_input(state: AprState) -> tuple[str, str]:
     return task.strip(), render_context(context)
 
 
+def _text(text: str) -> str:
+    # A document's text must not close our tags early; the prompts quote the rest.
+    return quote(text).replace("</document>", "<\\/document>")
+
+
+def _name(name: str) -> str:
+    return _text(name).replace('"', "&quot;")
+
+
 def render_context(context: str | Mapping[str, str]) -> str:
     """The context as the prompts carry it: a string as it is; named documents (a mapping of
     name to text, e.g. files) one after the other, each inside a ``<document name="...">``
@@ -59,7 +68,7 @@ def render_context(context: str | Mapping[str, str]) -> str:
     if isinstance(context, str):
         return context
     return "\n".join(
-        f'<document name="{quote(name).replace(chr(34), "&quot;")}">\n{quote(text)}\n</document>'
+        f'<document name="{_name(name)}">\n{_text(text)}\n</document>'
         for name, text in context.items()
     )
 
@@ -121,11 +130,8 @@ def planner_view(context: str | Mapping[str, str], chars: int | None) -> tuple[s
     parts = []
     for name, text in context.items():
         head = text if len(text) <= chars else text[:chars].rsplit("\n", 1)[0] + "\n[...]"
-        size = f'lines="{text.count(chr(10)) + 1}" chars="{len(text)}"'
-        parts.append(
-            f'<document name="{quote(name).replace(chr(34), "&quot;")}" {size}>\n'
-            f"{quote(head)}\n</document>"
-        )
+        size = f'lines="{len(text.splitlines())}" chars="{len(text)}"'
+        parts.append(f'<document name="{_name(name)}" {size}>\n{_text(head)}\n</document>')
     return "\n".join(parts), True
 
 

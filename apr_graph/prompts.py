@@ -188,7 +188,6 @@ def quote(text: str) -> str:
         text.replace("</task>", "<\\/task>")
         .replace("</context>", "<\\/context>")
         .replace("</result>", "<\\/result>")
-        .replace("</document>", "<\\/document>")
     )
 
 

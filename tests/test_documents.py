@@ -74,6 +74,7 @@ async def test_a_thread_reads_only_the_documents_its_goal_names(
     assert '<document name=\\"src/dataset.py\\">' in data
     assert "CALC-BODY" in both
     assert "DATA-BODY" in both
+    assert "<\\\\/document>" not in both  # our own closing tags are not quoted as data
     # The plan and the merge read every document.
     for role in ("planner", "synthesizer"):
         text = json.dumps(server.chat_requests(role)[0].messages)
@@ -216,3 +217,38 @@ async def test_the_planner_reads_short_documents_whole_and_may_answer(
     )
     assert json.dumps(server.chat_requests()[0].messages).count("CALC-TAIL") == 80
     assert result["answer"] == "B"
+
+
+async def test_a_forked_thread_s_nested_run_gets_its_documents_as_documents(
+    make_server: ServerFactory,
+) -> None:
+    root = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [
+            {"id": "s1", "goal": "Review calculator.py in depth", "fork": True},
+            {"id": "s2", "goal": "Review dataset.py"},
+        ],
+    }
+    nested = {
+        "strategy": "parallel",
+        "merge": "synthesize",
+        "subtasks": [{"id": "n1", "goal": "Check mean"}, {"id": "n2", "goal": "Check the rest"}],
+    }
+    server = make_server(
+        [
+            Rule(role="planner", contains="in depth\n</task>", reply=Reply(content=nested)),
+            Rule(role="planner", reply=Reply(content=root)),
+            echo_worker(),
+            merge_synth(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    result = await app.ainvoke({"task": TASK, "context": DOCUMENTS})
+    child_plan = json.dumps(server.chat_requests("planner")[1].messages)
+    assert '<document name=\\"calculator.py\\">' in child_plan
+    assert "DATA-BODY" not in child_plan
+    sent = _worker_text(server)
+    assert "CALC-BODY" in sent["Check mean"]
+    assert "DATA-BODY" not in sent["Check mean"]
+    assert result["metrics"]["max_depth_reached"] == 2

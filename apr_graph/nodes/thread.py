@@ -115,13 +115,22 @@ async def fork_thread(
 ) -> dict[str, Any]:
     """Run the same graph on this subtask, one level deeper, and fold its result back."""
     payload, sid = thread.payload, thread.subtask["id"]
-    context = thread.context
-    if dependencies:
-        context += "\n\n" + "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
+    given = payload["context"]
+    context: str | dict[str, str]
+    if isinstance(given, dict):  # the nested run gets this thread's documents, as documents
+        names = thread.documents if thread.documents is not None else list(given)
+        context = {name: given[name] for name in names}
+        context.update({f"result of {d}": text for d, _, text in dependencies})
+    else:
+        context = thread.context
+        if dependencies:
+            results = "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
+            context = f"{context}\n\n{results}"
+        context = context.strip()
     thread.attempts = 1
     child_input = {
         "task": thread.subtask["goal"],
-        "context": context.strip(),
+        "context": context,
         "depth": payload["depth"] + 1,
         "parent_run": board.run_id,
     }
