@@ -303,7 +303,7 @@ class EarlyStarter:
                 and not subtask["fork"]
                 and not subtask["depends_on"]  # its request will carry the results it needs
                 and call.matches(
-                    self._messages(plan["merge"], subtask, system),
+                    self._messages(plan["merge"], subtask, system)[0],
                     subtask["max_tokens"] or self.settings.worker_max_tokens,
                     subtask,
                 )
@@ -320,9 +320,10 @@ class EarlyStarter:
 
     def _messages(
         self, merge: str | None, subtask: SubtaskRecord, system: str | None = None
-    ) -> list[Message]:
-        """The thread's request, as its worker node would send it (the same documents);
-        ``system``: the shared system message, when the caller has it."""
+    ) -> tuple[list[Message], list[str] | None]:
+        """The thread's request, as its worker node would send it, and the names of its
+        documents when it reads a part of them; ``system``: the shared system message, when
+        the caller has it."""
         context, documents = thread_context(
             self.context, subtask["goal"], self.settings.thread_documents
         )
@@ -330,14 +331,10 @@ class EarlyStarter:
             system = self.system(merge, context)
         elif system is None:
             system = self.system(merge, None)
-        return worker_messages(self.task, context, merge, subtask, system=system)
-
-    def _documents(self, subtask: SubtaskRecord) -> dict[str, list[str]]:
-        names = thread_context(self.context, subtask["goal"], self.settings.thread_documents)[1]
-        return {} if names is None else {"documents": names}
+        return worker_messages(self.task, context, merge, subtask, system=system), documents
 
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
-        messages = self._messages(plan["merge"], subtask)
+        messages, documents = self._messages(plan["merge"], subtask)
         allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
         progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
@@ -367,7 +364,7 @@ class EarlyStarter:
             at=started,
             depth=self.depth + 1,
             early=True,
-            **self._documents(subtask),
+            **({} if documents is None else {"documents": documents}),
         )
 
     async def _after(self, call: EarlyCall) -> Completion:

@@ -45,7 +45,7 @@ class Thread:
     attempts: int = 0
     looped: LoopRecord | None = None
     context: str = ""
-    """The context this thread is given, rendered (``prompts.thread_context``)."""
+    """The context this thread is given, rendered (``inputs.thread_context``)."""
     documents: list[str] | None = None
     """The names of its documents, when it is given a part of the context's documents."""
 
