@@ -122,10 +122,13 @@ async def test_stream_plan_off_waits_for_the_whole_plan(make_server: ServerFacto
         [slow_planner(plan_json("a part", "b part")), Rule(role="worker", reply=Reply(content="x"))]
     )
     settings = settings_for(server, stream_plan=False)
-    await compile_apr_graph(settings=settings).ainvoke({"task": "q"})
-    planner = server.chat_requests("planner")[0]
-    assert planner.ended_at is not None
-    assert all(w.started_at >= planner.ended_at for w in server.chat_requests("worker"))
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "q"})
+    # The client's own times: the server's handler marks a reply ended after its last write,
+    # which a loaded machine may run after the client has read it and sent the next request.
+    planner = next(c for c in result["calls"] if c["role"] == "planner")
+    workers = [c for c in result["calls"] if c["role"] == "worker"]
+    assert len(workers) == 2
+    assert all(w["started_at"] >= planner["ended_at"] for w in workers)
 
 
 async def test_a_thread_the_repaired_plan_changes_is_started_again(
