@@ -26,10 +26,12 @@ node puts the prediction beside the actual wall time in ``metrics``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from apr_graph.inputs import thread_context
 from apr_graph.plan import labelled_parts
 from apr_graph.router import Shape, task_shape
 from apr_graph.settings import AprSettings
@@ -71,6 +73,9 @@ PLAN_TOKENS_PER_PART = 25
 
 PLAN_TOKENS_FIXED = 20
 
+THREAD_PROMPT_EXTRA = 50
+"""A thread's prompt beyond the task and its context (its own goal and message)."""
+
 _CHARS_PER_TOKEN = 4
 _SYSTEM_TOKENS = 250
 """The instructions each call carries before the task (planner, thread, merge)."""
@@ -83,6 +88,20 @@ class Estimate:
     prompt_tokens: int
     parts: int
     part_tokens: int
+    thread_prompt_tokens: int | None = None
+    """The longest thread's prompt, when threads do not all read the whole context (named
+    documents, ``AprSettings.thread_documents``); ``None``: the task's prompt."""
+
+
+def thread_prompt_tokens(
+    task: str, given: str | Mapping[str, str], goals: list[str], documents: str
+) -> int | None:
+    """The longest of the threads' prompts for ``goals``, when some thread reads only a part
+    of the context's documents; ``None`` when every thread reads it all."""
+    own = [thread_context(given, goal, documents) for goal in goals]
+    if all(names is None for _, names in own):
+        return None
+    return max(prompt_tokens(task, text) for text, _ in own) + THREAD_PROMPT_EXTRA
 
 
 def speed_store(settings: AprSettings) -> SpeedStore:
@@ -105,11 +124,13 @@ def before_plan(
     *,
     width: int,
     depth: int,
+    given: str | Mapping[str, str] = "",
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
 
     The router reads top-level tasks only: a forked thread's task is a goal its planner
-    marked as worth splitting. ``width``: requests the server runs at once.
+    marked as worth splitting. ``width``: requests the server runs at once. ``given``: the
+    context as the input gave it (a thread that names documents reads those alone).
     """
     shape = task_shape(task, context) if settings.router and depth == 0 else None
     if shape is not None and not shape.splits:
@@ -123,11 +144,14 @@ def before_plan(
         ), shape
     if settings.prefer == "quality" or profile is None:
         return None, shape
-    labels = len(labelled_parts(task))
+    parts = labelled_parts(task)
     estimate = Estimate(
         prompt_tokens=prompt_tokens(task, context),
-        parts=min(labels or PARTS_UNLABELLED, settings.max_threads),
+        parts=min(len(parts) or PARTS_UNLABELLED, settings.max_threads),
         part_tokens=_part_tokens(profile),
+        thread_prompt_tokens=thread_prompt_tokens(
+            task, given, list(parts.values()), settings.thread_documents
+        ),
     )
     # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
     # loses even so is not asked for; one that might win is asked for, and decided on again
@@ -156,6 +180,7 @@ def after_plan(
     *,
     width: int,
     spent_s: float = 0.0,
+    given: str | Mapping[str, str] = "",
 ) -> DecisionRecord:
     """The decision once the model has planned: run the plan, or answer with one call.
 
@@ -185,7 +210,13 @@ def after_plan(
             shape,
         )
     allowance = _part_tokens(profile)
-    estimate = Estimate(prompt_tokens(task, context), len(subtasks), allowance)
+    goals = [s["goal"] for s in subtasks]
+    estimate = Estimate(
+        prompt_tokens(task, context),
+        len(subtasks),
+        allowance,
+        thread_prompt_tokens(task, given, goals, settings.thread_documents),
+    )
     # The planning call is spent: compare what is left of each way.
     direct_s, parallel_s = predict(
         profile, estimate, merge=plan["merge"] or "synthesize", width=width, plan=False
@@ -224,7 +255,8 @@ def predict(
         profile,
         prompt_tokens=estimate.prompt_tokens if plan else 0,
         plan_tokens=PLAN_TOKENS_FIXED + PLAN_TOKENS_PER_PART * parts if plan else 0,
-        thread_prompt_tokens=estimate.prompt_tokens + 50,
+        thread_prompt_tokens=estimate.thread_prompt_tokens
+        or estimate.prompt_tokens + THREAD_PROMPT_EXTRA,
         thread_tokens=[part + THREAD_OVERHEAD_TOKENS] * parts,
         width=max(1, min(width, parts)),
         merge_prompt_tokens=estimate.prompt_tokens + answer,

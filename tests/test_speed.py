@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
-from apr_graph.decide import before_plan
+from apr_graph.decide import after_plan, before_plan
+from apr_graph.inputs import render_context
 from apr_graph.llm import LLMClient
+from apr_graph.plan import normalise_plan
+from apr_graph.plan_schema import Plan
 from apr_graph.settings import AprSettings
 from apr_graph.speed import (
     SpeedProfile,
@@ -397,3 +400,33 @@ def test_apr_calibrate_against_no_server_is_one_line(
     assert done.code == 4
     assert done.err.strip().splitlines() == [done.err.strip()]
     assert done.err.startswith(f"apr: error: cannot connect to {url}")
+
+
+def test_threads_that_read_only_their_documents_are_predicted_cheaper() -> None:
+    """With named documents each thread prefills its own file, not all three."""
+    profile = SpeedProfile({1: 20.0, 4: 24.0}, 200.0, 0.2, "measured", part_tokens=300.0)
+    files = {f"{name}.py": f"# {name}\n" + "x = 1\n" * 1500 for name in ("calc", "data", "sample")}
+    task = "Review (a) calc.py (b) data.py (c) sample.py"
+    plan = normalise_plan(
+        Plan.model_validate(
+            {"strategy": "parallel", "merge": "concat", "subtasks": ["(a)", "(b)", "(c)"]}
+        ),
+        AprSettings(),
+        task=task,
+    )
+    whole = render_context(files)
+
+    def predicted(given: object, documents: str = "named") -> float:
+        settings = AprSettings(prefer="speed", router=False, thread_documents=documents)
+        record = after_plan(plan, task, whole, settings, profile, None, width=4, given=given)
+        return record["predicted_parallel_s"]  # type: ignore[typeddict-item]
+
+    as_documents, as_string = predicted(files), predicted(whole)
+    assert as_documents < as_string - 30  # two files fewer per thread, at 200 tokens/s
+    assert predicted(files, "all") == as_string
+    # Before the plan, the labelled parts say which thread reads which file.
+    settings = AprSettings(prefer="speed", router=False)
+    split, _ = before_plan(task, whole, settings, profile, width=4, depth=0, given=files)
+    whole_run, _ = before_plan(task, whole, settings, profile, width=4, depth=0, given=whole)
+    assert whole_run is not None  # one call wins when every thread reads all three
+    assert split is None or split["predicted_parallel_s"] < whole_run["predicted_parallel_s"]  # type: ignore[typeddict-item]

@@ -81,10 +81,10 @@ def make_decompose(
         width = capacity["limit"] if settings.probe_capacity else None
         endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
-        decision, shape = before_plan(
-            task, context, settings, profile, width=capacity["limit"], depth=depth
-        )
         given = state.get("context") or ""
+        decision, shape = before_plan(
+            task, context, settings, profile, width=capacity["limit"], depth=depth, given=given
+        )
         if decision is None:
             run = _Run(client, settings, task, context, given, depth, board, calls)
             normalised = await run_planner(run, width, capacity["limit"], profile, shape)
@@ -198,6 +198,7 @@ def make_decompose(
                 shape,
                 width=limit,
                 spent_s=time.time() - started,
+                given=run.given,
             )
             if decision["choice"] == "direct" and normalised["strategy"] == "parallel":
                 normalised = direct_plan(
