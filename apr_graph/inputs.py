@@ -81,20 +81,18 @@ def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
     A thread is given these documents only (``AprSettings.thread_documents``); a goal that
     names none, or all, gets the whole context.
     """
-    tails: dict[str, list[str]] = {}
-    for name in documents:
-        tails.setdefault(re.split(r"[\\/]", name)[-1].lower(), []).append(name)
-    named = []
-    for name in documents:
-        tail = re.split(r"[\\/]", name)[-1]
-        forms = {name.lower()} | ({tail.lower()} if len(tails[tail.lower()]) == 1 else set())
+    tails = {name: re.split(r"[\\/]", name)[-1].lower() for name in documents}
+    shared = {tail for tail in tails.values() if list(tails.values()).count(tail) > 1}
+    text = goal.lower()
+    return [
+        name
+        for name, tail in tails.items()
         if any(
-            re.search(rf"(?<![\w./\\-]){re.escape(form)}(?![\w/\\-]|\.\w)", goal.lower())
-            for form in forms
+            re.search(rf"(?<![\w./\\-]){re.escape(form)}(?![\w/\\-]|\.\w)", text)
+            for form in {name.lower(), *({tail} - shared)}
             if form
-        ):
-            named.append(name)
-    return named
+        )
+    ]
 
 
 def thread_context(
@@ -142,21 +140,28 @@ def prefix_stats(
     system: str,
     given: str | Mapping[str, str] = "",
     documents: str = "all",
+    *,
+    tools: bool = False,
 ) -> PrefixStats:
     """How much of the fan-out's prompts is one shared prefix, byte for byte.
 
     The threads' requests are ``[system, user]`` with one shared ``system``: their JSON
     differs from the first byte of the user message on, so only the (short) user messages
     are compared: O(N) for N threads, not N full prompts. Threads given documents of their
-    own (``given``, ``documents``: see ``thread_context``) have systems of their own: their
-    whole prompts are compared.
+    own (``given``, ``documents``: see ``thread_context``) have systems of their own, as
+    their requests carry them (``tools``: the threads have tools), and whole prompts are
+    compared.
     """
     own = [thread_context(given, s["goal"], documents) for s in plan["subtasks"]]
     if any(names is not None for _, names in own):
         prompts = [
             json.dumps(
                 worker_messages(
-                    task, text, plan["merge"], subtask, system=shared_system(task, text)
+                    task,
+                    text,
+                    plan["merge"],
+                    subtask,
+                    system=shared_system(task, text, tools=tools, merge=plan["merge"]),
                 )
                 if names is not None
                 else worker_messages(task, context, plan["merge"], subtask, system=system),

@@ -86,7 +86,7 @@ async def test_a_thread_reads_only_the_documents_its_goal_names(
     prompts = [json.dumps(r.messages).encode() for r in server.chat_requests("worker")]
     shared = len(os.path.commonprefix(prompts))  # noqa: RUF071
     fraction = round(shared / min(len(p) for p in prompts), 4)
-    assert result["metrics"]["shared_prefix_fraction"] == pytest.approx(fraction, abs=0.02)
+    assert result["metrics"]["shared_prefix_fraction"] == fraction  # the requests as sent
     assert "result(Review calculator.py for bugs)" in result["answer"]
 
 

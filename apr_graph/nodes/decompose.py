@@ -96,7 +96,13 @@ def make_decompose(
             board.width = len(normalised["subtasks"])
             system = board.system or shared_system(task, context)  # set by the planner
             normalised["prefix"] = prefix_stats(
-                task, context, normalised, system, given, settings.thread_documents
+                task,
+                context,
+                normalised,
+                system,
+                given,
+                settings.thread_documents,
+                tools=bool(tools),
             )
         emit(
             "plan",

@@ -5,7 +5,7 @@ leaves in graph state."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,7 @@ async def fork_thread(
     payload, sid = thread.payload, thread.subtask["id"]
     given = payload["context"]
     context: str | dict[str, str]
-    if isinstance(given, dict):  # the nested run gets this thread's documents, as documents
+    if isinstance(given, Mapping):  # the nested run gets this thread's documents, as documents
         names = thread.documents if thread.documents is not None else list(given)
         context = {name: given[name] for name in names}
         context.update({f"result of {d}": text for d, _, text in dependencies})
