@@ -152,6 +152,9 @@ class AprContext(BaseModel):
     thread_documents: Literal["named", "all"] | None = None
     """Give each thread the context documents its goal names, or all of them."""
 
+    plan_documents: bool | None = None
+    """Plan a task that maps over its documents without a model call."""
+
     planner_document_chars: int | None = Field(default=None, ge=0)
     """Characters of each context document the planner reads."""
 

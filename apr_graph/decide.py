@@ -125,12 +125,15 @@ def before_plan(
     width: int,
     depth: int,
     given: str | Mapping[str, str] = "",
+    planning: bool = True,
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
 
     The router reads top-level tasks only: a forked thread's task is a goal its planner
     marked as worth splitting. ``width``: requests the server runs at once. ``given``: the
     context as the input gave it (a thread that names documents reads those alone).
+    ``planning``: a fork would cost a planning call (not for a task whose plan is known
+    without one, ``inputs.document_plan``).
     """
     shape = task_shape(task, context) if settings.router and depth == 0 else None
     if shape is not None and not shape.splits:
@@ -157,7 +160,7 @@ def before_plan(
     # loses even so is not asked for; one that might win is asked for, and decided on again
     # with its own merge and width (``after_plan``).
     merge = settings.merge or "concat"
-    direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=True)
+    direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=planning)
     if parallel_s < direct_s:
         return None, shape
     record = _record(

@@ -14,10 +14,12 @@ import re
 from collections.abc import Mapping
 
 from apr_graph.errors import InputError
+from apr_graph.plan import is_phrase, labelled_parts
 from apr_graph.prompts import quote, shared_system, worker_messages
-from apr_graph.state import AprState, PlanRecord, PrefixStats
+from apr_graph.state import AprState, PlanRecord, PrefixStats, SubtaskRecord
 
 __all__ = [
+    "document_plan",
     "documents_named",
     "planner_view",
     "prefix_stats",
@@ -111,6 +113,53 @@ def thread_context(
         if names and len(names) < len(context):
             return render_context({name: context[name] for name in names}), names
     return render_context(context), None
+
+
+_ACROSS = re.compile(
+    r"\b(?:compar\w*|contrast\w*|differ\w*|versus|vs|between|which|rank\w*|relat\w*|"
+    r"consistent\w*|together|combin\w*|overall|across|both|merg\w*|same)\b",
+    re.I,
+)
+"""Words of a task that asks for something across its parts (a comparison, a ranking, one
+combined answer): such a task is planned by the model, which may choose a merge that reads
+every part."""
+
+_TAIL = re.compile(r"(?:[\s,;.]|\b(?:and|or)\b)+$", re.I)
+"""What joins a part to the next ("(a) calc.py, (b) io.py and (c) ..."), not a part of it."""
+
+
+def document_plan(
+    task: str, context: str | Mapping[str, str] | None, max_threads: int
+) -> list[SubtaskRecord] | None:
+    """The subtasks of a task that maps over its documents, or ``None``.
+
+    The task labels its parts ("Review (a) calc.py (b) io.py"), each part is a phrase that
+    names exactly one of the context's documents, every document is named by one part, and
+    the task asks for nothing across them (no comparison, ranking or combined answer): the
+    task is then the same work done on each document, so its plan is known without a
+    planning call, one thread per part reading its own document, their results shown under
+    their labels (``AprSettings.plan_documents``).
+    """
+    if not isinstance(context, Mapping) or len(context) < 2 or _ACROSS.search(task):
+        return None
+    parts = {label: _TAIL.sub("", text) for label, text in labelled_parts(task).items()}
+    if len(parts) != len(context) or len(parts) > max_threads:
+        return None
+    named = [documents_named(context, text) for text in parts.values()]
+    if any(len(names) != 1 for names in named) or len({n[0] for n in named}) != len(context):
+        return None
+    if not all(text and is_phrase(text) for text in parts.values()):
+        return None
+    return [
+        SubtaskRecord(
+            id=f"s{index}",
+            goal=f"({label}) {text}",
+            depends_on=[],
+            fork=False,
+            max_tokens=None,
+        )
+        for index, (label, text) in enumerate(parts.items(), start=1)
+    ]
 
 
 def planner_view(context: str | Mapping[str, str], chars: int | None) -> tuple[str, bool]:

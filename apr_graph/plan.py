@@ -19,6 +19,7 @@ from apr_graph.state import PlanRecord, SubtaskRecord
 __all__ = [
     "PlanPrefix",
     "direct_plan",
+    "is_phrase",
     "labelled_parts",
     "normalise_plan",
     "plan_of",
@@ -106,12 +107,12 @@ def _parts(task: str) -> tuple[tuple[str, str], ...]:
     # Only after phrases: "(a) What is 2 + 2? (b) Tom has 3 apples. He eats one. How many?"
     # keeps every sentence of (b).
     *first, last = parts
-    if all(_is_phrase(parts[label]) for label in first):
+    if all(is_phrase(parts[label]) for label in first):
         parts[last] = _SENTENCE_END.split(parts[last], maxsplit=1)[0].strip()
     return tuple(parts.items())
 
 
-def _is_phrase(text: str) -> bool:
+def is_phrase(text: str) -> bool:
     """No sentence in it, nor one ending it: "calculator.py", "quicksort", "Lisbon,"."""
     return not _SENTENCE_END.search(text) and not text.rstrip().endswith((".", "?", "!", ":"))
 

@@ -115,6 +115,12 @@ USER_WORDINGS: dict[str, str] = {
         "Subtask {id} (other threads answer the rest of the task). Do what the task asks for "
         "this part only:\n{goal}"
     ),
+    # A length for the thread, as Skeleton-of-Thought gives its point expansions one
+    # ("1-2 sentences") and token-budget prompting gives reasoning one.
+    "words150": (
+        "Subtask {id} (other threads answer the rest of the task; your reply is one section of "
+        "a longer answer: keep it under 150 words). Solve only this:\n{goal}"
+    ),
 }
 
 

@@ -252,3 +252,88 @@ async def test_a_forked_thread_s_nested_run_gets_its_documents_as_documents(
     assert "CALC-BODY" in sent["Check mean"]
     assert "DATA-BODY" not in sent["Check mean"]
     assert result["metrics"]["max_depth_reached"] == 2
+
+
+MAPPED_TASK = (
+    "Review these files for bugs: (a) calculator.py, (b) dataset.py and (c) notes.md. "
+    "Give the findings for each file, most serious first."
+)
+MAPPED_DOCUMENTS = {**DOCUMENTS, "notes.md": "# Notes  NOTES-BODY\n"}
+
+
+def _goal_last(request: Any) -> str:
+    """A ``concat`` thread's goal: the last line of its message."""
+    return str(request.last_user_message.splitlines()[-1].strip())
+
+
+def _concat_worker() -> Rule:
+    return Rule(role="worker", reply=lambda r: Reply(content=f"result({_goal_last(r)})"))
+
+
+async def test_a_task_that_maps_over_its_documents_is_planned_without_a_model_call(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([_concat_worker()])  # no planner: a planning request fails the run
+    app = compile_apr_graph(settings=settings_for(server))
+    events: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    async for mode, chunk in app.astream(
+        {"task": MAPPED_TASK, "context": MAPPED_DOCUMENTS}, stream_mode=["custom", "values"]
+    ):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            result = chunk
+    assert server.chat_requests("planner") == []
+    plan = result["plan"]
+    assert plan["strategy"] == "parallel"
+    assert plan["merge"] == "concat"
+    assert [s["goal"] for s in plan["subtasks"]] == [
+        "(a) calculator.py",
+        "(b) dataset.py",
+        "(c) notes.md",
+    ]
+    assert "planned without a model call" in plan["notes"][0]
+    sent = {_goal_last(r): json.dumps(r.messages) for r in server.chat_requests("worker")}
+    assert len(sent) == 3
+    assert "CALC-BODY" in sent["(a) calculator.py"]
+    assert "DATA-BODY" not in sent["(a) calculator.py"]
+    assert "DATA-BODY" in sent["(b) dataset.py"]
+    assert "NOTES-BODY" in sent["(c) notes.md"]
+    assert "CALC-BODY" not in sent["(c) notes.md"]
+    started = {e["id"]: e.get("documents") for e in events if e["event"] == "thread_started"}
+    assert started == {"s1": ["calculator.py"], "s2": ["src/dataset.py"], "s3": ["notes.md"]}
+    for goal in ("(a) calculator.py", "(b) dataset.py", "(c) notes.md"):
+        assert f"result({goal})" in result["answer"]
+
+
+@pytest.mark.parametrize(
+    ("task", "documents", "context"),
+    [
+        # asks for something across the files
+        ("Compare (a) calculator.py (b) dataset.py (c) notes.md", MAPPED_DOCUMENTS, None),
+        # a part names two documents
+        ("Review (a) calculator.py and dataset.py (b) notes.md", MAPPED_DOCUMENTS, None),
+        # a document no part names
+        ("Review (a) calculator.py (b) dataset.py", MAPPED_DOCUMENTS, None),
+        # a part that is a sentence, not a name
+        ("Review (a) calculator.py (b) dataset.py. Is it safe? (c) notes.md", MAPPED_DOCUMENTS, {}),
+        # turned off for this run
+        (MAPPED_TASK, MAPPED_DOCUMENTS, {"plan_documents": False}),
+        # threads read every document
+        (MAPPED_TASK, MAPPED_DOCUMENTS, {"thread_documents": "all"}),
+    ],
+)
+async def test_other_tasks_with_documents_are_planned_by_the_model(
+    make_server: ServerFactory,
+    task: str,
+    documents: dict[str, str],
+    context: dict[str, Any] | None,
+) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "planned"}))]
+    )
+    app = compile_apr_graph(settings=settings_for(server, planner_document_chars=None))
+    result = await app.ainvoke({"task": task, "context": documents}, context=context)
+    assert len(server.chat_requests("planner")) == 1
+    assert result["answer"] == "planned"

@@ -21,7 +21,7 @@ from apr_graph.errors import (
     StructuredOutputError,
 )
 from apr_graph.events import emit
-from apr_graph.inputs import planner_view, prefix_stats, read_input
+from apr_graph.inputs import document_plan, planner_view, prefix_stats, read_input
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.direct import direct_answer
@@ -32,7 +32,7 @@ from apr_graph.prompts import planner_messages, shared_system
 from apr_graph.router import Shape
 from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
-from apr_graph.state import AprState, CallRecord, PlanRecord
+from apr_graph.state import AprState, CallRecord, PlanRecord, SubtaskRecord
 
 __all__ = ["make_decompose", "normalise_plan", "read_input", "repair_dependencies"]
 
@@ -82,10 +82,25 @@ def make_decompose(
         endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
         given = state.get("context") or ""
-        decision, shape = before_plan(
-            task, context, settings, profile, width=capacity["limit"], depth=depth, given=given
+        mapped = (
+            document_plan(task, given, settings.max_threads)
+            if settings.plan_documents and settings.thread_documents == "named" and not tools
+            else None
         )
-        if decision is None:
+        decision, shape = before_plan(
+            task,
+            context,
+            settings,
+            profile,
+            width=capacity["limit"],
+            depth=depth,
+            given=given,
+            planning=mapped is None,
+        )
+        if decision is None and mapped is not None:
+            run = _Run(client, settings, task, context, given, depth, board, calls)
+            normalised = mapped_plan(run, mapped, capacity["limit"], profile, shape)
+        elif decision is None:
             run = _Run(client, settings, task, context, given, depth, board, calls)
             normalised = await run_planner(run, width, capacity["limit"], profile, shape)
         else:
@@ -130,6 +145,31 @@ def make_decompose(
                 client, settings, board, normalised, task, context, calls
             )
         return update
+
+    def mapped_plan(
+        run: _Run,
+        subtasks: list[SubtaskRecord],
+        limit: int,
+        profile: SpeedProfile | None,
+        shape: Shape | None,
+    ) -> PlanRecord:
+        """The plan of a task that maps over its documents (``inputs.document_plan``), made
+        without a planning call, and decided on as a model's plan would be."""
+        merge = run.settings.merge or "concat"
+        notes = ["planned without a model call: each labelled part names one document"]
+        plan = PlanRecord(
+            strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=notes
+        )
+        decision = after_plan(
+            plan, run.task, run.context, run.settings, profile, shape, width=limit, given=run.given
+        )
+        if decision["choice"] == "direct":
+            plan = direct_plan("", [*notes, f"answering directly: {decision['reason']}"])
+        else:
+            run.board.system = shared_system(run.task, run.context, merge=merge)
+            plan = _within_slots(plan, set(), run.board.budget)
+        plan["decision"] = decision
+        return plan
 
     async def run_planner(
         run: _Run,
