@@ -63,6 +63,39 @@ def total(prices):
     return round(t)
 """
 
+_RETRY = """import time
+def retry(fn, times=3, wait=1):
+    for i in range(times):
+        try:
+            return fn()
+        except Exception:
+            time.sleep(wait * i)
+    return fn()
+"""
+_CSV = """def read_rows(path):
+    rows = []
+    f = open(path)
+    header = f.readline().strip().split(",")
+    for line in f:
+        rows.append(dict(zip(header, line.strip().split(","))))
+    return rows
+def column(rows, name):
+    return [float(r[name]) for r in rows]
+"""
+_ARGS = """import argparse, sys
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("src")
+    p.add_argument("--limit", type=int, default=10)
+    a = p.parse_args(argv)
+    for n, line in enumerate(open(a.src)):
+        if n > a.limit:
+            break
+        sys.stdout.write(line)
+"""
+_FILES = {"retry.py": _RETRY, "csvread.py": _CSV, "head.py": _ARGS}
+_CODE = {"stack.py": _STACK, "cache.py": _CACHE, "prices.py": _PARSE}
+
 TASKS: list[dict[str, Any]] = [
     {
         "task": "Explain how each sorting algorithm works and when to use it: (a) quicksort "
@@ -93,6 +126,30 @@ TASKS: list[dict[str, Any]] = [
     },
 ]
 
+DOCUMENT_TASKS: list[dict[str, Any]] = [
+    {
+        "task": "Fix the bugs in (a) stack.py (b) cache.py (c) prices.py.",
+        "context": _CODE,
+    },
+    {
+        "task": "Explain what each file does and how to call it: (a) retry.py (b) csvread.py "
+        "(c) head.py.",
+        "context": _FILES,
+    },
+    {
+        "task": "Review these files for bugs, risky code and unclear names: (a) retry.py "
+        "(b) csvread.py (c) head.py. Give the findings for each file, most serious first.",
+        "context": _FILES,
+    },
+    {
+        "task": "Add type hints and a one-line docstring to every function of (a) retry.py "
+        "(b) csvread.py (c) head.py.",
+        "context": _FILES,
+    },
+]
+"""Tasks on documents of our own (``--set documents``): a thread reads its own file, and may
+write out a copy of it."""
+
 _NOW = "Be concise: give the reasoning that matters, then the result."
 WORDINGS: dict[str, str] = {
     "now": _NOW,
@@ -105,6 +162,10 @@ WORDINGS: dict[str, str] = {
         "Be brief: give the reasoning that matters, then the result; do not restate the task, "
         "do not rewrite the context, do not repeat yourself."
     ),
+    # What coding assistants ask of edits (diff formats rather than whole files): a thread
+    # that reviews a file must not write the file out again.
+    "nocopy": _NOW + " Where your result changes a document, show only the lines you change; "
+    "never write out a whole document.",
 }
 
 
@@ -154,11 +215,17 @@ async def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--wordings", default="now,part,brief")
-    parser.add_argument("--tasks", type=int, default=len(TASKS))
+    parser.add_argument("--tasks", type=int, default=None, help="the first N tasks of the set")
+    parser.add_argument("--set", choices=["general", "documents", "all"], default="general")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=1024)
     args = parser.parse_args()
     names = args.wordings.split(",")
+    chosen = {
+        "general": TASKS,
+        "documents": DOCUMENT_TASKS,
+        "all": [*TASKS, *DOCUMENT_TASKS],
+    }[args.set][: args.tasks]
     gate = asyncio.Semaphore(args.concurrency)
     results: list[dict[str, Any]] = []
 
@@ -170,7 +237,7 @@ async def main() -> None:
 
     async with httpx.AsyncClient(timeout=900) as client:
         jobs = []
-        for index, item in enumerate(TASKS[: args.tasks]):
+        for index, item in enumerate(chosen):
             context = render_context(item.get("context") or "")
             jobs.append(one(client, index, "plain", "", direct_messages(item["task"], context)))
             for label in labelled_parts(item["task"]):
@@ -180,7 +247,7 @@ async def main() -> None:
     summary = {}
     for name in names:
         longest, total, cut = [], [], 0
-        for index in range(min(args.tasks, len(TASKS))):
+        for index in range(len(chosen)):
             plain = next(r for r in results if r["task"] == index and r["kind"] == "plain")
             threads = [r for r in results if r["task"] == index and r["kind"] == name]
             longest.append(max(r["tokens"] for r in threads) / plain["tokens"])
