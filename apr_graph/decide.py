@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from apr_graph.inputs import thread_context
+from apr_graph.inputs import planner_view, thread_context
 from apr_graph.plan import labelled_parts
 from apr_graph.router import Shape, task_shape
 from apr_graph.settings import AprSettings
@@ -91,6 +91,10 @@ class Estimate:
     thread_prompt_tokens: int | None = None
     """The longest thread's prompt, when threads do not all read the whole context (named
     documents, ``AprSettings.thread_documents``); ``None``: the task's prompt."""
+    planner_prompt_tokens: int | None = None
+    """The planning call's prompt, when the planner reads only a part of the context (each
+    long document's beginning, ``AprSettings.planner_document_chars``); ``None``: the task's
+    prompt."""
 
 
 def thread_prompt_tokens(
@@ -155,6 +159,7 @@ def before_plan(
         thread_prompt_tokens=thread_prompt_tokens(
             task, given, list(parts.values()), settings.thread_documents
         ),
+        planner_prompt_tokens=_planner_prompt_tokens(task, given, settings),
     )
     # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
     # loses even so is not asked for; one that might win is asked for, and decided on again
@@ -256,7 +261,7 @@ def predict(
     merge_tokens = 0 if merge in {"concat", "race", "vote"} else math.ceil(answer * MERGE_RATIO)
     parallel_s = predict_plan_s(
         profile,
-        prompt_tokens=estimate.prompt_tokens if plan else 0,
+        prompt_tokens=(estimate.planner_prompt_tokens or estimate.prompt_tokens) if plan else 0,
         plan_tokens=PLAN_TOKENS_FIXED + PLAN_TOKENS_PER_PART * parts if plan else 0,
         thread_prompt_tokens=estimate.thread_prompt_tokens
         or estimate.prompt_tokens + THREAD_PROMPT_EXTRA,
@@ -300,6 +305,15 @@ def _slower(
         f"~{parallel_s:.1f}s{best} as {parts} threads ({streams} at once decode "
         f"{profile.gain(streams):.2f}x one stream)"
     )
+
+
+def _planner_prompt_tokens(
+    task: str, given: str | Mapping[str, str], settings: AprSettings
+) -> int | None:
+    """The planning call's prompt when the planner reads a part of the documents, else
+    ``None`` (it reads what a direct answer reads)."""
+    view, partial = planner_view(given, settings.planner_document_chars)
+    return prompt_tokens(task, view) if partial else None
 
 
 def _part_tokens(profile: SpeedProfile) -> int:

@@ -8,6 +8,7 @@ that reviews one of three files then reads one file, not three.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -83,10 +84,17 @@ def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
     A thread is given these documents only (``AprSettings.thread_documents``); a goal that
     names none, or all, gets the whole context.
     """
-    tails = {name: re.split(r"[\\/]", name)[-1].lower() for name in documents}
+    return list(_named(tuple(documents), goal))
+
+
+@functools.lru_cache(maxsize=256)
+def _named(names: tuple[str, ...], goal: str) -> tuple[str, ...]:
+    # Asked for one goal by the decision, the early start, the prefix figure and the worker
+    # node: found once.
+    tails = {name: re.split(r"[\\/]", name)[-1].lower() for name in names}
     shared = {tail for tail in tails.values() if list(tails.values()).count(tail) > 1}
     text = goal.lower()
-    return [
+    return tuple(
         name
         for name, tail in tails.items()
         if any(
@@ -94,7 +102,7 @@ def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
             for form in {name.lower(), *({tail} - shared)}
             if form
         )
-    ]
+    )
 
 
 def thread_context(

@@ -430,3 +430,28 @@ def test_threads_that_read_only_their_documents_are_predicted_cheaper() -> None:
     whole_run, _ = before_plan(task, whole, settings, profile, width=4, depth=0, given=whole)
     assert whole_run is not None  # one call wins when every thread reads all three
     assert split is None or split["predicted_parallel_s"] < whole_run["predicted_parallel_s"]  # type: ignore[typeddict-item]
+
+
+def test_the_planning_call_is_costed_with_what_the_planner_reads() -> None:
+    """The planner reads each long document's beginning, and a task that maps over its
+    documents has no planning call: the prediction before the plan counts what is sent."""
+    profile = SpeedProfile({1: 20.0, 4: 21.0}, 200.0, 0.2, "measured", part_tokens=300.0)
+    files = {f"{name}.py": f"# {name}\n" + "x = 1\n" * 1500 for name in ("calc", "data", "sample")}
+    task = "Review (a) calc.py (b) data.py (c) sample.py"
+    whole = render_context(files)
+
+    def parallel_s(**overrides: Any) -> float:
+        planning = overrides.pop("planning", True)
+        settings = AprSettings(prefer="speed", router=False, **overrides)
+        record, _ = before_plan(
+            task, whole, settings, profile, width=4, depth=0, given=files, planning=planning
+        )
+        assert record is not None  # forking loses on this profile: the record has the figures
+        return record["predicted_parallel_s"]  # type: ignore[typeddict-item]
+
+    reads_all = parallel_s(planner_document_chars=None)
+    reads_part = parallel_s()  # 600 characters of each file
+    no_plan = parallel_s(planning=False)
+    unread = (len(whole) - 3 * 600) // 4  # tokens of the documents the planner does not read
+    assert reads_all - reads_part == pytest.approx(unread / 200.0, rel=0.05)
+    assert no_plan < reads_part
