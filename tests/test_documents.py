@@ -36,6 +36,18 @@ def _server(make_server: ServerFactory) -> Any:
     )
 
 
+async def _run(app: Any, inputs: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The run's custom events and its final state."""
+    events: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    async for mode, chunk in app.astream(inputs, stream_mode=["custom", "values"]):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            result = chunk
+    return events, result
+
+
 def _worker_text(server: Any) -> dict[str, str]:
     """Each thread's whole request as text, by the goal in its last message."""
     out = {}
@@ -50,15 +62,7 @@ async def test_a_thread_reads_only_the_documents_its_goal_names(
 ) -> None:
     server = _server(make_server)
     app = compile_apr_graph(settings=settings_for(server))
-    events: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
-    async for mode, chunk in app.astream(
-        {"task": TASK, "context": DOCUMENTS}, stream_mode=["custom", "values"]
-    ):
-        if mode == "custom":
-            events.append(chunk)
-        else:
-            result = chunk
+    events, result = await _run(app, {"task": TASK, "context": DOCUMENTS})
     sent = _worker_text(server)
     assert len(sent) == 3  # early-started threads were adopted, not sent again
     calc, data, both = (
@@ -275,15 +279,7 @@ async def test_a_task_that_maps_over_its_documents_is_planned_without_a_model_ca
 ) -> None:
     server = make_server([_concat_worker()])  # no planner: a planning request fails the run
     app = compile_apr_graph(settings=settings_for(server))
-    events: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
-    async for mode, chunk in app.astream(
-        {"task": MAPPED_TASK, "context": MAPPED_DOCUMENTS}, stream_mode=["custom", "values"]
-    ):
-        if mode == "custom":
-            events.append(chunk)
-        else:
-            result = chunk
+    events, result = await _run(app, {"task": MAPPED_TASK, "context": MAPPED_DOCUMENTS})
     assert server.chat_requests("planner") == []
     plan = result["plan"]
     assert plan["strategy"] == "parallel"
