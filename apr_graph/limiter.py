@@ -32,7 +32,6 @@ class AdaptiveLimiter:
         self.maximum = maximum
         self.limit = maximum
         self.in_flight = 0
-        self.decreases = 0
         self._successes = 0
         self._lock = threading.Lock()
         self._waiting: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
@@ -97,7 +96,6 @@ class AdaptiveLimiter:
         with self._lock:
             self.limit = max(1, self.limit // 2)
             self._successes = 0
-            self.decreases += 1
 
     def succeeded(self) -> None:
         """One request went through: after ``limit`` in a row, allow one more."""

@@ -174,11 +174,6 @@ class OpenAITransport:
         """Requests currently allowed in flight, over all endpoints."""
         return sum(e.limit.limit for e in self._endpoints)
 
-    @property
-    def requests_by_endpoint(self) -> dict[str, int]:
-        """Requests in flight per endpoint URL."""
-        return {e.url: e.limit.in_flight for e in self._endpoints}
-
     async def list_models(self) -> list[str]:
         """``GET /models`` of the first endpoint."""
         return await isolated(self._list_models())

@@ -183,23 +183,20 @@ def predict_plan_s(
     width: int,
     merge_prompt_tokens: int,
     merge_tokens: int,
-    thread_cached_tokens: int = 0,
 ) -> float:
     """Seconds a plan takes: the planning call, the threads ``width`` at a time, the merge.
 
     The threads start in their order in batches of ``width``; each batch lasts until its
     longest thread ends (``_batch_s``). ``merge_tokens == 0`` is a merge that makes no call
-    (``concat``). ``thread_cached_tokens``: the part of each thread prompt a prefix cache
-    serves (the task they share).
+    (``concat``).
     """
     _check(plan_tokens=plan_tokens, thread_prompt_tokens=thread_prompt_tokens)
     _check(merge_prompt_tokens=merge_prompt_tokens, merge_tokens=merge_tokens)
     if width < 1 or any(t < 0 for t in thread_tokens):
         raise ValueError(f"width = {width}, thread_tokens = {thread_tokens}: need width >= 1")
     total = predict_call_s(profile, prompt_tokens=prompt_tokens, output_tokens=plan_tokens)
-    uncached = max(0, thread_prompt_tokens - thread_cached_tokens)
     for start in range(0, len(thread_tokens), width):
-        total += _batch_s(profile, uncached, thread_tokens[start : start + width])
+        total += _batch_s(profile, thread_prompt_tokens, thread_tokens[start : start + width])
     if merge_tokens > 0:
         total += predict_call_s(
             profile, prompt_tokens=merge_prompt_tokens, output_tokens=merge_tokens
