@@ -238,7 +238,8 @@ class AprSettings(BaseSettings):
     without a model call: one thread per part, reading its own document, results shown
     under their labels (merge ``concat`` unless ``merge`` is set). On a 2-CPU server the
     planning call it saves is ~12 s of a ~78 s review of three files; the decision on
-    whether to fork is made as for a model's plan. Off, or with tools, the planner plans it."""
+    whether to fork is made as for a model's plan. Off, with tools, or with a ``merge`` of
+    attempts at one question (``vote``, ``race``, ``best``), the planner plans it."""
 
     planner_document_chars: int | None = Field(default=600, ge=0)
     """With a context of named documents, the planner reads each document's name, size and

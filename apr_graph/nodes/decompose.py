@@ -84,7 +84,10 @@ def make_decompose(
         given = state.get("context") or ""
         mapped = (
             document_plan(task, given, settings.max_threads)
-            if settings.plan_documents and settings.thread_documents == "named" and not tools
+            if settings.plan_documents
+            and settings.thread_documents == "named"
+            and settings.merge in {None, "concat", "synthesize"}  # parts, not attempts
+            and not tools
             else None
         )
         decision, shape = before_plan(
