@@ -37,7 +37,12 @@ class AprToolInput(BaseModel):
     """Arguments of the apr-graph tool."""
 
     task: str = Field(description="The complete question or task, self-contained.")
-    context: str = Field(default="", description="Facts or material the threads may need.")
+    context: str | dict[str, str] = Field(
+        default="",
+        description="Facts or material the threads may need: text, or named documents "
+        '(e.g. files: {"calc.py": "<its text>", ...}), of which each thread reads the ones '
+        "its part names.",
+    )
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:
@@ -64,11 +69,11 @@ def as_tool(
     """
     graph = app or compile_apr_graph(settings=settings, client=client)
 
-    def run(task: str, context: str = "") -> tuple[str, dict[str, Any]]:
+    def run(task: str, context: str | dict[str, str] = "") -> tuple[str, dict[str, Any]]:
         result = graph.invoke({"task": task, "context": context})
         return str(result.get("answer", "")), _record(dict(result))
 
-    async def arun(task: str, context: str = "") -> tuple[str, dict[str, Any]]:
+    async def arun(task: str, context: str | dict[str, str] = "") -> tuple[str, dict[str, Any]]:
         result = await graph.ainvoke({"task": task, "context": context})
         return str(result.get("answer", "")), _record(dict(result))
 

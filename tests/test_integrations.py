@@ -67,6 +67,39 @@ async def test_agent_delegates_to_the_tool(make_server: ServerFactory, use_async
     assert server.chat_requests("planner")[0].messages[-1]["content"].count("Compute parts") == 1
 
 
+async def test_an_agent_passes_files_to_the_tool_as_named_documents(
+    make_server: ServerFactory,
+) -> None:
+    def worker(request: RecordedRequest) -> Reply:
+        goal = request.last_user_message.splitlines()[-1]
+        return Reply(content=f"read {json.dumps(request.messages[0]['content'])[-40:]} for {goal}")
+
+    server = make_server([Rule(role="worker", reply=worker)])  # a map over files: no planner
+    tool = as_tool(compile_apr_graph(settings=settings_for(server)))
+    schema = json.dumps(tool.tool_call_schema.model_json_schema())
+    assert '"additionalProperties": {"type": "string"}' in schema  # the model sees the mapping
+    files = {"calc.py": "def mean(): ...  # CALC-FILE", "io.py": "def load(): ...  # IO-FILE"}
+    call = {
+        "name": "parallel_reasoning",
+        "args": {"task": "Review for bugs: (a) calc.py (b) io.py", "context": files},
+        "id": "call-1",
+        "type": "tool_call",
+    }
+    model = ToolCallingFake(messages=iter([AIMessage(content="", tool_calls=[call]), "Done."]))
+    result = await create_agent(model, tools=[tool]).ainvoke(
+        {"messages": [{"role": "user", "content": "Review my two files"}]}
+    )
+    tool_message = next(m for m in result["messages"] if isinstance(m, ToolMessage))
+    sent = {
+        r.last_user_message.splitlines()[-1]: r.messages[0]["content"]
+        for r in server.chat_requests("worker")
+    }
+    assert "CALC-FILE" in sent["(a) calc.py"]
+    assert "IO-FILE" not in sent["(a) calc.py"]
+    assert "IO-FILE" in sent["(b) io.py"]
+    assert [t["goal"] for t in tool_message.artifact["threads"]] == ["(a) calc.py", "(b) io.py"]
+
+
 class ParentState(TypedDict, total=False):
     task: str
     answer: str
