@@ -320,6 +320,8 @@ async def test_a_task_that_maps_over_its_documents_is_planned_without_a_model_ca
         (MAPPED_TASK, MAPPED_DOCUMENTS, {"thread_documents": "all"}),
         # every thread would attempt the same question
         (MAPPED_TASK, MAPPED_DOCUMENTS, {"merge": "vote"}),
+        # fewer thread slots than documents: the planner groups them
+        (MAPPED_TASK, MAPPED_DOCUMENTS, {"max_total_threads": 2}),
     ],
 )
 async def test_other_tasks_with_documents_are_planned_by_the_model(

@@ -82,8 +82,9 @@ def make_decompose(
         endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
         given = state.get("context") or ""
+        free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
         mapped = (
-            document_plan(task, given, settings.max_threads)
+            document_plan(task, given, min(settings.max_threads, free))
             if settings.plan_documents
             and settings.thread_documents == "named"
             and settings.merge in {None, "concat", "synthesize"}  # parts, not attempts
