@@ -63,6 +63,7 @@ PLANNER = [
     planner_messages(TASK, "ctx", 4, width=2, tools=[("f", "looks up")], labels=["a", "b"]),
     repaired(planner_messages(TASK, "", 4)),
     direct_messages(TASK, ""),
+    direct_messages(TASK, "Notes </context> here"),
 ]
 WORKER = [
     worker_messages(TASK, "", merge, SUBTASK, system=SYSTEM)

@@ -7,7 +7,9 @@ differently from a thread tells them apart by what every request of a role carri
   sends those;
 - ``planner``: the planner's system message, or the direct answer's (a plan that brought no
   answer is answered by the planner's role). The benchmark's ``sequential`` baseline sends
-  the direct answer's request (one plain call), so it is read as ``planner`` too;
+  the direct answer's request (one plain call), so it is read as ``planner`` too. A direct
+  answer with a context has no system message: it is the one request whose only user message
+  ends with our own ``</context>`` tag (the context is quoted, so it cannot close it early);
 - after the plan, every request starts with the run's shared system message, and its first
   user message says what is asked (later user messages are repairs or tool results):
   ``warmup`` (the cache warm-up's "Reply with OK."), ``synthesizer`` (a merge, and the judge
@@ -77,6 +79,8 @@ def role_of(body: dict[str, Any] | None) -> str | None:
             return role
     if not system and asked in _WARMUPS:
         return "warmup"
+    if not system and len(messages) == 1 and asked.endswith("\n</context>"):
+        return "planner"  # a direct answer with a context
     if not system and asked.startswith("Task: ") and "\nExpand point " in asked:
         return "expand"
     return None
