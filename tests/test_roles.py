@@ -64,6 +64,7 @@ PLANNER = [
     repaired(planner_messages(TASK, "", 4)),
     direct_messages(TASK, ""),
     direct_messages(TASK, "Notes </context> here"),
+    direct_messages(TASK, "Notes", "Reply in French."),
 ]
 WORKER = [
     worker_messages(TASK, "", merge, SUBTASK, system=SYSTEM)

@@ -79,8 +79,8 @@ def role_of(body: dict[str, Any] | None) -> str | None:
             return role
     if not system and asked in _WARMUPS:
         return "warmup"
-    if not system and len(messages) == 1 and asked.endswith("\n</context>"):
-        return "planner"  # a direct answer with a context
+    if asked.endswith("\n</context>") and len(messages) <= 2:
+        return "planner"  # a direct answer with a context (and own instructions, if any)
     if not system and asked.startswith("Task: ") and "\nExpand point " in asked:
         return "expand"
     return None
