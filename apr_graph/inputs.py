@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from apr_graph.errors import InputError
 from apr_graph.plan import is_phrase, labelled_parts
 from apr_graph.prompts import quote, shared_system, worker_messages
+from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, PlanRecord, PrefixStats, SubtaskRecord
 
 __all__ = [
@@ -137,7 +138,12 @@ _TAIL = re.compile(r"(?:[\s,;.]|\b(?:and|or)\b)+$", re.I)
 
 
 def document_plan(
-    task: str, context: str | Mapping[str, str] | None, max_threads: int
+    task: str,
+    context: str | Mapping[str, str] | None,
+    settings: AprSettings,
+    *,
+    slots: int,
+    tools: bool = False,
 ) -> list[SubtaskRecord] | None:
     """The subtasks of a task that maps over its documents, or ``None``.
 
@@ -146,10 +152,21 @@ def document_plan(
     the task asks for nothing across them (no comparison, ranking or combined answer): the
     task is then the same work done on each document, so its plan is known without a
     planning call, one thread per part reading its own document, their results shown under
-    their labels (``AprSettings.plan_documents``).
+    their labels (``AprSettings.plan_documents``). Not with tools, nor with a ``merge`` of
+    attempts at one question, nor when fewer than one thread ``slots`` per document is free
+    (the planner groups them then).
     """
-    if not isinstance(context, Mapping) or len(context) < 2 or _ACROSS.search(task):
+    if (
+        not settings.plan_documents
+        or settings.thread_documents != "named"
+        or settings.merge not in {None, "concat", "synthesize"}
+        or tools
+        or not isinstance(context, Mapping)
+        or len(context) < 2
+        or _ACROSS.search(task)
+    ):
         return None
+    max_threads = min(settings.max_threads, slots)
     parts = {label: _TAIL.sub("", text) for label, text in labelled_parts(task).items()}
     if len(parts) != len(context) or len(parts) > max_threads:
         return None

@@ -83,14 +83,7 @@ def make_decompose(
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
         given = state.get("context") or ""
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
-        mapped = (
-            document_plan(task, given, min(settings.max_threads, free))
-            if settings.plan_documents
-            and settings.thread_documents == "named"
-            and settings.merge in {None, "concat", "synthesize"}  # parts, not attempts
-            and not tools
-            else None
-        )
+        mapped = document_plan(task, given, settings, slots=free, tools=bool(tools))
         decision, shape = before_plan(
             task,
             context,
