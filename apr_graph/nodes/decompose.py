@@ -94,12 +94,13 @@ def make_decompose(
             given=given,
             planning=mapped is None,
         )
-        if decision is None and mapped is not None:
+        if decision is None:
             run = _Run(client, settings, task, context, given, depth, board, calls)
-            normalised = mapped_plan(run, mapped, capacity["limit"], profile, shape)
-        elif decision is None:
-            run = _Run(client, settings, task, context, given, depth, board, calls)
-            normalised = await run_planner(run, width, capacity["limit"], profile, shape)
+            normalised = (
+                mapped_plan(run, mapped, capacity["limit"], profile, shape)
+                if mapped is not None
+                else await run_planner(run, width, capacity["limit"], profile, shape)
+            )
         else:
             normalised = direct_plan("", [])
             normalised["decision"] = decision
