@@ -159,7 +159,7 @@ def before_plan(
         thread_prompt_tokens=thread_prompt_tokens(
             task, given, list(parts.values()), settings.thread_documents
         ),
-        planner_prompt_tokens=_planner_prompt_tokens(task, given, settings),
+        planner_prompt_tokens=_planner_prompt_tokens(task, given, settings) if planning else None,
     )
     # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
     # loses even so is not asked for; one that might win is asked for, and decided on again
