@@ -36,7 +36,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
         line += f" · 1 thread ({metrics['thread_span_s']:.2f}s)"
     if metrics.get("loops"):
         line += (
-            f" · {metrics['loops']} repeating replies stopped "
+            f" · {metrics['loops']} repeating or copying replies stopped "
             f"({metrics.get('loop_saved_tokens', 0):,} tokens not generated)"
         )
     return line
@@ -107,7 +107,7 @@ class View:
                 )
         elif kind == "thread_looped":
             thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
-            thread["looped"] = event["at_tokens"]
+            thread["looped"] = "copied its input" if event.get("copied_lines") else "looped"
         elif kind == "thread_finished":
             thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
             thread.update(
@@ -155,8 +155,13 @@ class PlainView(View):
             why = f" ({self.decision})" if self.decision and not event.get("depth") else ""
             self.notice(f"apr: plan {event['strategy']}{detail}{why}")
         elif kind == "thread_looped":
+            what = (
+                f"writing out {event['copied_lines']} lines of its input again"
+                if event.get("copied_lines")
+                else "repeating itself"
+            )
             self.notice(
-                f"apr: thread {event['id']} began repeating itself after {event['at_tokens']} "
+                f"apr: thread {event['id']} began {what} after {event['at_tokens']} "
                 f"tokens: stopped ({event['saved_tokens']} tokens not generated)"
             )
         elif kind == "thread_finished":
@@ -237,7 +242,7 @@ class LiveView(PlainView):
                 spent = f"{time.monotonic() - thread['started']:.1f}s"
             else:
                 spent = ""
-            label = f"{status} (looped)" if thread.get("looped") is not None else status
+            label = f"{status} ({thread['looped']})" if thread.get("looped") else status
             table.add_row(
                 tid,
                 Text(label, style=styles.get(status, "")),

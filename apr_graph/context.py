@@ -131,6 +131,9 @@ class AprContext(BaseModel):
     retry_loops: bool | None = None
     """Give a thread that looped one fresh attempt."""
 
+    stop_copy_lines: int | None = Field(default=None, ge=0)
+    """Stop a thread that writes out this many lines of its input again (0: never)."""
+
     min_thread_tokens: int | None = Field(default=None, ge=16)
     """The smallest output allowance the plan may give one thread."""
 

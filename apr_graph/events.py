@@ -25,7 +25,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
   or a reply cut off by its token limit is continued from where it stopped (``reason`` says
   which; a continuation's tokens follow the ones already streamed).
 - ``{"event": "thread_looped", "id", "attempt", "at_tokens", "streamed_tokens",
-  "saved_tokens"}``: the thread's reply began repeating itself and its request was closed;
+  "saved_tokens", "copied_lines"}``: the thread's reply began repeating itself, or writing
+  out its input again (``copied_lines`` of it, else 0), and its request was closed;
   ``at_tokens`` of it are kept, ``streamed_tokens`` had streamed, ``saved_tokens`` of its
   allowance were not generated. A ``thread_retry`` follows if it gets one more attempt, else
   its ``thread_finished`` (``status`` ``done``, the record's ``looped`` says where).

@@ -16,6 +16,12 @@ also a great place to take photos.", "This is a risky code because it can lead t
 behavior or crashes."). So a sentence of ``SENTENCE_WORDS`` words or more said for the
 ``SENTENCE_REPEATS``-th time (outside code blocks, in any case, list markers aside) is a loop
 too, cut where that sentence starts.
+
+A reply that writes out its own input again (``copy_lines`` consecutive lines of the prompt,
+verbatim and in order) is cut where the copy begins: the reader has those lines already. A
+1.5B model asked to review one file listed its findings, then wrote the whole file out again
+under "Here is the revised file" (one line changed, ~550 tokens: the run's critical path). A
+corrected line breaks the copy, so what a reply changes is kept up to its last change.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "SENTENCE_WORDS",
     "Loop",
     "LoopDetector",
+    "tidy_cut",
 ]
 
 MAX_PERIOD_WORDS = 300
@@ -55,6 +62,8 @@ _CHECK_EVERY = 4
 """Words between two looks at the tail (a loop is found at most this many words late)."""
 
 _WORD = re.compile(r"\S+")
+_FENCE_INFO = re.compile(r"[\w+#.-]*")
+"""What may follow an opening code fence on its line (``python``, ``c++``)."""
 _LIST_NUMBER = re.compile(r"\(?\d+[.):]")
 """A numbered list's marker (``16.``, ``3)``, ``(2)``): a list that loops renumbers each copy
 of its items, so every marker counts as the same word."""
@@ -69,11 +78,14 @@ class Loop:
             itself is said once).
         period_words: words in the repeated block.
         repeats: copies of the block seen when the loop was found.
+        copied_lines: for a reply that was writing out its input again, the lines it had
+            copied (0 for a repeat of its own words).
     """
 
     keep: int
     period_words: int
     repeats: int
+    copied_lines: int = 0
 
 
 def _min_repeats(period: int) -> int:
@@ -81,10 +93,60 @@ def _min_repeats(period: int) -> int:
     return max(least, -(-MIN_SPAN_WORDS // period))
 
 
-class LoopDetector:
-    """Fed streamed text piece by piece; ``feed`` returns the ``Loop`` once there is one."""
+class _CopyWatch:
+    """Consecutive lines of a reply that are consecutive lines of ``source`` (blank lines
+    and indentation aside)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str, lines: int) -> None:
+        self._lines = lines
+        self._source = [s for line in source.splitlines() if (s := line.strip())]
+        self._at: dict[str, list[int]] = {}
+        for index, line in enumerate(self._source):
+            self._at.setdefault(line, []).append(index)
+        self._matches: set[int] = set()  # where in the source the copy so far may end
+        self._run = 0
+        self._run_start = 0
+        self._scanned = 0
+
+    def feed(self, text: str) -> Loop | None:
+        """Look at the complete lines of ``text`` not seen yet."""
+        end = text.rfind("\n") + 1
+        for match in re.finditer(r"[^\n]*\n", text[self._scanned : end]):
+            line = match.group().strip()
+            if not line:
+                continue
+            after = {i + 1 for i in self._matches if self._source[i + 1 : i + 2] == [line]}
+            if after:
+                self._matches, self._run = after, self._run + 1
+            else:
+                self._matches = set(self._at.get(line, ()))
+                self._run = 1 if self._matches else 0
+                self._run_start = self._scanned + match.start()
+            if self._run >= self._lines:
+                return Loop(keep=self._run_start, period_words=0, repeats=1, copied_lines=self._run)
+        self._scanned = max(self._scanned, end)
+        return None
+
+
+def tidy_cut(text: str) -> str:
+    """A reply cut where it began copying its input, without the code fence it left open:
+    an opening fence with nothing after it is dropped, one with lines in it is closed."""
+    text = text.rstrip()
+    if text.count("```") % 2 == 0:
+        return text
+    head, _, tail = text.rpartition("```")
+    return head.rstrip() if _FENCE_INFO.fullmatch(tail.strip()) else f"{text}\n```"
+
+
+class LoopDetector:
+    """Fed streamed text piece by piece; ``feed`` returns the ``Loop`` once there is one.
+
+    ``source``: the prompt the reply must not write out again, ``copy_lines`` lines at a
+    time (0: not watched).
+    """
+
+    def __init__(self, source: str = "", copy_lines: int = 0) -> None:
+        self._copies = _CopyWatch(source, copy_lines) if source and copy_lines else None
         self._text = ""
         self._words: list[str] = []
         self._starts: list[int] = []
@@ -103,9 +165,11 @@ class LoopDetector:
         if self.loop is not None or not piece:
             return self.loop
         self._text += piece
+        if self._copies is not None and "\n" in piece:
+            self.loop = self._copies.feed(self._text)
         new = self._split()
         self._since_check += new
-        if new and self._since_check >= _CHECK_EVERY:
+        if self.loop is None and new and self._since_check >= _CHECK_EVERY:
             self._since_check = 0
             self.loop = self._look() or self._sentences()
         return self.loop

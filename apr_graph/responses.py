@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from apr_graph.loops import Loop, LoopDetector
+from apr_graph.loops import Loop, LoopDetector, tidy_cut
 
 __all__ = [
     "LOOPED",
@@ -118,6 +118,8 @@ class StreamProgress:
         on_text: called with each piece of text as it arrives (on the run's loop).
         detect_loops: watch the text for degenerate repetition (``loops``): once found,
             ``loop`` says where, and the stream is closed there.
+        copy_source: the request's own input, which the reply must not write out again
+            ``copy_lines`` lines at a time (a thread's; 0 lines: not watched).
     """
 
     text: str = ""
@@ -128,6 +130,8 @@ class StreamProgress:
     on_text: Callable[[str], None] | None = None
     first_token_at: float | None = None
     detect_loops: bool = True
+    copy_source: str = ""
+    copy_lines: int = 0
     loop: Loop | None = None
     """Where the text started repeating itself, once it did (``text`` then ends there)."""
     loop_tokens: int = 0
@@ -144,14 +148,17 @@ class StreamProgress:
             self.on_text(piece)
         if self.detect_loops and self.loop is None:
             if self._detector is None:
-                self._detector = LoopDetector()
+                self._detector = LoopDetector(self.copy_source, self.copy_lines)
             if (found := self._detector.feed(piece)) is not None:
                 self.loop, self.loop_tokens = found, self.completion_tokens
 
     def cut_at_loop(self) -> None:
-        """Keep the text from before the loop (the repeated block said once)."""
+        """Keep the text from before the loop (the repeated block said once), or from before
+        a copy of the input (an opening fence left dangling is dropped, an open one closed)."""
         if self.loop is not None:
             self.text = self.text[: self.loop.keep]
+            if self.loop.copied_lines:
+                self.text = tidy_cut(self.text)
 
     def add_call_piece(self) -> None:
         """One more streamed piece of a tool call: a token, but not text."""

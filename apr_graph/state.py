@@ -93,6 +93,8 @@ class LoopRecord(TypedDict):
     """Words in the repeated block."""
     attempts: int
     """Attempts that looped (a thread that looped gets at most one more)."""
+    copied_lines: NotRequired[int]
+    """Set when the reply was writing out its input again: the lines it had copied."""
 
 
 def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[ThreadRecord]:

@@ -34,7 +34,7 @@ from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.inputs import thread_context
 from apr_graph.llm import LLMClient
-from apr_graph.nodes.worker import thread_call
+from apr_graph.nodes.thread import thread_call
 from apr_graph.plan import PlanPrefix
 from apr_graph.plan_schema import Subtask
 from apr_graph.prompts import worker_messages
@@ -351,7 +351,9 @@ class EarlyStarter:
         )
         if self.after is None:  # sent now, as a task of the client's (``LLMClient.start``)
             call.task = self.client.start(
-                thread_call(self.client, messages, subtask, allowance, progress, self.budget)
+                thread_call(
+                    self.client, messages, subtask, allowance, progress, self.budget, self.settings
+                )
             )
         else:  # sent once ``after`` is done (the warm-up of the shared prefix)
             call.task = asyncio.ensure_future(self._after(call))
@@ -372,7 +374,13 @@ class EarlyStarter:
         await asyncio.shield(self.after)
         call.handed = True
         return await thread_call(
-            self.client, call.messages, call.subtask, call.allowance, call.progress, self.budget
+            self.client,
+            call.messages,
+            call.subtask,
+            call.allowance,
+            call.progress,
+            self.budget,
+            self.settings,
         )
 
 

@@ -62,7 +62,12 @@ def _result_text(thread: ThreadRecord) -> str:
     if thread["status"] != "done" or not answer:
         return f"(this thread {thread['status']}: {thread['error'] or 'empty answer'})"
     if "looped" in thread:
-        return f"{answer}\n(note: this thread began repeating itself here and was stopped)"
+        what = (
+            "writing out its input again"
+            if thread["looped"].get("copied_lines")
+            else "repeating itself"
+        )
+        return f"{answer}\n(note: this thread began {what} here and was stopped)"
     return answer
 
 

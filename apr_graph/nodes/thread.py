@@ -5,9 +5,9 @@ leaves in graph state."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apr_graph.answers import final_answer
 from apr_graph.board import DEFERRED, Boards, RunBoard, deferred_record
@@ -19,6 +19,8 @@ from apr_graph.errors import (
     ServerCapabilityError,
 )
 from apr_graph.events import emit
+from apr_graph.responses import Completion, Message, StreamProgress
+from apr_graph.retry import CallBudget
 from apr_graph.state import (
     CallRecord,
     LoopRecord,
@@ -28,7 +30,18 @@ from apr_graph.state import (
     WorkerInput,
 )
 
-__all__ = ["Subgraph", "Thread", "dependencies_of", "finish_thread", "fork_thread"]
+if TYPE_CHECKING:
+    from apr_graph.llm import LLMClient
+    from apr_graph.settings import AprSettings
+
+__all__ = [
+    "Subgraph",
+    "Thread",
+    "dependencies_of",
+    "finish_thread",
+    "fork_thread",
+    "thread_call",
+]
 
 Subgraph = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -195,3 +208,27 @@ def finish_thread(
         depth=record["depth"],
     )
     return {"threads": [record], "calls": thread.calls}
+
+
+def thread_call(
+    client: LLMClient,
+    messages: list[Message],
+    subtask: SubtaskRecord,
+    allowance: int,
+    progress: StreamProgress,
+    budget: CallBudget,
+    settings: AprSettings,
+) -> Coroutine[Any, Any, Completion]:
+    """A thread's streamed model call (its first may be sent early, while the plan streams:
+    ``LLMClient.start``); a reply that writes its input out again is cut there."""
+    progress.copy_source = "\n".join(str(m.get("content") or "") for m in messages)
+    progress.copy_lines = settings.stop_copy_lines
+    return client.chat(
+        messages,
+        role="worker",
+        stream=True,
+        progress=progress,
+        max_tokens=allowance,
+        budget=budget,
+        temperature=subtask.get("temperature"),
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel
@@ -36,6 +36,7 @@ from apr_graph.nodes.thread import (
     dependencies_of,
     finish_thread,
     fork_thread,
+    thread_call,
 )
 from apr_graph.nodes.tool_loop import run_call, tool_loop
 from apr_graph.prompts import (
@@ -48,19 +49,17 @@ from apr_graph.prompts import (
 from apr_graph.responses import (
     LOOPED,
     Completion,
-    Message,
     StreamProgress,
     estimate_tokens,
     prompt_estimate,
 )
-from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
-from apr_graph.state import LoopRecord, SubtaskRecord, ThreadStatus, WorkerInput
+from apr_graph.state import LoopRecord, ThreadStatus, WorkerInput
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
-__all__ = ["Verifier", "make_worker", "thread_call"]
+__all__ = ["Verifier", "make_worker"]
 
 Verifier = Callable[[str], bool | Awaitable[bool]]
 """A user check of a thread's answer: ``verify(answer) -> bool`` (sync or async)."""
@@ -209,7 +208,9 @@ async def _solve(
                     progress=progress,
                 )
             else:
-                work = thread_call(client, messages, subtask, allowance, progress, board.budget)
+                work = thread_call(
+                    client, messages, subtask, allowance, progress, board.budget, settings
+                )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             # Count what the cancelled request produced; the prompt was paid for too.
@@ -312,6 +313,7 @@ def _looped(
     """
     kept = estimate_tokens(text)
     loop = progress.loop
+    copied = loop.copied_lines if loop else 0
     earlier = thread.looped["attempts"] if thread.looped else 0
     thread.looped = LoopRecord(
         at_tokens=kept,
@@ -319,6 +321,8 @@ def _looped(
         period_words=loop.period_words if loop else 0,
         attempts=earlier + 1,
     )
+    if copied:
+        thread.looped["copied_lines"] = copied
     sid = thread.subtask["id"]
     emit(
         "thread_looped",
@@ -327,6 +331,7 @@ def _looped(
         at_tokens=kept,
         streamed_tokens=progress.loop_tokens,
         saved_tokens=max(0, allowance - progress.completion_tokens),
+        copied_lines=copied,
     )
     budget = board.budget  # stopped once its deadline passes: admits() says so
     left = None if settings.token_budget is None else settings.token_budget - budget.tokens_used
@@ -336,6 +341,8 @@ def _looped(
     reason = (
         f"it started repeating itself after about {kept} tokens. Say each point once, then stop"
     )
+    if copied:
+        reason = f"it began writing out its input again after about {kept} tokens. Do not copy it"
     emit("thread_retry", id=sid, attempt=thread.attempts + 1, reason=reason)
     return reason
 
@@ -348,27 +355,6 @@ def _current(payload: WorkerInput) -> WorkerInput:
         return payload
     merge, width = plan.get("merge") or "synthesize", len(plan.get("subtasks") or [])
     return cast(WorkerInput, {**legacy, "merge": merge, "width": width})
-
-
-def thread_call(
-    client: LLMClient,
-    messages: list[Message],
-    subtask: SubtaskRecord,
-    allowance: int,
-    progress: StreamProgress,
-    budget: CallBudget,
-) -> Coroutine[Any, Any, Completion]:
-    """A thread's streamed model call (its first may be sent early, while the plan streams:
-    ``LLMClient.start``)."""
-    return client.chat(
-        messages,
-        role="worker",
-        stream=True,
-        progress=progress,
-        max_tokens=allowance,
-        budget=budget,
-        temperature=subtask.get("temperature"),
-    )
 
 
 async def _verify(

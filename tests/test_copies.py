@@ -1,0 +1,200 @@
+"""A thread that writes its input out again is stopped where the copy begins.
+
+The scripted workers review one file each: they write their findings, then "Here is the
+revised file" and the whole file again, unchanged (what a 1.5B model did on a real review:
+~550 tokens of copy on the run's critical path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apr_graph import compile_apr_graph
+from apr_graph.loops import LoopDetector
+from apr_graph.responses import StreamProgress
+from apr_graph.testing import RecordedRequest, Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+NAMES = ["alpha.py", "beta.py", "gamma.py"]
+TASK = (
+    "Review these files for bugs and unclear names: (a) alpha.py (b) beta.py (c) gamma.py. "
+    "Give the findings for each file, most serious first."
+)
+COPY_LINES = 12
+ALLOWANCE = 600
+"""Each thread's room: its findings are more than an eighth of it (a real answer, which a
+fresh attempt would only delay)."""
+
+
+def source(name: str, functions: int = 30) -> str:
+    """A file of ``functions`` small functions (three lines and a blank each)."""
+    stem = name.removesuffix(".py")
+    return "".join(
+        f"def {stem}_{i}(value):\n    total = value * {i} + {i * 7}\n    return total\n\n"
+        for i in range(functions)
+    )
+
+
+DOCUMENTS = {name: source(name) for name in NAMES}
+
+
+def findings(name: str) -> str:
+    return (
+        f"Findings for {name}, most serious first. One: the functions never check their "
+        "input, so a string passed in is repeated instead of multiplied, silently. Two: "
+        "every name says nothing about what it computes, so a reader must work out each "
+        "body. Three: the constants are written inline with no word about where they come "
+        "from.\n\n"
+    )
+
+
+def copying(request: RecordedRequest) -> Reply:
+    """Findings, then the reviewed file written out again, unchanged."""
+    name = next(n for n in NAMES if n in request.last_user_message)
+    text = f"{findings(name)}Here is the revised file:\n```python\n{DOCUMENTS[name]}```\n"
+    return Reply(content=text, chunk_delay_s=0.002)
+
+
+def words_of_lines(text: str, lines: int) -> int:
+    """Words in the first ``lines`` non-blank lines of ``text``."""
+    kept = [line for line in text.splitlines() if line.strip()][:lines]
+    return len(" ".join(kept).split())
+
+
+async def run(app: Any, **inputs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    values: dict[str, Any] = {}
+    events: list[dict[str, Any]] = []
+    async for mode, chunk in app.astream(inputs, stream_mode=["custom", "values"]):
+        if mode == "values":
+            values = chunk
+        else:
+            events.append(chunk)
+    return values, events
+
+
+async def test_a_thread_writing_its_file_out_again_is_cut_where_the_copy_begins(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(role="worker", reply=copying)])
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
+    result, events = await run(app, task=TASK, context=DOCUMENTS)
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == 3  # none retried: what came before the copy is the answer
+    for request in workers:
+        name = next(n for n in NAMES if n in request.last_user_message)
+        before = len(f"{findings(name)}Here is the revised file:\n```python\n".split())
+        copied = request.streamed - before
+        # found at its twelfth line; the stream closed before much more than that
+        assert copied <= words_of_lines(DOCUMENTS[name], COPY_LINES) + 40, copied
+        assert request.streamed < len(copying(request).content.split()) / 2
+    for thread in result["threads"]:
+        name = next(n for n in NAMES if n in thread["goal"])
+        assert thread["status"] == "done"
+        assert thread["answer"] == f"{findings(name)}Here is the revised file:".strip()
+        assert thread["looped"]["copied_lines"] >= COPY_LINES
+        assert findings(name).strip() in result["answer"]
+    assert "def alpha_0" not in result["answer"]
+    assert result["metrics"]["loops"] == 3
+    assert result["metrics"]["loop_saved_tokens"] > 0
+    looped = [e for e in events if e["event"] == "thread_looped"]
+    assert sorted(e["id"] for e in looped) == ["s1", "s2", "s3"]
+    assert all(e["copied_lines"] >= COPY_LINES for e in looped)
+
+
+async def test_stop_copy_lines_zero_lets_a_thread_write_its_file_out(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(role="worker", reply=copying)])
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
+    result, _ = await run(app, task=TASK, context=DOCUMENTS)
+    assert result["metrics"]["loops"] == 3
+    # per run, through the graph's context
+    again = await app.ainvoke({"task": TASK, "context": DOCUMENTS}, context={"stop_copy_lines": 0})
+    assert again["metrics"].get("loops", 0) == 0
+    for thread in again["threads"]:
+        name = next(n for n in NAMES if n in thread["goal"])
+        assert DOCUMENTS[name].strip() in thread["answer"]
+        assert "looped" not in thread
+
+
+async def test_a_thread_that_copies_before_saying_anything_gets_one_fresh_attempt(
+    make_server: ServerFactory,
+) -> None:
+    fresh = "alpha.py: no bugs; the names could say what they compute."
+
+    def alpha(request: RecordedRequest) -> Reply:
+        return Reply(content=f"```python\n{DOCUMENTS['alpha.py']}```\n", chunk_delay_s=0.002)
+
+    server = make_server(
+        [
+            Rule(role="worker", contains="Do not copy it", reply=Reply(content=fresh)),
+            Rule(role="worker", contains="alpha.py", reply=alpha),
+            Rule(role="worker", reply=lambda r: Reply(content="fine")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=2000))
+    result, _ = await run(app, task=TASK, context=DOCUMENTS)
+    mine = [r for r in server.chat_requests("worker") if "alpha.py" in r.last_user_message]
+    assert len(mine) == 2
+    assert [r.body["max_tokens"] for r in mine if r.body] == [2000, 2000]  # no more room
+    thread = next(t for t in result["threads"] if "alpha.py" in t["goal"])
+    assert thread["answer"] == fresh
+    assert thread["looped"]["attempts"] == 1
+
+
+def _feed(detector: LoopDetector, text: str, size: int = 7) -> Any:
+    for start in range(0, len(text), size):
+        if (loop := detector.feed(text[start : start + size])) is not None:
+            return loop
+    return None
+
+
+def test_a_copy_is_found_at_its_twelfth_line_whatever_the_indentation_and_blank_lines() -> None:
+    doc = source("alpha.py")
+    reply = "Two bugs.\n\n```python\n" + doc.replace("    ", "  ").replace("\n\n", "\n\n\n")
+    loop = _feed(LoopDetector(doc, COPY_LINES), reply)
+    assert loop is not None
+    assert loop.copied_lines == COPY_LINES
+    assert reply[: loop.keep] == "Two bugs.\n\n```python\n"
+    progress = StreamProgress(copy_source=doc, copy_lines=COPY_LINES)
+    for piece in reply:
+        progress.add(piece)
+        if progress.loop is not None:
+            break
+    progress.cut_at_loop()
+    assert progress.text == "Two bugs."  # the opening fence left with nothing in it is dropped
+
+
+def test_changed_lines_break_a_copy_and_what_was_changed_is_kept() -> None:
+    doc = source("alpha.py")
+    lines = doc.splitlines(keepends=True)
+    # a corrected file: one line in every eight changed (the copy never reaches twelve)
+    corrected = "".join(
+        line.replace("value *", "int(value) *") if i % 8 == 1 else line
+        for i, line in enumerate(lines)
+    )
+    assert _feed(LoopDetector(doc, COPY_LINES), corrected) is None
+    # one change, then the rest unchanged: cut after the change, the change kept
+    changed = "".join(lines[:2]) + "    total = int(value) * 0 + 0\n" + "".join(lines[3:])
+    loop = _feed(LoopDetector(doc, COPY_LINES), "```python\n" + changed)
+    assert loop is not None
+    progress = StreamProgress(copy_source=doc, copy_lines=COPY_LINES)
+    for piece in "```python\n" + changed:
+        progress.add(piece)
+        if progress.loop is not None:
+            break
+    progress.cut_at_loop()
+    assert "int(value) * 0" in progress.text
+    assert progress.text.endswith("```")  # the open block closed
+
+
+def test_quotes_short_copies_and_reordered_lines_are_not_copies() -> None:
+    doc = source("alpha.py")
+    lines = [line for line in doc.splitlines() if line.strip()]
+    quoted = "The first functions:\n" + "\n".join(lines[: COPY_LINES - 1]) + "\nare fine.\n"
+    assert _feed(LoopDetector(doc, COPY_LINES), quoted) is None
+    shuffled = "\n".join(lines[::2][: COPY_LINES * 2]) + "\n"  # every line from the file
+    assert _feed(LoopDetector(doc, COPY_LINES), shuffled) is None
+    assert _feed(LoopDetector("", COPY_LINES), doc) is None  # nothing to copy from
+    assert _feed(LoopDetector(doc, 0), doc) is None  # not watched
