@@ -165,11 +165,10 @@ class AprSettings(BaseSettings):
     """Stop a thread's reply once it writes out this many consecutive lines of its own input
     (its documents, the task, the results it was given) verbatim, and keep what came before
     the copy: the reader has those lines. It is recorded as ``looped`` (with
-    ``copied_lines``) and never retried with more room. A changed line breaks a copy, so a
-    thread that rewrites a file keeps its changes up to the first unchanged stretch this
-    long; changes after such a stretch are not written: set 0 when threads must write whole
-    files out. Threads only: a direct answer is the user's own request, and a merge quotes
-    its threads. 0: never."""
+    ``copied_lines``) and never retried with more room. Not watched when the task or the
+    thread's goal asks for documents changed (fix, rewrite, add, ...: ``loops.asks_for_edits``),
+    where a corrected file is the answer. Threads only: a direct answer is the user's own
+    request, and a merge quotes its threads. 0: never."""
 
     min_thread_tokens: int = Field(default=256, ge=16)
     """The smallest output allowance the plan may give one thread. Planners guess low (a

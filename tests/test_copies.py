@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from apr_graph import compile_apr_graph
-from apr_graph.loops import LoopDetector
+from apr_graph.loops import LoopDetector, asks_for_edits
 from apr_graph.responses import StreamProgress
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
@@ -198,3 +198,37 @@ def test_quotes_short_copies_and_reordered_lines_are_not_copies() -> None:
     assert _feed(LoopDetector(doc, COPY_LINES), shuffled) is None
     assert _feed(LoopDetector("", COPY_LINES), doc) is None  # nothing to copy from
     assert _feed(LoopDetector(doc, 0), doc) is None  # not watched
+
+
+async def test_a_task_that_asks_for_its_files_changed_keeps_its_copies(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([Rule(role="worker", reply=copying)])
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
+    task = "Fix the bugs in (a) alpha.py (b) beta.py (c) gamma.py."
+    result, _ = await run(app, task=task, context=DOCUMENTS)
+    assert len(server.chat_requests("worker")) == 3
+    assert result["metrics"].get("loops", 0) == 0
+    for thread in result["threads"]:
+        name = next(n for n in NAMES if n in thread["goal"])
+        assert DOCUMENTS[name].strip() in thread["answer"]  # the corrected file is the answer
+
+
+def test_which_tasks_ask_for_documents_changed() -> None:
+    for task in (
+        "Fix the bugs in a.py",
+        "Add type hints to every function",
+        "Rewrite the intro of notes.md",
+        "Refactor (a) x.py (b) y.py",
+        "Translate README.md into French",
+        "Rename the unclear variables",
+    ):
+        assert asks_for_edits(task), task
+    for task in (
+        "Review these files for bugs, risky code and unclear names",
+        "Explain what each file does and how to call it",
+        "Summarize the report in three sentences",
+        "Which address does the parser accept, and what does it report?",
+    ):
+        assert not asks_for_edits(task), task
+    assert asks_for_edits("Review x.py", "Fix x.py")  # a thread's goal may ask for it

@@ -34,7 +34,7 @@ from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.inputs import thread_context
 from apr_graph.llm import LLMClient
-from apr_graph.nodes.thread import thread_call
+from apr_graph.nodes.thread import copy_watch, thread_call
 from apr_graph.plan import PlanPrefix
 from apr_graph.plan_schema import Subtask
 from apr_graph.prompts import worker_messages
@@ -352,7 +352,13 @@ class EarlyStarter:
         if self.after is None:  # sent now, as a task of the client's (``LLMClient.start``)
             call.task = self.client.start(
                 thread_call(
-                    self.client, messages, subtask, allowance, progress, self.budget, self.settings
+                    self.client,
+                    messages,
+                    subtask,
+                    allowance,
+                    progress,
+                    self.budget,
+                    copy_lines=copy_watch(self.settings, self.task, subtask["goal"]),
                 )
             )
         else:  # sent once ``after`` is done (the warm-up of the shared prefix)
@@ -380,7 +386,7 @@ class EarlyStarter:
             call.allowance,
             call.progress,
             self.budget,
-            self.settings,
+            copy_lines=copy_watch(self.settings, self.task, call.subtask["goal"]),
         )
 
 

@@ -19,6 +19,7 @@ from apr_graph.errors import (
     ServerCapabilityError,
 )
 from apr_graph.events import emit
+from apr_graph.loops import asks_for_edits
 from apr_graph.responses import Completion, Message, StreamProgress
 from apr_graph.retry import CallBudget
 from apr_graph.state import (
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Subgraph",
     "Thread",
+    "copy_watch",
     "dependencies_of",
     "finish_thread",
     "fork_thread",
@@ -210,6 +212,12 @@ def finish_thread(
     return {"threads": [record], "calls": thread.calls}
 
 
+def copy_watch(settings: AprSettings, task: str, goal: str) -> int:
+    """Lines of its input a thread's reply may write out again before it is cut there:
+    ``stop_copy_lines``, unless the task or the goal asks for documents changed."""
+    return 0 if asks_for_edits(task, goal) else settings.stop_copy_lines
+
+
 def thread_call(
     client: LLMClient,
     messages: list[Message],
@@ -217,12 +225,14 @@ def thread_call(
     allowance: int,
     progress: StreamProgress,
     budget: CallBudget,
-    settings: AprSettings,
+    *,
+    copy_lines: int,
 ) -> Coroutine[Any, Any, Completion]:
     """A thread's streamed model call (its first may be sent early, while the plan streams:
-    ``LLMClient.start``); a reply that writes its input out again is cut there."""
+    ``LLMClient.start``); a reply that writes out ``copy_lines`` lines of its input again is
+    cut where the copy began (``copy_watch``; 0: never)."""
     progress.copy_source = "\n".join(str(m.get("content") or "") for m in messages)
-    progress.copy_lines = settings.stop_copy_lines
+    progress.copy_lines = copy_lines
     return client.chat(
         messages,
         role="worker",

@@ -33,6 +33,7 @@ from apr_graph.nodes.goal_call import goal_call
 from apr_graph.nodes.thread import (
     Subgraph,
     Thread,
+    copy_watch,
     dependencies_of,
     finish_thread,
     fork_thread,
@@ -208,8 +209,9 @@ async def _solve(
                     progress=progress,
                 )
             else:
+                copies = copy_watch(settings, payload["task"], subtask["goal"])
                 work = thread_call(
-                    client, messages, subtask, allowance, progress, board.budget, settings
+                    client, messages, subtask, allowance, progress, board.budget, copy_lines=copies
                 )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
