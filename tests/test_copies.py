@@ -232,3 +232,26 @@ def test_which_tasks_ask_for_documents_changed() -> None:
     ):
         assert not asks_for_edits(task), task
     assert asks_for_edits("Review x.py", "Fix x.py")  # a thread's goal may ask for it
+
+
+async def test_a_thread_started_while_the_plan_streams_is_watched_for_copies_too(
+    make_server: ServerFactory,
+) -> None:
+    goals = ["Review alpha.py", "Review beta.py", "Review gamma.py"]
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": goals}
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan, chunk_delay_s=0.03)),
+            Rule(role="worker", reply=copying),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
+    result, _ = await run(app, task="Look these files over for bugs.", context=DOCUMENTS)
+    planner_end = server.chat_requests("planner")[0].ended_at
+    workers = server.chat_requests("worker")
+    assert planner_end is not None
+    assert min(w.started_at for w in workers) < planner_end  # sent while the plan streamed
+    assert len(workers) == 3  # the early requests were adopted, none sent again
+    for thread in result["threads"]:
+        assert thread["looped"]["copied_lines"] >= COPY_LINES
+        assert thread["answer"].endswith("Here is the revised file:")
