@@ -22,10 +22,10 @@ verbatim and in order) is cut where the copy begins: the reader has those lines 
 1.5B model asked to review one file listed its findings, then wrote the whole file out again
 under "Here is the revised file" (one line changed, ~550 tokens: the run's critical path). A
 corrected line breaks the copy, so what a reply changes is kept up to its last change.
-Copies are not watched when the task asks for its documents changed (``asks_for_edits``):
-there a corrected file is the answer, and a 1.5B model fixing a 73-line file wrote its
-unchanged 12-line header before its one change (asked to go on with its changes only once
-stopped, it wrote the file out again from the top).
+Copies are not watched when the task asks for its documents changed or quoted
+(``asks_for_input_text``): there the copy is the answer, and a 1.5B model fixing a 73-line
+file wrote its unchanged 12-line header before its one change (asked to go on with its
+changes only once stopped, it wrote the file out again from the top).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
     "SENTENCE_WORDS",
     "Loop",
     "LoopDetector",
-    "asks_for_edits",
+    "asks_for_input_text",
     "tidy_cut",
 ]
 
@@ -133,21 +133,25 @@ class _CopyWatch:
         return None
 
 
-_EDITS = re.compile(
+_INPUT_TEXT = re.compile(
     r"\b(fix(es|ed|ing)?|rewrit(e|es|ten|ing)|refactor\w*|edit(s|ed|ing)?|chang(e|es|ed|ing)"
     r"|modif(y|ies|ied|ying)|updat(e|es|ed|ing)|convert\w*|translat\w*|port(s|ed|ing)?"
     r"|migrat\w*|correct(s|ed|ing)?|add(s|ed|ing)?|insert\w*|remov(e|es|ed|ing)"
     r"|delet(e|es|ed|ing)|renam(e|es|ed|ing)|replac(e|es|ed|ing)|(re)?format\w*"
     r"|implement\w*|improv(e|es|ed|ing)|optimi[sz](e|es|ed|ing)|clean(s|ed|ing)?|patch\w*"
-    r"|repair\w*|annotat\w*)\b",
+    r"|repair\w*|annotat\w*"
+    r"|extract\w*|quot(e|es|ed|ing)|cop(y|ies|ied|ying)|excerpt\w*|cit(e|es|ed|ing)"
+    r"|reproduc\w*|verbatim|print\w*|show(s|n|ing)?|paste\w*)\b",
     re.IGNORECASE,
 )
-"""Words that ask for a document changed. A wrong match only leaves a copy unwatched."""
+"""Words that ask for a document changed (its corrected lines are the answer) or quoted (its
+lines are the answer). A wrong match only leaves a copy unwatched."""
 
 
-def asks_for_edits(*asks: str) -> bool:
-    """Whether any of ``asks`` (a task, a thread's goal) asks for documents to be changed."""
-    return any(_EDITS.search(ask) for ask in asks)
+def asks_for_input_text(*asks: str) -> bool:
+    """Whether any of ``asks`` (a task, a thread's goal) asks for documents to be changed or
+    quoted: a reply's copy of its input is then (part of) the answer."""
+    return any(_INPUT_TEXT.search(ask) for ask in asks)
 
 
 def tidy_cut(text: str) -> str:

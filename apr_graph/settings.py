@@ -166,9 +166,10 @@ class AprSettings(BaseSettings):
     (its documents, the task, the results it was given) verbatim, and keep what came before
     the copy: the reader has those lines. It is recorded as ``looped`` (with
     ``copied_lines``) and never retried with more room. Not watched when the task or the
-    thread's goal asks for documents changed (fix, rewrite, add, ...: ``loops.asks_for_edits``),
-    where a corrected file is the answer. Threads only: a direct answer is the user's own
-    request, and a merge quotes its threads. 0: never."""
+    thread's goal asks for documents changed or quoted (fix, rewrite, add, extract, quote,
+    show, ...: ``loops.asks_for_input_text``), where the copy is the answer. Threads without
+    tools only: a direct answer is the user's own request, and a merge quotes its threads.
+    0: never."""
 
     min_thread_tokens: int = Field(default=256, ge=16)
     """The smallest output allowance the plan may give one thread. Planners guess low (a

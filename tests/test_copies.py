@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from apr_graph import compile_apr_graph
-from apr_graph.loops import LoopDetector, asks_for_edits
+from apr_graph.loops import LoopDetector, asks_for_input_text
 from apr_graph.responses import StreamProgress
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
@@ -222,16 +222,19 @@ def test_which_tasks_ask_for_documents_changed() -> None:
         "Refactor (a) x.py (b) y.py",
         "Translate README.md into French",
         "Rename the unclear variables",
+        "Extract the function that parses dates",
+        "Quote the paragraph about refunds",
+        "Show me the rows of data.csv where the price is over 10",
     ):
-        assert asks_for_edits(task), task
+        assert asks_for_input_text(task), task
     for task in (
         "Review these files for bugs, risky code and unclear names",
         "Explain what each file does and how to call it",
         "Summarize the report in three sentences",
         "Which address does the parser accept, and what does it report?",
     ):
-        assert not asks_for_edits(task), task
-    assert asks_for_edits("Review x.py", "Fix x.py")  # a thread's goal may ask for it
+        assert not asks_for_input_text(task), task
+    assert asks_for_input_text("Review x.py", "Fix x.py")  # a thread's goal may ask for it
 
 
 async def test_a_thread_started_while_the_plan_streams_is_watched_for_copies_too(

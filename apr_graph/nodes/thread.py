@@ -19,7 +19,7 @@ from apr_graph.errors import (
     ServerCapabilityError,
 )
 from apr_graph.events import emit
-from apr_graph.loops import asks_for_edits
+from apr_graph.loops import asks_for_input_text
 from apr_graph.responses import Completion, Message, StreamProgress
 from apr_graph.retry import CallBudget
 from apr_graph.state import (
@@ -215,7 +215,7 @@ def finish_thread(
 def copy_watch(settings: AprSettings, task: str, goal: str) -> int:
     """Lines of its input a thread's reply may write out again before it is cut there:
     ``stop_copy_lines``, unless the task or the goal asks for documents changed."""
-    return 0 if asks_for_edits(task, goal) else settings.stop_copy_lines
+    return 0 if asks_for_input_text(task, goal) else settings.stop_copy_lines
 
 
 def thread_call(
