@@ -12,8 +12,9 @@ from typing import Any
 from apr_graph import compile_apr_graph
 from apr_graph.loops import LoopDetector, asks_for_input_text
 from apr_graph.responses import StreamProgress
-from apr_graph.testing import RecordedRequest, Reply, Rule
+from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
+from tests.test_repetition import run
 
 NAMES = ["alpha.py", "beta.py", "gamma.py"]
 TASK = (
@@ -61,24 +62,21 @@ def words_of_lines(text: str, lines: int) -> int:
     return len(" ".join(kept).split())
 
 
-async def run(app: Any, **inputs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    values: dict[str, Any] = {}
-    events: list[dict[str, Any]] = []
-    async for mode, chunk in app.astream(inputs, stream_mode=["custom", "values"]):
-        if mode == "values":
-            values = chunk
-        else:
-            events.append(chunk)
-    return values, events
+async def copying_run(
+    make_server: ServerFactory, task: str = TASK
+) -> tuple[ScriptedServer, Any, dict[str, Any], list[dict[str, Any]]]:
+    """A run of ``task`` whose workers write their file out again: the server, the graph, the
+    last state and the events."""
+    server = make_server([Rule(role="worker", reply=copying)])
+    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
+    result, events = await run(app, task, context=DOCUMENTS)
+    return server, app, result, events
 
 
 async def test_a_thread_writing_its_file_out_again_is_cut_where_the_copy_begins(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server([Rule(role="worker", reply=copying)])
-    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
-    result, events = await run(app, task=TASK, context=DOCUMENTS)
-
+    server, _, result, events = await copying_run(make_server)
     workers = server.chat_requests("worker")
     assert len(workers) == 3  # none retried: what came before the copy is the answer
     for request in workers:
@@ -105,9 +103,7 @@ async def test_a_thread_writing_its_file_out_again_is_cut_where_the_copy_begins(
 async def test_stop_copy_lines_zero_lets_a_thread_write_its_file_out(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server([Rule(role="worker", reply=copying)])
-    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
-    result, _ = await run(app, task=TASK, context=DOCUMENTS)
+    _, app, result, _ = await copying_run(make_server)
     assert result["metrics"]["loops"] == 3
     # per run, through the graph's context
     again = await app.ainvoke({"task": TASK, "context": DOCUMENTS}, context={"stop_copy_lines": 0})
@@ -134,7 +130,7 @@ async def test_a_thread_that_copies_before_saying_anything_gets_one_fresh_attemp
         ]
     )
     app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=2000))
-    result, _ = await run(app, task=TASK, context=DOCUMENTS)
+    result, _ = await run(app, TASK, context=DOCUMENTS)
     mine = [r for r in server.chat_requests("worker") if "alpha.py" in r.last_user_message]
     assert len(mine) == 2
     assert [r.body["max_tokens"] for r in mine if r.body] == [2000, 2000]  # no more room
@@ -203,10 +199,8 @@ def test_quotes_short_copies_and_reordered_lines_are_not_copies() -> None:
 async def test_a_task_that_asks_for_its_files_changed_keeps_its_copies(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server([Rule(role="worker", reply=copying)])
-    app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
     task = "Fix the bugs in (a) alpha.py (b) beta.py (c) gamma.py."
-    result, _ = await run(app, task=task, context=DOCUMENTS)
+    server, _, result, _ = await copying_run(make_server, task)
     assert len(server.chat_requests("worker")) == 3
     assert result["metrics"].get("loops", 0) == 0
     for thread in result["threads"]:
@@ -249,7 +243,7 @@ async def test_a_thread_started_while_the_plan_streams_is_watched_for_copies_too
         ]
     )
     app = compile_apr_graph(settings=settings_for(server, worker_max_tokens=ALLOWANCE))
-    result, _ = await run(app, task="Look these files over for bugs.", context=DOCUMENTS)
+    result, _ = await run(app, "Look these files over for bugs.", context=DOCUMENTS)
     planner_end = server.chat_requests("planner")[0].ended_at
     workers = server.chat_requests("worker")
     assert planner_end is not None

@@ -67,10 +67,12 @@ def events_of(chunks: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     return [chunk for mode, chunk in chunks if mode == "custom"]
 
 
-async def run(app: Any, task: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def run(app: Any, task: str, **inputs: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stream a run of ``task`` (and other ``inputs``): its last state and its events."""
     values: dict[str, Any] = {}
     events: list[dict[str, Any]] = []
-    async for mode, chunk in app.astream({"task": task}, stream_mode=["custom", "values"]):
+    stream = app.astream({"task": task, **inputs}, stream_mode=["custom", "values"])
+    async for mode, chunk in stream:
         if mode == "values":
             values = chunk
         else:
