@@ -214,7 +214,7 @@ def finish_thread(
 
 def copy_watch(settings: AprSettings, task: str, goal: str) -> int:
     """Lines of its input a thread's reply may write out again before it is cut there:
-    ``stop_copy_lines``, unless the task or the goal asks for documents changed."""
+    ``stop_copy_lines``, unless the task or the goal asks for documents changed or quoted."""
     return 0 if asks_for_input_text(task, goal) else settings.stop_copy_lines
 
 
