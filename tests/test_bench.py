@@ -174,6 +174,17 @@ def test_bench_refuses_bad_options_before_running(
     assert message in capsys.readouterr().err
 
 
+def test_overhead_forks_as_planned_whatever_the_decision_s_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from apr_graph.bench.overhead import measure_overhead
+
+    for name in ("APR_ROUTER", "APR_LEARN_SPEED", "APR_PREFER"):  # the defaults, as for a user
+        monkeypatch.delenv(name)
+    rows = asyncio.run(measure_overhead([4], reply_s=0.05, rounds=1))
+    assert rows[0]["apr_cpu_ms"] > 0  # the run forked into its 4 threads (it asserts that)
+
+
 def test_overhead_can_be_measured_without_the_collector() -> None:
     import gc
 

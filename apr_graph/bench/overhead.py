@@ -261,6 +261,10 @@ async def _apr(url: str, n: int) -> tuple[float, float]:
         max_total_threads=n,
         max_concurrency=min(n, 1024),
         probe_capacity=False,
+        # The fan-out's client cost is measured, not the decision: forked as planned.
+        router=False,
+        learn_speed=False,
+        prefer="quality",
     )
     app = compile_apr_graph(settings=settings)
     result: dict[str, Any] = {}
