@@ -17,8 +17,9 @@ behavior or crashes."). So a sentence of ``SENTENCE_WORDS`` words or more said f
 ``SENTENCE_REPEATS``-th time (outside code blocks, in any case, list markers aside) is a loop
 too, cut where that sentence starts.
 
-A reply that writes out its own input again (``copy_lines`` consecutive lines of the prompt,
-verbatim and in order) is cut where the copy begins: the reader has those lines already. A
+A reply that writes out its own input again (a document from its top, ``copy_lines``
+unchanged lines in a row; a quote from elsewhere at ``QUOTE_FACTOR`` times that) is cut where
+the copy begins: the reader has those lines already. A
 1.5B model asked to review one file listed its findings, then wrote the whole file out again
 under "Here is the revised file" (one line changed, ~550 tokens: the run's critical path). A
 corrected line breaks the copy, so what a reply changes is kept up to its last change.
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 __all__ = [
     "MAX_PERIOD_WORDS",
     "MIN_SPAN_WORDS",
+    "QUOTE_FACTOR",
     "SENTENCE_REPEATS",
     "SENTENCE_WORDS",
     "Loop",
@@ -48,6 +50,10 @@ MAX_PERIOD_WORDS = 300
 """The longest repeated block looked for (a few paragraphs): a 1.5B model reviewing code
 cycled through eight findings of ~25 words each (a 200-word block) until its limit, twice,
 when blocks of up to 150 words were looked for."""
+
+QUOTE_FACTOR = 3
+"""A copy that is not a document written out again from its top (a quote) is cut only at
+this many times ``copy_lines``."""
 
 MIN_SPAN_WORDS = 30
 """The fewest repeated words that make a loop, whatever the block's length."""
@@ -67,6 +73,10 @@ _CHECK_EVERY = 4
 """Words between two looks at the tail (a loop is found at most this many words late)."""
 
 _WORD = re.compile(r"\S+")
+_DOCUMENT_TAG = re.compile(r"<document\b[^>]*>|<context>")
+"""A line that opens a document in a prompt: the next line is the document's top."""
+_TOP_LINES = 3
+"""A rewrite may begin this many lines into a document (a model skips a header comment)."""
 _FENCE_INFO = re.compile(r"[\w+#.-]*")
 """What may follow an opening code fence on its line (``python``, ``c++``)."""
 _LIST_NUMBER = re.compile(r"\(?\d+[.):]")
@@ -100,7 +110,13 @@ def _min_repeats(period: int) -> int:
 
 class _CopyWatch:
     """Consecutive lines of a reply that are consecutive lines of ``source`` (blank lines
-    and indentation aside)."""
+    and indentation aside).
+
+    A reply that writes a document out again starts at its top and goes on through it in
+    order, its changed lines aside (a "revised file"): that is cut once ``lines`` lines in a
+    row are unchanged. Elsewhere a copy is a quote (a function shown before it is explained),
+    and only a quote ``QUOTE_FACTOR`` times as long is cut.
+    """
 
     def __init__(self, source: str, lines: int) -> None:
         self._lines = lines
@@ -108,9 +124,13 @@ class _CopyWatch:
         self._at: dict[str, list[int]] = {}
         for index, line in enumerate(self._source):
             self._at.setdefault(line, []).append(index)
+        tops = [i + 1 for i, line in enumerate(self._source) if _DOCUMENT_TAG.fullmatch(line)]
+        self._tops = {top + skip for top in [0, *tops] for skip in range(_TOP_LINES)}
         self._matches: set[int] = set()  # where in the source the copy so far may end
         self._run = 0
         self._run_start = 0
+        self._rewrite = False  # writing a document out again, from its top
+        self._reached = -1  # the furthest source line the rewrite has come to
         self._scanned = 0
 
     def feed(self, text: str) -> Loop | None:
@@ -120,14 +140,26 @@ class _CopyWatch:
             line = match.group().strip()
             if not line:
                 continue
+            if line.startswith("```"):  # a code block opens or closes: a rewrite ends
+                self._matches, self._run, self._rewrite = set(), 0, False
+                continue
             after = {i + 1 for i in self._matches if self._source[i + 1 : i + 2] == [line]}
             if after:
                 self._matches, self._run = after, self._run + 1
             else:
-                self._matches = set(self._at.get(line, ()))
-                self._run = 1 if self._matches else 0
+                found = set(self._at.get(line, ()))
+                if self._rewrite and (onward := {i for i in found if i > self._reached}):
+                    found = onward  # the rewrite goes on past a change
+                elif found & self._tops:
+                    self._rewrite = True
+                elif found:
+                    self._rewrite = False  # a copy from the middle, or back: a quote
+                self._matches, self._run = found, 1 if found else 0
                 self._run_start = self._scanned + match.start()
-            if self._run >= self._lines:
+            if self._matches:
+                self._reached = max(self._reached, min(self._matches))
+            needed = self._lines if self._rewrite else self._lines * QUOTE_FACTOR
+            if self._run >= needed:
                 return Loop(keep=self._run_start, period_words=0, repeats=1, copied_lines=self._run)
         self._scanned = max(self._scanned, end)
         return None

@@ -162,9 +162,10 @@ class AprSettings(BaseSettings):
     real answer keeps that answer: another attempt would lengthen the run's critical path."""
 
     stop_copy_lines: int = Field(default=12, ge=0)
-    """Stop a thread's reply once it writes out this many consecutive lines of its own input
-    (its documents, the task, the results it was given) verbatim, and keep what came before
-    the copy: the reader has those lines. It is recorded as ``looped`` (with
+    """Stop a thread's reply once it writes one of its documents out again from the top and
+    this many lines in a row are unchanged (a "revised file" that only copies), or copies
+    three times as many lines of its input from anywhere else (a quote that runs on); keep
+    what came before the copy: the reader has those lines. It is recorded as ``looped`` (with
     ``copied_lines``) and never retried with more room. Not watched when the task or the
     thread's goal asks for documents changed or quoted (fix, rewrite, add, extract, quote,
     show, ...: ``loops.asks_for_input_text``), where the copy is the answer. Threads without

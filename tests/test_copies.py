@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from apr_graph import compile_apr_graph
-from apr_graph.loops import LoopDetector, asks_for_input_text
+from apr_graph.loops import QUOTE_FACTOR, LoopDetector, asks_for_input_text
 from apr_graph.responses import StreamProgress
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
@@ -252,3 +252,23 @@ async def test_a_thread_started_while_the_plan_streams_is_watched_for_copies_too
     for thread in result["threads"]:
         assert thread["looped"]["copied_lines"] >= COPY_LINES
         assert thread["answer"].endswith("Here is the revised file:")
+
+
+def test_a_quote_from_the_middle_of_a_file_is_cut_only_when_it_runs_three_times_as_long() -> None:
+    doc = source("alpha.py")
+    lines = [line for line in doc.splitlines() if line.strip()]
+    prompt = f'<context>\n<document name="alpha.py">\n{doc}</document>\n</context>'
+    quote = "\n".join(lines[30 : 30 + COPY_LINES + 6])  # a few functions, shown whole
+    explained = f"These functions scale their input:\n```python\n{quote}\n```\nEach one is fine.\n"
+    assert _feed(LoopDetector(prompt, COPY_LINES), explained) is None
+    long_copy = "The rest of it:\n" + "\n".join(lines[30:]) + "\n"
+    loop = _feed(LoopDetector(prompt, COPY_LINES), long_copy)
+    assert loop is not None
+    assert loop.copied_lines == COPY_LINES * QUOTE_FACTOR
+    assert long_copy[: loop.keep] == "The rest of it:\n"
+    # written out again from its top (its first line skipped), with a change: a rewrite
+    rewrite = "```python\n" + "\n".join([*lines[1:4], "    return 0", *lines[5:]]) + "\n"
+    loop = _feed(LoopDetector(prompt, COPY_LINES), rewrite)
+    assert loop is not None
+    assert loop.copied_lines == COPY_LINES
+    assert "return 0" in rewrite[: loop.keep]  # the change is kept
