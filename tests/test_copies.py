@@ -7,13 +7,16 @@ revised file" and the whole file again, unchanged (what a 1.5B model did on a re
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from apr_graph import compile_apr_graph
 from apr_graph.loops import QUOTE_FACTOR, LoopDetector, asks_for_input_text
 from apr_graph.responses import StreamProgress
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
-from tests.conftest import ServerFactory, settings_for
+from tests.conftest import CliRunner, ServerFactory, settings_for
 from tests.test_repetition import run
 
 NAMES = ["alpha.py", "beta.py", "gamma.py"]
@@ -272,3 +275,26 @@ def test_a_quote_from_the_middle_of_a_file_is_cut_only_when_it_runs_three_times_
     assert loop is not None
     assert loop.copied_lines == COPY_LINES
     assert "return 0" in rewrite[: loop.keep]  # the change is kept
+
+
+def test_apr_ask_says_which_thread_copied_its_input(
+    make_server: ServerFactory,
+    run_cli: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = make_server([Rule(role="worker", reply=copying)])
+    files = []
+    for name in NAMES:
+        (tmp_path / name).write_text(DOCUMENTS[name])
+        files += ["--file", str(tmp_path / name)]
+    monkeypatch.setenv("APR_WORKER_MAX_TOKENS", str(ALLOWANCE))
+    done = run_cli("ask", "--base-url", server.base_url, "--model", "m", *files, TASK)
+    assert done.code == 0, done.err
+    for sid in ("s1", "s2", "s3"):
+        assert f"apr: thread {sid} began writing out {COPY_LINES} lines of its input again" in (
+            done.err
+        )
+    assert "3 repeating or copying replies stopped" in done.err
+    assert "def alpha_0" not in done.out
+    assert findings("alpha.py").strip() in done.out
