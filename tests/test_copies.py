@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 
-from apr_graph import compile_apr_graph
+from apr_graph import AprSettings, compile_apr_graph
 from apr_graph.loops import QUOTE_FACTOR, LoopDetector, asks_for_input_text
 from apr_graph.responses import StreamProgress
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import CliRunner, ServerFactory, settings_for
+from tests.test_chat_model import OpenAILikeModel
 from tests.test_repetition import run
 
 NAMES = ["alpha.py", "beta.py", "gamma.py"]
@@ -298,3 +301,34 @@ def test_apr_ask_says_which_thread_copied_its_input(
     assert "3 repeating or copying replies stopped" in done.err
     assert "def alpha_0" not in done.out
     assert findings("alpha.py").strip() in done.out
+
+
+class CopyingChatModel(OpenAILikeModel):
+    """A LangChain chat model whose threads review their file, then write it out again."""
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
+        asked = str(messages[-1].content)
+        name = next((n for n in NAMES if n in asked), None)
+        if name is None or not asked.startswith("Subtask"):
+            return super()._generate(messages, stop, run_manager, **kwargs)
+        text = f"{findings(name)}Here is the revised file:\n```python\n{DOCUMENTS[name]}```\n"
+        message = AIMessage(content=text, response_metadata={"finish_reason": "stop"})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+async def test_a_chat_model_thread_that_copies_its_file_is_cut_the_same_way() -> None:
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": ["Review alpha.py", "Review beta.py"],
+    }
+    model = CopyingChatModel(plan=plan)
+    app = compile_apr_graph(model=model, settings=AprSettings(worker_max_tokens=ALLOWANCE))
+    result = await app.ainvoke({"task": "Look these files over.", "context": DOCUMENTS})
+    for thread in result["threads"]:
+        name = next(n for n in NAMES if n in thread["goal"])
+        assert thread["answer"] == f"{findings(name)}Here is the revised file:".strip()
+        assert thread["looped"]["copied_lines"] >= COPY_LINES
+    assert result["metrics"]["loops"] == 2
