@@ -1,6 +1,7 @@
 """One thread's bookkeeping, shared by the ways a thread ends: the record it builds, the
-results it needs first, the fork that runs the graph one level deeper, and the update it
-leaves in graph state."""
+results it needs first, the fork that runs the graph one level deeper, the update it leaves
+in graph state, and its streamed model call (sent by the worker node, or early while the plan
+streams)."""
 
 from __future__ import annotations
 
