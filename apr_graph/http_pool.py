@@ -1,19 +1,14 @@
 """HTTP on aiohttp, the one stack: a session per event loop, requests, SSE bodies.
 
-Every request of an ``OpenAITransport`` goes through an ``HttpPool``, streamed or not, and the
-capacity probe too: no SDK request pipeline, no httpx API over aiohttp, no per-chunk models
-(BENCHMARKS.md). Failures are the SDK's error classes (``sdk_compat``).
-
-Connections belong to an event loop, and callers bring many (``asyncio.run`` per call, a test's
-own loop, the client's helper loop of sync calls): a pool keeps one ``aiohttp.ClientSession``
-per loop, made there on first use and closed when that loop shuts down (its
-``shutdown_asyncgens``, which ``asyncio.run`` and ``asyncio.Runner`` call), when the pool is
+Every request of an ``OpenAITransport`` and the capacity probe go through an ``HttpPool``;
+failures are the SDK's error classes (``sdk_compat``). Connections belong to an event loop, and
+callers bring many: a pool keeps one ``aiohttp.ClientSession`` per loop, made there on first
+use and closed when that loop shuts down (its ``shutdown_asyncgens``), when the pool is
 dropped, or by ``aclose()``.
 
 Requests run in a task with an empty context (``isolated``): what a request leaves on its loop
-(a pooled connection's reader, the pool's keep-alive timer) keeps the context it was made in,
-and a caller's context holds its LangGraph run (config, graph, state): a pooled connection
-made in it would keep a finished run alive.
+(a pooled connection's reader, the keep-alive timer) keeps the context it was made in, and a
+caller's context holds its LangGraph run, which that would keep alive.
 """
 
 from __future__ import annotations
@@ -29,6 +24,9 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import aiohttp
+import certifi
 
 from apr_graph.sdk_compat import sdk_request, status_error, transport_error
 
@@ -49,8 +47,8 @@ _Kept = tuple[Any, AsyncGenerator[None, None]]
 
 
 async def _keep(session: Any) -> AsyncGenerator[None, None]:
-    """Holds a loop's session open; closed by the loop's ``shutdown_asyncgens`` (or when
-    dropped: the loop's finalizer hook closes it there), closing the session."""
+    """Holds a loop's session open until the loop's ``shutdown_asyncgens`` (or its finalizer
+    hook, when dropped) closes it."""
     try:
         yield
     finally:
@@ -58,8 +56,8 @@ async def _keep(session: Any) -> AsyncGenerator[None, None]:
 
 
 async def _shut(kept: _Kept) -> None:
-    """Close a session, then its keeper. The session first: the loop's shutdown may be
-    closing the keeper at the same time, and closing a closed session does nothing."""
+    """Close a session, then its keeper (the loop's shutdown may be closing the keeper at the
+    same time; closing a closed session does nothing)."""
     session, keeper = kept
     await session.close()
     with contextlib.suppress(RuntimeError):  # the loop's shutdown is closing it already
@@ -93,13 +91,10 @@ class HttpPool:
     """
 
     def __init__(self, *, timeout_s: float, https: bool, keepalive_s: float) -> None:
-        import aiohttp
-
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
         )
-        self._https = https
-        self._tls: ssl.SSLContext | None = None
+        self._tls = ssl.create_default_context(cafile=certifi.where()) if https else None
         self._keepalive_s = keepalive_s
         self._proxies: dict[str, str | None] = {}
         self._lock = threading.Lock()
@@ -114,10 +109,6 @@ class HttpPool:
         found = self._sessions.get(weakref.ref(loop))
         if found is not None:
             return found[0]
-        import aiohttp
-
-        if self._https and self._tls is None:
-            self._tls = _tls_context()  # built once, shared by the loops' sessions
         # no cap on connections: the endpoints' limiters bound the requests in flight
         connector = aiohttp.TCPConnector(
             limit=0, keepalive_timeout=self._keepalive_s, ssl=self._tls or False
@@ -161,8 +152,6 @@ class HttpPool:
         """One request read whole: the body of a 2xx status parsed as JSON (its text when it
         is not JSON), else the SDK's error (``timeout_s``: a bound on the whole request
         instead of the pool's timeouts)."""
-        import aiohttp
-
         timeout = self.timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         session = await self.session()
         try:
@@ -221,15 +210,11 @@ def _close_all(
 
 
 class _Silence:
-    """The read timeout of a streamed body, checked a few times per timeout instead of
-    re-armed on every network read.
+    """The read timeout of a streamed body, checked every quarter timeout instead of re-armed
+    on every network read (aiohttp's ``sock_read`` timer costs a tenth of a streamed token).
 
-    aiohttp's ``sock_read`` re-arms a timer for each piece of data that arrives, a tenth of
-    what reading a streamed token costs. Once the headers are in, this
-    watch takes over: every quarter of the timeout it looks whether the body has grown
-    (``StreamReader.total_bytes``), and after a whole timeout without a byte it fails the
-    body with aiohttp's own ``SocketTimeoutError`` (raised to the reader, as before). A
-    silence is caught between one and one and a quarter timeouts after it began.
+    After a whole timeout without a byte, it fails the body with aiohttp's own
+    ``SocketTimeoutError`` (a silence is caught within 1 to 1.25 timeouts).
     """
 
     def __init__(self, response: Any, timeout_s: float | None) -> None:
@@ -251,8 +236,6 @@ class _Silence:
         if self._content.total_bytes != self._seen:
             self._seen, self._quiet_since = self._content.total_bytes, now
         elif now - self._quiet_since >= self._timeout:
-            import aiohttp
-
             self._handle = None
             self._content.set_exception(
                 aiohttp.SocketTimeoutError("Timeout on reading data from socket")
@@ -308,12 +291,3 @@ class SseResponse:
             self._response.release()
         else:
             self._response.close()
-
-
-def _tls_context() -> ssl.SSLContext:
-    """The certificates the SDK trusts (certifi's), else the system's."""
-    try:
-        import certifi
-    except ImportError:
-        return ssl.create_default_context()
-    return ssl.create_default_context(cafile=certifi.where())

@@ -1,20 +1,15 @@
-"""Adaptive concurrency toward one server: additive increase, multiplicative decrease.
+"""Adaptive concurrency toward one server (AIMD): a 429 or 503 halves the requests allowed in
+flight (never below 1); every ``limit`` successes in a row raise it by one, up to the maximum.
 
-A 429 or 503 halves the number of requests allowed in flight (never below 1); every
-``limit`` successes in a row raise it by one, back up to the configured maximum. A storm of
-429s thus becomes a trickle of retries instead of a storm of them.
-
-One limiter serves every event loop that sends to its server (``asyncio.run`` per call, the
-helper loop of sync calls, several threads): its counts are guarded by a thread lock, not by
-asyncio primitives (those belong to the loop that first used them), and a waiter is woken on
-its own loop.
+One limiter serves every event loop that sends to its server: its counts are guarded by a
+thread lock, not by asyncio primitives (those belong to one loop), and a waiter is woken on its
+own loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from types import TracebackType
 
 __all__ = ["AdaptiveLimiter"]
 
@@ -55,12 +50,7 @@ class AdaptiveLimiter:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         with self._lock:
             self.in_flight -= 1
             self._admit()
@@ -74,8 +64,8 @@ class AdaptiveLimiter:
                 continue  # nobody will ever take it
             self.in_flight += 1
             try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:  # released from a thread with no loop
                 running = None
             if loop is running:
                 _grant(waiter)

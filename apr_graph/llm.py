@@ -1,11 +1,9 @@
 """The client front: the one place the graph asks a model for anything.
 
 ``LLMClient`` puts one retry policy (``retry``), one error classification (``failures``) and
-structured output (``structured``) around a transport that sends single requests
-(``openai_transport`` for OpenAI-compatible servers, ``chat_model`` for LangChain chat models).
-Every call runs on its caller's event loop, with no hop between threads: cancelling the caller
-closes the HTTP response. Sync code lends no loop: ``run_sync`` runs a coroutine on the
-client's one helper loop (one hop per graph node, not per request).
+structured output (``structured``) around a transport that sends single requests. Every call
+runs on its caller's event loop: cancelling the caller closes the HTTP response. Sync code
+lends no loop: ``run_sync`` runs a coroutine on the client's one helper loop.
 """
 
 from __future__ import annotations
@@ -85,10 +83,8 @@ class LLMClient:
         self._policy = RetryPolicy(settings)
         self._structured = StructuredOutput(settings, transport.name)
         self._found: dict[str, ServerCapabilityError] = {}
-        """What the server was found unable to do (``tools``), for good; shared with the
-        ``for_run`` views."""
-        # A client dropped without close() stops its helper loop; its pools close with
-        # their loops, or when dropped (``http_pool``).
+        """What the server was found unable to do (``tools``), for good; shared by views."""
+        # a client dropped without close() stops its helper loop (pools close with their loops)
         weakref.finalize(self, self._sync.shutdown, wait=False)
 
     @property
@@ -103,11 +99,10 @@ class LLMClient:
 
     def for_run(self, settings: AprSettings) -> LLMClient:
         """This client, sending one run's model names, output allowances and temperature
-        (those of ``settings``).
+        (those of ``settings``; its other fields are not read).
 
-        Not a new client: the endpoint, key, connections, concurrency limit, capacity probe,
-        retries and the structured-output modes remembered per endpoint and model stay this
-        client's, shared by every run. ``settings``' other fields are not read.
+        Not a new client: connections, limits, probe, retries and structured-output modes
+        stay this client's, shared by every run.
         """
         if settings is self._requests:
             return self
@@ -160,9 +155,8 @@ class LLMClient:
         return await self.transport.capacity()
 
     async def capacity_report(self) -> dict[str, Any]:
-        """What probing found: ``width`` (``None`` when the server does not say), ``source``,
-        ``limit`` (requests sent at once), and ``slot_context`` / ``kv_cache_tokens`` when
-        the server reports them."""
+        """What probing found: ``width`` (``None``: unknown), ``source``, ``limit`` (requests
+        sent at once), and ``slot_context`` / ``kv_cache_tokens`` when the server says."""
         await self.capacity()
         return self.transport.capacity_report()
 
@@ -191,19 +185,14 @@ class LLMClient:
         """One chat completion, retried on transient errors (``temperature``: this call's,
         instead of the settings').
 
-        Answers are streamed (``stream=False`` asks for one body): a slow server is given up
-        only after ``request_timeout_s`` without any data, however long the answer takes.
-
-        ``tools`` (OpenAI tool specs) lets the model ask for tool calls; such calls are not
-        streamed, and ``Completion.tool_calls`` lists what it asked for.
+        Answers are streamed unless ``stream=False``: a server is given up only after
+        ``request_timeout_s`` without any data. ``tools`` (OpenAI tool specs) lets the model
+        ask for tool calls (``Completion.tool_calls``); a server found unable to serve tools
+        is not asked again (the same ``ServerCapabilityError`` is raised at once).
 
         ``budget`` is asked before each request is sent, once a concurrency slot is free, and
-        told the tokens of each answer before the slot is released; so a run's budget is
-        never overshot by more than the requests already in flight.
-
-        Cancelling the caller closes the HTTP response, so the server stops generating, and
-        ``progress`` tells what was produced. A server found unable to serve tools is not
-        asked again: the same ``ServerCapabilityError`` is raised at once.
+        charged before the slot is released: it is never overshot by more than the requests
+        in flight. Cancelling closes the HTTP response; ``progress`` tells what was produced.
 
         Raises:
             AuthenticationError: the key was refused, after exactly one request.
@@ -244,10 +233,8 @@ class LLMClient:
         return with_loop_saving(completion, request.max_tokens)
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
-        """Start one of this client's calls (``chat(...)``, ``complete(...)``, ...) now, as a
-        task on the caller's loop: for a request sent before anyone awaits it. Returns a
-        future of its outcome; cancelling the future cancels the call (its response is
-        closed)."""
+        """Start one of this client's calls (``chat(...)``, ...) now, as a task on the caller's
+        loop; a future of its outcome (cancelling it cancels the call)."""
         return asyncio.ensure_future(call)
 
     async def complete(
@@ -263,10 +250,9 @@ class LLMClient:
     ) -> Completion:
         """One streamed text completion (``/v1/completions``) that ends at a stop string.
 
-        For models that write their own parallel blocks. ``Completion.stop_reason`` is the
-        stop string that ended it, when the server says (vLLM ``stop_reason``, llama.cpp
-        ``stopping_word``). ``extra_body`` adds server-specific fields to the request (e.g.
-        ``skip_special_tokens``). Retried like ``chat``; cancelling closes the stream.
+        ``Completion.stop_reason`` is the stop string that ended it, when the server says.
+        ``extra_body`` adds server-specific fields (e.g. ``skip_special_tokens``). Retried
+        like ``chat``; cancelling closes the stream.
         """
         request = TextRequest(
             prompt=prompt,
@@ -356,11 +342,8 @@ class LLMClient:
         has_format: bool,
         has_tools: bool,
     ) -> Completion:
-        """The retries of a call whose first request failed with ``first`` (retryable).
-
-        The retry loop sees that failure as its own first attempt: same waits (a
-        ``Retry-After`` on it is honoured), same stop rules, as if it had made it.
-        """
+        """The retries of a call whose first request failed with ``first`` (retryable): the
+        retry loop judges it as its own first attempt (its ``Retry-After`` is honoured)."""
         failed = [first]
 
         def retryable(exc: BaseException) -> bool:

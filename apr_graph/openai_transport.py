@@ -2,24 +2,21 @@
 
 Each endpoint (``base_url`` plus any ``base_urls`` replicas) has its own adaptive limiter; a
 request goes to the least-loaded endpoint that is not cooling down after refusing connections.
-The server's parallel capacity is probed once, before the first request, and sizes each
-endpoint's limiter. Limiters, probe results and what a server was found to refuse are the
-transport's, shared by every event loop that uses it; connections are per loop (``http_pool``).
-
-Requests run on the caller's event loop, each in a task of its own with an empty context
-(``http_pool.isolated``: connections they leave in the pool must not keep the caller's run
-alive); cancelling the caller closes the HTTP response.
+The servers' parallel capacity is probed once, before the first request, and sizes the
+limiters. Limiters, probe results and what a server refused are shared by every event loop;
+connections are per loop (``http_pool``), and requests run in ``http_pool.isolated`` tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import openai
 
@@ -45,13 +42,25 @@ from apr_graph.transport import ChatRequest, TextRequest, admit
 
 __all__ = ["OpenAITransport"]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 _COOLDOWN_S = 2.0
 """How long an endpoint that refused connections is avoided (while others are up)."""
-
 
 _KEEPALIVE_S = 30.0
 """How long an idle connection is kept: a fan-out's connections serve the merge and the next
 run's fan-out instead of being opened again."""
+
+
+def _isolated(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``method``, run in a task with an empty context (``http_pool.isolated``)."""
+
+    @functools.wraps(method)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await isolated(method(*args, **kwargs))
+
+    return run
 
 
 class _Endpoint:
@@ -62,24 +71,18 @@ class _Endpoint:
         headers = sdk_headers(settings.api_key.get_secret_value())
         self.stream_headers = {**headers, "Accept": "text/event-stream"}
         self.json_headers = {**headers, "Accept": "application/json"}
-        self._urls: dict[str, str] = {}
+        base = base_url.rstrip("/")
+        self.urls = {path: base + path for path in ("/models", "/chat/completions", "/completions")}
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
         self.streams_tools = True
         """False once the server refused a streamed request with tools (older llama.cpp)."""
         self.report = CapacityReport()
 
-    def url_of(self, path: str) -> str:
-        """The full URL of ``path`` under the endpoint's base URL, joined once per path."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = f"{self.url.rstrip('/')}/{path.lstrip('/')}"
-        return url
-
     def load(self) -> float:
         return self.limit.in_flight / self.limit.limit
 
-    async def send(self, request: Awaitable[Any]) -> Any:
+    async def send(self, request: Awaitable[T]) -> T:
         """Await one request and teach this endpoint's limiter what happened: 429/503
         shrink it, success grows it, a refused connection sets the endpoint aside a while."""
         try:
@@ -136,23 +139,23 @@ class OpenAITransport:
         return sum(e.limit.maximum for e in self._endpoints)
 
     async def _probe_all(self) -> None:
-        if not self.settings.probe_capacity:
+        settings = self.settings
+        if not settings.probe_capacity:
             for endpoint in self._endpoints:
                 endpoint.report = CapacityReport(source="not asked (probe_capacity off)")
             return
-        await asyncio.gather(*(self._probe(e) for e in self._endpoints))
-
-    async def _probe(self, endpoint: _Endpoint) -> None:
-        report = await probe_parallel_capacity(
-            endpoint.url, self.settings.api_key.get_secret_value()
+        key = settings.api_key.get_secret_value()
+        reports = await asyncio.gather(
+            *(probe_parallel_capacity(e.url, key) for e in self._endpoints)
         )
-        endpoint.report = report
-        if report.width is None:
-            return
-        slots = report.width
-        if "max_concurrency" in self.settings.model_fields_set:
-            slots = min(slots, self.settings.max_concurrency)  # the user's cap still holds
-        endpoint.limit.resize(slots)
+        for endpoint, report in zip(self._endpoints, reports, strict=True):
+            endpoint.report = report
+            if report.width is None:
+                continue
+            slots = report.width
+            if "max_concurrency" in settings.model_fields_set:
+                slots = min(slots, settings.max_concurrency)  # the user's cap still holds
+            endpoint.limit.resize(slots)
 
     def capacity_report(self) -> dict[str, Any]:
         """What probing found, over all endpoints: ``width`` (``None``: unknown), ``source``,
@@ -174,13 +177,11 @@ class OpenAITransport:
         """Requests currently allowed in flight, over all endpoints."""
         return sum(e.limit.limit for e in self._endpoints)
 
+    @_isolated
     async def list_models(self) -> list[str]:
         """``GET /models`` of the first endpoint."""
-        return await isolated(self._list_models())
-
-    async def _list_models(self) -> list[str]:
         endpoint = self._endpoints[0]
-        page = await self.pool.fetch("GET", endpoint.url_of("/models"), endpoint.json_headers)
+        page = await self.pool.fetch("GET", endpoint.urls["/models"], endpoint.json_headers)
         listed = page.get("data") if isinstance(page, dict) else None
         if not isinstance(listed, list):
             raise TransientResponseError(f"the server did not list models: {str(page)[:120]!r}")
@@ -190,18 +191,15 @@ class OpenAITransport:
         """Close the connections, on every loop that has some (reopened on next use)."""
         await self.pool.aclose()
 
+    @_isolated
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One chat completion, streamed when the request asks (tool calls too: their
         deltas are assembled by ``read_stream``)."""
-        return await isolated(self._chat(request, progress, budget))
-
-    async def _chat(
-        self, request: ChatRequest, progress: StreamProgress, budget: CallBudget | None
-    ) -> Completion:
         endpoint = await self._pick()
-        max_tokens = _fit(request.max_tokens, prompt_estimate(request.messages), endpoint)
+        prompt_tokens = prompt_estimate(request.messages)
+        max_tokens = _fit(request.max_tokens, prompt_tokens, endpoint)
         body: dict[str, Any] = {
             "model": request.model,
             "messages": list(request.messages),
@@ -222,23 +220,19 @@ class OpenAITransport:
                 end = await read_stream(response, progress, delta_text)
                 reply = _Reply.streamed(end, progress)
             else:
-                reply = _unpack(await endpoint.send(self._post(endpoint, body)))
-            completion = reply.completion(
-                request.model, prompt_estimate(request.messages), progress, budget
-            )
+                url, headers = endpoint.urls["/chat/completions"], endpoint.json_headers
+                fetched = self.pool.fetch("POST", url, headers, _dumps(body))
+                reply = _unpack(await endpoint.send(fetched))
+            completion = reply.completion(request.model, prompt_tokens, progress, budget)
             if max_tokens < request.max_tokens:  # the context, not the caller, set the limit
                 completion = replace(completion, max_tokens_sent=max_tokens)
             return completion
 
+    @_isolated
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One streamed ``/v1/completions`` request ending at a stop string."""
-        return await isolated(self._complete(request, progress, budget))
-
-    async def _complete(
-        self, request: TextRequest, progress: StreamProgress, budget: CallBudget | None
-    ) -> Completion:
         endpoint = await self._pick()
         prompt_tokens = estimate_tokens(request.prompt)
         body = {
@@ -252,7 +246,7 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            response = await endpoint.send(self._post_stream(endpoint, "/completions", body))
+            response = await self._post_stream(endpoint, "/completions", body)
             reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
             reply.reasoning_kept = True  # a native reasoner's text is the whole point
             return reply.completion(request.model, prompt_tokens, progress, budget)
@@ -261,33 +255,24 @@ class OpenAITransport:
         self, endpoint: _Endpoint, body: dict[str, Any], request: ChatRequest
     ) -> SseResponse | None:
         """The unread response of a streamed chat request, or ``None`` when the server
-        refuses to stream tool calls (llama.cpp before spring 2025: 500 "Cannot use tools
-        with stream"): then the request goes unstreamed, now and from then on."""
+        refuses to stream tool calls (older llama.cpp: 500 "Cannot use tools with stream"):
+        then the request goes unstreamed, now and from then on."""
         try:
-            response: SseResponse = await endpoint.send(
-                self._post_stream(endpoint, "/chat/completions", body)
-            )
+            return await self._post_stream(endpoint, "/chat/completions", body)
         except openai.APIStatusError as exc:
             refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
             if not (request.tools and refused):
                 raise
             endpoint.streams_tools = False
             return None
-        return response
 
     async def _post_stream(
         self, endpoint: _Endpoint, path: str, body: dict[str, Any]
     ) -> SseResponse:
-        """Send a streamed request; the raw, unread response (read by ``read_stream``)."""
+        """Send a streamed request (``_Endpoint.send``); the raw, unread response."""
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        return await self.pool.stream(
-            endpoint.url_of(path), _dumps(payload), endpoint.stream_headers
-        )
-
-    async def _post(self, endpoint: _Endpoint, body: dict[str, Any]) -> Any:
-        """A non-streamed chat request: its parsed JSON body."""
-        url = endpoint.url_of("/chat/completions")
-        return await self.pool.fetch("POST", url, endpoint.json_headers, _dumps(body))
+        sent = self.pool.stream(endpoint.urls[path], _dumps(payload), endpoint.stream_headers)
+        return await endpoint.send(sent)
 
 
 _STREAM = re.compile(r"\bstream", re.I)

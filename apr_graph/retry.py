@@ -1,8 +1,7 @@
 """The one retry policy: which failures are worth another request, and how long to wait.
 
-The SDK's own retries are off (``max_retries=0``); this layer decides. It retries only what
-``failures.classify`` calls transient, honours ``Retry-After`` (parsed tolerantly: a junk value
-means "no advice"), and stops instead of sleeping past ``retry_max_wait_s`` or the run's
+It retries only what ``failures.classify`` calls transient, honours ``Retry-After`` (a junk
+value means "no advice"), and stops instead of sleeping past ``retry_max_wait_s`` or the run's
 deadline.
 """
 
@@ -17,11 +16,8 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
-    stop_any,
     wait_exponential_jitter,
 )
-from tenacity.stop import stop_base
 
 from apr_graph.settings import AprSettings
 
@@ -33,15 +29,12 @@ class CallBudget(Protocol):
 
     def admits(self) -> bool:
         """Whether a new request may be sent now."""
-        ...
 
     def charge(self, tokens: int) -> None:
         """Count the tokens of one answered request (thread-safe)."""
-        ...
 
     def remaining_s(self) -> float | None:
         """Seconds left before the run's deadline, if it has one."""
-        ...
 
 
 def _parse_seconds(value: str) -> float | None:
@@ -69,25 +62,6 @@ def retry_after_s(exc: BaseException | None) -> float | None:
     return None if value is None else _parse_seconds(value)
 
 
-class _StopIfWaitTooLong(stop_base):
-    """Stop when the server asks for a longer pause than allowed, or than the run has left:
-    fail fast instead of sleeping past the deadline."""
-
-    def __init__(self, max_wait_s: float, budget: CallBudget | None) -> None:
-        self.max_wait_s = max_wait_s
-        self.budget = budget
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        outcome = retry_state.outcome
-        if outcome is None or not outcome.failed:
-            return False
-        delay = retry_after_s(outcome.exception())
-        if delay is None:
-            return False
-        remaining = self.budget.remaining_s() if self.budget is not None else None
-        return delay > self.max_wait_s or (remaining is not None and delay > remaining)
-
-
 class RetryPolicy:
     """Builds the retry loop of one call from the settings.
 
@@ -105,19 +79,29 @@ class RetryPolicy:
         self, retryable: Callable[[BaseException], bool], budget: CallBudget | None
     ) -> AsyncRetrying:
         """A tenacity loop retrying what ``retryable`` accepts, within the limits."""
+        attempts, max_wait_s = self.settings.max_retries + 1, self.settings.retry_max_wait_s
+
+        def stop(state: RetryCallState) -> bool:
+            """Out of attempts, or the server asks for a longer pause than allowed or than the
+            run has left: fail fast instead of sleeping past the deadline."""
+            if state.attempt_number >= attempts:
+                return True
+            if (delay := _advised(state)) is None:
+                return False
+            remaining = budget.remaining_s() if budget is not None else None
+            return delay > max_wait_s or (remaining is not None and delay > remaining)
+
         return AsyncRetrying(
-            retry=retry_if_exception(retryable),
-            stop=stop_any(
-                stop_after_attempt(self.settings.max_retries + 1),
-                _StopIfWaitTooLong(self.settings.retry_max_wait_s, budget),
-            ),
-            wait=self._wait,
-            reraise=True,
+            retry=retry_if_exception(retryable), stop=stop, wait=self._wait, reraise=True
         )
 
     def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        delay = retry_after_s(exc)
+        delay = _advised(state)
         if delay is None:
             delay = self._backoff(state)
         return min(delay, self.settings.retry_max_wait_s)
+
+
+def _advised(state: RetryCallState) -> float | None:
+    """The pause the failed attempt's response asks for, if any."""
+    return retry_after_s(state.outcome.exception() if state.outcome is not None else None)

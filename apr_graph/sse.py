@@ -12,12 +12,7 @@ from typing import Any
 
 import openai
 
-from apr_graph.responses import (
-    LOOPED,
-    StreamProgress,
-    TransientResponseError,
-    field_of,
-)
+from apr_graph.responses import LOOPED, StreamProgress, TransientResponseError, field_of
 from apr_graph.sdk_compat import timed_out
 
 __all__ = ["StreamEnd", "choice_text", "delta_text", "read_stream"]
@@ -122,9 +117,8 @@ _DRAIN_S = 0.1
 
 
 async def _drain(lines: Any) -> None:
-    """Read a stream on to its end after ``[DONE]``, as the SDK does, so its connection goes
-    back to the pool and the next request reuses it. Bounded, and never an error: a server
-    that keeps the body open after ``[DONE]`` costs ``_DRAIN_S``, not a completed answer."""
+    """Read a stream on after ``[DONE]``, as the SDK does, so its connection can be reused;
+    never an error: a server that keeps the body open costs ``_DRAIN_S``, not the answer."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(_DRAIN_S):
             async for _ in lines:
@@ -138,46 +132,37 @@ def _take_lines(
     piece_of: Callable[[Any], str | None],
     response: Any,
 ) -> bool:
-    """Fold a batch of SSE lines into the stream's state; whether ``[DONE]`` was among them
-    (the lines after it are not read)."""
+    """Fold a batch of SSE lines (OpenAI chunks) into the stream's state; whether ``[DONE]``
+    was among them (the lines after it are not read)."""
     for line in batch:
         if not line.startswith("data:"):
             continue  # comments, event names, keep-alives
         data = line[5:].strip()
         if data == "[DONE]":
             return True
-        _take(json.loads(data), end, progress, piece_of, response)
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            snippet = str(chunk)[:80]
+            raise TransientResponseError(f"a stream chunk is not a JSON object: {snippet!r}")
+        if chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise openai.APIError(str(message), request=response.request, body=error)
+        end.usage = chunk.get("usage") or end.usage
+        end.timings = chunk.get("timings") or end.timings
+        for choice in chunk.get("choices") or []:
+            piece = piece_of(choice)
+            if piece:
+                progress.add(piece)
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta.get("tool_calls"):
+                for _ in range(end.add_call_deltas(delta["tool_calls"])):
+                    progress.add_call_piece()
+            end.finish_reason = choice.get("finish_reason") or end.finish_reason
+            found = choice.get("stop_reason") or choice.get("stopping_word")
+            if isinstance(found, str):
+                end.stop_reason = found
     return False
-
-
-def _take(
-    chunk: Any,
-    end: StreamEnd,
-    progress: StreamProgress,
-    piece_of: Callable[[Any], str | None],
-    response: Any,
-) -> None:
-    """Fold one streamed chunk into the stream's progress and end state."""
-    if not isinstance(chunk, dict):
-        raise TransientResponseError(f"a stream chunk is not a JSON object: {str(chunk)[:80]!r}")
-    if chunk.get("error"):
-        error = chunk["error"]
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise openai.APIError(str(message), request=response.request, body=error)
-    end.usage = chunk.get("usage") or end.usage
-    end.timings = chunk.get("timings") or end.timings
-    for choice in chunk.get("choices") or []:
-        piece = piece_of(choice)
-        if piece:
-            progress.add(piece)
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and delta.get("tool_calls"):
-            for _ in range(end.add_call_deltas(delta["tool_calls"])):
-                progress.add_call_piece()
-        end.finish_reason = choice.get("finish_reason") or end.finish_reason
-        found = choice.get("stop_reason") or choice.get("stopping_word")
-        if isinstance(found, str):
-            end.stop_reason = found
 
 
 def delta_text(choice: Any) -> str | None:

@@ -1,9 +1,8 @@
 """The helper loop of sync callers: one event loop in a daemon thread per client.
 
-Async callers lend the client their own loop. Sync code (LangGraph's ``invoke`` runs each node
-in a worker thread) has none to lend, and a loop per node would open a connection pool per
-node; so each node of a sync run runs whole on this one loop, its requests there as on any
-caller's loop: one hop between threads per node, not per request.
+Sync code (LangGraph's ``invoke`` runs nodes in worker threads) has no loop to lend, and a loop
+per node would open a connection pool per node: each node runs whole on this one loop (one hop
+between threads per node, not per request).
 """
 
 from __future__ import annotations

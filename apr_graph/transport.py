@@ -1,10 +1,8 @@
-"""The small interface between the client front (``LLMClient``) and whatever serves the model.
+"""The interface between the client front (``LLMClient``) and whatever serves the model.
 
-A transport sends *one* request and reports what came back; the front around it owns the
-retry policy, error classification and structured output. Two ship with apr-graph:
-``OpenAITransport`` (any OpenAI-compatible server, several replicas) and ``ChatModelTransport``
-(any LangChain chat model). Every method runs on its caller's event loop, and one transport
-may serve several loops (``asyncio.run`` per call, the client's helper loop of sync calls).
+A transport sends *one* request and reports what came back; the front owns retries, error
+classification and structured output. Every method runs on its caller's event loop, and one
+transport may serve several loops.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ class ChatRequest:
 
     Attributes:
         role: which of apr-graph's calls this is (``planner``, ``worker``, ...), for a
-            transport's own use; nothing of it goes to a server (test doubles read a role
-            from the request itself: ``apr_graph.testing.roles``).
+            transport's own use; it is not sent to a server.
         stream: stream the answer (cancelling closes the response); ignored with ``tools``.
         response_format: an OpenAI ``response_format`` object, or ``None``.
         tools: OpenAI tool specs the model may call, or ``None``.
@@ -63,39 +60,31 @@ class Transport(Protocol):
     @property
     def name(self) -> str:
         """Where requests go, for messages (a URL, or the chat model's class)."""
-        ...
 
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """Send one chat request; ``progress`` sees streamed text as it arrives."""
-        ...
 
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """Send one streamed text completion request."""
-        ...
 
     async def list_models(self) -> list[str]:
         """The model names the backend offers."""
-        ...
 
     async def capacity(self) -> int:
         """How many requests may be in flight at once (probed once where possible)."""
-        ...
 
     def capacity_report(self) -> dict[str, Any]:
         """What is known of the capacity: ``width`` (``None``: unknown), ``source``, ``limit``."""
-        ...
 
     def concurrency_limit(self) -> int:
         """Requests allowed in flight right now (lowered after pushback)."""
-        ...
 
     async def aclose(self) -> None:
         """Release connections; the transport may be used again afterwards."""
-        ...
 
 
 def admit(budget: CallBudget | None) -> None:
