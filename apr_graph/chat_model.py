@@ -1,20 +1,14 @@
 """Any LangChain chat model (``ChatOpenAI``, ``ChatOllama``, ...) as a transport.
 
 ``ChatModelTransport`` sends each request through the model's ``ainvoke`` / ``astream``; the
-client front keeps everything else (the retry layer, budgets, structured output with
-validation and re-asks, cancellation of streamed answers). Structured output uses the
-schema-in-prompt mode, which every model supports.
-
-Each request's output limit and temperature are the model's for that call, as with a server:
-a tool thread cut by its limit is retried with twice the room, and a vote's repeated attempts are
-sampled at ``vote_temperature``. They are set on a copy of the model, through the fields it
-declares (``max_tokens``; ``max_output_tokens`` for Google's, ``num_predict`` for Ollama's;
-``temperature``), which every integration reads when it builds a request; passed as call
-arguments instead, ChatOllama would hand them on to its client, which refuses them. A model
-without such a field keeps its own. A ``temperature`` given when the model was made stands
-for ``AprSettings.temperature`` when the settings give none. A model that takes only its
-default temperature (OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1,
-vote_temperature=1)``: the server's refusal of another names the temperature.
+client front keeps the rest (retries, budgets, structured output in schema-in-prompt mode,
+cancellation). Each request's output limit and temperature are set on a copy of the model,
+through the fields it declares (``max_tokens``, ``max_output_tokens``, ``num_predict``,
+``temperature``): as call arguments, ChatOllama would pass them to a client that refuses them.
+A model without such a field keeps its own. A ``temperature`` given when the model was made
+stands for ``AprSettings.temperature`` when the settings give none; a model that takes only
+its default (OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1,
+vote_temperature=1)``.
 """
 
 from __future__ import annotations
@@ -58,8 +52,7 @@ class ChatModelTransport:
     """Requests through a LangChain ``BaseChatModel``, at most ``max_concurrency`` at once.
 
     Each request runs in its caller's task and context, so the model's runs nest under the
-    graph's (LangChain reads its parent run, and the callbacks of ``astream_events`` and
-    tracing, from the context); the model owns its connections.
+    graph's (LangChain reads the parent run and callbacks from the context).
 
     Args:
         model: the chat model every role uses.
@@ -185,28 +178,22 @@ def _tool_calls(reply: Any) -> tuple[dict[str, str], ...]:
     them: a streamed reply's chunks carry the raw text (its parsed ``tool_calls`` would
     complete a call cut off mid-arguments), and a call whose arguments did not parse keeps
     them as sent, so the tool loop tells the model what was wrong."""
-    chunks = getattr(reply, "tool_call_chunks", None)
-    if chunks:
-        return tuple(
-            {"id": str(c.get("id") or ""), "name": c["name"], "arguments": c.get("args") or "{}"}
-            for c in chunks
-            if c.get("name")
-        )
-    calls = [
-        {"id": str(c.get("id") or ""), "name": c["name"], "arguments": json.dumps(c["args"])}
-        for c in getattr(reply, "tool_calls", None) or []
-    ]
-    calls += [
-        {"id": str(c.get("id") or ""), "name": c["name"], "arguments": str(c.get("args") or "")}
-        for c in getattr(reply, "invalid_tool_calls", None) or []
-        if c.get("name")
-    ]
-    return tuple(calls)
+
+    def call(c: Any, arguments: str) -> dict[str, str]:
+        return {"id": str(c.get("id") or ""), "name": c["name"], "arguments": arguments}
+
+    if chunks := getattr(reply, "tool_call_chunks", None):
+        return tuple(call(c, c.get("args") or "{}") for c in chunks if c.get("name"))
+    parsed = getattr(reply, "tool_calls", None) or []
+    invalid = getattr(reply, "invalid_tool_calls", None) or []
+    return (
+        *(call(c, json.dumps(c["args"])) for c in parsed),
+        *(call(c, str(c.get("args") or "")) for c in invalid if c.get("name")),
+    )
 
 
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_output_tokens", "num_predict")
-"""A chat model's output-limit field: OpenAI, Anthropic, Mistral, Groq, Bedrock and most
-others; Google's; Ollama's."""
+"""A chat model's output-limit field: most providers'; Google's; Ollama's."""
 
 _CUT = {"length", "max_tokens"}
 """Finish reasons of a reply cut by its token limit (OpenAI and Ollama, Anthropic)."""

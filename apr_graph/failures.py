@@ -1,10 +1,8 @@
 """What went wrong with a request, read from its status *and* body, and the error a caller sees.
 
-Servers disagree on status codes: a LiteLLM proxy answers a wrong key with ``400`` and
-``"type": "auth_error"``; llama.cpp answers an oversized prompt with ``400``
-``exceed_context_size_error`` and a missing ``--jinja`` with ``500``. So a failure is classified
-from both, and only transient kinds (connection, timeout, 408/409/429, other 5xx, broken
-replies) are worth a retry. A format refusal is one only when the server says so.
+Servers disagree on status codes (a LiteLLM proxy answers a wrong key with ``400``, llama.cpp a
+missing ``--jinja`` with ``500``), so a failure is classified from both; only transient kinds
+(connection, timeout, 408/409/429, other 5xx, broken replies) are worth a retry.
 """
 
 from __future__ import annotations
@@ -126,10 +124,6 @@ def classify(
     return "rejected"
 
 
-def _requests(count: int) -> str:
-    return f"{count} request" + ("" if count == 1 else "s")
-
-
 def to_error(
     exc: Exception,
     kind: FailureKind,
@@ -144,7 +138,7 @@ def to_error(
     """The apr-graph error a caller sees for ``exc`` after ``attempts`` requests."""
     if isinstance(exc, AprError):
         return exc
-    sent = _requests(attempts)
+    sent = f"{attempts} request" + ("" if attempts == 1 else "s")
     if kind == "timeout":
         return ModelCallError(
             f"request to {url} timed out after {timeout_s:g}s ({sent}); raise "
@@ -166,42 +160,32 @@ def to_error(
     status = exc.status_code
     said = redact(server_message(exc))
     head = f"HTTP {status} from {url}"
-    if kind == "auth":
-        return AuthenticationError(
+    known: dict[FailureKind, tuple[type[ModelCallError], str]] = {
+        "auth": (
+            AuthenticationError,
             f"the server at {url} refused the API key (HTTP {status} after {sent}: {said}); "
             "check --api-key / OPENAI_API_KEY",
-            status_code=status,
-            attempts=attempts,
-            url=url,
-        )
-    if kind == "not_found":
-        return ModelNotFoundError(
-            f"{head} for model {model!r}: {said}", status_code=status, attempts=attempts, url=url
-        )
-    if kind == "context":
-        return ContextOverflowError(
+        ),
+        "not_found": (ModelNotFoundError, f"{head} for model {model!r}: {said}"),
+        "context": (
+            ContextOverflowError,
             f"{head}: the request does not fit the model's context ({said}); shorten the task "
             "or context, give the server a larger context (llama.cpp: -c N), or lower the "
             "token allowances (planner/worker/synthesizer_max_tokens)",
-            status_code=status,
-            attempts=attempts,
-            url=url,
-        )
-    if kind == "tools":
-        return ServerCapabilityError(
+        ),
+        "tools": (
+            ServerCapabilityError,
             f"{head}: the server cannot serve tool calls ({said}); enable them on the server "
             "(llama.cpp: start llama-server with --jinja) or build the graph without tools",
-            status_code=status,
-            attempts=attempts,
-            url=url,
-        )
-    if kind == "format":
-        return ResponseFormatRefusedError(
+        ),
+        "format": (
+            ResponseFormatRefusedError,
             f"{head}: the server refused the response_format: {said}",
-            status_code=status,
-            attempts=attempts,
-            url=url,
-        )
+        ),
+    }
+    if kind in known:
+        error, message = known[kind]
+        return error(message, status_code=status, attempts=attempts, url=url)
     hint = ""
     delay = retry_after_s(exc)
     if delay is not None and delay > retry_max_wait_s:

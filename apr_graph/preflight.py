@@ -1,13 +1,9 @@
 """Checks before a run: is the model name one the server serves, and is the URL its API?
 
-Servers disagree on unknown model names: vLLM and OpenAI refuse them (404), llama.cpp serves
-its one model whatever the name, a LiteLLM proxy routes the names of its ``model_list`` and,
-with a wildcard route, any name, while its ``/v1/models`` lists a provider's whole catalogue.
-So a listing decides nothing: a name it lacks is tried, and only the server's own "unknown
-model" answer to the first request refuses it (the CLI's exit 6, with a short list of the
-names offered). llama.cpp, which answers under any name, gets one warning. A base URL that
-404s where ``URL/v1`` would answer is the common slip of leaving out ``/v1``; the error says
-so.
+A listing decides nothing (llama.cpp serves its one model under any name; a LiteLLM proxy may
+route names it does not list): a name it lacks is tried, and only the server's own "unknown
+model" answer refuses it. llama.cpp gets one warning. A base URL that 404s where ``URL/v1``
+would answer is the common slip of leaving out ``/v1``; the error says so.
 """
 
 from __future__ import annotations
@@ -21,13 +17,10 @@ from apr_graph.errors import (
 from apr_graph.http_pool import HttpPool
 from apr_graph.llm import LLMClient
 from apr_graph.sdk_compat import authorization
-from apr_graph.settings import AprSettings
 
 __all__ = ["check_server", "unknown_model_message"]
 
 _TIMEOUT_S = 3.0
-
-
 _SHOWN = 5
 """The most offered names an error lists: a proxy's catalogue has hundreds."""
 
@@ -42,10 +35,6 @@ def unknown_model_message(url: str, model: str, offered: list[str]) -> str:
         f"the server at {url} does not serve model {model!r}; it offers: {listing} "
         "(choose one with --model)"
     )
-
-
-def _model_names(settings: AprSettings) -> list[str]:
-    return list(dict.fromkeys(settings.model_for(r) for r in ("planner", "worker", "synthesizer")))
 
 
 async def _answers_under_v1(url: str, api_key: str) -> bool:
@@ -85,7 +74,8 @@ async def check_server(client: LLMClient) -> list[str]:
         raise
     except ModelCallError:
         return []  # the listing failed; the run itself will say what is wrong
-    missing = [name for name in _model_names(settings) if name not in offered]
+    names = dict.fromkeys(settings.model_for(r) for r in ("planner", "worker", "synthesizer"))
+    missing = [name for name in names if name not in offered]
     if not offered or not missing:
         return []
     report = await client.capacity_report()
@@ -94,6 +84,4 @@ async def check_server(client: LLMClient) -> list[str]:
             f"apr: warning: {url} is llama.cpp, which serves {offered[0]!r} whatever the "
             f"model name: {', '.join(map(repr, missing))} is ignored"
         ]
-    # A proxy routes names it does not list (a wildcard route lists a provider's catalogue):
-    # the first request says whether the name is served.
-    return []
+    return []  # a proxy routes names it does not list: the first request will tell

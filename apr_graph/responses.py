@@ -1,8 +1,7 @@
 """What one model call gives back: the ``Completion`` record, streams, usage, JSON in text.
 
-Everything a server sends is untrusted: usage may be missing (then tokens are estimated, one
-token per four characters, in one place: ``estimate_tokens``), a stream may break, a reply may
-wrap its JSON in prose or code fences.
+Everything a server sends is untrusted: usage may be missing (tokens are then estimated), a
+stream may break, a reply may wrap its JSON in prose or code fences.
 """
 
 from __future__ import annotations
@@ -78,16 +77,12 @@ class Completion:
     first_token_at: float | None = None
     """When the first token arrived (streamed calls): service began, queueing ended."""
     unrun_tool_call: str | None = None
-    """Set when the final reply is itself a tool call that was not run, saying which and why
-    (``"a call to search, which is not a tool here (tools: multiply)"``; also past the call
-    limit, or cut off by the token limit, which keeps ``finish_reason="length"``). The text
-    is then no answer."""
+    """Set when the final reply is itself a tool call that was not run (unknown tool, past the
+    call limit, or cut off), saying which and why; the text is then no answer."""
     max_tokens_sent: int | None = None
-    """The output allowance the last request carried, when the transport lowered it to fit
-    the server's per-slot context (``None``: as asked)."""
+    """The last request's output allowance, when lowered to fit the server's per-slot context."""
     loop_saved_tokens: int = 0
-    """Set when the reply was cut where it started repeating itself (``finish_reason``
-    ``loop``): the tokens its allowance had left, which the server did not generate."""
+    """For a reply cut at a loop (``finish_reason`` ``loop``): the allowance left ungenerated."""
 
     def plus(self, other: Completion) -> Completion:
         """This call and a follow-up (a re-ask) as one call: tokens and requests summed."""
@@ -140,10 +135,8 @@ class StreamProgress:
 
     def add(self, piece: str) -> None:
         """One more piece of streamed text."""
-        if self.first_token_at is None:
-            self.first_token_at = time.time()
+        self.add_call_piece()  # counted and timed as any token
         self.text += piece
-        self.completion_tokens += 1
         if self.on_text is not None:
             self.on_text(piece)
         if self.detect_loops and self.loop is None:
@@ -153,8 +146,7 @@ class StreamProgress:
                 self.loop, self.loop_tokens = found, self.completion_tokens
 
     def cut_at_loop(self) -> None:
-        """Keep the text from before the loop (the repeated block said once), or from before
-        a copy of the input (an opening fence left dangling is dropped, an open one closed)."""
+        """Keep the text from before the loop, or from before a copy of the input (tidied)."""
         if self.loop is not None:
             self.text = self.text[: self.loop.keep]
             if self.loop.copied_lines:
@@ -167,8 +159,8 @@ class StreamProgress:
         self.completion_tokens += 1
 
     def restart(self, started_at: float) -> None:
-        """A new request (a retry, or a tool loop's next round) begins: what the last one
-        streamed is discarded, and this one's tokens are not charged yet."""
+        """A new request (a retry, a tool loop's next round) begins: the last one's text is
+        discarded, and this one's tokens are not charged yet."""
         self.text, self.completion_tokens, self.started_at = "", 0, started_at
         self.first_token_at = None
         self.charged = False
@@ -198,11 +190,10 @@ def prompt_estimate(messages: Sequence[Message]) -> int:
 
 def usage_counts(usage: Any, *, prompt: int, completion: int) -> tuple[int, int]:
     """``(prompt_tokens, completion_tokens)`` from a reported usage, else the estimates."""
-    reported_prompt = field_of(usage, "prompt_tokens")
-    reported_completion = field_of(usage, "completion_tokens")
-    if reported_prompt is None or reported_completion is None:
+    reported = field_of(usage, "prompt_tokens"), field_of(usage, "completion_tokens")
+    if None in reported:
         return prompt, completion
-    return int(reported_prompt), int(reported_completion)
+    return int(reported[0]), int(reported[1])
 
 
 def cached_tokens(usage: Any, timings: Any = None) -> int | None:

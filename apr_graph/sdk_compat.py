@@ -1,10 +1,6 @@
-"""What the OpenAI SDK would send and raise, for requests sent without it: its headers, and
-its error classes with the objects they carry.
-
-apr-graph sends on aiohttp directly (``http_pool``); its failures are still the SDK's
-``APIStatusError`` family, ``APITimeoutError`` and ``APIConnectionError``, built as the SDK's
-own client builds them, so ``failures.classify``, the one retry policy (``Retry-After`` read
-from the error's response) and callers see exactly what they would see from the SDK.
+"""What the OpenAI SDK would send and raise, for requests sent without it (on aiohttp, by
+``http_pool``): its headers, and its error classes built as its own client builds them, so
+``failures.classify``, the retry policy and callers see what they would see from the SDK.
 """
 
 from __future__ import annotations
@@ -52,11 +48,8 @@ ignore."""
 def authorization(api_key: str | None) -> dict[str, str]:
     """The ``Authorization`` header for ``api_key``; an empty key sends ``KEYLESS``.
 
-    The SDK refuses to build a client without a key ("Missing credentials"); an empty key
-    (``--api-key=``, ``OPENAI_API_KEY=``) means the server needs none. Sending nothing would
-    not do: a LiteLLM proxy with a master key answers a request without one with a bare
-    500 "Internal Server Error" (1.108.7), which reads as a broken server and is retried;
-    a key it does not know is a key error, shown at once.
+    Sending no header would not do: a LiteLLM proxy with a master key answers that with a
+    bare 500, which reads as a broken server and is retried; an unknown key is a key error.
     """
     return {"Authorization": f"Bearer {(api_key or '').strip() or KEYLESS}"}
 
@@ -107,9 +100,8 @@ def status_error(
             message += f" - {said}"
     elif text:
         message += f" - {text[:300]}"
-    kind = _STATUS_ERRORS.get(status)
-    if kind is None:
-        kind = openai.InternalServerError if status >= 500 else openai.APIStatusError
+    fallback = openai.InternalServerError if status >= 500 else openai.APIStatusError
+    kind = _STATUS_ERRORS.get(status, fallback)
     response = _sdk_http().Response(
         status, headers=list(headers.items()), content=content, request=sdk_request(method, url)
     )

@@ -1,14 +1,10 @@
 """Structured output that works on every common backend, validated, with re-asks.
 
-Modes, tried in order until one works, and remembered per endpoint and model:
-``json_schema`` (vLLM, SGLang, llama.cpp, OpenAI), ``json_object`` with the schema
-(llama-cpp-python's server), then the schema in the prompt. A mode is abandoned when the server
-refuses it *and says so*, or ignores it: a reply in prose, or (``json_schema``) JSON the schema
-forbids in a reply that was not cut off, whether the output type rejects it or, wrapped in
-prose or a code fence (which constrained decoding never writes), takes it loosely (its
-structure is checked against the schema sent with ``jsonschema``). Every answer is parsed and
-validated, and an invalid one is re-asked with the error shown to the model. A reply cut off at
-the token limit is never pasted back.
+Modes, tried in order and remembered per endpoint and model: ``json_schema``, ``json_object``
+with the schema, then the schema in the prompt. A mode is abandoned when the server refuses it
+and says so, or ignores it: a reply in prose, or (``json_schema``) JSON the schema forbids in a
+reply that was not cut off. Every answer is validated; an invalid one is re-asked with the
+error shown to the model, but a reply cut off at the token limit is never pasted back.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -74,17 +71,6 @@ class StructuredOutput:
         self.where = where
         self.modes: dict[str, StructuredMode] = {}
 
-    @property
-    def _may_fall_back(self) -> bool:
-        return self.settings.structured_output == "auto"
-
-    def _modes_for(self, key: str) -> tuple[StructuredMode, ...]:
-        if self.settings.structured_output != "auto":
-            return (self.settings.structured_output,)
-        if key in self.modes:
-            return (self.modes[key],)
-        return MODE_CHAIN
-
     async def __call__(
         self,
         chat: ChatCall,
@@ -104,23 +90,19 @@ class StructuredOutput:
         schema = schema or output_type.model_json_schema()
         model = model or self.settings.model_for(role)
         key = f"{self.where}|{model}"
-        modes = self._modes_for(key)
+        modes = MODE_CHAIN
+        if self.settings.structured_output != "auto":
+            modes = (self.settings.structured_output,)
+        elif key in self.modes:
+            modes = (self.modes[key],)
+        ask = partial(chat, role=role, max_tokens=max_tokens, budget=budget, progress=progress)
         spent: Completion | None = None
         queue = list(modes)
         while queue:
             mode = queue.pop(0)
             try:
                 value, completion = await self._in_mode(
-                    chat,
-                    mode,
-                    messages,
-                    output_type,
-                    schema,
-                    role,
-                    model,
-                    max_tokens,
-                    budget,
-                    progress,
+                    ask, mode, messages, output_type, schema, model
                 )
             except _ModeRejectedError as rejected:
                 spent = rejected.spent if spent is None else spent.plus(rejected.spent)
@@ -144,11 +126,7 @@ class StructuredOutput:
         messages: Sequence[Message],
         output_type: type[T],
         schema: dict[str, Any],
-        role: str,
         model: str,
-        max_tokens: int | None,
-        budget: CallBudget | None,
-        progress: StreamProgress | None = None,
     ) -> tuple[T, Completion]:
         conversation = [dict(m) for m in messages]
         response_format = response_format_for(mode, output_type.__name__, schema)
@@ -157,42 +135,29 @@ class StructuredOutput:
             # the schema itself; both gain from seeing it.
             first = conversation[0]
             conversation[0] = {**first, "content": first["content"] + schema_instruction(schema)}
+        auto = self.settings.structured_output == "auto"
         errors: list[str] = []
         total: Completion | None = None
         for _ in range(self.settings.max_repairs + 1):
             try:
-                completion = await chat(
-                    conversation,
-                    role=role,
-                    max_tokens=max_tokens,
-                    response_format=response_format,
-                    budget=budget,
-                    progress=progress,
-                )
+                completion = await chat(conversation, response_format=response_format)
             except ResponseFormatRefusedError as exc:
                 now = time.time()
                 zero = Completion("", None, 0, 0, None, exc.attempts, now, now, model, mode)
                 raise _ModeRejectedError(zero if total is None else total.plus(zero)) from exc
             total = completion if total is None else total.plus(completion)
-            outcome = _validate(completion, output_type)
+            outcome, broken = _validate(completion, output_type)
             schema_held = mode != "json_schema" or _fits(completion, schema)
             if isinstance(outcome, BaseModel):
-                if schema_held or not self._may_fall_back:
+                if schema_held or not auto:
                     return outcome, replace(total, mode=mode)
-                # The output type took it, the schema sent forbids it: transformers serve
-                # 5.25.0 dropped the schema and a 1.5B model wrote a plan without its merge,
-                # its goals spelled out where the schema lists labels.
+                # The output type took it, the schema sent forbids it: the server dropped it.
                 raise _ModeRejectedError(total, ignored=True)
-            dropped = (
-                not schema_held
-                or outcome == _NO_JSON
-                or (mode == "json_schema" and _breaks_schema(completion, outcome, output_type))
-            )
-            if dropped and response_format is not None and self._may_fall_back:
-                # A 200 in prose, or JSON the schema forbids in a reply that was not cut off:
-                # the server dropped the response_format without a word (transformers serve
-                # 5.25.0 does). Constrained decoding yields neither; re-asking without the
-                # schema in sight would only repair blind.
+            dropped = not schema_held or outcome == _NO_JSON or (mode == "json_schema" and broken)
+            if dropped and response_format is not None and auto:
+                # Prose, or JSON the schema forbids, not cut off: constrained decoding yields
+                # neither, so the server dropped the response_format without a word; re-asking
+                # without the schema in sight would only repair blind.
                 raise _ModeRejectedError(total, ignored=True)
             errors.append(outcome)
             if outcome in (_CUT_OFF, _LOOPED):
@@ -220,22 +185,6 @@ _VALIDATOR_ERRORS = frozenset({"value_error", "assertion_error"})
 constrained decoding does not enforce, so breaking them says nothing about the server."""
 
 
-def _breaks_schema(completion: Completion, outcome: str, output_type: type[T]) -> bool:
-    """Whether an invalid reply, not cut off, breaks what the JSON schema itself says: no
-    JSON, wrong types, missing or unknown keys (not only the model's own validators)."""
-    if outcome in (_CUT_OFF, _LOOPED):
-        return False
-    try:
-        data = extract_json(completion.text)
-    except ValueError:
-        return True
-    try:
-        output_type.model_validate(data)
-    except ValidationError as exc:
-        return any(error["type"] not in _VALIDATOR_ERRORS for error in exc.errors())
-    return False
-
-
 _LIMITS = frozenset(
     {"maxLength", "minLength", "maxItems", "minItems", "maximum", "minimum", "pattern"}
 )
@@ -254,15 +203,9 @@ def _structure(schema: Any) -> Any:
 
 
 def _fits(completion: Completion, schema: dict[str, Any]) -> bool:
-    """Whether a reply that the output type accepted can have come from a server that
-    applied the schema sent.
-
-    Constrained decoding writes one bare JSON object of the schema's structure. A reply
-    that wraps its JSON in prose or a code fence *and* breaks that structure (a plan without
-    its merge, goals spelled out where the schema lists labels) was written with the schema
-    ignored, however loosely the output type reads it. A bare object is taken as it is: the
-    output type decides.
-    """
+    """Whether a reply the output type accepted can have come from a server that applied the
+    schema: constrained decoding writes one bare object of the schema's structure, so JSON
+    wrapped in prose or a fence that breaks that structure was written with it ignored."""
     text = completion.text.strip()
     if completion.finish_reason in ("length", LOOPED) or (
         text.startswith("{") and text.endswith("}")
@@ -278,29 +221,31 @@ def _fits(completion: Completion, schema: dict[str, Any]) -> bool:
     return bool(Draft202012Validator(_structure(schema)).is_valid(data))
 
 
-def _validate(completion: Completion, output_type: type[T]) -> T | str:
-    """The validated value, or the error message to show the model."""
+def _validate(completion: Completion, output_type: type[T]) -> tuple[T | str, bool]:
+    """The validated value, or the error message to show the model; and whether a reply not
+    cut off breaks what the JSON schema itself says (no JSON, wrong types, missing or unknown
+    keys: not only the model's own validators)."""
     if completion.finish_reason == "length":
-        return _CUT_OFF
+        return _CUT_OFF, False
     if completion.finish_reason == LOOPED:
-        return _LOOPED
+        return _LOOPED, False
     if "{" not in completion.text:
-        return _NO_JSON
+        return _NO_JSON, True
     try:
         data = extract_json(completion.text)
     except ValueError as exc:
-        return f"not valid JSON: {exc}"
+        return f"not valid JSON: {exc}", True
     try:
-        return output_type.model_validate(data)
+        return output_type.model_validate(data), False
     except ValidationError as exc:
-        return exc.json(include_url=False, include_context=False)[:2000]
+        broken = any(error["type"] not in _VALIDATOR_ERRORS for error in exc.errors())
+        return exc.json(include_url=False, include_context=False)[:2000], broken
 
 
 def schema_instruction(schema: dict[str, Any]) -> str:
-    """Appended to the system message when the server cannot constrain output to a schema.
-
-    The schema, then an example of each shape it allows: a small model shown the schema
-    alone copies it back (a 1.5B model on ``transformers serve`` did, three times)."""
+    """Appended to the system message when the server cannot constrain output to a schema:
+    the schema, then an example of each shape it allows (shown the schema alone, a small
+    model copies it back)."""
     shapes = schema.get("anyOf") or [schema]
     examples = "\n".join(json.dumps(_example(shape)) for shape in shapes)
     return (
@@ -339,11 +284,5 @@ def _example(schema: dict[str, Any]) -> Any:
 
 def repair_message(error: str) -> Message:
     """The re-ask after an invalid structured answer: the model sees its own error."""
-    return {
-        "role": "user",
-        "content": (
-            "Your reply was not valid. Error:\n"
-            f"{error}\n"
-            "Reply again with one corrected JSON object only."
-        ),
-    }
+    content = f"Your reply was not valid. Error:\n{error}\n"
+    return {"role": "user", "content": content + "Reply again with one corrected JSON object only."}
