@@ -15,11 +15,7 @@ from langgraph.types import Overwrite
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.decide import after_plan, before_plan
-from apr_graph.errors import (
-    BudgetExhaustedError,
-    ModelCallError,
-    StructuredOutputError,
-)
+from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
 from apr_graph.events import emit
 from apr_graph.inputs import document_plan, planner_view, prefix_stats, read_input
 from apr_graph.llm import LLMClient
@@ -57,31 +53,27 @@ def make_decompose(
         board = RunBoard(uuid.uuid4().hex, budget, "synthesize", 0)
         boards.attach(board)
         try:
-            return await plan_run(
-                client.for_run(settings), settings, task, context, depth, board, state
-            )
+            given = state.get("context") or ""
+            run = _Run(client.for_run(settings), settings, task, context, given, depth, board, [])
+            return await plan_run(run)
         except BaseException:  # failed or cancelled: the run is over, its board goes too
             boards.close(board.run_id, root=depth == 0)
             raise
 
-    async def plan_run(
-        client: LLMClient,
-        settings: AprSettings,
-        task: str,
-        context: str,
-        depth: int,
-        board: RunBoard,
-        state: AprState,
-    ) -> dict[str, Any]:
+    async def plan_run(run: _Run) -> dict[str, Any]:
+        client, settings, task, context = run.client, run.settings, run.task, run.context
+        depth, board, given = run.depth, run.board, run.given
         started = time.time()
-        calls: list[CallRecord] = []
         capacity = await client.capacity_report()
+        limit = capacity["limit"]
         if capacity["width"] is None and depth == 0 and settings.probe_capacity:
-            emit("notice", text=_unknown_width(client.base_url, capacity["limit"]))
-        width = capacity["limit"] if settings.probe_capacity else None
+            emit(
+                "notice",
+                text=f"apr: {client.base_url} does not report how many requests it runs at "
+                f"once; sending up to {limit} at a time (set max_concurrency to change it)",
+            )
         endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
-        given = state.get("context") or ""
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
         mapped = document_plan(task, given, settings, slots=free, tools=bool(tools))
         decision, shape = before_plan(
@@ -89,17 +81,17 @@ def make_decompose(
             context,
             settings,
             profile,
-            width=capacity["limit"],
+            width=limit,
             depth=depth,
             given=given,
             planning=mapped is None,
         )
         if decision is None:
-            run = _Run(client, settings, task, context, given, depth, board, calls)
+            width = limit if settings.probe_capacity else None
             normalised = (
-                mapped_plan(run, mapped, capacity["limit"], profile, shape)
+                mapped_plan(run, mapped, limit, profile, shape)
                 if mapped is not None
-                else await run_planner(run, width, capacity["limit"], profile, shape)
+                else await run_planner(run, width, limit, profile, shape)
             )
         else:
             normalised = direct_plan("", [])
@@ -131,7 +123,7 @@ def make_decompose(
             "plan": normalised,
             # A run starts its records afresh: a LangGraph thread (a conversation) may hold
             # an earlier run's threads, calls and deferrals, which are not this run's.
-            "calls": Overwrite(calls),
+            "calls": Overwrite(run.calls),
             "threads": Overwrite([]),
             "waiting": Overwrite([]),
             "capacity": capacity,
@@ -140,7 +132,7 @@ def make_decompose(
         }
         if normalised["strategy"] == "direct":
             update["answer"] = await direct_answer(
-                client, settings, board, normalised, task, context, calls
+                client, settings, board, normalised, task, context, run.calls
             )
         return update
 
@@ -186,9 +178,7 @@ def make_decompose(
         budget = board.budget
         labels = _labels(task, settings, tools)
         view, partial = planner_view(run.given, settings.planner_document_chars)
-        # Told that the documents were cut and that a direct answer would read them whole,
-        # a 1.5B planner answered directly a review of three files it split with them whole:
-        # the cut shows as "[...]" and the sizes; the schema alone keeps it from answering.
+        # Documents shown cut: the schema (no answer field) keeps the planner from answering.
         messages = planner_messages(task, view, settings.max_threads, width, tools, labels)
 
         @functools.cache
@@ -200,11 +190,7 @@ def make_decompose(
 
         board.system = system_for(None)  # the merge is not known yet: what a warm-up warms
         # The threads' shared prefix does not depend on the plan: warm it while planning.
-        warm = (
-            asyncio.ensure_future(_warm(client, board, task, context, calls))
-            if settings.warm_prefix
-            else None
-        )
+        warm = asyncio.ensure_future(_warm(run)) if settings.warm_prefix else None
         starter = EarlyStarter(
             client,
             settings,
@@ -356,40 +342,25 @@ def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings, plan: 
 
 
 def _labels(task: str, settings: AprSettings, tools: list[tuple[str, str]] | None) -> list[str]:
-    """The labels a parallel plan names its subtasks by, or none (goals written out).
-
-    Not with tools (the planner writes a part that one call answers as that call), nor when
-    the task has more parts than a plan may have threads (the planner groups them).
-    """
+    """The labels a parallel plan names its subtasks by, or none (goals written out): none
+    with tools (a part is written as its call), nor past ``max_threads`` (parts grouped)."""
     if not settings.label_goals or tools:
         return []
     labels = list(labelled_parts(task))
     return labels if len(labels) <= settings.max_threads else []
 
 
-def _unknown_width(url: str, limit: int) -> str:
-    return (
-        f"apr: {url} does not report how many requests it runs at once; sending up to "
-        f"{limit} at a time (set max_concurrency to change it)"
-    )
-
-
-async def _warm(
-    client: LLMClient,
-    board: RunBoard,
-    task: str,
-    context: str,
-    calls: list[CallRecord],
-) -> None:
+async def _warm(run: _Run) -> None:
     """One tiny request with the shared prefix, so the server's cache holds it in time."""
+    board = run.board
     messages = [
-        {"role": "system", "content": board.system or shared_system(task, context)},
+        {"role": "system", "content": board.system or shared_system(run.task, run.context)},
         {"role": "user", "content": "Reply with OK."},
     ]
     try:
         warm = await board.guard(
-            client.chat(messages, role="warmup", max_tokens=1, budget=board.budget)
+            run.client.chat(messages, role="warmup", max_tokens=1, budget=board.budget)
         )
     except (StoppedError, BudgetExhaustedError, ModelCallError):
         return  # a warm-up is an optimisation; the threads run either way
-    calls.append(call_record(warm, role="warmup"))
+    run.calls.append(call_record(warm, role="warmup"))

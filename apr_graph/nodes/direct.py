@@ -18,9 +18,8 @@ __all__ = ["direct_allowance", "direct_answer"]
 
 
 def direct_allowance(task: str, settings: AprSettings) -> int:
-    """Output tokens of a direct answer: the whole answer, every part of it (a three-problem
-    task answered step by step took 1,089 tokens on a 1.5B model, and was cut at the
-    planner's 1,024), so a thread's allowance per labelled part, at least the planner's."""
+    """Output tokens of a direct answer, which holds every part of the task: a thread's
+    allowance per labelled part (at least two), and never less than the planner's."""
     parts = max(2, len(labelled_parts(task)))
     return max(settings.planner_max_tokens, settings.worker_max_tokens * parts)
 

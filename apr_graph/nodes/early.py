@@ -1,19 +1,12 @@
 """Threads that start while the plan is still being written.
 
-The planner's reply streams in; as soon as one subtask of a parallel plan is complete in the
-stream, its thread's request is sent (LLMCompiler dispatches its tasks the same way). The graph
-keeps its shape: the worker node of that subtask, reached by its ``Send`` once the plan is
-done, adopts the request already in flight instead of sending its own. It adopts it only if
-the final, repaired plan gives the subtask exactly the same request (same messages, same token
-allowance) and the subtask neither forks nor waits for another (the plan schema has the model
-write ``fork`` and ``depends_on`` after the goals); otherwise the early request is cancelled
-and the worker starts afresh. A subtask written as depending on others, forking or running
-tools is never started early, and none is before the plan has named its merge (the plan schema
-asks for it before the subtasks).
-
-Each early request takes its thread slot from the run's budget before it is sent, as any
-thread does: one that was sent stays paid for even if the final plan has no use for it, so
-``max_total_threads`` bounds the worker requests sent, early ones included.
+As soon as one subtask of a parallel plan is complete in the planner's stream, its thread's
+request is sent. The worker node of that subtask, reached by its ``Send`` once the plan is done,
+adopts the request in flight only if the final, repaired plan gives it exactly the same request
+(messages, token allowance) and the subtask neither forks nor waits for another; otherwise the
+early request is cancelled and the worker starts afresh. Nothing starts before the plan names
+its merge. Each early request takes its thread slot before it is sent and keeps it once sent,
+so ``max_total_threads`` bounds the worker requests sent, early ones included.
 """
 
 from __future__ import annotations
@@ -24,8 +17,8 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -50,20 +43,14 @@ _DECODER = json.JSONDecoder()
 
 
 def read_plan(text: str) -> tuple[str | None, str | None, list[Any]]:
-    """``(strategy, merge, subtasks)`` as far as a streamed plan has been written.
-
-    Only complete subtasks are returned: each is one whole JSON value, decoded once its
-    closing brace (or quote) has arrived. Fields not written yet are ``None``.
-    """
+    """``(strategy, merge, subtasks)`` as far as a streamed plan has been written: only
+    complete subtasks (whole JSON values); fields not written yet are ``None``."""
     return PlanReader().read(text)
 
 
 class PlanReader:
-    """``read_plan`` for a text that keeps growing: each subtask is decoded once.
-
-    A text that does not begin with what was read before (the planner's request was sent
-    again, and its reply starts over) is read afresh.
-    """
+    """``read_plan`` for a text that keeps growing: each subtask is decoded once. A text that
+    does not begin with what was read before (the reply started over) is read afresh."""
 
     def __init__(self) -> None:
         self.restarts = 0
@@ -186,36 +173,28 @@ class EarlyCall:
         )
 
 
+@dataclass(eq=False)
 class EarlyStarter:
-    """Watches a planner's stream and starts each complete, independent subtask's thread.
-
-    Made inside the decompose node; its ``progress`` goes to the planner call. The client
-    reports text on its own loop; checks run on the caller's loop, in the node's context
-    (so events reach the graph's stream).
+    """Watches a planner's stream (its ``progress`` goes to the planner call) and starts each
+    complete, independent subtask's thread. Checks run on the caller's loop, in the node's
+    context, so events reach the graph's stream. ``after``: a warm-up to send requests after.
     """
 
-    def __init__(
-        self,
-        client: LLMClient,
-        settings: AprSettings,
-        *,
-        early: dict[str, EarlyCall],
-        system: Callable[[str | None, str | None], str],
-        task: str,
-        context: str | Mapping[str, str],
-        depth: int,
-        budget: Budget,
-        after: asyncio.Future[None] | None = None,
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.early = early
-        self.system = system
-        self.task = task
-        self.context = context
-        self.depth = depth
-        self.budget = budget
-        self.after = after
+    client: LLMClient
+    settings: AprSettings
+    _: KW_ONLY
+    early: dict[str, EarlyCall]
+    system: Callable[[str | None, str | None], str]
+    task: str
+    context: str | Mapping[str, str]
+    depth: int
+    budget: Budget
+    after: asyncio.Future[None] | None = None
+    reserved: set[str] = field(default_factory=set, init=False)
+    """Subtasks started early; each took its thread slot from the budget."""
+    closed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
         self.progress = StreamProgress(on_text=self._on_text)
         self._loop = asyncio.get_running_loop()
         self._context = contextvars.copy_context()
@@ -225,10 +204,7 @@ class EarlyStarter:
         self._reader = PlanReader()
         self._taken = 0  # the reader's subtasks validated so far
         self._restarts = 0
-        self._plan = PlanPrefix(settings, depth=depth, task=task)
-        self.reserved: set[str] = set()
-        """Subtasks started early; each took its thread slot from the budget."""
-        self.closed = False
+        self._plan = PlanPrefix(self.settings, depth=self.depth, task=self.task)
 
     def _on_text(self, _piece: str) -> None:
         if self._scheduled or self.closed:
@@ -282,16 +258,13 @@ class EarlyStarter:
         return left + len(self.reserved)
 
     def settle(self, plan: PlanRecord, system: str | None, calls: list[CallRecord]) -> set[str]:
-        """Decide what becomes of each thread started early, once ``plan`` is final; returns
-        the subtasks of ``plan`` whose thread slot is taken already (``system``: the threads'
-        shared system message; records of cancelled requests go to ``calls``).
+        """Once ``plan`` is final, keep each early thread whose request it leaves unchanged
+        (for its worker node to adopt) and cancel the others, their records going to
+        ``calls``; returns the subtasks of ``plan`` whose thread slot is taken already.
 
-        A thread whose request the plan leaves unchanged (and that neither forks nor waits
-        for another) is adopted by its worker node. Every other early request is cancelled:
-        one never handed to the client gives its slot back; one that was sent keeps its slot
-        spent, unless its subtask now forks (a fork sends no worker request itself: the slot
-        is the fork's). A cancelled request stays on the board while the plan has its
-        subtask, so the worker node knows its thread started and sends the request again.
+        A request never handed to the client gives its slot back; one sent keeps it spent
+        (a subtask that now forks holds it for the fork). A cancelled request stays on the
+        board while the plan has its subtask, so its worker node sends the request again.
         """
         self.closed = True
         subtasks = {s["id"]: s for s in plan["subtasks"]}
@@ -321,9 +294,8 @@ class EarlyStarter:
     def _messages(
         self, merge: str | None, subtask: SubtaskRecord, system: str | None = None
     ) -> tuple[list[Message], list[str] | None]:
-        """The thread's request, as its worker node would send it, and the names of its
-        documents when it reads a part of them; ``system``: the shared system message, when
-        the caller has it."""
+        """The thread's request as its worker node would send it, and the names of its
+        documents when it reads a part of them; ``system``: the shared system message."""
         context, documents = thread_context(
             self.context, subtask["goal"], self.settings.thread_documents
         )
@@ -335,41 +307,26 @@ class EarlyStarter:
 
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
         messages, documents = self._messages(plan["merge"], subtask)
-        allowance = subtask["max_tokens"] or self.settings.worker_max_tokens
         relay = _Relay()
-        progress = StreamProgress(on_text=relay if self.settings.stream_tokens else None)
-        started = time.time()
         call = EarlyCall(
             subtask,
             messages,
-            allowance,
-            progress,
-            started,
+            subtask["max_tokens"] or self.settings.worker_max_tokens,
+            StreamProgress(on_text=relay if self.settings.stream_tokens else None),
+            time.time(),
             self.settings.model_for("worker"),
             relay,
             handed=self.after is None,
         )
-        if self.after is None:  # sent now, as a task of the client's (``LLMClient.start``)
-            call.task = self.client.start(
-                thread_call(
-                    self.client,
-                    messages,
-                    subtask,
-                    allowance,
-                    progress,
-                    self.budget,
-                    copy_lines=copy_watch(self.settings, self.task, subtask["goal"]),
-                )
-            )
-        else:  # sent once ``after`` is done (the warm-up of the shared prefix)
-            call.task = asyncio.ensure_future(self._after(call))
+        # Sent now, or once ``after`` (the warm-up of the shared prefix) is done.
+        call.task = self.client.start(self._call(call) if self.after is None else self._after(call))
         call.task.add_done_callback(_retrieve)
         self.early[subtask["id"]] = call
         emit(
             "thread_started",
             id=subtask["id"],
             goal=subtask["goal"],
-            at=started,
+            at=call.started,
             depth=self.depth + 1,
             early=True,
             **({} if documents is None else {"documents": documents}),
@@ -379,7 +336,10 @@ class EarlyStarter:
         assert self.after is not None
         await asyncio.shield(self.after)
         call.handed = True
-        return await thread_call(
+        return await self._call(call)
+
+    def _call(self, call: EarlyCall) -> Coroutine[Any, Any, Completion]:
+        return thread_call(
             self.client,
             call.messages,
             call.subtask,

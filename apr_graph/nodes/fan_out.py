@@ -1,9 +1,8 @@
-"""The fan-out edges: one ``Send`` per subtask, created at run time from the plan.
+"""The fan-out edges: one ``Send`` per subtask, made at run time from the plan.
 
-Two routers share one rule. After decompose, every subtask is sent. After the workers (the
-join), the subtasks that had to wait for a dependency that was not running beside them are
-sent again, with the results they need in their payload. Both read only graph state, so a
-run resumed from a checkpoint, in any process, is routed exactly as it was.
+After decompose every subtask is sent; after the workers (the join), those that deferred for a
+dependency not running beside them are sent again, with the results they need. Both read only
+graph state, so a run resumed from a checkpoint, in any process, is routed as it was.
 """
 
 from __future__ import annotations
@@ -26,12 +25,9 @@ def waiting_ids(state: AprState) -> list[str]:
 
 
 def _in_order(subtasks: list[SubtaskRecord]) -> list[SubtaskRecord]:
-    """``subtasks`` with every dependency before its dependents (stable otherwise).
-
-    LangGraph starts a step's tasks in the order of its ``Send``s and admits them through
-    ``max_concurrency`` (or a sync caller's thread pool) first come, first served: a thread
-    that waits for a sibling therefore only ever waits for one that holds a slot already.
-    """
+    """``subtasks`` with every dependency before its dependents (stable otherwise): LangGraph
+    admits a step's tasks in ``Send`` order, first come, first served, so a thread that waits
+    for a sibling only ever waits for one that holds a slot already."""
     by_id = {s["id"]: s for s in subtasks}
     placed: dict[str, SubtaskRecord] = {}
 

@@ -1,11 +1,9 @@
 """A subtask whose goal is a call of one of the threads' tools is run without the model.
 
-Told which tools the threads have, planners often write the call itself as a goal:
-``stock_level(bolts)``, ``multiply(17, 23)``, ``lookup(country="Kenya")`` (LLMCompiler's
-planner writes its whole plan this way). Such a goal is parsed, never evaluated: only a call of
-an allowlisted tool whose arguments are literals (a bare word is taken as text) qualifies, and
-positional arguments are given the tool's parameters in order. Its result is the thread's
-answer, with no model call; if the call fails, the thread asks the model as usual.
+A goal such as ``multiply(17, 23)`` or ``lookup(country="Kenya")`` is parsed, never evaluated:
+only a call of an allowlisted tool whose arguments are literals (a bare word is text) qualifies,
+and positional arguments take the tool's parameters in order. Its result is the thread's
+answer; if the call fails, the thread asks the model as usual.
 """
 
 from __future__ import annotations
@@ -32,15 +30,12 @@ def goal_call(goal: str, tools: Sequence[BaseTool]) -> dict[str, str] | None:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError:
         return None
-    by_name = {tool.name: tool for tool in tools}
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
         return None
-    tool = by_name.get(tree.func.id)
-    if tool is None:
+    tool = {tool.name: tool for tool in tools}.get(tree.func.id)
+    if tool is None or len(tree.args) > len(tool.args):
         return None
     params = list(tool.args)
-    if len(tree.args) > len(params):
-        return None
     try:
         arguments = {name: _literal(node) for name, node in zip(params, tree.args, strict=False)}
         for keyword in tree.keywords:

@@ -1,15 +1,11 @@
 """The native node: for models trained to write their own parallel blocks.
 
-ThreadWeaver-style models write ``<Parallel><Outlines><Outline>1: ...</Outline>...</Outlines>``
-then one ``<Thread>`` per outline; Multiverse-style models write ``<Parallel><Goal><Outline>...
-</Goal>`` then ``<Path>`` blocks and a ``<Conclusion>``. apr-graph streams the model's text
-through the completions API and stops it where the outlines end; it then forks one request
-per numbered outline (prompt = everything so far + the thread's header, stopping at its
-closing tag), joins the threads as the model's own engine does (``apr_graph.native``), and
-lets the model continue. A thread may open a block of its own (nested), up to ``max_depth``;
-past it, or past ``max_total_threads``, the model writes its threads itself, one after
-another, and the thread goes on past their closing tags until its own. Budgets,
-cancellation, events and metrics are the same as in the prompted mode.
+The model's text streams through the completions API and stops where a block's outlines end
+(ThreadWeaver's ``<Outlines>``, Multiverse's ``<Goal>``); one request per numbered outline is
+forked (prompt = everything so far + the thread's header, stopping at its closing tag), the
+threads are joined as the model's own engine does (``apr_graph.native``), and the model goes
+on. Threads may nest up to ``max_depth``; past it, or past ``max_total_threads``, the model
+writes a block's threads itself, one after another.
 """
 
 from __future__ import annotations
@@ -82,10 +78,8 @@ class _Chain:
 async def _generate(
     run: _Run, prefix: str, *, depth: int, end: str | None, owner: str | None
 ) -> _Chain:
-    """Generate from ``prefix`` until EOS (or ``end``), forking at every outlines block.
-
-    The chain's critical path is its own tokens plus, per block, the longest of its threads.
-    """
+    """Generate from ``prefix`` until EOS (or ``end``), forking at every outlines block; the
+    critical path is the chain's own tokens plus, per block, its longest thread's."""
     fmt, settings = run.fmt, run.settings
     out, critical, left = "", 0, settings.native_max_tokens
     while True:
@@ -112,10 +106,6 @@ async def _generate(
                 continue
             return _Chain(out, critical, cut=True)
         hit = _stopped_at(completion.stop_reason, out, fmt, stops)
-        if not completion.text and hit != fmt.outlines_close and out:
-            # Nothing new (e.g. the model ends inside a block it writes itself): asking
-            # again would get nothing again.
-            return _Chain(out, critical, cut=False, closed=hit is not None and hit == end)
         if hit == fmt.outlines_close:
             out += hit
             outlines = fmt.outlines(out)
@@ -124,20 +114,19 @@ async def _generate(
                 out += joined
                 critical += longest
             continue
-        if hit is not None and hit == end and fmt.open_blocks(out) > 0:
-            # The closing tag of a thread in a block the model writes itself, not ours.
+        # The closing tag of a thread in a block the model writes itself, not ours; unless
+        # nothing new came (asking again would get nothing again).
+        new = completion.text or not out
+        if hit is not None and hit == end and new and fmt.open_blocks(out) > 0:
             out += hit
             continue
         return _Chain(out, critical, cut=False, closed=hit is not None and hit == end)
 
 
 def _stopped_at(reason: object, out: str, fmt: NativeFormat, stops: list[str]) -> str | None:
-    """Which stop string ended a request (``None``: the model's end of sequence).
-
-    Servers that do not say which (SGLang reports ``matched_stop``, and a stop token id is no
-    string) are read from the text: inside an outlines block it was their end; in a thread,
-    the thread's end, by far the likelier than the model's end of sequence there.
-    """
+    """Which stop string ended a request (``None``: the model's end of sequence). When the
+    server does not say (a stop token id is no string), it is read from the text: inside an
+    outlines block, their end; in a thread, the thread's end (far likelier than EOS there)."""
     if isinstance(reason, str) and reason in stops:
         return reason
     if fmt.outlines_close in stops and fmt.in_outlines(out):
@@ -184,10 +173,8 @@ async def _thread(
     chain = await _generate(
         run, prefix + fmt.header(outline.label), depth=depth, end=fmt.thread_close, owner=sid
     )
-    body = chain.text
-    if not chain.closed:
-        # Cut: closed the way ThreadWeaver's engine closes such a thread ("\n</Thread>").
-        body += "\n"
+    # A cut thread is closed the way ThreadWeaver's engine closes it ("\n</Thread>").
+    body = chain.text if chain.closed else chain.text + "\n"
     mine = [c for c in run.calls if c["thread_id"] == sid]
     tokens = sum(c["completion_tokens"] for c in mine)
     error = f"cut at native_max_tokens={run.settings.native_max_tokens}" if chain.cut else None
