@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from statistics import median_high
 from typing import Any
 
 from apr_graph.board import Boards
@@ -25,8 +26,8 @@ def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> d
         return {"saved_tokens_estimate": 0, "saved_seconds_estimate": 0.0}
     if not done:
         return {"saved_tokens_estimate": None, "saved_seconds_estimate": None}
-    tokens = sorted(t["completion_tokens"] for t in done)[len(done) // 2]
-    seconds = sorted(t["ended_at"] - t["started_at"] for t in done)[len(done) // 2]
+    tokens = median_high(t["completion_tokens"] for t in done)
+    seconds = median_high(t["ended_at"] - t["started_at"] for t in done)
     return {
         "saved_tokens_estimate": sum(max(0, tokens - t["completion_tokens"]) for t in cancelled),
         "saved_seconds_estimate": round(
@@ -74,18 +75,18 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
     durations = [t["ended_at"] - t["started_at"] for t in own if t["status"] != "skipped"]
     ran = [t for t in own if t["status"] != "skipped"]
     span = max(t["ended_at"] for t in ran) - min(t["started_at"] for t in ran) if ran else 0.0
-    prompt = sum(c["prompt_tokens"] for c in calls)
-    completion = sum(c["completion_tokens"] for c in calls)
     cancelled = [t for t in threads if t["status"] == "cancelled"]
+    paid = [*calls, *(t for t in cancelled if t["parent"] is None)]
+    prompt = sum(c["prompt_tokens"] for c in paid)
+    completion = sum(c["completion_tokens"] for c in paid)
     done = [t for t in threads if t["status"] == "done"]
     return {
         "wall_time_s": round(now - started, 4),
         "model_calls": len(calls),
         "http_requests": sum(c["requests"] for c in calls),
-        "prompt_tokens": prompt + sum(t["prompt_tokens"] for t in cancelled if t["parent"] is None),
-        "completion_tokens": completion
-        + sum(t["completion_tokens"] for t in cancelled if t["parent"] is None),
-        "total_tokens": 0,  # filled below
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         "cached_tokens": sum(cached) if cached else None,
         "critical_path_tokens": own_tokens("planner", "warmup")
         + max((t["critical_path_tokens"] for t in own), default=0)
@@ -108,14 +109,12 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
 
 def decision_metrics(decision: DecisionRecord, wall_s: float) -> dict[str, Any]:
     """The run's decision, and its predicted wall time beside the actual one."""
-    predicted = decision.get(f"predicted_{decision['choice']}_s")
+    other = "parallel" if decision["choice"] == "direct" else "direct"
     return {
         "decision": decision["choice"],
         "decided_by": decision["by"],
-        "predicted_wall_s": predicted,
-        "predicted_other_s": decision.get(
-            "predicted_parallel_s" if decision["choice"] == "direct" else "predicted_direct_s"
-        ),
+        "predicted_wall_s": decision.get(f"predicted_{decision['choice']}_s"),
+        "predicted_other_s": decision.get(f"predicted_{other}_s"),
     }
 
 
@@ -127,7 +126,6 @@ def make_finish(
 
     async def finish(state: AprState, settings: AprSettings) -> dict[str, Any]:
         metrics = compute_metrics(state, time.time())
-        metrics["total_tokens"] = metrics["prompt_tokens"] + metrics["completion_tokens"]
         run_id = state.get("run_id", "")
         board = boards.get(run_id)
         own = [t for t in state.get("threads") or [] if t.get("parent") is None]
@@ -138,8 +136,7 @@ def make_finish(
             metrics["critical_path_tokens"] = plan.get("critical_path_tokens", 0)
         prefix = plan.get("prefix")
         metrics["shared_prefix_fraction"] = prefix["shared_fraction"] if prefix else None
-        prompt = metrics["prompt_tokens"]
-        cached = metrics["cached_tokens"]
+        prompt, cached = metrics["prompt_tokens"], metrics["cached_tokens"]
         metrics["cache_hit_fraction"] = round(cached / prompt, 4) if cached and prompt else None
         if board is not None:
             reason = board.stop_reason

@@ -80,11 +80,9 @@ def _sole_survivor(
 ) -> str | None:
     """The answer when one thread found it and every other one concluded a dead end.
 
-    Approaches tried side by side often end so (a search, a puzzle): a merge call would only
-    restate the one result, at the cost of a call on the critical path (and a small model may
-    garble it). The dead ends are named before it, so the answer says what was ruled out, and
-    the result stands under its goal, which it answers (a 1.5B model's "Yes" to "Is 25
-    divisible by 5?", for "Which of 21, 25 and 27 is divisible by 5?").
+    A merge call would only restate the one result, on the critical path (and a small model
+    may garble it). The dead ends are named first, so the answer says what was ruled out; the
+    result stands under its goal, since a bare "Yes" only answers its own subtask.
     """
     final = [t for t in done if t["id"] not in used]
     dead = [t for t in threads if _dead_end(t)]
@@ -187,11 +185,10 @@ async def _merge(
                 ),
                 budget_only=True,
             )
-        except StructuredOutputError:
-            choice = None
-        else:
-            calls.append(call_record(completion, role="judge"))
-        picked = [t for t in done if choice is not None and t["id"] == choice.best.strip()]
+        except StructuredOutputError:  # no pick: the first result stands
+            return done[0]["answer"] or ""
+        calls.append(call_record(completion, role="judge"))
+        picked = [t for t in done if t["id"] == choice.best.strip()]
         return (picked[0] if picked else done[0])["answer"] or ""
     used = {d for s in plan["subtasks"] for d in s["depends_on"]}  # steps others built on
     if (sole := _sole_survivor(threads, done, used)) is not None:
@@ -211,11 +208,9 @@ async def _merge(
     if not answer:
         # An empty merge must not erase finished work: fall back to the results themselves.
         return concatenate(threads)
-    # A merge must not lose a part a thread answered (small models drop parts): check every
-    # finished thread's result (but intermediate steps that others built on), and add back
-    # the ones the merge left out. A short answer with no number or name ("Carbon dioxide")
-    # is looked for by its words once the merge is seen to keep other parts: a merge that
-    # kept (1) and (3) but not a word of (2) dropped it.
+    # A merge must not lose a part a thread answered (small models drop parts): add back each
+    # finished result (not steps others built on) it left out. A short answer with no number
+    # or name is looked for by its words, once the merge is seen to keep other parts.
     parts = [t for t in done if t["id"] not in used]
     kept = {t["id"]: kept_in(t["answer"] or "", answer) for t in parts}
     keeps_parts = any(kept.values())

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from apr_graph.settings import AprSettings
 
 __all__ = [
+    "RUN_FATAL",
     "Subgraph",
     "Thread",
     "copy_watch",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 Subgraph = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+RUN_FATAL = (AuthenticationError, ModelNotFoundError, ServerCapabilityError)
+"""Errors of a misconfigured run, raised as they are: no sibling thread can succeed either."""
 
 
 @dataclass
@@ -138,11 +142,8 @@ async def fork_thread(
         context = {name: given[name] for name in names}
         context.update({f"result of {d}": text for d, _, text in dependencies})
     else:
-        context = thread.context
-        if dependencies:
-            results = "\n\n".join(f"Result of {d}: {text}" for d, _, text in dependencies)
-            context = f"{context}\n\n{results}"
-        context = context.strip()
+        results = [f"Result of {d}: {text}" for d, _, text in dependencies]
+        context = "\n\n".join([thread.context, *results]).strip()
     thread.attempts = 1
     child_input = {
         "task": thread.subtask["goal"],
@@ -154,7 +155,7 @@ async def fork_thread(
         child = await board.guard(subgraph(child_input))
     except StoppedError as stop:
         return finish_thread(board, boards, thread, thread.record("cancelled", error=stop.reason))
-    except (AuthenticationError, ModelNotFoundError, ServerCapabilityError):
+    except RUN_FATAL:
         raise
     except ModelCallError as exc:
         return finish_thread(board, boards, thread, thread.record("failed", error=str(exc)))

@@ -41,12 +41,8 @@ _LINE_START = re.compile(r"^[ \t]*[{\[]", re.M)
 
 
 def tools_note(tools: Sequence[BaseTool], *, unit: str = "subtask") -> str:
-    """The note that tells a model which tools exist and when to use them.
-
-    Args:
-        tools: the tools offered.
-        unit: what the reader works on ("subtask" for a thread, "task" for a planner).
-    """
+    """The note that tells a model which tools exist and when to use them; ``unit`` is what
+    the reader works on ("subtask" for a thread, "task" for a planner)."""
     lines = ["Tools you can call:"]
     for tool in tools:
         lines.append(f"- {tool.name}: {_first_line(tool.description)}".rstrip(": "))
@@ -75,12 +71,9 @@ async def tool_loop(
 ) -> Completion:
     """Let the model call ``tools`` until it answers, at most ``max_tool_calls`` calls; a
     failing or unknown tool is reported to the model, not raised. One ``Completion`` for all,
-    its ``unrun_tool_call`` set when the final reply is a call that was not run.
-
-    Each request is streamed into ``progress`` (token events, and what a cancelled thread
-    produced); the tools note goes at the end of the last message, so the shared system
-    prefix stays the same for every thread.
-    """
+    its ``unrun_tool_call`` set when the final reply is a call that was not run. Requests
+    stream into ``progress``; the tools note ends the last message, so the shared system
+    prefix stays the same for every thread."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     by_name = {tool.name: tool for tool in tools}
@@ -180,13 +173,9 @@ def _turns(
                 for c, r in zip(calls, results, strict=True)
             ),
         ]
-    # The model did not use the tools API, so its turn goes back as the text it wrote and the
-    # results as a user message in the Qwen/Hermes format: this is exactly what Qwen2.5's
-    # chat template (llama.cpp, vLLM, Ollama) renders for tool messages, so the model reads
-    # what it was trained on, and a plain user turn after an assistant turn is valid on every
-    # server and template (OpenAI included). Tool messages instead would need an assistant
-    # turn with ``tool_calls`` the model never made, and templates without tool support
-    # reject or drop the ``tool`` role.
+    # Calls written as text: results go back as a user turn in the Qwen/Hermes format (what
+    # Qwen's template renders for tool messages; valid on every server). A ``tool`` turn would
+    # need ``tool_calls`` the model never made; templates without tool support reject it.
     responses = "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
     return [
         {"role": "assistant", "content": completion.text},
@@ -250,8 +239,8 @@ def read_text_calls(text: str, tools: Sequence[str] | dict[str, Any]) -> TextCal
     """
     names = set(tools)
     for blocks, anywhere in (
-        (_blocks(_TAGGED, text), True),
-        (_blocks(_FENCED, text), False),
+        ([(m.end(), m.group(1)) for m in _TAGGED.finditer(text)], True),
+        ([(m.end(), m.group(1)) for m in _FENCED.finditer(text)], False),
         (_bare(text), False),
     ):
         found = [(end, item) for end, inner in blocks for item in _calls_in(inner, names)]
@@ -268,11 +257,6 @@ def read_text_calls(text: str, tools: Sequence[str] | dict[str, Any]) -> TextCal
             return TextCalls(known, [c["name"] for c in calls if c["name"] not in names])
         return TextCalls([], [], unfinished=cut)
     return TextCalls([], [])
-
-
-def _blocks(pattern: re.Pattern[str], text: str) -> list[tuple[int, str]]:
-    """``(end, inner text)`` of each block the pattern delimits."""
-    return [(m.end(), m.group(1)) for m in pattern.finditer(text)]
 
 
 def _bare(text: str) -> list[tuple[int, str]]:
@@ -342,10 +326,7 @@ def _as_call(item: Any, *, partial: bool = False) -> dict[str, str] | None:
         item = item["function"]
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
-    key = "arguments" if "arguments" in item else "parameters"
-    if key not in item and not partial:
-        return None
-    arguments = item.get(key)
+    arguments = item["arguments"] if "arguments" in item else item.get("parameters")
     if arguments is None and partial:
         arguments = {}
     if not isinstance(arguments, dict | str):

@@ -18,19 +18,14 @@ from pydantic import BaseModel
 from apr_graph.answers import dead_end
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
-from apr_graph.errors import (
-    AuthenticationError,
-    BudgetExhaustedError,
-    ModelCallError,
-    ModelNotFoundError,
-    ServerCapabilityError,
-)
+from apr_graph.errors import BudgetExhaustedError, ModelCallError
 from apr_graph.events import emit, token_emitter
 from apr_graph.inputs import render_context, thread_context
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.goal_call import goal_call
 from apr_graph.nodes.thread import (
+    RUN_FATAL,
     Subgraph,
     Thread,
     copy_watch,
@@ -125,8 +120,7 @@ def make_worker(
             (d["id"], d["goal"], d["answer"] or "") for d in dependencies if d["status"] == "done"
         ]
         failed_deps = [d["id"] for d in dependencies if d["status"] != "done"]
-        if failed_deps:
-            done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
+        done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
         if thread.subtask.get("fork"):
             return await fork_thread(board, boards, thread, done_deps, subgraph(settings))
         llm = client.for_run(settings)
@@ -146,6 +140,10 @@ async def _solve(
     tools: Sequence[BaseTool] = (),
 ) -> dict[str, Any]:
     payload, subtask = thread.payload, thread.subtask
+
+    def end(status: ThreadStatus, **fields: Any) -> dict[str, Any]:
+        return finish_thread(board, boards, thread, thread.record(status, **fields))
+
     must_verify = verify is not None or board.merge == "race"
     rejected: str | None = None
     widened: int | None = None  # the allowance of the one retry of a tool thread cut off
@@ -155,20 +153,16 @@ async def _solve(
         system = shared_system(
             payload["task"], thread.context, tools=bool(tools), merge=payload["merge"]
         )
-    call = (
-        goal_call(subtask["goal"], tools) if tools and not (dependencies or must_verify) else None
-    )
-    if call is not None:  # the planner wrote the call itself: run it, no model needed
+    plain = tools and not (dependencies or must_verify)
+    if plain and (call := goal_call(subtask["goal"], tools)) is not None:
+        # The planner wrote the call itself: run it, no model needed.
         try:
             result, ok = await board.guard(run_call(tools, call, subtask["id"]))
         except (StoppedError, BudgetExhaustedError) as stop:
-            reason = board.stop_reason or str(stop)
-            return finish_thread(
-                board, boards, thread, thread.record("skipped", error=f"skipped: {reason}")
-            )
+            return end("skipped", error=f"skipped: {board.stop_reason or stop}")
         if ok:  # else the model is asked, as for any goal
             thread.attempts += 1
-            return finish_thread(board, boards, thread, thread.record("done", answer=result))
+            return end("done", answer=result)
     while True:
         thread.attempts += 1
         messages = worker_messages(
@@ -222,17 +216,15 @@ async def _solve(
             thread.completion_tokens += progress.completion_tokens
             if not progress.charged:  # a complete answer was charged by the client already
                 board.budget.charge(prompt + progress.completion_tokens)
-            reason = board.stop_reason or str(stop)
             status: ThreadStatus = "cancelled" if sent else "skipped"
-            record = thread.record(status, error=f"{status}: {reason}")
-            return finish_thread(board, boards, thread, record)
-        except (AuthenticationError, ModelNotFoundError, ServerCapabilityError):
-            raise  # the whole run is misconfigured; no sibling can succeed either
+            return end(status, error=f"{status}: {board.stop_reason or stop}")
+        except RUN_FATAL:
+            raise
         except ModelCallError as exc:
             if settings.on_thread_error == "fail":
                 raise
             # One failed thread must not sink its siblings: record it, synthesis is told.
-            return finish_thread(board, boards, thread, thread.record("failed", error=str(exc)))
+            return end("failed", error=str(exc))
         thread.prompt_tokens += completion.prompt_tokens
         thread.completion_tokens += completion.completion_tokens
         thread.calls.append(call_record(completion, role="worker", thread_id=subtask["id"]))
@@ -242,16 +234,13 @@ async def _solve(
             if retry is not None:
                 rejected = retry
                 continue
-            record = thread.record("done", answer=text or None)
-            return finish_thread(board, boards, thread, record)
+            return end("done", answer=text or None)
         cut = completion.finish_reason == "length"
         fitted = completion.max_tokens_sent
         if cut and fitted is not None:
             # The server's context, not the thread's allowance, cut it: more room cannot fit.
             error = f"truncated: the server's context left room for {fitted} tokens of output"
-            return finish_thread(
-                board, boards, thread, thread.record("truncated", answer=text, error=error)
-            )
+            return end("truncated", answer=text, error=error)
         if cut and widened is None and partial is None and thread.looped is None:
             # Cut mid-work by its token limit: one more request, which does not count as a
             # replacement. It goes on from where the reply stopped, with the same allowance
@@ -268,8 +257,7 @@ async def _solve(
         if cut:  # cut again: keep what there is, and say so (the merge is told)
             limit = allowance if partial is None else 2 * allowance
             error = f"truncated: cut off at its {limit}-token limit"
-            record = thread.record("truncated", answer=text, error=error)
-            return finish_thread(board, boards, thread, record)
+            return end("truncated", answer=text, error=error)
         gave_up = dead_end(text)
         if completion.unrun_tool_call is not None:
             # It needed a tool and did not get one to run: not an answer.
@@ -281,19 +269,16 @@ async def _solve(
                 valid, reason = await board.guard(_verify(client, board, thread, text, verify))
             except (StoppedError, BudgetExhaustedError):
                 reason = board.stop_reason or "budget"
-                record = thread.record("cancelled", answer=text, error=f"cancelled: {reason}")
-                return finish_thread(board, boards, thread, record)
+                return end("cancelled", answer=text, error=f"cancelled: {reason}")
         else:
             valid, reason = True, ""
         if valid:
-            record = thread.record("done", answer=text, verified=True if must_verify else None)
-            return finish_thread(board, boards, thread, record)
+            return end("done", answer=text, verified=True if must_verify else None)
         replacements = thread.attempts - (widened is not None or partial is not None)
         if replacements > settings.max_replacements or board.budget.reserve_threads(1) == 0:
             dead = reason.startswith("DEAD END: ")
             error = f"dead end: {reason[10:]}" if dead else f"rejected: {reason}"
-            record = thread.record("failed", answer=text, error=error, verified=False)
-            return finish_thread(board, boards, thread, record)
+            return end("failed", answer=text, error=error, verified=False)
         emit("thread_retry", id=subtask["id"], attempt=thread.attempts + 1, reason=reason)
         rejected, partial = reason, None  # a fresh attempt, not a continuation
 
@@ -366,13 +351,8 @@ async def _verify(
         outcome = verify(text)
         ok = await outcome if inspect.isawaitable(outcome) else outcome
         return bool(ok), "" if ok else "the verifier rejected this result"
-    payload = thread.payload
     messages = verifier_messages(
-        payload["task"],
-        thread.context,
-        thread.subtask,
-        text,
-        system=board.system,
+        thread.payload["task"], thread.context, thread.subtask, text, system=board.system
     )
     verdict, completion = await client.structured(
         messages, Verdict, role="synthesizer", budget=board.budget
