@@ -43,11 +43,9 @@ _COMMON = frozenset(
 def kept_in(answer: str, merged: str) -> bool | None:
     """Whether a merged answer still holds a thread's result; ``None``: it cannot be told.
 
-    Checked on the thread's final answer (its 'Final answer:' line, else its last line):
-    found whole in the merge (case, spacing and markup aside), or else its last number, or
-    else one of its names (capitalised words after the first), must be there. A result with
-    neither (prose a merge may rightly summarise, or a short answer: see ``words_in``) cannot
-    be checked this way.
+    The thread's final answer must be in the merge whole (case, spacing and markup aside),
+    or else its last number, or else one of its names (capitalised words after the first).
+    A result with neither (prose, or a short answer: see ``words_in``) cannot be told.
     """
     raw = final_answer(answer)
     final = normalise_answer(raw)

@@ -1,13 +1,11 @@
 """Where the threads of one run meet: dependencies, early stop, cancellation.
 
-All threads of one fan-out run as concurrent ``Send`` tasks of one LangGraph step. They meet on
-a ``RunBoard``: a dependent thread awaits the results it needs from siblings scheduled beside
-it (so it starts as soon as they exist, not in rigid waves), a vote or race settles the run and
-the other threads cancel their requests. A board is live coordination only: everything a run
-needs to finish is in graph state, so a run resumed in another process (or by LangGraph Server)
-gets a fresh board and its dependents read their results from the checkpoint through the join.
-Boards hold asyncio objects, so they stay out of graph state; state carries the run id. Each
-graph owns its ``Boards``, and a board is released on every way out of a run.
+The threads of one fan-out (concurrent ``Send`` tasks of one step) meet on a ``RunBoard``: a
+dependent thread awaits the results it needs from siblings scheduled beside it, and a vote or
+race settles the run and the others cancel their requests. A board is live coordination only
+(asyncio objects, kept out of graph state): a resumed run gets a fresh board and reads
+results from the checkpoint through the join. Each graph owns its ``Boards``, and a board is
+released on every way out of a run.
 """
 
 from __future__ import annotations
@@ -77,8 +75,7 @@ class RunBoard:
     """Made for a run this process did not start: its budget may not know all it spent."""
     scheduled: set[str] = field(default_factory=set)
     """Ids of the threads sent side by side in this process's current step: the only ones
-    a thread may wait for. A dependency outside it (finished before a crash, or deferred)
-    makes the dependent defer to the join, which reads the results from graph state."""
+    a thread may wait for (for any other, it defers to the join)."""
     _guarded: dict[asyncio.Task[Any], bool] = field(default_factory=dict, repr=False)
     """The tasks in a ``guard`` now, and whether a settled vote or race leaves them be."""
     _stopping: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
@@ -139,10 +136,9 @@ class RunBoard:
         Cancelling a streamed model call closes its HTTP response, so the server stops too.
         ``budget_only``: ignore a settled vote or race (for the merge step itself).
 
-        ``work`` runs in the caller's own task (no task of its own, no waiter tasks: a wide
-        fan-out keeps thousands of guards open at once). A stop cancels the guarded tasks,
-        and the guard turns that cancellation, and only that one, into ``StoppedError``, as
-        ``asyncio.timeout`` does: a caller's own cancel goes on as a cancel.
+        ``work`` runs in the caller's own task (a wide fan-out keeps thousands of guards
+        open). A stop cancels the guarded tasks, and the guard turns that cancellation alone
+        into ``StoppedError``, as ``asyncio.timeout`` does.
         """
         reason = self.budget.stop_reason if budget_only else self.stop_reason
         if reason:
@@ -236,10 +232,9 @@ class Boards:
     def revive(
         self, settings: AprSettings, run_id: str, *, merge: str | None, width: int
     ) -> RunBoard:
-        """The board of a run this process did not start (resumed from a checkpoint, or met
-        again after a failure): ``merge`` and ``width`` are its plan's merge and number of
-        threads. Its budget starts afresh; ``RunBoard.catch_up`` counts what the checkpoint
-        says was spent before."""
+        """The board of a run this process did not start (resumed, or met again after a
+        failure), for its plan's ``merge`` and ``width``. Its budget starts afresh
+        (``RunBoard.catch_up`` counts what the checkpoint spent)."""
         board = self._boards.get(run_id)
         if board is None:
             board = RunBoard(run_id, Budget(settings), merge or "synthesize", width)

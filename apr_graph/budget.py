@@ -28,10 +28,8 @@ class StoppedError(Exception):
 class Budget:
     """Tokens, time and thread slots of a whole run, nested forks included.
 
-    The client charges it as answers arrive and asks ``admits()`` right before each request
-    goes out. Everything touches it from the run's own event loop (an async caller's, or the
-    client's helper loop, where a sync run's nodes and requests all run), so it needs no lock
-    and signals a stop at once.
+    The client charges it as answers arrive and asks ``admits()`` before each request. Only
+    the run's own event loop touches it, so it needs no lock and signals a stop at once.
     """
 
     settings: AprSettings
@@ -96,7 +94,11 @@ class Budget:
         if self.stop_reason is not None:
             return
         self.stop_reason = reason
-        self._signal()
+        self.stopped.set()
+        self.close()
+        callbacks, self._on_stop = self._on_stop, []
+        for callback in callbacks:
+            callback()
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the run's loop when the run stops (at once if it has)."""
@@ -109,14 +111,6 @@ class Budget:
         """Forget a callback given to ``on_stop`` (its board was released)."""
         with contextlib.suppress(ValueError):
             self._on_stop.remove(callback)
-
-    def _signal(self) -> None:
-        self.stopped.set()
-        if self._timer is not None:
-            self._timer.cancel()
-        callbacks, self._on_stop = self._on_stop, []
-        for callback in callbacks:
-            callback()
 
     def close(self) -> None:
         """Release the deadline timer."""

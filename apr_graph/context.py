@@ -1,23 +1,19 @@
 """Per-run settings: the graph's ``context_schema``.
 
-One compiled graph serves every run; a run may change what a run decides (models, width,
-merge, budgets, deadline) through LangGraph's run context, the way langgraph 1.x prebuilt
-agents take theirs::
+One compiled graph serves every run; a run may change its models, width, merge, budgets and
+deadline through LangGraph's run context::
 
     await app.ainvoke({"task": "..."}, context={"max_threads": 2, "merge": "concat"})
 
-The keys are named exactly as ``AprSettings`` fields and checked by the same constraints when
-the run starts. What belongs to the endpoint (URL, key, HTTP stack, concurrency, retries,
-capacity probe, structured-output mode) or to the graph's shape (``native``) is set once, on
-the graph's ``AprSettings``: a context naming it is refused, as is an unknown key. A run
-without a context uses the graph's settings unchanged.
+The keys are ``AprSettings`` fields, checked by the same constraints. What belongs to the
+endpoint or the graph's shape (``GRAPH_ONLY``) is set once, on the graph's ``AprSettings``: a
+context naming it is refused, as is an unknown key.
 """
 
 from __future__ import annotations
 
 import difflib
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,11 +21,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from apr_graph.settings import AprSettings, MergeStrategy
+from apr_graph.settings import AprSettings
 
 __all__ = ["GRAPH_ONLY", "AprContext"]
 
@@ -56,7 +53,65 @@ GRAPH_ONLY: dict[str, str] = {
 """``AprSettings`` fields a run may not change, and whose they are."""
 
 
-class AprContext(BaseModel):
+_PER_RUN: dict[str, str] = {
+    "model": "Model name of every call, unless a role override is set.",
+    "planner_model": "Model of the decompose call.",
+    "worker_model": "Model of thread calls.",
+    "synthesizer_model": "Model of the merge call (and of verifier and judge calls).",
+    "temperature": "Sampling temperature of every call.",
+    "direct_instructions": "The system message of a direct answer.",
+    "planner_max_tokens": "Output-token allowance of the decompose call.",
+    "worker_max_tokens": "Output-token allowance of each thread.",
+    "synthesizer_max_tokens": "Output-token allowance of the merge call.",
+    "max_threads": "The most threads one decomposition may start.",
+    "max_depth": "Levels of decomposition (1: threads never fork).",
+    "max_total_threads": "The most threads the whole run may start, forks and replacements "
+    "included.",
+    "merge": "Force a merge strategy; ``None`` lets the model choose.",
+    "token_budget": "Prompt + completion tokens for the run; ``None``: no limit.",
+    "deadline_s": "Seconds for the run; ``None``: no deadline.",
+    "max_replacements": "Fresh attempts for a thread that fails verification or reports a "
+    "dead end.",
+    "stop_loops": "Stop a streamed reply where it starts repeating itself.",
+    "retry_loops": "Give a thread that looped one fresh attempt.",
+    "stop_copy_lines": "Stop a thread that writes out this many lines of its input again "
+    "(0: never).",
+    "min_thread_tokens": "The smallest output allowance the plan may give one thread.",
+    "vote_temperature": "Temperature of repeated attempts at one goal (a vote).",
+    "native_max_tokens": "Tokens one chain of a native run may generate.",
+    "stream_plan": "Start threads while the plan streams in.",
+    "label_goals": "Plan a task that labels its parts by label.",
+    "warm_prefix": "Prime the server's prefix cache before a fan-out.",
+    "thread_documents": "Give each thread the context documents its goal names, or all of them.",
+    "plan_documents": "Plan a task that maps over its documents without a model call.",
+    "planner_document_chars": "Characters of each context document the planner reads.",
+    "max_tool_calls": "Tool calls one thread may make.",
+    "stream_tokens": "Emit a ``token`` event for every piece of every thread's answer.",
+    "on_thread_error": "``tolerate`` a thread that fails after retries, or ``fail`` the run.",
+    "prefer": "``speed``: fork only where it is predicted to pay on this endpoint; "
+    "``quality``: whenever the task splits.",
+    "router": "Read the task with the shipped router before planning.",
+}
+"""``AprSettings`` fields a run may change, and what each means (its schema description)."""
+
+if TYPE_CHECKING:
+    _PerRunFields = BaseModel
+else:
+    # Each field takes the type (made optional) and bounds of its ``AprSettings`` field.
+    _PerRunFields = create_model(
+        "_PerRunFields",
+        **{
+            name: (
+                Annotated[(field.annotation | None, *field.metadata, Field(description=doc))],
+                None,
+            )
+            for name, doc in _PER_RUN.items()
+            for field in [AprSettings.model_fields[name]]
+        },
+    )
+
+
+class AprContext(_PerRunFields):
     """What one run may change of the graph's ``AprSettings`` (LangGraph's run context).
 
     Every field is optional: a field left out keeps the graph's setting. Each has the meaning
@@ -73,109 +128,8 @@ class AprContext(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
         hide_input_in_errors=True,  # a context naming api_key must not echo the key
     )
-
-    model: str | None = None
-    """Model name of every call, unless a role override is set."""
-
-    planner_model: str | None = None
-    """Model of the decompose call."""
-
-    worker_model: str | None = None
-    """Model of thread calls."""
-
-    synthesizer_model: str | None = None
-    """Model of the merge call (and of verifier and judge calls)."""
-
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """Sampling temperature of every call."""
-
-    direct_instructions: str | None = Field(default=None, min_length=1)
-    """The system message of a direct answer."""
-
-    planner_max_tokens: int | None = Field(default=None, ge=16)
-    """Output-token allowance of the decompose call."""
-
-    worker_max_tokens: int | None = Field(default=None, ge=16)
-    """Output-token allowance of each thread."""
-
-    synthesizer_max_tokens: int | None = Field(default=None, ge=16)
-    """Output-token allowance of the merge call."""
-
-    max_threads: int | None = Field(default=None, ge=1, le=4096)
-    """The most threads one decomposition may start."""
-
-    max_depth: int | None = Field(default=None, ge=1, le=8)
-    """Levels of decomposition (1: threads never fork)."""
-
-    max_total_threads: int | None = Field(default=None, ge=1, le=4096)
-    """The most threads the whole run may start, forks and replacements included."""
-
-    merge: MergeStrategy | None = None
-    """Force a merge strategy; ``None`` lets the model choose."""
-
-    token_budget: int | None = Field(default=None, ge=1)
-    """Prompt + completion tokens for the run; ``None``: no limit."""
-
-    deadline_s: float | None = Field(default=None, gt=0)
-    """Seconds for the run; ``None``: no deadline."""
-
-    max_replacements: int | None = Field(default=None, ge=0, le=10)
-    """Fresh attempts for a thread that fails verification or reports a dead end."""
-
-    stop_loops: bool | None = None
-    """Stop a streamed reply where it starts repeating itself."""
-
-    retry_loops: bool | None = None
-    """Give a thread that looped one fresh attempt."""
-
-    stop_copy_lines: int | None = Field(default=None, ge=0)
-    """Stop a thread that writes out this many lines of its input again (0: never)."""
-
-    min_thread_tokens: int | None = Field(default=None, ge=16)
-    """The smallest output allowance the plan may give one thread."""
-
-    vote_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """Temperature of repeated attempts at one goal (a vote)."""
-
-    native_max_tokens: int | None = Field(default=None, ge=16)
-    """Tokens one chain of a native run may generate."""
-
-    stream_plan: bool | None = None
-    """Start threads while the plan streams in."""
-
-    label_goals: bool | None = None
-    """Plan a task that labels its parts by label."""
-
-    warm_prefix: bool | None = None
-    """Prime the server's prefix cache before a fan-out."""
-
-    thread_documents: Literal["named", "all"] | None = None
-    """Give each thread the context documents its goal names, or all of them."""
-
-    plan_documents: bool | None = None
-    """Plan a task that maps over its documents without a model call."""
-
-    planner_document_chars: int | None = Field(default=None, ge=0)
-    """Characters of each context document the planner reads."""
-
-    max_tool_calls: int | None = Field(default=None, ge=0, le=64)
-    """Tool calls one thread may make."""
-
-    stream_tokens: bool | None = None
-    """Emit a ``token`` event for every piece of every thread's answer."""
-
-    on_thread_error: Literal["tolerate", "fail"] | None = None
-    """``tolerate`` a thread that fails after retries, or ``fail`` the run."""
-
-    prefer: Literal["speed", "quality"] | None = None
-    """``speed``: fork only where it is predicted to pay on this endpoint; ``quality``:
-    whenever the task splits."""
-
-    router: bool | None = None
-    """Read the task with the shipped router before planning."""
 
     _applied: tuple[AprSettings, AprSettings] | None = PrivateAttr(default=None)
     """The last ``apply``: its base and its result (every node of a run asks again)."""
@@ -228,18 +182,12 @@ class AprContext(BaseModel):
         return result
 
 
-def _nullable(annotation: Any) -> bool:
-    if get_origin(annotation) in (Union, types.UnionType):
-        return type(None) in get_args(annotation)
-    return annotation is None
-
-
 _MODELS = frozenset({"model", "planner_model", "worker_model", "synthesizer_model"})
 
 _NOT_NULLABLE = frozenset(
     name
     for name in AprContext.model_fields
-    if not _nullable(AprSettings.model_fields[name].annotation)
+    if type(None) not in get_args(AprSettings.model_fields[name].annotation)
 )
 """Per-run fields whose ``AprSettings`` field has no ``None`` (``max_threads=None`` is no
 setting at all)."""

@@ -1,12 +1,10 @@
 """Resuming a checkpointed run without redoing finished work.
 
 With any LangGraph checkpointer, a run interrupted mid fan-out (crash, SIGKILL, Ctrl-C)
-keeps the plan and the results of the threads that finished, and LangGraph's own resume
-(``app.ainvoke(None, config)``, ``astream``, LangGraph Server) continues it: decompose is not
-called again, finished threads are not re-run, and the threads that depend on them read
-their results from the checkpoint (the join sends them again). ``resume_run`` adds a clear
-error for an unknown or finished run. Settings and the API key come from the graph; they
-are never stored.
+keeps its plan and finished threads' results, and LangGraph's own resume continues it:
+decompose is not called again, finished threads are not re-run, and their dependents read
+their results from the checkpoint. ``resume_run`` adds a clear error for an unknown or
+finished run. Settings and the API key come from the graph; they are never stored.
 """
 
 from __future__ import annotations
@@ -36,15 +34,12 @@ async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, A
 async def prepare_resume(
     app: App, config: RunnableConfig, *, settings: AprSettings | None = None
 ) -> None:
-    """Check that ``config`` names an interrupted run (``app.ainvoke(None, config)`` then
-    finishes it; any LangGraph resume does: the graph reads all it needs from the
-    checkpoint).
+    """Check that ``config`` names an interrupted run (any LangGraph resume, e.g.
+    ``app.ainvoke(None, config)``, then finishes it). ``settings`` is ignored (the graph has
+    them): accepted for calls written for earlier versions.
 
     Raises:
         InputError: there is no run under this thread id, or it already finished.
-
-    ``settings`` is not needed any more (the graph has them); it is accepted so that calls
-    written for earlier versions keep working.
     """
     del settings
     snapshot = await app.aget_state(config)

@@ -2,34 +2,30 @@
 
 Every event is a JSON-shaped dict with an ``event`` key:
 
-- ``{"event": "notice", "text"}``: a one-line message for the user (the server does not
-  report how many requests it runs at once, so ``max_concurrency`` is sent at a time).
+- ``{"event": "notice", "text"}``: a one-line message for the user (e.g. the server does
+  not report its capacity).
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes", "merge", "depth",
-  "decision"}``: the plan is ready. ``merge`` says how the results are combined (``None`` for
-  a direct answer); ``depth`` is 0 for the run's own plan and one more per nested fork (a
-  native block's plan carries its threads' depth); ``decision`` why the run answers
-  directly or forks (``apr_graph.decide``; ``None`` for a native run).
+  "decision"}``: the plan is ready. ``merge``: how results are combined (``None`` for a
+  direct answer); ``depth``: 0 for the run's own plan, one more per nested fork;
+  ``decision``: why the run answers directly or forks (``None`` for a native run).
 - ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
-  (``depth``: 1 for a thread of the top-level plan). With ``"early": true`` it was sent while
-  the plan was still being written (it may come before the ``plan`` event; see
-  ``AprSettings.stream_plan``). With ``"documents": [names]`` it was given only those of the
-  context's documents (``AprSettings.thread_documents``). Every ``thread_started`` is closed by one
-  ``thread_finished``, or by a ``thread_cancelled`` alone for a thread started early that
-  the final plan has no place for.
+  (``depth``: 1 for a thread of the top-level plan). ``"early": true``: sent while the plan
+  was written, maybe before the ``plan`` event (``AprSettings.stream_plan``);
+  ``"documents": [names]``: given only those documents (``AprSettings.thread_documents``).
+  Each is closed by one ``thread_finished``, or by a ``thread_cancelled`` alone for an early
+  thread the final plan has no place for.
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
-- ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called the tool named
-  ``tool``; ``ok`` is false when the call was refused or failed (the error went back to the
-  model as the call's result).
+- ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called ``tool``; ``ok`` is
+  false when the call was refused or failed (the error went back to the model).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted,
   or a reply cut off by its token limit is continued from where it stopped (``reason`` says
   which; a continuation's tokens follow the ones already streamed).
 - ``{"event": "thread_looped", "id", "attempt", "at_tokens", "streamed_tokens",
-  "saved_tokens", "copied_lines"}``: the thread's reply began repeating itself, or writing
-  out its input again (``copied_lines`` of it, else 0), and its request was closed;
-  ``at_tokens`` of it are kept, ``streamed_tokens`` had streamed, ``saved_tokens`` of its
-  allowance were not generated. A ``thread_retry`` follows if it gets one more attempt, else
-  its ``thread_finished`` (``status`` ``done``, the record's ``looped`` says where).
+  "saved_tokens", "copied_lines"}``: the reply began repeating itself, or copying its input
+  (``copied_lines``, else 0), and was closed: ``at_tokens`` kept, ``streamed_tokens``
+  streamed, ``saved_tokens`` of its allowance not generated. A ``thread_retry`` follows if it
+  gets one more attempt, else its ``thread_finished`` (``status`` ``done``, with ``looped``).
 - ``{"event": "thread_finished", "id", "status", "completion_tokens", "elapsed_s", "error",
   "answer", "depth"}``: a thread is ``done``, ``failed``, ``cancelled``, ``skipped`` or
   ``truncated``.
@@ -37,9 +33,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
   thread was stopped (a vote or race was settled, or a budget ran out; its
   ``thread_finished`` follows), or a thread started early was dropped by the final plan
   (no record follows; only this one carries ``depth``).
-- ``{"event": "answer_token", "text"}``: a piece of the final answer as the model writes it
-  (the merge call, or the direct answer call); answers that need no call (``concat``, a vote)
-  arrive whole in the output.
+- ``{"event": "answer_token", "text"}``: a piece of the final answer as the merge or direct
+  call writes it (answers that need no call arrive whole in the output).
 - ``{"event": "merge_incomplete", "lost"}``: the merge call left out the results of the
   threads listed in ``lost`` (their ids); those results were added back under the answer.
 

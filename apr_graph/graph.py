@@ -95,11 +95,8 @@ def _releasing(node: RunNode, boards: Boards) -> RunNode:
 
 
 def _run_settings(settings: AprSettings, context: object) -> AprSettings:
-    """The settings of one run: the graph's, with what the run's context changes.
-
-    A context of another type is a parent graph's own (this graph runs as its subgraph, or
-    as a tool of its agent): not this graph's to read.
-    """
+    """The graph's settings with what the run's context changes (a context of another type
+    is a parent graph's own: not this graph's to read)."""
     return context.apply(settings) if isinstance(context, AprContext) else settings
 
 
@@ -108,17 +105,9 @@ def _sync_and_async(
 ) -> Runnable[Any, Any]:
     """A node usable from both ``ainvoke`` and ``invoke``, given the run's settings.
 
-    LangGraph hands the node its ``runtime`` (as to any node that names that parameter);
-    the node gets the settings its run's context makes of the graph's.
-
-    An async run's nodes, and their requests, run on the caller's loop. A sync caller has
-    no loop to lend (LangGraph runs each node in a worker thread), and a loop per node would
-    open a connection pool per node: the whole node runs on the client's one helper loop
-    (``LLMClient.run_sync``), one hop per node, not per request.
-
-    Wrapped as LangGraph wraps a plain function node (``trace=False``: the graph traces the
-    node's task itself); a ``RunnableLambda`` would inspect the function's signature and
-    build a callback run on every call, hundreds of times in a fan-out.
+    A sync run's node runs whole on the client's one helper loop (``LLMClient.run_sync``): a
+    loop per node would open a connection pool per node. Wrapped as LangGraph wraps a plain
+    function (``trace=False``): a ``RunnableLambda`` would build a callback run per call.
     """
 
     def func(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
@@ -165,16 +154,12 @@ def _check(
             "chat model cannot serve: drop model= and set AprSettings(base_url=...) to an "
             "OpenAI-compatible server, or drop native="
         )
-    if tools:
-        raise ConfigurationError(
-            "tools= works with prompted threads only; the native mode writes its own threads: "
-            "drop tools= or native="
-        )
-    if verify is not None:
-        raise ConfigurationError(
-            "verify= checks prompted threads only; the native mode writes its own threads: "
-            "drop verify= or native="
-        )
+    for name, given in (("tools", bool(tools)), ("verify", verify is not None)):
+        if given:
+            raise ConfigurationError(
+                f"{name}= works with prompted threads only; the native mode writes its own "
+                f"threads: drop {name}= or native="
+            )
 
 
 def create_apr_graph(
@@ -185,11 +170,8 @@ def create_apr_graph(
     verify: Verifier | None = None,
     tools: Sequence[BaseTool] = (),
 ) -> StateGraph[AprState, AprContext, AprInput, AprOutput]:
-    """Build the adaptive parallel reasoning graph (uncompiled).
-
-    The model first decides whether to answer directly (one call) or to split the task into
-    independent subtasks; each subtask becomes a thread (a ``Send``) and the threads run
-    concurrently, then one call merges their results.
+    """Build the adaptive parallel reasoning graph (uncompiled): the model answers directly
+    or splits the task into independent subtasks, run as concurrent threads and merged.
 
     Args:
         settings: endpoint, models and limits; default ``AprSettings()`` (read from the
@@ -207,8 +189,7 @@ def create_apr_graph(
         A ``StateGraph``; compile it with the checkpointer of your choice. Input
         ``{"task": str, "context": str?}``; output ``answer``, ``plan``, ``threads``, ``metrics``.
         Its ``context_schema`` is ``AprContext``: a run may change the models, width, merge,
-        budgets and deadline with ``invoke(..., context={"max_threads": 2})``; one compiled
-        graph (one client, one connection pool) serves runs of every setting.
+        budgets and deadline with ``invoke(..., context={"max_threads": 2})``.
 
     Raises:
         ConfigurationError: no ``base_url`` is configured, or arguments that cannot work
@@ -247,8 +228,7 @@ def _build(
     fork: list[CompiledStateGraph[AprState, AprContext, Any, AprOutput]],
 ) -> Graph:
     """Wire the graph. A forking thread runs the same wiring one level deeper, with the
-    internal ``ForkInput`` (compiled once, on first use; as a subgraph it inherits the
-    parent's checkpointer and stream, and is given its parent run's settings)."""
+    internal ``ForkInput`` (compiled once, on first use, given its parent run's settings)."""
     builder: Graph = StateGraph(
         AprState, context_schema=AprContext, input_schema=input_schema, output_schema=AprOutput
     )

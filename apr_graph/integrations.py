@@ -3,11 +3,9 @@
 - ``as_tool``: a LangChain tool (sync and async) an agent calls to hand off a hard,
   decomposable question; its content is the answer, its artifact the run record.
 - ``make_graph``: the factory ``langgraph.json`` points LangGraph Server at (settings from the
-  environment): one compiled graph per process, whose runs set their own models, width,
-  merge and budgets through the run context (``AprContext``).
-- As a subgraph, the compiled graph is a node of your own graph as it is: its input
-  (``task``, ``context``) and output (``answer``, ``plan``, ``threads``, ``metrics``) schemas
-  only touch those keys, and its events stream through the parent with ``subgraphs=True``.
+  environment; runs set their own through the run context, ``AprContext``).
+- As a subgraph, the compiled graph is a node of your own graph as it is: its input and
+  output schemas only touch their keys, and its events stream with ``subgraphs=True``.
 """
 
 from __future__ import annotations
@@ -45,8 +43,9 @@ class AprToolInput(BaseModel):
     )
 
 
-def _record(result: dict[str, Any]) -> dict[str, Any]:
-    return {key: result.get(key) for key in ("plan", "threads", "metrics")}
+def _content_and_artifact(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    record = {key: result.get(key) for key in ("plan", "threads", "metrics")}
+    return str(result.get("answer", "")), record
 
 
 def as_tool(
@@ -70,12 +69,10 @@ def as_tool(
     graph = app or compile_apr_graph(settings=settings, client=client)
 
     def run(task: str, context: str | dict[str, str] = "") -> tuple[str, dict[str, Any]]:
-        result = graph.invoke({"task": task, "context": context})
-        return str(result.get("answer", "")), _record(dict(result))
+        return _content_and_artifact(graph.invoke({"task": task, "context": context}))
 
     async def arun(task: str, context: str | dict[str, str] = "") -> tuple[str, dict[str, Any]]:
-        result = await graph.ainvoke({"task": task, "context": context})
-        return str(result.get("answer", "")), _record(dict(result))
+        return _content_and_artifact(await graph.ainvoke({"task": task, "context": context}))
 
     return StructuredTool.from_function(
         func=run,
@@ -102,14 +99,10 @@ def make_graph(config: RunnableConfig | None = None) -> App:
     """The graph LangGraph Server serves (``langgraph.json``): settings from the environment
     (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``); the server adds its checkpointer.
 
-    Built on the first call, and the same compiled graph for every later one (built again
-    only if those variables changed): the server calls a graph factory for every run, state
-    read and schema request, and one graph means one client, one connection pool, one
-    capacity probe per endpoint and one memory of structured-output modes for the process.
-    A run's own settings come from its context (``AprContext``, e.g.
-    ``client.runs.create(..., context={"max_threads": 4})``); ``config`` is not read. A
-    compiled graph at module level would be served the same way, but built on import: the
-    module could not be imported without an endpoint configured.
+    Built on the first call and reused until those variables change: the server calls a
+    factory for every run, state read and schema request, and one graph means one client,
+    connection pool and capacity probe. A run's own settings come from its context
+    (``AprContext``); ``config`` is not read.
     """
     key = _environment()
     with _serving:  # the server may ask from several threads at once: build once

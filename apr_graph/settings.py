@@ -6,7 +6,7 @@ Every field can be set in code, or through the environment: ``APR_<FIELD>`` (for
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +22,8 @@ __all__ = ["AprSettings", "MergeStrategy", "Role"]
 
 Role = Literal["planner", "worker", "synthesizer"]
 """The three kinds of model call a run makes (verifier and judge calls use ``synthesizer``)."""
+
+_ROLES = get_args(Role)
 
 MergeStrategy = Literal["concat", "synthesize", "vote", "race", "best"]
 """How thread results become the answer: each part's answer under its subtask (no call), a
@@ -64,9 +66,8 @@ class AprSettings(BaseSettings):
     (the CLI) supplies one, or the client fails with a clear error."""
 
     base_urls: list[str] = Field(default_factory=list)
-    """More endpoints serving the same model (a fleet of vLLM/SGLang replicas): every request
-    goes to the least-loaded one, and one that refuses connections is avoided for a while.
-    ``APR_BASE_URLS`` takes a comma-separated list."""
+    """More endpoints serving the same model: each request goes to the least-loaded one, one
+    refusing connections is avoided for a while. ``APR_BASE_URLS`` is comma-separated."""
 
     api_key: SecretStr = Field(
         default=SecretStr("not-needed"),
@@ -98,10 +99,8 @@ class AprSettings(BaseSettings):
     http_client: Annotated[Literal["auto", "aiohttp", "httpx"], AfterValidator(_aiohttp_only)] = (
         "auto"
     )
-    """Deprecated: every request goes on aiohttp (apr-graph's own sessions, one per event
-    loop; about half the client CPU per thread of httpx in fan-outs of hundreds of threads,
-    BENCHMARKS.md). ``auto`` and ``aiohttp`` are accepted and mean that; ``httpx`` is
-    refused."""
+    """Deprecated: every request goes on aiohttp (one session per event loop). ``auto`` and
+    ``aiohttp`` are accepted and mean that; ``httpx`` is refused."""
 
     max_retries: int = Field(default=3, ge=0, le=20)
     """Retries of one request after a transient error (connection, timeout, 408, 409, 429, 5xx)."""
@@ -116,8 +115,8 @@ class AprSettings(BaseSettings):
     """Sampling temperature of every call."""
 
     direct_instructions: str | None = Field(default=None, min_length=1)
-    """The system message of a direct answer (and of ``apr bench``'s sequential baseline);
-    ``None``: ``prompts.DIRECT_SYSTEM``, which leaves the model to decide how much to reason."""
+    """The system message of a direct answer (and ``apr bench``'s sequential baseline);
+    ``None``: ``prompts.DIRECT_SYSTEM``."""
 
     planner_max_tokens: int = Field(default=1024, ge=16)
     """Output-token allowance of the decompose call."""
@@ -138,126 +137,102 @@ class AprSettings(BaseSettings):
     """Force a merge strategy; ``None`` lets the model choose one in its plan."""
 
     token_budget: int | None = Field(default=None, ge=1)
-    """Prompt + completion tokens for the whole run. When spent, nothing new starts, running
-    threads are cancelled, and the answer is built from what finished (marked incomplete)."""
+    """Prompt + completion tokens for the whole run. When spent, nothing new starts, threads
+    are cancelled and the answer is built from what finished (marked incomplete)."""
 
     deadline_s: float | None = Field(default=None, gt=0)
     """Seconds for the whole run, with the same behaviour as ``token_budget`` when reached."""
 
     max_replacements: int = Field(default=1, ge=0, le=10)
-    """Fresh attempts, with a different approach, for a thread that fails verification or
-    reports a dead end."""
+    """Fresh attempts for a thread that fails verification or reports a dead end."""
 
     stop_loops: bool = True
-    """Stop a streamed reply (a thread, the plan, the merge, a direct answer) where it starts
-    repeating itself (the same block of words back to back, or one sentence said a fifth
-    time; ``apr_graph.loops``): the
-    request is closed, the text before the loop is kept, and the thread is marked
-    ``looped``. A loop is not a thread that needs more room: it is never retried with more."""
+    """Stop a streamed reply (thread, plan, merge, direct answer) where it starts repeating
+    itself (a block of words back to back, or one sentence a fifth time; ``apr_graph.loops``):
+    the request is closed, the text before the loop kept, the thread marked ``looped``, and
+    never retried with more room."""
 
     retry_loops: bool = True
-    """Give a thread that looped before saying much (less than an eighth of its allowance)
-    one fresh attempt at the same allowance, told it repeated itself, when the run's token
-    budget has room for it and its deadline has not passed. A thread that looped after a
-    real answer keeps that answer: another attempt would lengthen the run's critical path."""
+    """Give a thread that looped before an eighth of its allowance one fresh attempt (same
+    allowance, told it repeated itself) if the budget and deadline allow. A thread that looped
+    after a real answer keeps it: another attempt would lengthen the critical path."""
 
     stop_copy_lines: int = Field(default=12, ge=0)
-    """Stop a thread's reply once it writes one of its documents out again from the top and
-    this many lines in a row are unchanged (a "revised file" that only copies), or copies
-    three times as many lines of its input from anywhere else (a quote that runs on); keep
-    what came before the copy: the reader has those lines. It is recorded as ``looped`` (with
-    ``copied_lines``) and never retried with more room. Not watched when the task or the
-    thread's goal asks for documents changed or quoted (fix, rewrite, add, extract, quote,
-    show, ...: ``loops.asks_for_input_text``), where the copy is the answer. Threads without
-    tools only: a direct answer is the user's own request, and a merge quotes its threads.
-    0: never."""
+    """Stop a thread's reply once it rewrites one of its documents from the top with this
+    many unchanged lines in a row, or copies three times as many lines of its input from
+    elsewhere; what came before the copy is kept, recorded as ``looped`` (with
+    ``copied_lines``), never retried with more room. Not watched when the task or goal asks
+    for documents changed or quoted (``loops.asks_for_input_text``), nor for threads with
+    tools, direct answers or merges. 0: never."""
 
     min_thread_tokens: int = Field(default=256, ge=16)
-    """The smallest output allowance the plan may give one thread. Planners guess low (a
-    1.5B model gave a two-number multiplication 100 tokens, and its worked answer was cut
-    there); 256 holds a short worked answer of a small model, and a thread that is still cut
-    off is continued once from where it stopped."""
+    """The smallest output allowance the plan may give one thread (planners guess low); a
+    thread still cut off is continued once from where it stopped."""
 
     vote_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    """Temperature of the repeated attempts when a plan lists the same goal several times
-    (they become a vote): identical requests at temperature 0 give identical answers."""
+    """Temperature of repeated attempts at one goal (a vote): at 0 they would all agree."""
 
     native: Literal["threadweaver", "multiverse"] | None = None
     """For models trained to write their own parallel blocks: stream their reasoning through
     the completions API and fork one request per outline (see ``apr_graph.nodes.native``)."""
 
     native_prompt: str | None = None
-    """The raw prompt of a native run; ``None``: the one the model was trained on (its chat
-    template and training cue, see ``apr_graph.native.FORMATS``). ``{task}`` is the task and
-    ``{context}`` the context after a blank line (empty without one)."""
+    """The raw prompt of a native run, with ``{task}`` and ``{context}`` (after a blank line,
+    or empty); ``None``: the one the model was trained on (``apr_graph.native.FORMATS``)."""
 
     native_max_tokens: int = Field(default=8000, ge=16)
-    """Tokens one chain of a native run (the main reasoning or one thread) may generate, over
-    all its requests; 8,000 as in Multiverse's engine. A thread that reaches it is closed and
-    recorded as ``cancelled``."""
+    """Tokens one chain of a native run (the main reasoning or one thread) may generate over
+    all its requests; a thread that reaches it is closed and recorded as ``cancelled``."""
 
     native_skip_special_tokens: bool = False
-    """Sent as ``skip_special_tokens``. Both models' tags are added special tokens, which
-    vLLM and SGLang drop from the output by default: then no stop string matches and nothing
-    forks. Both reference engines send ``false``."""
+    """Sent as ``skip_special_tokens``: the models' tags are special tokens, which vLLM and
+    SGLang drop by default, and then nothing forks."""
 
     native_stop_token_ids: dict[str, int] = Field(default_factory=dict)
-    """Token ids of the tags the run stops at (e.g. ``{"</Goal>": 151670, "</Path>": 151674}``
-    for Multiverse-32B), sent as ``stop_token_ids`` beside the stop strings, as both reference
-    engines do; for servers that take them (vLLM, SGLang)."""
+    """Token ids of the tags the run stops at (e.g. ``{"</Goal>": 151670}``), sent as
+    ``stop_token_ids`` beside the stop strings, for servers that take them (vLLM, SGLang)."""
 
     native_require_tags: bool | None = None
     """Raise ``NativeProtocolError`` when a native run's text has none of the model's tags
-    (the sign of a server that drops special tokens). ``None``: yes for ``multiverse`` (its
-    model always opens ``<Think>``), no for ``threadweaver`` (its model may answer without a
-    block, and Qwen3's ``<think>`` survives the dropping)."""
+    (a server that drops special tokens). ``None``: yes for ``multiverse``, no for
+    ``threadweaver`` (its model may answer without a block)."""
 
     probe_capacity: bool = True
     """Ask the server once how many requests it runs at once (llama.cpp ``/props`` or
-    ``/slots``, vLLM ``/metrics``) and size the concurrency to it; an explicit
-    ``max_concurrency`` still caps it. Servers that do not say keep the settings."""
+    ``/slots``, vLLM ``/metrics``) and size the concurrency to it, capped by
+    ``max_concurrency`` (servers that do not say keep it)."""
 
     stream_plan: bool = True
-    """Start each thread as soon as its subtask is complete in the planner's streamed reply,
-    instead of after the whole plan. A thread started early is kept only if the final,
-    repaired plan gives it exactly the same request; otherwise it is cancelled and run again."""
+    """Start each thread as soon as its subtask is complete in the streamed plan; it is kept
+    only if the final, repaired plan gives it the same request, else cancelled and rerun."""
 
     label_goals: bool = True
     """When the task labels its parts ((a), (b) ... or 1., 2. ...), a parallel plan names each
-    subtask by its label instead of writing it out, and its thread is given that part's text:
-    the plan is shorter, so every thread starts sooner (a 1.5B planner: ~70 -> 42 tokens for
-    three parts). The schema then allows only those labels as goals, so turn it off where the
-    labels mark data rather than parts to solve; off, the planner writes every goal."""
+    subtask by its label and its thread is given that part's text: a shorter plan, so threads
+    start sooner. Only those labels are then allowed as goals: turn it off where the labels
+    mark data rather than parts to solve."""
 
     warm_prefix: bool = False
-    """Before a fan-out, send one tiny request with the threads' shared prefix, so the server's
-    prefix cache holds it when the threads arrive."""
+    """Before a fan-out, send one tiny request with the threads' shared prefix to warm the
+    server's prefix cache."""
 
     thread_documents: Literal["named", "all"] = "named"
     """When the context is named documents (``{"task": ..., "context": {"calc.py": "..."}}``):
-    ``named`` gives a thread only the documents its goal names (the whole context when it
-    names none, or all of them), ``all`` gives every thread the whole context. A thread that
-    reviews one of three files then reads one file, not three: on a CPU server, where every
-    thread reads its prompt itself, that is most of a fan-out's time; a thread does not see
-    what other documents say about its own (use ``all`` when the parts depend on each other).
-    The plan, the merge and a direct answer always read every document."""
+    ``named`` gives a thread only the documents its goal names (all of them when it names
+    none), ``all`` gives every thread the whole context (for parts that depend on each
+    other). The plan, the merge and a direct answer always read every document."""
 
     plan_documents: bool = True
-    """A task that maps over its documents, its labelled parts each naming one of them
-    ("Review (a) calc.py (b) io.py (c) db.py", the files as the context's documents) and
-    asking nothing across them (no comparison, ranking or combined answer), is planned
-    without a model call: one thread per part, reading its own document, results shown
-    under their labels (merge ``concat`` unless ``merge`` is set). On a 2-CPU server the
-    planning call it saves is ~12 s of a ~78 s review of three files; the decision on
-    whether to fork is made as for a model's plan. Off, with tools, or with a ``merge`` of
-    attempts at one question (``vote``, ``race``, ``best``), the planner plans it."""
+    """Plan without a model call a task whose labelled parts each name one of its documents
+    ("Review (a) calc.py (b) io.py") and ask nothing across them: one thread per part,
+    reading its own document, results under their labels (merge ``concat`` unless ``merge``
+    is set). Off, with tools, or with ``merge`` ``vote``/``race``/``best``, the planner
+    plans it."""
 
     planner_document_chars: int | None = Field(default=600, ge=0)
-    """With a context of named documents, the planner reads each document's name, size and
-    first ``planner_document_chars`` characters (``None``: all of it): it decides and splits
-    by what the documents are, and reading them whole would put their prefill before the
-    first thread (on 2 CPU cores, 13 s for three files of 1.6 KB). A planner that read only a
-    part does not answer itself: a direct answer is one call that reads every document."""
+    """With named documents, the planner reads each one's name, size and first this many
+    characters (``None``: all of it), so their prefill does not delay the first thread. A
+    planner that read only a part does not answer itself: a direct answer reads them all."""
 
     max_tool_calls: int = Field(default=4, ge=0, le=64)
     """Tool calls one thread may make (with ``create_apr_graph(tools=...)``)."""
@@ -266,34 +241,30 @@ class AprSettings(BaseSettings):
     """Emit a ``token`` custom event for every piece of every thread's answer."""
 
     on_thread_error: Literal["tolerate", "fail"] = "tolerate"
-    """A thread that still fails after retries: ``tolerate`` records it as failed, lets its
-    siblings finish and tells the merge which subtasks failed; ``fail`` ends the run."""
+    """A thread that still fails after retries: ``tolerate`` records it as failed and tells
+    the merge; ``fail`` ends the run."""
 
     prefer: Literal["speed", "quality"] = "speed"
-    """What a fork must buy. ``speed``: fork only where the plan is predicted to finish before
-    one direct call on this endpoint (from its speed profile: ``apr calibrate``, or learned
-    from earlier runs; with no profile yet, fork as the task and plan say). ``quality``: fork
-    whenever the task splits into independent parts, whatever the server (shorter contexts
-    per part, at the price of time on servers that batch poorly)."""
+    """What a fork must buy. ``speed``: fork only where the plan is predicted to beat one
+    direct call on this endpoint (its speed profile: ``apr calibrate`` or earlier runs; with
+    none, fork as the task and plan say). ``quality``: fork whenever the task splits into
+    independent parts, whatever the server."""
 
     router: bool = True
-    """Read a top-level task with the shipped router (``apr_graph.router``, learned from public
-    labelled prompts) before planning: a task that reads as one continuous piece (a story, one
-    explanation, one word problem whose steps need each other) is answered by one call, with
-    no planning call. Off: the planner model alone decides (small models split nearly
-    everything)."""
+    """Read a top-level task with the shipped router (``apr_graph.router``) before planning:
+    a task that reads as one continuous piece (a story, one explanation) is answered by one
+    call, with no planning call. Off: the planner model alone decides."""
 
     speed_file: str | None = None
-    """The JSON file of measured endpoint speeds (``apr calibrate``, and each run's own calls);
-    ``None``: ``$APR_SPEED_FILE``, else ``~/.cache/apr-graph/speed.json``; ``""``: keep them
-    in memory only."""
+    """The JSON file of measured endpoint speeds; ``None``: ``$APR_SPEED_FILE``, else
+    ``~/.cache/apr-graph/speed.json``; ``""``: in memory only."""
 
     learn_speed: bool = True
     """Update the endpoint's speed profile from each finished run's calls."""
 
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
-    """How to ask for JSON: ``auto`` tries ``json_schema``, then ``json_object`` with a schema,
-    then the schema in the prompt, and remembers per endpoint what worked."""
+    """How to ask for JSON: ``auto`` tries ``json_schema``, ``json_object``, then the schema
+    in the prompt, and remembers per endpoint what worked."""
 
     @field_validator("base_url")
     @classmethod
@@ -328,17 +299,9 @@ class AprSettings(BaseSettings):
 
     def model_for(self, role: Role | str) -> str:
         """The model name used for ``role`` (other roles, e.g. benchmark baselines: ``model``)."""
-        override = {
-            "planner": self.planner_model,
-            "worker": self.worker_model,
-            "synthesizer": self.synthesizer_model,
-        }.get(role)
+        override: str | None = getattr(self, f"{role}_model") if role in _ROLES else None
         return override or self.model
 
     def max_tokens_for(self, role: Role | str) -> int:
         """The output-token allowance of one call of ``role`` (others: ``worker_max_tokens``)."""
-        return {
-            "planner": self.planner_max_tokens,
-            "worker": self.worker_max_tokens,
-            "synthesizer": self.synthesizer_max_tokens,
-        }.get(role, self.worker_max_tokens)
+        return int(getattr(self, f"{role if role in _ROLES else 'worker'}_max_tokens"))

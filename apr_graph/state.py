@@ -106,9 +106,8 @@ def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[T
 
 
 class AprInput(TypedDict, total=False):
-    """What a caller passes in: the task, and optional context the model may use: a string,
-    or named documents (a mapping of name to text, e.g. files), of which each thread is given
-    the ones its goal names (``AprSettings.thread_documents``)."""
+    """What a caller passes in: the task, and optional context: a string, or named documents
+    (name to text, e.g. files; see ``AprSettings.thread_documents``)."""
 
     task: str
     context: str | dict[str, str]
@@ -225,16 +224,13 @@ class AprState(TypedDict, total=False):
     depth: int
     parent_run: str
     waiting: Annotated[list[str], operator.add]
-    """Ids of threads that deferred: a dependency was not running beside them (a run
-    resumed in a new process, a dependency queued behind them). The join sends them again."""
+    """Ids of threads that deferred (a dependency was not running beside them); the join
+    sends them again."""
 
 
 class WorkerInput(TypedDict):
-    """The payload of one ``Send`` to the worker node.
-
-    It holds the plan's merge and width, not the plan: a checkpointer stores every payload,
-    and N payloads that each carried the N-subtask plan made a fan-out's checkpoints grow
-    with N squared (15 MB for 256 threads)."""
+    """The payload of one ``Send`` to the worker node: the plan's merge and width, not the
+    plan (a checkpointer stores every payload: N plans would grow as N squared)."""
 
     task: str
     context: str | dict[str, str]
