@@ -1,26 +1,17 @@
 """When to fork: on what the task is, and on what forking buys on the server at hand.
 
-Two questions, in this order, each able to answer "direct" before a token is spent on a plan:
+Before the plan, either question may answer "direct" without a planning call:
 
-1. **Does the task split?** The shipped router (``apr_graph.router``, a logistic regression
-   learned from public labelled prompts) reads the task: one continuous piece (a story, a
-   role-play, one explanation, one word problem whose steps need each other) is answered by
-   one call. A small planner model cannot be trusted with this (a 1.5B model split 79 of 80
-   open questions and 8 of 8 single word problems).
+1. **Does the task split?** The shipped router (``apr_graph.router``) reads the task: one
+   continuous piece (a story, one explanation, one word problem) is answered by one call.
 2. **Does forking pay here?** With a speed profile of the endpoint (``apr calibrate``, or
-   learned from earlier runs' calls), the wall time of one direct call and of a plan (plan +
-   threads under the measured concurrency + merge) are predicted, and a plan that loses is
-   not run (``prefer="speed"``, the default). On a 2-core CPU server whose 4 slots decode
-   1.37x one stream, planning and merging cost more than the threads save; on a GPU server
-   batching makes threads nearly free.
+   learned from earlier runs), the wall time of one direct call and of a plan (plan + threads
+   under the measured concurrency + merge) are predicted, and a plan that loses is not run
+   (``prefer="speed"``, the default).
 
-After the plan, the same prediction is made with the plan's own width and merge (the
-planning call is spent by then, so only what is left is compared), and a plan whose goals
-form one chain (each needs the last) is run as one call: a chain has nothing to run at once
-(with ``prefer="quality"`` the plan runs as planned, a chain step by step).
-
-The decision goes into ``plan["decision"]`` with its reason and predictions, and the finish
-node puts the prediction beside the actual wall time in ``metrics``.
+After the plan, the same prediction is made with the plan's own width and merge, and a plan
+whose goals form one chain is run as one call (with ``prefer="quality"`` the plan runs as
+planned). The decision goes into ``plan["decision"]`` with its reason and predictions.
 """
 
 from __future__ import annotations
@@ -55,9 +46,8 @@ __all__ = [
 ]
 
 PART_TOKENS = 200
-"""Tokens one part of an answer takes when nothing better is known (a short worked answer of
-an instruct model); once runs on an endpoint have finished threads, the length they took
-replaces it (``SpeedProfile.part_tokens``, learned by ``SpeedStore.observe``)."""
+"""Tokens one part of an answer takes until runs on the endpoint have measured it
+(``SpeedProfile.part_tokens``)."""
 
 PARTS_UNLABELLED = 4
 """Parts assumed for a task that splits but does not label its parts."""
@@ -77,8 +67,7 @@ THREAD_PROMPT_EXTRA = 50
 """A thread's prompt beyond the task and its context (its own goal and message)."""
 
 _CHARS_PER_TOKEN = 4
-_SYSTEM_TOKENS = 250
-"""The instructions each call carries before the task (planner, thread, merge)."""
+_SYSTEM_TOKENS = 250  # the instructions each call carries before the task
 
 
 @dataclass(frozen=True)
@@ -89,12 +78,11 @@ class Estimate:
     parts: int
     part_tokens: int
     thread_prompt_tokens: int | None = None
-    """The longest thread's prompt, when threads do not all read the whole context (named
-    documents, ``AprSettings.thread_documents``); ``None``: the task's prompt."""
+    """The longest thread's prompt, when threads do not all read the whole context
+    (``AprSettings.thread_documents``); ``None``: the task's prompt."""
     planner_prompt_tokens: int | None = None
-    """The planning call's prompt, when the planner reads only a part of the context (each
-    long document's beginning, ``AprSettings.planner_document_chars``); ``None``: the task's
-    prompt."""
+    """The planning call's prompt, when the planner reads only a part of the context
+    (``AprSettings.planner_document_chars``); ``None``: the task's prompt."""
 
 
 def thread_prompt_tokens(
@@ -133,11 +121,9 @@ def before_plan(
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
 
-    The router reads top-level tasks only: a forked thread's task is a goal its planner
-    marked as worth splitting. ``width``: requests the server runs at once. ``given``: the
-    context as the input gave it (a thread that names documents reads those alone).
-    ``planning``: a fork would cost a planning call (not for a task whose plan is known
-    without one, ``inputs.document_plan``).
+    The router reads top-level tasks only (``depth == 0``). ``width``: requests the server
+    runs at once. ``given``: the context as the input gave it. ``planning``: a fork would
+    cost a planning call (not for ``inputs.document_plan``).
     """
     shape = task_shape(task, context) if settings.router and depth == 0 else None
     if shape is not None and not shape.splits:
@@ -152,6 +138,7 @@ def before_plan(
     if settings.prefer == "quality" or profile is None:
         return None, shape
     parts = labelled_parts(task)
+    view, partial = planner_view(given, settings.planner_document_chars)
     estimate = Estimate(
         prompt_tokens=prompt_tokens(task, context),
         parts=min(len(parts) or PARTS_UNLABELLED, settings.max_threads),
@@ -159,23 +146,15 @@ def before_plan(
         thread_prompt_tokens=thread_prompt_tokens(
             task, given, list(parts.values()), settings.thread_documents
         ),
-        planner_prompt_tokens=_planner_prompt_tokens(task, given, settings) if planning else None,
+        planner_prompt_tokens=prompt_tokens(task, view) if planning and partial else None,
     )
-    # Before the plan its merge is unknown: at best it makes no call (concat). A plan that
-    # loses even so is not asked for; one that might win is asked for, and decided on again
-    # with its own merge and width (``after_plan``).
+    # The merge is unknown yet: at best it makes no call (concat); ``after_plan`` decides again.
     merge = settings.merge or "concat"
     direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=planning)
     if parallel_s < direct_s:
         return None, shape
-    record = _record(
-        "direct",
-        "speed",
-        _slower(profile, estimate.parts, direct_s, parallel_s, width, at_best=True),
-        shape,
-    )
-    _predicted(record, profile, direct_s, parallel_s)
-    return record, shape
+    reason = _slower(profile, estimate.parts, direct_s, parallel_s, width, at_best=True)
+    return _record("direct", "speed", reason, shape, (profile, direct_s, parallel_s)), shape
 
 
 def after_plan(
@@ -198,8 +177,6 @@ def after_plan(
         return _record("direct", "model", "the planner answered directly", shape)
     subtasks = plan["subtasks"]
     if settings.prefer == "quality":
-        # A chain run step by step gives each step a short, fresh context: slower, but
-        # what a user who prefers quality may want.
         return _record("parallel", "quality", "prefer='quality': forking as planned", shape)
     if is_chain(subtasks):
         return _record(
@@ -230,19 +207,15 @@ def after_plan(
         profile, estimate, merge=plan["merge"] or "synthesize", width=width, plan=False
     )
     direct_s, parallel_s = direct_s + spent_s, parallel_s + spent_s
-    if parallel_s < direct_s:
-        choice: Literal["direct", "parallel"] = "parallel"
-        reason = (
-            f"{len(subtasks)} threads predicted {direct_s / parallel_s:.2f}x faster than one "
-            f"call on this server (~{parallel_s:.1f}s vs ~{direct_s:.1f}s)"
-        )
-        by: Decider = "plan"
-    else:
-        choice, by = "direct", "speed"
+    timed = (profile, direct_s, parallel_s)
+    if parallel_s >= direct_s:
         reason = _slower(profile, len(subtasks), direct_s, parallel_s, width)
-    record = _record(choice, by, reason, shape)
-    _predicted(record, profile, direct_s, parallel_s)
-    return record
+        return _record("direct", "speed", reason, shape, timed)
+    reason = (
+        f"{len(subtasks)} threads predicted {direct_s / parallel_s:.2f}x faster than one "
+        f"call on this server (~{parallel_s:.1f}s vs ~{direct_s:.1f}s)"
+    )
+    return _record("parallel", "plan", reason, shape, timed)
 
 
 def predict(
@@ -307,35 +280,29 @@ def _slower(
     )
 
 
-def _planner_prompt_tokens(
-    task: str, given: str | Mapping[str, str], settings: AprSettings
-) -> int | None:
-    """The planning call's prompt when the planner reads a part of the documents, else
-    ``None`` (it reads what a direct answer reads)."""
-    view, partial = planner_view(given, settings.planner_document_chars)
-    return prompt_tokens(task, view) if partial else None
-
-
 def _part_tokens(profile: SpeedProfile) -> int:
     """Tokens one thread's answer takes: learned on this endpoint, else ``PART_TOKENS``."""
     return round(profile.part_tokens) if profile.part_tokens else PART_TOKENS
 
 
 def _record(
-    choice: Literal["direct", "parallel"], by: Decider, reason: str, shape: Shape | None
+    choice: Literal["direct", "parallel"],
+    by: Decider,
+    reason: str,
+    shape: Shape | None,
+    timed: tuple[SpeedProfile, float, float] | None = None,
 ) -> DecisionRecord:
-    return DecisionRecord(
+    """The decision; ``timed``: the profile and the predicted seconds of each way."""
+    record = DecisionRecord(
         choice=choice,
         by=by,
         reason=reason,
         shape=round(shape.parallel, 3) if shape else None,
         threshold=round(shape.threshold, 3) if shape else None,
     )
-
-
-def _predicted(
-    record: DecisionRecord, profile: SpeedProfile, direct_s: float, parallel_s: float
-) -> None:
-    record["predicted_direct_s"] = round(direct_s, 2)
-    record["predicted_parallel_s"] = round(parallel_s, 2)
-    record["speed_source"] = profile.source
+    if timed is not None:
+        profile, direct_s, parallel_s = timed
+        record["predicted_direct_s"] = round(direct_s, 2)
+        record["predicted_parallel_s"] = round(parallel_s, 2)
+        record["speed_source"] = profile.source
+    return record

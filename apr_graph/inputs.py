@@ -80,18 +80,13 @@ def render_context(context: str | Mapping[str, str]) -> str:
 def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
     """The names of the ``documents`` that ``goal`` names, in the documents' order: a name
     counts when it appears as a whole word, in any case, either whole or as its last path
-    part (``src/calc.py`` is named by "calc.py" when no other document ends so).
-
-    A thread is given these documents only (``AprSettings.thread_documents``); a goal that
-    names none, or all, gets the whole context.
-    """
+    part (``src/calc.py`` is named by "calc.py" when no other document ends so)."""
     return list(_named(tuple(documents), goal))
 
 
 @functools.lru_cache(maxsize=256)
 def _named(names: tuple[str, ...], goal: str) -> tuple[str, ...]:
-    # Asked for one goal by the decision, the early start, the prefix figure and the worker
-    # node: found once.
+    # Cached: the decision, the early start, the prefix figure and the worker all ask.
     tails = {name: re.split(r"[\\/]", name)[-1].lower() for name in names}
     shared = {tail for tail in tails.values() if list(tails.values()).count(tail) > 1}
     text = goal.lower()
@@ -130,8 +125,7 @@ _ACROSS = re.compile(
     re.I,
 )
 """Words of a task that asks for something across its parts (a comparison, a ranking, one
-combined answer): such a task is planned by the model, which may choose a merge that reads
-every part."""
+combined answer): the model plans it, and may choose a merge that reads every part."""
 
 _TAIL = re.compile(r"(?:[\s,;.]|\b(?:and|or)\b)+$", re.I)
 """What joins a part to the next ("(a) calc.py, (b) io.py and (c) ..."), not a part of it."""
@@ -147,14 +141,11 @@ def document_plan(
 ) -> list[SubtaskRecord] | None:
     """The subtasks of a task that maps over its documents, or ``None``.
 
-    The task labels its parts ("Review (a) calc.py (b) io.py"), each part is a phrase that
-    names exactly one of the context's documents, every document is named by one part, and
-    the task asks for nothing across them (no comparison, ranking or combined answer): the
-    task is then the same work done on each document, so its plan is known without a
-    planning call, one thread per part reading its own document, their results shown under
-    their labels (``AprSettings.plan_documents``). Not with tools, nor with a ``merge`` of
-    attempts at one question, nor when fewer than one thread ``slots`` per document is free
-    (the planner groups them then).
+    When the task labels its parts ("Review (a) calc.py (b) io.py"), each part is a phrase
+    naming exactly one document, every document is named by one part, and the task asks for
+    nothing across them, the plan is known without a planning call: one thread per part,
+    reading its own document (``AprSettings.plan_documents``). Not with tools, nor with a
+    ``merge`` of attempts at one question, nor with fewer free thread ``slots`` than documents.
     """
     if (
         not settings.plan_documents
@@ -219,48 +210,43 @@ def prefix_stats(
 ) -> PrefixStats:
     """How much of the fan-out's prompts is one shared prefix, byte for byte.
 
-    The threads' requests are ``[system, user]`` with one shared ``system``: their JSON
-    differs from the first byte of the user message on, so only the (short) user messages
-    are compared: O(N) for N threads, not N full prompts. Threads given documents of their
-    own (``given``, ``documents``: see ``thread_context``) have systems of their own, as
-    their requests carry them (``tools``: the threads have tools), and whole prompts are
-    compared.
+    Threads with one shared ``system`` differ from the first byte of the user message on, so
+    only the (short) user messages are compared. Threads given documents of their own
+    (``given``, ``documents``: see ``thread_context``; ``tools``: the threads have tools) have
+    systems of their own, and whole prompts are compared.
     """
+    merge = plan["merge"]
     own = [thread_context(given, s["goal"], documents) for s in plan["subtasks"]]
     if any(names is not None for _, names in own):
         prompts = [
             json.dumps(
                 worker_messages(
                     task,
-                    text,
-                    plan["merge"],
+                    context,
+                    merge,
                     subtask,
-                    system=shared_system(task, text, tools=tools, merge=plan["merge"]),
-                )
-                if names is not None
-                else worker_messages(task, context, plan["merge"], subtask, system=system),
+                    system=system
+                    if names is None
+                    else shared_system(task, text, tools=tools, merge=merge),
+                ),
                 ensure_ascii=False,
             ).encode()
             for subtask, (text, names) in zip(plan["subtasks"], own, strict=True)
         ]
         shared, shortest = len(os.path.commonprefix(prompts)), min(len(p) for p in prompts)  # noqa: RUF071
-        return PrefixStats(
-            shared_chars=shared,
-            shortest_prompt_chars=shortest,
-            shared_fraction=round(shared / shortest, 4) if shortest else 0.0,
-        )
-    head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
-    users = [
-        json.dumps(
-            worker_messages(task, context, plan["merge"], subtask, system=system)[1],
-            ensure_ascii=False,
-        ).encode()
-        for subtask in plan["subtasks"]
-    ]
-    common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
-    before = len(head.encode()) + len(b", ")
-    shortest = before + min(len(u) for u in users) + len(b"]")
-    shared = shortest if len(set(users)) == 1 else before + len(common)
+    else:
+        head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
+        users = [
+            json.dumps(
+                worker_messages(task, context, merge, subtask, system=system)[1],
+                ensure_ascii=False,
+            ).encode()
+            for subtask in plan["subtasks"]
+        ]
+        common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
+        before = len(head.encode()) + len(b", ")
+        shortest = before + min(len(u) for u in users) + len(b"]")
+        shared = shortest if len(set(users)) == 1 else before + len(common)
     return PrefixStats(
         shared_chars=shared,
         shortest_prompt_chars=shortest,

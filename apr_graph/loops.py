@@ -1,32 +1,18 @@
 """Degenerate repetition in streamed text: the model says the same thing again and again.
 
-Small models loop, and large ones do too on long outputs: a thread that loops runs on to its
-token limit, and a retry with more room loops on to that one. A loop is found while the text
-streams, as a run of words that repeats a block of ``p`` words back to back: at least
-``_min_repeats(p)`` times, and over at least ``MIN_SPAN_WORDS`` words. Exact repetition of a
-block of 20 words or more is read as a loop at its second copy; shorter blocks need a third
-copy, and a block of a few words needs a span of ``MIN_SPAN_WORDS`` (a list or a table row
-repeats short tokens legitimately, a sentence does not repeat verbatim). A numbered list's
-markers count as one word, so a list that repeats its items under new numbers is a loop too
-(a 1.5B model reviewing code listed the same eight findings as 8-15, 16-23, 24-31...). Longer
-blocks than ``MAX_PERIOD_WORDS`` are not looked for.
-
-A list that runs away repeats no block: each item is new, with the same sentence in it ("It's
-also a great place to take photos.", "This is a risky code because it can lead to unexpected
-behavior or crashes."). So a sentence of ``SENTENCE_WORDS`` words or more said for the
-``SENTENCE_REPEATS``-th time (outside code blocks, in any case, list markers aside) is a loop
-too, cut where that sentence starts.
+A loop is found while the text streams, as a run of words that repeats a block of ``p`` words
+back to back, at least ``_min_repeats(p)`` times and over at least ``MIN_SPAN_WORDS`` words
+(a block of 20 words or more at its second copy, shorter ones at their third: lists and
+tables repeat short tokens legitimately). A numbered list's markers count as one word, so a
+list that repeats its items under new numbers is a loop too. A runaway list repeats no block
+but the same sentence in new items: a sentence of ``SENTENCE_WORDS`` words or more said for
+the ``SENTENCE_REPEATS``-th time (outside code blocks) is a loop too.
 
 A reply that writes out its own input again (a document from its top, ``copy_lines``
-unchanged lines in a row; a quote from elsewhere at ``QUOTE_FACTOR`` times that) is cut where
-the copy begins: the reader has those lines already. A
-1.5B model asked to review one file listed its findings, then wrote the whole file out again
-under "Here is the revised file" (one line changed, ~550 tokens: the run's critical path). A
-corrected line breaks the copy, so what a reply changes is kept up to its last change.
-Copies are not watched when the task asks for its documents changed or quoted
-(``asks_for_input_text``): there the copy is the answer, and a 1.5B model fixing a 73-line
-file wrote its unchanged 12-line header before its one change (asked to go on with its
-changes only once stopped, it wrote the file out again from the top).
+unchanged lines in a row; a quote from elsewhere, ``QUOTE_FACTOR`` times that) is cut where
+the copy begins: the reader has those lines already. Copies are not watched when the task
+asks for its documents changed or quoted (``asks_for_input_text``): there the copy is the
+answer.
 """
 
 from __future__ import annotations
@@ -47,9 +33,7 @@ __all__ = [
 ]
 
 MAX_PERIOD_WORDS = 300
-"""The longest repeated block looked for (a few paragraphs): a 1.5B model reviewing code
-cycled through eight findings of ~25 words each (a 200-word block) until its limit, twice,
-when blocks of up to 150 words were looked for."""
+"""The longest repeated block looked for, in words (a few paragraphs: a list of findings)."""
 
 QUOTE_FACTOR = 3
 """A copy that is not a document written out again from its top (a quote) is cut only at
@@ -60,28 +44,19 @@ MIN_SPAN_WORDS = 30
 
 SENTENCE_WORDS = 8
 SENTENCE_REPEATS = 5
-"""In 827 replies of a 1.5B model kept in this repository's runs (``data/decision/runs``,
-reviews, GSM8K, open questions), a sentence of 8+ words came 5 times or more in 23, every one
-a loop or a list running away (travel tips, museums, findings); 4 times in 11, some of them
-sound (a plain review said "If the value is not numeric, it will raise a `ValueError`." four
-times, once per function)."""
+"""A sentence of ``SENTENCE_WORDS`` words or more said this often is a loop (in the runs kept
+in ``data/decision/runs``, 5 times was always one, 4 times sometimes a sound answer)."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
 
-_CHECK_EVERY = 4
-"""Words between two looks at the tail (a loop is found at most this many words late)."""
-
+_CHECK_EVERY = 4  # words between two looks at the tail: a loop is found this late at most
 _WORD = re.compile(r"\S+")
-_DOCUMENT_TAG = re.compile(r"<document\b[^>]*>|<context>")
-"""A line that opens a document in a prompt: the next line is the document's top."""
-_TOP_LINES = 3
-"""A rewrite may begin this many lines into a document (a model skips a header comment)."""
-_FENCE_INFO = re.compile(r"[\w+#.-]*")
-"""What may follow an opening code fence on its line (``python``, ``c++``)."""
+_DOCUMENT_TAG = re.compile(r"<document\b[^>]*>|<context>")  # the next line is a document's top
+_TOP_LINES = 3  # a rewrite may begin this many lines into a document (past a header comment)
+_FENCE_INFO = re.compile(r"[\w+#.-]*")  # what may follow an opening code fence (``c++``)
 _LIST_NUMBER = re.compile(r"\(?\d+[.):]")
-"""A numbered list's marker (``16.``, ``3)``, ``(2)``): a list that loops renumbers each copy
-of its items, so every marker counts as the same word."""
+"""A numbered list's marker (``16.``, ``3)``, ``(2)``): every one counts as the same word."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +64,10 @@ class Loop:
     """Where a loop was found.
 
     Attributes:
-        keep: characters of the text to keep: everything before the first repeat (the block
-            itself is said once).
+        keep: characters of the text to keep: everything before the first repeat.
         period_words: words in the repeated block.
         repeats: copies of the block seen when the loop was found.
-        copied_lines: for a reply that was writing out its input again, the lines it had
-            copied (0 for a repeat of its own words).
+        copied_lines: lines of its input a reply had copied (0 for a repeat of its own words).
     """
 
     keep: int
@@ -112,10 +85,9 @@ class _CopyWatch:
     """Consecutive lines of a reply that are consecutive lines of ``source`` (blank lines
     and indentation aside).
 
-    A reply that writes a document out again starts at its top and goes on through it in
-    order, its changed lines aside (a "revised file"): that is cut once ``lines`` lines in a
-    row are unchanged. Elsewhere a copy is a quote (a function shown before it is explained),
-    and only a quote ``QUOTE_FACTOR`` times as long is cut.
+    A rewrite (a "revised file") starts at a document's top and goes on in order past its
+    changed lines: it is cut after ``lines`` unchanged lines in a row. Any other copy is a
+    quote, cut only at ``QUOTE_FACTOR`` times as many.
     """
 
     def __init__(self, source: str, lines: int) -> None:
@@ -176,8 +148,8 @@ _INPUT_TEXT = re.compile(
     r"|reproduc\w*|verbatim|print\w*|show(s|n|ing)?|paste\w*)\b",
     re.IGNORECASE,
 )
-"""Words that ask for a document changed (its corrected lines are the answer) or quoted (its
-lines are the answer). A wrong match only leaves a copy unwatched."""
+"""Words that ask for a document changed or quoted: its lines are then the answer. A wrong
+match only leaves a copy unwatched."""
 
 
 def asks_for_input_text(*asks: str) -> bool:
@@ -207,13 +179,10 @@ class LoopDetector:
         self._copies = _CopyWatch(source, copy_lines) if source and copy_lines else None
         self._text = ""
         self._words: list[str] = []
-        self._starts: list[int] = []
-        """Where each word starts in the text."""
-        self._scanned = 0
-        """Characters of the text already split into complete words."""
+        self._starts: list[int] = []  # where each word starts in the text
+        self._scanned = 0  # characters of the text already split into complete words
         self._since_check = 0
-        self._said: dict[str, list[int]] = {}
-        """Each sentence said so far: where each of its copies starts."""
+        self._said: dict[str, list[int]] = {}  # each sentence said so far: where its copies start
         self._sentence_from = 0
         self._in_code = False
         self.loop: Loop | None = None

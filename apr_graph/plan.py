@@ -1,13 +1,9 @@
-"""Plan repair: a model's plan made safe to run, whatever a small model wrote.
-
-Plans from small models must be validated and repaired, never trusted: junk subtasks of a
-direct plan, empty parallel plans, duplicate ids, too many threads, unknown or cyclic
-dependencies, forks past the depth limit and absurd token allowances are all seen in practice.
-"""
+"""Plan repair: a model's plan made safe to run, whatever a small model wrote."""
 
 from __future__ import annotations
 
 import functools
+import graphlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -38,28 +34,12 @@ def repair_dependencies(subtasks: list[SubtaskRecord], notes: list[str]) -> None
         if dropped:  # a repeated id is merged quietly: nothing was lost
             notes.append(f"{subtask['id']}: ignored unknown or self dependencies {dropped}")
         subtask["depends_on"] = kept
-    if _has_cycle(subtasks):
+    try:
+        graphlib.TopologicalSorter({s["id"]: s["depends_on"] for s in subtasks}).prepare()
+    except graphlib.CycleError:
         notes.append("dependencies form a cycle: running the subtasks one after another")
         for index, subtask in enumerate(subtasks):
             subtask["depends_on"] = [ids[index - 1]] if index else []
-
-
-def _has_cycle(subtasks: list[SubtaskRecord]) -> bool:
-    edges = {s["id"]: s["depends_on"] for s in subtasks}
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-
-    def visit(node: str) -> bool:
-        if state.get(node) == 1:
-            return True
-        if state.get(node) == 2:
-            return False
-        state[node] = 1
-        if any(visit(n) for n in edges.get(node, [])):
-            return True
-        state[node] = 2
-        return False
-
-    return any(visit(n) for n in edges)
 
 
 _MARKER = re.compile(r"(?:^|(?<=[\s:;,]))\(?([a-z]|\d{1,2})\)(?=\s)|(?:^|(?<=\s))(\d{1,2})\.(?=\s)")
@@ -82,30 +62,22 @@ def labelled_parts(task: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=64)
 def _parts(task: str) -> tuple[tuple[str, str], ...]:
-    # Parsed once per task: the planner's schema needs the labels, and plan repair runs again
-    # on every piece of a streamed plan (early dispatch).
+    # Cached: plan repair runs again on every piece of a streamed plan.
     found = [
         (m.start(), m.end(), (m.group(1) or m.group(2)).lower()) for m in _MARKER.finditer(task)
     ]
     parts: dict[str, str] = {}
-    expected = None
+    expected = None  # the next label, once the first ("a" or "1") was found
     for index, (_, end, label) in enumerate(found):
-        if expected is None:
-            if label not in {"a", "1"}:
-                continue
-            expected = label
-        if label != expected:
+        if label != expected and (expected is not None or label not in {"a", "1"}):
             continue
-        stop = next((s for s, _, nxt in found[index + 1 :] if nxt == _successor(label)), len(task))
-        parts[label] = task[end:stop].strip()
         expected = _successor(label)
+        stop = next((s for s, _, nxt in found[index + 1 :] if nxt == expected), len(task))
+        parts[label] = task[end:stop].strip()
     if len(parts) < 2:
         return ()
-    # "... (b) dataset.py (c) sample.py. Give the findings for each file.": when the other
-    # parts are phrases, a sentence after the last one is the task's own closing instruction
-    # (every thread reads the task), not a part of (c): its thread answered every file.
-    # Only after phrases: "(a) What is 2 + 2? (b) Tom has 3 apples. He eats one. How many?"
-    # keeps every sentence of (b).
+    # "(b) dataset.py (c) sample.py. Give the findings for each file.": after parts that are
+    # phrases, a sentence after the last one is the task's closing instruction, not a part.
     *first, last = parts
     if all(is_phrase(parts[label]) for label in first):
         parts[last] = _SENTENCE_END.split(parts[last], maxsplit=1)[0].strip()
@@ -125,19 +97,12 @@ def _successor(label: str) -> str:
 
 
 def _expand_references(subtasks: list[SubtaskRecord], task: str, notes: list[str]) -> None:
-    """A goal that only names a labelled part of the task ("answer (b)") gets its text.
-
-    Small planners write such goals; the thread, told only "answer (b)", then answers some
-    other part or calls it a dead end (seen with a 1.5B model).
-    """
-    parts = labelled_parts(task) if task else {}
-    if not parts:
-        return
+    """A goal that only names a labelled part of the task ("answer (b)") gets its text."""
+    parts = labelled_parts(task)
     expanded = []
     for subtask in subtasks:
-        matched = _REFERENCE.fullmatch(subtask["goal"].strip())
-        label = matched.group(1).lower() if matched else None
-        if label is not None and parts.get(label):
+        matched = _REFERENCE.fullmatch(subtask["goal"].strip()) if parts else None
+        if matched and parts.get(label := matched.group(1).lower()):
             subtask["goal"] = f"({label}) {parts[label]}"
             expanded.append(subtask["id"])
     if expanded:
@@ -276,8 +241,8 @@ _APPROACHES = (
     "work backwards from what is asked, or check the candidates one by one",
     "estimate first, then work it out exactly and compare with the estimate",
 )
-"""Approach hints for repeated attempts at one goal: general methods, so that attempts at
-temperature 0 (or with the same seed) do not write the same answer."""
+"""Approach hints for repeated attempts at one goal, so that they do not all write the same
+answer (at temperature 0, or with one seed)."""
 
 
 def _goal_key(goal: str) -> str:

@@ -1,9 +1,5 @@
-"""What the model writes when it plans: the plan as pydantic validates it, and the JSON
-schema sent to servers that constrain their output to it.
-
-Validation is lenient (small models write ids as numbers, options as strings); repair and
-clamping happen afterwards, in ``plan``.
-"""
+"""What the model writes when it plans: the plan as pydantic validates it (leniently: repair
+happens in ``plan``), and the JSON schema sent to servers that constrain output to it."""
 
 from __future__ import annotations
 
@@ -107,11 +103,8 @@ class Plan(BaseModel):
 
     @model_validator(mode="after")
     def _apply_options(self) -> Plan:
-        """Apply the plan-level ``depends_on`` and ``fork`` to the subtasks they name.
-
-        A plan written as a list of goals names subtasks by number (1 is the first goal) or by
-        id; a reference to no subtask is left for plan repair to report.
-        """
+        """Apply the plan-level ``depends_on`` and ``fork`` to the subtasks they name (by id,
+        or by number from 1); a reference to no subtask is left for plan repair to report."""
         if not (self.depends_on or self.fork):
             return self
         for index, subtask in enumerate(self.subtasks, start=1):
@@ -169,8 +162,8 @@ class Plan(BaseModel):
 
 
 WORKING_MAX_CHARS = 400
-"""The longest ``working`` a direct plan may write (about 100 tokens): room for one
-calculation or a recalled fact, not for a chain of thought."""
+"""The longest ``working`` a direct plan may write (about 100 tokens): one calculation or
+fact, not a chain of thought."""
 
 
 def plan_json_schema(
@@ -178,79 +171,48 @@ def plan_json_schema(
 ) -> dict[str, Any]:
     """The JSON schema sent to the server: a direct answer *or* bounded subtasks.
 
-    Two alternatives instead of one object with optional fields: a constrained decoder then
-    cannot emit subtasks after a direct answer (small models otherwise loop on junk subtasks
-    until the token limit), and the subtask array is capped at ``max_threads``. Validation
-    itself (``Plan``) stays lenient; oversized plans are clamped afterwards.
+    Two alternatives, so that a constrained decoder cannot write subtasks after a direct
+    answer (small models loop on junk subtasks), with at most ``max_threads`` subtasks.
 
-    ``labels``: the labelled parts of the task (``["a", "b", "c"]``); each subtask is then
-    one of them, written as its label (``"(b)"``), and its thread is given that part's text.
-    ``answer=False``: a direct plan is ``{"strategy": "direct"}`` alone (the planner did not
-    read the whole context, so another call answers).
+    ``labels``: the task's labelled parts (``["a", "b"]``); each subtask is then one of them,
+    written as its label (``"(b)"``). ``answer=False``: a direct plan is
+    ``{"strategy": "direct"}`` alone (the planner did not read the whole context).
     """
     number = {"type": "integer", "minimum": 1, "maximum": max_threads}
+    numbers = {"type": "array", "items": number, "maxItems": max_threads}
     goal: dict[str, Any] = (
         {"type": "string", "enum": [f"({label})" for label in labels]}
         if labels
         else {"type": "string", "maxLength": 600}
     )
-    direct: dict[str, Any] = {
-        "type": "object",
-        "properties": {"strategy": {"type": "string", "enum": ["direct"]}},
-        "required": ["strategy"],
-        "additionalProperties": False,
+    direct: dict[str, Any] = {"strategy": {"type": "string", "enum": ["direct"]}}
+    if answer:  # a short working before the answer: small models get more right
+        direct["working"] = {"type": "string", "maxLength": WORKING_MAX_CHARS}
+        direct["answer"] = {"type": "string"}
+    parallel = {
+        "strategy": {"type": "string", "enum": ["parallel"]},
+        "merge": {"type": "string", "enum": ["concat", "synthesize", "vote", "race", "best"]},
+        # Goals alone, their rare options after them by number: offered objects, small
+        # models write every option of every subtask, delaying every thread.
+        "subtasks": {"type": "array", "items": goal, "minItems": 1, "maxItems": max_threads},
+        "depends_on": {"type": "object", "additionalProperties": numbers},
+        "fork": numbers,
     }
+    # merge is required, so written before the subtasks (llama.cpp puts optional properties
+    # last): a thread can start as soon as its subtask is written.
     return {
         "title": "Plan",
         "anyOf": [
-            direct
-            if not answer
-            else {
-                "type": "object",
-                # The working before the answer: asked for the answer alone, a 1.5B model got
-                # 26 of 40 general one-step questions right (84 + 55 -> "149"); with a short
-                # working field first, 33 of 40, for ~20 more tokens each (BENCHMARKS.md).
-                "properties": {
-                    "strategy": {"type": "string", "enum": ["direct"]},
-                    "working": {"type": "string", "maxLength": WORKING_MAX_CHARS},
-                    "answer": {"type": "string"},
-                },
-                "required": ["strategy", "working", "answer"],
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "properties": {
-                    "strategy": {"type": "string", "enum": ["parallel"]},
-                    "merge": {
-                        "type": "string",
-                        "enum": ["concat", "synthesize", "vote", "race", "best"],
-                    },
-                    # Goals alone, their rare options after them by goal number: every token
-                    # of the plan delays every thread, and offered per-subtask objects, a
-                    # 1.5B model wrote every option of every subtask (174 tokens for three
-                    # questions; 55-65 as goals).
-                    "subtasks": {
-                        "type": "array",
-                        "items": goal,
-                        "minItems": 1,
-                        "maxItems": max_threads,
-                    },
-                    "depends_on": {
-                        "type": "object",
-                        "additionalProperties": {
-                            "type": "array",
-                            "items": number,
-                            "maxItems": max_threads,
-                        },
-                    },
-                    "fork": {"type": "array", "items": number, "maxItems": max_threads},
-                },
-                # merge is required so that constrained decoders (llama.cpp puts optional
-                # properties after the required ones) write it before the subtasks: a thread
-                # can then start as soon as its subtask is written.
-                "required": ["strategy", "merge", "subtasks"],
-                "additionalProperties": False,
-            },
+            _object(direct, list(direct)),
+            _object(parallel, ["strategy", "merge", "subtasks"]),
         ],
+    }
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
     }

@@ -1,10 +1,9 @@
 """The task's shape before any model call: one continuous piece, or parts written in parallel.
 
-A small planner asked for a JSON plan splits almost everything (issue #33: 79 of 80 open
-questions, 8 of 8 single word problems). The router is a logistic regression shipped as data
-(``router.json``, trained by ``scripts/train_router.py`` on ``data/decision/``): word unigrams and
-bigrams plus a few structural counts. A task it calls one piece is answered directly, with no
-planning call; a task it calls parallel goes on to the planner.
+A small planner splits almost everything (issue #33), so a logistic regression shipped as
+data (``router.json``, trained by ``scripts/train_router.py`` on ``data/decision/``) on word
+unigrams, bigrams and a few structural counts decides first: a task it calls one piece is
+answered directly, with no planning call.
 
 Example:
     >>> shape = task_shape("Write a short story about a lighthouse keeper")
@@ -70,9 +69,7 @@ def count_parts(task: str) -> int:
 def features(task: str) -> dict[str, float]:
     """A task's features: n-grams (``w:``), its first word (``f:``), structure (``s:``).
 
-    N-grams count once however often they occur (a word repeated in a long post is not more
-    evidence); numbers are one token, ``<num>``. Presence beat n-grams scaled by the task's
-    length in cross-validation on the development data (0.838 against 0.836 balanced accuracy).
+    N-grams count once however often they occur; numbers are one token, ``<num>``.
     """
     words = ["<num>" if w[0].isdigit() else w for w in _WORD.findall(task.lower())]
     grams = set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
@@ -103,7 +100,6 @@ def features(task: str) -> dict[str, float]:
 
 @functools.cache
 def _model() -> dict[str, Any]:
-    # Read once, on first use: the file ships inside the package, so this also works from a wheel.
     text = resources.files("apr_graph").joinpath("router.json").read_text(encoding="utf-8")
     model: dict[str, Any] = json.loads(text)
     if model.get("format") != FORMAT:
@@ -132,9 +128,8 @@ def task_shape(task: str, context: str = "") -> Shape:
 
     Args:
         task: the user's request.
-        context: accepted for the caller's convenience and ignored: documents or chat history
-            say what to answer from, not whether the answer has independent parts, and their
-            words would outvote the request's.
+        context: ignored: documents say what to answer from, not whether the answer has
+            independent parts, and their words would outvote the request's.
 
     Returns:
         A :class:`Shape`; ``shape.splits`` says whether planning (a parallel split) is worthwhile.

@@ -84,9 +84,7 @@ class NativeFormat:
         """The text that follows the outlines once all ``(label, body)`` threads are done."""
         parts = []
         for index, (label, body) in enumerate(threads):
-            header = self.header(label)
-            if self.tight_join and index > 0:
-                header = header[1:]
+            header = self.header(label)[1 if self.tight_join and index else 0 :]
             parts.append(f"{header}{body}{self.thread_close}")
         return "".join(parts) + self.after_join
 
