@@ -72,35 +72,24 @@ __all__ = [
 __version__ = "0.1.0"
 
 _WHERE = {
-    "AprContext": "apr_graph.context",
-    "AprError": "apr_graph.errors",
-    "AprInput": "apr_graph.state",
-    "AprOutput": "apr_graph.state",
-    "AprSettings": "apr_graph.settings",
-    "AuthenticationError": "apr_graph.errors",
-    "BudgetExhaustedError": "apr_graph.errors",
-    "ChatModelClient": "apr_graph.chat_model",
-    "Completion": "apr_graph.responses",
-    "ConfigurationError": "apr_graph.errors",
-    "ContextOverflowError": "apr_graph.errors",
-    "InputError": "apr_graph.errors",
-    "LLMClient": "apr_graph.llm",
-    "MergeStrategy": "apr_graph.settings",
-    "ModelCallError": "apr_graph.errors",
-    "ModelNotFoundError": "apr_graph.errors",
-    "Plan": "apr_graph.plan_schema",
-    "PlanRecord": "apr_graph.state",
-    "ServerCapabilityError": "apr_graph.errors",
-    "ServerUnreachableError": "apr_graph.errors",
-    "StructuredOutputError": "apr_graph.errors",
-    "Subtask": "apr_graph.plan_schema",
-    "ThreadRecord": "apr_graph.state",
-    "Transport": "apr_graph.transport",
-    "as_tool": "apr_graph.integrations",
-    "compile_apr_graph": "apr_graph.graph",
-    "create_apr_graph": "apr_graph.graph",
-    "prepare_resume": "apr_graph.durable",
-    "resume_run": "apr_graph.durable",
+    name: f"apr_graph.{module}"
+    for module, names in {
+        "chat_model": "ChatModelClient",
+        "context": "AprContext",
+        "durable": "prepare_resume resume_run",
+        "errors": "AprError AuthenticationError BudgetExhaustedError ConfigurationError "
+        "ContextOverflowError InputError ModelCallError ModelNotFoundError ServerCapabilityError "
+        "ServerUnreachableError StructuredOutputError",
+        "graph": "compile_apr_graph create_apr_graph",
+        "integrations": "as_tool",
+        "llm": "LLMClient",
+        "plan_schema": "Plan Subtask",
+        "responses": "Completion",
+        "settings": "AprSettings MergeStrategy",
+        "state": "AprInput AprOutput PlanRecord ThreadRecord",
+        "transport": "Transport",
+    }.items()
+    for name in names.split()
 }
 """Where each public name lives: imported on first use, so ``import apr_graph`` (and every
 ``apr`` subcommand or test double that needs only a corner of it) stays cheap."""

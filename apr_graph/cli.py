@@ -221,7 +221,9 @@ def _output(state: dict[str, Any]) -> dict[str, Any]:
     return {key: state.get(key) for key in ("answer", "plan", "threads", "metrics", "calls")}
 
 
-def _write_trace(path: Path, record: dict[str, Any], secret: str) -> None:
+def _write_trace(path: Path | None, record: dict[str, Any], secret: str) -> None:
+    if path is None:
+        return
     text = json.dumps(record, indent=2, default=str)
     if len(secret) >= 4:
         text = text.replace(secret, "***")  # belt and braces: the key is never recorded
@@ -286,14 +288,12 @@ def _ask(args: argparse.Namespace) -> int:
             crashed = server.crash_error() if server is not None else None
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record["error"] = str(crashed or exc)
-            if args.trace:
-                _write_trace(args.trace, record, settings.api_key.get_secret_value())
+            _write_trace(args.trace, record, settings.api_key.get_secret_value())
             if crashed is not None and isinstance(exc, AprError):
                 raise crashed from exc
             raise
     record.update(status="done", **_output(state))
-    if args.trace:
-        _write_trace(args.trace, record, settings.api_key.get_secret_value())
+    _write_trace(args.trace, record, settings.api_key.get_secret_value())
     if args.json:
         print(json.dumps(_output(state), default=str))
     else:

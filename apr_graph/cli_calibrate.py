@@ -72,7 +72,6 @@ def describe_profile(profile: SpeedProfile) -> str:
 async def _measure(
     settings: AprSettings, args: argparse.Namespace, notice: Callable[[str], None]
 ) -> SpeedProfile:
-
     with loading():
         from apr_graph.errors import ModelNotFoundError
         from apr_graph.llm import LLMClient

@@ -72,10 +72,9 @@ OWN_PROCESS = False
 def loading() -> Iterator[None]:
     """Import the graph, the client or the checkpointer with the cycle collector paused.
 
-    They are imported by the commands that use them, so ``apr serve`` and ``apr --help`` do not
-    wait for them. LangGraph, LangChain and OpenAI make about a million objects; while they load,
-    the collector would walk them again and again (a third of the time). In a process of its
-    own they live until exit, so they are frozen: the collector never walks them again.
+    Only the commands that use them import them (``apr --help`` does not wait). They make about
+    a million objects, which the collector would walk again and again while they load; in a
+    process of its own they live until exit, so they are frozen and never walked again.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -95,15 +94,10 @@ def default_db() -> Path:
 
 def settings_from(args: argparse.Namespace) -> AprSettings:
     """Settings from the options given (then ``APR_*``/``OPENAI_*``); bad values exit 2."""
-    given = {
-        "base_url": args.base_url,
-        "model": args.model,
-        "api_key": args.api_key,
-        "max_threads": args.max_threads,
-        "max_concurrency": args.max_concurrency,
-    }
+    names = ("base_url", "model", "api_key", "max_threads", "max_concurrency")
+    given = {name: value for name in names if (value := getattr(args, name)) is not None}
     try:
-        return AprSettings(**{k: v for k, v in given.items() if v is not None})
+        return AprSettings(**given)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()

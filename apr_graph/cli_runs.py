@@ -52,8 +52,8 @@ def find_run(db: Path, thread_id: str) -> StoredRun | None:
 
 def missing_run(db: Path, thread_id: str) -> str | None:
     """What to tell a user who names a run ``db`` does not hold (None if it holds it)."""
-    if find_run(db, thread_id) is not None:
-        return None
     stored = list_runs(db)
+    if any(run.thread_id == thread_id for run in stored):
+        return None
     listing = "; stored runs:\n" + describe_runs(stored) if stored else " (it holds no runs)"
     return f"no run is stored under thread id {thread_id!r} in {db}{listing}"

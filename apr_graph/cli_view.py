@@ -45,6 +45,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
 _PROGRESS = {"queued": 0, "running": 1}
 """How far a row has come; every other status is an outcome (2). A row never goes back."""
 
+_STYLES = {"done": "green", "failed": "red", "running": "yellow", "cancelled": "magenta"}
+_STYLES |= dict.fromkeys(("queued", "skipped"), "dim")
+
 
 def _progress(thread: dict[str, Any]) -> int:
     return _PROGRESS.get(thread.get("status", "queued"), 2)
@@ -89,15 +92,15 @@ class View:
                 )
                 row.setdefault("answer", None)
                 row["goal"] = subtask["goal"]  # the final plan's (a re-asked plan may differ)
-        elif kind == "thread_started":
-            thread = self.threads.setdefault(event["id"], {"goal": event["goal"], "tokens": 0})
-            if _progress(thread) < 1:
+        elif kind in ("thread_started", "thread_cancelled", "thread_looped", "thread_finished"):
+            thread = self.threads.setdefault(
+                event["id"], {"goal": event.get("goal", ""), "tokens": 0, "started": None}
+            )
+            if kind == "thread_started" and _progress(thread) < 1:
                 thread.update(status="running", started=time.monotonic())
-        elif kind == "thread_cancelled":
-            # Followed by the thread's record, if it had a worker; a thread started early
-            # that the final plan dropped gets only this.
-            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
-            if _progress(thread) < 2:
+            elif kind == "thread_cancelled" and _progress(thread) < 2:
+                # Followed by the thread's record, if it had a worker; a thread started early
+                # that the final plan dropped gets only this.
                 started = thread.get("started")
                 thread.update(
                     status="cancelled",
@@ -105,18 +108,16 @@ class View:
                     elapsed=None if started is None else time.monotonic() - started,
                     error=event.get("reason"),
                 )
-        elif kind == "thread_looped":
-            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
-            thread["looped"] = "copied its input" if event.get("copied_lines") else "looped"
-        elif kind == "thread_finished":
-            thread = self.threads.setdefault(event["id"], {"goal": "", "started": None})
-            thread.update(
-                status=event["status"],
-                tokens=event["completion_tokens"],
-                elapsed=event["elapsed_s"],
-                answer=event.get("answer"),
-                error=event.get("error"),
-            )
+            elif kind == "thread_looped":
+                thread["looped"] = "copied its input" if event.get("copied_lines") else "looped"
+            elif kind == "thread_finished":
+                thread.update(
+                    status=event["status"],
+                    tokens=event["completion_tokens"],
+                    elapsed=event["elapsed_s"],
+                    answer=event.get("answer"),
+                    error=event.get("error"),
+                )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """The closing line of a finished run."""
@@ -130,12 +131,8 @@ class QuietView(View):
 
 
 class PlainView(View):
-    """Plain lines on stderr, for logs and pipes.
-
-    Args:
-        run_notices: print the run's ``notice`` events (e.g. that the server does not report
-            its width); off with ``--json``.
-    """
+    """Plain lines on stderr, for logs and pipes; ``run_notices``: print the run's ``notice``
+    events (off with ``--json``)."""
 
     def __init__(self, *, run_notices: bool = True) -> None:
         super().__init__()
@@ -197,12 +194,7 @@ class LiveView(PlainView):
     def __init__(self, *, run_notices: bool = True) -> None:
         super().__init__(run_notices=run_notices)
         self.started = time.monotonic()
-        self.live = Live(
-            console=self.console,
-            get_renderable=self._render,
-            refresh_per_second=8,
-            transient=False,
-        )
+        self.live = Live(console=self.console, get_renderable=self._render, refresh_per_second=8)
 
     def __enter__(self) -> View:
         self.live.start()
@@ -226,28 +218,17 @@ class LiveView(PlainView):
         table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
         for column in ("thread", "status", "tokens", "time", "goal"):
             table.add_column(column)
-        styles = {
-            "done": "green",
-            "failed": "red",
-            "running": "yellow",
-            "queued": "dim",
-            "cancelled": "magenta",
-            "skipped": "dim",
-        }
         for tid, thread in self.threads.items():
             status = thread.get("status", "queued")
-            if thread.get("elapsed") is not None:
-                spent = f"{thread['elapsed']:.1f}s"
-            elif thread.get("started") is not None:
-                spent = f"{time.monotonic() - thread['started']:.1f}s"
-            else:
-                spent = ""
+            spent, started = thread.get("elapsed"), thread.get("started")
+            if spent is None and started is not None:
+                spent = time.monotonic() - started
             label = f"{status} ({thread['looped']})" if thread.get("looped") else status
             table.add_row(
                 tid,
-                Text(label, style=styles.get(status, "")),
+                Text(label, style=_STYLES.get(status, "")),
                 str(thread.get("tokens") or ""),
-                spent,
+                "" if spent is None else f"{spent:.1f}s",
                 thread.get("goal", "")[:70],
             )
         return Group(head, why, table) if why else Group(head, table)

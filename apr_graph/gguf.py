@@ -8,6 +8,7 @@ tensor and metadata counts, the metadata key/value pairs, then one record per te
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -18,19 +19,10 @@ __all__ = ["GgufError", "GgufInfo", "read_gguf"]
 
 _MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9
-_SCALARS = {
-    0: struct.Struct("<B"),
-    1: struct.Struct("<b"),
-    2: struct.Struct("<H"),
-    3: struct.Struct("<h"),
-    4: struct.Struct("<I"),
-    5: struct.Struct("<i"),
-    6: struct.Struct("<f"),
-    7: struct.Struct("<?"),
-    10: struct.Struct("<Q"),
-    11: struct.Struct("<q"),
-    12: struct.Struct("<d"),
-}
+# The fixed-size value types: uint8 int8 uint16 int16 uint32 int32 float32 bool (0-7), then
+# uint64 int64 float64 (10-12).
+_CODES = dict(zip((*range(8), 10, 11, 12), "BbHhIif?Qqd", strict=True))
+_SCALARS = {kind: struct.Struct(f"<{code}") for kind, code in _CODES.items()}
 _U32, _U64 = _SCALARS[4], _SCALARS[10]
 _KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 
@@ -148,12 +140,8 @@ def _parse(path: Path, reader: _Reader, size: int) -> GgufInfo:
     counted = 0
     for _ in range(tensors):
         reader.string()
-        dims = reader.scalar(4)
-        elements = 1
-        for _ in range(dims):
-            elements *= reader.scalar(10)
+        counted += math.prod(reader.scalar(10) for _ in range(reader.scalar(4)))  # its shape
         reader.take(_U32.size + _U64.size)  # type, offset
-        counted += elements
     arch = meta.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
     return GgufInfo(

