@@ -1,16 +1,11 @@
 """How many requests a server really runs at once, asked once, so the fan-out fits it.
 
-What is probed, where (all at once, within one short timeout):
+- llama.cpp: ``GET /props`` (``total_slots``, per-slot ``n_ctx``), else ``GET /slots``.
+- vLLM: ``GET /metrics`` gives the KV cache size only (``max_num_seqs`` is not exposed).
+- Ollama, LiteLLM, ``transformers serve``, OpenAI: nothing to ask.
 
-- llama.cpp ``llama-server``: ``GET /props`` (``total_slots``, and the per-slot context
-  ``default_generation_settings.n_ctx``), else ``GET /slots`` (one entry per slot).
-- vLLM: ``GET /metrics``. vLLM does not expose its scheduler's ``max_num_seqs``; its
-  ``vllm:cache_config_info`` labels give the KV cache (``num_gpu_blocks`` x ``block_size``
-  tokens), which is reported, but the width stays unknown.
-- Ollama, LiteLLM, ``transformers serve``, OpenAI: nothing to ask; the width is unknown.
-
-An unknown width leaves the settings' ``max_concurrency`` in charge. The probe goes on aiohttp
-(``http_pool``), once per client whatever event loops it serves (``ProbeOnce``).
+An unknown width leaves the settings' ``max_concurrency`` in charge. The probe runs once per
+client whatever event loops it serves (``ProbeOnce``).
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ from apr_graph.sdk_compat import authorization
 __all__ = ["CapacityReport", "ProbeOnce", "probe_parallel_capacity", "server_root"]
 
 _TIMEOUT_S = 3.0
-UNKNOWN = "not reported by the server"
 
 
 @dataclass(frozen=True)
@@ -45,7 +39,7 @@ class CapacityReport:
     """
 
     width: int | None = None
-    source: str = UNKNOWN
+    source: str = "not reported by the server"
     slot_context: int | None = None
     kv_cache_tokens: int | None = None
 
@@ -93,21 +87,12 @@ def _from_metrics(text: str) -> CapacityReport | None:
 async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> CapacityReport:
     """What the server says about its capacity (an empty report if it says nothing).
 
-    The three endpoints are asked at once, within one short timeout, so a server that says
-    nothing (or hangs) costs at most ``_TIMEOUT_S`` once per client. They are asked on
-    connections of the probe's own, closed after it: the client's pool keeps only the
-    connections its requests use.
+    The endpoints are asked at once within one short timeout, so a silent or hung server
+    costs at most ``_TIMEOUT_S`` per client; on the probe's own connections, closed after it,
+    so the client's pool keeps only those its requests use.
     """
+    headers, root = authorization(api_key), server_root(base_url)
     pool = HttpPool(timeout_s=_TIMEOUT_S, https=base_url.startswith("https://"), keepalive_s=1)
-    try:
-        return await _ask_all(pool, base_url, api_key)
-    finally:
-        await pool.aclose()
-
-
-async def _ask_all(pool: HttpPool, base_url: str, api_key: str | None) -> CapacityReport:
-    headers = authorization(api_key)
-    root = server_root(base_url)
 
     async def ask(path: str) -> Any:
         try:
@@ -115,10 +100,12 @@ async def _ask_all(pool: HttpPool, base_url: str, api_key: str | None) -> Capaci
         except Exception:  # any failure, or a failed status, says nothing
             return None
 
-    props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
-    report = _from_props(props) or _from_slots(slots)
+    try:
+        props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
+    finally:
+        await pool.aclose()
     found = _from_metrics(metrics) if isinstance(metrics, str) else None
-    return report or found or CapacityReport()
+    return _from_props(props) or _from_slots(slots) or found or CapacityReport()
 
 
 class ProbeOnce:

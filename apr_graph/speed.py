@@ -1,18 +1,14 @@
 """What forking buys on the server at hand: measure it, remember it, predict wall times.
 
-``calibrate`` measures an endpoint in a few dozen seconds (what ``apr calibrate`` runs);
-``SpeedStore`` remembers the profile per endpoint and learns from runs' own calls
-(``speed_store``); ``predict_call_s`` and ``predict_plan_s`` turn a profile into the seconds
-of a direct answer and of a plan (``speed_profile``).
-
-Example:
-    >>> store = SpeedStore(None)  # in memory; default_speed_file() for the user's file
-    >>> # profile = await calibrate(client); store.put(endpoint_key(url, model), profile)
+``calibrate`` measures an endpoint (``apr calibrate``); ``SpeedStore`` remembers profiles per
+endpoint and learns from runs' calls; ``predict_call_s`` and ``predict_plan_s`` turn a profile
+into the seconds of a direct answer and of a plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +18,7 @@ from apr_graph.errors import AprError
 from apr_graph.llm import LLMClient
 from apr_graph.responses import Completion, Message
 from apr_graph.speed_profile import SpeedProfile, predict_call_s, predict_plan_s
-from apr_graph.speed_store import (
-    CALIBRATION_WEIGHT,
-    SpeedStore,
-    default_speed_file,
-    endpoint_key,
-)
+from apr_graph.speed_store import CALIBRATION_WEIGHT, SpeedStore, default_speed_file, endpoint_key
 
 __all__ = [
     "SpeedProfile",
@@ -39,11 +30,8 @@ __all__ = [
     "predict_plan_s",
 ]
 
-_COUNT: list[Message] = [
-    {"role": "user", "content": "Count from 1 to 500, separated by spaces."},
-]
-_PREFILL_WORDS = 1000
-"""Words of the prefill prompt: about a thousand tokens with common English words."""
+_COUNT: list[Message] = [{"role": "user", "content": "Count from 1 to 500, separated by spaces."}]
+_PREFILL_WORDS = 1000  # about a thousand tokens with common English words
 _VOCABULARY = (
     "time year people way day man thing woman life child world school state family student "
     "group country problem hand part place case week company system program question work "
@@ -51,12 +39,7 @@ _VOCABULARY = (
     "right study book eye job word business issue side kind head house service friend father "
     "power hour game line end member law car city community name president team minute idea"
 )
-_MIN_DECODED = 16
-"""Fewer tokens than this time only noise: the model must keep counting."""
-
-
-async def _timed(client: LLMClient, messages: list[Message], max_tokens: int) -> Completion:
-    return await client.chat(messages, role="worker", max_tokens=max_tokens, temperature=0.0)
+_MIN_DECODED = 16  # fewer tokens than this time only noise
 
 
 def _first_token_s(completion: Completion) -> float:
@@ -99,9 +82,8 @@ async def calibrate(
     """Measure ``client``'s endpoint: decode tokens/s of 1, 2 and ``streams`` streams at once
     (each asked to count, ``tokens`` tokens), uncached prefill tokens/s, first-token latency.
 
-    About 30 s for a 1.5B model on a 2-core CPU, a few seconds on a GPU. Stream counts
-    above what the server or the client runs at once are not measured (they would queue).
-    Each step reports one line through ``on_progress``.
+    Stream counts above what the server or client runs at once are not measured (they would
+    queue). Each step reports one line through ``on_progress``.
 
     Raises:
         ValueError: ``streams`` < 1 or ``tokens`` < 16.
@@ -112,20 +94,21 @@ async def calibrate(
     say = on_progress or (lambda line: None)
     # Counting repeats digits: the client's loop guard must not cut it short.
     client = client.for_run(client.settings.model_copy(update={"stop_loops": False}))
+    ask = functools.partial(client.chat, role="worker", temperature=0.0)
     report = await client.capacity_report()
     width = min(w for w in (streams, report.get("width"), report.get("limit")) if w)
     if width < streams:
         say(f"calibrate: this server or client runs {width} at once: no more streams are timed")
 
     # The latency first: its requests also warm up the connection and a lazily loaded model.
-    minimal = [await _timed(client, _unique("Say OK."), 1) for _ in range(2)]
+    minimal = [await ask(_unique("Say OK."), max_tokens=1) for _ in range(2)]
     first_token_s = min(_first_token_s(c) for c in minimal)
     say(f"calibrate: first token after {first_token_s:.3f} s (a minimal request)")
 
     decode: dict[int, float] = {}
     for k in sorted({1, min(2, width), width}):
         started = time.perf_counter()
-        done = await asyncio.gather(*(_timed(client, _COUNT, tokens) for _ in range(k)))
+        done = await asyncio.gather(*(ask(_COUNT, max_tokens=tokens) for _ in range(k)))
         decode[k] = _aggregate_tps(done)
         gain = f" together, {decode[k] / decode[1]:.2f}x one stream" if k > 1 else ""
         say(
@@ -134,7 +117,7 @@ async def calibrate(
             f"in {time.perf_counter() - started:.1f} s)"
         )
 
-    prefill = await _timed(client, _prefill_prompt(), 1)
+    prefill = await ask(_prefill_prompt(), max_tokens=1)
     base_prompt = minimal[-1].prompt_tokens
     uncached = prefill.prompt_tokens - (prefill.cached_tokens or 0) - base_prompt
     seconds = _first_token_s(prefill) - first_token_s

@@ -1,17 +1,8 @@
 """What concurrency buys on one endpoint, and the wall time a direct answer or a plan takes.
 
-A ``SpeedProfile`` holds measured rates: aggregate decode tokens/s with k streams at once,
-uncached prefill tokens/s, and the latency of a minimal request. On a GPU server with
-continuous batching, 4 streams decode nearly 4x the tokens/s of one; on a 2-core CPU
-llama-server, 1.37x. The predictions turn that into seconds, so a fork decision can compare
+A ``SpeedProfile`` holds measured rates (decode tokens/s by streams at once, prefill tokens/s,
+first-token latency); the predictions turn them into seconds, so a fork decision can compare
 one direct call with planning + threads + merge on the server at hand.
-
-Example:
-    >>> cpu = SpeedProfile({1: 22.9, 2: 27.7, 4: 31.4}, 150.0, 0.2, "measured")
-    >>> round(cpu.gain(4), 2)
-    1.37
-    >>> round(predict_call_s(cpu, prompt_tokens=100, output_tokens=600), 1)
-    27.1
 """
 
 from __future__ import annotations
@@ -33,10 +24,9 @@ class SpeedProfile:
         decode_tps: aggregate completion tokens/s with k streams decoding at once, by k.
         prefill_tps: uncached prompt tokens/s (``None``: not measured).
         first_token_s: latency of a minimal request: network, queue, a tiny prefill.
-        source: where the figures come from (``apr calibrate, 2026-12-05 18:40``,
-            ``observed in 14 calls``).
+        source: where the figures come from (``apr calibrate, <date>``, ``observed in N calls``).
         weights: how many observations each ``decode_tps`` figure rests on (a calibration
-            counts as several; see ``speed_store``).
+            counts as several).
         first_token_weight: the same for ``first_token_s``.
         observed_calls: calls learned from since the profile was measured.
         part_tokens: what one thread's answer takes on this endpoint, learned from runs'
@@ -66,11 +56,8 @@ class SpeedProfile:
             raise ValueError(f"first_token_s = {self.first_token_s}: need >= 0 or None")
 
     def aggregate_tps(self, streams: int) -> float:
-        """Completion tokens/s of ``streams`` streams together.
-
-        Linear between measured stream counts; flat beyond the largest (a server's slots
-        run out) and below the smallest (no gain is assumed that was not measured).
-        """
+        """Completion tokens/s of ``streams`` streams together: linear between measured counts,
+        flat beyond the largest (slots run out) and below the smallest (no unmeasured gain)."""
         if streams < 1:
             raise ValueError(f"streams = {streams}: need at least 1")
         points = sorted(self.decode_tps.items())
@@ -101,11 +88,7 @@ class SpeedProfile:
 
     @classmethod
     def from_json(cls, data: Any) -> SpeedProfile:
-        """A profile from ``to_json`` data.
-
-        Raises:
-            ValueError: the data is not a profile.
-        """
+        """A profile from ``to_json`` data (``ValueError`` if the data is not a profile)."""
         if not isinstance(data, dict):
             raise ValueError(f"a speed profile is a JSON object, not {type(data).__name__}")
         try:
@@ -158,12 +141,9 @@ def predict_call_s(
 
 
 def _batch_s(profile: SpeedProfile, prompt_tokens: int, tokens: Sequence[int]) -> float:
-    """Seconds a batch of threads started together takes, until its longest ends.
-
-    The prompts are prefilled one after another (prefill is compute-bound everywhere);
-    then all decode, and as the shorter threads end, the rest speed up to the rate of
-    fewer streams.
-    """
+    """Seconds a batch of threads started together takes, until its longest ends: prompts
+    prefilled one after another (prefill is compute-bound), then all decode, the rest
+    speeding up to the rate of fewer streams as the shorter threads end."""
     elapsed = (profile.first_token_s or 0.0) + len(tokens) * _prefill_s(profile, prompt_tokens)
     done = 0
     for index, length in enumerate(sorted(tokens)):
@@ -184,12 +164,8 @@ def predict_plan_s(
     merge_prompt_tokens: int,
     merge_tokens: int,
 ) -> float:
-    """Seconds a plan takes: the planning call, the threads ``width`` at a time, the merge.
-
-    The threads start in their order in batches of ``width``; each batch lasts until its
-    longest thread ends (``_batch_s``). ``merge_tokens == 0`` is a merge that makes no call
-    (``concat``).
-    """
+    """Seconds a plan takes: the planning call, the threads in batches of ``width`` (each
+    lasting until its longest thread ends), the merge (``merge_tokens == 0``: no call)."""
     _check(plan_tokens=plan_tokens, thread_prompt_tokens=thread_prompt_tokens)
     _check(merge_prompt_tokens=merge_prompt_tokens, merge_tokens=merge_tokens)
     if width < 1 or any(t < 0 for t in thread_tokens):

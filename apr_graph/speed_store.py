@@ -1,17 +1,12 @@
 """Speed profiles remembered per endpoint in a JSON file, and learned from runs' own calls.
 
-The file is ``{"version": 1, "endpoints": {key: profile}}``. It is shared by every process
-of the user: each write reads the file afresh and replaces only its own endpoint's entry
-(others' entries, even ones this version cannot read, are kept), through a temporary file
-and ``os.replace``, so a reader never sees half a file; of two concurrent writers, the last
-wins. A corrupt file is a warning and reads as empty; the next write keeps it beside the new
-one as ``<name>.corrupt``.
+The file (``{"version": 1, "endpoints": {key: profile}}``) is shared by the user's processes:
+a write re-reads it, replaces only its endpoint's entry and lands atomically (last writer
+wins). A corrupt file warns, reads as empty, and is kept as ``<name>.corrupt`` on next write.
 
-Weighting: ``apr calibrate`` replaces an endpoint's profile, each figure counting as
-``CALIBRATION_WEIGHT`` observations. A finished run is one observation per stream count it
-ran at; it moves a figure by ``1 / (weight + 1)`` of the difference, but never by less than
-``MIN_ALPHA`` (an exponential moving average once about ten observations are in), so a
-calibration outweighs a few runs and a server that changed is followed within a few dozen.
+A calibration's figures count as ``CALIBRATION_WEIGHT`` observations; a finished run is one
+per stream count, moving a figure by ``1 / (weight + 1)`` of the difference but at least
+``MIN_ALPHA``: a calibration outweighs a few runs, a changed server is followed within dozens.
 """
 
 from __future__ import annotations
@@ -28,24 +23,15 @@ from typing import Any
 from apr_graph.speed_profile import SpeedProfile
 from apr_graph.state import CallRecord
 
-__all__ = [
-    "CALIBRATION_WEIGHT",
-    "MIN_ALPHA",
-    "SpeedStore",
-    "default_speed_file",
-    "endpoint_key",
-]
+__all__ = ["CALIBRATION_WEIGHT", "MIN_ALPHA", "SpeedStore", "default_speed_file", "endpoint_key"]
 
 CALIBRATION_WEIGHT = 8.0
 """Observations one calibration figure counts as: a few noisy runs do not undo it."""
 MIN_ALPHA = 0.1
 """The least share of a figure a new observation moves: the average keeps following."""
-MIN_TOKENS = 16
-"""Calls shorter than this say too little about the decode rate (timing noise dominates)."""
-SMALL_PROMPT = 256
-"""Uncached prompt tokens below which a call's first-token wait is mostly latency."""
-PART_MEMORY = 10.0
-"""Runs the learned length of a thread's answer rests on at most: newer runs keep moving it."""
+MIN_TOKENS = 16  # shorter calls time mostly noise, not the decode rate
+SMALL_PROMPT = 256  # uncached prompt tokens below which the first-token wait is mostly latency
+PART_MEMORY = 10.0  # most runs a thread answer's learned length rests on: newer ones move it
 _VERSION = 1
 
 
@@ -115,13 +101,8 @@ class SpeedStore:
             raise
 
     def observe(self, endpoint: str, calls: Sequence[CallRecord]) -> SpeedProfile | None:
-        """Learn from a finished run's calls and store the result.
-
-        Each call of at least ``MIN_TOKENS`` tokens gives its decode rate (tokens after the
-        first, over the time from the first to the last) and how many of the run's calls
-        decoded beside it on average; rate x that average is the aggregate rate at that
-        many streams (rounded). Calls of other runs or users on the same server are not
-        seen. Calls with small uncached prompts give the first-token latency.
+        """Learn decode rates, first-token latency and thread-answer length from a finished
+        run's calls, and store the result.
 
         Returns:
             The updated profile, or ``None`` when nothing is stored and nothing was learned.
@@ -135,13 +116,11 @@ class SpeedStore:
         decode = dict(stored.decode_tps) if stored else {}
         weights = dict(stored.weights) if stored else {}
         for streams, tps in learned.items():
-            if streams in decode:  # a figure without a weight was measured: a calibration's
-                weight = weights.get(streams, CALIBRATION_WEIGHT)
-                decode[streams], weights[streams] = _blend(decode[streams], weight, tps)
-            elif stored is not None:  # a new stream count starts from the curve's guess
-                decode[streams], weights[streams] = _blend(stored.aggregate_tps(streams), 1, tps)
-            else:
-                decode[streams], weights[streams] = tps, 1.0
+            if streams not in decode:  # a new stream count starts from the curve's guess, if any
+                old, weight = (stored.aggregate_tps(streams) if stored else None), 1.0
+            else:  # a figure without a weight was measured: a calibration's
+                old, weight = decode[streams], weights.get(streams, CALIBRATION_WEIGHT)
+            decode[streams], weights[streams] = _blend(old, weight, tps)
         if not decode:  # only a latency was seen: no profile stands on that alone
             return stored
         latency = stored.first_token_s if stored else None
@@ -218,7 +197,9 @@ def _decode_span(call: CallRecord) -> tuple[float, float]:
 
 
 def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
-    """Aggregate tokens/s by stream count: one figure per count, weighted by time."""
+    """Aggregate tokens/s by stream count, weighted by time: each call of ``MIN_TOKENS`` or
+    more gives its decode rate x how many of the run's calls decoded beside it on average
+    (other runs' calls on the server are not seen)."""
     spans = [_decode_span(call) for call in calls]
     seen: dict[int, list[tuple[float, float]]] = {}
     for call, (start, end) in zip(calls, spans, strict=True):
@@ -236,10 +217,9 @@ def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
 
 
 def _observed_part(calls: Sequence[CallRecord]) -> float | None:
-    """The mean length of the run's thread answers that ended by themselves: each thread's
-    worker calls together (a continuation after a cut is part of the same answer), counted
-    when its last call stopped by itself (one cut by its limit, or that looped, says
-    nothing of what an answer takes)."""
+    """The mean length of the run's thread answers (a thread's worker calls together, since
+    continuations are the same answer) whose last call stopped by itself: one cut by its
+    limit, or that looped, says nothing of what an answer takes."""
     threads: dict[object, list[CallRecord]] = {}
     for call in calls:
         if call["role"] == "worker":
