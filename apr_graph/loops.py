@@ -6,7 +6,10 @@ back to back, at least ``_min_repeats(p)`` times and over at least ``MIN_SPAN_WO
 tables repeat short tokens legitimately). A numbered list's markers count as one word, so a
 list that repeats its items under new numbers is a loop too. A runaway list repeats no block
 but the same sentence in new items: a sentence of ``SENTENCE_WORDS`` words or more said for
-the ``SENTENCE_REPEATS``-th time (outside code blocks) is a loop too.
+the ``SENTENCE_REPEATS``-th time (outside code blocks) is a loop too; and so is a list whose
+items keep saying what earlier ones said with other names (``ITEM_REPEATS`` items in a row,
+see ``ITEM_NOVELTY``): "Missing `__lt__` method: the class has no `__lt__` method, which makes
+it hard to sort..." for one method after another, to the token limit.
 
 A reply that writes out its own input again (a document from its top, ``copy_lines``
 unchanged lines in a row; a quote from elsewhere, ``QUOTE_FACTOR`` times that) is cut where
@@ -21,6 +24,9 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "ITEM_NOVELTY",
+    "ITEM_REPEATS",
+    "ITEM_WORDS",
     "MAX_PERIOD_WORDS",
     "MIN_SPAN_WORDS",
     "QUOTE_FACTOR",
@@ -46,6 +52,17 @@ SENTENCE_WORDS = 8
 SENTENCE_REPEATS = 5
 """A sentence of ``SENTENCE_WORDS`` words or more said this often is a loop (in the runs kept
 in ``data/decision/runs``, 5 times was always one, 4 times sometimes a sound answer)."""
+
+ITEM_WORDS = 15
+ITEM_NOVELTY = 0.25
+ITEM_REPEATS = 3
+"""A list item of ``ITEM_WORDS`` words or more of which less than ``ITEM_NOVELTY`` of the word
+4-grams are new to its list (names in code spans read alike; numbers do not, so the steps of a
+calculation differ) repeats a template; the ``ITEM_REPEATS``-th such item in a row is a loop,
+cut where it starts. Of the 739 replies kept in ``data/decision/runs``, this fires in 24, every
+one a list running away (travel tips, causes cycling, one claim made of function after
+function) or a loop; at 0.4 it would also cut a sound list of usage examples, one function
+after another. A heading, or a list numbered from 1 again, starts afresh."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
@@ -74,6 +91,82 @@ class Loop:
     period_words: int
     repeats: int
     copied_lines: int = 0
+
+
+_LINE = re.compile(r"[^\n]*\n")
+_ITEM = re.compile(r"([ \t]*)(?:\d+[.)]|[-*+])[ \t]")
+_FIRST_ITEM = re.compile(r"[ \t]*1[.)][ \t]")
+_SECTION = re.compile(r"#|\*\*[^*]+\*\*:?$")  # a heading, or a bold line of its own
+_CODE_SPAN = re.compile(r"`[^`\n]*`")
+_ITEM_WORD = re.compile(r"`c`|[\w']+")
+_MARKER_CHARS = 8  # a line this short may be a list item's marker still being written
+
+
+class _ListWatch:
+    """List items that repeat a template (``ITEM_NOVELTY``), judged as each one ends: at the
+    next item of the list's top level, or at a heading. Code blocks in an item are not read:
+    usage examples repeat their set-up legitimately."""
+
+    def __init__(self) -> None:
+        self._scanned = 0
+        self._start: int | None = None  # where the open item starts
+        self._lines: list[str] = []  # its text, code blocks aside
+        self._indent: int | None = None  # the indentation of the list's top-level markers
+        self._seen: set[tuple[str, ...]] = set()
+        self._run = 0
+        self._in_code = False
+
+    def feed(self, text: str) -> Loop | None:
+        """Look at the complete lines of ``text`` not seen yet."""
+        end = text.rfind("\n") + 1
+        for match in _LINE.finditer(text, self._scanned, end):
+            line = match.group()
+            if line.lstrip().startswith("```"):
+                self._in_code = not self._in_code
+                continue
+            if self._in_code:
+                continue
+            marker = _ITEM.match(line)
+            top = marker is not None and (
+                self._indent is None or len(marker.group(1)) <= self._indent
+            )
+            section = _SECTION.match(line.strip()) is not None
+            if (top or section) and (loop := self._judge()) is not None:
+                return loop
+            if section or (top and _FIRST_ITEM.match(line)):
+                self._seen, self._run = set(), 0
+            if top and marker is not None:
+                if self._indent is None:
+                    self._indent = len(marker.group(1))
+                self._start, self._lines = match.start(), [line[marker.end() :]]
+            elif self._start is not None and not section:
+                self._lines.append(line)
+        self._scanned = max(self._scanned, end)
+        # The next item's marker ends the open item before the rest of its line has come.
+        marker = None if self._in_code else _ITEM.match(text, end)
+        if marker is None or self._indent is None or len(marker.group(1)) > self._indent:
+            return None
+        return self._judge()
+
+    def _judge(self) -> Loop | None:
+        """The loop the open item completes, if it does."""
+        start = self._start
+        if start is None:
+            return None
+        self._start = None
+        text = _CODE_SPAN.sub(" `c` ", "".join(self._lines).lower())
+        words = _ITEM_WORD.findall(text)
+        grams = {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+        if len(words) < ITEM_WORDS:
+            self._seen |= grams
+            self._run = 0
+            return None
+        novelty = len(grams - self._seen) / len(grams)
+        self._seen |= grams
+        self._run = self._run + 1 if novelty < ITEM_NOVELTY else 0
+        if self._run < ITEM_REPEATS:
+            return None
+        return Loop(keep=start, period_words=len(words), repeats=self._run + 1)
 
 
 def _min_repeats(period: int) -> int:
@@ -177,6 +270,7 @@ class LoopDetector:
 
     def __init__(self, source: str = "", copy_lines: int = 0) -> None:
         self._copies = _CopyWatch(source, copy_lines) if source and copy_lines else None
+        self._lists = _ListWatch()
         self._text = ""
         self._words: list[str] = []
         self._starts: list[int] = []  # where each word starts in the text
@@ -192,8 +286,12 @@ class LoopDetector:
         if self.loop is not None or not piece:
             return self.loop
         self._text += piece
-        if self._copies is not None and "\n" in piece:
-            self.loop = self._copies.feed(self._text)
+        if "\n" in piece:
+            if self._copies is not None:
+                self.loop = self._copies.feed(self._text)
+            self.loop = self.loop or self._lists.feed(self._text)
+        elif len(self._text) - self._text.rfind("\n") <= _MARKER_CHARS + len(piece):
+            self.loop = self._lists.feed(self._text)  # a list item's marker may be coming in
         new = self._split()
         self._since_check += new
         if self.loop is None and new and self._since_check >= _CHECK_EVERY:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from apr_graph import compile_apr_graph
-from apr_graph.loops import MAX_PERIOD_WORDS, SENTENCE_REPEATS, LoopDetector
+from apr_graph.loops import ITEM_REPEATS, MAX_PERIOD_WORDS, SENTENCE_REPEATS, LoopDetector
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
@@ -317,9 +317,10 @@ def test_a_cycle_of_many_findings_is_a_loop() -> None:
     assert found is not None
     assert found.period_words <= MAX_PERIOD_WORDS
     kept = (start + numbered)[: found.keep]
-    assert all(kept.count(f"The `{name}` function") == 1 for name in names)  # each once
+    # Cut as its template came back (ITEM_REPEATS), before the cycle does.
+    assert [kept.count(f"The `{name}` function") for name in names] == [1, 1, 1, 0, 0, 0, 0, 0]
     assert "Risky Code" in kept
-    assert fed < len(start + numbered) // 2
+    assert fed < len(start + numbered) // 4
 
 
 def test_a_list_that_runs_away_with_one_sentence_in_every_item_is_a_loop() -> None:
@@ -379,3 +380,101 @@ def test_ordinary_text_and_code_are_not_loops() -> None:
     assert feed(table)[0] is None
     steps = "".join(f"{n}. Add {n} to the total and write the new total down.\n" for n in range(60))
     assert feed(steps)[0] is None
+
+
+# -- a list that runs away: one template, new names ------------------------------------------
+
+METHODS = ["to_json", "__repr__", "__eq__", "__hash__", "__lt__", "__len__", "__iter__", "copy"]
+
+
+def runaway_list(limit: int = 10_000) -> str:
+    """A review that lists one claim for method after method (as a 1.5B model did, to its
+    token limit): each item new by its names, the same by everything else."""
+    head = (
+        "Findings for orders.py, most serious first:\n\n1. **Unchecked total**: `Order.total` "
+        "adds prices as strings, so two items of 5 give 55 instead of 10; convert them first.\n\n"
+    )
+    item = (
+        "{n}. **Missing `{m}` method**: The `Order` class does not have a `{m}` method, which "
+        "makes it hard to work with orders. It is good practice to add a `{m}` method that "
+        "behaves as Python expects of `{m}`.\n\n"
+    )
+    items = [item.format(n=n, m=METHODS[(n - 2) % len(METHODS)]) for n in range(2, 200)]
+    return " ".join((head + "".join(items)).split(" ")[:limit])
+
+
+def test_a_list_of_one_claim_about_name_after_name_is_cut_at_its_third_repeat() -> None:
+    text = runaway_list()
+    found, fed = feed(text)
+    assert found is not None
+    kept = text[: found.keep]
+    assert "Unchecked total" in kept
+    assert [kept.count(f"a `{m}` method that") for m in METHODS[:4]] == [1, 1, 1, 0]
+    assert kept.endswith("\n\n")
+    assert text[found.keep :].startswith("5. **Missing `__hash__`")
+    assert found.repeats == ITEM_REPEATS + 1
+    assert fed < text.index("6. **Missing") + 10  # found as the sixth item began
+
+
+def test_lists_whose_items_share_a_shape_but_say_new_things_are_no_loop() -> None:
+    functions = [
+        ("words", "a string", "its words in lower case"),
+        ("sentences", "a string", "its sentences, stripped"),
+        ("average_length", "a list of sentences", "their mean length in words"),
+        ("longest_word", "a string", "the longest of its words"),
+        ("shortest_word", "a string", "the shortest of its words"),
+        ("top_share", "a string and a count n", "the share of its n most common words"),
+        ("capitalised", "a string", "the words that begin with a capital letter"),
+        ("lexical_diversity", "a string", "distinct words over all words"),
+        ("summary", "a string", "a dictionary of the figures above"),
+    ]
+    usage = "Usage of textstats.py:\n\n" + "".join(
+        f"{n}. **{name}(text)**:\n   - This function takes {arg} as input and returns {out}.\n"
+        f'   - Example usage:\n     ```python\n     text = "Hello, world! This is a test."\n'
+        f"     print({name}(text))\n     ```\n\n"
+        for n, (name, arg, out) in enumerate(functions, 1)
+    )
+    assert feed(usage)[0] is None
+    steps = "".join(
+        f"{n}. The {day} day she picked {n * 40} apples, so {200 - n * 40} apples were left "
+        f"on the tree at the end of the {day} day of picking.\n\n"
+        for n, day in enumerate(["first", "second", "third", "fourth", "fifth"], 1)
+    )
+    assert feed(steps)[0] is None
+    sections = "".join(
+        f"### {name}\n\n1. **Risky code**: `{name}` opens its file without closing it, which "
+        "leaks a handle on every call of the function.\n\n2. **Unclear names**: the "
+        f"variables `x` and `tmp` in `{name}` say nothing about what they hold here.\n\n"
+        for name in ["load.py", "save.py", "merge.py", "split.py", "clean.py"]
+    )
+    assert feed(sections)[0] is None
+
+
+async def test_a_thread_whose_list_runs_away_is_cut_soon_and_keeps_its_first_items(
+    make_server: ServerFactory,
+) -> None:
+    def reply(request: RecordedRequest) -> Reply:
+        limit = int((request.body or {}).get("max_tokens") or ALLOWANCE)
+        return Reply(content=runaway_list(limit), finish_reason="length", chunk_delay_s=0.001)
+
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=review_plan())),
+            Rule(role="worker", reply=reply),
+        ]
+    )
+    settings = settings_for(server, worker_max_tokens=1024, stream_plan=False)
+    result, events = await run(compile_apr_graph(settings=settings), "Review three files")
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == 3  # no continuation, no retry with more room, no fresh attempt
+    template_starts = len(runaway_list().split("2. **Missing")[0].split())
+    for request in workers:
+        assert request.streamed - template_starts <= CUT_WITHIN, request.streamed
+    for thread in result["threads"]:
+        assert thread["status"] == "done"
+        assert "Unchecked total" in thread["answer"]
+        assert "`__hash__`" not in thread["answer"]
+        assert thread["looped"]["at_tokens"] > 0
+    assert result["metrics"]["loops"] == 3
+    assert len([e for e in events if e["event"] == "thread_looped"]) == 3
