@@ -1,17 +1,15 @@
 """Where the threads of one run meet: dependencies, early stop, cancellation.
 
-The threads of one fan-out (concurrent ``Send`` tasks of one step) meet on a ``RunBoard``: a
-dependent thread awaits the results it needs from siblings scheduled beside it, and a vote or
-race settles the run and the others cancel their requests. A board is live coordination only
-(asyncio objects, kept out of graph state): a resumed run gets a fresh board and reads
-results from the checkpoint through the join. Each graph owns its ``Boards``, and a board is
-released on every way out of a run.
+A ``RunBoard`` is live coordination only (asyncio objects, kept out of graph state): a
+dependent thread awaits its siblings' results there, and a settled vote or race cancels the
+others. A resumed run gets a fresh board and reads results from the checkpoint via the join.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -82,7 +80,7 @@ class RunBoard:
     """Guarded tasks this board cancelled (their cancel becomes ``StoppedError``)."""
 
     def __post_init__(self) -> None:
-        self.budget.on_stop(self._on_budget_stop)
+        self.budget.on_stop(self._later)
 
     def drop_early(self, keep: Iterable[str] = ()) -> list[EarlyCall]:
         """Take the early requests not in ``keep`` off the board (the caller cancels them)."""
@@ -131,14 +129,13 @@ class RunBoard:
         return await self.guard(asyncio.gather(*futures))
 
     async def guard(self, work: Awaitable[T], *, budget_only: bool = False) -> T:
-        """Await ``work`` unless the run stops first; then cancel it and raise ``StoppedError``.
-
-        Cancelling a streamed model call closes its HTTP response, so the server stops too.
+        """Await ``work`` unless the run stops first; then cancel it and raise ``StoppedError``
+        (a cancelled streamed call closes its HTTP response, so the server stops too).
         ``budget_only``: ignore a settled vote or race (for the merge step itself).
 
         ``work`` runs in the caller's own task (a wide fan-out keeps thousands of guards
-        open). A stop cancels the guarded tasks, and the guard turns that cancellation alone
-        into ``StoppedError``, as ``asyncio.timeout`` does.
+        open): a stop cancels the task, and the guard turns that cancel alone into
+        ``StoppedError``, as ``asyncio.timeout`` does.
         """
         reason = self.budget.stop_reason if budget_only else self.stop_reason
         if reason:
@@ -169,12 +166,10 @@ class RunBoard:
             else:
                 self._guarded[task] = outer
 
-    def _on_budget_stop(self) -> None:
-        self._later(budget=True)
-
-    def _later(self, *, budget: bool) -> None:
-        """Cancel the guarded tasks from a loop callback of their own (never from inside
-        one of them: a task cannot take back a cancel it is about to receive)."""
+    def _later(self, budget: bool = True) -> None:
+        """Cancel the guarded tasks (``budget``: those of ``budget_only`` guards too) from a
+        loop callback of their own (never from inside one of them: a task cannot take back
+        a cancel it is about to receive)."""
         with contextlib.suppress(RuntimeError):  # no running loop: nothing is guarded
             asyncio.get_running_loop().call_soon(self._cancel_guarded, budget)
 
@@ -205,7 +200,7 @@ class Boards:
 
     A board lives from its run's first node to its last: ``close`` releases it when the run
     finishes, fails or is cancelled. Boards whose event loop has closed (a caller's
-    ``asyncio.run`` that ended between two steps) are swept on the next ``attach``.
+    ``asyncio.run`` that ended between two steps) are swept when the next one opens.
     """
 
     def __init__(self) -> None:
@@ -214,16 +209,17 @@ class Boards:
     def __len__(self) -> int:
         return len(self._boards)
 
-    def budget_for(self, settings: AprSettings, parent_run: str | None) -> Budget:
-        """The budget a new run draws on (its parent's, if nested)."""
+    def open(self, settings: AprSettings, parent_run: str | None, merge: str) -> RunBoard:
+        """The board of a new run, on its parent's budget if nested (else a new one)."""
         parent = self._boards.get(parent_run) if parent_run else None
-        return parent.budget if parent is not None else Budget(settings)
+        budget = parent.budget if parent is not None else Budget(settings)
+        return self._attach(RunBoard(uuid.uuid4().hex, budget, merge, 0))
 
-    def attach(self, board: RunBoard) -> None:
-        """Register a board built elsewhere."""
+    def _attach(self, board: RunBoard) -> RunBoard:
         for run_id in [r for r, b in self._boards.items() if b.budget.orphaned]:
             self.close(run_id, root=True)
         self._boards[board.run_id] = board
+        return board
 
     def get(self, run_id: str) -> RunBoard | None:
         """The board of a live run."""
@@ -232,14 +228,13 @@ class Boards:
     def revive(
         self, settings: AprSettings, run_id: str, *, merge: str | None, width: int
     ) -> RunBoard:
-        """The board of a run this process did not start (resumed, or met again after a
-        failure), for its plan's ``merge`` and ``width``. Its budget starts afresh
-        (``RunBoard.catch_up`` counts what the checkpoint spent)."""
+        """The board of a live run; else a new one for a run this process did not start
+        (resumed, or met again after a failure), for its plan's ``merge`` and ``width``,
+        whose budget starts afresh (``RunBoard.catch_up`` counts what the checkpoint spent)."""
         board = self._boards.get(run_id)
         if board is None:
-            board = RunBoard(run_id, Budget(settings), merge or "synthesize", width)
-            board.revived = True
-            self.attach(board)
+            board = RunBoard(run_id, Budget(settings), merge or "synthesize", width, revived=True)
+            self._attach(board)
         return board
 
     def close(self, run_id: str, *, root: bool) -> None:
@@ -249,6 +244,6 @@ class Boards:
             return
         for call in board.drop_early():
             call.task.cancel()  # a request started early that no thread adopted
-        board.budget.remove_on_stop(board._on_budget_stop)
+        board.budget.remove_on_stop(board._later)
         if root:
             board.budget.close()

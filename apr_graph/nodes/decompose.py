@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,17 +40,14 @@ def make_decompose(
     start_early: bool = True,
     tools: list[tuple[str, str]] | None = None,
 ) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
-    """Build the decompose node (given each run's settings); ``speed``: the endpoints' speed
-    profiles the fork decision weighs (``apr_graph.decide``); ``start_early``: threads may
-    start while the plan streams in (with ``settings.stream_plan``); ``tools``: (name,
-    description) of the threads' tools, which the planner is told about."""
+    """Build the decompose node (given each run's settings); ``speed``: the speed profiles the
+    fork decision weighs; ``start_early``: threads may start while the plan streams (with
+    ``settings.stream_plan``); ``tools``: (name, description) the planner is told of."""
 
     async def decompose(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
         depth = int(state.get("depth") or 0)
-        budget = boards.budget_for(settings, state.get("parent_run"))
-        board = RunBoard(uuid.uuid4().hex, budget, "synthesize", 0)
-        boards.attach(board)
+        board = boards.open(settings, state.get("parent_run"), "synthesize")
         try:
             given = state.get("context") or ""
             run = _Run(client.for_run(settings), settings, task, context, given, depth, board, [])
@@ -99,12 +95,11 @@ def make_decompose(
         if normalised["strategy"] == "parallel":
             board.merge = normalised["merge"] or "synthesize"
             board.width = len(normalised["subtasks"])
-            system = board.system or shared_system(task, context)  # set by the planner
             normalised["prefix"] = prefix_stats(
                 task,
                 context,
                 normalised,
-                system,
+                board.system or "",  # set with the plan
                 given,
                 settings.thread_documents,
                 tools=bool(tools),
@@ -168,10 +163,9 @@ def make_decompose(
         profile: SpeedProfile | None,
         shape: Shape | None,
     ) -> PlanRecord:
-        """The model's plan, repaired, decided on (``decide.after_plan``) and given its
-        thread slots; early threads the final plan has no place for are closed. ``width``:
-        the server's width the planner is told (``None``: not probed); ``limit``: requests
-        in flight the decision counts on."""
+        """The model's plan, repaired, decided on and given its thread slots. ``width``: the
+        server's width the planner is told (``None``: not probed); ``limit``: requests in
+        flight the decision counts on."""
         client, settings, task, context = run.client, run.settings, run.task, run.context
         depth, board, calls = run.depth, run.board, run.calls
         started = time.time()
@@ -304,9 +298,8 @@ class _Run:
 
 
 def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord:
-    """``plan`` with a thread slot for each subtask: those in ``held`` have theirs, the others
-    take one now, and those left without one are clamped (a sibling fork may have taken the
-    slots that were free when the plan was repaired)."""
+    """``plan`` with a thread slot for each subtask (those in ``held`` have theirs); those
+    left without one are cut (a sibling fork may have taken slots since the repair)."""
     if plan["strategy"] != "parallel":
         return plan
     wanted = [s for s in plan["subtasks"] if s["id"] not in held]
@@ -354,7 +347,7 @@ async def _warm(run: _Run) -> None:
     """One tiny request with the shared prefix, so the server's cache holds it in time."""
     board = run.board
     messages = [
-        {"role": "system", "content": board.system or shared_system(run.task, run.context)},
+        {"role": "system", "content": board.system or ""},  # set before the warm-up starts
         {"role": "user", "content": "Reply with OK."},
     ]
     try:

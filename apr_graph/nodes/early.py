@@ -1,12 +1,9 @@
 """Threads that start while the plan is still being written.
 
-As soon as one subtask of a parallel plan is complete in the planner's stream, its thread's
-request is sent. The worker node of that subtask, reached by its ``Send`` once the plan is done,
-adopts the request in flight only if the final, repaired plan gives it exactly the same request
-(messages, token allowance) and the subtask neither forks nor waits for another; otherwise the
-early request is cancelled and the worker starts afresh. Nothing starts before the plan names
-its merge. Each early request takes its thread slot before it is sent and keeps it once sent,
-so ``max_total_threads`` bounds the worker requests sent, early ones included.
+Once a subtask of a parallel plan (whose merge is named) is complete in the planner's stream,
+its thread's request is sent. Its worker node adopts that request only if the final plan gives
+it exactly the same one and it neither forks nor waits; otherwise it is cancelled. Each early
+request takes its thread slot first, so ``max_total_threads`` counts early ones too.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -141,10 +138,6 @@ class EarlyCall:
             and subtask.get("temperature") == self.subtask.get("temperature")
         )
 
-    def adopt(self, on_text: Callable[[str], None] | None) -> None:
-        """Hand the thread's streamed text (so far and from now on) to ``on_text``."""
-        self.relay.attach(on_text)
-
     def cancel(self, charge: Callable[[int], None]) -> CallRecord | None:
         """Cancel the request; charge what it cost; its record if it was sent. Cancelling
         again does nothing (the cost was counted the first time)."""
@@ -260,11 +253,8 @@ class EarlyStarter:
     def settle(self, plan: PlanRecord, system: str | None, calls: list[CallRecord]) -> set[str]:
         """Once ``plan`` is final, keep each early thread whose request it leaves unchanged
         (for its worker node to adopt) and cancel the others, their records going to
-        ``calls``; returns the subtasks of ``plan`` whose thread slot is taken already.
-
-        A request never handed to the client gives its slot back; one sent keeps it spent
-        (a subtask that now forks holds it for the fork). A cancelled request stays on the
-        board while the plan has its subtask, so its worker node sends the request again.
+        ``calls``; returns the subtasks of ``plan`` whose thread slot is taken already (a
+        request never handed to the client gives its slot back; a sent one keeps it spent).
         """
         self.closed = True
         subtasks = {s["id"]: s for s in plan["subtasks"]}
@@ -288,7 +278,7 @@ class EarlyStarter:
             if not call.handed:
                 self.budget.release_threads(1)
             elif subtask is not None and subtask["fork"]:
-                held.add(sid)
+                held.add(sid)  # its slot is the fork's
         return held
 
     def _messages(
@@ -318,8 +308,7 @@ class EarlyStarter:
             relay,
             handed=self.after is None,
         )
-        # Sent now, or once ``after`` (the warm-up of the shared prefix) is done.
-        call.task = self.client.start(self._call(call) if self.after is None else self._after(call))
+        call.task = self.client.start(self._send(call))
         call.task.add_done_callback(_retrieve)
         self.early[subtask["id"]] = call
         emit(
@@ -332,14 +321,12 @@ class EarlyStarter:
             **({} if documents is None else {"documents": documents}),
         )
 
-    async def _after(self, call: EarlyCall) -> Completion:
-        assert self.after is not None
-        await asyncio.shield(self.after)
-        call.handed = True
-        return await self._call(call)
-
-    def _call(self, call: EarlyCall) -> Coroutine[Any, Any, Completion]:
-        return thread_call(
+    async def _send(self, call: EarlyCall) -> Completion:
+        """Send the request now, or once ``after`` (the warm-up of the shared prefix) is done."""
+        if self.after is not None:
+            await asyncio.shield(self.after)
+            call.handed = True
+        return await thread_call(
             self.client,
             call.messages,
             call.subtask,

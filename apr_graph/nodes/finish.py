@@ -37,11 +37,8 @@ def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> d
 
 
 def service_overlap(calls: list[CallRecord]) -> float:
-    """Seconds of the top-level threads' generation that ran alongside another's.
-
-    Service runs from a call's first token to its end, so time queued for a slot (in the
-    client or in the server) does not count: 0 means the server ran the threads one at a time.
-    """
+    """Seconds of the top-level threads' generation (first token to end, so queueing does
+    not count) that ran alongside another's: 0 means the server ran them one at a time."""
     spans = sorted(
         (c.get("first_token_at") or c["started_at"], c["ended_at"])
         for c in calls
@@ -55,12 +52,8 @@ def service_overlap(calls: list[CallRecord]) -> float:
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
-    """Wall time, calls, tokens, the critical path and what coordination did.
-
-    Critical-path tokens = this run's planner completion tokens + the longest top-level
-    thread's critical path (a forked thread's is its own run's) + the merge call's tokens:
-    the tokens a user waits for in sequence.
-    """
+    """Wall time, calls, tokens, the critical path and what coordination did. Critical-path
+    tokens (waited for in sequence) = planner + longest top-level thread's + merge call's."""
     calls = state.get("calls") or []
     threads = state.get("threads") or []
     own = [t for t in threads if t.get("parent") is None]

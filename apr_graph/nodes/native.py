@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from apr_graph.inputs import read_input
 from apr_graph.llm import LLMClient
 from apr_graph.native import FORMATS, NativeFormat, NativeProtocolError, Outline, final_answer
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.thread import emit_finished
 from apr_graph.responses import LOOPED
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, NativeBlock, PlanRecord, ThreadRecord
@@ -45,21 +45,6 @@ class _Run:
     calls: list[CallRecord] = field(default_factory=list)
     threads: list[ThreadRecord] = field(default_factory=list)
     blocks: list[NativeBlock] = field(default_factory=list)
-
-    def body(self, stops: list[str]) -> dict[str, Any]:
-        """The server options every native request carries (see ``AprSettings.native_*``)."""
-        settings = self.settings
-        body: dict[str, Any] = {
-            "skip_special_tokens": settings.native_skip_special_tokens,
-            # vLLM and SGLang put spaces between adjacent special tokens unless told not to.
-            "spaces_between_special_tokens": False,
-        }
-        ids = [
-            settings.native_stop_token_ids[s] for s in stops if s in settings.native_stop_token_ids
-        ]
-        if ids:
-            body["stop_token_ids"] = ids
-        return body
 
 
 @dataclass
@@ -82,9 +67,16 @@ async def _generate(
     critical path is the chain's own tokens plus, per block, its longest thread's."""
     fmt, settings = run.fmt, run.settings
     out, critical, left = "", 0, settings.native_max_tokens
+    stops = ([fmt.outlines_close] if depth < settings.max_depth else []) + ([end] if end else [])
+    body: dict[str, Any] = {  # the server options of every request (``native_*``)
+        "skip_special_tokens": settings.native_skip_special_tokens,
+        # vLLM and SGLang put spaces between adjacent special tokens unless told not to.
+        "spaces_between_special_tokens": False,
+    }
+    ids = settings.native_stop_token_ids
+    if stop_ids := [ids[s] for s in stops if s in ids]:
+        body["stop_token_ids"] = stop_ids
     while True:
-        may_fork = depth < settings.max_depth
-        stops = ([fmt.outlines_close] if may_fork else []) + ([end] if end else [])
         completion = await run.board.guard(
             run.client.complete(
                 prefix + out,
@@ -92,7 +84,7 @@ async def _generate(
                 stop=stops,
                 max_tokens=left,
                 budget=run.board.budget,
-                extra_body=run.body(stops),
+                extra_body=body,
             )
         )
         run.calls.append(call_record(completion, role="native", thread_id=owner))
@@ -176,7 +168,6 @@ async def _thread(
     # A cut thread is closed the way ThreadWeaver's engine closes it ("\n</Thread>").
     body = chain.text if chain.closed else chain.text + "\n"
     mine = [c for c in run.calls if c["thread_id"] == sid]
-    tokens = sum(c["completion_tokens"] for c in mine)
     error = f"cut at native_max_tokens={run.settings.native_max_tokens}" if chain.cut else None
     if chain.looped:
         error = "cut where it began repeating itself"
@@ -187,7 +178,7 @@ async def _thread(
         answer=body.strip(),
         error=error,
         prompt_tokens=sum(c["prompt_tokens"] for c in mine),
-        completion_tokens=tokens,
+        completion_tokens=sum(c["completion_tokens"] for c in mine),
         critical_path_tokens=chain.critical,
         started_at=started,
         ended_at=time.time(),
@@ -197,23 +188,8 @@ async def _thread(
         verified=None,
     )
     run.threads.append(record)
-    emit(
-        "thread_finished",
-        id=sid,
-        status=record["status"],
-        completion_tokens=tokens,
-        elapsed_s=round(record["ended_at"] - started, 3),
-        error=error,
-        answer=record["answer"],
-        depth=depth,
-    )
+    emit_finished(record)
     return body, chain.critical
-
-
-def _prompt(settings: AprSettings, fmt: NativeFormat, task: str, context: str) -> str:
-    template = settings.native_prompt or fmt.prompt
-    # No stray newline before <|im_end|> when there is no context: the model never saw one.
-    return template.format(task=task, context=f"\n\n{context}" if context.strip() else "")
 
 
 def _check_tags(settings: AprSettings, fmt: NativeFormat, text: str) -> None:
@@ -240,14 +216,14 @@ def make_native(
     async def native_run(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
         started = time.time()
-        budget = boards.budget_for(settings, state.get("parent_run"))
-        board = RunBoard(uuid.uuid4().hex, budget, "concatenate", 0)
-        boards.attach(board)
+        board = boards.open(settings, state.get("parent_run"), "concatenate")
         run = _Run(client.for_run(settings), settings, board, fmt)
+        # No stray newline before <|im_end|> when there is no context: the model never saw one.
+        prompt = (settings.native_prompt or fmt.prompt).format(
+            task=task, context=f"\n\n{context}" if context.strip() else ""
+        )
         try:
-            chain = await _generate(
-                run, _prompt(settings, fmt, task, context), depth=0, end=None, owner=None
-            )
+            chain = await _generate(run, prompt, depth=0, end=None, owner=None)
             _check_tags(settings, fmt, chain.text)
             text, critical = chain.text, chain.critical
             answer = final_answer(text, fmt.block_close)
@@ -257,7 +233,7 @@ def make_native(
                     f"{settings.native_max_tokens} before its answer)"
                 )
         except (StoppedError, BudgetExhaustedError):
-            reason = budget.stop_reason or "budget"
+            reason = board.budget.stop_reason or "budget"
             text, critical = "", 0
             answer = f"(incomplete: the {reason} was reached while the model was reasoning)"
         except BaseException:  # failed or cancelled: the run is over, its board goes too

@@ -1,11 +1,9 @@
 """The synthesize node: turns the thread results, in plan order, into the answer.
 
-The merge strategy decides how: ``concat`` puts each part's answer under its subtask, in plan
-order, with no call; ``synthesize`` asks the model to merge every result; ``vote``
-takes the majority final answer; ``race`` takes the first verified result; ``best`` asks a
-judge call to pick one. When one thread found the answer and every other one concluded a dead
-end, that answer is the merge, with no call. When a token or time budget ran out, no model is
-called: the answer is assembled from what finished and marked incomplete.
+``concat`` puts each part's answer under its subtask, with no call; ``synthesize`` asks the
+model to merge every result; ``vote`` takes the majority final answer; ``race`` the first
+verified result; ``best`` asks a judge to pick one. A run out of budget calls no model: the
+answer is what finished, marked incomplete.
 """
 
 from __future__ import annotations
@@ -78,12 +76,8 @@ def _dead_end(thread: ThreadRecord) -> bool:
 def _sole_survivor(
     threads: list[ThreadRecord], done: list[ThreadRecord], used: set[str]
 ) -> str | None:
-    """The answer when one thread found it and every other one concluded a dead end.
-
-    A merge call would only restate the one result, on the critical path (and a small model
-    may garble it). The dead ends are named first, so the answer says what was ruled out; the
-    result stands under its goal, since a bare "Yes" only answers its own subtask.
-    """
+    """The answer when one thread found it and every other one concluded a dead end (a merge
+    call would only restate it): the dead ends named, then the result under its goal."""
     final = [t for t in done if t["id"] not in used]
     dead = [t for t in threads if _dead_end(t)]
     if len(final) != 1 or not dead or len(done) + len(dead) != len(threads):
@@ -95,10 +89,8 @@ def _sole_survivor(
 
 
 def concatenate(threads: list[ThreadRecord]) -> str:
-    """Each part's answer under its subtask's goal, in plan order (the ``concat`` merge).
-
-    A part without an answer says why, so the reader sees that it is missing.
-    """
+    """Each part's answer under its subtask's goal, in plan order (the ``concat`` merge); a
+    part without an answer says why."""
     parts = []
     for thread in threads:
         answer = (thread["answer"] or "").strip()
@@ -120,9 +112,7 @@ def make_synthesize(
     async def synthesize(state: AprState, settings: AprSettings) -> dict[str, Any]:
         run_id = state.get("run_id", "")
         plan = plan_of(state)
-        board = boards.get(run_id) or boards.revive(
-            settings, run_id, merge=plan["merge"], width=len(plan["subtasks"])
-        )
+        board = boards.revive(settings, run_id, merge=plan["merge"], width=len(plan["subtasks"]))
         board.catch_up(state.get("calls") or [])
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]

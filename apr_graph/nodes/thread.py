@@ -1,7 +1,5 @@
-"""One thread's bookkeeping, shared by the ways a thread ends: the record it builds, the
-results it needs first, the fork that runs the graph one level deeper, the update it leaves
-in graph state, and its streamed model call (sent by the worker node, or early while the plan
-streams)."""
+"""One thread's bookkeeping: its record, the results it needs first, its fork one level
+deeper, the update it leaves in graph state, and its streamed model call."""
 
 from __future__ import annotations
 
@@ -104,13 +102,9 @@ class Thread:
 
 
 async def dependencies_of(board: RunBoard, payload: WorkerInput) -> list[ThreadRecord] | None:
-    """The records of the subtask's dependencies, or None if it must defer to the join.
-
-    A thread waits only for siblings that run beside it in this process (``scheduled``):
-    those hold an execution slot already, so waiting never starves the step. A dependency
-    that finished before a crash, or runs later, is not waited for: the thread defers, and
-    the join sends it again with the results read from graph state.
-    """
+    """The records of the subtask's dependencies, or None if it must defer to the join
+    (which sends it again with the results from graph state). It waits only for siblings
+    running beside it (``scheduled``): they hold a slot already, so the step never starves."""
     wanted = payload["subtask"].get("depends_on") or []
     given = payload.get("dependencies")
     if given is not None:  # sent again by the join: what is missing did not finish
@@ -201,9 +195,15 @@ def finish_thread(
             reason=record["error"],
             completion_tokens=record["completion_tokens"],
         )
+    emit_finished(record)
+    return {"threads": [record], "calls": thread.calls}
+
+
+def emit_finished(record: ThreadRecord) -> None:
+    """Emit the ``thread_finished`` event of a thread's final ``record``."""
     emit(
         "thread_finished",
-        id=sid,
+        id=record["id"],
         status=record["status"],
         completion_tokens=record["completion_tokens"],
         elapsed_s=round(record["ended_at"] - record["started_at"], 3),
@@ -211,7 +211,6 @@ def finish_thread(
         answer=record["answer"],
         depth=record["depth"],
     )
-    return {"threads": [record], "calls": thread.calls}
 
 
 def copy_watch(settings: AprSettings, task: str, goal: str) -> int:

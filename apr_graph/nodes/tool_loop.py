@@ -69,11 +69,9 @@ async def tool_loop(
     *,
     progress: StreamProgress | None = None,
 ) -> Completion:
-    """Let the model call ``tools`` until it answers, at most ``max_tool_calls`` calls; a
-    failing or unknown tool is reported to the model, not raised. One ``Completion`` for all,
-    its ``unrun_tool_call`` set when the final reply is a call that was not run. Requests
-    stream into ``progress``; the tools note ends the last message, so the shared system
-    prefix stays the same for every thread."""
+    """Let the model call ``tools`` until it answers, at most ``max_tool_calls`` calls (a
+    failing or unknown tool is reported to the model, not raised): one ``Completion`` for
+    all. The tools note ends the last message, so the shared system prefix stays the same."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     by_name = {tool.name: tool for tool in tools}
@@ -230,12 +228,10 @@ class TextCalls:
 def read_text_calls(text: str, tools: Sequence[str] | dict[str, Any]) -> TextCalls:
     """The tool calls a reply writes as text instead of using the tools API.
 
-    A call is a JSON object with a string ``name`` and ``arguments`` (an object or a JSON
-    string; ``parameters`` is accepted too; an OpenAI-style ``{"function": {...}}`` wrapper
-    is unwrapped), or a list of them, found between ``<tool_call>`` tags (one or several,
-    anywhere in the reply), else in code fences or bare, when they end the reply (a short
-    closing remark tolerated). Only ``tools``' names are calls to run: a JSON answer that
-    merely has a ``name`` key is not one, and a call to another name is only reported.
+    A call is a JSON object with a string ``name`` and ``arguments`` or ``parameters`` (an
+    object or a JSON string; a ``{"function": {...}}`` wrapper is unwrapped), or a list of
+    them: between ``<tool_call>`` tags anywhere, else in code fences or bare when they end the
+    reply (a short remark tolerated). A call to a name not in ``tools`` is only reported.
     """
     names = set(tools)
     for blocks, anywhere in (

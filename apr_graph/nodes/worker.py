@@ -1,9 +1,8 @@
 """The worker node: one thread solves one subtask.
 
-A thread waits for the results it depends on, then either forks (runs the same graph on its
-subtask, one level deeper) or makes one streamed model call. A result that fails verification
-or reports a dead end is replaced by a fresh attempt while the budget allows. In a vote or a
-race the thread reports its result to the board, which may settle the run and cancel the rest.
+A thread waits for the results it depends on, then forks (runs the graph on its subtask, one
+level deeper) or makes one streamed model call. A result that fails verification or reports a
+dead end is replaced by a fresh attempt while the budget allows.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ def make_worker(
 
     async def worker(payload: WorkerInput, settings: AprSettings) -> dict[str, Any]:
         payload = _current(payload)
-        board = boards.get(payload["run_id"]) or boards.revive(
+        board = boards.revive(
             settings, payload["run_id"], merge=payload["merge"], width=payload["width"]
         )
         if board.system is None:  # a run resumed in a new process: the whole context's
@@ -188,7 +187,7 @@ async def _solve(
         work: Awaitable[Completion]
         try:
             if early is not None:
-                early.adopt(progress.on_text)
+                early.relay.attach(progress.on_text)  # its text so far, and from now on
                 progress = early.progress
                 work = early.task
             elif tools:
@@ -292,11 +291,8 @@ def _looped(
     allowance: int,
 ) -> str | None:
     """Record a reply cut where it started repeating itself; the reason for one fresh
-    attempt if it deserves one, else None (the text before the loop is the result).
-
-    A loop is not a thread that needs more room: it is never given more. It gets one more
-    attempt, told it repeated itself, only when the loop came early (less than an eighth of
-    its allowance before it: little of an answer) and the run's budget has room for it.
+    attempt (never with more room), else None (the text before the loop is the result). Only
+    a loop that came early (before an eighth of the allowance) gets one, if the budget allows.
     """
     kept = estimate_tokens(text)
     loop = progress.loop
