@@ -20,15 +20,7 @@ from typing import TYPE_CHECKING, Any
 from apr_graph.errors import ConfigurationError
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.llm import LLMClient
-from apr_graph.responses import (
-    LOOPED,
-    Completion,
-    StreamProgress,
-    estimate_tokens,
-    prompt_estimate,
-    strip_reasoning,
-    usage_counts,
-)
+from apr_graph.responses import LOOPED, Completion, Reply, StreamProgress, prompt_estimate
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 from apr_graph.transport import ChatRequest, TextRequest, admit
@@ -91,28 +83,12 @@ class ChatModelTransport:
             else:
                 reply = await runnable.ainvoke(messages)
                 text = reply.content if isinstance(reply.content, str) else str(reply.content)
-            prompt, completion = usage_counts(
-                _usage(reply),
-                prompt=prompt_estimate(request.messages),
-                completion=estimate_tokens(text),
+            calls = _tool_calls(reply)
+            finish = LOOPED if progress.loop is not None else _finish_reason(reply, calls)
+            answered = Reply(text, finish, _usage(reply), tool_calls=calls)
+            return answered.completion(
+                request.model, prompt_estimate(request.messages), progress, budget
             )
-            if budget is not None:
-                progress.charged = True
-                budget.charge(prompt + completion)
-        calls = _tool_calls(reply)
-        return Completion(
-            text=strip_reasoning(text),
-            finish_reason=LOOPED if progress.loop is not None else _finish_reason(reply, calls),
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=None,
-            requests=1,
-            started_at=progress.started_at,
-            ended_at=time.time(),
-            model=request.model,
-            tool_calls=calls,
-            first_token_at=progress.first_token_at,
-        )
 
     def _model_for(self, request: ChatRequest) -> BaseChatModel:
         """The model with this request's output limit and temperature (a shallow copy: it

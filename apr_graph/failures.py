@@ -81,19 +81,24 @@ def server_message(exc: openai.APIStatusError) -> str:
     return one_line(str(exc.message))[:300]
 
 
-def _error_type(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    found = body.get("type") or body.get("code") if isinstance(body, dict) else None
-    return str(found or exc.type or exc.code or "")
-
-
-def _classify_status(
-    exc: openai.APIStatusError, *, has_format: bool, has_tools: bool
+def classify(
+    exc: BaseException, *, has_format: bool = False, has_tools: bool = False
 ) -> FailureKind:
-    status = exc.status_code
-    text = f"{_error_type(exc)} {server_message(exc)}"
+    """The kind of a request's failure; ``RETRYABLE`` kinds are worth another request."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "unreachable"
+    if isinstance(exc, TransientResponseError):
+        return "transient"
+    if not isinstance(exc, openai.APIStatusError):
+        return "rejected"
+    status, body = exc.status_code, exc.body
+    said = body.get("type") or body.get("code") if isinstance(body, dict) else None
+    error_type = str(said or exc.type or exc.code or "")
+    text = f"{error_type} {server_message(exc)}"
     if status in {401, 403} or (
-        status == 400 and ("auth" in _error_type(exc).lower() or _AUTH.search(text))
+        status == 400 and ("auth" in error_type.lower() or _AUTH.search(text))
     ):
         return "auth"
     if _CONTEXT.search(text) or "context_length_exceeded" in text:
@@ -105,21 +110,6 @@ def _classify_status(
     if status == 404 or (status == 400 and _UNKNOWN_MODEL.search(text)):
         return "not_found"
     if status in _RETRYABLE_STATUS or status >= 500:
-        return "transient"
-    return "rejected"
-
-
-def classify(
-    exc: BaseException, *, has_format: bool = False, has_tools: bool = False
-) -> FailureKind:
-    """The kind of a request's failure; ``RETRYABLE`` kinds are worth another request."""
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return "unreachable"
-    if isinstance(exc, openai.APIStatusError):
-        return _classify_status(exc, has_format=has_format, has_tools=has_tools)
-    if isinstance(exc, TransientResponseError):
         return "transient"
     return "rejected"
 

@@ -21,16 +21,16 @@ import ssl
 import threading
 import urllib.request
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import certifi
 
-from apr_graph.sdk_compat import sdk_request, status_error, transport_error
+from apr_graph.sdk_compat import authorization, sdk_request, status_error, transport_error
 
-__all__ = ["HttpPool", "SseResponse", "close_in_background", "isolated"]
+__all__ = ["HttpPool", "SseResponse", "close_in_background", "get_once", "isolated"]
 
 T = TypeVar("T")
 
@@ -121,23 +121,27 @@ class HttpPool:
             sessions[weakref.ref(loop, lambda key: sessions.pop(key, None))] = (session, keeper)
         return session
 
-    async def stream(self, url: str, payload: bytes, headers: dict[str, str]) -> SseResponse:
-        """POST ``payload``; the unread response of a 2xx status, else the SDK's error."""
+    async def _send(self, method: str, url: str, **sent: Any) -> Any:
+        """Send a request (``sent``: aiohttp's ``data``, ``headers``, ``timeout``); the unread
+        response of a 2xx status, else the SDK's error."""
         session = await self.session()
         try:
-            response = await session.post(
-                url, data=payload, headers=headers, timeout=self.timeout, proxy=self._proxy(url)
-            )
-        except Exception as exc:
-            raise transport_error(exc, "POST", url) from exc
-        if response.status >= 400:
+            response = await session.request(method, url, proxy=self._proxy(url), **sent)
+            if response.status < 400:
+                return response
             try:
                 content = await response.read()
-            except Exception as exc:
-                raise transport_error(exc, "POST", url) from exc
             finally:
                 response.release()
-            raise status_error(response.status, response.headers, content, "POST", url)
+        except Exception as exc:
+            raise transport_error(exc, method, url) from exc
+        raise status_error(response.status, response.headers, content, method, url)
+
+    async def stream(self, url: str, payload: bytes, headers: dict[str, str]) -> SseResponse:
+        """POST ``payload``; the unread response of a 2xx status, else the SDK's error."""
+        response = await self._send(
+            "POST", url, data=payload, headers=headers, timeout=self.timeout
+        )
         return SseResponse(response, self.timeout.sock_read, url)
 
     async def fetch(
@@ -153,16 +157,13 @@ class HttpPool:
         is not JSON), else the SDK's error (``timeout_s``: a bound on the whole request
         instead of the pool's timeouts)."""
         timeout = self.timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
-        session = await self.session()
+        response = await self._send(method, url, data=payload, headers=headers, timeout=timeout)
         try:
-            async with session.request(
-                method, url, data=payload, headers=headers, timeout=timeout, proxy=self._proxy(url)
-            ) as response:
-                content = await response.read()
+            content = await response.read()
         except Exception as exc:
             raise transport_error(exc, method, url) from exc
-        if response.status >= 400:
-            raise status_error(response.status, response.headers, content, method, url)
+        finally:
+            response.release()
         try:
             return json.loads(content)
         except ValueError:
@@ -175,8 +176,7 @@ class HttpPool:
         if url not in self._proxies:
             parts = urlsplit(url)
             bypass = urllib.request.proxy_bypass(parts.hostname or "")
-            found = None if bypass else urllib.request.getproxies().get(parts.scheme)
-            self._proxies[url] = found
+            self._proxies[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
         return self._proxies[url]
 
     async def aclose(self) -> None:
@@ -185,6 +185,22 @@ class HttpPool:
         here = _close_all(self._sessions, keep_here=True)
         if here is not None:
             await _shut(here)
+
+
+async def get_once(urls: Sequence[str], api_key: str | None, timeout_s: float = 3.0) -> list[Any]:
+    """GET ``urls`` at once within ``timeout_s``, on connections closed after: each parsed
+    body (``HttpPool.fetch``), or the exception its request raised (a failed status too)."""
+    headers = authorization(api_key)
+    pool = HttpPool(
+        timeout_s=timeout_s, https=any(u.startswith("https://") for u in urls), keepalive_s=1
+    )
+    try:
+        return await asyncio.gather(
+            *(pool.fetch("GET", url, headers, timeout_s=timeout_s) for url in urls),
+            return_exceptions=True,
+        )
+    finally:
+        await pool.aclose()
 
 
 def _close_all(

@@ -111,10 +111,6 @@ class LLMClient:
         view._origin = self._origin or self  # the owner of the connections lives as long
         return view
 
-    def _redact(self, text: str) -> str:
-        key = self.settings.api_key.get_secret_value()
-        return text.replace(key, "***") if len(key) >= 4 else text
-
     # -- lifecycle -------------------------------------------------------------------------
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
         """Run a coroutine that uses this client from synchronous code, on the client's
@@ -217,20 +213,14 @@ class LLMClient:
             raise ServerCapabilityError(
                 str(known), status_code=known.status_code, attempts=0, url=known.url
             )
-        progress = progress or StreamProgress()
-        # A reply a server constrains to a JSON schema is bounded by it (lengths, item
-        # counts), and JSON cut mid-way is of no use: such replies run to their end.
-        progress.detect_loops = self._requests.stop_loops and response_format is None
-        send = partial(self.transport.chat, request, progress=progress, budget=budget)
-        completion = await self._attempts(
-            send,
-            request.model,
+        return await self._attempts(
+            self.transport.chat,
+            request,
             progress,
             budget,
             has_format=response_format is not None,
             has_tools=bool(tools),
         )
-        return with_loop_saving(completion, request.max_tokens)
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
         """Start one of this client's calls (``chat(...)``, ...) now, as a task on the caller's
@@ -263,11 +253,7 @@ class LLMClient:
             stop=tuple(stop),
             extra_body=dict(extra_body or {}),
         )
-        progress = progress or StreamProgress()
-        progress.detect_loops = self._requests.stop_loops
-        send = partial(self.transport.complete, request, progress=progress, budget=budget)
-        completion = await self._attempts(send, request.model, progress, budget)
-        return with_loop_saving(completion, request.max_tokens)
+        return await self._attempts(self.transport.complete, request, progress, budget)
 
     async def structured(
         self,
@@ -303,16 +289,21 @@ class LLMClient:
 
     async def _attempts(
         self,
-        send: Callable[[], Awaitable[Completion]],
-        model: str,
-        progress: StreamProgress,
+        transport_call: Callable[..., Awaitable[Completion]],
+        request: ChatRequest | TextRequest,
+        progress: StreamProgress | None,
         budget: CallBudget | None,
         *,
         has_format: bool = False,
         has_tools: bool = False,
     ) -> Completion:
-        """The one retry loop around single requests."""
+        """The one retry loop around single requests (``transport_call(request, ...)``)."""
         started = time.time()
+        progress = progress or StreamProgress()
+        # A reply a server constrains to a JSON schema is bounded by it (lengths, item
+        # counts), and JSON cut mid-way is of no use: such replies run to their end.
+        progress.detect_loops = self._requests.stop_loops and not has_format
+        send = partial(transport_call, request, progress=progress, budget=budget)
         progress.requests = 1
         try:
             try:
@@ -327,11 +318,12 @@ class LLMClient:
             raise  # already says what happened (budget ran out, a chat model refused)
         except Exception as exc:
             kind = classify(exc, has_format=has_format, has_tools=has_tools)
-            error = self._error(exc, kind, model=model, attempts=progress.requests)
+            error = self._error(exc, kind, model=request.model, attempts=progress.requests)
             if isinstance(error, ServerCapabilityError) and kind == "tools":
                 self._found["tools"] = error  # a fixed configuration: found once, for good
             raise error from exc
-        return replace(completion, requests=progress.requests, started_at=started)
+        completion = replace(completion, requests=progress.requests, started_at=started)
+        return with_loop_saving(completion, request.max_tokens)
 
     async def _retried(
         self,
@@ -361,6 +353,7 @@ class LLMClient:
         return completion
 
     def _error(self, exc: Exception, kind: FailureKind, *, model: str, attempts: int) -> AprError:
+        key = self.settings.api_key.get_secret_value()
         return to_error(
             exc,
             kind,
@@ -369,5 +362,5 @@ class LLMClient:
             attempts=attempts,
             timeout_s=self.settings.request_timeout_s,
             retry_max_wait_s=self.settings.retry_max_wait_s,
-            redact=self._redact,
+            redact=lambda text: text.replace(key, "***") if len(key) >= 4 else text,
         )

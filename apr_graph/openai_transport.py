@@ -15,29 +15,27 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, ParamSpec, TypeVar
 
 import openai
 
 from apr_graph.capacity import CapacityReport, ProbeOnce, probe_parallel_capacity
-from apr_graph.http_pool import HttpPool, SseResponse, isolated
+from apr_graph.http_pool import HttpPool, isolated
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.responses import (
     Completion,
+    Reply,
     StreamProgress,
     TransientResponseError,
-    cached_tokens,
     estimate_tokens,
     prompt_estimate,
-    strip_reasoning,
     tool_calls_of,
-    usage_counts,
 )
 from apr_graph.retry import CallBudget
 from apr_graph.sdk_compat import sdk_headers
 from apr_graph.settings import AprSettings
-from apr_graph.sse import StreamEnd, choice_text, delta_text, read_stream
+from apr_graph.sse import choice_text, delta_text, read_stream
 from apr_graph.transport import ChatRequest, TextRequest, admit
 
 __all__ = ["OpenAITransport"]
@@ -45,6 +43,7 @@ __all__ = ["OpenAITransport"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
+_CHAT = "/chat/completions"
 _COOLDOWN_S = 2.0
 """How long an endpoint that refused connections is avoided (while others are up)."""
 
@@ -72,7 +71,7 @@ class _Endpoint:
         self.stream_headers = {**headers, "Accept": "text/event-stream"}
         self.json_headers = {**headers, "Accept": "application/json"}
         base = base_url.rstrip("/")
-        self.urls = {path: base + path for path in ("/models", "/chat/completions", "/completions")}
+        self.urls = {path: base + path for path in ("/models", _CHAT, "/completions")}
         self.limit = AdaptiveLimiter(settings.max_concurrency)
         self.down_until = 0.0
         self.streams_tools = True
@@ -213,14 +212,19 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())  # sent only once a slot is free
-            response = None
+            reply = None
             if request.stream and (endpoint.streams_tools or not request.tools):
-                response = await self._stream_chat(endpoint, body, request)
-            if response is not None:
-                end = await read_stream(response, progress, delta_text)
-                reply = _Reply.streamed(end, progress)
-            else:
-                url, headers = endpoint.urls["/chat/completions"], endpoint.json_headers
+                try:
+                    reply = await self._streamed(endpoint, _CHAT, body, progress, delta_text)
+                except openai.APIStatusError as exc:
+                    # Older llama.cpp refuses to stream tool calls (500 "Cannot use tools with
+                    # stream"): such requests then go unstreamed, now and from then on.
+                    refused = exc.status_code in {400, 422, 500} and _STREAM.search(exc.message)
+                    if not (request.tools and refused):
+                        raise
+                    endpoint.streams_tools = False
+            if reply is None:
+                url, headers = endpoint.urls[_CHAT], endpoint.json_headers
                 fetched = self.pool.fetch("POST", url, headers, _dumps(body))
                 reply = _unpack(await endpoint.send(fetched))
             completion = reply.completion(request.model, prompt_tokens, progress, budget)
@@ -246,33 +250,31 @@ class OpenAITransport:
         async with endpoint.limit:
             admit(budget)
             progress.restart(time.time())
-            response = await self._post_stream(endpoint, "/completions", body)
-            reply = _Reply.streamed(await read_stream(response, progress, choice_text), progress)
+            reply = await self._streamed(endpoint, "/completions", body, progress, choice_text)
             reply.reasoning_kept = True  # a native reasoner's text is the whole point
             return reply.completion(request.model, prompt_tokens, progress, budget)
 
-    async def _stream_chat(
-        self, endpoint: _Endpoint, body: dict[str, Any], request: ChatRequest
-    ) -> SseResponse | None:
-        """The unread response of a streamed chat request, or ``None`` when the server
-        refuses to stream tool calls (older llama.cpp: 500 "Cannot use tools with stream"):
-        then the request goes unstreamed, now and from then on."""
-        try:
-            return await self._post_stream(endpoint, "/chat/completions", body)
-        except openai.APIStatusError as exc:
-            refused = exc.status_code in {400, 422, 500} and _STREAM.search(str(exc.message))
-            if not (request.tools and refused):
-                raise
-            endpoint.streams_tools = False
-            return None
-
-    async def _post_stream(
-        self, endpoint: _Endpoint, path: str, body: dict[str, Any]
-    ) -> SseResponse:
-        """Send a streamed request (``_Endpoint.send``); the raw, unread response."""
+    async def _streamed(
+        self,
+        endpoint: _Endpoint,
+        path: str,
+        body: dict[str, Any],
+        progress: StreamProgress,
+        piece_of: Callable[[Any], str | None],
+    ) -> Reply:
+        """Send a streamed request (``_Endpoint.send``) and read its reply into ``progress``."""
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
         sent = self.pool.stream(endpoint.urls[path], _dumps(payload), endpoint.stream_headers)
-        return await endpoint.send(sent)
+        end = await read_stream(await endpoint.send(sent), progress, piece_of)
+        return Reply(
+            progress.text,
+            end.finish_reason,
+            end.usage,
+            end.timings,
+            tool_calls=end.tool_calls,
+            stop_reason=end.stop_reason,
+            counted=progress.completion_tokens,
+        )
 
 
 _STREAM = re.compile(r"\bstream", re.I)
@@ -296,61 +298,7 @@ def _fit(max_tokens: int, prompt_tokens: int, endpoint: _Endpoint) -> int:
     return max(16, min(max_tokens, context - prompt_tokens - _CONTEXT_MARGIN))
 
 
-@dataclass
-class _Reply:
-    """What one reply carried, streamed or not."""
-
-    text: str
-    finish_reason: str | None
-    usage: Any
-    timings: Any = None
-    tool_calls: tuple[dict[str, str], ...] = ()
-    stop_reason: str | None = None
-    counted: int | None = None
-    """Completion tokens as the client counted them (used when the server reports no usage)."""
-    reasoning_kept: bool = False
-
-    @classmethod
-    def streamed(cls, end: StreamEnd, progress: StreamProgress) -> _Reply:
-        """The reply a stream produced."""
-        return cls(
-            progress.text,
-            end.finish_reason,
-            end.usage,
-            end.timings,
-            tool_calls=end.tool_calls,
-            stop_reason=end.stop_reason,
-            counted=progress.completion_tokens,
-        )
-
-    def completion(
-        self, model: str, prompt_guess: int, progress: StreamProgress, budget: CallBudget | None
-    ) -> Completion:
-        """The ``Completion``, its tokens charged to ``budget`` (call it before the
-        concurrency slot is released, so a budget is never overshot by more than the
-        requests in flight)."""
-        counted = estimate_tokens(self.text) if self.counted is None else self.counted
-        prompt, completion = usage_counts(self.usage, prompt=prompt_guess, completion=counted)
-        if budget is not None:
-            progress.charged = True  # before charging: the charge may stop the run
-            budget.charge(prompt + completion)
-        return Completion(
-            text=self.text if self.reasoning_kept else strip_reasoning(self.text),
-            finish_reason=self.finish_reason,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=cached_tokens(self.usage, self.timings),
-            requests=1,
-            started_at=progress.started_at,
-            ended_at=time.time(),
-            model=model,
-            tool_calls=self.tool_calls,
-            stop_reason=self.stop_reason,
-            first_token_at=progress.first_token_at,
-        )
-
-
-def _unpack(result: Any) -> _Reply:
+def _unpack(result: Any) -> Reply:
     """The reply of a non-streamed chat completion (its JSON body)."""
     if not isinstance(result, dict) or "choices" not in result:
         snippet = str(result)[:120]
@@ -362,7 +310,7 @@ def _unpack(result: Any) -> _Reply:
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     content = message.get("content")
-    return _Reply(
+    return Reply(
         content if isinstance(content, str) else "",
         choice.get("finish_reason"),
         result.get("usage"),

@@ -14,13 +14,11 @@ from apr_graph.errors import (
     ModelNotFoundError,
     ServerUnreachableError,
 )
-from apr_graph.http_pool import HttpPool
+from apr_graph.http_pool import get_once
 from apr_graph.llm import LLMClient
-from apr_graph.sdk_compat import authorization
 
 __all__ = ["check_server", "unknown_model_message"]
 
-_TIMEOUT_S = 3.0
 _SHOWN = 5
 """The most offered names an error lists: a proxy's catalogue has hundreds."""
 
@@ -40,15 +38,8 @@ def unknown_model_message(url: str, model: str, offered: list[str]) -> str:
 async def _answers_under_v1(url: str, api_key: str) -> bool:
     if url.rstrip("/").endswith("/v1"):
         return False
-    headers = authorization(api_key)
-    pool = HttpPool(timeout_s=_TIMEOUT_S, https=url.startswith("https://"), keepalive_s=1)
-    try:
-        await pool.fetch("GET", url.rstrip("/") + "/v1/models", headers, timeout_s=_TIMEOUT_S)
-    except Exception:  # unreachable, or any failed status: not the API either
-        return False
-    finally:
-        await pool.aclose()
-    return True
+    (models,) = await get_once([url.rstrip("/") + "/v1/models"], api_key)
+    return not isinstance(models, BaseException)  # a failed status is not the API either
 
 
 async def check_server(client: LLMClient) -> list[str]:

@@ -11,14 +11,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apr_graph.loops import Loop, LoopDetector, tidy_cut
+
+if TYPE_CHECKING:
+    from apr_graph.retry import CallBudget
 
 __all__ = [
     "LOOPED",
     "Completion",
     "Message",
+    "Reply",
     "StreamProgress",
     "TransientResponseError",
     "cached_tokens",
@@ -167,6 +171,47 @@ class StreamProgress:
         self.loop, self.loop_tokens, self._detector = None, 0, None
 
 
+@dataclass
+class Reply:
+    """What one request's reply carried (streamed or not), made into its ``Completion``."""
+
+    text: str
+    finish_reason: str | None
+    usage: Any
+    timings: Any = None
+    tool_calls: tuple[dict[str, str], ...] = ()
+    stop_reason: str | None = None
+    counted: int | None = None
+    """Completion tokens as the client counted them (used when the server reports no usage)."""
+    reasoning_kept: bool = False
+
+    def completion(
+        self, model: str, prompt_guess: int, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
+        """The ``Completion``, its tokens charged to ``budget`` (call it before the
+        concurrency slot is released, so a budget is never overshot by more than the
+        requests in flight)."""
+        counted = estimate_tokens(self.text) if self.counted is None else self.counted
+        prompt, completion = usage_counts(self.usage, prompt=prompt_guess, completion=counted)
+        if budget is not None:
+            progress.charged = True  # before charging: the charge may stop the run
+            budget.charge(prompt + completion)
+        return Completion(
+            text=self.text if self.reasoning_kept else strip_reasoning(self.text),
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached_tokens(self.usage, self.timings),
+            requests=1,
+            started_at=progress.started_at,
+            ended_at=time.time(),
+            model=model,
+            tool_calls=self.tool_calls,
+            stop_reason=self.stop_reason,
+            first_token_at=progress.first_token_at,
+        )
+
+
 def field_of(obj: Any, name: str) -> Any:
     """``obj.name`` or ``obj[name]``: SDK models and plain JSON alike."""
     if isinstance(obj, dict):
@@ -209,18 +254,15 @@ def cached_tokens(usage: Any, timings: Any = None) -> int | None:
 
 def tool_calls_of(message: Any) -> tuple[dict[str, str], ...]:
     """The tool calls of an assistant message as ``{"id", "name", "arguments"}``."""
-    calls = []
-    for call in field_of(message, "tool_calls") or []:
-        function = field_of(call, "function")
-        if function is not None:
-            calls.append(
-                {
-                    "id": str(field_of(call, "id") or ""),
-                    "name": str(field_of(function, "name")),
-                    "arguments": str(field_of(function, "arguments") or "{}"),
-                }
-            )
-    return tuple(calls)
+    return tuple(
+        {
+            "id": str(field_of(call, "id") or ""),
+            "name": str(field_of(function, "name")),
+            "arguments": str(field_of(function, "arguments") or "{}"),
+        }
+        for call in field_of(message, "tool_calls") or []
+        if (function := field_of(call, "function")) is not None
+    )
 
 
 def strip_reasoning(text: str) -> str:

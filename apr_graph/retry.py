@@ -52,14 +52,11 @@ def _parse_seconds(value: str) -> float | None:
 def retry_after_s(exc: BaseException | None) -> float | None:
     """The pause a failed response asks for (``Retry-After-Ms`` / ``Retry-After``), if any."""
     headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        seconds = _parse_seconds(ms)
-        if seconds is not None:
-            return seconds / 1000
-    value = headers.get("retry-after")
-    return None if value is None else _parse_seconds(value)
+    for name, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
+        value = None if headers is None else headers.get(name)
+        if value is not None and (seconds := _parse_seconds(value)) is not None:
+            return seconds / scale
+    return None
 
 
 class RetryPolicy:

@@ -49,15 +49,6 @@ class _ModeRejectedError(Exception):
         self.ignored = ignored
 
 
-def response_format_for(mode: StructuredMode, name: str, schema: dict[str, Any]) -> Any:
-    """The ``response_format`` of ``mode`` (``None``: the schema goes in the prompt only)."""
-    if mode == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
-    if mode == "json_object":
-        return {"type": "json_object", "schema": schema}
-    return None
-
-
 class StructuredOutput:
     """The structured-output chain of one client.
 
@@ -129,7 +120,13 @@ class StructuredOutput:
         model: str,
     ) -> tuple[T, Completion]:
         conversation = [dict(m) for m in messages]
-        response_format = response_format_for(mode, output_type.__name__, schema)
+        response_format = {  # None: the schema goes in the prompt only
+            "json_schema": {
+                "type": "json_schema",
+                "json_schema": {"name": output_type.__name__, "schema": schema},
+            },
+            "json_object": {"type": "json_object", "schema": schema},
+        }.get(mode)
         if mode != "json_schema":
             # json_object needs the word JSON in the prompt (OpenAI), and prompt mode needs
             # the schema itself; both gain from seeing it.
@@ -277,9 +274,7 @@ def _example(schema: dict[str, Any]) -> Any:
         return int(schema.get("minimum", 1))
     if kind == "number":
         return float(schema.get("minimum", 0))
-    if kind == "boolean":
-        return True
-    return "..."
+    return True if kind == "boolean" else "..."
 
 
 def repair_message(error: str) -> Message:
