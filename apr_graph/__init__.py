@@ -12,62 +12,36 @@ Example:
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from apr_graph.chat_model import ChatModelClient
-    from apr_graph.context import AprContext
-    from apr_graph.durable import prepare_resume, resume_run
-    from apr_graph.errors import (
-        AprError,
-        AuthenticationError,
-        BudgetExhaustedError,
-        ConfigurationError,
-        ContextOverflowError,
-        InputError,
-        ModelCallError,
-        ModelNotFoundError,
-        ServerCapabilityError,
-        ServerUnreachableError,
-        StructuredOutputError,
-    )
-    from apr_graph.graph import compile_apr_graph, create_apr_graph
-    from apr_graph.integrations import as_tool
-    from apr_graph.llm import LLMClient
-    from apr_graph.plan_schema import Plan, Subtask
-    from apr_graph.responses import Completion
-    from apr_graph.settings import AprSettings, MergeStrategy
-    from apr_graph.state import AprInput, AprOutput, PlanRecord, ThreadRecord
-    from apr_graph.transport import Transport
+    from apr_graph.chat_model import ChatModelClient as ChatModelClient
+    from apr_graph.context import AprContext as AprContext
+    from apr_graph.durable import prepare_resume as prepare_resume
+    from apr_graph.durable import resume_run as resume_run
+    from apr_graph.errors import AprError as AprError
+    from apr_graph.errors import AuthenticationError as AuthenticationError
+    from apr_graph.errors import BudgetExhaustedError as BudgetExhaustedError
+    from apr_graph.errors import ConfigurationError as ConfigurationError
+    from apr_graph.errors import ContextOverflowError as ContextOverflowError
+    from apr_graph.errors import InputError as InputError
+    from apr_graph.errors import ModelCallError as ModelCallError
+    from apr_graph.errors import ModelNotFoundError as ModelNotFoundError
+    from apr_graph.errors import ServerCapabilityError as ServerCapabilityError
+    from apr_graph.errors import ServerUnreachableError as ServerUnreachableError
+    from apr_graph.errors import StructuredOutputError as StructuredOutputError
+    from apr_graph.graph import compile_apr_graph as compile_apr_graph
+    from apr_graph.graph import create_apr_graph as create_apr_graph
+    from apr_graph.integrations import as_tool as as_tool
+    from apr_graph.llm import LLMClient as LLMClient
+    from apr_graph.plan_schema import Plan as Plan
+    from apr_graph.plan_schema import Subtask as Subtask
+    from apr_graph.responses import Completion as Completion
+    from apr_graph.settings import AprSettings as AprSettings
+    from apr_graph.settings import MergeStrategy as MergeStrategy
+    from apr_graph.state import AprInput as AprInput
+    from apr_graph.state import AprOutput as AprOutput
+    from apr_graph.state import PlanRecord as PlanRecord
+    from apr_graph.state import ThreadRecord as ThreadRecord
+    from apr_graph.transport import Transport as Transport
 
-__all__ = [
-    "AprContext",
-    "AprError",
-    "AprInput",
-    "AprOutput",
-    "AprSettings",
-    "AuthenticationError",
-    "BudgetExhaustedError",
-    "ChatModelClient",
-    "Completion",
-    "ConfigurationError",
-    "ContextOverflowError",
-    "InputError",
-    "LLMClient",
-    "MergeStrategy",
-    "ModelCallError",
-    "ModelNotFoundError",
-    "Plan",
-    "PlanRecord",
-    "ServerCapabilityError",
-    "ServerUnreachableError",
-    "StructuredOutputError",
-    "Subtask",
-    "ThreadRecord",
-    "Transport",
-    "as_tool",
-    "compile_apr_graph",
-    "create_apr_graph",
-    "prepare_resume",
-    "resume_run",
-]
 
 __version__ = "0.1.0"
 
@@ -93,6 +67,8 @@ _WHERE = {
 }
 """Where each public name lives: imported on first use, so ``import apr_graph`` (and every
 ``apr`` subcommand or test double that needs only a corner of it) stays cheap."""
+
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:

@@ -40,11 +40,11 @@ from apr_graph.cli_common import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
+    checked_client,
     default_db,
     loading,
     local_choice,
     settings_from,
-    unknown_model_error,
 )
 from apr_graph.cli_local import add_local_options, serve
 from apr_graph.cli_view import View, make_view
@@ -54,7 +54,6 @@ from apr_graph.errors import (
     ConfigurationError,
     ContextOverflowError,
     InputError,
-    ModelNotFoundError,
     ServerCapabilityError,
     ServerUnreachableError,
 )
@@ -84,9 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--trace", type=Path, help="write the full run record to this JSON file")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
-    common.add_argument(
-        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {default_db()}]"
-    )
+    db_help = f"SQLite file of resumable runs [env APR_DB, {default_db()}]"
+    common.add_argument("--db", type=Path, help=db_help)
     add_local_options(common)
 
     ask = commands.add_parser(
@@ -113,9 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     add_calibrate_command(commands, common)
 
     runs = commands.add_parser("runs", help="list the runs kept by 'apr ask --thread-id'")
-    runs.add_argument(
-        "--db", type=Path, help=f"SQLite file of resumable runs [env APR_DB, {default_db()}]"
-    )
+    runs.add_argument("--db", type=Path, help=db_help)
     commands.add_parser(
         "bench",
         help="speed and accuracy of the strategies side by side: apr bench --help",
@@ -135,25 +131,27 @@ def _load_graph() -> None:
             importlib.import_module(module)
 
 
-def _read_task(task: str) -> str:
-    if task == "-":
-        task = sys.stdin.read()
+def _inputs(args: argparse.Namespace) -> AprInput:
+    """The task (``-``: standard input) and its ``--context`` text or ``--file`` documents."""
+    task = sys.stdin.read() if args.task == "-" else args.task
     if not task.strip():
         raise CliError('the task is empty: apr ask "your question"', EXIT_USAGE)
-    return task
-
-
-def _read_files(paths: list[str]) -> dict[str, str]:
-    """The ``--file`` documents, each named by its path as given."""
+    if args.context and args.file:
+        raise CliError(
+            "--context and --file do not combine: put the text in a file and pass it "
+            "with --file too",
+            EXIT_USAGE,
+        )
     documents = {}
-    for path in paths:
+    for path in args.file:  # each named by its path as given
         try:
             documents[path] = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CliError(
                 f"--file {path}: cannot read it as UTF-8 text ({exc})", EXIT_USAGE
             ) from exc
-    return documents
+    context = documents or args.context
+    return {"task": task, "context": context} if context else {"task": task}
 
 
 async def _run(
@@ -171,80 +169,46 @@ async def _run(
 
         from apr_graph.durable import run_status
         from apr_graph.graph import create_apr_graph
-        from apr_graph.llm import LLMClient
-        from apr_graph.preflight import check_server
 
-    client = LLMClient(settings)
-    try:
-        async with AsyncExitStack() as stack:
-            saver = None
-            if thread_id is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-                saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
-            app = create_apr_graph(settings=settings, client=client).compile(
-                checkpointer=saver, name="apr-graph"
-            )
-            config: RunnableConfig = {"configurable": {"thread_id": thread_id}} if saver else {}
-            for warning in await check_server(client):
-                print(warning, file=sys.stderr)  # even with --quiet: the answer may be off
-            if inputs is None:
-                status, values = await run_status(app, config)
-                if status == "finished":
-                    view.notice(f"apr: run {thread_id!r} had already finished")
-                    return values
-                if status == "new":
-                    raise CliError(
-                        f"no run is stored under thread id {thread_id!r} in {db}", EXIT_USAGE
-                    )
-                record["task"] = values.get("task")
-            state: dict[str, Any] = {}
-            async for mode, chunk in app.astream(
-                inputs,
-                config,
-                stream_mode=["custom", "values"],
-                durability="sync" if saver else None,
-            ):
-                payload: dict[str, Any] = cast(dict[str, Any], chunk)
-                if mode == "custom":
-                    record["events"].append({"t": round(time.time(), 4), **payload})
-                    view.on_event(payload)
-                else:
-                    state = payload
-            return state
-    except ModelNotFoundError as exc:
-        raise await unknown_model_error(client, settings.model) from exc
-    finally:
-        await client.aclose()
+    async with checked_client(settings) as client, AsyncExitStack() as stack:
+        saver = None
+        if thread_id is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
+        app = create_apr_graph(settings=settings, client=client).compile(
+            checkpointer=saver, name="apr-graph"
+        )
+        config: RunnableConfig = {"configurable": {"thread_id": thread_id}} if saver else {}
+        if inputs is None:
+            status, values = await run_status(app, config)
+            if status == "finished":
+                view.notice(f"apr: run {thread_id!r} had already finished")
+                return values
+            if status == "new":
+                raise CliError(
+                    f"no run is stored under thread id {thread_id!r} in {db}", EXIT_USAGE
+                )
+            record["task"] = values.get("task")
+        state: dict[str, Any] = {}
+        async for mode, chunk in app.astream(
+            inputs, config, stream_mode=["custom", "values"], durability="sync" if saver else None
+        ):
+            payload: dict[str, Any] = cast(dict[str, Any], chunk)
+            if mode == "custom":
+                record["events"].append({"t": round(time.time(), 4), **payload})
+                view.on_event(payload)
+            else:
+                state = payload
+        return state
 
 
 def _output(state: dict[str, Any]) -> dict[str, Any]:
     return {key: state.get(key) for key in ("answer", "plan", "threads", "metrics", "calls")}
 
 
-def _write_trace(path: Path | None, record: dict[str, Any], secret: str) -> None:
-    if path is None:
-        return
-    text = json.dumps(record, indent=2, default=str)
-    if len(secret) >= 4:
-        text = text.replace(secret, "***")  # belt and braces: the key is never recorded
-    path.write_text(text + "\n")
-
-
 def _ask(args: argparse.Namespace) -> int:
     resuming = args.command == "resume"
-    inputs: AprInput | None = None
-    if not resuming:
-        inputs = {"task": _read_task(args.task)}
-        if args.context and args.file:
-            raise CliError(
-                "--context and --file do not combine: put the text in a file and pass it "
-                "with --file too",
-                EXIT_USAGE,
-            )
-        if args.file:
-            inputs["context"] = _read_files(args.file)
-        elif args.context:
-            inputs["context"] = args.context
+    inputs = None if resuming else _inputs(args)
     thread_id: str | None = args.thread_id
     db = args.db or default_db()
     if resuming:
@@ -284,20 +248,22 @@ def _ask(args: argparse.Namespace) -> int:
         stack.enter_context(view)
         try:
             state = asyncio.run(_run(settings, inputs, view, record, thread_id=thread_id, db=db))
+            record.update(status="done", **_output(state))
         except BaseException as exc:
             crashed = server.crash_error() if server is not None else None
             record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record["error"] = str(crashed or exc)
-            _write_trace(args.trace, record, settings.api_key.get_secret_value())
             if crashed is not None and isinstance(exc, AprError):
                 raise crashed from exc
             raise
-    record.update(status="done", **_output(state))
-    _write_trace(args.trace, record, settings.api_key.get_secret_value())
-    if args.json:
-        print(json.dumps(_output(state), default=str))
-    else:
-        print(state.get("answer", ""))
+        finally:
+            if args.trace is not None:
+                text = json.dumps(record, indent=2, default=str)
+                secret = settings.api_key.get_secret_value()
+                if len(secret) >= 4:
+                    text = text.replace(secret, "***")  # belt and braces: never recorded
+                args.trace.write_text(text + "\n")
+    print(json.dumps(_output(state), default=str) if args.json else state.get("answer", ""))
     view.summary(state.get("metrics") or {})
     return 0
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 from apr_graph.cli_common import (
     EXIT_USAGE,
     CliError,
+    checked_client,
     loading,
     local_choice,
     settings_from,
-    unknown_model_error,
 )
 
 if TYPE_CHECKING:
@@ -73,20 +73,10 @@ async def _measure(
     settings: AprSettings, args: argparse.Namespace, notice: Callable[[str], None]
 ) -> SpeedProfile:
     with loading():
-        from apr_graph.errors import ModelNotFoundError
-        from apr_graph.llm import LLMClient
-        from apr_graph.preflight import check_server
         from apr_graph.speed import calibrate
 
-    client = LLMClient(settings)
-    try:
-        for warning in await check_server(client):
-            print(warning, file=sys.stderr)  # even with --quiet, as apr ask does
+    async with checked_client(settings) as client:
         return await calibrate(client, streams=args.streams, tokens=args.tokens, on_progress=notice)
-    except ModelNotFoundError as exc:
-        raise await unknown_model_error(client, settings.model) from exc
-    finally:
-        await client.aclose()
 
 
 def calibrate_command(args: argparse.Namespace) -> int:

@@ -1,20 +1,22 @@
 """What the ``apr`` commands share: exit codes, the error they exit with, settings from the
-options, the local model choice, and imports made with the collector paused."""
+options, the local model choice, the checked client, and imports made with the collector
+paused."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from apr_graph.cli_local import LocalChoice, choose_local
-from apr_graph.errors import AprError
+from apr_graph.errors import AprError, ModelNotFoundError
 from apr_graph.settings import AprSettings
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "CliError",
+    "checked_client",
     "default_db",
     "loading",
     "local_choice",
@@ -62,6 +65,25 @@ async def unknown_model_error(client: LLMClient, model: str) -> CliError:
     except AprError:
         offered = []
     return CliError(unknown_model_message(client.base_url, model, offered), EXIT_UNKNOWN_MODEL)
+
+
+@asynccontextmanager
+async def checked_client(settings: AprSettings) -> AsyncIterator[LLMClient]:
+    """A client of the server, closed on exit; the server's warnings go to stderr first (even
+    with --quiet: the answer may be off), a model it does not know is ``unknown_model_error``."""
+    with loading():
+        from apr_graph.llm import LLMClient
+        from apr_graph.preflight import check_server
+
+    client = LLMClient(settings)
+    try:
+        for warning in await check_server(client):
+            print(warning, file=sys.stderr)
+        yield client
+    except ModelNotFoundError as exc:
+        raise await unknown_model_error(client, settings.model) from exc
+    finally:
+        await client.aclose()
 
 
 OWN_PROCESS = False

@@ -233,11 +233,8 @@ def serve(args: argparse.Namespace) -> int:
             for line in server.notes:
                 plain.notice(line)
             alias, url = local.model.alias, server.base_url
-            what = (
-                "SmolLM2-135M-Instruct, a demo model"
-                if local.model.bundled
-                else local.model.describe()
-            )
+            demo = "SmolLM2-135M-Instruct, a demo model"
+            what = demo if local.model.bundled else local.model.describe()
             plain.notice(
                 f"apr: {server.kind} serving {alias} at {url} ({local.shape(server)}): {what}; "
                 f'use it with: apr ask --base-url {url} --model {alias} "TASK". Ctrl-C stops it.'

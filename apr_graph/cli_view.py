@@ -49,10 +49,6 @@ _STYLES = {"done": "green", "failed": "red", "running": "yellow", "cancelled": "
 _STYLES |= dict.fromkeys(("queued", "skipped"), "dim")
 
 
-def _progress(thread: dict[str, Any]) -> int:
-    return _PROGRESS.get(thread.get("status", "queued"), 2)
-
-
 class View:
     """Base view: tracks thread state from the graph's custom events; shows nothing.
 
@@ -86,22 +82,17 @@ class View:
             if decision is not None and not event.get("depth"):
                 self.decision = f"{decision['by']}: {decision['reason']}"
             for subtask in event.get("subtasks", []):
-                row = self.threads.setdefault(
-                    subtask["id"],
-                    {"status": "queued", "tokens": 0, "started": None, "elapsed": None},
-                )
-                row.setdefault("answer", None)
-                row["goal"] = subtask["goal"]  # the final plan's (a re-asked plan may differ)
+                # the final plan's goal (a re-asked plan may differ)
+                self._row(subtask["id"])["goal"] = subtask["goal"]
         elif kind in ("thread_started", "thread_cancelled", "thread_looped", "thread_finished"):
-            thread = self.threads.setdefault(
-                event["id"], {"goal": event.get("goal", ""), "tokens": 0, "started": None}
-            )
-            if kind == "thread_started" and _progress(thread) < 1:
+            thread = self._row(event["id"], event.get("goal", ""))
+            progress = _PROGRESS.get(thread["status"], 2)
+            if kind == "thread_started" and progress < 1:
                 thread.update(status="running", started=time.monotonic())
-            elif kind == "thread_cancelled" and _progress(thread) < 2:
+            elif kind == "thread_cancelled" and progress < 2:
                 # Followed by the thread's record, if it had a worker; a thread started early
                 # that the final plan dropped gets only this.
-                started = thread.get("started")
+                started = thread["started"]
                 thread.update(
                     status="cancelled",
                     tokens=event.get("completion_tokens") or 0,
@@ -118,6 +109,10 @@ class View:
                     answer=event.get("answer"),
                     error=event.get("error"),
                 )
+
+    def _row(self, tid: str, goal: str = "") -> dict[str, Any]:
+        row = dict(status="queued", goal=goal, tokens=0, started=None, elapsed=None, answer=None)
+        return self.threads.setdefault(tid, row)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """The closing line of a finished run."""
@@ -142,10 +137,16 @@ class PlainView(View):
     def notice(self, message: str) -> None:
         self.console.print(message, markup=False)
 
+    thread_lines = True
+    """Whether the plan and each thread's outcome get a line (a live table shows them)."""
+
     def on_event(self, event: dict[str, Any]) -> None:
         super().on_event(event)
-        self._notify(event)
         kind = event.get("event")
+        if kind == "notice" and self.run_notices:  # one line, above a live table too
+            self.notice(" ".join(str(event.get("text", "")).split()))
+        if not self.thread_lines:
+            return
         if kind == "plan":
             count = len(event.get("subtasks", []))
             detail = f", {count} threads" if count else ""
@@ -167,11 +168,6 @@ class PlainView(View):
                 f"tokens · {event['elapsed_s']:.2f}s"
             )
 
-    def _notify(self, event: dict[str, Any]) -> None:
-        """Print a ``notice`` event's text: one line, which the live table would not show."""
-        if event.get("event") == "notice" and self.run_notices:
-            self.notice(" ".join(str(event.get("text", "")).split()))
-
     def summary(self, metrics: dict[str, Any]) -> None:
         if metrics:
             self.notice(f"apr: {summary_line(metrics)}")
@@ -191,6 +187,8 @@ class PlainView(View):
 class LiveView(PlainView):
     """A live table of the plan and its threads, redrawn on stderr."""
 
+    thread_lines = False
+
     def __init__(self, *, run_notices: bool = True) -> None:
         super().__init__(run_notices=run_notices)
         self.started = time.monotonic()
@@ -203,10 +201,6 @@ class LiveView(PlainView):
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.live.stop()
         super().__exit__(exc_type, exc, tb)
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        View.on_event(self, event)  # the table shows the threads; no extra lines for them
-        self._notify(event)  # printed above the table
 
     def _render(self) -> Group:
         elapsed = time.monotonic() - self.started

@@ -36,8 +36,6 @@ class GgufInfo:
     """The facts about a model that choosing its defaults needs."""
 
     path: Path
-    """The model file."""
-
     file_bytes: int
     """Size of the file: what one generated token reads from memory, roughly."""
 
@@ -123,25 +121,22 @@ def read_gguf(path: Path) -> GgufInfo:
         if file.read(4) != _MAGIC:
             raise GgufError("not a GGUF model file (llama.cpp's format; its first bytes differ)")
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(path, _Reader(data), len(data))
-
-
-def _parse(path: Path, reader: _Reader, size: int) -> GgufInfo:
-    reader.take(4)
-    version = reader.scalar(4)
-    if version not in (2, 3):
-        # Version 1 (August 2023) used 32-bit counts; a huge number is a big-endian file.
-        raise GgufError(f"GGUF version {version} is not supported (2 and 3 are)")
-    tensors, entries = reader.scalar(10), reader.scalar(10)
-    meta: dict[str, Any] = {}
-    for _ in range(entries):
-        key = reader.string()
-        meta[key] = reader.value(reader.scalar(4))
-    counted = 0
-    for _ in range(tensors):
-        reader.string()
-        counted += math.prod(reader.scalar(10) for _ in range(reader.scalar(4)))  # its shape
-        reader.take(_U32.size + _U64.size)  # type, offset
+            reader, size = _Reader(data), len(data)
+            reader.take(4)
+            version = reader.scalar(4)
+            if version not in (2, 3):
+                # Version 1 (August 2023) used 32-bit counts; a huge number is a big-endian file.
+                raise GgufError(f"GGUF version {version} is not supported (2 and 3 are)")
+            tensors, entries = reader.scalar(10), reader.scalar(10)
+            meta: dict[str, Any] = {}
+            for _ in range(entries):
+                key = reader.string()
+                meta[key] = reader.value(reader.scalar(4))
+            counted = 0
+            for _ in range(tensors):
+                reader.string()
+                counted += math.prod(reader.scalar(10) for _ in range(reader.scalar(4)))  # shape
+                reader.take(_U32.size + _U64.size)  # type, offset
     arch = meta.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
     return GgufInfo(

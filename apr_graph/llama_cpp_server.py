@@ -17,24 +17,20 @@ __all__ = ["NO_REPACK", "main"]
 NO_REPACK = "--no-repack"
 
 
-def _without_extra_buffers() -> None:
-    import llama_cpp.llama_cpp as lib
-
-    defaults = lib.llama_model_default_params
-
-    def params() -> Any:
-        value = defaults()
-        value.use_extra_bufts = False
-        return value
-
-    lib.llama_model_default_params = params
-
-
 def main(argv: list[str]) -> None:
     """Run llama-cpp-python's server with ``argv``, less ``--no-repack`` which is ours."""
     if NO_REPACK in argv:
         argv = [arg for arg in argv if arg != NO_REPACK]
-        _without_extra_buffers()
+        import llama_cpp.llama_cpp as lib
+
+        defaults = lib.llama_model_default_params
+
+        def params() -> Any:
+            value = defaults()
+            value.use_extra_bufts = False
+            return value
+
+        lib.llama_model_default_params = params
     sys.argv = ["llama_cpp.server", *argv]
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 

@@ -87,12 +87,6 @@ def local_engine() -> str:
     return "llama-cpp-python"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _die_with_parent() -> None:
     # Linux: the server gets SIGTERM when we die, even by SIGKILL: no orphan servers.
     with contextlib.suppress(Exception):
@@ -152,7 +146,9 @@ class LocalServer:
         """
         model = self.model or bundled_model_path()
         if self.port == 0:
-            self.port = _free_port(self.host)
+            with socket.socket() as sock:  # a free port
+                sock.bind((self.host, 0))
+                self.port = int(sock.getsockname()[1])
         self._launch(model)
         if self._crashed_on_first_answer() and self.repack:
             first, where = self.death(), self._fault_at
@@ -173,18 +169,20 @@ class LocalServer:
 
     def _launch(self, model: Path) -> None:
         command = self.command(model)
-        log = tempfile.NamedTemporaryFile(prefix="apr-local-", suffix=".log", delete=False)  # noqa: SIM115
-        self.log_path = Path(log.name)
-        self._process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._environment(),
-            start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        log.close()
+        # llama-cpp-python: passive OpenMP waits (a spinning thread holds the core its partner
+        # needs on a busy CPU), unless the user set it.
+        passive = {"OMP_WAIT_POLICY": "PASSIVE"} if self.kind == "llama-cpp-python" else {}
+        with tempfile.NamedTemporaryFile(prefix="apr-local-", suffix=".log", delete=False) as log:
+            self.log_path = Path(log.name)
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**passive, **os.environ},
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         self._fault_at = "loading the model"
         try:
             self._wait_ready()
@@ -246,13 +244,6 @@ class LocalServer:
             f"the embedded model server ({self.kind}) {death} while {doing}; "
             f"its last log lines: {self.log_tail()}{hint}"
         )
-
-    def _environment(self) -> dict[str, str]:
-        """The server's environment: ours, and for llama-cpp-python passive OpenMP waits
-        (a spinning thread holds the core its partner needs on a busy CPU); the user's wins."""
-        if self.kind == "llama-cpp-python":
-            return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        return dict(os.environ)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s

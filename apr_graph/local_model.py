@@ -129,10 +129,8 @@ def local_defaults(
 ) -> LocalDefaults:
     """The defaults for ``model``; ``parallel``: the server runs ``slots`` requests at once.
     ``slots`` and ``ctx_per_slot``, when given, are the user's and used as they are."""
-    chosen_by = {
-        "slots": "model" if slots is None else "option",
-        "ctx_per_slot": "model" if ctx_per_slot is None else "option",
-    }
+    given = {"slots": slots, "ctx_per_slot": ctx_per_slot}
+    chosen_by = {name: "model" if value is None else "option" for name, value in given.items()}
     slots = DEFAULT_SLOTS if slots is None else slots
     if ctx_per_slot is None:
         ctx_per_slot = _fitting_context(model, slots if parallel else 1)
