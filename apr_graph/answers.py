@@ -22,12 +22,9 @@ def dead_end(text: str) -> str | None:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None
-    found = _DEAD_END.match(lines[-1])
-    if found:
-        return (lines[-1][found.end() :].strip() or "no reason given")[:300]
-    found = _DEAD_END.match(lines[0])
-    if found:
-        return (text.strip()[found.end() :].strip() or "no reason given")[:300]
+    for line, reason in ((lines[-1], lines[-1]), (lines[0], text.strip())):
+        if found := _DEAD_END.match(line):  # the first line's reason runs to the end
+            return (reason[found.end() :].strip() or "no reason given")[:300]
     return None
 
 

@@ -37,20 +37,18 @@ class Budget:
     tokens_used: int = 0
     threads_started: int = 0
     stop_reason: str | None = None
-    stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     def __post_init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
         if self.settings.deadline_s is not None:
             self._timer = self._loop.call_later(self.settings.deadline_s, self.stop, "deadline")
 
     @property
     def orphaned(self) -> bool:
         """Whether the run's event loop has closed (nothing will ever finish this run)."""
-        return self._loop is not None and self._loop.is_closed()
+        return self._loop.is_closed()
 
     @property
     def exhausted(self) -> bool:
@@ -94,7 +92,6 @@ class Budget:
         if self.stop_reason is not None:
             return
         self.stop_reason = reason
-        self.stopped.set()
         self.close()
         callbacks, self._on_stop = self._on_stop, []
         for callback in callbacks:
@@ -102,7 +99,7 @@ class Budget:
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the run's loop when the run stops (at once if it has)."""
-        if self.stopped.is_set():
+        if self.stop_reason is not None:
             callback()
         else:
             self._on_stop.append(callback)

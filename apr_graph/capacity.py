@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import re
 import threading
 from collections.abc import Callable, Coroutine
@@ -128,7 +127,8 @@ class ProbeOnce:
                 if running is None:
                     running = self._running = concurrent.futures.Future()
             if not mine:
-                await _finished(running)
+                # Set on any loop; shielded: cancelling this wait must not cancel the run.
+                await asyncio.shield(asyncio.wrap_future(running))
                 continue
             try:
                 await probe()
@@ -137,20 +137,3 @@ class ProbeOnce:
                 with self._lock:
                     self._running = None
                 running.set_result(None)
-
-
-async def _finished(future: concurrent.futures.Future[None]) -> None:
-    """Wait on this loop for ``future``, set on any loop (cancelling the wait leaves it be)."""
-    loop = asyncio.get_running_loop()
-    woken: asyncio.Future[None] = loop.create_future()
-
-    def settle() -> None:
-        if not woken.done():
-            woken.set_result(None)
-
-    def wake(_: object) -> None:
-        with contextlib.suppress(RuntimeError):  # this loop has closed: nobody waits
-            loop.call_soon_threadsafe(settle)
-
-    future.add_done_callback(wake)
-    await woken

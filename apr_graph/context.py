@@ -53,59 +53,30 @@ GRAPH_ONLY: dict[str, str] = {
 """``AprSettings`` fields a run may not change, and whose they are."""
 
 
-_PER_RUN: dict[str, str] = {
-    "model": "Model name of every call, unless a role override is set.",
-    "planner_model": "Model of the decompose call.",
-    "worker_model": "Model of thread calls.",
-    "synthesizer_model": "Model of the merge call (and of verifier and judge calls).",
-    "temperature": "Sampling temperature of every call.",
-    "direct_instructions": "The system message of a direct answer.",
-    "planner_max_tokens": "Output-token allowance of the decompose call.",
-    "worker_max_tokens": "Output-token allowance of each thread.",
-    "synthesizer_max_tokens": "Output-token allowance of the merge call.",
-    "max_threads": "The most threads one decomposition may start.",
-    "max_depth": "Levels of decomposition (1: threads never fork).",
-    "max_total_threads": "The most threads the whole run may start, forks and replacements "
-    "included.",
-    "merge": "Force a merge strategy; ``None`` lets the model choose.",
-    "token_budget": "Prompt + completion tokens for the run; ``None``: no limit.",
-    "deadline_s": "Seconds for the run; ``None``: no deadline.",
-    "max_replacements": "Fresh attempts for a thread that fails verification or reports a "
-    "dead end.",
-    "stop_loops": "Stop a streamed reply where it starts repeating itself.",
-    "retry_loops": "Give a thread that looped one fresh attempt.",
-    "stop_copy_lines": "Stop a thread that writes out this many lines of its input again "
-    "(0: never).",
-    "min_thread_tokens": "The smallest output allowance the plan may give one thread.",
-    "vote_temperature": "Temperature of repeated attempts at one goal (a vote).",
-    "native_max_tokens": "Tokens one chain of a native run may generate.",
-    "stream_plan": "Start threads while the plan streams in.",
-    "label_goals": "Plan a task that labels its parts by label.",
-    "warm_prefix": "Prime the server's prefix cache before a fan-out.",
-    "thread_documents": "Give each thread the context documents its goal names, or all of them.",
-    "plan_documents": "Plan a task that maps over its documents without a model call.",
-    "planner_document_chars": "Characters of each context document the planner reads.",
-    "max_tool_calls": "Tool calls one thread may make.",
-    "stream_tokens": "Emit a ``token`` event for every piece of every thread's answer.",
-    "on_thread_error": "``tolerate`` a thread that fails after retries, or ``fail`` the run.",
-    "prefer": "``speed``: fork only where it is predicted to pay on this endpoint; "
-    "``quality``: whenever the task splits.",
-    "router": "Read the task with the shipped router before planning.",
-}
-"""``AprSettings`` fields a run may change, and what each means (its schema description)."""
+_PER_RUN = (  # noqa: SIM905
+    "model planner_model worker_model synthesizer_model temperature direct_instructions "
+    "planner_max_tokens worker_max_tokens synthesizer_max_tokens max_threads max_depth "
+    "max_total_threads merge token_budget deadline_s max_replacements stop_loops retry_loops "
+    "stop_copy_lines min_thread_tokens vote_temperature native_max_tokens stream_plan "
+    "label_goals warm_prefix thread_documents plan_documents planner_document_chars "
+    "max_tool_calls stream_tokens on_thread_error prefer router"
+).split()
+"""``AprSettings`` fields a run may change (each described by its setting's docstring)."""
 
 if TYPE_CHECKING:
     _PerRunFields = BaseModel
 else:
-    # Each field takes the type (made optional) and bounds of its ``AprSettings`` field.
+    # Each field takes the type (made optional), bounds and description of its setting.
     _PerRunFields = create_model(
         "_PerRunFields",
         **{
             name: (
-                Annotated[(field.annotation | None, *field.metadata, Field(description=doc))],
+                Annotated[
+                    (field.annotation | None, *field.metadata, Field(description=field.description))
+                ],
                 None,
             )
-            for name, doc in _PER_RUN.items()
+            for name in _PER_RUN
             for field in [AprSettings.model_fields[name]]
         },
     )

@@ -42,11 +42,11 @@ async def prepare_resume(
         InputError: there is no run under this thread id, or it already finished.
     """
     del settings
-    snapshot = await app.aget_state(config)
+    status, _ = await run_status(app, config)
     thread_id = (config.get("configurable") or {}).get("thread_id")
-    if not snapshot.values:
+    if status == "new":
         raise InputError(f"no run is stored under thread id {thread_id!r}")
-    if not snapshot.next:
+    if status == "finished":
         raise InputError(f"the run {thread_id!r} already finished; nothing to resume")
 
 

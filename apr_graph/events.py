@@ -65,11 +65,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def token_emitter(thread_id: str) -> Callable[[str], None] | None:
-    """A callback that streams one thread's text as ``token`` events.
-
-    The model client calls it as text arrives, on the run's loop but outside the node's
-    context; the event is written in that context.
-    """
+    """A callback that streams one thread's text as ``token`` events."""
     return _emitter({"event": "token", "id": thread_id})
 
 

@@ -80,42 +80,30 @@ def boards_of(app: App) -> Boards:
     return boards
 
 
-def _releasing(node: RunNode, boards: Boards) -> RunNode:
-    """``node``, releasing its run's board when it fails or is cancelled (the run is over)."""
-
-    async def run(state: Any, settings: AprSettings) -> dict[str, Any]:
-        try:
-            return await node(state, settings)
-        except BaseException:
-            if state.get("run_id"):
-                boards.close(state["run_id"], root=not state.get("depth"))
-            raise
-
-    return run
-
-
-def _run_settings(settings: AprSettings, context: object) -> AprSettings:
-    """The graph's settings with what the run's context changes (a context of another type
-    is a parent graph's own: not this graph's to read)."""
-    return context.apply(settings) if isinstance(context, AprContext) else settings
-
-
-def _sync_and_async(
-    name: str, afunc: RunNode, client: LLMClient, settings: AprSettings
-) -> Runnable[Any, Any]:
-    """A node usable from both ``ainvoke`` and ``invoke``, given the run's settings.
+def _node(name: str, node: RunNode, client: LLMClient, boards: Boards) -> Runnable[Any, Any]:
+    """``node`` usable from both ``ainvoke`` and ``invoke``, given the run's settings (the
+    graph's, with what its ``AprContext`` changes: a context of another type is a parent
+    graph's own), releasing its run's board when it fails or is cancelled (the run is over).
 
     A sync run's node runs whole on the client's one helper loop (``LLMClient.run_sync``): a
     loop per node would open a connection pool per node. Wrapped as LangGraph wraps a plain
     function (``trace=False``): a ``RunnableLambda`` would build a callback run per call.
     """
-
-    def func(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
-        coro = afunc(state, _run_settings(settings, runtime.context))
-        return client.run_sync(coro)  # type: ignore[arg-type]
+    settings = client.settings
 
     async def anode(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
-        return await afunc(state, _run_settings(settings, runtime.context))
+        context = runtime.context
+        try:
+            return await node(
+                state, context.apply(settings) if isinstance(context, AprContext) else settings
+            )
+        except BaseException:
+            if state.get("run_id"):
+                boards.close(state["run_id"], root=not state.get("depth"))
+            raise
+
+    def func(state: Any, runtime: Runtime[Any]) -> dict[str, Any]:
+        return client.run_sync(anode(state, runtime))
 
     if RunnableCallable is None:  # pragma: no cover
         return RunnableLambda(
@@ -124,11 +112,6 @@ def _sync_and_async(
             name=name,
         )
     return RunnableCallable(func, anode, name=name, trace=False)
-
-
-def _no_update(state: Any) -> dict[str, Any]:
-    """The join: the workers' step is over; its router decides what runs next."""
-    return {}
 
 
 def _check(
@@ -210,9 +193,8 @@ def create_apr_graph(
         client = ChatModelClient(model, settings)
     if client is None:
         client = LLMClient(settings or AprSettings())
-    boards = Boards()
-    speed = speed_store(client.settings)
-    builder = _build(AprInput, client, client.settings, boards, speed, verify, tuple(tools), [])
+    boards, speed = Boards(), speed_store(client.settings)
+    builder = _build(AprInput, client, boards, speed, verify, tuple(tools), [])
     setattr(builder, _BOARDS_ATTR, boards)
     return builder
 
@@ -220,7 +202,6 @@ def create_apr_graph(
 def _build(
     input_schema: type[Any],
     client: LLMClient,
-    settings: AprSettings,
     boards: Boards,
     speed: SpeedStore,
     verify: Verifier | None,
@@ -232,10 +213,11 @@ def _build(
     builder: Graph = StateGraph(
         AprState, context_schema=AprContext, input_schema=input_schema, output_schema=AprOutput
     )
+    settings = client.settings
 
     def subgraph(run: AprSettings) -> Node:
         if not fork:
-            child = _build(ForkInput, client, settings, boards, speed, verify, tools, fork)
+            child = _build(ForkInput, client, boards, speed, verify, tools, fork)
             fork.append(child.compile(name="apr-graph-fork"))
         compiled, context = fork[0], None if run is settings else AprContext.of(run)
 
@@ -248,8 +230,7 @@ def _build(
         return run_fork
 
     def add(name: str, node: RunNode, **kwargs: Any) -> None:
-        wrapped = _sync_and_async(name, _releasing(node, boards), client, settings)
-        builder.add_node(name, wrapped, **kwargs)
+        builder.add_node(name, _node(name, node, client, boards), **kwargs)
 
     if settings.native is not None:
         add(NATIVE, make_native(client, boards, native=settings.native))
@@ -263,7 +244,8 @@ def _build(
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, boards))
         builder.add_edge(START, DECOMPOSE)
-        builder.add_node(JOIN, RunnableLambda(_no_update, name=JOIN))
+        # The join changes nothing: the workers' step is over; its router decides what is next.
+        builder.add_node(JOIN, RunnableLambda(lambda _: {}, name=JOIN))
         fan_out = make_fan_out(WORKER, FINISH, boards)
         builder.add_conditional_edges(DECOMPOSE, fan_out, [WORKER, FINISH])
         builder.add_edge(WORKER, JOIN)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any
@@ -84,15 +85,13 @@ def as_tool(
     )
 
 
-_served: dict[tuple[tuple[str, str], ...], App] = {}
-"""The graph ``make_graph`` serves, by the environment it was built from (only the last)."""
 _serving = threading.Lock()
 
 
-def _environment() -> tuple[tuple[str, str], ...]:
-    """The variables ``AprSettings()`` reads."""
-    names = ("APR_", "OPENAI_")
-    return tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(names)))
+@functools.lru_cache(maxsize=1)
+def _served(environment: tuple[tuple[str, str], ...]) -> App:
+    """The graph ``make_graph`` serves, built from ``environment`` (only the last is kept)."""
+    return compile_apr_graph(settings=AprSettings())
 
 
 def make_graph(config: RunnableConfig | None = None) -> App:
@@ -104,10 +103,7 @@ def make_graph(config: RunnableConfig | None = None) -> App:
     connection pool and capacity probe. A run's own settings come from its context
     (``AprContext``); ``config`` is not read.
     """
-    key = _environment()
+    names = ("APR_", "OPENAI_")  # the variables ``AprSettings()`` reads
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(names)))
     with _serving:  # the server may ask from several threads at once: build once
-        app = _served.get(key)
-        if app is None:
-            _served.clear()
-            app = _served[key] = compile_apr_graph(settings=AprSettings())
-        return app
+        return _served(key)

@@ -56,6 +56,7 @@ class AprSettings(BaseSettings):
         extra="forbid",
         validate_assignment=True,
         populate_by_name=True,
+        use_attribute_docstrings=True,  # each field's docstring is its schema description
     )
 
     base_url: str | None = Field(
@@ -85,7 +86,7 @@ class AprSettings(BaseSettings):
     """Model for thread calls (defaults to ``model``)."""
 
     synthesizer_model: str | None = None
-    """Model for the merge call (defaults to ``model``)."""
+    """Model for the merge, verifier and judge calls (defaults to ``model``)."""
 
     max_threads: int = Field(default=8, ge=1, le=4096)
     """The most threads one decomposition may start; larger plans are clamped."""

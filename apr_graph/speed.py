@@ -32,6 +32,7 @@ __all__ = [
 
 _COUNT: list[Message] = [{"role": "user", "content": "Count from 1 to 500, separated by spaces."}]
 _PREFILL_WORDS = 1000  # about a thousand tokens with common English words
+_MIN_DECODED = 16  # fewer tokens than this time only noise
 _VOCABULARY = (
     "time year people way day man thing woman life child world school state family student "
     "group country problem hand part place case week company system program question work "
@@ -39,7 +40,6 @@ _VOCABULARY = (
     "right study book eye job word business issue side kind head house service friend father "
     "power hour game line end member law car city community name president team minute idea"
 )
-_MIN_DECODED = 16  # fewer tokens than this time only noise
 
 
 def _first_token_s(completion: Completion) -> float:
@@ -63,13 +63,6 @@ def _aggregate_tps(done: Sequence[Completion]) -> float:
 def _unique(text: str) -> list[Message]:
     """``text`` after a nonce: a message no prefix cache has seen."""
     return [{"role": "user", "content": f"Note {random.getrandbits(64):016x}: {text}"}]
-
-
-def _prefill_prompt() -> list[Message]:
-    """A unique prompt of about a thousand tokens."""
-    vocabulary = _VOCABULARY.split()
-    words = " ".join(random.choice(vocabulary) for _ in range(_PREFILL_WORDS))
-    return _unique(f"{words}\nReply with OK.")
 
 
 async def calibrate(
@@ -117,7 +110,8 @@ async def calibrate(
             f"in {time.perf_counter() - started:.1f} s)"
         )
 
-    prefill = await ask(_prefill_prompt(), max_tokens=1)
+    words = " ".join(random.choices(_VOCABULARY.split(), k=_PREFILL_WORDS))
+    prefill = await ask(_unique(f"{words}\nReply with OK."), max_tokens=1)
     base_prompt = minimal[-1].prompt_tokens
     uncached = prefill.prompt_tokens - (prefill.cached_tokens or 0) - base_prompt
     seconds = _first_token_s(prefill) - first_token_s

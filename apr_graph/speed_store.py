@@ -192,15 +192,11 @@ def _blend(old: float | None, weight: float, new: float) -> tuple[float, float]:
     return old + alpha * (new - old), weight + 1.0
 
 
-def _decode_span(call: CallRecord) -> tuple[float, float]:
-    return call.get("first_token_at") or call["started_at"], call["ended_at"]
-
-
 def _observed_rates(calls: Sequence[CallRecord]) -> dict[int, float]:
     """Aggregate tokens/s by stream count, weighted by time: each call of ``MIN_TOKENS`` or
     more gives its decode rate x how many of the run's calls decoded beside it on average
     (other runs' calls on the server are not seen)."""
-    spans = [_decode_span(call) for call in calls]
+    spans = [(c.get("first_token_at") or c["started_at"], c["ended_at"]) for c in calls]
     seen: dict[int, list[tuple[float, float]]] = {}
     for call, (start, end) in zip(calls, spans, strict=True):
         duration = end - start

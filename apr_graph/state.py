@@ -99,10 +99,7 @@ class LoopRecord(TypedDict):
 
 def merge_threads(left: list[ThreadRecord], right: list[ThreadRecord]) -> list[ThreadRecord]:
     """Reducer for ``threads``: a newer record replaces the one with the same id."""
-    merged = {t["id"]: t for t in left}
-    for record in right:
-        merged[record["id"]] = record
-    return list(merged.values())
+    return list({t["id"]: t for t in [*left, *right]}.values())
 
 
 class AprInput(TypedDict, total=False):
