@@ -1,17 +1,12 @@
 """When to fork: on what the task is, and on what forking buys on the server at hand.
 
-Before the plan, either question may answer "direct" without a planning call:
-
-1. **Does the task split?** The shipped router (``apr_graph.router``) reads the task: one
-   continuous piece (a story, one explanation, one word problem) is answered by one call.
-2. **Does forking pay here?** With a speed profile of the endpoint (``apr calibrate``, or
-   learned from earlier runs), the wall time of one direct call and of a plan (plan + threads
-   under the measured concurrency + merge) are predicted, and a plan that loses is not run
-   (``prefer="speed"``, the default).
-
-After the plan, the same prediction is made with the plan's own width and merge, and a plan
-whose goals form one chain is run as one call (with ``prefer="quality"`` the plan runs as
-planned). The decision goes into ``plan["decision"]`` with its reason and predictions.
+Before the plan, a task the router (``apr_graph.router``) reads as one continuous piece is
+answered by one call, and so is one whose fan-out (plan + threads under the measured
+concurrency + merge) a speed profile of the endpoint (``apr calibrate``, or learned from
+earlier runs) predicts slower than one direct call. After the plan, a plan whose goals form
+one chain runs as one call, and the prediction is made again with the plan's own width and
+merge. With ``prefer="quality"`` the plan runs as planned. The decision goes into
+``plan["decision"]`` with its reason and predictions.
 """
 
 from __future__ import annotations
@@ -128,13 +123,8 @@ def before_plan(
     shape = task_shape(task, context) if settings.router and depth == 0 else None
     if shape is not None and not shape.splits:
         why = f" ({', '.join(shape.why)})" if shape.why else ""
-        return _record(
-            "direct",
-            "router",
-            f"the task reads as one piece: router {shape.parallel:.2f} < {shape.threshold:.2f}"
-            + why,
-            shape,
-        ), shape
+        reason = f"the task reads as one piece: router {shape.parallel:.2f} < {shape.threshold:.2f}"
+        return _record("direct", "router", reason + why, shape), shape
     if settings.prefer == "quality" or profile is None:
         return None, shape
     parts = labelled_parts(task)
@@ -150,11 +140,10 @@ def before_plan(
     )
     # The merge is unknown yet: at best it makes no call (concat); ``after_plan`` decides again.
     merge = settings.merge or "concat"
-    direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=planning)
-    if parallel_s < direct_s:
-        return None, shape
-    reason = _slower(profile, estimate.parts, direct_s, parallel_s, width, at_best=True)
-    return _record("direct", "speed", reason, shape, (profile, direct_s, parallel_s)), shape
+    record = _by_speed(
+        profile, estimate, shape, merge=merge, width=width, plan=planning, at_best=True
+    )
+    return (None if record["choice"] == "parallel" else record), shape
 
 
 def after_plan(
@@ -194,28 +183,14 @@ def after_plan(
             "forking as planned",
             shape,
         )
-    allowance = _part_tokens(profile)
     goals = [s["goal"] for s in subtasks]
-    estimate = Estimate(
-        prompt_tokens(task, context),
-        len(subtasks),
-        allowance,
-        thread_prompt_tokens(task, given, goals, settings.thread_documents),
-    )
+    thread = thread_prompt_tokens(task, given, goals, settings.thread_documents)
+    estimate = Estimate(prompt_tokens(task, context), len(subtasks), _part_tokens(profile), thread)
     # The planning call is spent: compare what is left of each way.
-    direct_s, parallel_s = predict(
-        profile, estimate, merge=plan["merge"] or "synthesize", width=width, plan=False
+    merge = plan["merge"] or "synthesize"
+    return _by_speed(
+        profile, estimate, shape, merge=merge, width=width, plan=False, spent_s=spent_s
     )
-    direct_s, parallel_s = direct_s + spent_s, parallel_s + spent_s
-    timed = (profile, direct_s, parallel_s)
-    if parallel_s >= direct_s:
-        reason = _slower(profile, len(subtasks), direct_s, parallel_s, width)
-        return _record("direct", "speed", reason, shape, timed)
-    reason = (
-        f"{len(subtasks)} threads predicted {direct_s / parallel_s:.2f}x faster than one "
-        f"call on this server (~{parallel_s:.1f}s vs ~{direct_s:.1f}s)"
-    )
-    return _record("parallel", "plan", reason, shape, timed)
 
 
 def predict(
@@ -262,22 +237,41 @@ def is_chain(subtasks: list[SubtaskRecord]) -> bool:
     return max(depth_of(s["id"]) for s in subtasks) == len(subtasks)
 
 
-def _slower(
+def _by_speed(
     profile: SpeedProfile,
-    parts: int,
-    direct_s: float,
-    parallel_s: float,
-    width: int,
+    estimate: Estimate,
+    shape: Shape | None,
     *,
+    merge: str,
+    width: int,
+    plan: bool,
+    spent_s: float = 0.0,
     at_best: bool = False,
-) -> str:
-    streams = max(1, min(width, parts))
-    best = " at best" if at_best else ""
-    return (
-        f"forking would not pay on this server: ~{direct_s:.1f}s as one call vs "
-        f"~{parallel_s:.1f}s{best} as {parts} threads ({streams} at once decode "
-        f"{profile.gain(streams):.2f}x one stream)"
+) -> DecisionRecord:
+    """Fork when the fan-out is predicted faster than one call. ``spent_s``: seconds the run
+    took so far, added to both predictions; ``at_best``: the prediction is a lower bound."""
+    direct_s, parallel_s = predict(profile, estimate, merge=merge, width=width, plan=plan)
+    direct_s, parallel_s = direct_s + spent_s, parallel_s + spent_s
+    parts, streams = estimate.parts, max(1, min(width, estimate.parts))
+    faster = parallel_s < direct_s
+    if faster:
+        reason = (
+            f"{parts} threads predicted {direct_s / parallel_s:.2f}x faster than one "
+            f"call on this server (~{parallel_s:.1f}s vs ~{direct_s:.1f}s)"
+        )
+    else:
+        reason = (
+            f"forking would not pay on this server: ~{direct_s:.1f}s as one call vs "
+            f"~{parallel_s:.1f}s{' at best' if at_best else ''} as {parts} threads "
+            f"({streams} at once decode {profile.gain(streams):.2f}x one stream)"
+        )
+    record = _record(
+        "parallel" if faster else "direct", "plan" if faster else "speed", reason, shape
     )
+    record["predicted_direct_s"] = round(direct_s, 2)
+    record["predicted_parallel_s"] = round(parallel_s, 2)
+    record["speed_source"] = profile.source
+    return record
 
 
 def _part_tokens(profile: SpeedProfile) -> int:
@@ -290,19 +284,11 @@ def _record(
     by: Decider,
     reason: str,
     shape: Shape | None,
-    timed: tuple[SpeedProfile, float, float] | None = None,
 ) -> DecisionRecord:
-    """The decision; ``timed``: the profile and the predicted seconds of each way."""
-    record = DecisionRecord(
+    return DecisionRecord(
         choice=choice,
         by=by,
         reason=reason,
         shape=round(shape.parallel, 3) if shape else None,
         threshold=round(shape.threshold, 3) if shape else None,
     )
-    if timed is not None:
-        profile, direct_s, parallel_s = timed
-        record["predicted_direct_s"] = round(direct_s, 2)
-        record["predicted_parallel_s"] = round(parallel_s, 2)
-        record["speed_source"] = profile.source
-    return record

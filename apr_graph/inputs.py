@@ -61,8 +61,9 @@ def _text(text: str) -> str:
     return quote(text).replace("</document>", "<\\/document>")
 
 
-def _name(name: str) -> str:
-    return _text(name).replace('"', "&quot;")
+def _document(name: str, text: str, size: str = "") -> str:
+    name = _text(name).replace('"', "&quot;")
+    return f'<document name="{name}"{size}>\n{_text(text)}\n</document>'
 
 
 def render_context(context: str | Mapping[str, str]) -> str:
@@ -71,10 +72,7 @@ def render_context(context: str | Mapping[str, str]) -> str:
     tag, so a model can tell them apart and cite them by name."""
     if isinstance(context, str):
         return context
-    return "\n".join(
-        f'<document name="{_name(name)}">\n{_text(text)}\n</document>'
-        for name, text in context.items()
-    )
+    return "\n".join(_document(name, text) for name, text in context.items())
 
 
 def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:
@@ -108,10 +106,8 @@ def thread_context(
     is a part of them: with ``documents="named"``, a goal that names some but not all of the
     context's documents gets those only (``documents_named``); otherwise the whole context.
     A context of one string is always given whole."""
-    if isinstance(context, str):
-        return context, None
-    if not context:
-        return "", None
+    if isinstance(context, str) or not context:
+        return render_context(context or ""), None
     if documents == "named":
         names = documents_named(context, goal)
         if names and len(names) < len(context):
@@ -186,15 +182,13 @@ def planner_view(context: str | Mapping[str, str], chars: int | None) -> tuple[s
     reading all of them would put their whole prefill before the first thread starts (a
     string context, or ``chars=None``, is read whole).
     """
-    if isinstance(context, str) or chars is None:
-        return render_context(context), False
-    if all(len(text) <= chars for text in context.values()):
+    if isinstance(context, str) or chars is None or all(len(t) <= chars for t in context.values()):
         return render_context(context), False
     parts = []
     for name, text in context.items():
         head = text if len(text) <= chars else text[:chars].rsplit("\n", 1)[0] + "\n[...]"
-        size = f'lines="{len(text.splitlines())}" chars="{len(text)}"'
-        parts.append(f'<document name="{_name(name)}" {size}>\n{_text(head)}\n</document>')
+        size = f' lines="{len(text.splitlines())}" chars="{len(text)}"'
+        parts.append(_document(name, head, size))
     return "\n".join(parts), True
 
 
@@ -208,45 +202,22 @@ def prefix_stats(
     *,
     tools: bool = False,
 ) -> PrefixStats:
-    """How much of the fan-out's prompts is one shared prefix, byte for byte.
+    """How much of the fan-out's whole prompts is one shared prefix, byte for byte.
 
-    Threads with one shared ``system`` differ from the first byte of the user message on, so
-    only the (short) user messages are compared. Threads given documents of their own
-    (``given``, ``documents``: see ``thread_context``; ``tools``: the threads have tools) have
-    systems of their own, and whole prompts are compared.
+    Threads share ``system``, unless given documents of their own (``given``, ``documents``:
+    see ``thread_context``; ``tools``: the threads have tools).
     """
     merge = plan["merge"]
-    own = [thread_context(given, s["goal"], documents) for s in plan["subtasks"]]
-    if any(names is not None for _, names in own):
-        prompts = [
-            json.dumps(
-                worker_messages(
-                    task,
-                    context,
-                    merge,
-                    subtask,
-                    system=system
-                    if names is None
-                    else shared_system(task, text, tools=tools, merge=merge),
-                ),
-                ensure_ascii=False,
-            ).encode()
-            for subtask, (text, names) in zip(plan["subtasks"], own, strict=True)
-        ]
-        shared, shortest = len(os.path.commonprefix(prompts)), min(len(p) for p in prompts)  # noqa: RUF071
-    else:
-        head = json.dumps([{"role": "system", "content": system}], ensure_ascii=False)[:-1]
-        users = [
-            json.dumps(
-                worker_messages(task, context, merge, subtask, system=system)[1],
-                ensure_ascii=False,
-            ).encode()
-            for subtask in plan["subtasks"]
-        ]
-        common = os.path.commonprefix(users)  # noqa: RUF071 - a byte-level prefix is the point
-        before = len(head.encode()) + len(b", ")
-        shortest = before + min(len(u) for u in users) + len(b"]")
-        shared = shortest if len(set(users)) == 1 else before + len(common)
+
+    def prompt(subtask: SubtaskRecord) -> bytes:
+        text, names = thread_context(given, subtask["goal"], documents)
+        own = system if names is None else shared_system(task, text, tools=tools, merge=merge)
+        messages = worker_messages(task, context, merge, subtask, system=own)
+        return json.dumps(messages, ensure_ascii=False).encode()
+
+    prompts = [prompt(subtask) for subtask in plan["subtasks"]]
+    shared = len(os.path.commonprefix(prompts))  # noqa: RUF071 - a byte-level prefix is the point
+    shortest = min(len(p) for p in prompts)
     return PrefixStats(
         shared_chars=shared,
         shortest_prompt_chars=shortest,

@@ -71,7 +71,7 @@ def _parts(task: str) -> tuple[tuple[str, str], ...]:
     for index, (_, end, label) in enumerate(found):
         if label != expected and (expected is not None or label not in {"a", "1"}):
             continue
-        expected = _successor(label)
+        expected = str(int(label) + 1) if label.isdigit() else chr(ord(label) + 1)
         stop = next((s for s, _, nxt in found[index + 1 :] if nxt == expected), len(task))
         parts[label] = task[end:stop].strip()
     if len(parts) < 2:
@@ -90,10 +90,6 @@ def is_phrase(text: str) -> bool:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-def _successor(label: str) -> str:
-    return str(int(label) + 1) if label.isdigit() else chr(ord(label) + 1)
 
 
 def _expand_references(subtasks: list[SubtaskRecord], task: str, notes: list[str]) -> None:
@@ -231,8 +227,7 @@ class PlanPrefix:
             return PlanRecord(
                 strategy="parallel", answer=None, subtasks=self._records, merge=merge, notes=[]
             )
-        plan = Plan.model_validate({"strategy": "parallel", "merge": merge, "subtasks": []})
-        plan.subtasks = list(self._written)
+        plan = Plan(strategy="parallel", merge=merge, subtasks=list(self._written))
         return normalise_plan(plan, self.settings, depth=self.depth, slots=slots, task=self.task)
 
 

@@ -62,8 +62,7 @@ def count_parts(task: str) -> int:
     for match in _HEADING.finditer(task):
         if int(match.group(1)) == expected:
             expected += 1
-    headed = expected - 1
-    return max(listed, headed if headed >= 2 else 0)
+    return max(listed, expected - 1 if expected > 2 else 0)
 
 
 def features(task: str) -> dict[str, float]:
@@ -124,15 +123,9 @@ def _label(name: str, value: float) -> str:
 
 
 def task_shape(task: str, context: str = "") -> Shape:
-    """How the task's answer is shaped: one continuous piece, or independent parts.
-
-    Args:
-        task: the user's request.
-        context: ignored: documents say what to answer from, not whether the answer has
-            independent parts, and their words would outvote the request's.
-
-    Returns:
-        A :class:`Shape`; ``shape.splits`` says whether planning (a parallel split) is worthwhile.
+    """How the task's answer is shaped: one continuous piece, or independent parts (then
+    ``shape.splits``: planning is worthwhile). ``context`` is ignored: documents say what to
+    answer from, not whether the answer has parts, and their words would outvote the request's.
     """
     del context
     model = _model()
@@ -145,9 +138,4 @@ def task_shape(task: str, context: str = "") -> Shape:
     parallel = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
     top = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:3]
     why = tuple(f"{_label(name, found[name])} {c:+.1f}" for name, c in top)
-    return Shape(
-        parallel=parallel,
-        threshold=float(model["threshold"]),
-        parts=count_parts(task),
-        why=why,
-    )
+    return Shape(parallel, float(model["threshold"]), count_parts(task), why)

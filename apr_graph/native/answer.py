@@ -22,21 +22,16 @@ def final_answer(text: str, block_close: str = "</Parallel>") -> str:
     """
     ends = list(_THINK_END.finditer(text))
     reasoning = text[: ends[-1].start()] if ends else text
-    if ends:
-        after = text[ends[-1].end() :].strip()
-        if after:
-            return after
+    if ends and text[ends[-1].end() :].strip():
+        return text[ends[-1].end() :].strip()
     finals = list(_FINAL.finditer(reasoning))
     if finals and reasoning[finals[-1].end() :].strip():
         return reasoning[finals[-1].end() :].strip()
     boxed = _last_boxed(reasoning)
     if boxed is not None:
         return boxed
-    if block_close in reasoning:
-        tail = reasoning[reasoning.rfind(block_close) + len(block_close) :].strip()
-        if tail:
-            return tail
-    return reasoning.strip() or text.strip()
+    # Without a block_close, rpartition's tail is the whole reasoning.
+    return reasoning.rpartition(block_close)[2].strip() or reasoning.strip() or text.strip()
 
 
 def _last_boxed(text: str) -> str | None:
