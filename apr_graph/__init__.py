@@ -68,7 +68,37 @@ _WHERE = {
 """Where each public name lives: imported on first use, so ``import apr_graph`` (and every
 ``apr`` subcommand or test double that needs only a corner of it) stays cheap."""
 
-__all__ = sorted(_WHERE)
+__all__ = [  # literal, for static tools; test_layout checks it against _WHERE
+    "AprContext",
+    "AprError",
+    "AprInput",
+    "AprOutput",
+    "AprSettings",
+    "AuthenticationError",
+    "BudgetExhaustedError",
+    "ChatModelClient",
+    "Completion",
+    "ConfigurationError",
+    "ContextOverflowError",
+    "InputError",
+    "LLMClient",
+    "MergeStrategy",
+    "ModelCallError",
+    "ModelNotFoundError",
+    "Plan",
+    "PlanRecord",
+    "ServerCapabilityError",
+    "ServerUnreachableError",
+    "StructuredOutputError",
+    "Subtask",
+    "ThreadRecord",
+    "Transport",
+    "as_tool",
+    "compile_apr_graph",
+    "create_apr_graph",
+    "prepare_resume",
+    "resume_run",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,3 +21,11 @@ def test_the_nodes_live_inside_the_package() -> None:
     """Not a top-level ``nodes`` package: that import name collides with other projects."""
     assert (PACKAGE / "nodes" / "__init__.py").is_file()
     assert not (PACKAGE.parent / "nodes").exists()
+
+
+def test_the_public_names_are_listed_once_each_and_all_import() -> None:
+    import apr_graph
+
+    assert apr_graph.__all__ == sorted(set(apr_graph.__all__))
+    assert set(apr_graph.__all__) == set(apr_graph._WHERE)
+    assert all(getattr(apr_graph, name) is not None for name in apr_graph.__all__)
