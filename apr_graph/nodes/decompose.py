@@ -99,7 +99,7 @@ def make_decompose(
                 task,
                 context,
                 normalised,
-                board.system or "",  # set with the plan
+                board.system or shared_system(task, context),  # set with the plan
                 given,
                 settings.thread_documents,
                 tools=bool(tools),
@@ -347,7 +347,7 @@ async def _warm(run: _Run) -> None:
     """One tiny request with the shared prefix, so the server's cache holds it in time."""
     board = run.board
     messages = [
-        {"role": "system", "content": board.system or ""},  # set before the warm-up starts
+        {"role": "system", "content": board.system or shared_system(run.task, run.context)},
         {"role": "user", "content": "Reply with OK."},
     ]
     try:
