@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from apr_graph.nodes.finish import compute_metrics
+from apr_graph.nodes.finish import compute_metrics, service_overlap
 from apr_graph.state import AprState, CallRecord, ThreadRecord
 
 NOW = 1_000.0
@@ -259,3 +259,29 @@ def test_an_empty_run_is_all_zero() -> None:
     assert result["cancelled_tokens"] == 0
     assert result["cached_tokens"] is None
     assert result["saved_tokens_estimate"] == 0  # nothing cancelled, so nothing saved
+
+
+def generating(tid: str, first_token: float, end: float) -> CallRecord:
+    """A thread's call that queued from 0 and generated from ``first_token`` to ``end``."""
+    return {
+        **call("worker", 10, thread=tid),
+        "started_at": 0.0,
+        "first_token_at": first_token,
+        "ended_at": end,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spans", "overlap"),
+    [
+        ([(0, 10), (0, 10), (0, 10)], 10.0),  # three side by side for 10 s: 10 s, not 20
+        ([(0, 10), (5, 15), (8, 20)], 10.0),  # two or more from 5 to 15
+        ([(0, 5), (5, 9), (9, 12)], 0.0),  # one after another (touching is not overlap)
+    ],
+)
+def test_the_overlap_is_the_time_two_or_more_threads_generated(
+    spans: list[tuple[float, float]], overlap: float
+) -> None:
+    calls = [generating(f"s{i}", start, end) for i, (start, end) in enumerate(spans, 1)]
+    calls.append(generating("s1/s1", 0, 30))  # a nested thread's call is its own run's
+    assert service_overlap(calls) == overlap

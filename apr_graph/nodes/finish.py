@@ -37,18 +37,20 @@ def estimate_saved(cancelled: list[ThreadRecord], done: list[ThreadRecord]) -> d
 
 
 def service_overlap(calls: list[CallRecord]) -> float:
-    """Seconds of the top-level threads' generation (first token to end, so queueing does
-    not count) that ran alongside another's: 0 means the server ran them one at a time."""
-    spans = sorted(
-        (c.get("first_token_at") or c["started_at"], c["ended_at"])
+    """Seconds during which two or more top-level threads were generating (first token to
+    end, so queueing does not count): 0 means the server ran them one at a time."""
+    edges = sorted(
+        edge
         for c in calls
         if c["role"] == "worker" and c["thread_id"] is not None and "/" not in c["thread_id"]
+        for edge in ((c.get("first_token_at") or c["started_at"], 1), (c["ended_at"], -1))
     )
-    union, reach = 0.0, float("-inf")
-    for start, end in spans:
-        union += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return round(max(0.0, sum(end - start for start, end in spans) - union), 4)
+    overlap, active, last = 0.0, 0, 0.0
+    for at, step in edges:  # at one instant an end comes before a start: touching is not overlap
+        if active >= 2:
+            overlap += at - last
+        active, last = active + step, at
+    return round(overlap, 4)
 
 
 def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
