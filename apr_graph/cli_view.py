@@ -27,7 +27,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
     threads = metrics.get("threads") or 0
     if threads > 1 and metrics.get("service_overlap_s", 0) > 0:
         line += (
-            f" · {threads} threads generated at the same time for "
+            f" · {threads} threads, two or more generating at once for "
             f"{metrics['service_overlap_s']:.2f}s (span {metrics['thread_span_s']:.2f}s)"
         )
     elif threads > 1:

@@ -100,7 +100,7 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert "settings for this model: max_concurrency 4, max_threads 4, max_depth 2" in done.err
     assert "not on PATH" not in done.err
     summary = done.err.strip().splitlines()[-1]
-    assert "3 threads generated at the same time" in summary
+    assert "3 threads, two or more generating at once" in summary
 
     record = json.loads(trace.read_text())
     local = record["local"]

@@ -68,4 +68,4 @@ def test_summary_says_when_the_server_ran_threads_one_at_a_time() -> None:
 
 def test_summary_reports_real_overlap() -> None:
     line = summary_line({**METRICS, "threads": 3, "service_overlap_s": 1.5})
-    assert "3 threads generated at the same time for 1.50s" in line
+    assert "3 threads, two or more generating at once for 1.50s (span 3.00s)" in line
