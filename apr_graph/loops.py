@@ -279,6 +279,7 @@ class LoopDetector:
         self._said: dict[str, list[int]] = {}  # each sentence said so far: where its copies start
         self._sentence_from = 0
         self._in_code = False
+        self._line_start = 0  # where the text's last line starts
         self.loop: Loop | None = None
 
     def feed(self, piece: str) -> Loop | None:
@@ -286,13 +287,14 @@ class LoopDetector:
         if self.loop is not None or not piece:
             return self.loop
         self._text += piece
-        if "\n" in piece:
+        if (newline := piece.rfind("\n")) >= 0:
+            self._line_start = len(self._text) - len(piece) + newline + 1
             if self._copies is not None:
                 self.loop = self._copies.feed(self._text)
             self.loop = self.loop or self._lists.feed(self._text)
-        elif len(self._text) - self._text.rfind("\n") <= _MARKER_CHARS + len(piece):
+        elif len(self._text) - self._line_start <= _MARKER_CHARS + len(piece):
             self.loop = self._lists.feed(self._text)  # a list item's marker may be coming in
-        new = self._split()
+        new = self._split(len(piece))
         self._since_check += new
         if self.loop is None and new and self._since_check >= _CHECK_EVERY:
             self._since_check = 0
@@ -322,13 +324,17 @@ class LoopDetector:
                 )
         return None
 
-    def _split(self) -> int:
+    def _split(self, new: int) -> int:
         """Split the text up to its last white space (the word after it may go on in the
-        next piece) into words; returns how many were added."""
+        next piece) into words; returns how many were added. Only the last ``new``
+        characters are looked at for it: a long run without white space costs no more."""
         text = self._text
         end = len(text)
-        while end > self._scanned and not text[end - 1].isspace():
+        start = max(self._scanned, end - new)
+        while end > start and not text[end - 1].isspace():
             end -= 1
+        if end == start:
+            return 0  # no white space came in
         added = 0
         for match in _WORD.finditer(text, self._scanned, end):
             word = match.group()
