@@ -116,9 +116,8 @@ class _ListWatch:
         self._run = 0
         self._in_code = False
 
-    def feed(self, text: str) -> Loop | None:
-        """Look at the complete lines of ``text`` not seen yet."""
-        end = text.rfind("\n") + 1
+    def feed(self, text: str, end: int) -> Loop | None:
+        """Look at the complete lines of ``text`` (those before ``end``) not seen yet."""
         for match in _LINE.finditer(text, self._scanned, end):
             line = match.group()
             if line.lstrip().startswith("```"):
@@ -198,10 +197,9 @@ class _CopyWatch:
         self._reached = -1  # the furthest source line the rewrite has come to
         self._scanned = 0
 
-    def feed(self, text: str) -> Loop | None:
-        """Look at the complete lines of ``text`` not seen yet."""
-        end = text.rfind("\n") + 1
-        for match in re.finditer(r"[^\n]*\n", text[self._scanned : end]):
+    def feed(self, text: str, end: int) -> Loop | None:
+        """Look at the complete lines of ``text`` (those before ``end``) not seen yet."""
+        for match in _LINE.finditer(text, self._scanned, end):
             line = match.group().strip()
             if not line:
                 continue
@@ -220,7 +218,7 @@ class _CopyWatch:
                 elif found:
                     self._rewrite = False  # a copy from the middle, or back: a quote
                 self._matches, self._run = found, 1 if found else 0
-                self._run_start = self._scanned + match.start()
+                self._run_start = match.start()
             if self._matches:
                 self._reached = max(self._reached, min(self._matches))
             needed = self._lines if self._rewrite else self._lines * QUOTE_FACTOR
@@ -290,10 +288,11 @@ class LoopDetector:
         if (newline := piece.rfind("\n")) >= 0:
             self._line_start = len(self._text) - len(piece) + newline + 1
             if self._copies is not None:
-                self.loop = self._copies.feed(self._text)
-            self.loop = self.loop or self._lists.feed(self._text)
+                self.loop = self._copies.feed(self._text, self._line_start)
+            self.loop = self.loop or self._lists.feed(self._text, self._line_start)
         elif len(self._text) - self._line_start <= _MARKER_CHARS + len(piece):
-            self.loop = self._lists.feed(self._text)  # a list item's marker may be coming in
+            # A list item's marker may be coming in.
+            self.loop = self._lists.feed(self._text, self._line_start)
         new = self._split(len(piece))
         self._since_check += new
         if self.loop is None and new and self._since_check >= _CHECK_EVERY:
