@@ -18,8 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from apr_graph.http_pool import HttpPool
-from apr_graph.sdk_compat import authorization
+from apr_graph.http_pool import get_once
 
 __all__ = ["CapacityReport", "ProbeOnce", "probe_parallel_capacity", "server_root"]
 
@@ -90,19 +89,10 @@ async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> 
     costs at most ``_TIMEOUT_S`` per client; on the probe's own connections, closed after it,
     so the client's pool keeps only those its requests use.
     """
-    headers, root = authorization(api_key), server_root(base_url)
-    pool = HttpPool(timeout_s=_TIMEOUT_S, https=base_url.startswith("https://"), keepalive_s=1)
-
-    async def ask(path: str) -> Any:
-        try:
-            return await pool.fetch("GET", root + path, headers, timeout_s=_TIMEOUT_S)
-        except Exception:  # any failure, or a failed status, says nothing
-            return None
-
-    try:
-        props, slots, metrics = await asyncio.gather(ask("/props"), ask("/slots"), ask("/metrics"))
-    finally:
-        await pool.aclose()
+    root = server_root(base_url)
+    urls = [root + path for path in ("/props", "/slots", "/metrics")]
+    # A failure (an exception in its place) says nothing: no ``_from_*`` reads one.
+    props, slots, metrics = await get_once(urls, api_key, timeout_s=_TIMEOUT_S)
     found = _from_metrics(metrics) if isinstance(metrics, str) else None
     return _from_props(props) or _from_slots(slots) or found or CapacityReport()
 
