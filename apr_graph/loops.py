@@ -7,9 +7,10 @@ tables repeat short tokens legitimately). A numbered list's markers count as one
 list that repeats its items under new numbers is a loop too. A runaway list repeats no block
 but the same sentence in new items: a sentence of ``SENTENCE_WORDS`` words or more said for
 the ``SENTENCE_REPEATS``-th time (outside code blocks) is a loop too; and so is a list whose
-items keep saying what earlier ones said with other names (``ITEM_REPEATS`` items in a row,
-see ``ITEM_NOVELTY``): "Missing `__lt__` method: the class has no `__lt__` method, which makes
-it hard to sort..." for one method after another, to the token limit.
+items keep saying what earlier ones said with other names (``ITEM_REPEATS`` items of the
+last ``ITEM_WINDOW``, see ``ITEM_NOVELTY``): "Missing `__lt__` method: the class has no
+`__lt__` method, which makes it hard to sort..." for one method after another, to the token
+limit.
 
 A reply that writes out its own input again (a document from its top, ``copy_lines``
 unchanged lines in a row; a quote from elsewhere, ``QUOTE_FACTOR`` times that) is cut where
@@ -21,11 +22,13 @@ answer.
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = [
     "ITEM_NOVELTY",
     "ITEM_REPEATS",
+    "ITEM_WINDOW",
     "ITEM_WORDS",
     "MAX_PERIOD_WORDS",
     "MIN_SPAN_WORDS",
@@ -56,13 +59,16 @@ in ``data/decision/runs``, 5 times was always one, 4 times sometimes a sound ans
 ITEM_WORDS = 15
 ITEM_NOVELTY = 0.25
 ITEM_REPEATS = 3
+ITEM_WINDOW = 5
 """A list item of ``ITEM_WORDS`` words or more of which less than ``ITEM_NOVELTY`` of the word
 4-grams are new to its list (names in code spans read alike; numbers do not, so the steps of a
-calculation differ) repeats a template; the ``ITEM_REPEATS``-th such item in a row is a loop,
-cut where it starts. Of the 739 replies kept in ``data/decision/runs``, this fires in 24, every
-one a list running away (travel tips, causes cycling, one claim made of function after
-function) or a loop; at 0.4 it would also cut a sound list of usage examples, one function
-after another. A heading, or a list numbered from 1 again, starts afresh."""
+calculation differ) repeats a template; such an item that makes ``ITEM_REPEATS`` of the last
+``ITEM_WINDOW`` items is a loop, cut where it starts (a list may alternate two templates, or put
+a new item between repeats). Of the 754 replies kept in ``data/decision/runs``, this fires in
+39 (29 when it took three in a row), every one a list running away (travel tips, causes
+cycling, one claim made of function after function) or a loop; at 0.4 it would also cut a
+sound list of usage examples, one function after another. A heading, or a list numbered
+from 1 again, starts afresh."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
@@ -113,7 +119,7 @@ class _ListWatch:
         self._lines: list[str] = []  # its text, code blocks aside
         self._indent: int | None = None  # the indentation of the list's top-level markers
         self._seen: set[tuple[str, ...]] = set()
-        self._run = 0
+        self._recent: deque[bool] = deque(maxlen=ITEM_WINDOW)  # templated, for the last items
         self._in_code = False
 
     def feed(self, text: str, end: int) -> Loop | None:
@@ -133,7 +139,8 @@ class _ListWatch:
             if (top or section) and (loop := self._judge()) is not None:
                 return loop
             if section or (top and _FIRST_ITEM.match(line)):
-                self._seen, self._run = set(), 0
+                self._seen = set()
+                self._recent.clear()
             if top and marker is not None:
                 if self._indent is None:
                     self._indent = len(marker.group(1))
@@ -156,16 +163,12 @@ class _ListWatch:
         text = _CODE_SPAN.sub(" `c` ", "".join(self._lines).lower())
         words = _ITEM_WORD.findall(text)
         grams = {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
-        if len(words) < ITEM_WORDS:
-            self._seen |= grams
-            self._run = 0
-            return None
-        novelty = len(grams - self._seen) / len(grams)
+        templated = len(words) >= ITEM_WORDS and len(grams - self._seen) < ITEM_NOVELTY * len(grams)
         self._seen |= grams
-        self._run = self._run + 1 if novelty < ITEM_NOVELTY else 0
-        if self._run < ITEM_REPEATS:
+        self._recent.append(templated)
+        if not templated or sum(self._recent) < ITEM_REPEATS:
             return None
-        return Loop(keep=start, period_words=len(words), repeats=self._run + 1)
+        return Loop(keep=start, period_words=len(words), repeats=sum(self._recent) + 1)
 
 
 def _min_repeats(period: int) -> int:

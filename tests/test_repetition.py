@@ -416,6 +416,50 @@ def test_a_list_of_one_claim_about_name_after_name_is_cut_at_its_third_repeat() 
     assert fed < text.index("6. **Missing") + 10  # found as the sixth item began
 
 
+def test_a_list_that_alternates_two_templates_is_cut() -> None:
+    # One claim for function after function, in two wordings, with a new finding between
+    # (as a 1.5B model wrote on a review): no three items in a row repeat one template.
+    claim = {
+        "A": "The function `{f}` is supposed to return {w} of a given text, but it is currently "
+        "returning a list with the first letter of each word capitalized. This is not the "
+        "intended behavior. The correct implementation should return {w} without capitals.",
+        "B": "The function `{f}` is supposed to return {w} of a given text, but it is currently "
+        "returning an empty string if the text is empty. This is not the intended behavior. The "
+        "correct implementation should return {w} if the text is not empty.",
+    }
+    items = [
+        (
+            "N",
+            "word_count",
+            "subtracts one from the number of words, so a text of three words "
+            "counts two; drop the `- 1`.",
+        ),
+        ("A", "words", "the words"),
+        ("B", "longest_word", "the longest word"),
+        ("A", "unique_words", "the unique words"),
+        ("B", "shortest_word", "the shortest word"),
+        (
+            "N",
+            "top_share",
+            "divides by the number of distinct words instead of all words, so "
+            "shares add up to more than one; divide by `len(words(text))`.",
+        ),
+        ("A", "capitalised", "the capitalised words"),
+        ("B", "lexical_diversity", "the lexical diversity"),
+    ]
+    text = "Findings for textstats.py:\n\n" + "".join(
+        f"{n}. **`{f}`**: " + (w if kind == "N" else claim[kind].format(f=f, w=w)) + "\n\n"
+        for n, (kind, f, w) in enumerate(items, 1)
+    )
+    found, _ = feed(text)
+    assert found is not None
+    kept = text[: found.keep]
+    assert "drop the `- 1`" in kept
+    assert "divide by `len(words(text))`" in kept
+    assert text[found.keep :].startswith("7. **`capitalised`**")
+    assert found.repeats == ITEM_REPEATS + 1
+
+
 def test_lists_whose_items_share_a_shape_but_say_new_things_are_no_loop() -> None:
     functions = [
         ("words", "a string", "its words in lower case"),
