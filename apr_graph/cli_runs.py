@@ -15,7 +15,7 @@ from apr_graph.durable import StoredRun, stored_runs
 from apr_graph.graph import create_apr_graph
 from apr_graph.settings import AprSettings
 
-__all__ = ["describe_runs", "find_run", "list_runs", "missing_run"]
+__all__ = ["describe_runs", "list_runs", "missing_run"]
 
 _OFFLINE = AprSettings(base_url="http://127.0.0.1:9/v1", probe_capacity=False)
 """Settings for a graph that only reads its checkpoints: it never sends a request."""
@@ -43,11 +43,6 @@ def describe_runs(runs: list[StoredRun]) -> str:
         task = task if len(task) <= 60 else task[:57] + "..."
         lines.append(f"{run.thread_id:<{width}}  {run.status:<11}  {run.updated_at[:19]}  {task}")
     return "\n".join(lines)
-
-
-def find_run(db: Path, thread_id: str) -> StoredRun | None:
-    """The stored run ``thread_id``, or ``None``."""
-    return next((run for run in list_runs(db) if run.thread_id == thread_id), None)
 
 
 def missing_run(db: Path, thread_id: str) -> str | None:

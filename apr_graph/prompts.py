@@ -7,7 +7,7 @@ the shared part once. Untrusted text (task, context, thread results) is quoted i
 
 from __future__ import annotations
 
-from apr_graph.state import PlanRecord, SubtaskRecord
+from apr_graph.state import SubtaskRecord
 
 __all__ = [
     "DIRECT_SYSTEM",
@@ -278,7 +278,6 @@ def verifier_messages(
 def judge_messages(
     task: str,
     context: str,
-    plan: PlanRecord,
     results: list[tuple[str, str, str]],
     *,
     system: str | None = None,
@@ -291,7 +290,6 @@ def judge_messages(
 def synthesizer_messages(
     task: str,
     context: str,
-    plan: PlanRecord,
     results: list[tuple[str, str, str]],
     *,
     system: str | None = None,

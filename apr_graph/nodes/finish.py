@@ -102,7 +102,7 @@ def compute_metrics(state: AprState, now: float) -> dict[str, Any]:
     }
 
 
-def decision_metrics(decision: DecisionRecord, wall_s: float) -> dict[str, Any]:
+def decision_metrics(decision: DecisionRecord) -> dict[str, Any]:
     """The run's decision, and its predicted wall time beside the actual one."""
     other = "parallel" if decision["choice"] == "direct" else "direct"
     return {
@@ -147,7 +147,7 @@ def make_finish(
             boards.close(run_id, root=not state.get("depth"))
         decision = plan.get("decision")
         if decision is not None:
-            metrics.update(decision_metrics(decision, metrics["wall_time_s"]))
+            metrics.update(decision_metrics(decision))
         if settings.learn_speed and not state.get("depth"):
             endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
             # A small file written with fsync: in a worker thread, not on the loop where

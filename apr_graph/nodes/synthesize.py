@@ -168,7 +168,7 @@ async def _merge(
         try:
             choice, completion = await board.guard(
                 client.structured(
-                    judge_messages(task, context, plan, candidates, system=board.system),
+                    judge_messages(task, context, candidates, system=board.system),
                     Choice,
                     role="synthesizer",
                     budget=board.budget,
@@ -186,7 +186,7 @@ async def _merge(
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
     completion = await board.guard(
         client.chat(
-            synthesizer_messages(task, context, plan, results, system=board.system),
+            synthesizer_messages(task, context, results, system=board.system),
             role="synthesizer",
             budget=board.budget,
             progress=StreamProgress(on_text=answer_emitter()),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from apr_graph.answers import final_answer
-from apr_graph.board import DEFERRED, Boards, RunBoard, deferred_record
+from apr_graph.board import DEFERRED, RunBoard, deferred_record
 from apr_graph.budget import StoppedError
 from apr_graph.errors import (
     AuthenticationError,
@@ -122,7 +122,6 @@ def _missing(thread_id: str) -> ThreadRecord:
 
 async def fork_thread(
     board: RunBoard,
-    boards: Boards,
     thread: Thread,
     dependencies: list[tuple[str, str, str]],
     subgraph: Subgraph,
@@ -148,11 +147,11 @@ async def fork_thread(
     try:
         child = await board.guard(subgraph(child_input))
     except StoppedError as stop:
-        return finish_thread(board, boards, thread, thread.record("cancelled", error=stop.reason))
+        return finish_thread(board, thread, thread.record("cancelled", error=stop.reason))
     except RUN_FATAL:
         raise
     except ModelCallError as exc:
-        return finish_thread(board, boards, thread, thread.record("failed", error=str(exc)))
+        return finish_thread(board, thread, thread.record("failed", error=str(exc)))
     metrics = child.get("metrics") or {}
     thread.prompt_tokens = int(metrics.get("prompt_tokens", 0))
     thread.completion_tokens = int(metrics.get("completion_tokens", 0))
@@ -171,14 +170,12 @@ async def fork_thread(
         {**c, "thread_id": f"{sid}/{c['thread_id']}" if c["thread_id"] else sid}  # type: ignore[typeddict-item]
         for c in child.get("calls") or []
     )
-    result = finish_thread(board, boards, thread, record)
+    result = finish_thread(board, thread, record)
     result["threads"] = result["threads"] + nested
     return result
 
 
-def finish_thread(
-    board: RunBoard, boards: Boards, thread: Thread, record: ThreadRecord
-) -> dict[str, Any]:
+def finish_thread(board: RunBoard, thread: Thread, record: ThreadRecord) -> dict[str, Any]:
     """Publish the record, do the vote/race bookkeeping, emit the event, build the update."""
     sid = record["id"]
     board.finished.add(sid)

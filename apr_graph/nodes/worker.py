@@ -98,7 +98,7 @@ def make_worker(
         try:
             dependencies = await dependencies_of(board, payload)
         except StoppedError as stop:
-            return finish_thread(board, boards, thread, thread.record("skipped", error=stop.reason))
+            return finish_thread(board, thread, thread.record("skipped", error=stop.reason))
         if dependencies is None:  # the join sends it again, with the results it needs
             board.defer(sid)
             return {"waiting": [sid]}
@@ -121,9 +121,9 @@ def make_worker(
         failed_deps = [d["id"] for d in dependencies if d["status"] != "done"]
         done_deps += [(d, "", "(this dependency did not finish)") for d in failed_deps]
         if thread.subtask.get("fork"):
-            return await fork_thread(board, boards, thread, done_deps, subgraph(settings))
+            return await fork_thread(board, thread, done_deps, subgraph(settings))
         llm = client.for_run(settings)
-        return await _solve(llm, settings, board, boards, thread, done_deps, verify, tools)
+        return await _solve(llm, settings, board, thread, done_deps, verify, tools)
 
     return worker
 
@@ -132,7 +132,6 @@ async def _solve(
     client: LLMClient,
     settings: AprSettings,
     board: RunBoard,
-    boards: Boards,
     thread: Thread,
     dependencies: list[tuple[str, str, str]],
     verify: Verifier | None,
@@ -141,7 +140,7 @@ async def _solve(
     payload, subtask = thread.payload, thread.subtask
 
     def end(status: ThreadStatus, **fields: Any) -> dict[str, Any]:
-        return finish_thread(board, boards, thread, thread.record(status, **fields))
+        return finish_thread(board, thread, thread.record(status, **fields))
 
     must_verify = verify is not None or board.merge == "race"
     rejected: str | None = None
