@@ -61,14 +61,15 @@ ITEM_NOVELTY = 0.3
 ITEM_REPEATS = 3
 ITEM_WINDOW = 5
 """A list item of ``ITEM_WORDS`` words or more of which less than ``ITEM_NOVELTY`` of the word
-4-grams are new to its list (names in code spans read alike; numbers do not, so the steps of a
-calculation differ) repeats a template; such an item that makes ``ITEM_REPEATS`` of the last
-``ITEM_WINDOW`` items is a loop, cut where it starts (a list may alternate two templates, or put
-a new item between repeats). Of the 754 replies kept in ``data/decision/runs``, this fires in
-40 (29 when it took three in a row under 0.25), every one a list running away (travel tips,
+4-grams are new to its list (names in code spans read alike, and so do their words in prose:
+"`unique_words` ... the unique words"; numbers do not, so the steps of a calculation differ)
+repeats a template; such an item that makes ``ITEM_REPEATS`` of the last ``ITEM_WINDOW`` items
+is a loop, cut where it starts (a list may alternate two templates, or put a new item between
+repeats). Of the 754 replies kept in ``data/decision/runs``, this fires in 41 (29 when it took
+three in a row under 0.25, names' words unmasked), every one a list running away (travel tips,
 causes cycling, one claim made of function after function) or a loop; at 0.4 it would also
-cut a sound list of usage examples, one function after another (its items 0.28-0.35 new).
-A heading, or a list numbered from 1 again, starts afresh."""
+cut a sound list of usage examples, one function after another (its items 0.28-0.35 new). A
+heading, or a list numbered from 1 again, starts afresh."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
@@ -105,6 +106,7 @@ _FIRST_ITEM = re.compile(r"[ \t]*1[.)][ \t]")
 _SECTION = re.compile(r"#|\*\*[^*]+\*\*:?$")  # a heading, or a bold line of its own
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
 _ITEM_WORD = re.compile(r"`c`|[\w']+")
+_NAME_PART = re.compile(r"[^\W\d_]{3,}")  # a word of a name in a code span: `lexical_diversity`
 _MARKER_CHARS = 8  # a line this short may be a list item's marker still being written
 
 
@@ -118,7 +120,9 @@ class _ListWatch:
         self._start: int | None = None  # where the open item starts
         self._lines: list[str] = []  # its text, code blocks aside
         self._indent: int | None = None  # the indentation of the list's top-level markers
-        self._seen: set[tuple[str, ...]] = set()
+        self._items: list[list[str]] = []  # the list's items so far, as words
+        self._names: set[str] = set()  # the words of the names its code spans gave
+        self._seen: set[tuple[str, ...]] = set()  # their 4-grams, names' words masked
         self._recent: deque[bool] = deque(maxlen=ITEM_WINDOW)  # templated, for the last items
         self._in_code = False
 
@@ -139,7 +143,7 @@ class _ListWatch:
             if (top or section) and (loop := self._judge()) is not None:
                 return loop
             if section or (top and _FIRST_ITEM.match(line)):
-                self._seen = set()
+                self._items, self._names, self._seen = [], set(), set()
                 self._recent.clear()
             if top and marker is not None:
                 if self._indent is None:
@@ -160,15 +164,29 @@ class _ListWatch:
         if start is None:
             return None
         self._start = None
-        text = _CODE_SPAN.sub(" `c` ", "".join(self._lines).lower())
-        words = _ITEM_WORD.findall(text)
-        grams = {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+        text = "".join(self._lines).lower()
+        names = {
+            part.rstrip("s")
+            for span in _CODE_SPAN.findall(text)
+            for part in _NAME_PART.findall(span)
+        }
+        words = _ITEM_WORD.findall(_CODE_SPAN.sub(" `c` ", text))
+        if not names <= self._names:  # the list's earlier items read again, masked alike
+            self._names |= names
+            self._seen = set().union(*(self._grams(item) for item in self._items))
+        self._items.append(words)
+        grams = self._grams(words)
         templated = len(words) >= ITEM_WORDS and len(grams - self._seen) < ITEM_NOVELTY * len(grams)
         self._seen |= grams
         self._recent.append(templated)
         if not templated or sum(self._recent) < ITEM_REPEATS:
             return None
         return Loop(keep=start, period_words=len(words), repeats=sum(self._recent) + 1)
+
+    def _grams(self, words: list[str]) -> set[tuple[str, ...]]:
+        """The word 4-grams of an item, the words of the list's names read as one."""
+        masked = ["`c`" if word.rstrip("s") in self._names else word for word in words]
+        return {tuple(masked[i : i + 4]) for i in range(len(masked) - 3)}
 
 
 def _min_repeats(period: int) -> int:

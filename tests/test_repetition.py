@@ -460,6 +460,30 @@ def test_a_list_that_alternates_two_templates_is_cut() -> None:
     assert found.repeats == ITEM_REPEATS + 1
 
 
+def test_a_template_that_says_its_names_in_words_is_cut() -> None:
+    # The name's words said again in prose ("`unique_words` ... the unique words") make every
+    # item look new by its 4-grams; they read as the name does.
+    names = {
+        "words": "the words of the text",
+        "most_common": "the most common words",
+        "unique_words": "the unique words of the text",
+        "longest_word": "the longest word there",
+        "shortest_word": "the shortest word there",
+        "lexical_diversity": "the lexical diversity measure",
+        "capitalised_words": "the capitalised words found",
+    }
+    text = "Findings for textstats.py:\n\n" + "".join(
+        f"{n}. **Bug in `{name}` function**: The function `{name}` is supposed to return {said}, "
+        f"but it currently returns {said} in descending order. This is incorrect because the "
+        f"problem statement says {said} should be returned in ascending order.\n\n"
+        for n, (name, said) in enumerate(names.items(), 1)
+    )
+    found, _ = feed(text)
+    assert found is not None
+    assert text[found.keep :].startswith("5. **Bug in `shortest_word`")
+    assert found.repeats == ITEM_REPEATS + 1
+
+
 def test_lists_whose_items_share_a_shape_but_say_new_things_are_no_loop() -> None:
     functions = [
         ("words", "a string", "its words in lower case"),
@@ -492,6 +516,22 @@ def test_lists_whose_items_share_a_shape_but_say_new_things_are_no_loop() -> Non
         for name in ["load.py", "save.py", "merge.py", "split.py", "clean.py"]
     )
     assert feed(sections)[0] is None
+    documented = (
+        "Functions of textstats.py:\n\n"
+        "1. `word_count(text)` returns the number of words in `text`, counting hyphenated "
+        "words once and ignoring numbers.\n\n"
+        "2. `longest_word(text)` returns the longest word of `text`; on a tie the first one "
+        "wins, and an empty text gives an empty string.\n\n"
+        "3. `shortest_word(text)` returns the shortest word of `text`, skipping words of one "
+        "letter unless the text has no others.\n\n"
+        "4. `unique_words(text)` returns the set of distinct words of `text` in lower case, "
+        "so `The` and `the` count as one.\n\n"
+        "5. `lexical_diversity(text)` returns distinct words over all words of `text`, a "
+        "float between 0 and 1, or 0.0 for an empty text.\n\n"
+        "6. `most_common(text, n)` returns the `n` most frequent words of `text` with their "
+        "counts, as `(word, count)` pairs sorted by count.\n\n"
+    )
+    assert feed(documented)[0] is None
 
 
 async def test_a_thread_whose_list_runs_away_is_cut_soon_and_keeps_its_first_items(
