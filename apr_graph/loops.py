@@ -65,11 +65,11 @@ ITEM_WINDOW = 5
 "`unique_words` ... the unique words"; numbers do not, so the steps of a calculation differ)
 repeats a template; such an item that makes ``ITEM_REPEATS`` of the last ``ITEM_WINDOW`` items
 is a loop, cut where it starts (a list may alternate two templates, or put a new item between
-repeats). Of the 754 replies kept in ``data/decision/runs``, this fires in 41 (29 when it took
-three in a row under 0.25, names' words unmasked), every one a list running away (travel tips,
-causes cycling, one claim made of function after function) or a loop; at 0.4 it would also
-cut a sound list of usage examples, one function after another (its items 0.28-0.35 new). A
-heading, or a list numbered from 1 again, starts afresh."""
+repeats). Of the 754 replies ``data/decision/runs`` held before session 23, this fires in 41
+(29 when it took three in a row under 0.25, names' words unmasked), every one a list running
+away (travel tips, causes cycling, one claim made of function after function) or a loop; at
+0.4 it would also cut a sound list of usage examples, one function after another (its items
+0.28-0.35 new). A heading, or a list numbered from 1 again, starts afresh."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
