@@ -134,7 +134,8 @@ def task_shape(task: str, context: str = "") -> Shape:
     contributions = {
         name: weights[name] * value for name, value in found.items() if name in weights and value
     }
-    z = float(model["bias"]) + sum(contributions.values())
+    # fsum: the sum of a set's features must not depend on the order of the set (the hash seed)
+    z = math.fsum([float(model["bias"]), *contributions.values()])
     parallel = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
     top = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:3]
     why = tuple(f"{_label(name, found[name])} {c:+.1f}" for name, c in top)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -114,3 +117,29 @@ def test_trainer_learns_a_separable_toy_set(trainer: ModuleType) -> None:
     assert 0.0 < threshold < 1.0
     fold = trainer.folds(labels, 5, 1)
     assert sorted(set(fold)) == [0, 1, 2, 3, 4]
+
+
+def test_the_verdict_does_not_depend_on_the_hash_seed() -> None:
+    # Features are a set of n-grams: summed in the set's order, the last bits of the
+    # probability changed with PYTHONHASHSEED, for a quarter of the development tasks.
+    tasks = [
+        json.loads(line)["prompt"]
+        for line in (DATA / "own_dev.jsonl").read_text(encoding="utf-8").splitlines()[:200]
+    ]
+    script = (
+        "import json, sys\n"
+        "from apr_graph.router import task_shape\n"
+        "print(json.dumps([task_shape(t).parallel.hex() for t in json.load(sys.stdin)]))\n"
+    )
+    verdicts = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            input=json.dumps(tasks),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    ]
+    assert verdicts[0] == verdicts[1] == verdicts[2]
