@@ -61,15 +61,16 @@ ITEM_NOVELTY = 0.3
 ITEM_REPEATS = 3
 ITEM_WINDOW = 5
 """A list item of ``ITEM_WORDS`` words or more of which less than ``ITEM_NOVELTY`` of the word
-4-grams are new to its list (names in code spans read alike, and so do their words in prose:
-"`unique_words` ... the unique words"; numbers do not, so the steps of a calculation differ)
-repeats a template; such an item that makes ``ITEM_REPEATS`` of the last ``ITEM_WINDOW`` items
-is a loop, cut where it starts (a list may alternate two templates, or put a new item between
-repeats). Of the 754 replies ``data/decision/runs`` held before session 23, this fires in 41
-(29 when it took three in a row under 0.25, names' words unmasked), every one a list running
-away (travel tips, causes cycling, one claim made of function after function) or a loop; at
-0.4 it would also cut a sound list of usage examples, one function after another (its items
-0.28-0.35 new). A heading, or a list numbered from 1 again, starts afresh."""
+4-grams are new to its list (to its last 32 items; names in code spans read alike, and so do
+their words in prose: "`unique_words` ... the unique words"; numbers do not, so the steps of a
+calculation differ) repeats a template; such an item that makes ``ITEM_REPEATS`` of the last
+``ITEM_WINDOW`` items is a loop, cut where it starts (a list may alternate two templates, or
+put a new item between repeats). Of the 754 replies ``data/decision/runs`` held before session
+23, this fires in 41 (29 when it took three in a row under 0.25, names' words unmasked), every
+one a list running away (travel tips, causes cycling, one claim made of function after
+function) or a loop; at 0.4 it would also cut a sound list of usage examples, one function
+after another (its items 0.28-0.35 new). A heading, or a list numbered from 1 again, starts
+afresh."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
@@ -108,6 +109,7 @@ _CODE_SPAN = re.compile(r"`[^`\n]*`")
 _ITEM_WORD = re.compile(r"`c`|[\w']+")
 _NAME_PART = re.compile(r"[^\W\d_]{3,}")  # a word of a name in a code span: `lexical_diversity`
 _MARKER_CHARS = 8  # a line this short may be a list item's marker still being written
+_ITEM_MEMORY = 32  # the items an item is compared with (``ITEM_NOVELTY``): linear time
 
 
 class _ListWatch:
@@ -120,9 +122,8 @@ class _ListWatch:
         self._start: int | None = None  # where the open item starts
         self._lines: list[str] = []  # its text, code blocks aside
         self._indent: int | None = None  # the indentation of the list's top-level markers
-        self._items: list[list[str]] = []  # the list's items so far, as words
+        self._items: deque[list[str]] = deque(maxlen=_ITEM_MEMORY)  # the list's last items
         self._names: set[str] = set()  # the words of the names its code spans gave
-        self._seen: set[tuple[str, ...]] = set()  # their 4-grams, names' words masked
         self._recent: deque[bool] = deque(maxlen=ITEM_WINDOW)  # templated, for the last items
         self._in_code = False
 
@@ -143,7 +144,8 @@ class _ListWatch:
             if (top or section) and (loop := self._judge()) is not None:
                 return loop
             if section or (top and _FIRST_ITEM.match(line)):
-                self._items, self._names, self._seen = [], set(), set()
+                self._items.clear()
+                self._names.clear()
                 self._recent.clear()
             if top and marker is not None:
                 if self._indent is None:
@@ -171,13 +173,11 @@ class _ListWatch:
             for part in _NAME_PART.findall(span)
         }
         words = _ITEM_WORD.findall(_CODE_SPAN.sub(" `c` ", text))
-        if not names <= self._names:  # the list's earlier items read again, masked alike
-            self._names |= names
-            self._seen = set().union(*(self._grams(item) for item in self._items))
+        self._names |= names  # earlier items are read again with them masked alike
+        seen = set().union(*(self._grams(item) for item in self._items))
         self._items.append(words)
         grams = self._grams(words)
-        templated = len(words) >= ITEM_WORDS and len(grams - self._seen) < ITEM_NOVELTY * len(grams)
-        self._seen |= grams
+        templated = len(words) >= ITEM_WORDS and len(grams - seen) < ITEM_NOVELTY * len(grams)
         self._recent.append(templated)
         if not templated or sum(self._recent) < ITEM_REPEATS:
             return None

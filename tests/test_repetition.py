@@ -7,6 +7,7 @@ The scripted workers write their result and then one phrase over and over until 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,16 @@ def test_a_template_that_says_its_names_in_words_is_cut() -> None:
     assert found is not None
     assert text[found.keep :].startswith("5. **Bug in `shortest_word`")
     assert found.repeats == ITEM_REPEATS + 1
+
+
+def test_a_long_list_of_new_names_costs_linear_time() -> None:
+    # Every item brings a name, whose words earlier items are read again with: against all of
+    # them, 8,000 items took seconds; against the last ITEM_MEMORY, a fraction of one.
+    letters = [chr(97 + i % 26) + chr(97 + i // 26 % 26) + chr(97 + i // 676) for i in range(8000)]
+    text = "".join(f"- `name_{i}_{word}`\n" for i, word in enumerate(letters))
+    started = time.process_time()
+    assert feed(text, step=20)[0] is None
+    assert time.process_time() - started < 5.0
 
 
 def test_lists_whose_items_share_a_shape_but_say_new_things_are_no_loop() -> None:
