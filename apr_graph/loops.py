@@ -240,7 +240,9 @@ class _CopyWatch:
                     self._rewrite = False  # a copy from the middle, or back: a quote
                 self._matches, self._run = found, 1 if found else 0
                 self._run_start = match.start()
-            if self._matches:
+            # A line or two alike may be changed lines worded as lines further down the file:
+            # the rewrite has reached a place only when three lines in a row say so.
+            if self._run >= 3:
                 self._reached = max(self._reached, min(self._matches))
             needed = self._lines if self._rewrite else self._lines * QUOTE_FACTOR
             if self._run >= needed:

@@ -191,6 +191,31 @@ def test_changed_lines_break_a_copy_and_what_was_changed_is_kept() -> None:
     assert progress.text.endswith("```")  # the open block closed
 
 
+def test_an_added_line_that_occurs_later_in_the_file_does_not_hide_the_rewrite() -> None:
+    # A corrected file: a check added at the top of a function, worded as a check further
+    # down the file is. Taken as the rewrite having reached that line, the unchanged lines
+    # after it read as going back, a quote: 40 lines went by uncut (a real 1.5B reply).
+    doc = (
+        "class Store:\n    def __init__(self):\n        self.items = {}\n\n"
+        "    def add(self, name, count):\n        self.items[name] = count\n\n"
+        + "".join(
+            f"    def get_{i}(self, name):\n        return self.items[name] + {i}\n\n"
+            for i in range(20)
+        )
+        + "    def restock(self, name, count):\n        if count < 0:\n"
+        '            raise ValueError("count must be positive")\n'
+        "        self.items[name] += count\n"
+    )
+    lines = doc.splitlines(keepends=True)
+    added = '        if count < 0:\n            raise ValueError("count must be positive")\n'
+    rewrite = "".join(lines[:5]) + added + "".join(lines[5:])
+    loop = _feed(LoopDetector(doc, COPY_LINES), "Fixed:\n\n```python\n" + rewrite)
+    assert loop is not None
+    assert loop.copied_lines == COPY_LINES
+    kept = ("Fixed:\n\n```python\n" + rewrite)[: loop.keep]
+    assert kept.endswith(added)  # the change is kept; the unchanged rest is not
+
+
 def test_quotes_short_copies_and_reordered_lines_are_not_copies() -> None:
     doc = source("alpha.py")
     lines = [line for line in doc.splitlines() if line.strip()]
