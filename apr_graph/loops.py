@@ -122,7 +122,8 @@ class _ListWatch:
         self._start: int | None = None  # where the open item starts
         self._lines: list[str] = []  # its text, code blocks aside
         self._indent: int | None = None  # the indentation of the list's top-level markers
-        self._items: deque[list[str]] = deque(maxlen=_ITEM_MEMORY)  # the list's last items
+        # the list's last items: their words, and their 4-grams under the names known so far
+        self._items: deque[tuple[list[str], set[tuple[str, ...]]]] = deque(maxlen=_ITEM_MEMORY)
         self._names: set[str] = set()  # the words of the names its code spans gave
         self._recent: deque[bool] = deque(maxlen=ITEM_WINDOW)  # templated, for the last items
         self._in_code = False
@@ -173,10 +174,14 @@ class _ListWatch:
             for part in _NAME_PART.findall(span)
         }
         words = _ITEM_WORD.findall(_CODE_SPAN.sub(" `c` ", text))
-        self._names |= names  # earlier items are read again with them masked alike
-        seen = set().union(*(self._grams(item) for item in self._items))
-        self._items.append(words)
+        if not names <= self._names:  # earlier items are read again with them masked alike
+            self._names |= names
+            self._items = deque(
+                ((item, self._grams(item)) for item, _ in self._items), maxlen=_ITEM_MEMORY
+            )
+        seen = set().union(*(item_grams for _, item_grams in self._items))
         grams = self._grams(words)
+        self._items.append((words, grams))
         templated = len(words) >= ITEM_WORDS and len(grams - seen) < ITEM_NOVELTY * len(grams)
         self._recent.append(templated)
         if not templated or sum(self._recent) < ITEM_REPEATS:
