@@ -18,6 +18,7 @@ __all__ = [
     "is_phrase",
     "labelled_parts",
     "normalise_plan",
+    "part_markers",
     "plan_of",
     "repair_dependencies",
 ]
@@ -60,22 +61,33 @@ def labelled_parts(task: str) -> dict[str, str]:
     return dict(_parts(task))
 
 
+def part_markers(task: str) -> tuple[tuple[int, int], ...]:
+    """Where the labels of ``labelled_parts`` stand in the task: ``(start, end)`` of each."""
+    return tuple((start, end) for start, end, _ in _markers(task))
+
+
 @functools.lru_cache(maxsize=64)
-def _parts(task: str) -> tuple[tuple[str, str], ...]:
+def _markers(task: str) -> tuple[tuple[int, int, str], ...]:
     # Cached: plan repair runs again on every piece of a streamed plan.
-    found = [
-        (m.start(), m.end(), (m.group(1) or m.group(2)).lower()) for m in _MARKER.finditer(task)
-    ]
-    parts: dict[str, str] = {}
+    chain: list[tuple[int, int, str]] = []
     expected = None  # the next label, once the first ("a" or "1") was found
-    for index, (_, end, label) in enumerate(found):
+    for match in _MARKER.finditer(task):
+        label = (match.group(1) or match.group(2)).lower()
         if label != expected and (expected is not None or label not in {"a", "1"}):
             continue
         expected = str(int(label) + 1) if label.isdigit() else chr(ord(label) + 1)
-        stop = next((s for s, _, nxt in found[index + 1 :] if nxt == expected), len(task))
-        parts[label] = task[end:stop].strip()
-    if len(parts) < 2:
+        chain.append((match.start(), match.end(), label))
+    return tuple(chain) if len(chain) >= 2 else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _parts(task: str) -> tuple[tuple[str, str], ...]:
+    chain = _markers(task)
+    if not chain:
         return ()
+    stops = [start for start, _, _ in chain[1:]] + [len(task)]
+    ends = zip(chain, stops, strict=True)
+    parts = {label: task[end:stop].strip() for (_, end, label), stop in ends}
     # "(b) dataset.py (c) sample.py. Give the findings for each file.": after parts that are
     # phrases, a sentence after the last one is the task's closing instruction, not a part.
     *first, last = parts

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from apr_graph.plan import labelled_parts
+from apr_graph.plan import labelled_parts, part_markers
 
 __all__ = ["Shape", "count_parts", "features", "task_shape"]
 
-FORMAT = 1  # the feature recipe below; router.json names the one it was trained with
+FORMAT = 2  # the feature recipe below; router.json names the one it was trained with
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
@@ -47,7 +47,8 @@ class Shape:
     parts: int
     """Labelled parts found in the task ("(a)", "1.", "Problem 1:" ...), 0 if none."""
     why: tuple[str, ...]
-    """The three features that weighed most, e.g. ``("'list' +0.8", "parts=3 +1.2")``."""
+    """The three terms that weighed most toward the verdict (the base rate among them), e.g.
+    ``("parts=3 +1.8", "'list' +0.8", "listed +1.1")``."""
 
     @property
     def splits(self) -> bool:
@@ -65,12 +66,26 @@ def count_parts(task: str) -> int:
     return max(listed, expected - 1 if expected > 2 else 0)
 
 
+def _without_labels(task: str) -> str:
+    """The task with its parts' labels blanked out (the same length, so nothing else moves)."""
+    chars = list(task)
+    for start, end in part_markers(task):
+        chars[start:end] = " " * (end - start)
+    if count_parts(task) >= 2:
+        for match in _HEADING.finditer(task):
+            chars[match.start(1) : match.end(1)] = " " * (match.end(1) - match.start(1))
+    return "".join(chars)
+
+
 def features(task: str) -> dict[str, float]:
     """A task's features: n-grams (``w:``), its first word (``f:``), structure (``s:``).
 
-    N-grams count once however often they occur; numbers are one token, ``<num>``.
+    N-grams count once however often they occur; numbers are one token, ``<num>``. The labels
+    of a task's parts ("(1)", "b)", "Problem 2:") are neither words nor numbers: "(1)" and
+    "(a)" read alike, and a list's labels do not make it look like arithmetic.
     """
-    words = ["<num>" if w[0].isdigit() else w for w in _WORD.findall(task.lower())]
+    text = _without_labels(task)
+    words = ["<num>" if w[0].isdigit() else w for w in _WORD.findall(text.lower())]
     grams = set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
     found = {f"w:{g}": 1.0 for g in grams}
     if words:
@@ -78,14 +93,14 @@ def features(task: str) -> dict[str, float]:
     parts = count_parts(task)
     questions = task.count("?")
     lines = [line for line in task.splitlines() if line.strip()]
-    numbers = len(_NUMBER.findall(task))
+    numbers = len(_NUMBER.findall(text))
     found.update(
         {
             "s:parts": math.log1p(parts),
             "s:listed": float(parts >= 2),
             "s:questions": math.log1p(questions),
             "s:several_questions": float(questions >= 2),
-            "s:sentences": math.log1p(len(_SENTENCE_END.findall(task))),
+            "s:sentences": math.log1p(len(_SENTENCE_END.findall(text))),
             "s:length": math.log1p(len(words)) / 5.0,  # ~1 at 150 words, like the others
             "s:numbers": math.log1p(numbers),
             "s:has_number": float(numbers > 0),
@@ -137,6 +152,10 @@ def task_shape(task: str, context: str = "") -> Shape:
     # fsum: the sum of a set's features must not depend on the order of the set (the hash seed)
     z = math.fsum([float(model["bias"]), *contributions.values()])
     parallel = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-    top = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:3]
-    why = tuple(f"{_label(name, found[name])} {c:+.1f}" for name, c in top)
+    splits = parallel >= float(model["threshold"])
+    # The verdict is explained by what pushed toward it (the base rate too), then the rest.
+    terms = [(_label(name, found[name]), c) for name, c in contributions.items()]
+    terms.append(("base rate", float(model["bias"])))
+    top = sorted(terms, key=lambda t: ((t[1] > 0) != splits, -abs(t[1]), t[0]))[:3]
+    why = tuple(f"{label} {c:+.1f}" for label, c in top)
     return Shape(parallel, float(model["threshold"]), count_parts(task), why)

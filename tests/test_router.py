@@ -143,3 +143,42 @@ def test_the_verdict_does_not_depend_on_the_hash_seed() -> None:
         for seed in ("1", "2", "3")
     ]
     assert verdicts[0] == verdicts[1] == verdicts[2]
+
+
+@pytest.mark.parametrize(
+    ("numbered", "lettered"),
+    [
+        (
+            "Write three short pieces: (1) a haiku about rain, (2) a one-sentence definition of "
+            "gravity, (3) a limerick about a cat.",
+            "Write three short pieces: (a) a haiku about rain, (b) a one-sentence definition of "
+            "gravity, (c) a limerick about a cat.",
+        ),
+        (
+            "Answer these: 1. Who painted the Mona Lisa? 2. What do bees make?",
+            "Answer these: a) Who painted the Mona Lisa? b) What do bees make?",
+        ),
+    ],
+)
+def test_part_labels_are_not_numbers(numbered: str, lettered: str) -> None:
+    # "(1)" read as a number made a list of parts look like arithmetic, which the router
+    # sends to one call: the same request scored 0.04 numbered and 0.47 lettered.
+    assert task_shape(numbered).parallel == pytest.approx(task_shape(lettered).parallel)
+    assert task_shape(numbered).parts == task_shape(lettered).parts >= 2
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "Write three short pieces: (a) a haiku about rain, (b) a one-sentence definition of "
+        "gravity, (c) a limerick about a cat.",
+        "Answer each part: (a) What causes tides? (b) Why is the sky blue?",
+        "Write a short story about a lighthouse keeper",
+    ],
+)
+def test_the_reasons_given_point_toward_the_verdict(task: str) -> None:
+    # "router 0.04 < 0.47 (parts=3 +2.4, listed +1.5, 'write' -1.4)" read as a reason to
+    # split: the reasons shown are those that pushed toward the verdict, the base rate too.
+    shape = task_shape(task)
+    signs = [reason.rsplit(" ", 1)[1][0] for reason in shape.why]
+    assert signs == ["+" if shape.splits else "-"] * 3
