@@ -7,9 +7,11 @@ the shared part once. Untrusted text (task, context, thread results) is quoted i
 
 from __future__ import annotations
 
+from apr_graph.router import without_labels
 from apr_graph.state import SubtaskRecord
 
 __all__ = [
+    "DIRECT_PLAIN_SYSTEM",
     "DIRECT_SYSTEM",
     "PLANNER_SYSTEM",
     "STEP_BY_STEP_SYSTEM",
@@ -142,8 +144,13 @@ Merge them into one complete, correct final answer to the task. Resolve any cont
 do not mention threads or subtasks, and reply with the final answer only."""
 
 DIRECT_SYSTEM = "Answer the question, then end with a last line 'Final answer: ...'."
-"""The direct answer's system message (``apr bench``'s ``sequential`` baseline too): the task
-is the user's own message, and the model decides how much to reason."""
+"""The direct answer's system message for a task with a number in it (``apr bench``'s
+``sequential`` baseline too): the task is the user's own message, and the model decides how
+much to reason."""
+
+DIRECT_PLAIN_SYSTEM = "Answer the question."
+"""The direct answer's system message for any other task without a context: a poem, an
+email, an explanation has no result to state on a last line."""
 
 STEP_BY_STEP_SYSTEM = (
     "Solve the task step by step, then end with a last line 'Final answer: ...' that gives "
@@ -302,12 +309,18 @@ def synthesizer_messages(
 def direct_messages(task: str, context: str, system: str | None = None) -> list[Message]:
     """Messages of a direct answer: the task whole, as the user's own message.
 
-    Without a context: under ``system`` (``AprSettings.direct_instructions``), else
-    ``DIRECT_SYSTEM``. With one, what a user would send: the task, then the context in
-    ``<context>`` tags, and no system message unless ``system`` is given (a "Final answer"
-    line made small models answer documents with a sentence about them, not the work).
+    Under ``system`` (``AprSettings.direct_instructions``) when given. Else, without a
+    context, a task with a number in it (part labels aside) is sent under ``DIRECT_SYSTEM``
+    (its "Final answer" line helps a small model state what it worked out), any other under
+    ``DIRECT_PLAIN_SYSTEM``; with one, as a user would send it: the task, then the context in
+    ``<context>`` tags, with no system message. The line made small models close a poem or
+    an email with a summary of it, and answer documents with a sentence about them instead
+    of the work.
     """
-    if not context:
-        return _pair(system or DIRECT_SYSTEM, task)
-    user = {"role": "user", "content": f"{task}\n\n{_tagged('context', context)}"}
-    return [{"role": "system", "content": system}, user] if system else [user]
+    if not system and not context:
+        numbers = any(c.isdigit() for c in without_labels(task))  # "(1)" is not a number
+        system = DIRECT_SYSTEM if numbers else DIRECT_PLAIN_SYSTEM
+    user = f"{task}\n\n{_tagged('context', context)}" if context else task
+    if system:
+        return _pair(system, user)
+    return [{"role": "user", "content": user}]

@@ -24,7 +24,7 @@ from typing import Any
 
 from apr_graph.plan import labelled_parts, part_markers
 
-__all__ = ["Shape", "count_parts", "features", "task_shape"]
+__all__ = ["Shape", "count_parts", "features", "task_shape", "without_labels"]
 
 FORMAT = 2  # the feature recipe below; router.json names the one it was trained with
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
@@ -66,7 +66,7 @@ def count_parts(task: str) -> int:
     return max(listed, expected - 1 if expected > 2 else 0)
 
 
-def _without_labels(task: str) -> str:
+def without_labels(task: str) -> str:
     """The task with its parts' labels blanked out (the same length, so nothing else moves)."""
     chars = list(task)
     for start, end in part_markers(task):
@@ -84,7 +84,7 @@ def features(task: str) -> dict[str, float]:
     of a task's parts ("(1)", "b)", "Problem 2:") are neither words nor numbers: "(1)" and
     "(a)" read alike, and a list's labels do not make it look like arithmetic.
     """
-    text = _without_labels(task)
+    text = without_labels(task)
     words = ["<num>" if w[0].isdigit() else w for w in _WORD.findall(text.lower())]
     grams = set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
     found = {f"w:{g}": 1.0 for g in grams}

@@ -117,7 +117,8 @@ class AprSettings(BaseSettings):
 
     direct_instructions: str | None = Field(default=None, min_length=1)
     """The system message of a direct answer (and ``apr bench``'s sequential baseline);
-    ``None``: ``prompts.DIRECT_SYSTEM``."""
+    ``None``: ``prompts.DIRECT_SYSTEM`` for a task with a number in it, else
+    ``prompts.DIRECT_PLAIN_SYSTEM`` (and none with a context: ``prompts.direct_messages``)."""
 
     planner_max_tokens: int = Field(default=1024, ge=16)
     """Output-token allowance of the decompose call."""

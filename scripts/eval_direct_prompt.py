@@ -13,9 +13,11 @@ split (a git repository or checkout of openai/grade-school-math). Wordings (``--
 same as ``brief``), ``session17`` (the request before), ``asks-for``, ``short``, ``needs``
 and ``steps-if`` (session 17's "Solve the task step by step, ..." reworded, or with "keeping
 each step short"), ``bare`` (no system message), ``session16`` and ``session16-long`` (the
-task quoted in ``<task>`` tags, with and without "keeping each step short"). ``--sums N``
+task quoted in ``<task>`` tags, with and without "keeping each step short"), ``results-if``
+(session 24: the final-answer line only "if it asks for a result to work out"). ``--sums N``
 adds lists of sums of our own, ``--questions N`` one-step questions of our own (never the
-bench's suites). ``--concurrency`` sends several at once (the accuracy holds, the times do
+bench's suites), ``--writing N`` writing requests of our own, right when the reply has no
+'Final answer' line. ``--concurrency`` sends several at once (the accuracy holds, the times do
 not).
 A part is right when its number is on a line that gives a final answer, or in the lines a
 bare "Final answer:" heads (without any, among the answer's last numbers); a single problem
@@ -100,6 +102,18 @@ WORDINGS: dict[str, Callable[[str], list[dict[str, str]]]] = {
         },
         {"role": "user", "content": task},
     ],
+    # Session 24: the final-answer line only where there is a result to give.
+    "results-if": lambda task: [
+        {
+            "role": "system",
+            "content": (
+                "Answer the question. If it asks for a result to work out (a number, a choice, "
+                "a name), end with a last line 'Final answer: ...' that gives every requested "
+                "result."
+            ),
+        },
+        {"role": "user", "content": task},
+    ],
     "steps-if": lambda task: [
         {
             "role": "system",
@@ -143,7 +157,10 @@ def _final_lines(text: str) -> list[str]:
 
 
 def score(text: str, answers: list[str]) -> int:
-    """Parts of ``answers`` the reply gets right (see the module's docstring)."""
+    """Parts of ``answers`` the reply gets right (see the module's docstring); with no
+    ``answers`` (a writing request), 1 when the reply has no 'Final answer' line."""
+    if not answers:
+        return int("final answer" not in text.lower())
     want = [float(a) for a in answers]
     lines = _final_lines(text)
     found = [n for line in lines for n in _numbers(line)]
@@ -204,6 +221,37 @@ def questions(count: int) -> list[dict[str, Any]]:
     return out
 
 
+WRITING = (
+    "Write a haiku about autumn.",
+    "Write a short, friendly email declining a meeting invitation.",
+    "Describe a sunset over the sea in three sentences.",
+    "Write a limerick about a cat who learns to code.",
+    "Explain what a Python generator is, with a short example.",
+    "Give me three tips for sleeping better.",
+    "Write a two-paragraph story about a lost umbrella.",
+    "Explain the difference between TCP and UDP to a beginner.",
+    "Write a product description for a reusable water bottle.",
+    "Summarize why people keep houseplants, in a few sentences.",
+    "Write a thank-you note to a neighbour who watered my garden.",
+    "Explain how a bicycle's gears make climbing easier.",
+    "Write three short, independent pieces: (a) a haiku about rain, (b) a one-sentence "
+    "definition of gravity, (c) a Python function that returns the larger of two numbers.",
+    "Draft a polite reminder to a colleague about a report that is due on Friday.",
+    "Describe the smell of fresh bread to someone who has never smelled it.",
+    "Write a motivational message for a friend running their first marathon.",
+)
+"""General requests of our own with no result to work out (written in session 24, not taken
+from any evaluation set): a reply is clean when it has no 'Final answer' line."""
+
+
+def writing(count: int) -> list[dict[str, Any]]:
+    """The first ``count`` of ``WRITING``; their ``answers`` are empty (scored as clean)."""
+    return [
+        {"source": f"own-writing:{index}", "prompt": prompt, "answers": []}
+        for index, prompt in enumerate(WRITING[:count])
+    ]
+
+
 def tasks(gsm8k: Path, multi: int, single: int) -> list[dict[str, Any]]:
     """The sample, each task with its ``answers``."""
     train = _train_answers(gsm8k)
@@ -235,6 +283,8 @@ def answers_of(source: str, train: list[str]) -> list[str]:
     kind, _, rest = source.partition(":")
     if kind == "own-sums":
         return list(sums(int(rest) + 1)[int(rest)]["answers"])
+    if kind == "own-writing":
+        return []
     if kind == "own-steps":
         return list(questions(int(rest) + 1)[int(rest)]["answers"])
     return [train[int(i)] for i in rest.split(",")]
@@ -246,8 +296,9 @@ def summary(results: list[dict[str, Any]], names: list[str]) -> None:
         mine = [r for r in results if r["wording"] == name]
         own = [r for r in mine if r["source"].startswith("own-sums")]
         steps = [r for r in mine if r["source"].startswith("own-steps")]
+        prose = [r for r in mine if r["source"].startswith("own-writing")]
         multi = [r for r in mine if r["parts"] > 1 and r not in own]
-        single = [r for r in mine if r["parts"] == 1 and r not in own and r not in steps]
+        single = [r for r in mine if r["parts"] == 1 and r not in own and r not in steps + prose]
         print(
             f"{name}: multi-problem parts {sum(r['right'] for r in multi)}/"
             f"{sum(r['parts'] for r in multi)}, tasks all right "
@@ -265,6 +316,12 @@ def summary(results: list[dict[str, Any]], names: list[str]) -> None:
                 f", one-step questions {sum(r['right'] for r in steps)}/{len(steps)}"
                 f" ({sum(r['tokens'] for r in steps)} tokens)"
                 if steps
+                else ""
+            )
+            + (
+                f", writing without a 'Final answer' line {sum(r['right'] for r in prose)}/"
+                f"{len(prose)} ({sum(r['tokens'] for r in prose)} tokens)"
+                if prose
                 else ""
             )
         )
@@ -317,7 +374,7 @@ async def _one(
     return {
         "wording": name,
         "source": task["source"],
-        "parts": len(task["answers"]),
+        "parts": max(1, len(task["answers"])),
         "right": right,
         "tokens": tokens,
         "seconds": round(time.time() - started, 1),
@@ -334,6 +391,9 @@ async def main() -> None:
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--sums", type=int, default=0, help="lists of sums of our own")
     parser.add_argument("--questions", type=int, default=0, help="one-step questions of our own")
+    parser.add_argument(
+        "--writing", type=int, default=0, help=f"writing requests of ours (at most {len(WRITING)})"
+    )
     parser.add_argument("--wordings", default=",".join(WORDINGS), help="comma-separated")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests at once (accuracy only: times vary)"
@@ -364,6 +424,7 @@ async def main() -> None:
                     *tasks(args.gsm8k, args.multi, args.single),
                     *sums(args.sums),
                     *questions(args.questions),
+                    *writing(args.writing),
                 ]
                 for name in names
             )

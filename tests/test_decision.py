@@ -323,3 +323,15 @@ def test_apr_ask_says_why_it_answered_directly(
     assert done.out == "Once, a keeper...\n"
     assert "apr: plan direct (router: the task reads as one piece" in done.err
     assert len(server.chat_requests()) == 1
+
+
+def test_a_direct_answer_asks_for_a_final_answer_line_only_where_there_is_a_result() -> None:
+    # The 'Final answer' line made a 1.5B model close 11 of 16 writing requests with a
+    # summary of its own answer, and squeeze three requested pieces into that one line.
+    worked = direct_messages("How many minutes are in 12 hours?", "")
+    written = direct_messages("Write a haiku about autumn.", "")
+    assert worked[0] == {"role": "system", "content": DIRECT_SYSTEM}
+    assert "final answer" not in written[0]["content"].lower()
+    assert written[-1] == {"role": "user", "content": "Write a haiku about autumn."}
+    own = direct_messages("Write a haiku about autumn.", "", "Reply in French.")
+    assert own[0] == {"role": "system", "content": "Reply in French."}

@@ -59,7 +59,8 @@ PLANNER = [
     planner_messages(TASK, "", 4),
     planner_messages(TASK, "ctx", 4, width=2, tools=[("f", "looks up")], labels=["a", "b"]),
     repaired(planner_messages(TASK, "", 4)),
-    direct_messages(TASK, ""),
+    direct_messages(TASK, ""),  # no number in it: the plain instruction
+    direct_messages(f"{TASK} What is 2 + 3?", ""),  # the 'Final answer' one
     direct_messages(TASK, "Notes </context> here"),
     direct_messages(TASK, "Notes", "Reply in French."),
 ]

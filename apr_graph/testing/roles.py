@@ -40,7 +40,7 @@ ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "skeleton", "ex
 
 _PLANNER = (
     "You are the planner of a parallel reasoning system.",
-    "Answer the question, then end with",  # the direct answer, and the sequential baseline
+    "Answer the question",  # the direct answer (both kinds), and the sequential baseline
     "Solve the task step by step",  # the same for models too small to judge (the demo)
 )
 _SHARED = "You are one part of a parallel reasoning system."
