@@ -113,14 +113,19 @@ def before_plan(
     depth: int,
     given: str | Mapping[str, str] = "",
     planning: bool = True,
+    tools: bool = False,
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
 
-    The router reads top-level tasks only (``depth == 0``). ``width``: requests the server
-    runs at once. ``given``: the context as the input gave it. ``planning``: a fork would
-    cost a planning call (not for ``inputs.document_plan``).
+    The router reads top-level tasks only (``depth == 0``), and none with ``tools``: it
+    reads the answer's shape, not the lookups a task needs ("How many bolts, nuts and
+    gears are in stock?" reads as one piece), which the planner, told of the tools, can
+    write as goals run without the model. ``width``: requests the server runs at once.
+    ``given``: the context as the input gave it. ``planning``: a fork would cost a planning
+    call (not for ``inputs.document_plan``).
     """
-    shape = task_shape(task, context) if settings.router and depth == 0 else None
+    routed = settings.router and depth == 0 and not tools
+    shape = task_shape(task, context) if routed else None
     if shape is not None and not shape.splits:
         why = f" ({', '.join(shape.why)})" if shape.why else ""
         reason = f"the task reads as one piece: router {shape.parallel:.2f} < {shape.threshold:.2f}"

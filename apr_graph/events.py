@@ -16,8 +16,9 @@ Every event is a JSON-shaped dict with an ``event`` key:
   thread the final plan has no place for.
 - ``{"event": "token", "id", "text"}``: a piece of a thread's answer as it streams in (only
   with ``AprSettings(stream_tokens=True)``).
-- ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` called ``tool``; ``ok`` is
-  false when the call was refused or failed (the error went back to the model).
+- ``{"event": "tool_call", "id", "tool", "ok"}``: thread ``id`` (``"direct"``: a direct
+  answer) called ``tool``; ``ok`` is false when the call was refused or failed (the error
+  went back to the model).
 - ``{"event": "thread_retry", "id", "attempt", "reason"}``: a rejected result is re-attempted,
   or a reply cut off by its token limit is continued from where it stopped (``reason`` says
   which; a continuation's tokens follow the ones already streamed).

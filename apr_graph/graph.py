@@ -238,8 +238,7 @@ def _build(
         builder.add_edge(NATIVE, FINISH)
     else:
         worker = make_worker(client, boards, verify=verify, subgraph=subgraph, tools=tools)
-        listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
-        decompose = make_decompose(client, boards, speed=speed, start_early=not tools, tools=listed)
+        decompose = make_decompose(client, boards, speed=speed, start_early=not tools, tools=tools)
         add(DECOMPOSE, decompose)
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, boards))

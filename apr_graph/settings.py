@@ -255,7 +255,8 @@ class AprSettings(BaseSettings):
     router: bool = True
     """Read a top-level task with the shipped router (``apr_graph.router``) before planning:
     a task that reads as one continuous piece (a story, one explanation) is answered by one
-    call, with no planning call. Off: the planner model alone decides."""
+    call, with no planning call. Off: the planner model alone decides (as it does for a
+    graph given tools: the router cannot tell which tasks need them)."""
 
     speed_file: str | None = None
     """The JSON file of measured endpoint speeds; ``None``: ``$APR_SPEED_FILE``, else

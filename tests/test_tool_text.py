@@ -14,6 +14,7 @@ from langchain_core.tools import tool
 
 from apr_graph import compile_apr_graph
 from apr_graph.chat_model import ChatModelClient
+from apr_graph.errors import ModelCallError
 from apr_graph.llm import LLMClient
 from apr_graph.nodes.tool_loop import read_text_calls, tool_loop, tools_note
 from apr_graph.responses import StreamProgress
@@ -511,3 +512,83 @@ async def test_a_server_that_cannot_stream_tools_is_asked_unstreamed(
     assert result["threads"][0]["answer"] == "17 * 23 = 391; the capital is Nairobi"
     sent = [(r.body.get("stream", False), r.status) for r in server.chat_requests("worker")]
     assert sent == [(True, 500), (False, 200), (False, 200)]  # refused once, then remembered
+
+
+# -- a direct answer with tools -----------------------------------------------------------------
+
+
+DIRECT_PLAN = {"strategy": "direct", "answer": None, "subtasks": []}
+
+
+def direct_caller(call: str, answer: str) -> list[Rule]:
+    """A planner that plans a direct answer without writing it, and a direct answer that
+    writes ``call`` as text, then ``answer`` once it has the tool's result."""
+
+    def reply(request: RecordedRequest) -> Reply:
+        return Reply(content=answer if responses_in(request) else call)
+
+    return [
+        Rule(role="planner", pattern="You are the planner", reply=Reply(content=DIRECT_PLAN)),
+        Rule(role="planner", reply=reply),
+    ]
+
+
+async def test_a_task_answered_directly_may_call_the_tools(make_server: ServerFactory) -> None:
+    # "How many bolts, nuts and gears are in stock?" was read as one piece by the router and
+    # answered by a call without the tools: "There are 10 bolts, 15 nuts, and 20 gears".
+    server = make_server(direct_caller(FENCED_CALL, "17 * 23 = 391"))
+    events: list[dict[str, Any]] = []
+    app = compile_apr_graph(settings=settings_for(server, router=True), tools=TOOLS)
+
+    async for mode, chunk in app.astream(
+        {"task": "Write what 17 times 23 is"}, stream_mode=["custom", "values"]
+    ):
+        if mode == "custom":
+            events.append(chunk)
+        else:
+            result = chunk
+
+    # The router would call this one piece; with tools, the planner (told of them) decides.
+    assert result["plan"]["decision"]["by"] == "model"
+    assert result["answer"] == "17 * 23 = 391"
+    planning, first, second = server.chat_requests("planner")
+    assert "multiply" in planning.messages[0]["content"]  # the planner is told of the tools
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["multiply", "lookup_capital"]
+    assert "Call a tool when the task needs" in first.messages[-1]["content"]
+    assert responses_in(second) == ["<tool_response>\n391\n</tool_response>"]
+    assert [(e["id"], e["tool"], e["ok"]) for e in events if e["event"] == "tool_call"] == [
+        ("direct", "multiply", True)
+    ]
+    assert result["metrics"]["model_calls"] == 2  # the plan, and the answer's two requests
+    assert not server.chat_requests("worker")
+
+
+async def test_a_direct_answer_that_is_an_unrun_call_is_an_error(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(direct_caller(FENCED_CALL, "unused"))
+    server.rules[-1] = Rule(role="planner", reply=Reply(content=FENCED_CALL))
+    app = compile_apr_graph(settings=settings_for(server, max_tool_calls=1), tools=TOOLS)
+    with pytest.raises(ModelCallError, match="did not answer: its reply was a call to multiply"):
+        await app.ainvoke({"task": "Write what 17 times 23 is"})
+    assert len(server.chat_requests("planner")) == 3  # the plan; the call run once, then refused
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Qwen2.5-Coder-1.5B on llama.cpp, as written (its template shows calls in {{ }}):
+        '{{"name": "multiply", "arguments": {"a": 17, "b": 23}}}\nFinal answer: 400',
+        '{{"name": "multiply", "arguments": {"a": 17, "b": 23}}}}',
+        '<tool_call>\n{{"name": "multiply", "arguments": {"a": 17, "b": 23}}}\n</tool_call>',
+    ],
+)
+def test_a_call_in_the_doubled_braces_of_qwens_template_is_read(text: str) -> None:
+    found = read_text_calls(text, ["multiply"])
+    assert [(c["name"], json.loads(c["arguments"])) for c in found.calls] == [
+        ("multiply", {"a": 17, "b": 23})
+    ]
+
+
+def test_doubled_braces_that_do_not_close_doubled_are_no_call() -> None:
+    assert read_text_calls('{{"name": "multiply", "arguments": {}}', ["multiply"]).calls == []

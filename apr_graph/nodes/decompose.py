@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.types import Overwrite
 
@@ -29,6 +29,9 @@ from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
 from apr_graph.state import AprState, CallRecord, PlanRecord, SubtaskRecord
 
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
+
 __all__ = ["make_decompose", "normalise_plan", "read_input", "repair_dependencies"]
 
 
@@ -38,11 +41,13 @@ def make_decompose(
     *,
     speed: SpeedStore,
     start_early: bool = True,
-    tools: list[tuple[str, str]] | None = None,
+    tools: Sequence[BaseTool] = (),
 ) -> Callable[[AprState, AprSettings], Awaitable[dict[str, Any]]]:
     """Build the decompose node (given each run's settings); ``speed``: the speed profiles the
     fork decision weighs; ``start_early``: threads may start while the plan streams (with
-    ``settings.stream_plan``); ``tools``: (name, description) the planner is told of."""
+    ``settings.stream_plan``); ``tools``: the threads' tools, which the planner is told of
+    and a direct answer may call."""
+    listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
 
     async def decompose(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
@@ -81,6 +86,7 @@ def make_decompose(
             depth=depth,
             given=given,
             planning=mapped is None,
+            tools=bool(tools),
         )
         if decision is None:
             width = limit if settings.probe_capacity else None
@@ -127,7 +133,7 @@ def make_decompose(
         }
         if normalised["strategy"] == "direct":
             update["answer"] = await direct_answer(
-                client, settings, board, normalised, task, context, run.calls
+                client, settings, board, normalised, task, context, run.calls, tools=tools
             )
         return update
 
@@ -170,10 +176,10 @@ def make_decompose(
         depth, board, calls = run.depth, run.board, run.calls
         started = time.time()
         budget = board.budget
-        labels = _labels(task, settings, tools)
+        labels = _labels(task, settings, listed)
         view, partial = planner_view(run.given, settings.planner_document_chars)
         # Documents shown cut: the schema (no answer field) keeps the planner from answering.
-        messages = planner_messages(task, view, settings.max_threads, width, tools, labels)
+        messages = planner_messages(task, view, settings.max_threads, width, listed, labels)
 
         @functools.cache
         def system_for(merge: str | None, own: str | None = None) -> str:

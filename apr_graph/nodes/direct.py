@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from apr_graph.board import RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError
 from apr_graph.events import answer_emitter
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages
 from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, PlanRecord
+
+if TYPE_CHECKING:
+    from langchain_core.tools import BaseTool
 
 __all__ = ["direct_allowance", "direct_answer"]
 
@@ -32,25 +39,41 @@ async def direct_answer(
     task: str,
     context: str,
     calls: list[CallRecord],
+    *,
+    tools: Sequence[BaseTool] = (),
 ) -> str:
     """The plan's own answer, else one call that answers the task whole (streamed as
-    ``answer_token`` events, its record appended to ``calls``)."""
+    ``answer_token`` events, its record appended to ``calls``). With ``tools`` the call
+    may use them, as a thread does (``tool_loop``); its text is then not streamed, since
+    a round may be a call written as text."""
     answer = plan["answer"] or ""
     if not answer:
-        try:
-            direct = await board.guard(
-                client.chat(
-                    direct_messages(task, context, settings.direct_instructions),
-                    role="planner",
-                    max_tokens=direct_allowance(task, settings),
-                    budget=board.budget,
-                    progress=StreamProgress(on_text=answer_emitter()),
-                )
+        messages = direct_messages(task, context, settings.direct_instructions)
+        allowance = direct_allowance(task, settings)
+        if tools:
+            work = tool_loop(
+                client, settings, board.budget, "direct", messages, tools, allowance, role="planner"
             )
+        else:
+            work = client.chat(
+                messages,
+                role="planner",
+                max_tokens=allowance,
+                budget=board.budget,
+                progress=StreamProgress(on_text=answer_emitter()),
+            )
+        try:
+            direct = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             reason = board.budget.stop_reason or getattr(stop, "reason", "budget")
             return f"(incomplete: the {reason} was reached before an answer)"
         calls.append(call_record(direct, role="planner"))
+        if direct.unrun_tool_call is not None:
+            raise ModelCallError(
+                f"the model at {client.base_url} did not answer: its reply was "
+                f"{direct.unrun_tool_call}",
+                url=client.base_url,
+            )
         answer = direct.text
     if not answer.strip():
         raise ModelCallError(

@@ -68,22 +68,26 @@ async def tool_loop(
     allowance: int,
     *,
     progress: StreamProgress | None = None,
+    role: str = "worker",
 ) -> Completion:
     """Let the model call ``tools`` until it answers, at most ``max_tool_calls`` calls (a
     failing or unknown tool is reported to the model, not raised): one ``Completion`` for
-    all. The tools note ends the last message, so the shared system prefix stays the same."""
+    all. The tools note ends the last message, so the shared system prefix stays the same.
+    ``role``: whose model answers (a thread's, or the planner's for a direct answer)."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     by_name = {tool.name: tool for tool in tools}
     specs = [convert_to_openai_tool(tool) for tool in tools]
-    conversation = _with_note(messages, tools_note(tools))
+    conversation = _with_note(
+        messages, tools_note(tools, unit="subtask" if role == "worker" else "task")
+    )
     used = 0
     total: Completion | None = None
     while True:
         offer = specs if used < settings.max_tool_calls else None
         completion = await client.chat(
             conversation,
-            role="worker",
+            role=role,
             tools=offer,
             max_tokens=allowance,
             budget=budget,
@@ -266,7 +270,7 @@ def _bare(text: str) -> list[tuple[int, str]]:
         if start < position:
             continue  # inside a value already taken
         try:
-            _, end = decoder.raw_decode(text, start)
+            _, end = _decode(decoder, text, start)
         except ValueError:  # not JSON, or a call cut off: it runs to the end, if anything
             found.append((len(text), text[start:]))
             continue
@@ -304,11 +308,25 @@ def _values(raw: str) -> list[Any]:
     decoder = json.JSONDecoder(strict=False)
     values, position, raw = [], 0, raw.strip()
     while position < len(raw):
-        value, position = decoder.raw_decode(raw, position)
+        value, position = _decode(decoder, raw, position)
         values.append(value)
         while position < len(raw) and raw[position] in " \t\r\n,":
             position += 1
     return values
+
+
+def _decode(decoder: json.JSONDecoder, text: str, start: int) -> tuple[Any, int]:
+    """The JSON value at ``start`` and where it ends. A value opened with ``{{`` is read from
+    its second brace, with the closing braces after it: Qwen2.5's chat template shows the
+    call format as ``{{"name": ..., "arguments": ...}}``, and the model writes it so."""
+    if not text.startswith("{{", start):
+        return decoder.raw_decode(text, start)
+    value, end = decoder.raw_decode(text, start + 1)
+    if not text.startswith("}", end):
+        raise ValueError("a doubled opening brace without a doubled closing one")
+    while text.startswith("}", end):
+        end += 1
+    return value, end
 
 
 def _flat(values: list[Any]) -> Iterator[Any]:
