@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import openai
 
+from apr_graph.callbacks import model_run
 from apr_graph.capacity import CapacityReport, ProbeOnce, probe_parallel_capacity
 from apr_graph.http_pool import HttpPool, isolated
 from apr_graph.limiter import AdaptiveLimiter
@@ -190,12 +191,37 @@ class OpenAITransport:
         """Close the connections, on every loop that has some (reopened on next use)."""
         await self.pool.aclose()
 
-    @_isolated
     async def chat(
         self, request: ChatRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
         """One chat completion, streamed when the request asks (tool calls too: their
-        deltas are assembled by ``read_stream``)."""
+        deltas are assembled by ``read_stream``), reported to the callback handlers of the
+        node that sends it (``callbacks``)."""
+        report = model_run(
+            request.messages,
+            model=request.model,
+            role=request.role,
+            temperature=request.temperature,
+            max_tokens=request.max_tokens,
+            tools=request.tools,
+        )
+        if report is None:
+            return await isolated(self._chat(request, progress, budget))
+        told = progress.on_text
+        progress.on_text = report.relay(told)
+        try:
+            completion = await isolated(self._chat(request, progress, budget))
+        except BaseException as exc:
+            report.error(exc)
+            raise
+        finally:
+            progress.on_text = told
+        report.end(completion)
+        return completion
+
+    async def _chat(
+        self, request: ChatRequest, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
         endpoint = await self._pick()
         prompt_tokens = prompt_estimate(request.messages)
         max_tokens = _fit(request.max_tokens, prompt_tokens, endpoint)
