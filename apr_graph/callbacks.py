@@ -6,7 +6,8 @@ Each request of the HTTP transport is reported as a chat-model run of the node i
 ``on_chat_model_start`` with its messages, ``on_llm_new_token`` with an ``AIMessageChunk``
 per streamed piece, then ``on_llm_end`` (text and token usage) or ``on_llm_error``. The
 metadata carries LangGraph's (``langgraph_node`` ...) and ``apr_role`` (``planner``,
-``worker``, ``synthesizer`` ...). A run with no handler (no ``messages`` stream, no tracer)
+``worker``, ``synthesizer`` ...) and ``apr_thread`` (a worker's subtask id, ``"direct"``,
+else ``None``). A run with no handler (no ``messages`` stream, no tracer)
 costs one context lookup per request.
 """
 
@@ -80,6 +81,7 @@ def model_run(
     temperature: float,
     max_tokens: int,
     tools: Sequence[dict[str, Any]] | None = None,
+    thread: str | None = None,
 ) -> ModelRun | None:
     """The report of a request about to be sent, or ``None`` when nothing listens (outside a
     runnable, or a run without callback handlers)."""
@@ -94,6 +96,7 @@ def model_run(
     manager.add_metadata(
         {
             "apr_role": role,
+            "apr_thread": thread,
             "ls_provider": "openai",
             "ls_model_name": model,
             "ls_model_type": "chat",

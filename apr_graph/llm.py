@@ -177,9 +177,10 @@ class LLMClient:
         budget: CallBudget | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         temperature: float | None = None,
+        thread: str | None = None,
     ) -> Completion:
         """One chat completion, retried on transient errors (``temperature``: this call's,
-        instead of the settings').
+        instead of the settings'; ``thread``: the thread it is for, told to callbacks).
 
         Answers are streamed unless ``stream=False``: a server is given up only after
         ``request_timeout_s`` without any data. ``tools`` (OpenAI tool specs) lets the model
@@ -208,6 +209,7 @@ class LLMClient:
             stream=stream,
             response_format=response_format,
             tools=tools,
+            thread=thread,
         )
         if tools and (known := self._found.get("tools")) is not None:
             raise ServerCapabilityError(

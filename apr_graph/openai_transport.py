@@ -204,6 +204,7 @@ class OpenAITransport:
             temperature=request.temperature,
             max_tokens=request.max_tokens,
             tools=request.tools,
+            thread=request.thread,
         )
         if report is None:
             return await isolated(self._chat(request, progress, budget))

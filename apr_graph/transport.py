@@ -28,6 +28,7 @@ class ChatRequest:
         stream: stream the answer (cancelling closes the response); ignored with ``tools``.
         response_format: an OpenAI ``response_format`` object, or ``None``.
         tools: OpenAI tool specs the model may call, or ``None``.
+        thread: the thread the call is for (a subtask id, ``"direct"``), if any; not sent.
     """
 
     messages: Sequence[Message]
@@ -38,6 +39,7 @@ class ChatRequest:
     stream: bool = False
     response_format: dict[str, Any] | None = None
     tools: Sequence[dict[str, Any]] | None = None
+    thread: str | None = None
 
 
 @dataclass(frozen=True)

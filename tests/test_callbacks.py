@@ -62,11 +62,13 @@ async def test_stream_mode_messages_yields_every_call_as_message_chunks(
 
     texts: dict[str, list[str]] = defaultdict(list)
     where: dict[str, tuple[str, str]] = {}
+    threads: dict[str, str | None] = {}
     async for chunk, meta in app.astream({"task": "t"}, stream_mode="messages"):
         assert isinstance(chunk, AIMessageChunk)
         assert chunk.id is not None
         texts[chunk.id].append(str(chunk.content))
         where[chunk.id] = (meta["langgraph_node"], meta["apr_role"])
+        threads[chunk.id] = meta["apr_thread"]
 
     by_role = sorted((where[i][1], "".join(t)) for i, t in texts.items())
     assert [role for role, _ in by_role] == ["planner", "synthesizer", "worker", "worker"]
@@ -78,6 +80,10 @@ async def test_stream_mode_messages_yields_every_call_as_message_chunks(
     assert '"strategy"' in dict(by_role)["planner"]  # the plan's JSON, as it streamed
     assert {node for node, _ in where.values()} <= {"decompose", "worker", "synthesize"}
     assert len(texts) == len(server.chat_requests())
+    # Interleaved streams of parallel threads are told apart by their subtask ids.
+    by_thread = {threads[i]: "".join(t) for i, t in texts.items() if where[i][1] == "worker"}
+    assert by_thread == {"s1": "result(compute part 1)", "s2": "result(compute part 2)"}
+    assert {threads[i] for i in texts if where[i][1] != "worker"} == {None}
 
 
 async def test_a_tracer_sees_each_request_its_messages_and_usage(

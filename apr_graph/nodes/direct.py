@@ -58,6 +58,7 @@ async def direct_answer(
             work = client.chat(
                 messages,
                 role="planner",
+                thread="direct",
                 max_tokens=allowance,
                 budget=board.budget,
                 progress=StreamProgress(on_text=answer_emitter()),

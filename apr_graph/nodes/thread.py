@@ -239,4 +239,5 @@ def thread_call(
         max_tokens=allowance,
         budget=budget,
         temperature=subtask.get("temperature"),
+        thread=subtask["id"],
     )

@@ -88,6 +88,7 @@ async def tool_loop(
         completion = await client.chat(
             conversation,
             role=role,
+            thread=thread_id,
             tools=offer,
             max_tokens=allowance,
             budget=budget,
