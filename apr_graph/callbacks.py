@@ -13,7 +13,7 @@ costs one context lookup per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.runnables.config import (
@@ -21,7 +21,8 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from apr_graph.responses import Completion, Message
+from apr_graph.responses import Completion
+from apr_graph.transport import ChatRequest
 
 if TYPE_CHECKING:
     from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -73,18 +74,9 @@ class ModelRun:
         self._run.on_llm_error(error)
 
 
-def model_run(
-    messages: Sequence[Message],
-    *,
-    model: str,
-    role: str,
-    temperature: float,
-    max_tokens: int,
-    tools: Sequence[dict[str, Any]] | None = None,
-    thread: str | None = None,
-) -> ModelRun | None:
-    """The report of a request about to be sent, or ``None`` when nothing listens (outside a
-    runnable, or a run without callback handlers)."""
+def model_run(request: ChatRequest) -> ModelRun | None:
+    """The report of ``request``, about to be sent, or ``None`` when nothing listens (outside
+    a runnable, or a run without callback handlers)."""
     config = var_child_runnable_config.get()
     callbacks = config.get("callbacks") if config else None
     # A manager with no handlers (LangGraph's, when nothing listens), a list, or None.
@@ -95,23 +87,27 @@ def model_run(
     manager = get_callback_manager_for_config(config)
     manager.add_metadata(
         {
-            "apr_role": role,
-            "apr_thread": thread,
+            "apr_role": request.role,
+            "apr_thread": request.thread,
             "ls_provider": "openai",
-            "ls_model_name": model,
+            "ls_model_name": request.model,
             "ls_model_type": "chat",
-            "ls_temperature": temperature,
-            "ls_max_tokens": max_tokens,
+            "ls_temperature": request.temperature,
+            "ls_max_tokens": request.max_tokens,
         },
         inherit=False,
     )
-    params: dict[str, Any] = {"model": model, "temperature": temperature, "max_tokens": max_tokens}
-    if tools:
-        params["tools"] = list(tools)
+    params: dict[str, Any] = {
+        "model": request.model,
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
+    if request.tools:
+        params["tools"] = list(request.tools)
     (run,) = manager.on_chat_model_start(
         {"name": "apr_graph"},
-        [convert_to_messages(list(messages))],
+        [convert_to_messages(list(request.messages))],
         invocation_params=params,
-        name=f"apr_graph.{role}",
+        name=f"apr_graph.{request.role}",
     )
     return ModelRun(run)

@@ -197,15 +197,7 @@ class OpenAITransport:
         """One chat completion, streamed when the request asks (tool calls too: their
         deltas are assembled by ``read_stream``), reported to the callback handlers of the
         node that sends it (``callbacks``)."""
-        report = model_run(
-            request.messages,
-            model=request.model,
-            role=request.role,
-            temperature=request.temperature,
-            max_tokens=request.max_tokens,
-            tools=request.tools,
-            thread=request.thread,
-        )
+        report = model_run(request)
         if report is None:
             return await isolated(self._chat(request, progress, budget))
         told = progress.on_text

@@ -14,6 +14,7 @@ from langchain_core.outputs import LLMResult
 from apr_graph import compile_apr_graph
 from apr_graph.callbacks import ModelRun, model_run
 from apr_graph.testing import Reply, Rule
+from apr_graph.transport import ChatRequest
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import echo_worker, merge_synth, parallel_plan
 
@@ -140,7 +141,8 @@ async def test_nothing_is_built_when_nothing_listens(
     make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Outside a runnable, and in a run without handlers: no report (one context lookup).
-    assert model_run([], model="m", role="worker", temperature=0.0, max_tokens=8) is None
+    request = ChatRequest(messages=[], model="m", role="worker", max_tokens=8, temperature=0.0)
+    assert model_run(request) is None
     built: list[object] = []
     monkeypatch.setattr(ModelRun, "__init__", lambda self, run: built.append(run))
     app = compile_apr_graph(settings=settings_for(two_threads(make_server)))
