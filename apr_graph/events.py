@@ -35,7 +35,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
   ``thread_finished`` follows), or a thread started early was dropped by the final plan
   (no record follows; only this one carries ``depth``).
 - ``{"event": "answer_token", "text"}``: a piece of the final answer as the merge or direct
-  call writes it (answers that need no call arrive whole in the output).
+  call writes it (answers that need no call, and a direct answer that may call tools,
+  arrive whole in the output).
 - ``{"event": "merge_incomplete", "lost"}``: the merge call left out the results of the
   threads listed in ``lost`` (their ids); those results were added back under the answer.
 
