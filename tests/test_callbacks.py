@@ -176,3 +176,32 @@ async def test_a_chat_model_backend_is_reported_once_by_the_model_itself(
         await model.root_async_client.close()
         await client.aclose()
     assert len(ids) == len(server.chat_requests()) == 4
+
+
+async def test_messages_stream_through_a_parent_graph(make_server: ServerFactory) -> None:
+    from langgraph.graph import END, START, StateGraph
+    from typing_extensions import TypedDict
+
+    class Parent(TypedDict, total=False):
+        task: str
+        answer: str
+
+    server = two_threads(make_server)
+    builder = StateGraph(Parent)
+    builder.add_node("reason", compile_apr_graph(settings=settings_for(server)))
+    builder.add_edge(START, "reason")
+    builder.add_edge("reason", END)
+    parent = builder.compile()
+
+    seen: dict[str, tuple[tuple[str, ...], str]] = {}
+    async for namespace, (chunk, meta) in parent.astream(
+        {"task": "t"}, stream_mode="messages", subgraphs=True
+    ):
+        seen[chunk.id] = (namespace, meta["apr_role"])
+    assert sorted(role for _, role in seen.values()) == [
+        "planner",
+        "synthesizer",
+        "worker",
+        "worker",
+    ]
+    assert all(namespace and namespace[0].startswith("reason:") for namespace, _ in seen.values())
