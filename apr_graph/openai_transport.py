@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import openai
 
-from apr_graph.callbacks import model_run
+from apr_graph.callbacks import reported
 from apr_graph.capacity import CapacityReport, ProbeOnce, probe_parallel_capacity
 from apr_graph.http_pool import HttpPool, isolated
 from apr_graph.limiter import AdaptiveLimiter
@@ -197,20 +197,9 @@ class OpenAITransport:
         """One chat completion, streamed when the request asks (tool calls too: their
         deltas are assembled by ``read_stream``), reported to the callback handlers of the
         node that sends it (``callbacks``)."""
-        report = model_run(request)
-        if report is None:
-            return await isolated(self._chat(request, progress, budget))
-        told = progress.on_text
-        progress.on_text = report.relay(told)
-        try:
-            completion = await isolated(self._chat(request, progress, budget))
-        except BaseException as exc:
-            report.error(exc)
-            raise
-        finally:
-            progress.on_text = told
-        report.end(completion)
-        return completion
+        return await reported(
+            request, progress, lambda: isolated(self._chat(request, progress, budget))
+        )
 
     async def _chat(
         self, request: ChatRequest, progress: StreamProgress, budget: CallBudget | None
@@ -251,11 +240,18 @@ class OpenAITransport:
                 completion = replace(completion, max_tokens_sent=max_tokens)
             return completion
 
-    @_isolated
     async def complete(
         self, request: TextRequest, *, progress: StreamProgress, budget: CallBudget | None
     ) -> Completion:
-        """One streamed ``/v1/completions`` request ending at a stop string."""
+        """One streamed ``/v1/completions`` request ending at a stop string (reported as
+        ``chat`` is)."""
+        return await reported(
+            request, progress, lambda: isolated(self._complete(request, progress, budget))
+        )
+
+    async def _complete(
+        self, request: TextRequest, progress: StreamProgress, budget: CallBudget | None
+    ) -> Completion:
         endpoint = await self._pick()
         prompt_tokens = estimate_tokens(request.prompt)
         body = {

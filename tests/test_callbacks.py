@@ -27,6 +27,7 @@ class Recorder(BaseCallbackHandler):
         self.tokens: dict[UUID, list[str]] = defaultdict(list)
         self.ends: dict[UUID, LLMResult] = {}
         self.errors: dict[UUID, BaseException] = {}
+        self.prompts: dict[UUID, str] = {}
 
     def on_chat_model_start(
         self,
@@ -38,6 +39,11 @@ class Recorder(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         self.starts[run_id] = (messages[0], metadata or {}, kwargs.get("invocation_params", {}))
+
+    def on_llm_start(
+        self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        self.prompts[run_id] = prompts[0]
 
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         self.tokens[run_id].append(token)
@@ -205,3 +211,24 @@ async def test_messages_stream_through_a_parent_graph(make_server: ServerFactory
         "worker",
     ]
     assert all(namespace and namespace[0].startswith("reason:") for namespace, _ in seen.values())
+
+
+async def test_a_native_reasoners_text_completions_reach_a_tracer(
+    make_server: ServerFactory,
+) -> None:
+    from tests.test_native import threadweaver_model
+
+    server = make_server([Rule(reply=threadweaver_model(nested=False))])
+    recorder = Recorder()
+    app = compile_apr_graph(settings=settings_for(server, native="threadweaver"))
+    await app.ainvoke({"task": "Compute 2+3 and 4*5"}, config={"callbacks": [recorder]})
+
+    sent = [r for r in server.requests if r.path.endswith("/completions")]
+    assert sorted(recorder.prompts.values()) == sorted(r.prompt for r in sent)
+    assert set(recorder.ends) == set(recorder.prompts)
+    texts = sorted(r.generations[0][0].text for r in recorder.ends.values())
+    assert " 2+3=5" in texts  # a thread continues its prompt "<Thread>\n1:"
+    assert all(
+        "".join(recorder.tokens[i]) == recorder.ends[i].generations[0][0].text
+        for i in recorder.ends
+    )
