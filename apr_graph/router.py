@@ -71,8 +71,9 @@ def without_labels(task: str) -> str:
     chars = list(task)
     for start, end in part_markers(task):
         chars[start:end] = " " * (end - start)
-    if count_parts(task) >= 2:
-        for match in _HEADING.finditer(task):
+    headings = list(_HEADING.finditer(task))
+    if headings and count_parts(task) >= 2:
+        for match in headings:
             chars[match.start(1) : match.end(1)] = " " * (match.end(1) - match.start(1))
     return "".join(chars)
 
