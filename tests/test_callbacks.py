@@ -16,7 +16,7 @@ from apr_graph.callbacks import ModelRun, model_run
 from apr_graph.testing import Reply, Rule
 from apr_graph.transport import ChatRequest
 from tests.conftest import ServerFactory, settings_for
-from tests.test_graph import echo_worker, merge_synth, parallel_plan
+from tests.test_graph import echo_server, echo_worker, merge_synth, parallel_plan
 
 
 class Recorder(BaseCallbackHandler):
@@ -55,16 +55,10 @@ class Recorder(BaseCallbackHandler):
         self.errors[run_id] = error
 
 
-def two_threads(make_server: ServerFactory) -> Any:
-    return make_server(
-        [Rule(role="planner", reply=Reply(content=parallel_plan(2))), echo_worker(), merge_synth()]
-    )
-
-
 async def test_stream_mode_messages_yields_every_call_as_message_chunks(
     make_server: ServerFactory,
 ) -> None:
-    server = two_threads(make_server)
+    server = echo_server(make_server, 2)
     app = compile_apr_graph(settings=settings_for(server))
 
     texts: dict[str, list[str]] = defaultdict(list)
@@ -96,7 +90,7 @@ async def test_stream_mode_messages_yields_every_call_as_message_chunks(
 async def test_a_tracer_sees_each_request_its_messages_and_usage(
     make_server: ServerFactory,
 ) -> None:
-    server = two_threads(make_server)
+    server = echo_server(make_server, 2)
     recorder = Recorder()
     app = compile_apr_graph(settings=settings_for(server))
     result = await app.ainvoke({"task": "t"}, config={"callbacks": [recorder]})
@@ -118,7 +112,7 @@ async def test_a_tracer_sees_each_request_its_messages_and_usage(
 
 
 def test_sync_invoke_reports_too(make_server: ServerFactory) -> None:
-    server = two_threads(make_server)
+    server = echo_server(make_server, 2)
     recorder = Recorder()
     app = compile_apr_graph(settings=settings_for(server))
     app.invoke({"task": "t"}, config={"callbacks": [recorder]})
@@ -151,7 +145,7 @@ async def test_nothing_is_built_when_nothing_listens(
     assert model_run(request) is None
     built: list[object] = []
     monkeypatch.setattr(ModelRun, "__init__", lambda self, run: built.append(run))
-    app = compile_apr_graph(settings=settings_for(two_threads(make_server)))
+    app = compile_apr_graph(settings=settings_for(echo_server(make_server, 2)))
     async for _ in app.astream({"task": "t"}, stream_mode=["custom", "values"]):
         pass
     assert built == []
@@ -192,7 +186,7 @@ async def test_messages_stream_through_a_parent_graph(make_server: ServerFactory
         task: str
         answer: str
 
-    server = two_threads(make_server)
+    server = echo_server(make_server, 2)
     builder = StateGraph(Parent)
     builder.add_node("reason", compile_apr_graph(settings=settings_for(server)))
     builder.add_edge(START, "reason")

@@ -16,7 +16,7 @@ from apr_graph.context import GRAPH_ONLY
 from apr_graph.integrations import make_graph
 from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
-from tests.test_graph import echo_worker, merge_synth, parallel_plan
+from tests.test_graph import echo_server, echo_worker, merge_synth, parallel_plan
 
 PROBES = {"/props", "/slots", "/metrics"}
 """What a capacity probe asks (``apr_graph.capacity``)."""
@@ -50,16 +50,10 @@ def run_of(request: RecordedRequest) -> int:
     return int(found.group(1))
 
 
-def four_part_server(make_server: ServerFactory) -> ScriptedServer:
-    return make_server(
-        [Rule(role="planner", reply=Reply(content=parallel_plan(4))), echo_worker(), merge_synth()]
-    )
-
-
 async def test_one_graph_serves_concurrent_runs_each_with_its_own_settings(
     make_server: ServerFactory,
 ) -> None:
-    server = four_part_server(make_server)
+    server = echo_server(make_server, 4)
     app = compile_apr_graph(settings=settings_for(server, max_concurrency=16))
     contexts = [CONTEXTS[i % len(CONTEXTS)] for i in range(20)]
 
@@ -178,7 +172,7 @@ async def test_budgets_and_deadline_are_per_run(make_server: ServerFactory) -> N
 async def test_a_bad_context_is_refused_before_the_run_starts(
     make_server: ServerFactory, context: dict[str, Any], says: list[str]
 ) -> None:
-    server = four_part_server(make_server)
+    server = echo_server(make_server, 4)
     app = compile_apr_graph(settings=settings_for(server))
 
     with pytest.raises(ValidationError) as refused:
@@ -214,7 +208,7 @@ def test_every_setting_is_per_run_or_the_graphs() -> None:
 async def test_make_graph_builds_once_and_serves_every_run(
     make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = four_part_server(make_server)
+    server = echo_server(make_server, 4)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     monkeypatch.setenv("APR_MODEL", "env-model")
 

@@ -18,7 +18,7 @@ from apr_graph import (
     compile_apr_graph,
     create_apr_graph,
 )
-from apr_graph.testing import RecordedRequest, Reply, Rule
+from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
@@ -67,6 +67,17 @@ def merge_synth() -> Rule:
         return Reply(content=" + ".join(found))
 
     return Rule(role="synthesizer", reply=reply)
+
+
+def echo_server(make_server: ServerFactory, parts: int) -> ScriptedServer:
+    """A server that plans ``parts`` threads, echoes each goal and joins the results."""
+    return make_server(
+        [
+            Rule(role="planner", reply=Reply(content=parallel_plan(parts))),
+            echo_worker(),
+            merge_synth(),
+        ]
+    )
 
 
 async def test_direct_answer_costs_one_call(make_server: ServerFactory) -> None:
