@@ -97,14 +97,13 @@ def model_run(request: ChatRequest | TextRequest) -> ModelRun | None:
     from langchain_core.messages import convert_to_messages
 
     manager = get_callback_manager_for_config(config)
-    chat = isinstance(request, ChatRequest)
     manager.add_metadata(
         {
             "apr_role": request.role,
-            "apr_thread": request.thread if isinstance(request, ChatRequest) else None,
+            "apr_thread": request.thread,
             "ls_provider": "openai",
             "ls_model_name": request.model,
-            "ls_model_type": "chat" if chat else "llm",
+            "ls_model_type": "llm" if isinstance(request, TextRequest) else "chat",
             "ls_temperature": request.temperature,
             "ls_max_tokens": request.max_tokens,
         },

@@ -54,6 +54,8 @@ class TextRequest:
     stop: Sequence[str] = ()
     extra_body: dict[str, Any] = field(default_factory=dict)
     """Server-specific body fields (e.g. vLLM's ``skip_special_tokens``), sent as given."""
+    thread: str | None = None
+    """The thread the call is for, if any; not sent."""
 
 
 class Transport(Protocol):
