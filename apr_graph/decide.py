@@ -130,7 +130,7 @@ def before_plan(
         why = f" ({', '.join(shape.why)})" if shape.why else ""
         reason = f"the task reads as one piece: router {shape.parallel:.2f} < {shape.threshold:.2f}"
         return _record("direct", "router", reason + why, shape), shape
-    if settings.prefer == "quality" or profile is None:
+    if settings.prefer == "quality" or profile is None or not _measured(profile, width):
         return None, shape
     parts = labelled_parts(task)
     view, partial = planner_view(given, settings.planner_document_chars)
@@ -180,14 +180,14 @@ def after_plan(
             "nothing runs at once",
             shape,
         )
-    if profile is None:
-        return _record(
-            "parallel",
-            "plan",
-            "no speed profile for this endpoint yet (apr calibrate, or one run of each kind): "
-            "forking as planned",
-            shape,
+    if profile is None or not _measured(profile, width):
+        lacks = (
+            "no speed profile for this endpoint yet (apr calibrate, or one run of each kind)"
+            if profile is None
+            else "no figure yet for threads at once on this endpoint (apr calibrate, or "
+            "this run's threads)"
         )
+        return _record("parallel", "plan", f"{lacks}: forking as planned", shape)
     goals = [s["goal"] for s in subtasks]
     thread = thread_prompt_tokens(task, given, goals, settings.thread_documents)
     estimate = Estimate(prompt_tokens(task, context), len(subtasks), _part_tokens(profile), thread)
@@ -277,6 +277,13 @@ def _by_speed(
     record["predicted_parallel_s"] = round(parallel_s, 2)
     record["speed_source"] = profile.source
     return record
+
+
+def _measured(profile: SpeedProfile, width: int) -> bool:
+    """Whether the profile can compare a fan-out with one call. One stream's rate (all that
+    runs answered directly teach) says nothing of what threads at once decode: read as "no
+    gain", it would keep the endpoint from ever forking, and so from ever learning it."""
+    return width <= 1 or max(profile.decode_tps) > 1
 
 
 def _part_tokens(profile: SpeedProfile) -> int:

@@ -294,6 +294,36 @@ async def test_prefer_quality_forks_on_the_cpu_like_server_too(
     assert len(result["threads"]) == 3
 
 
+@pytest.mark.parametrize(("latency", "forks_again"), [("gpu", True), ("cpu", False)])
+async def test_a_direct_answer_does_not_keep_an_endpoint_from_learning_what_forking_buys(
+    simulated: list[SimulatedServer], latency: str, forks_again: bool
+) -> None:
+    # No calibration. A first task answered directly teaches the endpoint one stream's rate
+    # only; that says nothing of what threads at once decode, so the next task that splits
+    # forks as planned, and its threads teach the rest: the third is decided on the server.
+    model = LatencyModel.gpu(4) if latency == "gpu" else LatencyModel.cpu(20)
+    server = SimulatedServer(scripted_model, latency=model).start()
+    simulated.append(server)
+    settings = settings_for(server, **decided())
+    store, key = speed_store(settings), endpoint_key(server.base_url, "test-model")
+    app = compile_apr_graph(settings=settings)
+
+    story = await app.ainvoke({"task": STORY})
+    assert story["plan"]["decision"]["by"] == "router"
+    assert sorted(store.get(key).decode_tps) == [1]  # type: ignore[union-attr]
+
+    first = (await app.ainvoke({"task": THREE}))["plan"]["decision"]
+    assert (first["choice"], first["by"]) == ("parallel", "plan"), first
+    assert "no figure yet for threads at once" in first["reason"]
+    assert max(store.get(key).decode_tps) >= 2  # type: ignore[union-attr]
+
+    again = (await app.ainvoke({"task": THREE}))["plan"]["decision"]
+    assert again["choice"] == ("parallel" if forks_again else "direct"), again
+    assert again["by"] == ("plan" if forks_again else "speed"), again
+    faster = again["predicted_parallel_s"] < again["predicted_direct_s"]
+    assert faster is forks_again, again
+
+
 async def test_a_run_teaches_the_endpoint_its_speed(make_server: ServerFactory) -> None:
     def reply(request: RecordedRequest) -> Reply:
         return Reply(content=" ".join(f"w{i}" for i in range(40)), chunk_delay_s=0.002)
