@@ -28,6 +28,7 @@ class SpeedProfile:
         weights: how many observations each ``decode_tps`` figure rests on (a calibration
             counts as several).
         first_token_weight: the same for ``first_token_s``.
+        prefill_weight: the same for ``prefill_tps``.
         observed_calls: calls learned from since the profile was measured.
         part_tokens: what one thread's answer takes on this endpoint, learned from runs'
             finished threads (``None``: not seen yet; ``decide.PART_TOKENS`` stands in).
@@ -40,6 +41,7 @@ class SpeedProfile:
     source: str
     weights: Mapping[int, float] = field(default_factory=dict)
     first_token_weight: float = 0.0
+    prefill_weight: float = 0.0
     observed_calls: int = 0
     part_tokens: float | None = None
     part_weight: float = 0.0
@@ -81,6 +83,7 @@ class SpeedProfile:
             "source": self.source,
             "weights": {str(k): round(v, 3) for k, v in sorted(self.weights.items())},
             "first_token_weight": round(self.first_token_weight, 3),
+            "prefill_weight": round(self.prefill_weight, 3),
             "observed_calls": self.observed_calls,
             "part_tokens": None if self.part_tokens is None else round(self.part_tokens, 1),
             "part_weight": round(self.part_weight, 3),
@@ -99,6 +102,7 @@ class SpeedProfile:
                 source=str(data.get("source", "")),
                 weights={int(k): float(v) for k, v in dict(data.get("weights") or {}).items()},
                 first_token_weight=float(data.get("first_token_weight") or 0.0),
+                prefill_weight=float(data.get("prefill_weight") or 0.0),
                 observed_calls=int(data.get("observed_calls") or 0),
                 part_tokens=_optional_float(data.get("part_tokens")),
                 part_weight=float(data.get("part_weight") or 0.0),

@@ -31,6 +31,7 @@ MIN_ALPHA = 0.1
 """The least share of a figure a new observation moves: the average keeps following."""
 MIN_TOKENS = 16  # shorter calls time mostly noise, not the decode rate
 SMALL_PROMPT = 256  # uncached prompt tokens below which the first-token wait is mostly latency
+LARGE_PROMPT = 512  # uncached prompt tokens from which the first-token wait is mostly prefill
 PART_MEMORY = 10.0  # most runs a thread answer's learned length rests on: newer ones move it
 _VERSION = 1
 
@@ -101,8 +102,8 @@ class SpeedStore:
             raise
 
     def observe(self, endpoint: str, calls: Sequence[CallRecord]) -> SpeedProfile | None:
-        """Learn decode rates, first-token latency and thread-answer length from a finished
-        run's calls, and store the result.
+        """Learn decode rates, first-token latency, prefill rate and thread-answer length from
+        a finished run's calls, and store the result.
 
         Returns:
             The updated profile, or ``None`` when nothing is stored and nothing was learned.
@@ -111,7 +112,9 @@ class SpeedStore:
         learned = _observed_rates(calls)
         first_token = _observed_first_token(calls)
         part = _observed_part(calls)
-        if not learned and first_token is None and part is None:
+        wait = first_token if first_token is not None else stored and stored.first_token_s
+        prefill = _observed_prefill(calls, wait or 0.0)
+        if not learned and first_token is None and part is None and prefill is None:
             return stored
         decode = dict(stored.decode_tps) if stored else {}
         weights = dict(stored.weights) if stored else {}
@@ -127,6 +130,10 @@ class SpeedStore:
         latency_weight = (stored.first_token_weight or CALIBRATION_WEIGHT) if stored else 0.0
         if first_token is not None:
             latency, latency_weight = _blend(latency, latency_weight, first_token)
+        prefill_tps = stored.prefill_tps if stored else None
+        prefill_weight = (stored.prefill_weight or CALIBRATION_WEIGHT) if stored else 0.0
+        if prefill is not None:
+            prefill_tps, prefill_weight = _blend(prefill_tps, prefill_weight, prefill)
         part_tokens = stored.part_tokens if stored else None
         part_weight = stored.part_weight if stored else 0.0
         if part is not None:  # the last PART_MEMORY runs count: a model's habits change
@@ -136,11 +143,12 @@ class SpeedStore:
         since = f"observed in {observed} calls" + (" since" if base else "")
         profile = SpeedProfile(
             decode_tps=decode,
-            prefill_tps=stored.prefill_tps if stored else None,
+            prefill_tps=prefill_tps,
             first_token_s=latency,
             source=f"{base}; {since}" if base else since,
             weights=weights,
             first_token_weight=latency_weight,
+            prefill_weight=prefill_weight,
             observed_calls=observed,
             part_tokens=part_tokens,
             part_weight=part_weight,
@@ -238,3 +246,20 @@ def _observed_first_token(calls: Sequence[CallRecord]) -> float | None:
         and first >= call["started_at"]
     ]
     return statistics.median(waits) if waits else None
+
+
+def _observed_prefill(calls: Sequence[CallRecord], latency: float) -> float | None:
+    """The median prefill rate of calls whose uncached prompt was large and whose wait for a
+    first token no other call of the run shared (prefills at once share the compute: each
+    alone says too little of the rate): uncached tokens over the wait beyond ``latency``."""
+    rates = []
+    for call in calls:
+        first, start = call.get("first_token_at"), call["started_at"]
+        uncached = call["prompt_tokens"] - (call["cached_tokens"] or 0)
+        if first is None or uncached < LARGE_PROMPT or first - start <= latency:
+            continue
+        if not any(
+            o is not call and o["started_at"] < first and o["ended_at"] > start for o in calls
+        ):
+            rates.append(uncached / (first - start - latency))
+    return statistics.median(rates) if rates else None

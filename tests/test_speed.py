@@ -318,6 +318,29 @@ def test_observe_learns_how_long_a_threads_answer_is() -> None:
     assert profile.part_weight == pytest.approx(11.0)
 
 
+def test_observe_learns_the_prefill_rate_from_long_prompts_that_waited_alone() -> None:
+    store = SpeedStore(None)
+    # 0.5 s of latency (the short call), then 2,000 uncached tokens in 10 s: 200 tokens/s.
+    alone = {**call(100.0, 50, 20.0, prompt=2_100), "cached_tokens": 100}
+    alone["first_token_at"] = 110.5
+    alone["ended_at"] = 113.0
+    # Two long prompts sent together share the compute: each alone would read half the rate.
+    together = [{**call(200.0, 50, 20.0, prompt=2_000), "first_token_at": 220.5} for _ in "ab"]
+    profile = store.observe("e", [call(0.0, 201, 20.0), alone, *together])
+    assert profile is not None
+    assert profile.prefill_tps == pytest.approx(200.0)
+    assert profile.prefill_weight == 1.0
+    # It is what the next prediction costs a long prompt at; a calibration outweighs a run.
+    assert predict_call_s(profile, prompt_tokens=2_000, output_tokens=0) == pytest.approx(10.5)
+    store.put("c", CPU)
+    calibrated = store.observe("c", [alone])
+    assert calibrated is not None
+    learned = 2_000 / (10.5 - CPU.first_token_s)  # type: ignore[operator]
+    assert calibrated.prefill_tps == pytest.approx(
+        150.0 + (learned - 150.0) / (CALIBRATION_WEIGHT + 1)
+    )
+
+
 def test_the_decision_predicts_with_the_learned_answer_length() -> None:
     settings = AprSettings(prefer="speed", router=False)
     short = SpeedProfile({1: 20.0, 4: 24.0}, 200.0, 0.2, "measured", part_tokens=50.0)
