@@ -38,8 +38,10 @@ async def main(paths: list[Path]) -> None:
     app = compile_apr_graph(settings=AprSettings())
     result = await app.ainvoke({"task": task, "context": context})
     print(result["answer"])
-    seconds = result["metrics"]["wall_time_s"]
-    print(f"[{len(result['threads'])} reviews in parallel, {seconds:.1f}s]", file=sys.stderr)
+    seconds, threads = result["metrics"]["wall_time_s"], len(result["threads"])
+    decision = result["plan"]["decision"]  # why it forked or not (see README: the decision)
+    how = f"{threads} reviews in parallel" if threads else f"one call: {decision['reason']}"
+    print(f"[{how}, {seconds:.1f}s]", file=sys.stderr)
 
 
 if __name__ == "__main__":
