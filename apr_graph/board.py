@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
@@ -236,6 +237,12 @@ class Boards:
             board = RunBoard(run_id, Budget(settings), merge or "synthesize", width, revived=True)
             self._attach(board)
         return board
+
+    def close_soon(self, run_id: str) -> None:
+        """``close(run_id, root=True)`` from any thread: on the loop the run's board lives on."""
+        board = self._boards.get(run_id)
+        if board is not None and not board.budget.orphaned:
+            board.budget.call_soon(functools.partial(self.close, run_id, root=True))
 
     def close(self, run_id: str, *, root: bool) -> None:
         """Release a run's board (and stop its budget's timer if it is the root run)."""

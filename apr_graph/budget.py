@@ -109,6 +109,10 @@ class Budget:
         with contextlib.suppress(ValueError):
             self._on_stop.remove(callback)
 
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the run's event loop, from any thread."""
+        self._loop.call_soon_threadsafe(callback)
+
     def close(self) -> None:
         """Release the deadline timer."""
         if self._timer is not None:

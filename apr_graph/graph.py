@@ -31,6 +31,7 @@ from apr_graph.nodes import (
     make_worker,
 )
 from apr_graph.nodes.native import make_native
+from apr_graph.nodes.review import make_review
 from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedStore
 from apr_graph.state import AprInput, AprOutput, AprState, ForkInput, WorkerInput
@@ -44,6 +45,7 @@ __all__ = [
     "FINISH",
     "JOIN",
     "NATIVE",
+    "REVIEW",
     "SYNTHESIZE",
     "WORKER",
     "boards_of",
@@ -57,6 +59,7 @@ SYNTHESIZE = "synthesize"
 JOIN = "join"
 FINISH = "finish"
 NATIVE = "native"
+REVIEW = "review"
 
 Node = Callable[[Any], Awaitable[dict[str, Any]]]
 RunNode = Callable[[Any, AprSettings], Awaitable[dict[str, Any]]]
@@ -240,13 +243,15 @@ def _build(
         worker = make_worker(client, boards, verify=verify, subgraph=subgraph, tools=tools)
         decompose = make_decompose(client, boards, speed=speed, start_early=not tools, tools=tools)
         add(DECOMPOSE, decompose)
+        builder.add_node(REVIEW, make_review(settings, boards))
         add(WORKER, worker, input_schema=WorkerInput)
         add(SYNTHESIZE, make_synthesize(client, boards))
         builder.add_edge(START, DECOMPOSE)
+        builder.add_edge(DECOMPOSE, REVIEW)
         # The join changes nothing: the workers' step is over; its router decides what is next.
         builder.add_node(JOIN, RunnableLambda(lambda _: {}, name=JOIN))
         fan_out = make_fan_out(WORKER, FINISH, boards)
-        builder.add_conditional_edges(DECOMPOSE, fan_out, [WORKER, FINISH])
+        builder.add_conditional_edges(REVIEW, fan_out, [WORKER, FINISH])
         builder.add_edge(WORKER, JOIN)
         builder.add_conditional_edges(
             JOIN, make_join(WORKER, SYNTHESIZE, boards), [WORKER, SYNTHESIZE]

@@ -208,6 +208,11 @@ class AprSettings(BaseSettings):
     """Start each thread as soon as its subtask is complete in the streamed plan; it is kept
     only if the final, repaired plan gives it the same request, else cancelled and rerun."""
 
+    review_plan: bool = False
+    """Pause a run once its plan is made, before any thread's request, for a person or a
+    program to approve or edit it (LangGraph's ``interrupt``; needs a checkpointer). Resume
+    with ``Command(resume=True)``, or with a list of goals or a plan to run instead."""
+
     label_goals: bool = True
     """When the task labels its parts ((a), (b) ... or 1., 2. ...), a parallel plan names each
     subtask by its label and its thread is given that part's text: a shorter plan, so threads

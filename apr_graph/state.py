@@ -147,7 +147,7 @@ class NativeBlock(TypedDict):
     forked: int
 
 
-Decider = Literal["router", "speed", "chain", "model", "plan", "quality"]
+Decider = Literal["router", "speed", "chain", "model", "plan", "quality", "review"]
 """What decided a run's strategy (see ``DecisionRecord.by``)."""
 
 
@@ -159,7 +159,8 @@ class DecisionRecord(TypedDict):
     """What decided: ``router`` (the task reads as one piece), ``speed`` (forking was
     predicted not to pay on this endpoint), ``chain`` (the plan's goals form one chain),
     ``model`` (the planner answered directly), ``plan`` (the plan was run as planned),
-    ``quality`` (``prefer="quality"``: forked whatever the server)."""
+    ``quality`` (``prefer="quality"``: forked whatever the server), ``review`` (the plan was
+    edited at review, ``AprSettings.review_plan``)."""
     reason: str
     shape: float | None
     """The router's probability that the answer splits into independent parts."""
@@ -193,6 +194,9 @@ class PlanRecord(TypedDict):
     critical_path_tokens: NotRequired[int]
     decision: NotRequired[DecisionRecord]
     """Why the run answered directly or forked (``apr_graph.decide``)."""
+    review: NotRequired[Literal["pending", "approved", "edited"]]
+    """Where a plan held for review (``AprSettings.review_plan``) is: waiting for its
+    ``Command(resume=...)``, approved as it was, or edited."""
 
 
 class AprOutput(TypedDict, total=False):

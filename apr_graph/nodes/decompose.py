@@ -99,6 +99,8 @@ def make_decompose(
             normalised = direct_plan("", [])
             normalised["decision"] = decision
         if normalised["strategy"] == "parallel":
+            if settings.review_plan and depth == 0:  # the checkpoint says so on resume
+                normalised["review"] = "pending"
             board.merge = normalised["merge"] or "synthesize"
             board.width = len(normalised["subtasks"])
             normalised["prefix"] = prefix_stats(
@@ -189,8 +191,10 @@ def make_decompose(
             )
 
         board.system = system_for(None)  # the merge is not known yet: what a warm-up warms
+        # A plan to be reviewed sends nothing more before it is approved.
+        ahead = not (settings.review_plan and depth == 0)
         # The threads' shared prefix does not depend on the plan: warm it while planning.
-        warm = asyncio.ensure_future(_warm(run)) if settings.warm_prefix else None
+        warm = asyncio.ensure_future(_warm(run)) if settings.warm_prefix and ahead else None
         starter = EarlyStarter(
             client,
             settings,
@@ -210,7 +214,9 @@ def make_decompose(
                     role="planner",
                     schema=plan_json_schema(settings.max_threads, labels, answer=not partial),
                     budget=budget,
-                    progress=starter.progress if start_early and settings.stream_plan else None,
+                    progress=starter.progress
+                    if start_early and settings.stream_plan and ahead
+                    else None,
                 )
             )
             calls.append(call_record(completion, role="planner"))
