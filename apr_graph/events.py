@@ -51,11 +51,14 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.config import get_stream_writer
 
-__all__ = ["answer_emitter", "emit", "token_emitter"]
+if TYPE_CHECKING:
+    from apr_graph.state import PlanRecord
+
+__all__ = ["answer_emitter", "emit", "emit_plan", "token_emitter"]
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -65,6 +68,19 @@ def emit(event: str, **fields: Any) -> None:
     except RuntimeError:  # called outside a runnable context (e.g. a unit test of a node)
         return
     writer({"event": event, **fields})
+
+
+def emit_plan(plan: PlanRecord, depth: int) -> None:
+    """Send the ``plan`` event of ``plan``, made at ``depth``."""
+    emit(
+        "plan",
+        strategy=plan["strategy"],
+        subtasks=plan["subtasks"],
+        notes=plan["notes"],
+        merge=plan["merge"],
+        depth=depth,
+        decision=plan.get("decision"),
+    )
 
 
 def token_emitter(thread_id: str) -> Callable[[str], None] | None:

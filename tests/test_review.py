@@ -36,16 +36,20 @@ def goals_sent(server: ScriptedServer) -> list[str]:
     return sorted(r.last_user_message.splitlines()[-1] for r in server.chat_requests("worker"))
 
 
-async def test_a_run_waits_for_its_plan_to_be_approved_and_sends_nothing_before(
-    make_server: ServerFactory,
-) -> None:
+async def paused(make_server: ServerFactory) -> tuple[ScriptedServer, Any, Any, dict[str, Any]]:
+    """A server, a graph with a checkpointer, the run's config, and the run paused for review."""
     server = server_for(make_server)
     app = compile_apr_graph(settings=settings_for(server), checkpointer=InMemorySaver())
     config: Any = {"configurable": {"thread_id": "job"}}
+    return server, app, config, await app.ainvoke({"task": TASK}, config, context=REVIEW)
 
-    paused = await app.ainvoke({"task": TASK}, config, context=REVIEW)
 
-    (asked,) = paused["__interrupt__"]
+async def test_a_run_waits_for_its_plan_to_be_approved_and_sends_nothing_before(
+    make_server: ServerFactory,
+) -> None:
+    server, app, config, paused_run = await paused(make_server)
+
+    (asked,) = paused_run["__interrupt__"]
     assert [s["goal"] for s in asked.value["plan"]["subtasks"]] == ["bees", "glass", "paper"]
     assert asked.value["task"] == TASK
     await asyncio.sleep(0.2)  # the plan streamed, yet no thread started early
@@ -65,10 +69,7 @@ async def test_a_run_waits_for_its_plan_to_be_approved_and_sends_nothing_before(
 async def test_an_edited_plan_runs_instead_and_a_wrong_reply_asks_again(
     make_server: ServerFactory,
 ) -> None:
-    server = server_for(make_server)
-    app = compile_apr_graph(settings=settings_for(server), checkpointer=InMemorySaver())
-    config: Any = {"configurable": {"thread_id": "job"}}
-    await app.ainvoke({"task": TASK}, config, context=REVIEW)
+    server, app, config, _ = await paused(make_server)
 
     again = await app.ainvoke(Command(resume="no"), config)
     (asked,) = again["__interrupt__"]

@@ -15,7 +15,7 @@ from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.decide import after_plan, before_plan
 from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
-from apr_graph.events import emit
+from apr_graph.events import emit, emit_plan
 from apr_graph.inputs import document_plan, planner_view, prefix_stats, read_input
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
@@ -112,15 +112,7 @@ def make_decompose(
                 settings.thread_documents,
                 tools=bool(tools),
             )
-        emit(
-            "plan",
-            strategy=normalised["strategy"],
-            subtasks=normalised["subtasks"],
-            notes=normalised["notes"],
-            merge=normalised["merge"],
-            depth=depth,
-            decision=normalised.get("decision"),
-        )
+        emit_plan(normalised, depth)
         update: dict[str, Any] = {
             "started_at": started,
             "plan": normalised,

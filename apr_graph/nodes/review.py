@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from apr_graph.board import Boards
 from apr_graph.context import AprContext
 from apr_graph.errors import ConfigurationError, InputError
-from apr_graph.events import emit
+from apr_graph.events import emit_plan
 from apr_graph.plan import normalise_plan, plan_of
 from apr_graph.plan_schema import Plan
 from apr_graph.settings import AprSettings
@@ -66,15 +66,7 @@ def make_review(settings: AprSettings, boards: Boards) -> Any:
                 break
             except InputError as exc:
                 ask = {**ask, "error": str(exc)}
-        emit(
-            "plan",
-            strategy=edited["strategy"],
-            subtasks=edited["subtasks"],
-            notes=edited["notes"],
-            merge=edited["merge"],
-            depth=0,
-            decision=edited.get("decision"),
-        )
+        emit_plan(edited, 0)
         return {"plan": edited}
 
     return review
