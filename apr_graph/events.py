@@ -8,7 +8,8 @@ Every event is a JSON-shaped dict with an ``event`` key:
   "decision"}``: the plan is ready. ``merge``: how results are combined (``None`` for a
   direct answer); ``depth``: 0 for the run's own plan, one more per nested fork;
   ``decision``: why the run answers directly or forks (``None`` for a native run). A plan
-  edited at review (``AprSettings.review_plan``) is sent again, as it will run.
+  edited at review (``AprSettings.review_plan``), or one replaced because the server refused
+  the whole context (``plan["pieces"]``), is sent again, as it will run.
 - ``{"event": "thread_started", "id", "goal", "at", "depth"}``: a thread sent its request
   (``depth``: 1 for a thread of the top-level plan). ``"early": true``: sent while the plan
   was written, maybe before the ``plan`` event (``AprSettings.stream_plan``);

@@ -18,15 +18,17 @@ from apr_graph.errors import InputError
 from apr_graph.plan import is_phrase, labelled_parts
 from apr_graph.prompts import quote, shared_system, worker_messages
 from apr_graph.settings import AprSettings
-from apr_graph.state import AprState, PlanRecord, PrefixStats, SubtaskRecord
+from apr_graph.state import AprState, DecisionRecord, PlanRecord, PrefixStats, SubtaskRecord
 
 __all__ = [
     "document_plan",
     "documents_named",
+    "pieces_plan",
     "planner_view",
     "prefix_stats",
     "read_input",
     "render_context",
+    "split_context",
     "thread_context",
 ]
 
@@ -172,6 +174,114 @@ def document_plan(
         )
         for index, (label, text) in enumerate(parts.items(), start=1)
     ]
+
+
+_CHARS_PER_TOKEN = 3  # code and dense text: pieces sized by it fit where 4 would not
+_FEWEST_TOKENS = 5  # characters a token at most: a context longer than this allows is too long
+_REPLY_SHARE = 4  # one request's context kept for its reply: a quarter
+_OVERHEAD_TOKENS = 350  # a thread's instructions, goal and document tags
+
+
+def split_context(
+    task: str,
+    context: str | Mapping[str, str] | None,
+    settings: AprSettings,
+    *,
+    slot_context: int | None,
+    slots: int,
+    refused: bool = False,
+) -> tuple[dict[str, str], list[SubtaskRecord]] | None:
+    """The context cut into pieces that each fit one request, and one subtask per group of
+    pieces, when the task and its whole context cannot fit one request of a server whose
+    per-request context is ``slot_context`` tokens (even at ``_FEWEST_TOKENS``, with an
+    eighth of it for the reply), or the server ``refused`` them; else ``None``. Pieces keep
+    a quarter for the reply. Documents are cut at line ends into parts named
+    "NAME (part K of N)" (a string context is the document "text"); small neighbours share
+    a thread.
+
+    Raises:
+        InputError: more threads would be needed than ``max_threads`` or the free ``slots``
+            allow, or the task alone leaves no room.
+    """
+    if not slot_context or not context or settings.thread_documents != "named":
+        return None
+    rendered = len(render_context(context))
+    least = (rendered + len(task)) // _FEWEST_TOKENS + _OVERHEAD_TOKENS + slot_context // 8
+    if not refused and least <= slot_context:
+        return None
+    room = slot_context - slot_context // _REPLY_SHARE - _OVERHEAD_TOKENS
+    room -= len(task) // _CHARS_PER_TOKEN
+    whole = rendered // _CHARS_PER_TOKEN
+    fix = (
+        "give the server a larger context (llama.cpp: -c N with fewer -np slots), shorten "
+        "the context"
+    )
+    if room < 100:
+        raise InputError(f"the task leaves no room for its context in one request: {fix}")
+    chars = room * _CHARS_PER_TOKEN
+    documents = {"text": context} if isinstance(context, str) else dict(context)
+    pieces: dict[str, str] = {}
+    for name, text in documents.items():
+        cut = _cut(text, chars)
+        for index, part in enumerate(cut, start=1):
+            pieces[f"{name} (part {index} of {len(cut)})" if len(cut) > 1 else name] = part
+    groups: list[list[str]] = []
+    size = chars  # a first piece opens a group
+    for name, text in pieces.items():
+        size += len(text) + len(name) + 30
+        if size > chars:
+            groups.append([])
+            size = len(text) + len(name) + 30
+        groups[-1].append(name)
+    most = min(settings.max_threads, slots)
+    if len(groups) > most:
+        raise InputError(
+            f"the context is ~{whole:,} tokens and one request on this server holds "
+            f"{slot_context:,}: read in pieces, it needs {len(groups)} threads, and "
+            f"max_threads / max_total_threads allow {most}: raise them, or {fix}"
+        )
+    goals = [
+        f"Do the task for {', '.join(names)} alone (other threads read the rest)"
+        for names in groups
+    ]
+    subtasks = [
+        SubtaskRecord(id=f"s{i}", goal=goal, depends_on=[], fork=False, max_tokens=None)
+        for i, goal in enumerate(goals, start=1)
+    ]
+    return pieces, subtasks
+
+
+def pieces_plan(
+    subtasks: list[SubtaskRecord], merge: str, context: str, slot_context: int | None
+) -> PlanRecord:
+    """The plan of ``split_context``'s subtasks for a ``context`` too long for one request:
+    a thread per piece, merged by ``merge`` from their results alone."""
+    reason = (
+        f"the context (~{len(context) // 4:,} tokens) does not fit one request on this "
+        f"server ({slot_context or 0:,} per request): read in {len(subtasks)} pieces"
+    )
+    plan = PlanRecord(
+        strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=[reason]
+    )
+    plan["pieces"] = len(subtasks)
+    plan["decision"] = DecisionRecord(
+        choice="parallel", by="length", reason=reason, shape=None, threshold=None
+    )
+    return plan
+
+
+def _cut(text: str, chars: int) -> list[str]:
+    """``text`` in parts of at most ``chars`` characters, cut at line ends where it can."""
+    parts: list[str] = []
+    for line in text.splitlines(keepends=True):
+        while len(line) > chars:  # a line longer than a part: cut inside it
+            parts.append(line[:chars])
+            line = line[chars:]
+        if parts and len(parts[-1]) + len(line) <= chars:
+            parts[-1] += line
+        else:
+            parts.append(line)
+    return parts or [text]
 
 
 def planner_view(context: str | Mapping[str, str], chars: int | None) -> tuple[str, bool]:

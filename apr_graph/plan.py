@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from apr_graph.budget import Budget
 from apr_graph.plan_schema import Plan, Subtask
 from apr_graph.settings import AprSettings
 from apr_graph.state import PlanRecord, SubtaskRecord
@@ -21,6 +22,7 @@ __all__ = [
     "part_markers",
     "plan_of",
     "repair_dependencies",
+    "within_slots",
 ]
 
 
@@ -297,3 +299,28 @@ def plan_of(state: Mapping[str, Any]) -> PlanRecord:
     """The plan a run's state holds (an empty direct plan before there is one)."""
     plan: PlanRecord | None = state.get("plan")
     return plan if plan is not None else direct_plan("", [])
+
+
+def within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord:
+    """``plan`` with a thread slot for each subtask (those in ``held`` have theirs); those
+    left without one are cut (a sibling fork may have taken slots since the repair)."""
+    if plan["strategy"] != "parallel":
+        return plan
+    wanted = [s for s in plan["subtasks"] if s["id"] not in held]
+    granted = budget.reserve_threads(len(wanted))
+    if granted == len(wanted):
+        return plan
+    cut = [s["id"] for s in wanted[granted:]]
+    subtasks = [s for s in plan["subtasks"] if s["id"] not in cut]
+    notes = [
+        *plan["notes"],
+        f"clamped {len(plan['subtasks'])} subtasks to {len(subtasks)} (max_total_threads): "
+        f"no thread slot left for {cut}",
+    ]
+    if not subtasks:
+        notes.append("parallel plan had no subtasks: answering directly")
+        return direct_plan("", notes)
+    repair_dependencies(subtasks, notes)
+    clamped = plan.copy()
+    clamped["subtasks"], clamped["notes"] = subtasks, notes
+    return clamped

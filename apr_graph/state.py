@@ -147,7 +147,7 @@ class NativeBlock(TypedDict):
     forked: int
 
 
-Decider = Literal["router", "speed", "chain", "model", "plan", "quality", "review"]
+Decider = Literal["router", "speed", "chain", "model", "plan", "quality", "review", "length"]
 """What decided a run's strategy (see ``DecisionRecord.by``)."""
 
 
@@ -160,7 +160,8 @@ class DecisionRecord(TypedDict):
     predicted not to pay on this endpoint), ``chain`` (the plan's goals form one chain),
     ``model`` (the planner answered directly), ``plan`` (the plan was run as planned),
     ``quality`` (``prefer="quality"``: forked whatever the server), ``review`` (the plan was
-    edited at review, ``AprSettings.review_plan``)."""
+    edited at review, ``AprSettings.review_plan``), ``length`` (the context does not fit one
+    request: a thread per piece)."""
     reason: str
     shape: float | None
     """The router's probability that the answer splits into independent parts."""
@@ -194,6 +195,9 @@ class PlanRecord(TypedDict):
     critical_path_tokens: NotRequired[int]
     decision: NotRequired[DecisionRecord]
     """Why the run answered directly or forked (``apr_graph.decide``)."""
+    pieces: NotRequired[int]
+    """The context was too long for one request, and was read in this many pieces, a thread
+    each (``inputs.split_context``); the merge reads their results only."""
     review: NotRequired[Literal["pending", "approved", "edited"]]
     """Where a plan held for review (``AprSettings.review_plan``) is: waiting for its
     ``Command(resume=...)``, approved as it was, or edited."""
@@ -244,5 +248,8 @@ class WorkerInput(TypedDict):
     depth: int
     documents: NotRequired[list[str]]
     """The context documents this thread was given, when its goal names some (not all)."""
+    piece: NotRequired[bool]
+    """The thread reads a piece of a context too long for one request (``PlanRecord.pieces``):
+    its part can always be done, so it is not offered DEAD END."""
     dependencies: NotRequired[list[ThreadRecord]]
     """Results of the subtask's dependencies, when the join sends a deferred thread again."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -14,14 +15,33 @@ from langgraph.types import Overwrite
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.decide import after_plan, before_plan
-from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
+from apr_graph.errors import (
+    BudgetExhaustedError,
+    ContextOverflowError,
+    ModelCallError,
+    StructuredOutputError,
+)
 from apr_graph.events import emit, emit_plan
-from apr_graph.inputs import document_plan, planner_view, prefix_stats, read_input
+from apr_graph.inputs import (
+    document_plan,
+    pieces_plan,
+    planner_view,
+    prefix_stats,
+    read_input,
+    render_context,
+    split_context,
+)
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.direct import direct_answer
 from apr_graph.nodes.early import EarlyStarter
-from apr_graph.plan import direct_plan, labelled_parts, normalise_plan, repair_dependencies
+from apr_graph.plan import (
+    direct_plan,
+    labelled_parts,
+    normalise_plan,
+    repair_dependencies,
+    within_slots,
+)
 from apr_graph.plan_schema import Plan, plan_json_schema
 from apr_graph.prompts import planner_messages, shared_system
 from apr_graph.router import Shape
@@ -62,7 +82,7 @@ def make_decompose(
             raise
 
     async def plan_run(run: _Run) -> dict[str, Any]:
-        client, settings, task, context = run.client, run.settings, run.task, run.context
+        client, settings, task = run.client, run.settings, run.task
         depth, board, given = run.depth, run.board, run.given
         started = time.time()
         capacity = await client.capacity_report()
@@ -76,60 +96,94 @@ def make_decompose(
         endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
         profile = speed.get(endpoint) if settings.prefer == "speed" else None
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
-        mapped = document_plan(task, given, settings, slots=free, tools=bool(tools))
+        slot = capacity.get("slot_context")
+
+        async def follow(
+            run: _Run, split: tuple[dict[str, str], list[SubtaskRecord]] | None
+        ) -> dict[str, Any]:
+            task, context, given = run.task, run.context, run.given
+            if split is not None:  # one call cannot read it all: a thread per piece
+                given = split[0]
+                run = dataclasses.replace(run, given=given, context=render_context(given))
+                context, merge = run.context, settings.merge or "synthesize"
+                board.system = shared_system(task, "", merge=merge)  # the merge reads results
+                normalised = within_slots(
+                    pieces_plan(split[1], merge, context, slot), set(), board.budget
+                )
+            else:
+                normalised = await choose(run, free, limit, profile)
+            if normalised["strategy"] == "parallel":
+                if settings.review_plan and depth == 0:  # the checkpoint says so on resume
+                    normalised["review"] = "pending"
+                board.merge = normalised["merge"] or "synthesize"
+                board.width = len(normalised["subtasks"])
+                normalised["prefix"] = prefix_stats(
+                    task,
+                    context,
+                    normalised,
+                    board.system or shared_system(task, context),  # set with the plan
+                    given,
+                    settings.thread_documents,
+                    tools=bool(tools),
+                )
+            emit_plan(normalised, depth)
+            update: dict[str, Any] = {
+                "started_at": started,
+                "plan": normalised,
+                # A run starts its records afresh: a LangGraph thread (a conversation) may
+                # hold an earlier run's threads, calls and deferrals, which are not this run's.
+                "calls": Overwrite(run.calls),
+                "threads": Overwrite([]),
+                "waiting": Overwrite([]),
+                "capacity": capacity,
+                **({"context": given} if split else {}),  # the pieces the threads read
+                "run_id": board.run_id,
+                "depth": depth,
+            }
+            if normalised["strategy"] == "direct":
+                update["answer"] = await direct_answer(
+                    client, settings, board, normalised, task, context, run.calls, tools=tools
+                )
+            return update
+
+        def pieces(refused: bool) -> tuple[dict[str, str], list[SubtaskRecord]] | None:
+            if depth:
+                return None
+            return split_context(
+                task, given, settings, slot_context=slot, slots=free, refused=refused
+            )
+
+        split = pieces(refused=False)
+        try:
+            return await follow(run, split)
+        except ContextOverflowError:  # the server refused what the estimate let through
+            if split is not None or (split := pieces(refused=True)) is None:
+                raise
+            return await follow(run, split)
+
+    async def choose(run: _Run, free: int, limit: int, profile: SpeedProfile | None) -> PlanRecord:
+        """Direct or parallel: by a document map, the router and speed, or the planner."""
+        settings, given = run.settings, run.given
+        mapped = document_plan(run.task, given, settings, slots=free, tools=bool(tools))
         decision, shape = before_plan(
-            task,
-            context,
+            run.task,
+            run.context,
             settings,
             profile,
             width=limit,
-            depth=depth,
+            depth=run.depth,
             given=given,
             planning=mapped is None,
             tools=bool(tools),
         )
-        if decision is None:
-            width = limit if settings.probe_capacity else None
-            normalised = (
-                mapped_plan(run, mapped, limit, profile, shape)
-                if mapped is not None
-                else await run_planner(run, width, limit, profile, shape)
-            )
-        else:
+        if decision is not None:
             normalised = direct_plan("", [])
             normalised["decision"] = decision
-        if normalised["strategy"] == "parallel":
-            if settings.review_plan and depth == 0:  # the checkpoint says so on resume
-                normalised["review"] = "pending"
-            board.merge = normalised["merge"] or "synthesize"
-            board.width = len(normalised["subtasks"])
-            normalised["prefix"] = prefix_stats(
-                task,
-                context,
-                normalised,
-                board.system or shared_system(task, context),  # set with the plan
-                given,
-                settings.thread_documents,
-                tools=bool(tools),
-            )
-        emit_plan(normalised, depth)
-        update: dict[str, Any] = {
-            "started_at": started,
-            "plan": normalised,
-            # A run starts its records afresh: a LangGraph thread (a conversation) may hold
-            # an earlier run's threads, calls and deferrals, which are not this run's.
-            "calls": Overwrite(run.calls),
-            "threads": Overwrite([]),
-            "waiting": Overwrite([]),
-            "capacity": capacity,
-            "run_id": board.run_id,
-            "depth": depth,
-        }
-        if normalised["strategy"] == "direct":
-            update["answer"] = await direct_answer(
-                client, settings, board, normalised, task, context, run.calls, tools=tools
-            )
-        return update
+            return normalised
+        width = limit if settings.probe_capacity else None
+        if mapped is not None:
+            return mapped_plan(run, mapped, limit, profile, shape)
+        return await run_planner(run, width, limit, profile, shape)
 
     def mapped_plan(
         run: _Run,
@@ -152,7 +206,7 @@ def make_decompose(
             plan = direct_plan("", [*notes, f"answering directly: {decision['reason']}"])
         else:
             run.board.system = shared_system(run.task, run.context, merge=merge)
-            plan = _within_slots(plan, set(), run.board.budget)
+            plan = within_slots(plan, set(), run.board.budget)
         plan["decision"] = decision
         return plan
 
@@ -266,7 +320,7 @@ def make_decompose(
             board.system = system_for(normalised["merge"])
         held = starter.settle(normalised, board.system, calls)
         planned = {s["id"] for s in normalised["subtasks"]}
-        normalised = _within_slots(normalised, held, budget)
+        normalised = within_slots(normalised, held, budget)
         # Early threads the final plan has no place for are closed here (the others are
         # closed by their worker node); a thread started is always finished or cancelled.
         kept = {s["id"] for s in normalised["subtasks"]}
@@ -299,31 +353,6 @@ class _Run:
     depth: int
     board: RunBoard
     calls: list[CallRecord]
-
-
-def _within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord:
-    """``plan`` with a thread slot for each subtask (those in ``held`` have theirs); those
-    left without one are cut (a sibling fork may have taken slots since the repair)."""
-    if plan["strategy"] != "parallel":
-        return plan
-    wanted = [s for s in plan["subtasks"] if s["id"] not in held]
-    granted = budget.reserve_threads(len(wanted))
-    if granted == len(wanted):
-        return plan
-    cut = [s["id"] for s in wanted[granted:]]
-    subtasks = [s for s in plan["subtasks"] if s["id"] not in cut]
-    notes = [
-        *plan["notes"],
-        f"clamped {len(plan['subtasks'])} subtasks to {len(subtasks)} (max_total_threads): "
-        f"no thread slot left for {cut}",
-    ]
-    if not subtasks:
-        notes.append("parallel plan had no subtasks: answering directly")
-        return direct_plan("", notes)
-    repair_dependencies(subtasks, notes)
-    clamped = plan.copy()
-    clamped["subtasks"], clamped["notes"] = subtasks, notes
-    return clamped
 
 
 def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings, plan: PlanRecord) -> str:

@@ -71,6 +71,8 @@ def _sends(
             run_id=run_id,
             depth=state.get("depth", 0),
         )
+        if plan.get("pieces"):
+            payload["piece"] = True
         if results is not None:
             payload["dependencies"] = [results[d] for d in subtask["depends_on"] if d in results]
         sends.append(Send(worker, payload))

@@ -186,7 +186,10 @@ async def _merge(
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
     completion = await board.guard(
         client.chat(
-            synthesizer_messages(task, context, results, system=board.system),
+            # A context cut into pieces does not fit one request: the merge reads the results.
+            synthesizer_messages(task, "", results)
+            if plan.get("pieces")
+            else synthesizer_messages(task, context, results, system=board.system),
             role="synthesizer",
             budget=board.budget,
             progress=StreamProgress(on_text=answer_emitter()),

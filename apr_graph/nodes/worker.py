@@ -148,8 +148,11 @@ async def _solve(
     partial: str | None = None  # a reply cut off by its limit, which the next request continues
     system = board.system or ""
     if thread.documents is not None:  # its own documents: a prefix of its own
-        system = shared_system(
-            payload["task"], thread.context, tools=bool(tools), merge=payload["merge"]
+        system = shared_system(  # a piece of a long context is no dead end (as in concat)
+            payload["task"],
+            thread.context,
+            tools=bool(tools),
+            merge="concat" if payload.get("piece") else payload["merge"],
         )
     plain = tools and not (dependencies or must_verify)
     if plain and (call := goal_call(subtask["goal"], tools)) is not None:

@@ -1,0 +1,104 @@
+"""A context too long for one request on the server at hand is read in pieces, a thread each,
+and merged from their results (``inputs.split_context``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apr_graph import compile_apr_graph
+from apr_graph.errors import InputError
+from apr_graph.testing import LlamaCpp, RecordedRequest, Reply, Rule
+from tests.conftest import ServerFactory, settings_for
+
+FACTS = "\n".join(
+    f"Fact {i}: the lighthouse number {i} is painted in colour {i}." for i in range(300)
+)
+TASK = "List every colour the log mentions."
+SLOT = 2048  # tokens of one request (llama-server -c 8192 -np 4); the log is ~3,300 words
+
+
+def seen(request: RecordedRequest) -> int:
+    return request.all_text.count("Fact ")
+
+
+def results(request: RecordedRequest) -> list[str]:
+    return [line for line in request.last_user_message.splitlines() if line.endswith("colours")]
+
+
+def rules() -> list[Rule]:
+    return [
+        Rule(role="worker", reply=lambda r: Reply(content=f"{seen(r)} colours")),
+        Rule(role="synthesizer", reply=lambda r: Reply(content=" + ".join(results(r)))),
+    ]
+
+
+@pytest.mark.parametrize("as_documents", [True, False])
+async def test_a_log_longer_than_one_request_is_read_in_pieces(
+    make_server: ServerFactory, as_documents: bool
+) -> None:
+    server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
+    app = compile_apr_graph(settings=settings_for(server))
+    context = {"harbour.log": FACTS} if as_documents else FACTS
+
+    result = await app.ainvoke({"task": TASK, "context": context})
+
+    plan = result["plan"]
+    assert plan["decision"]["by"] == "length", plan["decision"]
+    assert "does not fit one request" in plan["decision"]["reason"]
+    workers = server.chat_requests("worker")
+    assert plan["pieces"] == len(workers) == len(result["threads"]) >= 2
+    # Each thread read its own piece, and together every line, once; the server (which
+    # refuses a prompt of SLOT tokens or more) took every request.
+    assert sum(seen(r) for r in workers) == 300
+    assert all(0 < seen(r) < 300 for r in workers)
+    assert server.chat_requests("planner") == []  # no call could have read it all
+    (merge,) = server.chat_requests("synthesizer")
+    assert seen(merge) == 0  # the results, not the log
+    answer = result["answer"]  # the merge's: every thread's result, none added back
+    assert all(f"{seen(r)} colours" in answer for r in workers)
+    assert answer.count("colours") == len(workers)
+    name = "harbour.log" if as_documents else "text"
+    assert f"{name} (part 1 of" in result["threads"][0]["goal"]
+
+
+async def test_a_context_too_long_even_in_pieces_says_what_to_change(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
+    app = compile_apr_graph(settings=settings_for(server, max_threads=2))
+
+    with pytest.raises(InputError, match=r"needs \d+ threads.*allow 2: raise them"):
+        await app.ainvoke({"task": TASK, "context": FACTS})
+    assert server.chat_requests() == []
+
+
+async def test_a_context_that_fits_is_not_cut(make_server: ServerFactory) -> None:
+    server = make_server(
+        [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "red"}))],
+        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+
+    result = await app.ainvoke({"task": TASK, "context": FACTS[:2000]})
+
+    assert result["answer"] == "red"
+    assert "pieces" not in result["plan"]
+
+
+async def test_a_context_the_server_refuses_is_then_read_in_pieces(
+    make_server: ServerFactory,
+) -> None:
+    # Long words: at 5 characters a token the log would fit, but the server counts a token a
+    # word here and refuses the one call; the run reads it in pieces instead of failing.
+    log = "\n".join(f"Fact {i}: a b c d e f g h i j k l m n o p q r s t." for i in range(120))
+    server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
+    app = compile_apr_graph(settings=settings_for(server))
+
+    result = await app.ainvoke({"task": TASK, "context": log})
+
+    assert result["plan"]["decision"]["by"] == "length"
+    refused = server.chat_requests("planner")
+    assert len(refused) == 1  # one request, refused at once (llama.cpp's 400), not retried
+    workers = server.chat_requests("worker")
+    assert sum(seen(r) for r in workers) == 120
+    assert all(0 < seen(r) < 120 for r in workers)
