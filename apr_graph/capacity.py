@@ -1,7 +1,8 @@
 """How many requests a server really runs at once, asked once, so the fan-out fits it.
 
 - llama.cpp: ``GET /props`` (``total_slots``, per-slot ``n_ctx``), else ``GET /slots``.
-- vLLM: ``GET /metrics`` gives the KV cache size only (``max_num_seqs`` is not exposed).
+- vLLM: ``GET /metrics`` gives the KV cache size only (``max_num_seqs`` is not exposed), and
+  ``GET /v1/models`` the context one request may fill (``max_model_len``).
 - Ollama, LiteLLM, ``transformers serve``, OpenAI: nothing to ask.
 
 An unknown width leaves the settings' ``max_concurrency`` in charge. The probe runs once per
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Coroutine
@@ -32,7 +34,8 @@ class CapacityReport:
     Attributes:
         width: requests it runs at once, or ``None`` if it does not say.
         source: where ``width`` came from (or that nothing said).
-        slot_context: tokens of context one request gets (llama.cpp ``n_ctx`` per slot).
+        slot_context: tokens of context one request gets (llama.cpp ``n_ctx`` per slot, vLLM
+            ``max_model_len``).
         kv_cache_tokens: tokens the KV cache holds (vLLM).
     """
 
@@ -82,6 +85,17 @@ def _from_metrics(text: str) -> CapacityReport | None:
     )
 
 
+def _from_models(data: Any) -> int | None:
+    """The smallest ``max_model_len`` a ``/v1/models`` list gives (vLLM, SGLang)."""
+    models = data.get("data") if isinstance(data, dict) else None
+    lengths = [
+        length
+        for model in models or ()
+        if isinstance(model, dict) and (length := _positive(model.get("max_model_len")))
+    ]
+    return min(lengths) if lengths else None
+
+
 async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> CapacityReport:
     """What the server says about its capacity (an empty report if it says nothing).
 
@@ -91,10 +105,14 @@ async def probe_parallel_capacity(base_url: str, api_key: str | None = None) -> 
     """
     root = server_root(base_url)
     urls = [root + path for path in ("/props", "/slots", "/metrics")]
+    urls.append(base_url.rstrip("/") + "/models")
     # A failure (an exception in its place) says nothing: no ``_from_*`` reads one.
-    props, slots, metrics = await get_once(urls, api_key, timeout_s=_TIMEOUT_S)
+    props, slots, metrics, models = await get_once(urls, api_key, timeout_s=_TIMEOUT_S)
     found = _from_metrics(metrics) if isinstance(metrics, str) else None
-    return _from_props(props) or _from_slots(slots) or found or CapacityReport()
+    report = _from_props(props) or _from_slots(slots) or found or CapacityReport()
+    if report.slot_context is None and (length := _from_models(models)) is not None:
+        report = dataclasses.replace(report, slot_context=length)
+    return report
 
 
 class ProbeOnce:

@@ -18,7 +18,7 @@ from apr_graph.testing import RecordedRequest, Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 from tests.test_graph import echo_server, echo_worker, merge_synth, parallel_plan
 
-PROBES = {"/props", "/slots", "/metrics"}
+PROBES = {"/props", "/slots", "/metrics", "/v1/models"}
 """What a capacity probe asks (``apr_graph.capacity``)."""
 
 RUN_TAG = re.compile(r"\brun-(\d+)\b")

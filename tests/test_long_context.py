@@ -7,7 +7,7 @@ import pytest
 
 from apr_graph import compile_apr_graph
 from apr_graph.errors import InputError
-from apr_graph.testing import LlamaCpp, RecordedRequest, Reply, Rule
+from apr_graph.testing import VLLM, LlamaCpp, RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
 FACTS = "\n".join(
@@ -32,11 +32,15 @@ def rules() -> list[Rule]:
     ]
 
 
-@pytest.mark.parametrize("as_documents", [True, False])
+@pytest.mark.parametrize(
+    ("as_documents", "server_kind"), [(True, "llama.cpp"), (False, "llama.cpp"), (True, "vllm")]
+)
 async def test_a_log_longer_than_one_request_is_read_in_pieces(
-    make_server: ServerFactory, as_documents: bool
+    make_server: ServerFactory, as_documents: bool, server_kind: str
 ) -> None:
-    server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
+    # llama.cpp says its per-slot context in /props, vLLM its max_model_len in /v1/models.
+    persona = LlamaCpp(n_ctx=SLOT, total_slots=4) if server_kind == "llama.cpp" else None
+    server = make_server(rules(), personality=persona or VLLM(max_model_len=SLOT))
     app = compile_apr_graph(settings=settings_for(server))
     context = {"harbour.log": FACTS} if as_documents else FACTS
 

@@ -118,7 +118,7 @@ def test_two_asyncio_runs_of_one_graph_both_finish_and_leave_no_connection_open(
         # its loop has shut down, and with it the connections it pooled
         assert _established_to(port) == 0
     probes = [r.path for r in server.requests if r.method == "GET"]
-    assert sorted(probes) == ["/metrics", "/props", "/slots"]  # probed once, not per loop
+    assert sorted(probes) == ["/metrics", "/props", "/slots", "/v1/models"]  # once, not per loop
 
 
 def test_the_concurrency_limit_holds_across_loops_in_several_threads(
