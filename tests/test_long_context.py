@@ -3,7 +3,11 @@ and merged from their results (``inputs.split_context``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
 
 from apr_graph import compile_apr_graph
 from apr_graph.errors import InputError
@@ -106,3 +110,24 @@ async def test_a_context_the_server_refuses_is_then_read_in_pieces(
     workers = server.chat_requests("worker")
     assert sum(seen(r) for r in workers) == 120
     assert all(0 < seen(r) < 120 for r in workers)
+
+
+async def test_pieces_held_for_review_and_edited_are_still_merged_from_their_results(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
+    app = compile_apr_graph(settings=settings_for(server), checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "log"}}
+    paused = await app.ainvoke(
+        {"task": TASK, "context": FACTS}, config, context={"review_plan": True}
+    )
+    goals = [s["goal"] for s in paused["__interrupt__"][0].value["plan"]["subtasks"]]
+
+    result = await app.ainvoke(Command(resume=goals[:2]), config)  # the first two parts only
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == 2
+    assert result["plan"]["pieces"] == 2
+    (merge,) = server.chat_requests("synthesizer")  # it fit: the results, not the log
+    assert seen(merge) == 0
+    assert result["answer"].count("colours") == 2

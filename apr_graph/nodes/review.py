@@ -88,6 +88,8 @@ def _edited(reply: Any, plan: PlanRecord, settings: AprSettings, task: str) -> P
         raise InputError(f"the reviewed plan is not a plan: {exc}") from exc
     edited = normalise_plan(model, settings, slots=settings.max_total_threads, task=task)
     edited["review"] = "edited"
+    if plan.get("pieces"):  # still pieces of a context too long for one request
+        edited["pieces"] = len(edited["subtasks"])
     if edited["strategy"] != "parallel" or not edited["subtasks"]:
         raise InputError(
             "the reviewed plan has no subtasks: give at least one goal, or resume with True"
