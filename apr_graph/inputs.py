@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from apr_graph.errors import InputError
 from apr_graph.plan import is_phrase, labelled_parts
@@ -21,6 +22,7 @@ from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, DecisionRecord, PlanRecord, PrefixStats, SubtaskRecord
 
 __all__ = [
+    "Pieces",
     "document_plan",
     "documents_named",
     "pieces_plan",
@@ -176,6 +178,17 @@ def document_plan(
     ]
 
 
+class Pieces(NamedTuple):
+    """A context cut for threads (``split_context``)."""
+
+    documents: dict[str, str]
+    """The pieces by name, in order: the context the threads read."""
+    subtasks: list[SubtaskRecord]
+    """One per group of pieces, naming them."""
+    tokens: int
+    """The whole context's size in tokens, as estimated (or as the server counted it)."""
+
+
 _CHARS_PER_TOKEN = 3  # code and dense text: pieces sized by it fit where 4 would not
 _FEWEST_TOKENS = 5  # characters a token at most: a context longer than this allows is too long
 _REPLY_SHARE = 4  # one request's context kept for its reply: a quarter
@@ -189,15 +202,16 @@ def split_context(
     *,
     slot_context: int | None,
     slots: int,
-    refused: bool = False,
-) -> tuple[dict[str, str], list[SubtaskRecord]] | None:
+    refused: int | None = None,
+) -> Pieces | None:
     """The context cut into pieces that each fit one request, and one subtask per group of
     pieces, when the task and its whole context cannot fit one request of a server whose
     per-request context is ``slot_context`` tokens (even at ``_FEWEST_TOKENS``, with an
-    eighth of it for the reply), or the server ``refused`` them; else ``None``. Pieces keep
-    a quarter for the reply. Documents are cut at line ends into parts named
-    "NAME (part K of N)" (a string context is the document "text"); small neighbours share
-    a thread.
+    eighth of it for the reply), or the server refused them (``refused``: the tokens it
+    counted, or 0 if it did not say); else ``None``. Pieces keep a quarter for the reply,
+    at 3 characters a token, or fewer where the server's count says the text is denser.
+    Documents are cut at line ends into parts named "NAME (part K of N)" (a string context is
+    the document "text"); small neighbours share a thread.
 
     Raises:
         InputError: more threads would be needed than ``max_threads`` or the free ``slots``
@@ -207,18 +221,19 @@ def split_context(
         return None
     rendered = len(render_context(context))
     least = (rendered + len(task)) // _FEWEST_TOKENS + _OVERHEAD_TOKENS + slot_context // 8
-    if not refused and least <= slot_context:
+    if refused is None and least <= slot_context:
         return None
+    per_token = min(_CHARS_PER_TOKEN, rendered / refused) if refused else _CHARS_PER_TOKEN
     room = slot_context - slot_context // _REPLY_SHARE - _OVERHEAD_TOKENS
-    room -= len(task) // _CHARS_PER_TOKEN
-    whole = rendered // _CHARS_PER_TOKEN
+    room -= int(len(task) / per_token)
+    whole = int(rendered / per_token)
     fix = (
         "give the server a larger context (llama.cpp: -c N with fewer -np slots), shorten "
         "the context"
     )
     if room < 100:
         raise InputError(f"the task leaves no room for its context in one request: {fix}")
-    chars = room * _CHARS_PER_TOKEN
+    chars = int(room * per_token)
     documents = {"text": context} if isinstance(context, str) else dict(context)
     pieces: dict[str, str] = {}
     for name, text in documents.items():
@@ -248,22 +263,20 @@ def split_context(
         SubtaskRecord(id=f"s{i}", goal=goal, depends_on=[], fork=False, max_tokens=None)
         for i, goal in enumerate(goals, start=1)
     ]
-    return pieces, subtasks
+    return Pieces(pieces, subtasks, whole)
 
 
-def pieces_plan(
-    subtasks: list[SubtaskRecord], merge: str, context: str, slot_context: int | None
-) -> PlanRecord:
-    """The plan of ``split_context``'s subtasks for a ``context`` too long for one request:
-    a thread per piece, merged by ``merge`` from their results alone."""
+def pieces_plan(pieces: Pieces, merge: str, slot_context: int | None) -> PlanRecord:
+    """The plan of ``split_context``'s pieces of a context too long for one request: a
+    thread per group of pieces, merged by ``merge`` from their results alone."""
     reason = (
-        f"the context (~{len(context) // 4:,} tokens) does not fit one request on this "
-        f"server ({slot_context or 0:,} per request): read in {len(subtasks)} pieces"
+        f"the context (~{pieces.tokens:,} tokens) does not fit one request on this server "
+        f"({slot_context or 0:,} per request): read in {len(pieces.subtasks)} pieces"
     )
     plan = PlanRecord(
-        strategy="parallel", answer=None, subtasks=subtasks, merge=merge, notes=[reason]
+        strategy="parallel", answer=None, subtasks=pieces.subtasks, merge=merge, notes=[reason]
     )
-    plan["pieces"] = len(subtasks)
+    plan["pieces"] = len(pieces.subtasks)
     plan["decision"] = DecisionRecord(
         choice="parallel", by="length", reason=reason, shape=None, threshold=None
     )

@@ -11,6 +11,8 @@ from langgraph.types import Command
 
 from apr_graph import compile_apr_graph
 from apr_graph.errors import InputError
+from apr_graph.inputs import split_context
+from apr_graph.settings import AprSettings
 from apr_graph.testing import VLLM, LlamaCpp, RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
@@ -131,3 +133,18 @@ async def test_pieces_held_for_review_and_edited_are_still_merged_from_their_res
     (merge,) = server.chat_requests("synthesizer")  # it fit: the results, not the log
     assert seen(merge) == 0
     assert result["answer"].count("colours") == 2
+
+
+def test_pieces_are_sized_by_the_server_s_own_count_when_the_text_is_dense() -> None:
+    dense = "\n".join("0f 3a 9c 41 " * 10 for _ in range(400))  # 48,400 characters
+    settings = AprSettings(base_url="http://127.0.0.1:9/v1", max_threads=32)
+
+    def largest(refused: int) -> int:
+        found = split_context(TASK, dense, settings, slot_context=4096, slots=32, refused=refused)
+        assert found is not None
+        return max(len(text) for text in found[0].values())
+
+    # The server said how many tokens it counted: 2 characters a token, denser than the 3
+    # that pieces are sized by otherwise; a piece then holds two thirds as many characters.
+    assert largest(refused=24_200) <= largest(refused=0) * 2 / 3 + 121
+    assert largest(refused=24_200) / 2 < 4096 * 3 / 4  # its tokens fit, with room to reply

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from apr_graph.errors import (
 )
 from apr_graph.events import emit, emit_plan
 from apr_graph.inputs import (
+    Pieces,
     document_plan,
     pieces_plan,
     planner_view,
@@ -98,18 +100,14 @@ def make_decompose(
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
         slot = capacity.get("slot_context")
 
-        async def follow(
-            run: _Run, split: tuple[dict[str, str], list[SubtaskRecord]] | None
-        ) -> dict[str, Any]:
+        async def follow(run: _Run, split: Pieces | None) -> dict[str, Any]:
             task, context, given = run.task, run.context, run.given
             if split is not None:  # one call cannot read it all: a thread per piece
-                given = split[0]
+                given = split.documents
                 run = dataclasses.replace(run, given=given, context=render_context(given))
                 context, merge = run.context, settings.merge or "synthesize"
                 board.system = shared_system(task, "", merge=merge)  # the merge reads results
-                normalised = within_slots(
-                    pieces_plan(split[1], merge, context, slot), set(), board.budget
-                )
+                normalised = within_slots(pieces_plan(split, merge, slot), set(), board.budget)
             else:
                 normalised = await choose(run, free, limit, profile)
             if normalised["strategy"] == "parallel":
@@ -146,18 +144,19 @@ def make_decompose(
                 )
             return update
 
-        def pieces(refused: bool) -> tuple[dict[str, str], list[SubtaskRecord]] | None:
+        def pieces(refused: int | None) -> Pieces | None:
             if depth:
                 return None
             return split_context(
                 task, given, settings, slot_context=slot, slots=free, refused=refused
             )
 
-        split = pieces(refused=False)
+        split = pieces(refused=None)
         try:
             return await follow(run, split)
-        except ContextOverflowError:  # the server refused what the estimate let through
-            if split is not None or (split := pieces(refused=True)) is None:
+        except ContextOverflowError as exc:  # the server refused what the estimate let through
+            counted = [int(n.replace(",", "")) for n in _TOKENS.findall(str(exc))]
+            if split is not None or (split := pieces(refused=max(counted, default=0))) is None:
                 raise
             return await follow(run, split)
 
@@ -338,6 +337,11 @@ def make_decompose(
         return normalised
 
     return decompose
+
+
+_TOKENS = re.compile(r"(\d[\d,]*) tokens")
+"""Token counts in a refusal: llama.cpp's "request (6558 tokens) exceeds the available context
+size (4096 tokens)", vLLM's "... you requested 6558 tokens"; the largest is the request's."""
 
 
 @dataclass(frozen=True)
