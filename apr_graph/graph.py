@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover - a LangGraph that moved it
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime, get_runtime
+from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer
 
 from apr_graph.board import Boards
@@ -270,9 +271,12 @@ def compile_apr_graph(
     verify: Verifier | None = None,
     tools: Sequence[BaseTool] = (),
     checkpointer: Checkpointer = None,
+    store: BaseStore | None = None,
     name: str = "apr-graph",
 ) -> App:
-    """``create_apr_graph(...).compile(...)`` in one call.
+    """``create_apr_graph(...).compile(...)`` in one call. With a ``store`` (or LangGraph
+    Server's), endpoint speed profiles live there, shared by every process that uses it,
+    unless ``speed_file`` is set.
 
     Example:
         >>> app = compile_apr_graph(settings=AprSettings(base_url="http://localhost:11434/v1"))
@@ -280,4 +284,4 @@ def compile_apr_graph(
     """
     return create_apr_graph(
         settings=settings, client=client, model=model, verify=verify, tools=tools
-    ).compile(checkpointer=checkpointer, name=name)
+    ).compile(checkpointer=checkpointer, store=store, name=name)

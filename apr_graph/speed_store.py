@@ -20,10 +20,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from langgraph.config import get_store
+from langgraph.store.base import BaseStore
+
+from apr_graph.settings import AprSettings
 from apr_graph.speed_profile import SpeedProfile
 from apr_graph.state import CallRecord
 
-__all__ = ["CALIBRATION_WEIGHT", "MIN_ALPHA", "SpeedStore", "default_speed_file", "endpoint_key"]
+__all__ = [
+    "CALIBRATION_WEIGHT",
+    "MIN_ALPHA",
+    "PROFILES",
+    "GraphSpeedStore",
+    "SpeedStore",
+    "default_speed_file",
+    "endpoint_key",
+    "run_speed_store",
+]
 
 CALIBRATION_WEIGHT = 8.0
 """Observations one calibration figure counts as: a few noisy runs do not undo it."""
@@ -34,6 +47,8 @@ SMALL_PROMPT = 256  # uncached prompt tokens below which the first-token wait is
 LARGE_PROMPT = 512  # uncached prompt tokens from which the first-token wait is mostly prefill
 PART_MEMORY = 10.0  # most runs a thread answer's learned length rests on: newer ones move it
 _VERSION = 1
+PROFILES = ("apr_graph", "speed_profiles")
+"""The namespace of endpoint speed profiles in a LangGraph store (key: ``endpoint_key``)."""
 
 
 def endpoint_key(base_url: str, model: str) -> str:
@@ -68,18 +83,32 @@ class SpeedStore:
 
     def get(self, endpoint: str) -> SpeedProfile | None:
         """The profile of ``endpoint``, or ``None`` (unknown, or unreadable: a warning)."""
-        data = self._read().get(endpoint)
+        return self._parse(endpoint, self._entry(endpoint))
+
+    async def aget(self, endpoint: str) -> SpeedProfile | None:
+        """``get`` for async code (a LangGraph store is asked without blocking the loop)."""
+        return self.get(endpoint)
+
+    def _parse(self, endpoint: str, data: Any) -> SpeedProfile | None:
         if data is None:
             return None
         try:
             return SpeedProfile.from_json(data)
         except ValueError as exc:
             warnings.warn(
-                f"speed file {self.path}: the entry of {endpoint!r} is unreadable ({exc}); "
-                "it is ignored",
-                stacklevel=2,
+                f"speed profiles in {self.where}: the entry of {endpoint!r} is unreadable "
+                f"({exc}); it is ignored",
+                stacklevel=3,
             )
             return None
+
+    @property
+    def where(self) -> str:
+        """Where the profiles are kept, for messages."""
+        return str(self.path) if self.path is not None else "memory"
+
+    def _entry(self, endpoint: str) -> Any:
+        return self._read().get(endpoint)
 
     def put(self, endpoint: str, profile: SpeedProfile) -> None:
         """Store ``profile`` as ``endpoint``'s, keeping every other endpoint's entry."""
@@ -190,6 +219,42 @@ class SpeedStore:
             return {}
         self._cache = ((stat.st_mtime_ns, stat.st_size), dict(entries))
         return dict(entries)
+
+
+class GraphSpeedStore(SpeedStore):
+    """Speed profiles in a LangGraph store (``BaseStore``, under ``PROFILES``): the one a graph
+    is compiled with, or LangGraph Server's, shared by every process and replica using it."""
+
+    def __init__(self, store: BaseStore) -> None:
+        super().__init__(None)
+        self.store = store
+
+    @property
+    def where(self) -> str:
+        return f"the LangGraph store {PROFILES}"
+
+    def _entry(self, endpoint: str) -> Any:
+        item = self.store.get(PROFILES, endpoint)
+        return None if item is None else item.value
+
+    async def aget(self, endpoint: str) -> SpeedProfile | None:
+        item = await self.store.aget(PROFILES, endpoint)
+        return self._parse(endpoint, None if item is None else item.value)
+
+    def put(self, endpoint: str, profile: SpeedProfile) -> None:
+        self.store.put(PROFILES, endpoint, profile.to_json())
+
+
+def run_speed_store(default: SpeedStore, settings: AprSettings) -> SpeedStore:
+    """Where a run's endpoint speeds are kept: its graph's LangGraph store, if it has one and
+    ``settings.speed_file`` is not set, else ``default``. Called from a graph node."""
+    if settings.speed_file is not None:
+        return default
+    try:
+        store = get_store()
+    except RuntimeError:  # not inside a graph run
+        return default
+    return default if store is None else GraphSpeedStore(store)
 
 
 def _blend(old: float | None, weight: float, new: float) -> tuple[float, float]:

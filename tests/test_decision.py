@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from langgraph.store.memory import InMemoryStore
 
 from apr_graph import compile_apr_graph
 from apr_graph.decide import is_chain, speed_store
 from apr_graph.llm import LLMClient
 from apr_graph.prompts import DIRECT_SYSTEM, direct_messages
-from apr_graph.speed import calibrate, endpoint_key
+from apr_graph.speed import calibrate, default_speed_file, endpoint_key
+from apr_graph.speed_store import PROFILES
 from apr_graph.state import SubtaskRecord
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
@@ -322,6 +324,32 @@ async def test_a_direct_answer_does_not_keep_an_endpoint_from_learning_what_fork
     assert again["by"] == ("plan" if forks_again else "speed"), again
     faster = again["predicted_parallel_s"] < again["predicted_direct_s"]
     assert faster is forks_again, again
+
+
+async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
+    simulated: list[SimulatedServer],
+) -> None:
+    # Two replicas of a deployment (LangGraph Server brings one store for all): what one
+    # learns of the endpoint, the other decides with; no speed file is written.
+    server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
+    simulated.append(server)
+    store = InMemoryStore()
+    settings = settings_for(server, **decided(speed_file=None))
+    first, second = (compile_apr_graph(settings=settings, store=store) for _ in "ab")
+
+    await first.ainvoke({"task": STORY})
+    (item,) = store.search(PROFILES)
+    assert item.key == endpoint_key(server.base_url, "test-model")
+    assert sorted(item.value["decode_tps"]) == ["1"]
+
+    decision = (await second.ainvoke({"task": THREE}))["plan"]["decision"]
+    assert "no figure yet for threads at once" in decision["reason"]  # not "no profile"
+    assert max(int(k) for k in store.search(PROFILES)[0].value["decode_tps"]) >= 2
+    again = (await first.ainvoke({"task": THREE}))["plan"]["decision"]
+    assert (again["choice"], again["by"]) == ("parallel", "plan")
+    assert again["predicted_parallel_s"] < again["predicted_direct_s"]
+    assert settings.speed_file is None
+    assert not default_speed_file().exists()
 
 
 async def test_a_run_teaches_the_endpoint_its_speed(make_server: ServerFactory) -> None:

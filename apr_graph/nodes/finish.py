@@ -15,6 +15,7 @@ from apr_graph.plan import plan_of
 from apr_graph.responses import LOOPED
 from apr_graph.settings import AprSettings
 from apr_graph.speed import SpeedStore, endpoint_key
+from apr_graph.speed_store import run_speed_store
 from apr_graph.state import AprState, CallRecord, DecisionRecord, ThreadRecord
 
 __all__ = ["compute_metrics", "decision_metrics", "make_finish"]
@@ -152,7 +153,8 @@ def make_finish(
             endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
             # A small file written with fsync: in a worker thread, not on the loop where
             # other runs' threads are streaming.
-            await asyncio.to_thread(speed.observe, endpoint, state.get("calls") or [])
+            here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
+            await asyncio.to_thread(here.observe, endpoint, state.get("calls") or [])
         return {"metrics": metrics}
 
     return finish
