@@ -148,3 +148,31 @@ def test_pieces_are_sized_by_the_server_s_own_count_when_the_text_is_dense() -> 
     # that pieces are sized by otherwise; a piece then holds two thirds as many characters.
     assert largest(refused=24_200) <= largest(refused=0) * 2 / 3 + 121
     assert largest(refused=24_200) / 2 < 4096 * 3 / 4  # its tokens fit, with room to reply
+
+
+async def test_results_too_long_to_merge_in_one_request_are_given_as_written(
+    make_server: ServerFactory,
+) -> None:
+    def long_result(request: RecordedRequest) -> Reply:
+        shades = " ".join(f"shade{j}-{seen(request)}" for j in range(700))  # no loop: all differ
+        return Reply(content=f"{seen(request)} colours: {shades}")
+
+    server = make_server(
+        [Rule(role="worker", reply=long_result), Rule(role="synthesizer", reply=Reply("x"))],
+        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+
+    notices, result = [], {}
+    async for mode, chunk in app.astream(
+        {"task": TASK, "context": FACTS}, stream_mode=["custom", "values"]
+    ):
+        if mode == "custom" and chunk["event"] == "notice":
+            notices.append(chunk["text"])
+        elif mode == "values":
+            result = chunk
+
+    workers = server.chat_requests("worker")
+    assert len(server.chat_requests("synthesizer")) == 1  # refused: it did not fit
+    assert result["answer"].count(" colours: ") == len(workers)  # every thread's work kept
+    assert any("did not fit one merge request" in text for text in notices)

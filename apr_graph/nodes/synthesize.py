@@ -16,7 +16,12 @@ from pydantic import BaseModel
 from apr_graph.answers import final_answer, kept_in, majority, normalise_answer, words_in
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import StoppedError
-from apr_graph.errors import BudgetExhaustedError, ModelCallError, StructuredOutputError
+from apr_graph.errors import (
+    BudgetExhaustedError,
+    ContextOverflowError,
+    ModelCallError,
+    StructuredOutputError,
+)
 from apr_graph.events import answer_emitter, emit
 from apr_graph.inputs import render_context
 from apr_graph.llm import LLMClient
@@ -139,6 +144,13 @@ def make_synthesize(
             answer = await _merge(llm, board, state, threads, done, calls, merge)
         except (StoppedError, BudgetExhaustedError):
             answer = _partial_answer(done, missing, board.budget.stop_reason or "budget")
+        except ContextOverflowError as exc:  # the threads' work is done: never lose it
+            emit(
+                "notice",
+                text=f"apr: the results did not fit one merge request ({exc}); they are "
+                "given as the threads wrote them",
+            )
+            answer = concatenate(threads)
         return {"answer": answer, "calls": calls}
 
     return synthesize
