@@ -1,14 +1,11 @@
 """Any LangChain chat model (``ChatOpenAI``, ``ChatOllama``, ...) as a transport.
 
-``ChatModelTransport`` sends each request through the model's ``ainvoke`` / ``astream``; the
-client front keeps the rest (retries, budgets, structured output in schema-in-prompt mode,
-cancellation). Each request's output limit and temperature are set on a copy of the model,
-through the fields it declares (``max_tokens``, ``max_output_tokens``, ``num_predict``,
+The client front keeps retries, budgets, structured output (schema-in-prompt mode) and
+cancellation. A request's output limit and temperature are set on a copy of the model, through
+the fields it declares (``max_tokens``, ``max_output_tokens``, ``num_predict``,
 ``temperature``): as call arguments, ChatOllama would pass them to a client that refuses them.
-A model without such a field keeps its own. A ``temperature`` given when the model was made
-stands for ``AprSettings.temperature`` when the settings give none; a model that takes only
-its default (OpenAI's gpt-5 reasoning models) needs ``AprSettings(temperature=1,
-vote_temperature=1)``.
+A model that takes only its default temperature (OpenAI's gpt-5 reasoning models) needs
+``AprSettings(temperature=1, vote_temperature=1)``.
 """
 
 from __future__ import annotations
@@ -41,23 +38,16 @@ def _usage(message: BaseMessage | None) -> dict[str, Any]:
 
 
 class ChatModelTransport:
-    """Requests through a LangChain ``BaseChatModel``, at most ``max_concurrency`` at once.
-
-    Each request runs in its caller's task and context, so the model's runs nest under the
-    graph's (LangChain reads the parent run and callbacks from the context).
-
-    Args:
-        model: the chat model every role uses.
-        settings: ``max_concurrency`` is used.
-    """
+    """Requests through a LangChain ``BaseChatModel`` (its ``astream`` / ``ainvoke``), at
+    most ``settings.max_concurrency`` at once. Each runs in its caller's task and context, so
+    the model's runs nest under the graph's (LangChain reads them from the context)."""
 
     def __init__(self, model: BaseChatModel, settings: AprSettings) -> None:
         self.model = model
         self.settings = settings
         self._limit = AdaptiveLimiter(settings.max_concurrency)  # serves any loop
-        declared = type(model).model_fields
-        self._max_tokens_field = next((f for f in _MAX_TOKENS_FIELDS if f in declared), None)
-        self._has_temperature = "temperature" in declared
+        self._declared = type(model).model_fields
+        self._max_tokens_field = next((f for f in _MAX_TOKENS_FIELDS if f in self._declared), "")
 
     @property
     def name(self) -> str:
@@ -93,11 +83,8 @@ class ChatModelTransport:
     def _model_for(self, request: ChatRequest) -> BaseChatModel:
         """The model with this request's output limit and temperature (a shallow copy: it
         shares the model's clients and connections)."""
-        limits: dict[str, Any] = {}
-        if self._max_tokens_field is not None:
-            limits[self._max_tokens_field] = request.max_tokens
-        if self._has_temperature:
-            limits["temperature"] = request.temperature
+        wanted = {self._max_tokens_field: request.max_tokens, "temperature": request.temperature}
+        limits = {name: value for name, value in wanted.items() if name in self._declared}
         return self.model.model_copy(update=limits) if limits else self.model
 
     async def complete(
@@ -179,9 +166,8 @@ def _finish_reason(reply: Any, calls: tuple[dict[str, str], ...]) -> str:
     """``length`` when the model says it was cut (so a cut thread is retried, not taken as
     done), else ``tool_calls`` or ``stop``."""
     metadata = getattr(reply, "response_metadata", None) or {}
-    for key in ("finish_reason", "stop_reason", "done_reason"):
-        if metadata.get(key) in _CUT:
-            return "length"
+    if any(metadata.get(key) in _CUT for key in ("finish_reason", "stop_reason", "done_reason")):
+        return "length"
     return "tool_calls" if calls else "stop"
 
 
@@ -215,8 +201,7 @@ class ChatModelClient(LLMClient):
         self.chat_model = model
 
     def for_run(self, settings: AprSettings) -> LLMClient:
-        """This client for one run; a run cannot name another model (the chat model is the
-        graph's only one).
+        """This client for one run, which cannot name another model (the chat model serves all).
 
         Raises:
             ConfigurationError: the run's context names a model.

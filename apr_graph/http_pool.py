@@ -121,13 +121,13 @@ class HttpPool:
             sessions[weakref.ref(loop, lambda key: sessions.pop(key, None))] = (session, keeper)
         return session
 
-    async def _send(self, method: str, url: str, **sent: Any) -> Any:
-        """Send a request (``sent``: aiohttp's ``data``, ``headers``, ``timeout``); the unread
-        response of a 2xx status, else the SDK's error."""
+    async def _send(self, method: str, url: str, *, whole: bool, **sent: Any) -> Any:
+        """Send a request (``sent``: aiohttp's ``data``, ``headers``, ``timeout``); for a 2xx
+        status its body (``whole``) or its unread response, else the SDK's error."""
         session = await self.session()
         try:
             response = await session.request(method, url, proxy=self._proxy(url), **sent)
-            if response.status < 400:
+            if response.status < 400 and not whole:
                 return response
             try:
                 content = await response.read()
@@ -135,12 +135,14 @@ class HttpPool:
                 response.release()
         except Exception as exc:
             raise transport_error(exc, method, url) from exc
-        raise status_error(response.status, response.headers, content, method, url)
+        if response.status >= 400:
+            raise status_error(response.status, response.headers, content, method, url)
+        return content
 
     async def stream(self, url: str, payload: bytes, headers: dict[str, str]) -> SseResponse:
         """POST ``payload``; the unread response of a 2xx status, else the SDK's error."""
         response = await self._send(
-            "POST", url, data=payload, headers=headers, timeout=self.timeout
+            "POST", url, whole=False, data=payload, headers=headers, timeout=self.timeout
         )
         return SseResponse(response, self.timeout.sock_read, url)
 
@@ -157,13 +159,9 @@ class HttpPool:
         is not JSON), else the SDK's error (``timeout_s``: a bound on the whole request
         instead of the pool's timeouts)."""
         timeout = self.timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
-        response = await self._send(method, url, data=payload, headers=headers, timeout=timeout)
-        try:
-            content = await response.read()
-        except Exception as exc:
-            raise transport_error(exc, method, url) from exc
-        finally:
-            response.release()
+        content = await self._send(
+            method, url, whole=True, data=payload, headers=headers, timeout=timeout
+        )
         try:
             return json.loads(content)
         except ValueError:

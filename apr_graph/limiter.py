@@ -29,17 +29,16 @@ class AdaptiveLimiter:
         self.in_flight = 0
         self._successes = 0
         self._lock = threading.Lock()
-        self._waiting: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
-        """Waiters in arrival order; a waiter taken out of it was given a slot."""
+        self._waiting: dict[asyncio.Future[None], None] = {}
+        """Waiters in arrival order (a dict: removed in O(1)); one taken out was given a slot."""
 
     async def __aenter__(self) -> AdaptiveLimiter:
         with self._lock:
             if self.in_flight < self.limit and not self._waiting:
                 self.in_flight += 1
                 return self
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiting[waiter] = loop
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting[waiter] = None
         try:
             await waiter
         except BaseException:
@@ -59,7 +58,8 @@ class AdaptiveLimiter:
         """Give free slots to the first waiters (the lock held)."""
         while self._waiting and self.in_flight < self.limit:
             waiter = next(iter(self._waiting))
-            loop = self._waiting.pop(waiter)
+            del self._waiting[waiter]
+            loop = waiter.get_loop()
             if loop.is_closed():
                 continue  # nobody will ever take it
             self.in_flight += 1

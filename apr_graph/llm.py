@@ -36,21 +36,6 @@ T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
 
 
-def _close_soon(transport: Transport) -> None:
-    """Close ``transport`` from sync code: awaited in a loop of its own, or, when this thread
-    runs a loop (it cannot be blocked), in a task there."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        own = asyncio.new_event_loop()  # not asyncio.run: the thread's current loop stays
-        try:
-            own.run_until_complete(transport.aclose())
-        finally:
-            own.close()
-        return
-    close_in_background(transport.aclose())
-
-
 class LLMClient:
     """A model client with one retry layer and robust structured output.
 
@@ -98,12 +83,9 @@ class LLMClient:
         return self.transport.concurrency_limit()
 
     def for_run(self, settings: AprSettings) -> LLMClient:
-        """This client, sending one run's model names, output allowances and temperature
-        (those of ``settings``; its other fields are not read).
-
-        Not a new client: connections, limits, probe, retries and structured-output modes
-        stay this client's, shared by every run.
-        """
+        """This client, sending the model names, output allowances and temperature of
+        ``settings`` (its other fields are not read); connections, limits, probe, retries and
+        structured-output modes stay this client's, shared by every run."""
         if settings is self._requests:
             return self
         view = copy.copy(self)
@@ -113,8 +95,7 @@ class LLMClient:
 
     # -- lifecycle -------------------------------------------------------------------------
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
-        """Run a coroutine that uses this client from synchronous code, on the client's
-        helper loop (in the caller's context).
+        """Run a coroutine that uses this client from sync code, on the client's helper loop.
 
         Raises:
             RuntimeError: called from that loop itself (await the coroutine instead).
@@ -125,7 +106,16 @@ class LLMClient:
         """Close the connections (on every event loop that has some) and stop the helper
         loop of sync calls. The client can be reused. In async code, ``await aclose()``."""
         self._sync.shutdown(wait=True)
-        _close_soon(self.transport)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # awaited in a loop of its own
+            own = asyncio.new_event_loop()  # not asyncio.run: the thread's current loop stays
+            try:
+                own.run_until_complete(self.transport.aclose())
+            finally:
+                own.close()
+        else:  # this thread runs a loop, which cannot be blocked: in a task there
+            close_in_background(self.transport.aclose())
 
     async def aclose(self) -> None:
         """``close()`` for async code."""
@@ -215,14 +205,7 @@ class LLMClient:
             raise ServerCapabilityError(
                 str(known), status_code=known.status_code, attempts=0, url=known.url
             )
-        return await self._attempts(
-            self.transport.chat,
-            request,
-            progress,
-            budget,
-            has_format=response_format is not None,
-            has_tools=bool(tools),
-        )
+        return await self._attempts(request, progress, budget)
 
     def start(self, call: Coroutine[Any, Any, R]) -> asyncio.Future[R]:
         """Start one of this client's calls (``chat(...)``, ...) now, as a task on the caller's
@@ -255,7 +238,7 @@ class LLMClient:
             stop=tuple(stop),
             extra_body=dict(extra_body or {}),
         )
-        return await self._attempts(self.transport.complete, request, progress, budget)
+        return await self._attempts(request, progress, budget)
 
     async def structured(
         self,
@@ -291,35 +274,37 @@ class LLMClient:
 
     async def _attempts(
         self,
-        transport_call: Callable[..., Awaitable[Completion]],
         request: ChatRequest | TextRequest,
         progress: StreamProgress | None,
         budget: CallBudget | None,
-        *,
-        has_format: bool = False,
-        has_tools: bool = False,
     ) -> Completion:
-        """The one retry loop around single requests (``transport_call(request, ...)``)."""
+        """The one retry loop around single requests (the transport's ``chat`` or ``complete``)."""
+        send_one: Callable[..., Awaitable[Completion]] = self.transport.complete
+        has_format = has_tools = False
+        if isinstance(request, ChatRequest):
+            send_one = self.transport.chat
+            has_format, has_tools = request.response_format is not None, bool(request.tools)
         started = time.time()
         progress = progress or StreamProgress()
         # A reply a server constrains to a JSON schema is bounded by it (lengths, item
         # counts), and JSON cut mid-way is of no use: such replies run to their end.
         progress.detect_loops = self._requests.stop_loops and not has_format
-        send = partial(transport_call, request, progress=progress, budget=budget)
+        send = partial(send_one, request, progress=progress, budget=budget)
+        kind_of = partial(classify, has_format=has_format, has_tools=has_tools)
         progress.requests = 1
         try:
             try:
                 completion = await send()
             except Exception as exc:
-                if classify(exc, has_format=has_format, has_tools=has_tools) not in RETRYABLE:
+                if kind_of(exc) not in RETRYABLE:
                     raise
                 # Most calls succeed at once: the retry loop (a dozen objects per call, held
                 # for the whole stream) is built only for a call that needs it.
-                completion = await self._retried(send, exc, progress, budget, has_format, has_tools)
+                completion = await self._retried(send, exc, progress, budget, kind_of)
         except AprError:
             raise  # already says what happened (budget ran out, a chat model refused)
         except Exception as exc:
-            kind = classify(exc, has_format=has_format, has_tools=has_tools)
+            kind = kind_of(exc)
             error = self._error(exc, kind, model=request.model, attempts=progress.requests)
             if isinstance(error, ServerCapabilityError) and kind == "tools":
                 self._found["tools"] = error  # a fixed configuration: found once, for good
@@ -333,15 +318,11 @@ class LLMClient:
         first: Exception,
         progress: StreamProgress,
         budget: CallBudget | None,
-        has_format: bool,
-        has_tools: bool,
+        kind_of: Callable[[BaseException], FailureKind],
     ) -> Completion:
         """The retries of a call whose first request failed with ``first`` (retryable): the
         retry loop judges it as its own first attempt (its ``Retry-After`` is honoured)."""
         failed = [first]
-
-        def retryable(exc: BaseException) -> bool:
-            return classify(exc, has_format=has_format, has_tools=has_tools) in RETRYABLE
 
         async def attempt() -> Completion:
             if failed:  # the first failure, replayed for the loop to judge
@@ -349,7 +330,7 @@ class LLMClient:
             progress.requests += 1
             return await send()
 
-        async for retry in self._policy.retrying(retryable, budget):
+        async for retry in self._policy.retrying(lambda exc: kind_of(exc) in RETRYABLE, budget):
             with retry:
                 completion = await attempt()
         return completion

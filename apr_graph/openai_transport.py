@@ -10,13 +10,12 @@ connections are per loop (``http_pool``), and requests run in ``http_pool.isolat
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import openai
 
@@ -41,7 +40,6 @@ from apr_graph.transport import ChatRequest, TextRequest, admit
 
 __all__ = ["OpenAITransport"]
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 _CHAT = "/chat/completions"
@@ -51,16 +49,6 @@ _COOLDOWN_S = 2.0
 _KEEPALIVE_S = 30.0
 """How long an idle connection is kept: a fan-out's connections serve the merge and the next
 run's fan-out instead of being opened again."""
-
-
-def _isolated(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """``method``, run in a task with an empty context (``http_pool.isolated``)."""
-
-    @functools.wraps(method)
-    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        return await isolated(method(*args, **kwargs))
-
-    return run
 
 
 class _Endpoint:
@@ -99,11 +87,8 @@ class _Endpoint:
 
 
 class OpenAITransport:
-    """The transport to one or more OpenAI-compatible servers (``settings.base_url(s)``).
-
-    Args:
-        settings: endpoints, API key, timeout, concurrency and probing.
-    """
+    """The transport to one or more OpenAI-compatible servers (``settings``: endpoints, API
+    key, timeout, concurrency and probing)."""
 
     def __init__(self, settings: AprSettings) -> None:
         if settings.base_url is None:
@@ -167,21 +152,20 @@ class OpenAITransport:
             "source": "; ".join(dict.fromkeys(r.source for r in reports)),
             "limit": sum(e.limit.maximum for e in self._endpoints),
         }
-        for name in ("slot_context", "kv_cache_tokens"):
-            values = [getattr(r, name) for r in reports if getattr(r, name) is not None]
-            if values:
-                found[name] = min(values) if name == "slot_context" else sum(values)
+        for name, fold in (("slot_context", min), ("kv_cache_tokens", sum)):
+            if values := [getattr(r, name) for r in reports if getattr(r, name) is not None]:
+                found[name] = fold(values)
         return found
 
     def concurrency_limit(self) -> int:
         """Requests currently allowed in flight, over all endpoints."""
         return sum(e.limit.limit for e in self._endpoints)
 
-    @_isolated
     async def list_models(self) -> list[str]:
         """``GET /models`` of the first endpoint."""
         endpoint = self._endpoints[0]
-        page = await self.pool.fetch("GET", endpoint.urls["/models"], endpoint.json_headers)
+        fetched = self.pool.fetch("GET", endpoint.urls["/models"], endpoint.json_headers)
+        page = await isolated(fetched)
         listed = page.get("data") if isinstance(page, dict) else None
         if not isinstance(listed, list):
             raise TransientResponseError(f"the server did not list models: {str(page)[:120]!r}")

@@ -60,11 +60,8 @@ def retry_after_s(exc: BaseException | None) -> float | None:
 
 
 class RetryPolicy:
-    """Builds the retry loop of one call from the settings.
-
-    Args:
-        settings: ``max_retries`` and ``retry_max_wait_s`` are used.
-    """
+    """Builds the retry loop of one call from ``settings`` (``max_retries``,
+    ``retry_max_wait_s``)."""
 
     def __init__(self, settings: AprSettings) -> None:
         self.settings = settings

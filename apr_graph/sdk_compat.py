@@ -24,11 +24,6 @@ __all__ = [
     "transport_error",
 ]
 
-_ENVIRONMENT_HEADERS = (
-    ("OpenAI-Organization", "OPENAI_ORG_ID"),
-    ("OpenAI-Project", "OPENAI_PROJECT_ID"),
-)
-
 _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
     400: openai.BadRequestError,
     401: openai.AuthenticationError,
@@ -63,7 +58,10 @@ def sdk_headers(api_key: str) -> dict[str, str]:
         "Content-Type": "application/json",
         **authorization(api_key),
     }
-    for name, variable in _ENVIRONMENT_HEADERS:
+    for name, variable in (
+        ("OpenAI-Organization", "OPENAI_ORG_ID"),
+        ("OpenAI-Project", "OPENAI_PROJECT_ID"),
+    ):
         if value := os.environ.get(variable):
             headers[name] = value
     return headers

@@ -87,7 +87,12 @@ async def read_stream(
         lines: AsyncIterator[list[str]] = response.aiter_line_batches()
         async for batch in lines:
             if _take_lines(batch, end, progress, piece_of, response):
-                await _drain(lines)
+                # Read on after [DONE], as the SDK does, so the connection can be reused; a
+                # server that keeps the body open costs ``_DRAIN_S``, not the answer.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_DRAIN_S):
+                        async for _ in lines:
+                            pass
                 break
             if progress.loop is not None:  # closing the response stops the server too
                 end.finish_reason = LOOPED
@@ -116,15 +121,6 @@ _DRAIN_S = 0.1
 """How long the rest of a body is read after ``[DONE]`` (the SDK's own bound)."""
 
 
-async def _drain(lines: Any) -> None:
-    """Read a stream on after ``[DONE]``, as the SDK does, so its connection can be reused;
-    never an error: a server that keeps the body open costs ``_DRAIN_S``, not the answer."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_DRAIN_S):
-            async for _ in lines:
-                pass
-
-
 def _take_lines(
     batch: list[str],
     end: StreamEnd,
@@ -144,15 +140,13 @@ def _take_lines(
         if not isinstance(chunk, dict):
             snippet = str(chunk)[:80]
             raise TransientResponseError(f"a stream chunk is not a JSON object: {snippet!r}")
-        if chunk.get("error"):
-            error = chunk["error"]
+        if error := chunk.get("error"):
             message = error.get("message") if isinstance(error, dict) else str(error)
             raise openai.APIError(str(message), request=response.request, body=error)
         end.usage = chunk.get("usage") or end.usage
         end.timings = chunk.get("timings") or end.timings
         for choice in chunk.get("choices") or []:
-            piece = piece_of(choice)
-            if piece:
+            if piece := piece_of(choice):
                 progress.add(piece)
             delta = choice.get("delta")
             if isinstance(delta, dict) and delta.get("tool_calls"):

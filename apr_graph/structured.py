@@ -50,12 +50,9 @@ class _ModeRejectedError(Exception):
 
 
 class StructuredOutput:
-    """The structured-output chain of one client.
-
-    Args:
-        settings: ``structured_output`` (``auto`` or a fixed mode) and ``max_repairs``.
-        where: the endpoint's name, for messages and the per-endpoint memory.
-    """
+    """The structured-output chain of one client: ``settings.structured_output`` (``auto`` or
+    a fixed mode) and ``max_repairs``; ``where``, the endpoint's name (for messages and the
+    per-endpoint memory)."""
 
     def __init__(self, settings: AprSettings, where: str) -> None:
         self.settings = settings

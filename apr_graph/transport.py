@@ -25,7 +25,7 @@ class ChatRequest:
     Attributes:
         role: which of apr-graph's calls this is (``planner``, ``worker``, ...), for a
             transport's own use; it is not sent to a server.
-        stream: stream the answer (cancelling closes the response); ignored with ``tools``.
+        stream: stream the answer (cancelling closes the response).
         response_format: an OpenAI ``response_format`` object, or ``None``.
         tools: OpenAI tool specs the model may call, or ``None``.
         thread: the thread the call is for (a subtask id, ``"direct"``), if any; not sent.
