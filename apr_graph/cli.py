@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from apr_graph import cli_common
 from apr_graph.cli_calibrate import add_calibrate_command, calibrate_command
@@ -276,11 +276,14 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    # Errors are one line: whatever a server or a library put in the message, line breaks
-    # and blank lines included, becomes single spaces.
-    print(f"apr: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(code)
+_EXIT_CODES: tuple[tuple[type[AprError] | tuple[type[AprError], ...], int], ...] = (
+    (ServerUnreachableError, EXIT_UNREACHABLE),
+    (AuthenticationError, EXIT_AUTH),
+    ((InputError, ContextOverflowError), EXIT_USAGE),
+    ((ConfigurationError, ServerCapabilityError), EXIT_CONFIG),
+    (AprError, EXIT_MODEL_ERROR),
+)
+"""The exit code of an ``AprError``: the first entry it is an instance of."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -295,9 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:])
     finally:
-        # Whatever is alive lives until exit: frozen, the interpreter's last collections skip
-        # it (0.7 s less after a run).
-        gc.freeze()
+        gc.freeze()  # all that is alive lives until exit: the last collections skip it
 
 
 def _main(argv: list[str]) -> int:
@@ -311,22 +312,19 @@ def _main(argv: list[str]) -> int:
     try:
         commands = {"serve": serve, "runs": _runs, "calibrate": calibrate_command}
         return commands.get(args.command, _ask)(args)
-    except CliError as exc:
-        _fail(str(exc), exc.code)
     except KeyboardInterrupt:
         print("apr: interrupted; in-flight requests were cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ServerUnreachableError as exc:
-        hint = "start it, fix --base-url, or leave the URL unset to use the embedded demo model"
-        _fail(f"{exc} ({hint})", EXIT_UNREACHABLE)
-    except AuthenticationError as exc:
-        _fail(str(exc), EXIT_AUTH)
-    except (InputError, ContextOverflowError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except (ConfigurationError, ServerCapabilityError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    except AprError as exc:
-        _fail(str(exc), EXIT_MODEL_ERROR)
+    except (CliError, AprError) as exc:
+        message, code = str(exc), getattr(exc, "code", EXIT_MODEL_ERROR)
+        if isinstance(exc, AprError):
+            code = next(code for kinds, code in _EXIT_CODES if isinstance(exc, kinds))
+        if isinstance(exc, ServerUnreachableError):
+            hint = "start it, fix --base-url, or leave the URL unset to use the embedded demo model"
+            message = f"{message} ({hint})"
+        # One line: whatever a server or a library put in the message, line breaks included.
+        print(f"apr: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(code) from exc
 
 
 if __name__ == "__main__":

@@ -3,9 +3,8 @@
     apr calibrate --base-url http://localhost:8080/v1 --model qwen2.5-1.5b
     apr calibrate --json          # the profile as JSON on stdout
 
-It takes the options of ``apr ask`` (the server, or the embedded model when none is set),
-prints each step on stderr, then the table of what k streams decode together, and stores the
-profile per endpoint in the speed file (``speed_store``). Exit codes are ``apr ask``'s.
+It takes ``apr ask``'s options and exit codes, prints each step on stderr, then the table of
+what k streams decode together, and stores the profile per endpoint in the speed file.
 """
 
 from __future__ import annotations

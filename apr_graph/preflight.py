@@ -1,9 +1,8 @@
 """Checks before a run: is the model name one the server serves, and is the URL its API?
 
-A listing decides nothing (llama.cpp serves its one model under any name; a LiteLLM proxy may
-route names it does not list): a name it lacks is tried, and only the server's own "unknown
-model" answer refuses it. llama.cpp gets one warning. A base URL that 404s where ``URL/v1``
-would answer is the common slip of leaving out ``/v1``; the error says so.
+A listing decides nothing (llama.cpp serves its one model under any name; a proxy may route
+names it does not list): only the server's own "unknown model" answer refuses a name. A base
+URL that 404s where ``URL/v1`` answers is missing ``/v1``; the error says so.
 """
 
 from __future__ import annotations
@@ -35,13 +34,6 @@ def unknown_model_message(url: str, model: str, offered: list[str]) -> str:
     )
 
 
-async def _answers_under_v1(url: str, api_key: str) -> bool:
-    if url.rstrip("/").endswith("/v1"):
-        return False
-    (models,) = await get_once([url.rstrip("/") + "/v1/models"], api_key)
-    return not isinstance(models, BaseException)  # a failed status is not the API either
-
-
 async def check_server(client: LLMClient) -> list[str]:
     """Check the server before a run; returns warnings to show, raises what cannot work.
 
@@ -54,12 +46,15 @@ async def check_server(client: LLMClient) -> list[str]:
     try:
         offered = await client.list_models()
     except ModelNotFoundError as exc:
-        if await _answers_under_v1(url, settings.api_key.get_secret_value()):
-            raise ServerUnreachableError(
-                f"{url} has no OpenAI API (HTTP 404), but {url.rstrip('/')}/v1 answers: "
-                f"add /v1 to the base URL (--base-url {url.rstrip('/')}/v1)",
-                url=url,
-            ) from exc
+        v1 = url.rstrip("/") + "/v1"
+        if not url.rstrip("/").endswith("/v1"):
+            (models,) = await get_once([v1 + "/models"], settings.api_key.get_secret_value())
+            if not isinstance(models, BaseException):  # a failed status is not the API either
+                raise ServerUnreachableError(
+                    f"{url} has no OpenAI API (HTTP 404), but {v1} answers: "
+                    f"add /v1 to the base URL (--base-url {v1})",
+                    url=url,
+                ) from exc
         return []  # a server without /models can still serve completions
     except (AuthenticationError, ServerUnreachableError):
         raise
@@ -67,10 +62,7 @@ async def check_server(client: LLMClient) -> list[str]:
         return []  # the listing failed; the run itself will say what is wrong
     names = dict.fromkeys(settings.model_for(r) for r in ("planner", "worker", "synthesizer"))
     missing = [name for name in names if name not in offered]
-    if not offered or not missing:
-        return []
-    report = await client.capacity_report()
-    if report["source"].startswith("llama.cpp"):
+    if offered and missing and (await client.capacity_report())["source"].startswith("llama.cpp"):
         return [
             f"apr: warning: {url} is llama.cpp, which serves {offered[0]!r} whatever the "
             f"model name: {', '.join(map(repr, missing))} is ignored"
