@@ -14,11 +14,8 @@ _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
 
 
 def dead_end(text: str) -> str | None:
-    """Why a thread's reply gives up, if it concludes with "DEAD END" (else ``None``).
-
-    The marker counts on the reply's last line (small models often reason first and give up
-    at the end) or on its first; a DEAD END mentioned mid-way does not count.
-    """
+    """Why a thread's reply gives up, if its last or first line says "DEAD END" (a DEAD END
+    mentioned mid-way does not count); else ``None``."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None
@@ -38,12 +35,9 @@ _COMMON = frozenset(
 
 
 def kept_in(answer: str, merged: str) -> bool | None:
-    """Whether a merged answer still holds a thread's result; ``None``: it cannot be told.
-
-    The thread's final answer must be in the merge whole (case, spacing and markup aside),
-    or else its last number, or else one of its names (capitalised words after the first).
-    A result with neither (prose, or a short answer: see ``words_in``) cannot be told.
-    """
+    """Whether a merged answer still holds a thread's result: its final answer whole (case,
+    spacing and markup aside), else its last number, else one of its names (capitalised words
+    after the first); ``None`` when it has neither (prose, or a short answer: ``words_in``)."""
     raw = final_answer(answer)
     final = normalise_answer(raw)
     whole = normalise_answer(merged)

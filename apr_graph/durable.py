@@ -1,10 +1,8 @@
 """Resuming a checkpointed run without redoing finished work.
 
-With any LangGraph checkpointer, a run interrupted mid fan-out (crash, SIGKILL, Ctrl-C)
-keeps its plan and finished threads' results, and LangGraph's own resume continues it:
-decompose is not called again, finished threads are not re-run, and their dependents read
-their results from the checkpoint. ``resume_run`` adds a clear error for an unknown or
-finished run. Settings and the API key come from the graph; they are never stored.
+LangGraph's own resume keeps an interrupted run's plan and finished threads; ``resume_run``
+adds a clear error for an unknown or finished run. Settings and the API key come from the
+graph; they are never stored.
 """
 
 from __future__ import annotations
@@ -53,8 +51,8 @@ async def prepare_resume(
 async def resume_run(
     app: App, config: RunnableConfig, *, settings: AprSettings | None = None
 ) -> AprOutput:
-    """Continue an interrupted run and return its output: ``app.ainvoke(None, config)``
-    after ``prepare_resume``'s check, so a wrong id is a clear error, not an empty run.
+    """Continue an interrupted run and return its output (``app.ainvoke(None, config)``
+    after ``prepare_resume``'s check: a wrong id is a clear error, not an empty run).
 
     Example:
         >>> async with AsyncSqliteSaver.from_conn_string("runs.sqlite") as saver:  # doctest: +SKIP

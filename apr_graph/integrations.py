@@ -1,11 +1,7 @@
-"""apr-graph inside the LangChain / LangGraph ecosystem: as a tool, and as a deployable graph.
+"""apr-graph as a LangChain tool (``as_tool``) and as a LangGraph Server graph (``make_graph``).
 
-- ``as_tool``: a LangChain tool (sync and async) an agent calls to hand off a hard,
-  decomposable question; its content is the answer, its artifact the run record.
-- ``make_graph``: the factory ``langgraph.json`` points LangGraph Server at (settings from the
-  environment; runs set their own through the run context, ``AprContext``).
-- As a subgraph, the compiled graph is a node of your own graph as it is: its input and
-  output schemas only touch their keys, and its events stream with ``subgraphs=True``.
+As a subgraph, the compiled graph is a node of your own graph as it is: its input and output
+schemas only touch their keys, and its events stream with ``subgraphs=True``.
 """
 
 from __future__ import annotations
@@ -98,10 +94,9 @@ def make_graph(config: RunnableConfig | None = None) -> App:
     """The graph LangGraph Server serves (``langgraph.json``): settings from the environment
     (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``APR_*``); the server adds its checkpointer.
 
-    Built on the first call and reused until those variables change: the server calls a
-    factory for every run, state read and schema request, and one graph means one client,
-    connection pool and capacity probe. A run's own settings come from its context
-    (``AprContext``); ``config`` is not read.
+    Built once and reused until those variables change (the server calls a factory for every
+    run and state read; one graph is one client and connection pool). A run's own settings
+    come from its context (``AprContext``); ``config`` is not read.
     """
     names = ("APR_", "OPENAI_")  # the variables ``AprSettings()`` reads
     key = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(names)))

@@ -1,8 +1,7 @@
 """The helper loop of sync callers: one event loop in a daemon thread per client.
 
-Sync code (LangGraph's ``invoke`` runs nodes in worker threads) has no loop to lend, and a loop
-per node would open a connection pool per node: each node runs whole on this one loop (one hop
-between threads per node, not per request).
+Sync code has no loop to lend, and a loop per node would open a connection pool per node: each
+node runs whole on this one loop (one hop between threads per node, not per request).
 """
 
 from __future__ import annotations

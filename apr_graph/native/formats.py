@@ -1,18 +1,8 @@
 """The tags of ThreadWeaver and Multiverse, and how their engines fork and join a block.
 
-Both reference engines are followed to the byte, because a trained model continues from the
-joined text exactly as it saw it in training:
-
-- ThreadWeaver (``facebookresearch/threadweaver``, ``single_turn_agent_loop.py``): every thread
-  is prompted with ``"\\n<Thread>\\n{n}:"``; in the joined text only the first thread keeps
-  that leading newline (``</Thread><Thread>`` back to back), and ``"\\n"`` follows the last
-  (its RL runs set ``no_conclusion=true``).
-- Multiverse (``Swapnil-Gandhi/Multiverse-Engine``, ``scheduler.py``): paths are joined as
-  the model wrote them in training (``\\n<Path>\\n{n}: ...</Path>`` each) and the engine
-  appends ``"\\n<Conclusion>\\n"`` after them.
-
-Only numbered outlines (``N:`` / ``N.M:``) fork, and a repeated number forks once, as in both
-engines (ThreadWeaver's ``OUTLINE_PATTERN`` and its ``dict.fromkeys``).
+Both reference engines (``facebookresearch/threadweaver``, ``Swapnil-Gandhi/Multiverse-Engine``)
+are followed to the byte, because a trained model continues from the joined text exactly as it
+saw it in training. Only numbered outlines (``N:`` / ``N.M:``) fork, each number once.
 """
 
 from __future__ import annotations
@@ -104,7 +94,7 @@ FORMATS = {
         outlines_close="</Outlines>",
         thread_open="<Thread>",
         thread_close="</Thread>",
-        after_join="\n",
+        after_join="\n",  # its RL runs set no_conclusion=true
         tight_join=True,
         # Qwen3's <think> survives skip_special_tokens, so only the block tags prove anything.
         special_tags=("<Parallel>", "<Outlines>", "<Outline>", "<Thread>"),

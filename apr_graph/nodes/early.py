@@ -105,11 +105,10 @@ class _Relay:
 
     def attach(self, sink: Callable[[str], None] | None) -> None:
         with self._lock:
-            held, self._held = self._held, []
-            if sink is not None:
-                for piece in held:  # under the lock, so no later piece overtakes these
-                    sink(piece)
             self._sink = sink or (lambda _: None)
+            for piece in self._held:  # under the lock, so no later piece overtakes these
+                self._sink(piece)
+            self._held = []
 
 
 @dataclass
@@ -252,10 +251,8 @@ class EarlyStarter:
 
     def settle(self, plan: PlanRecord, system: str | None, calls: list[CallRecord]) -> set[str]:
         """Once ``plan`` is final, keep each early thread whose request it leaves unchanged
-        (for its worker node to adopt) and cancel the others, their records going to
-        ``calls``; returns the subtasks of ``plan`` whose thread slot is taken already (a
-        request never handed to the client gives its slot back; a sent one keeps it spent).
-        """
+        (for its worker node to adopt), cancel the others (records to ``calls``); returns the
+        subtasks whose thread slot is taken already (an unsent request gives its slot back)."""
         self.closed = True
         subtasks = {s["id"]: s for s in plan["subtasks"]}
         held: set[str] = set()
@@ -289,10 +286,8 @@ class EarlyStarter:
         context, documents = thread_context(
             self.context, subtask["goal"], self.settings.thread_documents
         )
-        if documents is not None:
-            system = self.system(merge, context)
-        elif system is None:
-            system = self.system(merge, None)
+        if documents is not None or system is None:
+            system = self.system(merge, None if documents is None else context)
         return worker_messages(self.task, context, merge, subtask, system=system), documents
 
     def _start(self, plan: PlanRecord, subtask: SubtaskRecord) -> None:
@@ -309,7 +304,8 @@ class EarlyStarter:
             handed=self.after is None,
         )
         call.task = self.client.start(self._send(call))
-        call.task.add_done_callback(_retrieve)
+        # A discarded request's outcome is marked seen (asyncio would log it otherwise).
+        call.task.add_done_callback(lambda task: task.cancelled() or task.exception())
         self.early[subtask["id"]] = call
         emit(
             "thread_started",
@@ -335,9 +331,3 @@ class EarlyStarter:
             self.budget,
             copy_lines=copy_watch(self.settings, self.task, call.subtask["goal"]),
         )
-
-
-def _retrieve(task: asyncio.Future[Completion]) -> None:
-    """Mark a discarded early request's outcome as seen (asyncio would log it otherwise)."""
-    if not task.cancelled():
-        task.exception()

@@ -49,15 +49,13 @@ class _Run:
 
 @dataclass
 class _Chain:
-    """The text one chain generated, its critical-path tokens, whether it was cut, and
-    whether its closing tag (``end``) ended it."""
+    """The text one chain generated, its critical-path tokens, why it was cut (``None``: it
+    was not), and whether its closing tag (``end``) ended it."""
 
     text: str
     critical: int
-    cut: bool
+    cut: str | None
     closed: bool = False
-    looped: bool = False
-    """Cut where it began repeating itself (not at the token limit)."""
 
 
 async def _generate(
@@ -92,11 +90,12 @@ async def _generate(
         critical += completion.completion_tokens
         left -= completion.completion_tokens
         if completion.finish_reason == LOOPED:  # what came before the loop is kept
-            return _Chain(out, critical, cut=True, looped=True)
+            return _Chain(out, critical, cut="cut where it began repeating itself")
         if completion.finish_reason == "length":
             if left > 0 and completion.text:  # the server allowed less than asked: go on
                 continue
-            return _Chain(out, critical, cut=True)
+            cut = f"cut at native_max_tokens={settings.native_max_tokens}"
+            return _Chain(out, critical, cut=cut)
         hit = _stopped_at(completion.stop_reason, out, fmt, stops)
         if hit == fmt.outlines_close:
             out += hit
@@ -112,7 +111,7 @@ async def _generate(
         if hit is not None and hit == end and new and fmt.open_blocks(out) > 0:
             out += hit
             continue
-        return _Chain(out, critical, cut=False, closed=hit is not None and hit == end)
+        return _Chain(out, critical, cut=None, closed=hit is not None and hit == end)
 
 
 def _stopped_at(reason: object, out: str, fmt: NativeFormat, stops: list[str]) -> str | None:
@@ -168,15 +167,12 @@ async def _thread(
     # A cut thread is closed the way ThreadWeaver's engine closes it ("\n</Thread>").
     body = chain.text if chain.closed else chain.text + "\n"
     mine = [c for c in run.calls if c["thread_id"] == sid]
-    error = f"cut at native_max_tokens={run.settings.native_max_tokens}" if chain.cut else None
-    if chain.looped:
-        error = "cut where it began repeating itself"
     record = ThreadRecord(
         id=sid,
         goal=outline.goal,
         status="cancelled" if chain.cut else "done",
         answer=body.strip(),
-        error=error,
+        error=chain.cut,
         prompt_tokens=sum(c["prompt_tokens"] for c in mine),
         completion_tokens=sum(c["completion_tokens"] for c in mine),
         critical_path_tokens=chain.critical,

@@ -31,6 +31,8 @@ _RESULT_CHARS = 8000
 _DESCRIPTION_CHARS = 120
 """A tool's description in the note is its first line, at most this long."""
 
+_DECODER = json.JSONDecoder(strict=False)
+
 _REMARK_CHARS = 120
 """A fenced or bare call still counts when at most one short line follows it ("This will
 compute ..."); a longer text after it is an answer that merely shows a call."""
@@ -45,17 +47,15 @@ def tools_note(tools: Sequence[BaseTool], *, unit: str = "subtask") -> str:
     the reader works on ("subtask" for a thread, "task" for a planner)."""
     lines = ["Tools you can call:"]
     for tool in tools:
-        lines.append(f"- {tool.name}: {_first_line(tool.description)}".rstrip(": "))
+        first = next((s.strip() for s in (tool.description or "").splitlines() if s.strip()), "")
+        if len(first) > _DESCRIPTION_CHARS:
+            first = first[: _DESCRIPTION_CHARS - 3] + "..."
+        lines.append(f"- {tool.name}: {first}".rstrip(": "))
     lines.append(
         f"Call a tool when the {unit} needs information or computation it provides; "
         "reply with the answer otherwise."
     )
     return "\n".join(lines)
-
-
-def _first_line(text: str) -> str:
-    line = next((s.strip() for s in (text or "").splitlines() if s.strip()), "")
-    return line if len(line) <= _DESCRIPTION_CHARS else line[: _DESCRIPTION_CHARS - 3] + "..."
 
 
 async def tool_loop(
@@ -81,10 +81,10 @@ async def tool_loop(
     conversation = _with_note(
         messages, tools_note(tools, unit="subtask" if role == "worker" else "task")
     )
-    used = 0
+    used, limit = 0, settings.max_tool_calls
     total: Completion | None = None
     while True:
-        offer = specs if used < settings.max_tool_calls else None
+        offer = specs if used < limit else None
         completion = await client.chat(
             conversation,
             role=role,
@@ -98,14 +98,13 @@ async def tool_loop(
         calls, unrun, as_text = _requested(completion, by_name)
         if calls and offer is None:
             names = ", ".join(dict.fromkeys(c["name"] for c in calls))
-            limit = settings.max_tool_calls
             calls, unrun = [], f"a call to {names} after the limit of {limit} tool calls"
         if not calls:
             return replace(total, text=completion.text, tool_calls=(), unrun_tool_call=unrun)
         results = []
         for call in calls:
             used += 1
-            result, ok = await _call_tool(by_name, call, used, settings.max_tool_calls)
+            result, ok = await _call_tool(by_name, call, used, limit)
             emit("tool_call", id=thread_id, tool=call["name"], ok=ok)
             results.append(result)
         conversation += _turns(completion, calls, results, as_text=as_text)
@@ -263,7 +262,6 @@ def read_text_calls(text: str, tools: Sequence[str] | dict[str, Any]) -> TextCal
 def _bare(text: str) -> list[tuple[int, str]]:
     """``(end, JSON text)`` of each JSON value that starts a line; one that does not parse
     runs to the end of the reply (it may be a cut call)."""
-    decoder = json.JSONDecoder(strict=False)
     found: list[tuple[int, str]] = []
     position = 0
     for match in _LINE_START.finditer(text):
@@ -271,7 +269,7 @@ def _bare(text: str) -> list[tuple[int, str]]:
         if start < position:
             continue  # inside a value already taken
         try:
-            _, end = _decode(decoder, text, start)
+            _, end = _decode(text, start)
         except ValueError:  # not JSON, or a call cut off: it runs to the end, if anything
             found.append((len(text), text[start:]))
             continue
@@ -306,23 +304,22 @@ def _calls_in(inner: str, names: set[str]) -> Iterator[dict[str, str] | str]:
 
 def _values(raw: str) -> list[Any]:
     """Every JSON value in ``raw``, one after another (a model may write one call a line)."""
-    decoder = json.JSONDecoder(strict=False)
     values, position, raw = [], 0, raw.strip()
     while position < len(raw):
-        value, position = _decode(decoder, raw, position)
+        value, position = _decode(raw, position)
         values.append(value)
         while position < len(raw) and raw[position] in " \t\r\n,":
             position += 1
     return values
 
 
-def _decode(decoder: json.JSONDecoder, text: str, start: int) -> tuple[Any, int]:
+def _decode(text: str, start: int) -> tuple[Any, int]:
     """The JSON value at ``start`` and where it ends. A value opened with ``{{`` is read from
     its second brace, with the closing braces after it: Qwen2.5's chat template shows the
     call format as ``{{"name": ..., "arguments": ...}}``, and the model writes it so."""
     if not text.startswith("{{", start):
-        return decoder.raw_decode(text, start)
-    value, end = decoder.raw_decode(text, start + 1)
+        return _DECODER.raw_decode(text, start)
+    value, end = _DECODER.raw_decode(text, start + 1)
     if not text.startswith("}", end):
         raise ValueError("a doubled opening brace without a doubled closing one")
     while text.startswith("}", end):
