@@ -199,15 +199,24 @@ def planner_messages(
     return _pair(system, user)
 
 
-def shared_system(task: str, context: str, *, tools: bool = False, merge: str | None = None) -> str:
+def shared_system(
+    task: str,
+    context: str,
+    *,
+    tools: bool = False,
+    merge: str | None = None,
+    dead_end: bool = True,
+) -> str:
     """The system message shared, byte for byte, by every request after the plan.
 
     It holds the task, not the subtasks, so a thread can start while the plan is still being
     written. ``tools``: the threads have tools. ``merge``: the plan's; a ``concat`` plan's
-    threads answer the task's own questions, so they are not offered DEAD END.
+    threads answer the task's own questions, so they are not offered DEAD END, nor are
+    threads with ``dead_end=False`` (each reads a piece of a long context: it can be done).
     """
     context_block = _tagged("context", context) + "\n" if context else ""
-    give_up = _USE_TOOLS if tools else "" if merge == "concat" else _GIVE_UP
+    offered = dead_end and merge != "concat"
+    give_up = _USE_TOOLS if tools else _GIVE_UP if offered else ""
     return _SHARED_SYSTEM.format(task=quote(task), context_block=context_block, give_up=give_up)
 
 

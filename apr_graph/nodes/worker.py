@@ -148,11 +148,12 @@ async def _solve(
     partial: str | None = None  # a reply cut off by its limit, which the next request continues
     system = board.system or ""
     if thread.documents is not None:  # its own documents: a prefix of its own
-        system = shared_system(  # a piece of a long context is no dead end (as in concat)
+        system = shared_system(
             payload["task"],
             thread.context,
             tools=bool(tools),
-            merge="concat" if payload.get("piece") else payload["merge"],
+            merge=payload["merge"],
+            dead_end=not payload.get("piece"),
         )
     plain = tools and not (dependencies or must_verify)
     if plain and (call := goal_call(subtask["goal"], tools)) is not None:
