@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +223,14 @@ async def test_make_graph_builds_once_and_serves_every_run(
     models = {run_of(r): r.body["model"] for r in server.chat_requests("planner") if r.body}
     assert models == {1: "env-model", 2: "other"}
     assert sorted(probes(server)) == sorted(PROBES)
+
+
+def test_the_readme_lists_every_per_run_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    paragraph = readme.split("Per run: ", 1)[1].split("; a forked thread", 1)[0]
+    listed = set(re.findall(r"`([a-z_*]+)`", paragraph))
+    if "*_max_tokens" in listed:  # "the three `*_max_tokens`"
+        listed = listed - {"*_max_tokens"} | {
+            f"{r}_max_tokens" for r in ("planner", "worker", "synthesizer")
+        }
+    assert listed == set(AprContext.model_fields)
