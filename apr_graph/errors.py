@@ -68,6 +68,10 @@ class ContextOverflowError(ModelCallError):
     """The prompt plus ``max_tokens`` do not fit the server's context window. Never retried:
     shorten the input, give the server a larger context, or lower the token allowances."""
 
+    requested_tokens: int | None = None
+    """The request's size as the server counted it, when its message says (llama.cpp:
+    "request (6558 tokens) exceeds ...", vLLM: "you requested 6558 tokens")."""
+
 
 class ServerCapabilityError(ModelCallError):
     """The server cannot do what the request needs (tools, a structured-output mode, a

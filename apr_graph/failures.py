@@ -114,6 +114,10 @@ def classify(
     return "rejected"
 
 
+_TOKENS = re.compile(r"(\d[\d,]*) tokens")
+"""Token counts in a server's refusal of a request too long for its context."""
+
+
 def to_error(
     exc: Exception,
     kind: FailureKind,
@@ -175,7 +179,11 @@ def to_error(
     }
     if kind in known:
         error, message = known[kind]
-        return error(message, status_code=status, attempts=attempts, url=url)
+        found = error(message, status_code=status, attempts=attempts, url=url)
+        if isinstance(found, ContextOverflowError):  # the largest count is the request's
+            counts = [int(n.replace(",", "")) for n in _TOKENS.findall(said)]
+            found.requested_tokens = max(counts, default=None)
+        return found
     hint = ""
     delay = retry_after_s(exc)
     if delay is not None and delay > retry_max_wait_s:

@@ -130,6 +130,7 @@ async def test_llama_cpp_context_overflow_is_one_request_with_advice(
     assert info.value.attempts == 1
     assert len(posts(server)) == 1
     assert_advises(info.value)
+    assert (info.value.requested_tokens or 0) >= 50  # the server's own count (n_ctx is 50)
 
 
 async def test_llama_cpp_context_overflow_keeps_the_structured_mode(

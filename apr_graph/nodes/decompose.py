@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -157,8 +156,7 @@ def make_decompose(
         try:
             return await follow(run, split)
         except ContextOverflowError as exc:  # the server refused what the estimate let through
-            counted = [int(n.replace(",", "")) for n in _TOKENS.findall(str(exc))]
-            if split is not None or (split := pieces(refused=max(counted, default=0))) is None:
+            if split is not None or (split := pieces(refused=exc.requested_tokens or 0)) is None:
                 raise
             return await follow(run, split)
 
@@ -339,11 +337,6 @@ def make_decompose(
         return normalised
 
     return decompose
-
-
-_TOKENS = re.compile(r"(\d[\d,]*) tokens")
-"""Token counts in a refusal: llama.cpp's "request (6558 tokens) exceeds the available context
-size (4096 tokens)", vLLM's "... you requested 6558 tokens"; the largest is the request's."""
 
 
 @dataclass(frozen=True)
