@@ -193,6 +193,7 @@ _CHARS_PER_TOKEN = 3  # code and dense text: pieces sized by it fit where 4 woul
 _FEWEST_TOKENS = 5  # characters a token at most: a context longer than this allows is too long
 _REPLY_SHARE = 4  # one request's context kept for its reply: a quarter
 _OVERHEAD_TOKENS = 350  # a thread's instructions, goal and document tags
+_TAG_CHARS = 30  # a document's <document name="..."> tag, beyond its name
 
 
 def split_context(
@@ -219,7 +220,9 @@ def split_context(
     """
     if not slot_context or not context or settings.thread_documents != "named":
         return None
-    rendered = len(render_context(context))
+    # Its size as the prompts carry it, without rendering it again (a long context's pass).
+    documents = {"text": context} if isinstance(context, str) else dict(context)
+    rendered = sum(len(text) + len(name) + _TAG_CHARS for name, text in documents.items())
     least = (rendered + len(task)) // _FEWEST_TOKENS + _OVERHEAD_TOKENS + slot_context // 8
     if refused is None and least <= slot_context:
         return None
@@ -234,7 +237,6 @@ def split_context(
     if room < 100:
         raise InputError(f"the task leaves no room for its context in one request: {fix}")
     chars = int(room * per_token)
-    documents = {"text": context} if isinstance(context, str) else dict(context)
     pieces: dict[str, str] = {}
     for name, text in documents.items():
         cut = _cut(text, chars)
@@ -243,10 +245,10 @@ def split_context(
     groups: list[list[str]] = []
     size = chars  # a first piece opens a group
     for name, text in pieces.items():
-        size += len(text) + len(name) + 30
+        size += len(text) + len(name) + _TAG_CHARS
         if size > chars:
             groups.append([])
-            size = len(text) + len(name) + 30
+            size = len(text) + len(name) + _TAG_CHARS
         groups[-1].append(name)
     most = min(settings.max_threads, slots)
     if len(groups) > most:
