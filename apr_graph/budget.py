@@ -65,6 +65,12 @@ class Budget:
             return None
         return max(0.0, self.settings.deadline_s - (time.monotonic() - self.started))
 
+    def room_for(self, tokens: int) -> bool:
+        """Whether one more request of ``tokens`` fits: the run is not stopped and the token
+        budget, if any, has that many left."""
+        budget = self.settings.token_budget
+        return self.admits() and (budget is None or budget - self.tokens_used >= tokens)
+
     def reserve_threads(self, wanted: int) -> int:
         """Take up to ``wanted`` thread slots; returns how many were granted.
 

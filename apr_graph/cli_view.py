@@ -145,6 +145,11 @@ class PlainView(View):
         kind = event.get("event")
         if kind == "notice" and self.run_notices:  # one line, above a live table too
             self.notice(" ".join(str(event.get("text", "")).split()))
+        if kind == "answer_retry":  # a direct answer: no table row to show it in
+            self.notice(
+                f"apr: the answer began repeating itself after {event['at_tokens']} tokens: "
+                "asked again"
+            )
         if not self.thread_lines:
             return
         if kind == "plan":

@@ -57,9 +57,9 @@ _PER_RUN = (  # noqa: SIM905
     "model planner_model worker_model synthesizer_model temperature direct_instructions "
     "planner_max_tokens worker_max_tokens synthesizer_max_tokens max_threads max_depth "
     "max_total_threads merge token_budget deadline_s max_replacements stop_loops retry_loops "
-    "stop_copy_lines min_thread_tokens vote_temperature native_max_tokens stream_plan "
-    "label_goals warm_prefix thread_documents plan_documents planner_document_chars "
-    "max_tool_calls stream_tokens on_thread_error prefer router review_plan"
+    "loop_retry_temperature stop_copy_lines min_thread_tokens vote_temperature "
+    "native_max_tokens stream_plan label_goals warm_prefix thread_documents plan_documents "
+    "planner_document_chars max_tool_calls stream_tokens on_thread_error prefer router review_plan"
 ).split()
 """``AprSettings`` fields a run may change (each described by its setting's docstring)."""
 

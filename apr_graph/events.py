@@ -39,6 +39,9 @@ Every event is a JSON-shaped dict with an ``event`` key:
 - ``{"event": "answer_token", "text"}``: a piece of the final answer as the merge or direct
   call writes it (answers that need no call, and a direct answer that may call tools,
   arrive whole in the output).
+- ``{"event": "answer_retry", "reason", "at_tokens"}``: the direct answer began repeating
+  itself ``at_tokens`` in and is asked for once more (``AprSettings.retry_loops``): the
+  ``answer_token`` text streamed so far is dropped; the new answer's follows.
 - ``{"event": "merge_incomplete", "lost"}``: the merge call left out the results of the
   threads listed in ``lost`` (their ids); those results were added back under the answer.
 

@@ -1,22 +1,13 @@
 """Degenerate repetition in streamed text: the model says the same thing again and again.
 
-A loop is found while the text streams, as a run of words that repeats a block of ``p`` words
-back to back, at least ``_min_repeats(p)`` times and over at least ``MIN_SPAN_WORDS`` words
-(a block of 20 words or more at its second copy, shorter ones at their third: lists and
-tables repeat short tokens legitimately). A numbered list's markers count as one word, so a
-list that repeats its items under new numbers is a loop too. A runaway list repeats no block
-but the same sentence in new items: a sentence of ``SENTENCE_WORDS`` words or more said for
-the ``SENTENCE_REPEATS``-th time (outside code blocks) is a loop too; and so is a list whose
-items keep saying what earlier ones said with other names (``ITEM_REPEATS`` items of the
-last ``ITEM_WINDOW``, see ``ITEM_NOVELTY``): "Missing `__lt__` method: the class has no
-`__lt__` method, which makes it hard to sort..." for one method after another, to the token
-limit.
-
-A reply that writes out its own input again (a document from its top, ``copy_lines``
-unchanged lines in a row; a quote from elsewhere, ``QUOTE_FACTOR`` times that) is cut where
-the copy begins: the reader has those lines already. Copies are not watched when the task
-asks for its documents changed or quoted (``asks_for_input_text``): there the copy is the
-answer.
+Found while the text streams: a block of words repeated back to back (``_min_repeats``; a
+numbered list's markers count as one word, so items repeated under new numbers are a loop);
+a sentence said for the ``SENTENCE_REPEATS``-th time; a list whose items say what earlier ones
+said with other names (``ITEM_NOVELTY``), or whose short items all open alike
+(``SHORT_ITEM_RUN``). A reply that writes out its own input again (``copy_lines`` unchanged
+lines in a row from a document's top; a quote, ``QUOTE_FACTOR`` times that) is cut where the
+copy begins, unless the task asks for its documents changed or quoted
+(``asks_for_input_text``): there the copy is the answer.
 """
 
 from __future__ import annotations
@@ -60,17 +51,19 @@ ITEM_WORDS = 15
 ITEM_NOVELTY = 0.3
 ITEM_REPEATS = 3
 ITEM_WINDOW = 5
-"""A list item of ``ITEM_WORDS`` words or more of which less than ``ITEM_NOVELTY`` of the word
-4-grams are new to its list (to its last 32 items; names in code spans read alike, and so do
-their words in prose: "`unique_words` ... the unique words"; numbers do not, so the steps of a
-calculation differ) repeats a template; such an item that makes ``ITEM_REPEATS`` of the last
-``ITEM_WINDOW`` items is a loop, cut where it starts (a list may alternate two templates, or
-put a new item between repeats). Of the 754 replies ``data/decision/runs`` held before session
-23, this fires in 41 (29 when it took three in a row under 0.25, names' words unmasked), every
-one a list running away (travel tips, causes cycling, one claim made of function after
-function) or a loop; at 0.4 it would also cut a sound list of usage examples, one function
-after another (its items 0.28-0.35 new). A heading, or a list numbered from 1 again, starts
-afresh."""
+"""A list item of ``ITEM_WORDS`` words or more with under ``ITEM_NOVELTY`` of its word 4-grams
+new to its list (its last 32 items; names in code spans and their words in prose read alike,
+numbers do not) repeats a template; one that makes ``ITEM_REPEATS`` of the last
+``ITEM_WINDOW`` items is a loop, cut where it starts. A heading, or a list numbered from 1
+again, starts afresh. Of the 754 replies in ``data/decision/runs`` before session 23 it fired
+in 41, each a runaway list or a loop; at 0.4 it would also cut a sound list of usage examples
+(items 0.28-0.35 new)."""
+
+SHORT_ITEM_WORDS = 8
+SHORT_ITEM_RUN = 10
+"""``SHORT_ITEM_RUN`` list items in a row of 3 to ``SHORT_ITEM_WORDS`` words that open with the
+same two ("Good for testing", "Good for debugging", ... 46 by Qwen2.5-1.5B asked for pros
+and cons) are a loop, cut at the last. No reply in ``data/decision/runs`` has more than 6."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
 _SENTENCE_LEAD = re.compile(r"^[\s>*#\-\d.()]+")
@@ -126,6 +119,8 @@ class _ListWatch:
         self._items: deque[tuple[list[str], set[tuple[str, ...]]]] = deque(maxlen=_ITEM_MEMORY)
         self._names: set[str] = set()  # the words of the names its code spans gave
         self._recent: deque[bool] = deque(maxlen=ITEM_WINDOW)  # templated, for the last items
+        self._lead: tuple[str, ...] = ()  # the first two words of the last short items
+        self._run = 0  # how many short items in a row open with them
         self._in_code = False
 
     def feed(self, text: str, end: int) -> Loop | None:
@@ -148,6 +143,9 @@ class _ListWatch:
                 self._items.clear()
                 self._names.clear()
                 self._recent.clear()
+                self._lead, self._run = (), 0
+            if marker is None and not section and line[:1].strip():
+                self._lead, self._run = (), 0  # a line of prose ("Cons:") between lists
             if top and marker is not None:
                 if self._indent is None:
                     self._indent = len(marker.group(1))
@@ -179,6 +177,12 @@ class _ListWatch:
             self._items = deque(
                 ((item, self._grams(item)) for item, _ in self._items), maxlen=_ITEM_MEMORY
             )
+        short = 2 < len(words) <= SHORT_ITEM_WORDS
+        lead = tuple(words[:2]) if short else ()
+        self._run = self._run + 1 if lead and lead == self._lead else int(short)
+        self._lead = lead
+        if self._run >= SHORT_ITEM_RUN:
+            return Loop(keep=start, period_words=len(words), repeats=self._run)
         seen = set().union(*(item_grams for _, item_grams in self._items))
         grams = self._grams(words)
         self._items.append((words, grams))

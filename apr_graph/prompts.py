@@ -115,7 +115,7 @@ _CONTINUE = (
 
 _RETRY = """\
 
-A previous attempt at this subtask was rejected: {reason}
+A previous attempt was rejected: {reason}
 Take a different approach."""
 
 _VERIFY_USER = """\
@@ -315,7 +315,9 @@ def synthesizer_messages(
     return _pair(system or shared_system(task, context), user)
 
 
-def direct_messages(task: str, context: str, system: str | None = None) -> list[Message]:
+def direct_messages(
+    task: str, context: str, system: str | None = None, *, rejected: str | None = None
+) -> list[Message]:
     """Messages of a direct answer: the task whole, as the user's own message.
 
     Under ``system`` (``AprSettings.direct_instructions``) when given. Else, without a
@@ -330,6 +332,8 @@ def direct_messages(task: str, context: str, system: str | None = None) -> list[
         numbers = any(c.isdigit() for c in without_labels(task))  # "(1)" is not a number
         system = DIRECT_SYSTEM if numbers else DIRECT_PLAIN_SYSTEM
     user = f"{task}\n\n{_tagged('context', context)}" if context else task
+    if rejected:  # a fresh attempt after one that looped (``nodes.direct``)
+        user += _RETRY.format(reason=quote(rejected[:500]))
     if system:
         return _pair(system, user)
     return [{"role": "user", "content": user}]

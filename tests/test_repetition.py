@@ -6,6 +6,7 @@ The scripted workers write their result and then one phrase over and over until 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -13,8 +14,14 @@ from typing import Any
 
 import pytest
 
-from apr_graph import compile_apr_graph
-from apr_graph.loops import ITEM_REPEATS, MAX_PERIOD_WORDS, SENTENCE_REPEATS, LoopDetector
+from apr_graph import compile_apr_graph, loops
+from apr_graph.loops import (
+    ITEM_REPEATS,
+    MAX_PERIOD_WORDS,
+    SENTENCE_REPEATS,
+    SHORT_ITEM_RUN,
+    LoopDetector,
+)
 from apr_graph.testing import RecordedRequest, Reply, Rule
 from tests.conftest import ServerFactory, settings_for
 
@@ -133,6 +140,7 @@ async def test_a_thread_that_loops_before_saying_anything_gets_one_fresh_attempt
     assert len(mine) == 2  # the loop, and one fresh attempt at the same room
     assert [r.body["max_tokens"] for r in mine if r.body] == [ALLOWANCE, ALLOWANCE]
     assert "repeating itself" in mine[1].last_user_message
+    assert [r.body["temperature"] for r in mine if r.body] == [0.0, 0.4]
     thread = next(t for t in result["threads"] if "dataset.py" in t["goal"])
     assert thread["answer"] == fresh
     assert thread["attempts"] == 2
@@ -197,24 +205,84 @@ async def test_a_looping_merge_is_cut_and_what_it_said_before_is_the_answer(
     assert result["metrics"]["loops"] == 1
 
 
-async def test_a_looping_direct_answer_is_cut(make_server: ServerFactory) -> None:
-    said = "Paris is the capital of France. "
-    server = make_server(
-        [
-            Rule(
-                role="planner",
-                where=lambda r: "response_format" in (r.body or {}),
-                reply=Reply(content={"strategy": "direct", "answer": None}),
-            ),
-            Rule(role="planner", reply=looping(said)),
-        ]
+def direct_plan() -> Rule:
+    return Rule(
+        role="planner",
+        where=lambda r: "response_format" in (r.body or {}),
+        reply=Reply(content={"strategy": "direct", "answer": None}),
     )
-    settings = settings_for(server, planner_max_tokens=ALLOWANCE)
-    result, _ = await run(compile_apr_graph(settings=settings), "Capital of France?")
-    direct = [r for r in server.chat_requests("planner") if "response_format" not in r.body]
-    assert len(direct) == 1
+
+
+def direct_requests(server: Any) -> list[RecordedRequest]:
+    return [r for r in server.chat_requests("planner") if "response_format" not in r.body]
+
+
+async def test_a_direct_answer_that_loops_after_its_answer_is_cut_and_kept(
+    make_server: ServerFactory,
+) -> None:
+    said = (
+        "Paris is the capital of France. It stands on the Seine, in the north of the country, "
+        "and has been the seat of its kings, then of its republics, for most of a thousand "
+        "years. About two million people live in the city itself and over twelve million in "
+        "its region, which makes it one of the largest metropolitan areas in Europe, home "
+        "to the Louvre, the Eiffel Tower and many universities. "
+    )
+    server = make_server([direct_plan(), Rule(role="planner", reply=looping(said))])
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE, worker_max_tokens=ALLOWANCE // 2)
+    result, events = await run(compile_apr_graph(settings=settings), "Capital of France?")
+    direct = direct_requests(server)
+    assert len(direct) == 1  # it looped after an eighth of its allowance: no fresh attempt
     assert direct[0].streamed - len(said.split()) <= CUT_WITHIN
     assert result["answer"].startswith(said.strip())
+    assert result["answer"].count("check the code again") <= 1
+    assert not [e for e in events if e["event"] == "answer_retry"]
+
+
+async def test_a_direct_answer_that_loops_at_once_is_asked_again_and_told_why(
+    make_server: ServerFactory,
+) -> None:
+    first = "Python: pros: easy to learn. "
+    whole = "Python is easy to learn; Rust is fast and safe; Go compiles quickly."
+    server = make_server(
+        [
+            direct_plan(),
+            Rule(role="planner", contains="repeating itself", reply=Reply(content=whole)),
+            Rule(role="planner", reply=looping(first)),
+        ]
+    )
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE, worker_max_tokens=ALLOWANCE // 2)
+    result, events = await run(
+        compile_apr_graph(settings=settings), "Pros and cons of Python, Rust and Go?"
+    )
+    direct = direct_requests(server)
+    assert len(direct) == 2
+    assert [r.body["max_tokens"] for r in direct] == [ALLOWANCE, ALLOWANCE]
+    assert "repeating itself after about" in direct[1].last_user_message
+    assert result["answer"] == whole  # the first attempt's text is gone
+    retries = [e for e in events if e["event"] == "answer_retry"]
+    assert len(retries) == 1
+    assert 0 < retries[0]["at_tokens"] < ALLOWANCE // 8
+    assert [r.body["temperature"] for r in direct] == [0.0, 0.4]  # the retry samples
+    assert result["metrics"]["loops"] == 1
+    assert result["metrics"]["model_calls"] == 3  # the plan and two attempts
+
+
+async def test_a_direct_answer_that_loops_twice_is_not_asked_a_third_time(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([direct_plan(), Rule(role="planner", reply=looping("Hmm. "))])
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE)
+    result, _ = await run(compile_apr_graph(settings=settings), "Pros and cons of Go?")
+    assert len(direct_requests(server)) == 2
+    assert result["metrics"]["loops"] == 2
+    assert result["answer"].startswith("Hmm.")
+
+
+async def test_no_fresh_direct_attempt_with_retry_loops_off(make_server: ServerFactory) -> None:
+    server = make_server([direct_plan(), Rule(role="planner", reply=looping("Hmm. "))])
+    settings = settings_for(server, planner_max_tokens=ALLOWANCE, retry_loops=False)
+    await run(compile_apr_graph(settings=settings), "Pros and cons of Go?")
+    assert len(direct_requests(server)) == 1
 
 
 async def test_a_looping_plan_written_without_a_schema_is_cut_and_asked_again(
@@ -369,6 +437,60 @@ def test_a_sentence_said_in_code_or_short_or_four_times_is_no_loop() -> None:
         for n, name in enumerate(["get", "sample", "filter", "mean"], 1)
     )
     assert feed(four + "That is all.\n")[0] is None
+
+
+PROS = ["easy to learn", "a large ecosystem", "cross-platform code"]
+USES = "web development, data analysis, machine learning, scientific computing, automation"
+RUNAWAY = [f"Good for {use.strip()}" for use in USES.split(",")] + [
+    f"Good for {topic} usage" for topic in ["speed", "memory", "disk", "network", "testing"]
+]
+
+
+def test_a_list_of_short_items_that_open_alike_is_cut_at_its_tenth() -> None:
+    items = [*PROS, *RUNAWAY, "Good for storage usage", "Good for CPU usage"]
+    text = "Python:\nPros:\n" + "".join(f"- {item}\n" for item in items)
+    found, _ = feed(text)
+    assert found is not None
+    kept = text[: found.keep]
+    assert kept.count("- Good for") == SHORT_ITEM_RUN - 1
+    assert kept.endswith("- Good for network usage\n")
+
+
+def test_nine_short_items_that_open_alike_or_a_new_list_are_no_loop() -> None:
+    nine = "".join(f"- {item}\n" for item in RUNAWAY[: SHORT_ITEM_RUN - 1])
+    assert feed(f"Pros:\n{nine}\nCons:\n{nine}")[0] is None  # a bold or new list starts afresh
+    varied = "".join(f"- {item}\n" for item in [*RUNAWAY[:5], *PROS, *RUNAWAY[5:]])
+    assert feed(varied)[0] is None
+    two_words = "".join(
+        f"- Supports {fmt}\n" for fmt in ["JSON", "YAML", "TOML", "XML", "CSV", "INI", "HCL"]
+    )
+    assert feed(two_words * 2)[0] is None  # "Supports JSON" says no more than its opening
+
+
+def test_no_kept_reply_runs_away_in_short_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reply in ``data/decision/runs`` is cut where it was before the rule came."""
+    root = Path(__file__).resolve().parents[1] / "data" / "decision" / "runs"
+    replies: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, str) and key in ("answer", "text", "content", "result"):
+                    replies.add(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for path in sorted(root.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    lists = [r for r in replies if r.count("\n- ") + r.count("\n1. ") >= 1]
+    assert len(lists) > 200
+    now = [feed(reply, step=40)[0] for reply in lists]
+    monkeypatch.setattr(loops, "SHORT_ITEM_RUN", 10**9)
+    before = [feed(reply, step=40)[0] for reply in lists]
+    assert now == before
 
 
 def test_ordinary_text_and_code_are_not_loops() -> None:

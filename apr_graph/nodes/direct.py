@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING
 from apr_graph.board import RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError
-from apr_graph.events import answer_emitter
+from apr_graph.events import answer_emitter, emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
+from apr_graph.nodes.thread import REPEATED, fresh_attempt, retry_temperature
 from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages
-from apr_graph.responses import StreamProgress
+from apr_graph.responses import LOOPED, StreamProgress, estimate_tokens
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, PlanRecord
 
@@ -43,13 +44,16 @@ async def direct_answer(
     tools: Sequence[BaseTool] = (),
 ) -> str:
     """The plan's own answer, else one call that answers the task whole (streamed as
-    ``answer_token`` events, its record appended to ``calls``). With ``tools`` the call
-    may use them, as a thread does (``tool_loop``); its text is then not streamed, since
-    a round may be a call written as text."""
+    ``answer_token`` events, its record appended to ``calls``), and one fresh call if that
+    one began repeating itself early (``fresh_attempt``; an ``answer_retry`` event). With
+    ``tools`` the call may use them, as a thread does (``tool_loop``); its text is then not
+    streamed, since a round may be a call written as text."""
     answer = plan["answer"] or ""
-    if not answer:
-        messages = direct_messages(task, context, settings.direct_instructions)
+    rejected = None
+    while not answer:
+        messages = direct_messages(task, context, settings.direct_instructions, rejected=rejected)
         allowance = direct_allowance(task, settings)
+        progress = StreamProgress(on_text=answer_emitter())
         if tools:
             work = tool_loop(
                 client, settings, board.budget, "direct", messages, tools, allowance, role="planner"
@@ -61,7 +65,8 @@ async def direct_answer(
                 thread="direct",
                 max_tokens=allowance,
                 budget=board.budget,
-                progress=StreamProgress(on_text=answer_emitter()),
+                progress=progress,
+                temperature=retry_temperature(settings) if rejected else None,
             )
         try:
             direct = await board.guard(work)
@@ -76,6 +81,19 @@ async def direct_answer(
                 url=client.base_url,
             )
         answer = direct.text
+        kept = estimate_tokens(answer)
+        if (
+            direct.finish_reason == LOOPED
+            and rejected is None
+            and fresh_attempt(settings, board.budget, kept, allowance)
+        ):
+            # It began repeating itself before it said much (a list that runs away with
+            # its first item): asked once more, told so, as a thread would be.
+            rejected = REPEATED.format(kept=kept)
+            emit("answer_retry", reason=rejected, at_tokens=kept)
+            answer = ""
+            continue
+        break
     if not answer.strip():
         raise ModelCallError(
             f"the model at {client.base_url} returned an empty answer", url=client.base_url

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from apr_graph.answers import final_answer
 from apr_graph.board import DEFERRED, RunBoard, deferred_record
-from apr_graph.budget import StoppedError
+from apr_graph.budget import Budget, StoppedError
 from apr_graph.errors import (
     AuthenticationError,
     ModelCallError,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from apr_graph.settings import AprSettings
 
 __all__ = [
+    "REPEATED",
     "RUN_FATAL",
     "Subgraph",
     "Thread",
@@ -42,6 +43,8 @@ __all__ = [
     "dependencies_of",
     "finish_thread",
     "fork_thread",
+    "fresh_attempt",
+    "retry_temperature",
     "thread_call",
 ]
 
@@ -214,6 +217,23 @@ def copy_watch(settings: AprSettings, task: str, goal: str) -> int:
     """Lines of its input a thread's reply may write out again before it is cut there:
     ``stop_copy_lines``, unless the task or the goal asks for documents changed or quoted."""
     return 0 if asks_for_input_text(task, goal) else settings.stop_copy_lines
+
+
+REPEATED = "it started repeating itself after about {kept} tokens. Say each point once, then stop"
+"""The reason a reply that looped early is given with its fresh attempt."""
+
+
+def fresh_attempt(settings: AprSettings, budget: Budget, kept: int, allowance: int) -> bool:
+    """Whether a reply cut where it began repeating itself, ``kept`` tokens in, gets one
+    fresh attempt at the same ``allowance``: only a loop before an eighth of it does, with
+    ``retry_loops`` on and room left in the run's budget and deadline."""
+    return settings.retry_loops and kept < allowance // 8 and budget.room_for(allowance)
+
+
+def retry_temperature(settings: AprSettings, own: float | None = None) -> float:
+    """The temperature of a fresh attempt after a loop: ``loop_retry_temperature``, or the
+    call's ``own`` (else the settings') when that is higher."""
+    return max(settings.loop_retry_temperature, settings.temperature if own is None else own)
 
 
 def thread_call(

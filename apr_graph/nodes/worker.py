@@ -24,6 +24,7 @@ from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.nodes.goal_call import goal_call
 from apr_graph.nodes.thread import (
+    REPEATED,
     RUN_FATAL,
     Subgraph,
     Thread,
@@ -31,6 +32,8 @@ from apr_graph.nodes.thread import (
     dependencies_of,
     finish_thread,
     fork_thread,
+    fresh_attempt,
+    retry_temperature,
     thread_call,
 )
 from apr_graph.nodes.tool_loop import run_call, tool_loop
@@ -206,8 +209,12 @@ async def _solve(
                 )
             else:
                 copies = copy_watch(settings, payload["task"], subtask["goal"])
+                asked = subtask
+                if thread.looped is not None and partial is None:  # a fresh attempt after a loop
+                    own = subtask.get("temperature")
+                    asked = {**subtask, "temperature": retry_temperature(settings, own)}
                 work = thread_call(
-                    client, messages, subtask, allowance, progress, board.budget, copy_lines=copies
+                    client, messages, asked, allowance, progress, board.budget, copy_lines=copies
                 )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
@@ -319,14 +326,9 @@ def _looped(
         saved_tokens=max(0, allowance - progress.completion_tokens),
         copied_lines=copied,
     )
-    budget = board.budget  # stopped once its deadline passes: admits() says so
-    left = None if settings.token_budget is None else settings.token_budget - budget.tokens_used
-    room = budget.admits() and (left is None or left >= allowance)
-    if earlier or not settings.retry_loops or kept >= allowance // 8 or not room:
+    if earlier or not fresh_attempt(settings, board.budget, kept, allowance):
         return None
-    reason = (
-        f"it started repeating itself after about {kept} tokens. Say each point once, then stop"
-    )
+    reason = REPEATED.format(kept=kept)
     if copied:
         reason = f"it began writing out its input again after about {kept} tokens. Do not copy it"
     emit("thread_retry", id=sid, attempt=thread.attempts + 1, reason=reason)
