@@ -63,7 +63,7 @@ async def one(app: Any, task: str) -> dict[str, Any]:
     }
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     base = AprSettings(base_url=args.base_url, model=args.model, speed_file="")
     apps = {
         "before": compile_apr_graph(settings=base.model_copy(update={"retry_loops": False})),
@@ -92,7 +92,7 @@ async def main(args: argparse.Namespace) -> None:
         for policy, got in rows.items()
     }
     print(json.dumps(summary, indent=1))
-    Path(args.out).write_text(json.dumps({"summary": summary, "runs": rows}, indent=1))
+    return {"summary": summary, "runs": rows}
 
 
 if __name__ == "__main__":
@@ -101,4 +101,6 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True)
     parser.add_argument("--tasks", type=int, default=len(TASKS))
     parser.add_argument("--out", required=True)
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    figures = asyncio.run(main(arguments))
+    Path(arguments.out).write_text(json.dumps(figures, indent=1))
