@@ -11,6 +11,7 @@ __all__ = ["dead_end", "final_answer", "kept_in", "majority", "normalise_answer"
 _FINAL = re.compile(r"final answer\s*[:\uff1a]\s*(.+)", re.I)
 _DEAD_END = re.compile(r"^[\s>*_#`-]*DEAD END\b[\s*_:.-]*", re.I)
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+_LIST_MARK = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*+\u2022])\s+")  # "6. " is no result
 
 
 def dead_end(text: str) -> str | None:
@@ -38,7 +39,7 @@ def kept_in(answer: str, merged: str) -> bool | None:
     """Whether a merged answer still holds a thread's result: its final answer whole (case,
     spacing and markup aside), else its last number, else one of its names (capitalised words
     after the first); ``None`` when it has neither (prose, or a short answer: ``words_in``)."""
-    raw = final_answer(answer)
+    raw = _LIST_MARK.sub("", final_answer(answer))  # a list's last item, not its number
     final = normalise_answer(raw)
     whole = normalise_answer(merged)
     if not final or final in whole:

@@ -143,6 +143,14 @@ All threads have finished. Their results, in plan order:
 Merge them into one complete, correct final answer to the task. Resolve any contradiction,
 do not mention threads or subtasks, and reply with the final answer only."""
 
+_SYNTH_PART_USER = """\
+These are some of the threads' results, in plan order (the rest are merged apart, as these are):
+
+{results}
+
+Merge them into one result that keeps everything they found that the task needs: it will be
+merged with the others into the final answer. Do not mention threads or subtasks."""
+
 DIRECT_SYSTEM = "Answer the question, then end with a last line 'Final answer: ...'."
 """The direct answer's system message for a task with a number in it (``apr bench``'s
 ``sequential`` baseline too): the task is the user's own message, and the model decides how
@@ -309,9 +317,11 @@ def synthesizer_messages(
     results: list[tuple[str, str, str]],
     *,
     system: str | None = None,
+    part: bool = False,
 ) -> list[Message]:
-    """Messages of the merge call; ``results`` holds (id, goal, text) in plan order."""
-    user = _SYNTH_USER.format(results=_results_block(results))
+    """Messages of the merge call; ``results`` holds (id, goal, text) in plan order.
+    ``part``: they are a group of the results, merged apart first (too many for one call)."""
+    user = (_SYNTH_PART_USER if part else _SYNTH_USER).format(results=_results_block(results))
     return _pair(system or shared_system(task, context), user)
 
 

@@ -3,6 +3,7 @@ and merged from their results (``inputs.split_context``)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -151,19 +152,21 @@ def test_pieces_are_sized_by_the_server_s_own_count_when_the_text_is_dense() -> 
     assert largest(refused=24_200) / 2 < 4096 * 3 / 4  # its tokens fit, with room to reply
 
 
-async def test_results_too_long_to_merge_in_one_request_are_given_as_written(
-    make_server: ServerFactory,
-) -> None:
-    def long_result(request: RecordedRequest) -> Reply:
-        shades = " ".join(f"shade{j}-{seen(request)}" for j in range(700))  # no loop: all differ
-        return Reply(content=f"{seen(request)} colours: {shades}")
+def long_result(words: int) -> Any:
+    def reply(request: RecordedRequest) -> Reply:
+        shades = " ".join(f"shade{j}-{seen(request)}" for j in range(words))  # all differ: no loop
+        return Reply(content=f"{seen(request)} colours: {shades}. In all: {seen(request)}.")
 
-    server = make_server(
-        [Rule(role="worker", reply=long_result), Rule(role="synthesizer", reply=Reply("x"))],
-        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
-    )
-    app = compile_apr_graph(settings=settings_for(server))
+    return reply
 
+
+def counts(request: RecordedRequest) -> Reply:
+    """A merge that keeps what every result it was given found (their counts), in short."""
+    found = re.findall(r"\b\d+ colours\b", request.last_user_message)
+    return Reply(content=" + ".join(found))
+
+
+async def stream_run(app: Any) -> tuple[dict[str, Any], list[str]]:
     notices, result = [], {}
     async for mode, chunk in app.astream(
         {"task": TASK, "context": FACTS}, stream_mode=["custom", "values"]
@@ -172,8 +175,41 @@ async def test_results_too_long_to_merge_in_one_request_are_given_as_written(
             notices.append(chunk["text"])
         elif mode == "values":
             result = chunk
+    return result, notices
+
+
+async def test_results_too_long_to_merge_in_one_request_are_merged_in_groups_first(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [Rule(role="worker", reply=long_result(700)), Rule(role="synthesizer", reply=counts)],
+        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
+    )
+    result, notices = await stream_run(compile_apr_graph(settings=settings_for(server)))
 
     workers = server.chat_requests("worker")
-    assert len(server.chat_requests("synthesizer")) == 1  # refused: it did not fit
+    assert len(workers) >= 3
+    merges = server.chat_requests("synthesizer")
+    taken = [r for r in merges if r.status == 200]
+    assert len(taken) < len(merges)  # the whole merge was refused, its groups were not
+    assert any(r.last_user_message.startswith("These are some of") for r in taken)
+    assert taken[-1].last_user_message.startswith("All threads have finished.")
+    # Every thread's finding reached the answer through the merges, none added back.
+    assert sorted(result["answer"].split(" + ")) == sorted(f"{seen(r)} colours" for r in workers)
+    assert any("merging them in groups first" in text for text in notices)
+    assert len([c for c in result["calls"] if c["role"] == "synthesizer"]) == len(taken)
+
+
+async def test_a_result_too_long_to_merge_even_alone_is_given_as_written(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server(
+        [Rule(role="worker", reply=long_result(2100)), Rule(role="synthesizer", reply=counts)],
+        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
+    )
+    result, notices = await stream_run(compile_apr_graph(settings=settings_for(server)))
+
+    workers = server.chat_requests("worker")
+    assert all(r.status != 200 for r in server.chat_requests("synthesizer"))
     assert result["answer"].count(" colours: ") == len(workers)  # every thread's work kept
     assert any("did not fit one merge request" in text for text in notices)

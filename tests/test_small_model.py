@@ -410,3 +410,32 @@ async def test_a_direct_plan_without_working_still_answers(make_server: ServerFa
     )
     assert result["answer"] == "Paris"
     assert "working" not in result["plan"]
+
+
+async def test_a_merge_that_keeps_a_numbered_list_s_last_item_is_not_told_it_lost_it(
+    make_server: ServerFactory,
+) -> None:
+    # A 1.5B merge of a file listing kept "JSONArray" as a bullet; the thread had it as item
+    # 6, and "6" (the item's number, read as its result) was not in the merge: added back.
+    plan = {"strategy": "parallel", "merge": "synthesize", "subtasks": ["decoder", "glob"]}
+    listing = {
+        "decoder": "Defined:\n1. JSONDecoder: decodes JSON text.\n2. JSONArray: parses an array.",
+        "glob": "Defined:\n1. glob: finds paths matching a pattern.",
+    }
+    merged = (
+        "- `JSONDecoder`: decodes JSON text.\n- `JSONArray`: parses an array.\n"
+        "- `glob`: finds paths matching a pattern."
+    )
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            *(
+                Rule(role="worker", contains=goal, reply=Reply(content=text))
+                for goal, text in listing.items()
+            ),
+            Rule(role="synthesizer", reply=Reply(content=merged)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": "List what is defined"}, stream_mode="custom")]
+    assert [e for e in events if e["event"] == "merge_incomplete"] == []

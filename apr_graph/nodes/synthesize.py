@@ -8,6 +8,7 @@ answer is what finished, marked incomplete.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -196,20 +197,9 @@ async def _merge(
     if (sole := _sole_survivor(threads, done, used)) is not None:
         return sole
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
-    completion = await board.guard(
-        client.chat(
-            # A context cut into pieces does not fit one request: the merge reads the results.
-            synthesizer_messages(task, "", results)
-            if plan.get("pieces")
-            else synthesizer_messages(task, context, results, system=board.system),
-            role="synthesizer",
-            budget=board.budget,
-            progress=StreamProgress(on_text=answer_emitter()),
-        ),
-        budget_only=True,
-    )
-    calls.append(call_record(completion, role="synthesizer"))
-    answer = completion.text.strip()
+    # A context cut into pieces does not fit one request: the merge reads the results.
+    system = None if plan.get("pieces") else board.system
+    answer = await _merge_calls(client, board, task, context, results, calls, system=system)
     if not answer:
         # An empty merge must not erase finished work: fall back to the results themselves.
         return concatenate(threads)
@@ -227,3 +217,72 @@ async def _merge(
         emit("merge_incomplete", lost=[t["id"] for t in lost])
         answer += "\n\n" + concatenate(lost)
     return answer
+
+
+MERGE_ROUNDS = 4
+"""How deep results too long for one merge request are halved, each half merged apart."""
+
+
+async def _merge_calls(
+    client: LLMClient,
+    board: RunBoard,
+    task: str,
+    context: str,
+    results: list[tuple[str, str, str]],
+    calls: list[CallRecord],
+    *,
+    system: str | None,
+    part: bool = False,
+    depth: int = 0,
+) -> str:
+    """The merge of ``results`` (id, goal, text) by one call, streamed as the answer unless
+    it is a ``part``. When the server refuses it as too long, each half of the results is
+    merged apart (the same way, at most ``MERGE_ROUNDS`` deep), then the two merges are.
+
+    Raises:
+        ContextOverflowError: one result, or a group at the deepest round, does not fit.
+    """
+    own = "" if system is None else context  # pieces: the results alone
+    messages = synthesizer_messages(task, own, results, system=system, part=part)
+    stream = None if part else answer_emitter()
+    try:
+        completion = await board.guard(
+            client.chat(
+                messages,
+                role="synthesizer",
+                budget=board.budget,
+                progress=StreamProgress(on_text=stream),
+            ),
+            budget_only=True,
+        )
+    except ContextOverflowError:
+        if depth >= MERGE_ROUNDS or len(results) < 2:
+            raise
+        if depth == 0:
+            emit(
+                "notice",
+                text=f"apr: the {len(results)} results did not fit one merge request: "
+                "merging them in groups first",
+            )
+
+        def merge(group: list[tuple[str, str, str]], as_part: bool) -> Awaitable[str]:
+            return _merge_calls(
+                client, board, task, context, group, calls,
+                system=system, part=as_part, depth=depth + 1,
+            )  # fmt: skip
+
+        half = len(results) // 2
+        groups = [results[:half], results[half:]]
+        halves = [asyncio.ensure_future(merge(group, True)) for group in groups]
+        try:
+            merged = await asyncio.gather(*halves)
+        except BaseException:  # one half failed or the run stopped: the other goes too
+            for half_task in halves:
+                half_task.cancel()
+            raise
+        ids = [f"{g[0][0]}-{g[-1][0]}" if len(g) > 1 else g[0][0] for g in groups]
+        return await merge(
+            [(i, f"the results of {i}", text) for i, text in zip(ids, merged, strict=True)], part
+        )
+    calls.append(call_record(completion, role="synthesizer"))
+    return completion.text.strip()

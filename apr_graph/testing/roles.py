@@ -46,6 +46,7 @@ _PLANNER = (
 _SHARED = "You are one part of a parallel reasoning system."
 _MERGES = (
     "All threads have finished.",  # the merge
+    "These are some of the threads' results",  # a merge of a group of them, first
     "The threads proposed these candidate answers",  # the judge
     "A thread proposed this result for subtask",  # the verifier
 )
