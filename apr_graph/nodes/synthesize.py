@@ -28,7 +28,7 @@ from apr_graph.inputs import render_context
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
 from apr_graph.plan import plan_of
-from apr_graph.prompts import judge_messages, synthesizer_messages
+from apr_graph.prompts import judge_messages, shared_system, synthesizer_messages
 from apr_graph.responses import StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import AprState, CallRecord, ThreadRecord
@@ -197,8 +197,10 @@ async def _merge(
     if (sole := _sole_survivor(threads, done, used)) is not None:
         return sole
     results = [(t["id"], t["goal"], _result_text(t)) for t in threads]
-    # A context cut into pieces does not fit one request: the merge reads the results.
-    system = None if plan.get("pieces") else board.system
+    system = board.system
+    if plan.get("pieces"):  # the context does not fit one request: the merge reads results
+        # (with no DEAD END to offer: a 1.5B model's merge gave up with one, "no task given")
+        context, system = "", shared_system(task, "", dead_end=False)
     answer = await _merge_calls(client, board, task, context, results, calls, system=system)
     if not answer:
         # An empty merge must not erase finished work: fall back to the results themselves.
@@ -242,8 +244,7 @@ async def _merge_calls(
     Raises:
         ContextOverflowError: one result, or a group at the deepest round, does not fit.
     """
-    own = "" if system is None else context  # pieces: the results alone
-    messages = synthesizer_messages(task, own, results, system=system, part=part)
+    messages = synthesizer_messages(task, context, results, system=system, part=part)
     stream = None if part else answer_emitter()
     try:
         completion = await board.guard(
