@@ -32,6 +32,7 @@ __all__ = [
     "render_context",
     "split_context",
     "thread_context",
+    "without_tags",
 ]
 
 
@@ -77,6 +78,27 @@ def render_context(context: str | Mapping[str, str]) -> str:
     if isinstance(context, str):
         return context
     return "\n".join(_document(name, text) for name, text in context.items())
+
+
+_OUR_TAG = re.compile(r'\s*(?:<document name="([^"]*)"[^>]*>|</document>|</?context>)\s*')
+
+
+def without_tags(answer: str, context: str | Mapping[str, str] | None) -> str:
+    """``answer`` without the lines of the tags the prompts wrapped ``context`` in, when a
+    model copied them with the text it wrote out again (a 1.5B model's "corrected code" of
+    two files came inside ``<context>`` and ``<document name=...>`` lines). Only an answer
+    that opens a document given, or the ``<context>`` tag, by its own line is changed."""
+    if not context:
+        return answer
+    names = {"text"} if isinstance(context, str) else set(context)
+    names = {_text(name).replace('"', "&quot;") for name in names}
+    lines = answer.splitlines(keepends=True)
+    tags = [_OUR_TAG.fullmatch(line) for line in lines]
+    ours = [t is not None and (t.group(1) is None or t.group(1) in names) for t in tags]
+    opened = any(o and "</" not in line for o, line in zip(ours, lines, strict=True))
+    if not opened:
+        return answer
+    return "".join(line for line, mine in zip(lines, ours, strict=True) if not mine)
 
 
 def documents_named(documents: Mapping[str, str], goal: str) -> list[str]:

@@ -337,3 +337,52 @@ async def test_other_tasks_with_documents_are_planned_by_the_model(
     result = await app.ainvoke({"task": task, "context": documents}, context=context)
     assert len(server.chat_requests("planner")) == 1
     assert result["answer"] == "planned"
+
+
+async def test_the_tags_a_model_copies_with_the_documents_are_not_in_the_answer(
+    make_server: ServerFactory,
+) -> None:
+    # What a 1.5B model wrote for "Find the bugs in these files and say how to fix each": its
+    # "corrected code" was the prompt's context, tags and all.
+    copied = "".join(
+        f'<document name="{name}">\n{text}</document>\n' for name, text in DOCUMENTS.items()
+    )
+    said = f"Fix: guard len(xs).\n\n```python\n<context>\n{copied}</context>\n```\n"
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                where=lambda r: "response_format" in (r.body or {}),
+                reply=Reply(content={"strategy": "direct", "answer": None}),
+            ),
+            Rule(role="planner", reply=Reply(content=said)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, router=False))
+    result = await app.ainvoke({"task": "Fix the bugs", "context": DOCUMENTS})
+    answer = result["answer"]
+    assert "<context>" not in answer
+    assert "<document" not in answer
+    assert "</document>" not in answer
+    assert answer.startswith("Fix: guard len(xs).\n\n```python\n")
+    for text in DOCUMENTS.values():
+        assert text in answer  # the code itself is kept
+
+
+async def test_tags_that_are_not_the_prompt_s_stay_in_the_answer(
+    make_server: ServerFactory,
+) -> None:
+    said = '<document name="invoice.xml">\n<total>3</total>\n</document>\n'
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                where=lambda r: "response_format" in (r.body or {}),
+                reply=Reply(content={"strategy": "direct", "answer": None}),
+            ),
+            Rule(role="planner", reply=Reply(content=said)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, router=False))
+    result = await app.ainvoke({"task": "Write an XML invoice", "context": DOCUMENTS})
+    assert result["answer"].strip() == said.strip()

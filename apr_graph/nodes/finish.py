@@ -10,6 +10,7 @@ from typing import Any
 
 from apr_graph.board import Boards
 from apr_graph.budget import EXHAUSTED
+from apr_graph.inputs import without_tags
 from apr_graph.llm import LLMClient
 from apr_graph.plan import plan_of
 from apr_graph.responses import LOOPED
@@ -155,6 +156,13 @@ def make_finish(
             # other runs' threads are streaming.
             here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
             await asyncio.to_thread(here.observe, endpoint, state.get("calls") or [])
-        return {"metrics": metrics}
+        update: dict[str, Any] = {"metrics": metrics}
+        answer = state.get("answer")
+        if (
+            isinstance(answer, str)
+            and (bare := without_tags(answer, state.get("context"))) != answer
+        ):
+            update["answer"] = bare
+        return update
 
     return finish
