@@ -195,7 +195,8 @@ async def _run(
         ):
             payload: dict[str, Any] = cast(dict[str, Any], chunk)
             if mode == "custom":
-                record["events"].append({"t": round(time.time(), 4), **payload})
+                if payload.get("event") != "token":  # threads' text: in their records
+                    record["events"].append({"t": round(time.time(), 4), **payload})
                 view.on_event(payload)
             else:
                 state = payload
@@ -245,6 +246,8 @@ def _ask(args: argparse.Namespace) -> int:
                 f"apr: run {thread_id!r} is checkpointed in {db}; "
                 f"if it is interrupted, finish it with: apr resume {thread_id}"
             )
+        if view.wants_tokens:  # a live table counts each running thread's tokens
+            settings = settings.model_copy(update={"stream_tokens": True})
         stack.enter_context(view)
         try:
             state = asyncio.run(_run(settings, inputs, view, record, thread_id=thread_id, db=db))

@@ -42,6 +42,8 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return line
 
 
+_ANSWER_LINES = 6  # lines of the streaming answer the live view shows
+
 _PROGRESS = {"queued": 0, "running": 1}
 """How far a row has come; every other status is an outcome (2). A row never goes back."""
 
@@ -62,6 +64,11 @@ class View:
         self.decision: str | None = None
         """Why the run answers directly or forks (its top-level plan's decision)."""
         self.threads: dict[str, dict[str, Any]] = {}
+        self.answer = ""
+        """The answer as the merge or a direct answer streams it (``answer_token`` events)."""
+
+    wants_tokens = False
+    """Whether the view shows threads' text as it streams (``stream_tokens``)."""
 
     def __enter__(self) -> View:
         return self
@@ -76,7 +83,11 @@ class View:
     def on_event(self, event: dict[str, Any]) -> None:
         """Update from one custom stream event."""
         kind = event.get("event")
-        if kind == "plan":
+        if kind == "token" and event.get("id") in self.threads:
+            self.threads[event["id"]]["streamed"] += 1  # a streamed piece: about a token
+        elif kind in ("answer_token", "answer_retry"):
+            self.answer = self.answer + event["text"] if kind == "answer_token" else ""
+        elif kind == "plan":
             self.strategy = event["strategy"]
             decision = event.get("decision")
             if decision is not None and not event.get("depth"):
@@ -111,7 +122,15 @@ class View:
                 )
 
     def _row(self, tid: str, goal: str = "") -> dict[str, Any]:
-        row = dict(status="queued", goal=goal, tokens=0, started=None, elapsed=None, answer=None)
+        row = dict(
+            status="queued",
+            goal=goal,
+            tokens=0,
+            streamed=0,
+            started=None,
+            elapsed=None,
+            answer=None,
+        )
         return self.threads.setdefault(tid, row)
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -193,6 +212,7 @@ class LiveView(PlainView):
     """A live table of the plan and its threads, redrawn on stderr."""
 
     thread_lines = False
+    wants_tokens = True
 
     def __init__(self, *, run_notices: bool = True) -> None:
         super().__init__(run_notices=run_notices)
@@ -204,6 +224,7 @@ class LiveView(PlainView):
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.answer = ""  # the last frame without it: the answer is printed on stdout
         self.live.stop()
         super().__exit__(exc_type, exc, tb)
 
@@ -212,6 +233,10 @@ class LiveView(PlainView):
         head = Text(f"apr · {elapsed:5.1f}s · ", style="bold")
         head.append(f"plan: {self.strategy}" if self.strategy else "planning ...")
         parts = [head, Text(f"  {self.decision}", style="dim")] if self.decision else [head]
+        if self.answer.strip():  # its last lines, as they come
+            said = [line[:100] for line in self.answer.splitlines() if line.strip()]
+            tail = said[-_ANSWER_LINES:]
+            parts.append(Text("\n".join(["answer so far:", *tail]), style="dim"))
         if not self.threads:
             return Group(*parts)
         table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
@@ -226,7 +251,7 @@ class LiveView(PlainView):
             table.add_row(
                 tid,
                 Text(label, style=_STYLES.get(status, "")),
-                str(thread.get("tokens") or ""),
+                str(thread.get("tokens") or thread.get("streamed") or ""),
                 "" if spent is None else f"{spent:.1f}s",
                 thread.get("goal", "")[:70],
             )

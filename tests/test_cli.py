@@ -421,3 +421,79 @@ def _signal_all(
         )
         for process, reader in zip(processes, readers, strict=True)
     ]
+
+
+def _frame(view: Any) -> str:
+    import io
+
+    from rich.console import Console
+
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(view._render())
+    return console.export_text()
+
+
+async def test_the_live_view_shows_the_answer_as_it_streams_then_leaves_it_to_stdout(
+    make_server: ServerFactory,
+) -> None:
+    from apr_graph import compile_apr_graph
+    from apr_graph.cli_view import LiveView
+    from tests.conftest import settings_for
+
+    lines = [f"Line {i} of the answer, said once." for i in range(1, 10)]
+    server = make_server(
+        [
+            Rule(
+                role="planner",
+                where=lambda r: "response_format" in (r.body or {}),
+                reply=Reply(content={"strategy": "direct", "answer": None}),
+            ),
+            Rule(role="planner", reply=Reply(content="\n".join(lines), chunk_delay_s=0.001)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, router=False))
+    view = LiveView()  # not started: nothing is drawn; its frames are rendered here
+    frames = []
+    async for event in app.astream({"task": "Explain it"}, stream_mode="custom"):
+        view.on_event(event)
+        if event["event"] == "answer_token":
+            frames.append(_frame(view))
+    assert len(frames) > 5  # the answer streamed piece by piece
+    assert "answer so far:" in frames[-1]
+    assert "Line 9 of the answer" in frames[-1]
+    assert "Line 3 of the answer" not in frames[-1]  # its last six lines only
+    assert any("Line 2" in f and "Line 9" not in f for f in frames)  # shown as it came
+    view.on_event({"event": "answer_retry", "reason": "it looped", "at_tokens": 9})
+    assert "answer so far" not in _frame(view)  # a fresh attempt starts it over
+    view.on_event({"event": "answer_token", "text": "Fresh start."})
+    assert "Fresh start." in _frame(view)
+    view.__exit__(None, None, None)
+    assert "answer so far" not in _frame(view)  # stdout gets the answer, once
+
+
+async def test_the_live_view_counts_a_running_thread_s_tokens(make_server: ServerFactory) -> None:
+    from apr_graph import compile_apr_graph
+    from apr_graph.cli_view import LiveView
+    from tests.conftest import settings_for
+
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["alpha", "beta"]}
+    words = " ".join(f"w{i}" for i in range(40))
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=Reply(content=words, chunk_delay_s=0.001)),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, stream_tokens=LiveView.wants_tokens))
+    view = LiveView()
+    running: list[int] = []
+    async for event in app.astream({"task": "Do alpha and beta"}, stream_mode="custom"):
+        view.on_event(event)
+        row = view.threads.get("s1")
+        mine = event["event"] == "token" and event["id"] == "s1"
+        if row is not None and row["status"] == "running" and mine:
+            running.append(row["streamed"])
+            assert f" {row['streamed']} " in _frame(view)
+    assert running == sorted(running)
+    assert running[-1] >= 10  # counted as it streamed, not only at the end
+    assert view.threads["s1"]["tokens"] > 0  # then the server's own count
