@@ -237,8 +237,8 @@ def split_context(
     the document "text"); small neighbours share a thread.
 
     Raises:
-        InputError: more threads would be needed than ``max_threads`` or the free ``slots``
-            allow, or the task alone leaves no room.
+        InputError: more threads would be needed than the run's free thread ``slots``
+            (``max_total_threads``) allow, or the task alone leaves no room.
     """
     if not slot_context or not context or settings.thread_documents != "named":
         return None
@@ -272,12 +272,11 @@ def split_context(
             groups.append([])
             size = len(text) + len(name) + _TAG_CHARS
         groups[-1].append(name)
-    most = min(settings.max_threads, slots)
-    if len(groups) > most:
+    if len(groups) > slots:  # not max_threads: a plan's cap, and the pieces are no plan
         raise InputError(
             f"the context is ~{whole:,} tokens and one request on this server holds "
             f"{slot_context:,}: read in pieces, it needs {len(groups)} threads, and "
-            f"max_threads / max_total_threads allow {most}: raise them, or {fix}"
+            f"max_total_threads allows {slots}: raise it, or {fix}"
         )
     goals = [
         f"Do the task for {', '.join(names)} alone (other threads read the rest)"

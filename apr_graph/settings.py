@@ -89,7 +89,8 @@ class AprSettings(BaseSettings):
     """Model for the merge, verifier and judge calls (defaults to ``model``)."""
 
     max_threads: int = Field(default=8, ge=1, le=4096)
-    """The most threads one decomposition may start; larger plans are clamped."""
+    """The most threads one decomposition may start; larger plans are clamped. A context too
+    long for one request is read in as many parts as it needs, up to ``max_total_threads``."""
 
     max_concurrency: int = Field(default=8, ge=1, le=1024)
     """The most model requests in flight at once toward the server."""

@@ -77,11 +77,30 @@ async def test_a_context_too_long_even_in_pieces_says_what_to_change(
     make_server: ServerFactory,
 ) -> None:
     server = make_server(rules(), personality=LlamaCpp(n_ctx=SLOT, total_slots=4))
-    app = compile_apr_graph(settings=settings_for(server, max_threads=2))
+    app = compile_apr_graph(settings=settings_for(server, max_total_threads=2))
 
-    with pytest.raises(InputError, match=r"needs \d+ threads.*allow 2: raise them"):
+    with pytest.raises(InputError, match=r"needs \d+ threads.*allows 2: raise it"):
         await app.ainvoke({"task": TASK, "context": FACTS})
     assert server.chat_requests() == []
+
+
+async def test_more_pieces_than_max_threads_run_in_waves_the_server_can_take(
+    make_server: ServerFactory,
+) -> None:
+    # max_threads caps a plan the model writes; pieces are cut to fit, and run as the
+    # server's slots free up.
+    slow = Rule(role="worker", reply=lambda r: Reply(content=f"{seen(r)} colours", delay_s=0.05))
+    server = make_server([slow, rules()[1]], personality=LlamaCpp(n_ctx=SLOT, total_slots=2))
+    app = compile_apr_graph(settings=settings_for(server, max_threads=2))
+
+    result = await app.ainvoke({"task": TASK, "context": FACTS})
+
+    workers = server.chat_requests("worker")
+    assert len(workers) == result["plan"]["pieces"] > 2
+    assert sum(seen(r) for r in workers) == 300
+    spans = [(r.started_at, r.ended_at or r.started_at) for r in workers]
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most <= 2  # never more at once than the server's slots
 
 
 async def test_a_context_that_fits_is_not_cut(make_server: ServerFactory) -> None:
