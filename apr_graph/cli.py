@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--thread-id", help="checkpoint the run under this id, so 'apr resume ID' can finish it"
     )
+    ask.add_argument(
+        "--review",
+        action="store_true",
+        help="show the plan and run its threads only once you say so, or edit its goals "
+        "(answers read on standard input)",
+    )
 
     resume = commands.add_parser(
         "resume", parents=[common], help="finish an interrupted 'apr ask --thread-id ID' run"
@@ -166,15 +172,21 @@ async def _run(
     """Run (``inputs``) or resume (``None``) the graph, streaming events to ``view``."""
     with loading():
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+        from langgraph.types import Command
 
+        from apr_graph.cli_review import review_reply
         from apr_graph.durable import run_status
         from apr_graph.graph import create_apr_graph
 
     async with checked_client(settings) as client, AsyncExitStack() as stack:
-        saver = None
+        saver: Any = None
         if thread_id is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
+        elif settings.review_plan:  # the run waits for the review in a checkpoint
+            from langgraph.checkpoint.memory import InMemorySaver
+
+            saver, thread_id = InMemorySaver(), "apr-ask-review"
         app = create_apr_graph(settings=settings, client=client).compile(
             checkpointer=saver, name="apr-graph"
         )
@@ -190,17 +202,25 @@ async def _run(
                 )
             record["task"] = values.get("task")
         state: dict[str, Any] = {}
-        async for mode, chunk in app.astream(
-            inputs, config, stream_mode=["custom", "values"], durability="sync" if saver else None
-        ):
-            payload: dict[str, Any] = cast(dict[str, Any], chunk)
-            if mode == "custom":
-                if payload.get("event") != "token":  # threads' text: in their records
-                    record["events"].append({"t": round(time.time(), 4), **payload})
-                view.on_event(payload)
-            else:
-                state = payload
-        return state
+        given: Any = inputs
+        while True:
+            async for mode, chunk in app.astream(
+                given,
+                config,
+                stream_mode=["custom", "values"],
+                durability="sync" if saver else None,
+            ):
+                payload: dict[str, Any] = cast(dict[str, Any], chunk)
+                if mode == "custom":
+                    if payload.get("event") != "token":  # threads' text: in their records
+                        record["events"].append({"t": round(time.time(), 4), **payload})
+                    view.on_event(payload)
+                else:
+                    state = payload
+            paused = (await app.aget_state(config)).interrupts if saver else ()
+            if not paused:  # else its plan waits for review (--review, or a resumed run)
+                return state
+            given = Command(resume=review_reply(view, paused[0].value))
 
 
 def _output(state: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +238,12 @@ def _ask(args: argparse.Namespace) -> int:
         if (unknown := missing_run(db, args.thread_id)) is not None:  # before any server starts
             raise CliError(unknown, EXIT_USAGE)
     settings = settings_from(args)
+    if getattr(args, "review", False):
+        if args.task == "-":
+            raise CliError(
+                "--review reads its answers on stdin: give the task as an argument", EXIT_USAGE
+            )
+        settings = settings.model_copy(update={"review_plan": True})
     # With --json the output is for a program: the run's notices stay out of its way.
     view = make_view(quiet=args.quiet, run_notices=not args.json)
     record: dict[str, Any] = {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console, Group
@@ -79,6 +81,11 @@ class View:
 
     def notice(self, message: str) -> None:
         """A one-line message for the user."""
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop drawing while the user is asked something (``apr ask --review``)."""
+        yield
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Update from one custom stream event."""
@@ -222,6 +229,14 @@ class LiveView(PlainView):
     def __enter__(self) -> View:
         self.live.start()
         return self
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.live.stop()
+        try:
+            yield
+        finally:
+            self.live.start()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.answer = ""  # the last frame without it: the answer is printed on stdout

@@ -497,3 +497,46 @@ async def test_the_live_view_counts_a_running_thread_s_tokens(make_server: Serve
     assert running == sorted(running)
     assert running[-1] >= 10  # counted as it streamed, not only at the end
     assert view.threads["s1"]["tokens"] > 0  # then the server's own count
+
+
+def test_review_shows_the_plan_and_runs_it_once_approved(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
+    server = three_part_server(make_server)
+    url = ("--base-url", server.base_url, "--model", MODEL)
+    done = run_cli("ask", "--review", *url, "Solve a, b and c", stdin="maybe\ny\n")
+    assert done.code == 0, done.err
+    assert done.out == "(a) 391 (b) 4096 (c) 100\n"
+    assert "apr: the plan: 3 threads, merge synthesize\n  a: 17*23\n  b: 2**12\n" in done.err
+    assert done.err.count("Run it?") == 2  # "maybe" is asked again
+    assert len(server.chat_requests("worker")) == 3
+
+
+def test_review_runs_the_goals_typed_instead(
+    make_server: ServerFactory, run_cli: CliRunner
+) -> None:
+    server = three_part_server(make_server)
+    url = ("--base-url", server.base_url, "--model", MODEL)
+    done = run_cli("ask", "--json", "--review", *url, "Solve a, b and c", stdin="e\n2**12\n\n")
+    assert done.code == 0, done.err
+    payload = json.loads(done.out)
+    assert [s["goal"] for s in payload["plan"]["subtasks"]] == ["2**12"]
+    assert payload["plan"]["decision"]["by"] == "review"
+    (worker,) = server.chat_requests("worker")
+    assert "2**12" in worker.last_user_message
+
+
+def test_review_declined_runs_no_thread(make_server: ServerFactory, run_cli: CliRunner) -> None:
+    server = three_part_server(make_server)
+    url = ("--base-url", server.base_url, "--model", MODEL)
+    declined = run_cli("ask", "--review", *url, "Solve a, b and c", stdin="n\n")
+    assert declined.code == 130
+    assert "the plan was not approved: no thread was run" in declined.err
+    assert declined.out == ""
+    unanswered = run_cli("ask", "--review", *url, "Solve a, b and c", stdin="")
+    assert unanswered.code == 2
+    assert "standard input ended" in unanswered.err
+    assert server.chat_requests("worker") == []
+    from_stdin = run_cli("ask", "--review", *url, "-", stdin="Solve a\n")
+    assert from_stdin.code == 2
+    assert "give the task as an argument" in from_stdin.err
