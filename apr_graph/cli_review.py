@@ -22,6 +22,8 @@ def _read(prompt: str) -> str:
     line = sys.stdin.readline()
     if not line:
         raise CliError("standard input ended before the plan review was answered", EXIT_USAGE)
+    if not sys.stdin.isatty():  # piped: say what was read, as a terminal would have shown it
+        sys.stderr.write(line if line.endswith("\n") else f"{line}\n")
     return line.strip()
 
 
