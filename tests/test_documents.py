@@ -13,6 +13,7 @@ from apr_graph import InputError, compile_apr_graph
 from apr_graph.testing import Reply, Rule
 from tests.conftest import CliRunner, ServerFactory, settings_for
 from tests.test_graph import echo_worker, merge_synth
+from tests.test_repetition import direct_plan
 
 TASK = "Review calculator.py and dataset.py for bugs, then say how the two fit together."
 DOCUMENTS = {
@@ -339,6 +340,11 @@ async def test_other_tasks_with_documents_are_planned_by_the_model(
     assert result["answer"] == "planned"
 
 
+def answering(make_server: ServerFactory, said: str) -> Any:
+    """A server whose planner answers directly, and whose direct answer is ``said``."""
+    return make_server([direct_plan(), Rule(role="planner", reply=Reply(content=said))])
+
+
 async def test_the_tags_a_model_copies_with_the_documents_are_not_in_the_answer(
     make_server: ServerFactory,
 ) -> None:
@@ -348,17 +354,7 @@ async def test_the_tags_a_model_copies_with_the_documents_are_not_in_the_answer(
         f'<document name="{name}">\n{text}</document>\n' for name, text in DOCUMENTS.items()
     )
     said = f"Fix: guard len(xs).\n\n```python\n<context>\n{copied}</context>\n```\n"
-    server = make_server(
-        [
-            Rule(
-                role="planner",
-                where=lambda r: "response_format" in (r.body or {}),
-                reply=Reply(content={"strategy": "direct", "answer": None}),
-            ),
-            Rule(role="planner", reply=Reply(content=said)),
-        ]
-    )
-    app = compile_apr_graph(settings=settings_for(server, router=False))
+    app = compile_apr_graph(settings=settings_for(answering(make_server, said), router=False))
     result = await app.ainvoke({"task": "Fix the bugs", "context": DOCUMENTS})
     answer = result["answer"]
     assert "<context>" not in answer
@@ -373,16 +369,6 @@ async def test_tags_that_are_not_the_prompt_s_stay_in_the_answer(
     make_server: ServerFactory,
 ) -> None:
     said = '<document name="invoice.xml">\n<total>3</total>\n</document>\n'
-    server = make_server(
-        [
-            Rule(
-                role="planner",
-                where=lambda r: "response_format" in (r.body or {}),
-                reply=Reply(content={"strategy": "direct", "answer": None}),
-            ),
-            Rule(role="planner", reply=Reply(content=said)),
-        ]
-    )
-    app = compile_apr_graph(settings=settings_for(server, router=False))
+    app = compile_apr_graph(settings=settings_for(answering(make_server, said), router=False))
     result = await app.ainvoke({"task": "Write an XML invoice", "context": DOCUMENTS})
     assert result["answer"].strip() == said.strip()

@@ -185,7 +185,16 @@ def counts(request: RecordedRequest) -> Reply:
     return Reply(content=" + ".join(found))
 
 
-async def stream_run(app: Any) -> tuple[dict[str, Any], list[str]]:
+async def stream_run(
+    make_server: ServerFactory, worker: Any
+) -> tuple[Any, dict[str, Any], list[str]]:
+    """A run of ``TASK`` on the log whose threads answer by ``worker`` and whose merges keep
+    the counts (a 2,048-token server): the server, the run's last state and its notices."""
+    server = make_server(
+        [Rule(role="worker", reply=worker), Rule(role="synthesizer", reply=counts)],
+        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
+    )
+    app = compile_apr_graph(settings=settings_for(server))
     notices, result = [], {}
     async for mode, chunk in app.astream(
         {"task": TASK, "context": FACTS}, stream_mode=["custom", "values"]
@@ -194,17 +203,13 @@ async def stream_run(app: Any) -> tuple[dict[str, Any], list[str]]:
             notices.append(chunk["text"])
         elif mode == "values":
             result = chunk
-    return result, notices
+    return server, result, notices
 
 
 async def test_results_too_long_to_merge_in_one_request_are_merged_in_groups_first(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server(
-        [Rule(role="worker", reply=long_result(700)), Rule(role="synthesizer", reply=counts)],
-        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
-    )
-    result, notices = await stream_run(compile_apr_graph(settings=settings_for(server)))
+    server, result, notices = await stream_run(make_server, long_result(700))
 
     workers = server.chat_requests("worker")
     assert len(workers) >= 3
@@ -222,11 +227,7 @@ async def test_results_too_long_to_merge_in_one_request_are_merged_in_groups_fir
 async def test_a_result_too_long_to_merge_even_alone_is_given_as_written(
     make_server: ServerFactory,
 ) -> None:
-    server = make_server(
-        [Rule(role="worker", reply=long_result(2100)), Rule(role="synthesizer", reply=counts)],
-        personality=LlamaCpp(n_ctx=SLOT, total_slots=4),
-    )
-    result, notices = await stream_run(compile_apr_graph(settings=settings_for(server)))
+    server, result, notices = await stream_run(make_server, long_result(2100))
 
     workers = server.chat_requests("worker")
     assert all(r.status != 200 for r in server.chat_requests("synthesizer"))
