@@ -350,6 +350,8 @@ def _main(argv: list[str]) -> int:
             code = next(code for kinds, code in _EXIT_CODES if isinstance(exc, kinds))
         if isinstance(exc, ServerUnreachableError):
             hint = "start it, fix --base-url, or leave the URL unset to use the embedded demo model"
+            if thread_id := getattr(args, "thread_id", None):  # its finished threads are kept
+                hint = f"once it is back, 'apr resume {thread_id}' finishes the run"
             message = f"{message} ({hint})"
         # One line: whatever a server or a library put in the message, line breaks included.
         print(f"apr: error: {' '.join(message.split())}", file=sys.stderr)

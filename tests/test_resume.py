@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
 from apr_graph import AprSettings, compile_apr_graph
+from apr_graph.errors import ServerUnreachableError
 from apr_graph.testing import Reply, Rule, ScriptedServer
 from tests.conftest import ServerFactory, settings_for
 from tests.test_cli import clean_env
@@ -435,3 +437,50 @@ async def test_a_second_run_on_one_langgraph_thread_keeps_only_its_own_records(
     assert [t["goal"] for t in result["threads"]] == ["beta 1", "beta 2"]
     assert "alpha" not in result["answer"]
     assert len(result["calls"]) == result["metrics"]["model_calls"] == 3
+
+
+async def test_a_run_whose_server_went_away_finishes_on_resume_once_one_is_back(
+    make_server: ServerFactory,
+) -> None:
+    # Seen with llama-server killed mid-run: every thread was recorded as failed ("cannot
+    # connect"), so `apr resume` merged the same failures again. The server is a run's, not
+    # a thread's: the run stops in its checkpoint, and a resume runs the thread again.
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["first part", "second part"]}
+    answers = [Rule(role="worker", contains="first part", reply=Reply(content="first is 7"))]
+    release = threading.Event()
+
+    def dies(request: Any) -> Reply:  # s2's request is in flight when the server goes
+        release.wait(10)
+        gone.stop()
+        return Reply(content="never said", cut_stream_after=0)
+
+    gone = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", contains="second part", reply=dies),
+            *answers,
+        ]
+    )
+    saver = InMemorySaver()
+    config: dict[str, Any] = {"configurable": {"thread_id": "gone"}}
+    app = compile_apr_graph(settings=settings_for(gone, retry_max_wait_s=0.1), checkpointer=saver)
+    run = asyncio.create_task(app.ainvoke({"task": "t"}, config))
+    while "s1" not in await stored_thread_ids(saver) or not worker_requests(gone, "second"):
+        assert not run.done(), run
+        await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(ServerUnreachableError):
+        await run
+
+    back = make_server(
+        [Rule(role="worker", contains="second part", reply=Reply(content="second is 8")), *answers]
+    )
+    again = compile_apr_graph(settings=settings_for(back), checkpointer=saver)
+    result = await again.ainvoke(None, config)
+
+    assert {t["id"]: t["status"] for t in result["threads"]} == {"s1": "done", "s2": "done"}
+    assert "first is 7" in result["answer"]
+    assert "second is 8" in result["answer"]
+    assert back.chat_requests("planner") == []
+    (redone,) = back.chat_requests("worker")  # s1 is not asked again
+    assert "second part" in redone.last_user_message

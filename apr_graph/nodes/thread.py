@@ -16,6 +16,7 @@ from apr_graph.errors import (
     ModelCallError,
     ModelNotFoundError,
     ServerCapabilityError,
+    ServerUnreachableError,
 )
 from apr_graph.events import emit
 from apr_graph.loops import asks_for_input_text
@@ -50,8 +51,11 @@ __all__ = [
 
 Subgraph = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
-RUN_FATAL = (AuthenticationError, ModelNotFoundError, ServerCapabilityError)
-"""Errors of a misconfigured run, raised as they are: no sibling thread can succeed either."""
+RUN_FATAL = (AuthenticationError, ModelNotFoundError, ServerCapabilityError, ServerUnreachableError)
+"""Errors no sibling thread can escape either, raised as they are: a misconfigured run, or a
+server gone (after the retries). Recorded as a failed thread, a server that went away would
+stay that thread's result on every resume; raised, the run stops where it is, in its
+checkpoint, and a resume once the server is back runs the thread again."""
 
 
 @dataclass

@@ -6,8 +6,11 @@ writes that reply with ``wire``: a JSON body, an SSE stream, or an error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,28 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that hang up mid-reply (cancellation, timeouts) are expected here.
         return
+
+    @functools.cached_property
+    def open(self) -> set[socket.socket]:
+        """The connections being served, kept alive or not."""
+        return set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.open.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and drop every open connection, as a server process that dies
+        does: a client's next request on a kept-alive connection fails, and so does a new
+        one."""
+        super().server_close()
+        for connection in list(self.open):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
