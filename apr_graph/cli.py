@@ -152,10 +152,10 @@ def _inputs(args: argparse.Namespace) -> AprInput:
     for path in args.file:  # each named by its path as given
         try:
             documents[path] = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(
-                f"--file {path}: cannot read it as UTF-8 text ({exc})", EXIT_USAGE
-            ) from exc
+        except UnicodeDecodeError as exc:
+            raise CliError(f"--file {path}: not UTF-8 text ({exc})", EXIT_USAGE) from exc
+        except OSError as exc:  # missing, a folder, not readable
+            raise CliError(f"--file {path}: {exc.strerror or exc}", EXIT_USAGE) from exc
     context = documents or args.context
     return {"task": task, "context": context} if context else {"task": task}
 

@@ -154,8 +154,13 @@ def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> No
     done = run_cli("ask", "--file", str(tmp_path / "missing.py"), "x")
     assert done.code == 2
     assert "--file" in done.err
-    assert "missing.py" in done.err
+    assert "missing.py: No such file or directory" in done.err
     assert "Traceback" not in done.err
+    folder = run_cli("ask", "--file", str(tmp_path), "x")
+    assert f"{tmp_path}: Is a directory" in folder.err
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\xd0\xff")
+    assert "blob.bin: not UTF-8 text" in run_cli("ask", "--file", str(binary), "x").err
     note = tmp_path / "n.txt"
     note.write_text("n")
     done = run_cli("ask", "--file", str(note), "--context", "more", "x")
