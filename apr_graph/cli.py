@@ -97,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH",
-        help="a file the model may use, named by its path (repeat it for several); a thread "
-        "whose goal names some of the files reads only those (setting thread_documents)",
+        help="a file the model may use, named by its path (repeat it for several; '-' reads "
+        "one from stdin); a thread whose goal names some of the files reads only those "
+        "(setting thread_documents)",
     )
     ask.add_argument(
         "--thread-id", help="checkpoint the run under this id, so 'apr resume ID' can finish it"
@@ -148,8 +149,13 @@ def _inputs(args: argparse.Namespace) -> AprInput:
             "with --file too",
             EXIT_USAGE,
         )
+    if args.task == "-" and "-" in args.file:
+        raise CliError("the task and a --file cannot both come from stdin", EXIT_USAGE)
     documents = {}
-    for path in args.file:  # each named by its path as given
+    for path in args.file:  # each named by its path as given; "-": stdin, named "stdin"
+        if path == "-":
+            documents["stdin"] = sys.stdin.read()
+            continue
         try:
             documents[path] = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

@@ -377,3 +377,17 @@ async def test_tags_that_are_not_the_prompt_s_stay_in_the_answer(
     app = compile_apr_graph(settings=settings_for(answering(make_server, said), router=False))
     result = await app.ainvoke({"task": "Write an XML invoice", "context": DOCUMENTS})
     assert result["answer"].strip() == said.strip()
+
+
+def test_apr_ask_reads_a_file_from_stdin(make_server: ServerFactory, run_cli: CliRunner) -> None:
+    server = _server(make_server)
+    url = ("--base-url", server.base_url, "--model", "test-model")
+    log = "ERROR disk full at 03:12\nINFO retry ok\n"
+    done = run_cli("ask", "-q", *url, "--file", "-", "What failed?", stdin=log)
+    assert done.code == 0, done.err
+    (plan,) = server.chat_requests("planner")
+    assert '<document name="stdin"' in plan.all_text
+    assert "ERROR disk full at 03:12" in plan.all_text
+    both = run_cli("ask", *url, "--file", "-", "-", stdin="x")
+    assert both.code == 2
+    assert "cannot both come from stdin" in both.err
