@@ -186,7 +186,8 @@ async def _run(
 
     async with checked_client(settings) as client, AsyncExitStack() as stack:
         saver: Any = None
-        if thread_id is not None:
+        db_saver = thread_id is not None
+        if db_saver:
             db.parent.mkdir(parents=True, exist_ok=True)
             saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
         elif settings.review_plan:  # the run waits for the review in a checkpoint
@@ -226,7 +227,8 @@ async def _run(
             paused = (await app.aget_state(config)).interrupts if saver else ()
             if not paused:  # else its plan waits for review (--review, or a resumed run)
                 return state
-            given = Command(resume=review_reply(view, paused[0].value))
+            stored = thread_id if db_saver else None
+            given = Command(resume=review_reply(view, paused[0].value, stored))
 
 
 def _output(state: dict[str, Any]) -> dict[str, Any]:

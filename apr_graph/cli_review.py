@@ -27,9 +27,10 @@ def _read(prompt: str) -> str:
     return line.strip()
 
 
-def review_reply(view: View, ask: dict[str, Any]) -> bool | list[str]:
+def review_reply(view: View, ask: dict[str, Any], stored: str | None = None) -> bool | list[str]:
     """The reply to a paused plan review (``ask``: its task, plan and any ``error``): ``True``
-    to run the plan, or the goals to run instead.
+    to run the plan, or the goals to run instead. ``stored``: the id the run is kept under
+    (a declined run waits there).
 
     Raises:
         CliError: the user declined (exit 130: nothing more runs), or stdin ended.
@@ -47,7 +48,8 @@ def review_reply(view: View, ask: dict[str, Any]) -> bool | list[str]:
         ):
             pass
         if answer in ("n", "no"):
-            raise CliError("the plan was not approved: no thread was run", EXIT_INTERRUPTED)
+            waits = f" (it waits: 'apr resume {stored}' shows it again)" if stored else ""
+            raise CliError(f"the plan was not approved: no thread was run{waits}", EXIT_INTERRUPTED)
         if answer in ("e", "edit"):
             goals: list[str] = []
             while goal := _read(f"goal {len(goals) + 1} (an empty line ends): "):

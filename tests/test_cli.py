@@ -531,7 +531,7 @@ def test_review_declined_runs_no_thread(make_server: ServerFactory, run_cli: Cli
     url = ("--base-url", server.base_url, "--model", MODEL)
     declined = run_cli("ask", "--review", *url, "Solve a, b and c", stdin="n\n")
     assert declined.code == 130
-    assert "the plan was not approved: no thread was run" in declined.err
+    assert "the plan was not approved: no thread was run\n" in declined.err
     assert declined.out == ""
     unanswered = run_cli("ask", "--review", *url, "Solve a, b and c", stdin="")
     assert unanswered.code == 2
@@ -540,3 +540,18 @@ def test_review_declined_runs_no_thread(make_server: ServerFactory, run_cli: Cli
     from_stdin = run_cli("ask", "--review", *url, "-", stdin="Solve a\n")
     assert from_stdin.code == 2
     assert "give the task as an argument" in from_stdin.err
+
+
+def test_a_declined_plan_of_a_stored_run_waits_for_apr_resume(
+    make_server: ServerFactory, run_cli: CliRunner, tmp_path: Path
+) -> None:
+    server = three_part_server(make_server)
+    common = ("--base-url", server.base_url, "--model", MODEL, "--db", str(tmp_path / "r.db"))
+    declined = run_cli("ask", "--review", "--thread-id", "r1", *common, "Solve", stdin="n\n")
+    assert declined.code == 130
+    assert "(it waits: 'apr resume r1' shows it again)" in declined.err
+    assert server.chat_requests("worker") == []
+    resumed = run_cli("resume", *common, "r1", stdin="y\n")
+    assert resumed.code == 0, resumed.err
+    assert resumed.out == "(a) 391 (b) 4096 (c) 100\n"
+    assert len(server.chat_requests("planner")) == 1  # the plan waited; it was not made again
