@@ -53,7 +53,6 @@ async def direct_answer(
     while not answer:
         messages = direct_messages(task, context, settings.direct_instructions, rejected=rejected)
         allowance = direct_allowance(task, settings)
-        progress = StreamProgress(on_text=answer_emitter())
         if tools:
             work = tool_loop(
                 client, settings, board.budget, "direct", messages, tools, allowance, role="planner"
@@ -65,7 +64,7 @@ async def direct_answer(
                 thread="direct",
                 max_tokens=allowance,
                 budget=board.budget,
-                progress=progress,
+                progress=StreamProgress(on_text=answer_emitter()),
                 temperature=retry_temperature(settings) if rejected else None,
             )
         try:
