@@ -247,9 +247,10 @@ def _ask(args: argparse.Namespace) -> int:
             raise CliError(unknown, EXIT_USAGE)
     settings = settings_from(args)
     if getattr(args, "review", False):
-        if args.task == "-":
+        if args.task == "-" or "-" in args.file:
             raise CliError(
-                "--review reads its answers on stdin: give the task as an argument", EXIT_USAGE
+                "--review reads its answers on stdin: give the task and the files as arguments",
+                EXIT_USAGE,
             )
         settings = settings.model_copy(update={"review_plan": True})
     # With --json the output is for a program: the run's notices stay out of its way.

@@ -539,7 +539,10 @@ def test_review_declined_runs_no_thread(make_server: ServerFactory, run_cli: Cli
     assert server.chat_requests("worker") == []
     from_stdin = run_cli("ask", "--review", *url, "-", stdin="Solve a\n")
     assert from_stdin.code == 2
-    assert "give the task as an argument" in from_stdin.err
+    assert "give the task and the files as arguments" in from_stdin.err
+    file_from_stdin = run_cli("ask", "--review", *url, "--file", "-", "Solve", stdin="log\n")
+    assert file_from_stdin.code == 2
+    assert "give the task and the files as arguments" in file_from_stdin.err
 
 
 def test_a_declined_plan_of_a_stored_run_waits_for_apr_resume(
