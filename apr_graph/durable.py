@@ -22,11 +22,13 @@ __all__ = ["StoredRun", "prepare_resume", "resume_run", "run_status", "stored_ru
 
 
 async def run_status(app: App, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
-    """``("new" | "interrupted" | "finished", values)`` of the run stored under ``config``."""
+    """``("new" | "review" | "interrupted" | "finished", values)`` of the run stored under
+    ``config``; ``review``: paused for its plan to be reviewed (``AprSettings.review_plan``)."""
     snapshot = await app.aget_state(config)
     if not snapshot.values:
         return "new", {}
-    return ("interrupted" if snapshot.next else "finished"), dict(snapshot.values)
+    status = "review" if snapshot.interrupts else "interrupted" if snapshot.next else "finished"
+    return status, dict(snapshot.values)
 
 
 async def prepare_resume(
@@ -65,7 +67,8 @@ async def resume_run(
 
 @dataclass(frozen=True)
 class StoredRun:
-    """One run kept by a checkpointer: its id, ``interrupted`` or ``finished``, and its task."""
+    """One run kept by a checkpointer: its id, ``review``, ``interrupted`` or ``finished``, and
+    its task."""
 
     thread_id: str
     status: str

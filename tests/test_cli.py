@@ -554,6 +554,8 @@ def test_a_declined_plan_of_a_stored_run_waits_for_apr_resume(
     assert declined.code == 130
     assert "(it waits: 'apr resume r1' shows it again)" in declined.err
     assert server.chat_requests("worker") == []
+    listed = run_cli("runs", "--db", str(tmp_path / "r.db"))
+    assert listed.out.startswith("r1  review ")
     resumed = run_cli("resume", *common, "r1", stdin="y\n")
     assert resumed.code == 0, resumed.err
     assert resumed.out == "(a) 391 (b) 4096 (c) 100\n"
