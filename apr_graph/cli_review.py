@@ -16,6 +16,9 @@ from apr_graph.cli_view import View
 __all__ = ["review_reply"]
 
 
+_REPLIES = frozenset({"", "y", "yes", "n", "no", "e", "edit"})
+
+
 def _read(prompt: str) -> str:
     sys.stderr.write(prompt)
     sys.stderr.flush()
@@ -43,10 +46,9 @@ def review_reply(view: View, ask: dict[str, Any], stored: str | None = None) -> 
         lines.append(f"apr: {ask['error']}")
     with view.paused():
         print("\n".join(lines), file=sys.stderr)
-        while (answer := _read("Run it? [Y]es, [n]o, [e]dit the goals: ").lower()) not in (
-            *("", "y", "yes", "n", "no", "e", "edit"),
-        ):
-            pass
+        answer = None
+        while answer not in _REPLIES:  # anything else is asked again
+            answer = _read("Run it? [Y]es, [n]o, [e]dit the goals: ").lower()
         if answer in ("n", "no"):
             waits = f" (it waits: 'apr resume {stored}' shows it again)" if stored else ""
             raise CliError(f"the plan was not approved: no thread was run{waits}", EXIT_INTERRUPTED)

@@ -249,10 +249,12 @@ def thread_call(
     budget: CallBudget,
     *,
     copy_lines: int,
+    temperature: float | None = None,
 ) -> Coroutine[Any, Any, Completion]:
     """A thread's streamed model call (its first may be sent early, while the plan streams:
     ``LLMClient.start``); a reply that writes out ``copy_lines`` lines of its input again is
-    cut where the copy began (``copy_watch``; 0: never)."""
+    cut where the copy began (``copy_watch``; 0: never). ``temperature``: this call's, else
+    the subtask's (a vote's), else the settings'."""
     progress.copy_source = "\n".join(str(m.get("content") or "") for m in messages)
     progress.copy_lines = copy_lines
     return client.chat(
@@ -262,6 +264,6 @@ def thread_call(
         progress=progress,
         max_tokens=allowance,
         budget=budget,
-        temperature=subtask.get("temperature"),
+        temperature=subtask.get("temperature") if temperature is None else temperature,
         thread=subtask["id"],
     )

@@ -209,12 +209,17 @@ async def _solve(
                 )
             else:
                 copies = copy_watch(settings, payload["task"], subtask["goal"])
-                asked = subtask
-                if thread.looped is not None and partial is None:  # a fresh attempt after a loop
-                    own = subtask.get("temperature")
-                    asked = {**subtask, "temperature": retry_temperature(settings, own)}
+                after_loop = thread.looped is not None and partial is None  # sample anew
+                own = subtask.get("temperature")
                 work = thread_call(
-                    client, messages, asked, allowance, progress, board.budget, copy_lines=copies
+                    client,
+                    messages,
+                    subtask,
+                    allowance,
+                    progress,
+                    board.budget,
+                    copy_lines=copies,
+                    temperature=retry_temperature(settings, own) if after_loop else None,
                 )
             completion = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
