@@ -3,11 +3,16 @@ happens in ``plan``), and the JSON schema sent to servers that constrain output 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["WORKING_MAX_CHARS", "Plan", "Subtask", "plan_json_schema"]
+
+_LABEL = re.compile(r"(?=[\w-]*[a-z])(?=[\w-]*[\d_])[\w-]+", re.I)
+"""A goal that is one token of letters with digits or underscores ("idea1", "part_2"): a
+name for a part, not the part (a 1.5B planner wrote "idea1", "recipe1", "haiku1")."""
 
 
 class Subtask(BaseModel):
@@ -26,6 +31,16 @@ class Subtask(BaseModel):
     max_tokens: int | None = Field(
         default=None, description="Output tokens this thread needs: small for easy parts."
     )
+
+    @field_validator("goal")
+    @classmethod
+    def _not_a_label(cls, value: str) -> str:
+        if _LABEL.fullmatch(value.strip()):
+            raise ValueError(
+                f"the goal {value.strip()!r} is a label, not a goal: write each goal out in "
+                "full, as a question or instruction that makes sense on its own"
+            )
+        return value
 
     @field_validator("id", mode="before")
     @classmethod

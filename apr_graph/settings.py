@@ -111,7 +111,8 @@ class AprSettings(BaseSettings):
     """The longest single wait between retries, including a server's ``Retry-After``."""
 
     max_repairs: int = Field(default=2, ge=0, le=10)
-    """Re-asks of a structured answer that fails validation, showing the model its error."""
+    """Re-asks of a structured answer that fails validation, showing the model its error (none
+    more once the model gives the same reply again)."""
 
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature of every call."""

@@ -132,6 +132,7 @@ class StructuredOutput:
         auto = self.settings.structured_output == "auto"
         errors: list[str] = []
         total: Completion | None = None
+        before: str | None = None  # the reply before this one
         for _ in range(self.settings.max_repairs + 1):
             try:
                 completion = await chat(conversation, response_format=response_format)
@@ -154,6 +155,9 @@ class StructuredOutput:
                 # without the schema in sight would only repair blind.
                 raise _ModeRejectedError(total, ignored=True)
             errors.append(outcome)
+            if completion.text == before:
+                break  # the same reply to the re-ask: asking again would get it once more
+            before = completion.text
             if outcome in (_CUT_OFF, _LOOPED):
                 # Pasting a cut-off reply back would only fill the context: ask afresh.
                 last = conversation[-1]

@@ -280,7 +280,7 @@ def compact(plan: dict[str, Any]) -> str:
 async def test_ten_thousand_subtasks_are_clamped(make_server: ServerFactory) -> None:
     huge = {
         "strategy": "parallel",
-        "subtasks": [{"id": f"s{i}", "goal": f"part-{i}"} for i in range(1, 10_001)],
+        "subtasks": [{"id": f"s{i}", "goal": f"part {i}"} for i in range(1, 10_001)],
     }
     server = make_server(
         [
@@ -300,7 +300,7 @@ async def test_ten_thousand_subtasks_are_clamped(make_server: ServerFactory) -> 
 async def test_fork_bomb_is_held_by_the_caps(make_server: ServerFactory) -> None:
     bomb = {
         "strategy": "parallel",
-        "subtasks": [{"id": f"f{i}", "goal": f"fork-{i}", "fork": True} for i in range(50)],
+        "subtasks": [{"id": f"f{i}", "goal": f"fork {i}", "fork": True} for i in range(50)],
     }
     server = make_server(
         [

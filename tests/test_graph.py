@@ -290,6 +290,55 @@ async def test_wrong_shape_plan_is_reasked_with_the_validation_error(
     assert "strategy" in asked[1].messages[-1]["content"]
 
 
+async def test_goals_written_as_labels_are_reasked_and_no_thread_runs_them(
+    make_server: ServerFactory,
+) -> None:
+    # Seen on a 1.5B planner: goals "idea1", "recipe1", "haiku1" (names of the parts, not the
+    # parts). The threads guessed, and the answer was headed "idea1".
+    labels = {"strategy": "parallel", "merge": "concat", "subtasks": ["idea1", "recipe1"]}
+    goals = ["Give three ideas for a party", "Give a recipe for pancakes"]
+    server = make_server(
+        [
+            Rule(role="planner", times=1, reply=Reply(content=labels)),
+            Rule(role="planner", reply=Reply(content={**labels, "subtasks": goals})),
+            echo_worker(),
+        ]
+    )
+    result = await compile_apr_graph(settings=settings_for(server)).ainvoke(
+        {"task": "Give me three ideas for a party and a recipe for pancakes."}
+    )
+    assert [s["goal"] for s in result["plan"]["subtasks"]] == goals
+    asked = server.chat_requests("planner")
+    assert len(asked) == 2
+    assert "'idea1' is a label, not a goal" in asked[1].messages[-1]["content"]
+    workers = server.chat_requests("worker")
+    assert sorted(r.last_user_message.splitlines()[1] for r in workers) == sorted(goals)
+    assert "Give a recipe for pancakes" in result["answer"]
+    assert "recipe1" not in result["answer"]
+
+
+async def test_a_planner_that_gives_the_same_invalid_plan_again_is_not_asked_a_third_time(
+    make_server: ServerFactory,
+) -> None:
+    labels = {"strategy": "parallel", "merge": "concat", "subtasks": ["idea1", "recipe1"]}
+
+    def planning(request: RecordedRequest) -> bool:
+        return request.system_message.startswith("You are the planner")
+
+    server = make_server(
+        [
+            Rule(role="planner", where=planning, reply=Reply(content=labels)),
+            Rule(role="planner", reply=Reply(content="ideas and a recipe")),  # the direct answer
+        ]
+    )
+    settings = settings_for(server, max_repairs=4)
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": "Ideas and a recipe."})
+    asked = [r for r in server.chat_requests("planner") if planning(r)]
+    assert len(asked) == 2  # the re-ask got the same reply: no third
+    assert result["plan"]["notes"] == ["no valid plan (2 attempts): answering directly"]
+    assert result["answer"] == "ideas and a recipe"
+
+
 async def test_planner_that_never_gives_json_still_yields_an_answer(
     make_server: ServerFactory,
 ) -> None:
