@@ -167,8 +167,9 @@ def after_plan(
 
     ``spent_s``: seconds the run has taken so far (the planning call), added to both
     predictions so that each is of the whole run."""
-    if plan["strategy"] != "parallel":
-        return _record("direct", "model", "the planner answered directly", shape)
+    if plan["strategy"] != "parallel":  # the planner's choice, or its plan had no parts
+        why = "; ".join(plan["notes"]) or "the planner answered directly"
+        return _record("direct", "model", why, shape)
     subtasks = plan["subtasks"]
     if settings.prefer == "quality":
         return _record("parallel", "quality", "prefer='quality': forking as planned", shape)

@@ -262,13 +262,18 @@ def _repeated_goals(
     subtasks: list[SubtaskRecord], merge: str, settings: AprSettings, notes: list[str]
 ) -> tuple[list[SubtaskRecord], str]:
     """Subtasks that repeat a goal: one goal N times becomes N different attempts at it,
-    voted on; a goal repeated among others is solved once (its repeats are dropped and
-    dependencies on them point at the one kept)."""
+    voted on (not under the model's ``concat``: it meant parts, and wrote none); a goal
+    repeated among others is solved once (its repeats are dropped and dependencies on them
+    point at the one kept)."""
     groups: dict[str, list[SubtaskRecord]] = {}
     for subtask in subtasks:
         groups.setdefault(_goal_key(subtask["goal"]), []).append(subtask)
     if len(groups) == len(subtasks):
         return subtasks, merge
+    if len(groups) == 1 and merge == "concat" and settings.merge is None:
+        # "concat": the model read the task as separate parts, and wrote none of them.
+        notes.append(f"all {len(subtasks)} subtasks repeat one goal under merge concat: not split")
+        return [], merge
     if len(groups) == 1:
         count = len(subtasks)
         for index, subtask in enumerate(subtasks[1:], start=1):

@@ -158,10 +158,10 @@ class DecisionRecord(TypedDict):
     by: Decider
     """What decided: ``router`` (the task reads as one piece), ``speed`` (forking was
     predicted not to pay on this endpoint), ``chain`` (the plan's goals form one chain),
-    ``model`` (the planner answered directly), ``plan`` (the plan was run as planned),
-    ``quality`` (``prefer="quality"``: forked whatever the server), ``review`` (the plan was
-    edited at review, ``AprSettings.review_plan``), ``length`` (the context does not fit one
-    request: a thread per piece)."""
+    ``model`` (the planner answered directly, or its plan had no parts to run), ``plan`` (the
+    plan was run as planned), ``quality`` (``prefer="quality"``: forked whatever the server),
+    ``review`` (the plan was edited at review, ``AprSettings.review_plan``), ``length`` (the
+    context does not fit one request: a thread per piece)."""
     reason: str
     shape: float | None
     """The router's probability that the answer splits into independent parts."""

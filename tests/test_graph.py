@@ -339,6 +339,36 @@ async def test_a_planner_that_gives_the_same_invalid_plan_again_is_not_asked_a_t
     assert result["answer"] == "ideas and a recipe"
 
 
+async def test_a_plan_that_repeats_the_task_under_concat_is_answered_by_one_call(
+    make_server: ServerFactory,
+) -> None:
+    task = "Write a limerick about a cat and a joke about code."
+    copies = {"strategy": "parallel", "merge": "concat", "subtasks": [task, task, task]}
+
+    def planning(request: RecordedRequest) -> bool:
+        return request.system_message.startswith("You are the planner")
+
+    server = make_server(
+        [
+            Rule(role="planner", where=planning, reply=Reply(content=copies)),
+            Rule(role="planner", reply=Reply(content="a limerick, then a joke")),
+            echo_worker(),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server))
+    events = [e async for e in app.astream({"task": task}, stream_mode="custom")]
+    result = await app.ainvoke({"task": task})
+    assert result["answer"] == "a limerick, then a joke"
+    assert result["threads"] == []
+    decision = result["plan"]["decision"]
+    assert decision["choice"] == "direct"
+    assert decision["reason"].startswith("all 3 subtasks repeat one goal under merge concat")
+    # A thread started early for the first copy is closed, not left open.
+    started = {e["id"] for e in events if e["event"] == "thread_started"}
+    closed = {e["id"] for e in events if e["event"] in {"thread_cancelled", "thread_finished"}}
+    assert started <= closed
+
+
 async def test_planner_that_never_gives_json_still_yields_an_answer(
     make_server: ServerFactory,
 ) -> None:

@@ -314,6 +314,24 @@ def test_one_goal_repeated_becomes_a_vote_of_different_attempts() -> None:
     assert "same goal" in result["notes"][0]
 
 
+def test_one_goal_repeated_under_the_models_concat_is_not_a_split() -> None:
+    # Seen on a 1.5B planner: "Write a limerick about a cat, a tweet ..., and a joke ..."
+    # planned as that whole task four times, merge concat; it used to run as a vote of four.
+    task = "Write a limerick about a cat, a tweet about a launch, and a joke about code."
+    result = normalise_plan(
+        parallel(*[sub(f"s{i}", task) for i in range(4)], merge="concat"), AprSettings()
+    )
+    assert result["strategy"] == "direct"
+    assert result["notes"] == [
+        "all 4 subtasks repeat one goal under merge concat: not split",
+        "parallel plan had no subtasks: answering directly",
+    ]
+    forced = normalise_plan(
+        parallel(*[sub(f"s{i}", task) for i in range(3)]), AprSettings(merge="concat")
+    )
+    assert forced["strategy"] == "parallel"  # the caller asked for concat: attempts, as asked
+
+
 def test_a_repeated_goal_among_others_is_solved_once() -> None:
     plan = parallel(
         sub("a", "Capital of Kenya"),
