@@ -326,6 +326,27 @@ async def test_each_thread_gets_its_own_token_allowance(make_server: ServerFacto
     assert allowance == {"easy part": 64, "hard part": 900, "plain part": 900}
 
 
+async def test_a_direct_answer_stopped_by_the_deadline_keeps_what_it_wrote(
+    make_server: ServerFactory,
+) -> None:
+    long_text = " ".join(f"word{i}" for i in range(200))
+    server = make_server(
+        [
+            Rule(role="planner", reply=Reply(content=long_text, chunk_delay_s=0.02)),
+        ]
+    )
+    settings = settings_for(server, deadline_s=1.0, router=True)
+    result = await compile_apr_graph(settings=settings).ainvoke(
+        {"task": "Write a short story about a lighthouse keeper."}
+    )
+    answer = result["answer"]
+    assert answer.startswith("(incomplete: the deadline was reached; the answer is cut off)")
+    assert "word0 word1 word2" in answer  # streamed to the user, and not taken back
+    assert "word199" not in answer
+    assert result["metrics"]["completion_tokens"] > 0  # what it wrote counts
+    assert [c["mode"] for c in result["calls"]] == ["stopped"]
+
+
 async def test_deadline_returns_a_partial_answer_on_time(make_server: ServerFactory) -> None:
     long_text = " ".join(["slow"] * 100)
     server = make_server(
@@ -351,8 +372,13 @@ async def test_deadline_returns_a_partial_answer_on_time(make_server: ServerFact
     assert metrics["incomplete"] is True
     assert metrics["stop_reason"] == "deadline"
     assert metrics["missing"] == ["s2", "s3"]
-    assert result["answer"].startswith("(incomplete: the deadline was reached")
-    assert "quick result" in result["answer"]
+    answer = result["answer"]
+    assert answer.startswith("(incomplete: the deadline was reached; cut off: s2, s3)")
+    assert "quick result" in answer
+    # What the slow threads wrote by the deadline is given, marked as cut.
+    assert "slow a\nslow slow" in answer
+    assert "slow b\nslow slow" in answer
+    assert answer.count("(cut off here)") == 2
     assert {t["id"]: t["status"] for t in result["threads"]} == {
         "s1": "done",
         "s2": "cancelled",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from apr_graph.responses import Completion
+import time
+from collections.abc import Sequence
+
+from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.state import CallRecord
 
-__all__ = ["call_record"]
+__all__ = ["call_record", "stopped_record"]
 
 
 def call_record(completion: Completion, *, role: str, thread_id: str | None = None) -> CallRecord:
@@ -24,4 +27,32 @@ def call_record(completion: Completion, *, role: str, thread_id: str | None = No
         first_token_at=completion.first_token_at,
         finish_reason=completion.finish_reason,
         loop_saved_tokens=completion.loop_saved_tokens,
+    )
+
+
+def stopped_record(
+    progress: StreamProgress,
+    messages: Sequence[Message],
+    *,
+    role: str,
+    model: str,
+    mode: str,
+    thread_id: str | None = None,
+) -> CallRecord | None:
+    """The record of a request stopped before its reply ended (its prompt estimated), or
+    ``None`` if it was never sent."""
+    if progress.started_at <= 0:
+        return None
+    return CallRecord(
+        role=role,
+        thread_id=thread_id,
+        model=model,
+        prompt_tokens=prompt_estimate(messages),
+        completion_tokens=progress.completion_tokens,
+        cached_tokens=None,
+        requests=max(1, progress.requests),
+        started_at=progress.started_at,
+        ended_at=time.time(),
+        mode=mode,
+        first_token_at=progress.first_token_at,
     )

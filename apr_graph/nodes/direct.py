@@ -10,12 +10,12 @@ from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError
 from apr_graph.events import answer_emitter, emit
 from apr_graph.llm import LLMClient
-from apr_graph.nodes._records import call_record
+from apr_graph.nodes._records import call_record, stopped_record
 from apr_graph.nodes.thread import REPEATED, fresh_attempt, retry_temperature
 from apr_graph.nodes.tool_loop import tool_loop
 from apr_graph.plan import labelled_parts
 from apr_graph.prompts import direct_messages
-from apr_graph.responses import LOOPED, StreamProgress, estimate_tokens
+from apr_graph.responses import LOOPED, StreamProgress, estimate_tokens, strip_reasoning
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, PlanRecord
 
@@ -53,6 +53,7 @@ async def direct_answer(
     while not answer:
         messages = direct_messages(task, context, settings.direct_instructions, rejected=rejected)
         allowance = direct_allowance(task, settings)
+        progress = StreamProgress(on_text=answer_emitter())
         if tools:
             work = tool_loop(
                 client, settings, board.budget, "direct", messages, tools, allowance, role="planner"
@@ -64,13 +65,22 @@ async def direct_answer(
                 thread="direct",
                 max_tokens=allowance,
                 budget=board.budget,
-                progress=StreamProgress(on_text=answer_emitter()),
+                progress=progress,
                 temperature=retry_temperature(settings) if rejected else None,
             )
         try:
             direct = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             reason = board.budget.stop_reason or getattr(stop, "reason", "budget")
+            model = settings.model_for("planner")
+            record = stopped_record(progress, messages, role="planner", model=model, mode="stopped")
+            if record is not None:  # its cost counts, as a thread's does
+                calls.append(record)
+                if not progress.charged:
+                    board.budget.charge(record["prompt_tokens"] + record["completion_tokens"])
+            so_far = "" if tools else strip_reasoning(progress.text)  # shown as it streamed
+            if so_far:
+                return f"(incomplete: the {reason} was reached; the answer is cut off)\n\n{so_far}"
             return f"(incomplete: the {reason} was reached before an answer)"
         calls.append(call_record(direct, role="planner"))
         if direct.unrun_tool_call is not None:

@@ -24,11 +24,12 @@ from apr_graph.budget import Budget
 from apr_graph.events import emit
 from apr_graph.inputs import thread_context
 from apr_graph.llm import LLMClient
+from apr_graph.nodes._records import stopped_record
 from apr_graph.nodes.thread import copy_watch, thread_call
 from apr_graph.plan import PlanPrefix
 from apr_graph.plan_schema import Subtask
 from apr_graph.prompts import worker_messages
-from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
+from apr_graph.responses import Completion, Message, StreamProgress
 from apr_graph.settings import AprSettings
 from apr_graph.state import CallRecord, PlanRecord, SubtaskRecord
 
@@ -144,25 +145,17 @@ class EarlyCall:
         if self.cancelled:
             return None
         self.cancelled = True
-        progress = self.progress
-        if progress.started_at <= 0:
-            return None
-        prompt = prompt_estimate(self.messages)
-        if not progress.charged:
-            charge(prompt + progress.completion_tokens)
-        return CallRecord(
+        record = stopped_record(
+            self.progress,
+            self.messages,
             role="worker",
-            thread_id=self.subtask["id"],
             model=self.model,
-            prompt_tokens=prompt,
-            completion_tokens=progress.completion_tokens,
-            cached_tokens=None,
-            requests=max(1, progress.requests),
-            started_at=progress.started_at,
-            ended_at=time.time(),
             mode="discarded",
-            first_token_at=progress.first_token_at,
+            thread_id=self.subtask["id"],
         )
+        if record is not None and not self.progress.charged:
+            charge(record["prompt_tokens"] + record["completion_tokens"])
+        return record
 
 
 @dataclass(eq=False)

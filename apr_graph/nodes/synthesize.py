@@ -50,10 +50,29 @@ def threads_in_plan_order(state: AprState) -> list[ThreadRecord]:
     return sorted(own, key=lambda t: order.get(t["id"], len(order)))
 
 
-def _partial_answer(done: list[ThreadRecord], missing: list[str], reason: str) -> str:
-    head = f"(incomplete: the {reason} was reached; missing subtasks: {', '.join(missing)})"
-    parts = [f"{t['goal']}\n{t['answer']}" for t in done]
-    return "\n\n".join([head, *parts])
+def _partial_answer(threads: list[ThreadRecord], reason: str) -> str:
+    """The answer of a run stopped by its deadline or budget: every result, whole or cut."""
+
+    def kind(thread: ThreadRecord) -> str:
+        if not (thread["answer"] or "").strip():
+            return "missing"
+        if thread["status"] == "done":
+            return "whole"
+        return "cut" if thread["status"] in {"cancelled", "truncated"} else "missing"
+
+    cut = [t["id"] for t in threads if kind(t) == "cut"]
+    missing = [t["id"] for t in threads if kind(t) == "missing"]
+    notes = [f"the {reason} was reached"]
+    if cut:
+        notes.append(f"cut off: {', '.join(cut)}")
+    if missing:
+        notes.append(f"missing subtasks: {', '.join(missing)}")
+    parts = [
+        f"{t['goal']}\n{t['answer']}" + ("\n(cut off here)" if kind(t) == "cut" else "")
+        for t in threads
+        if kind(t) != "missing"
+    ]
+    return "\n\n".join([f"(incomplete: {'; '.join(notes)})", *parts])
 
 
 def _result_text(thread: ThreadRecord) -> str:
@@ -122,10 +141,9 @@ def make_synthesize(
         board.catch_up(state.get("calls") or [])
         threads = threads_in_plan_order(state)
         done = [t for t in threads if t["status"] == "done" and (t["answer"] or "").strip()]
-        missing = [t["id"] for t in threads if t["status"] != "done"]
         if board.budget.exhausted:
             reason = board.budget.stop_reason or "budget"
-            return {"answer": _partial_answer(done, missing, reason)}
+            return {"answer": _partial_answer(threads, reason)}
         merge = board.merge
         if not done:
             cut = any(t["status"] == "truncated" and t["answer"] for t in threads)
@@ -144,7 +162,7 @@ def make_synthesize(
             llm = client.for_run(settings)
             answer = await _merge(llm, board, state, threads, done, calls, merge)
         except (StoppedError, BudgetExhaustedError):
-            answer = _partial_answer(done, missing, board.budget.stop_reason or "budget")
+            answer = _partial_answer(threads, board.budget.stop_reason or "budget")
         except ContextOverflowError as exc:  # the threads' work is done: never lose it
             emit(
                 "notice",

@@ -50,6 +50,7 @@ from apr_graph.responses import (
     StreamProgress,
     estimate_tokens,
     prompt_estimate,
+    strip_reasoning,
 )
 from apr_graph.settings import AprSettings
 from apr_graph.state import LoopRecord, ThreadStatus, WorkerInput
@@ -231,7 +232,12 @@ async def _solve(
             if not progress.charged:  # a complete answer was charged by the client already
                 board.budget.charge(prompt + progress.completion_tokens)
             status: ThreadStatus = "cancelled" if sent else "skipped"
-            return end(status, error=f"{status}: {board.stop_reason or stop}")
+            # What it wrote before the stop is kept: a run out of time gives what it has.
+            so_far = strip_reasoning(progress.text) if sent and not tools else ""
+            so_far = so_far if partial is None else continued(partial, so_far)
+            return end(
+                status, answer=so_far or None, error=f"{status}: {board.stop_reason or stop}"
+            )
         except RUN_FATAL:
             raise
         except ModelCallError as exc:
