@@ -6,9 +6,17 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
-__all__ = ["dead_end", "final_answer", "kept_in", "majority", "normalise_answer"]
+__all__ = [
+    "dead_end",
+    "final_answer",
+    "kept_in",
+    "majority",
+    "normalise_answer",
+    "without_empty_final",
+]
 
 _FINAL = re.compile(r"final answer\s*[:\uff1a]\s*(.+)", re.I)
+_EMPTY_FINAL = re.compile(r"[\s*_#]*final answer\s*[:\uff1a][\s*_]*\Z", re.I)
 _DEAD_END = re.compile(r"^[\s>*_#`-]*DEAD END\b[\s*_:.-]*", re.I)
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
 _LIST_MARK = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*+\u2022])\s+")  # "6. " is no result
@@ -24,6 +32,12 @@ def dead_end(text: str) -> str | None:
         if found := _DEAD_END.match(line):  # the first line's reason runs to the end
             return (reason[found.end() :].strip() or "no reason given")[:300]
     return None
+
+
+def without_empty_final(text: str) -> str:
+    """``text`` without a closing "Final answer:" that states nothing: the model gave the
+    result before it ("17 * 23 = 391 Final answer:")."""
+    return _EMPTY_FINAL.sub("", text)
 
 
 _SHORT_WORDS = 4

@@ -67,6 +67,22 @@ async def test_a_story_is_answered_by_one_call_without_a_plan(make_server: Serve
     assert result["metrics"]["decided_by"] == "router"
 
 
+async def test_a_closing_final_answer_line_that_states_nothing_is_dropped(
+    make_server: ServerFactory,
+) -> None:
+    # The 1.5B model, asked "What is 17 * 23?": "17 * 23 = 391 Final answer:".
+    server = make_server(
+        [
+            Rule(role="planner", contains="17", reply=Reply(content="17 * 23 = 391 Final answer:")),
+            Rule(role="planner", reply=Reply(content="It is 42.\n\n**Final answer:** 42")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+    assert (await app.ainvoke({"task": "What is 17 * 23?"}))["answer"] == "17 * 23 = 391"
+    kept = await app.ainvoke({"task": "What is 6 * 7?"})
+    assert kept["answer"] == "It is 42.\n\n**Final answer:** 42"
+
+
 async def test_a_direct_answer_is_the_task_asked_as_the_user_s_own_message(
     make_server: ServerFactory,
 ) -> None:

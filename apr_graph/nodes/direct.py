@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from apr_graph.answers import without_empty_final
 from apr_graph.board import RunBoard
 from apr_graph.budget import StoppedError
 from apr_graph.errors import BudgetExhaustedError, ModelCallError
@@ -89,7 +90,7 @@ async def direct_answer(
                 f"{direct.unrun_tool_call}",
                 url=client.base_url,
             )
-        answer = direct.text
+        answer = without_empty_final(direct.text)
         kept = estimate_tokens(answer)
         if (
             direct.finish_reason == LOOPED
