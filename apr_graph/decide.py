@@ -112,7 +112,7 @@ def before_plan(
     width: int,
     depth: int,
     given: str | Mapping[str, str] = "",
-    planning: bool = True,
+    goals: list[str] | None = None,
     tools: bool = False,
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
@@ -120,11 +120,13 @@ def before_plan(
     The router reads top-level tasks only (``depth == 0``), and none with ``tools``: it
     reads the answer's shape, not the lookups a task needs ("How many bolts, nuts and
     gears are in stock?" reads as one piece), which the planner, told of the tools, can
-    write as goals run without the model. ``width``: requests the server runs at once.
-    ``given``: the context as the input gave it. ``planning``: a fork would cost a planning
-    call (not for ``inputs.document_plan``).
+    write as goals run without the model, nor one that maps over its documents (``goals``:
+    the goals of ``inputs.document_plan``, known without a planning call), whose parts are
+    its documents. ``width``: requests the server runs at once. ``given``: the context as
+    the input gave it.
     """
-    routed = settings.router and depth == 0 and not tools
+    planning = goals is None
+    routed = settings.router and depth == 0 and not tools and planning
     shape = task_shape(task, context) if routed else None
     if shape is not None and not shape.splits:
         why = f" ({', '.join(shape.why)})" if shape.why else ""
@@ -132,15 +134,13 @@ def before_plan(
         return _record("direct", "router", reason + why, shape), shape
     if settings.prefer == "quality" or profile is None or not _measured(profile, width):
         return None, shape
-    parts = labelled_parts(task)
+    goals = list(labelled_parts(task).values()) if goals is None else goals
     view, partial = planner_view(given, settings.planner_document_chars)
     estimate = Estimate(
         prompt_tokens=prompt_tokens(task, context),
-        parts=min(len(parts) or PARTS_UNLABELLED, settings.max_threads),
+        parts=min(len(goals) or PARTS_UNLABELLED, settings.max_threads),
         part_tokens=_part_tokens(profile),
-        thread_prompt_tokens=thread_prompt_tokens(
-            task, given, list(parts.values()), settings.thread_documents
-        ),
+        thread_prompt_tokens=thread_prompt_tokens(task, given, goals, settings.thread_documents),
         planner_prompt_tokens=prompt_tokens(task, view) if planning and partial else None,
     )
     # The merge is unknown yet: at best it makes no call (concat); ``after_plan`` decides again.

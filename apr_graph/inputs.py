@@ -149,6 +149,13 @@ _ACROSS = re.compile(
 """Words of a task that asks for something across its parts (a comparison, a ranking, one
 combined answer): the model plans it, and may choose a merge that reads every part."""
 
+_EACH = re.compile(
+    r"\b(?:each|every)\s+(?:one\s+)?(?:of\s+(?:these|those|the|my)\s+)?"
+    r"(?:files?|documents?|docs?|modules?|scripts?|pages?|chapters?|logs?|texts?)\b",
+    re.I,
+)
+"""A task that asks the same of each of its documents ("For each file, list ...")."""
+
 _TAIL = re.compile(r"(?:[\s,;.]|\b(?:and|or)\b)+$", re.I)
 """What joins a part to the next ("(a) calc.py, (b) io.py and (c) ..."), not a part of it."""
 
@@ -166,8 +173,10 @@ def document_plan(
     When the task labels its parts ("Review (a) calc.py (b) io.py"), each part is a phrase
     naming exactly one document, every document is named by one part, and the task asks for
     nothing across them, the plan is known without a planning call: one thread per part,
-    reading its own document (``AprSettings.plan_documents``). Not with tools, nor with a
-    ``merge`` of attempts at one question, nor with fewer free thread ``slots`` than documents.
+    reading its own document (``AprSettings.plan_documents``). So it is when the task asks
+    the same of each document ("For each file, list ...") and nothing across them: one
+    thread per document, its goal the document's name. Not with tools, nor with a ``merge``
+    of attempts at one question, nor with fewer free thread ``slots`` than documents.
     """
     if (
         not settings.plan_documents
@@ -180,8 +189,14 @@ def document_plan(
     ):
         return None
     max_threads = min(settings.max_threads, slots)
+    if len(context) > max_threads:
+        return None
     parts = {label: _TAIL.sub("", text) for label, text in labelled_parts(task).items()}
-    if len(parts) != len(context) or len(parts) > max_threads:
+    if not parts and _EACH.search(task):
+        if any(documents_named(context, name) != [name] for name in context):
+            return None  # a name that is not its document's alone
+        return [_mapped(index, name) for index, name in enumerate(context, start=1)]
+    if len(parts) != len(context):
         return None
     named = [documents_named(context, text) for text in parts.values()]
     if any(len(names) != 1 for names in named) or len({n[0] for n in named}) != len(context):
@@ -189,15 +204,13 @@ def document_plan(
     if not all(text and is_phrase(text) for text in parts.values()):
         return None
     return [
-        SubtaskRecord(
-            id=f"s{index}",
-            goal=f"({label}) {text}",
-            depends_on=[],
-            fork=False,
-            max_tokens=None,
-        )
+        _mapped(index, f"({label}) {text}")
         for index, (label, text) in enumerate(parts.items(), start=1)
     ]
+
+
+def _mapped(index: int, goal: str) -> SubtaskRecord:
+    return SubtaskRecord(id=f"s{index}", goal=goal, depends_on=[], fork=False, max_tokens=None)
 
 
 class Pieces(NamedTuple):

@@ -15,6 +15,7 @@ from apr_graph import compile_apr_graph
 from apr_graph.decide import is_chain, speed_store
 from apr_graph.llm import LLMClient
 from apr_graph.prompts import DIRECT_SYSTEM, direct_messages
+from apr_graph.router import task_shape
 from apr_graph.speed import calibrate, default_speed_file, endpoint_key
 from apr_graph.speed_store import PROFILES
 from apr_graph.state import SubtaskRecord
@@ -296,6 +297,36 @@ async def test_on_a_gpu_like_server_three_parts_fork_and_win(
     learned = speed_store(settings).get(endpoint_key(server.base_url, "test-model"))
     assert learned is not None
     assert learned.part_tokens == pytest.approx(PART_WORDS, rel=0.25)
+
+
+EACH = "For each file, list the functions it defines, with a line on what each does."
+FILES = {
+    name: f"def {name[0]}():\n    return {i}\n" for i, name in enumerate(("a.py", "b.py", "c.py"))
+}
+
+
+async def test_a_task_over_each_of_its_files_is_decided_by_speed_not_by_its_words(
+    simulated: list[SimulatedServer],
+) -> None:
+    assert not task_shape(EACH).splits  # its words alone read as one piece
+    gpu = await calibrated(simulated, LatencyModel.gpu(4))
+    cpu = await calibrated(simulated, LatencyModel.cpu(20))
+    results = {}
+    for server, choice, by in ((gpu, "parallel", "plan"), (cpu, "direct", "speed")):
+        app = compile_apr_graph(settings=settings_for(server, **decided()))
+        results[choice] = result = await app.ainvoke({"task": EACH, "context": FILES})
+        decision = result["plan"]["decision"]
+        assert (decision["choice"], decision["by"]) == (choice, by), decision
+        assert decision["shape"] is None  # the router was not asked
+        if choice == "direct":  # costed as the plan it would run: a thread per file
+            assert "as 3 threads" in decision["reason"], decision
+        assert not any(planner_request(r) for r in server.chat_requests())
+    # On the GPU-like server, a thread per file, reading that file only.
+    assert [t["goal"] for t in results["parallel"]["threads"]] == list(FILES)
+    for request in gpu.chat_requests("worker")[-3:]:
+        read = [name for name, text in FILES.items() if text in request.all_text]
+        assert len(read) == 1
+        assert request.last_user_message.endswith(read[0])
 
 
 async def test_prefer_quality_forks_on_the_cpu_like_server_too(

@@ -309,6 +309,24 @@ async def test_a_task_that_maps_over_its_documents_is_planned_without_a_model_ca
         assert f"result({goal})" in result["answer"]
 
 
+async def test_a_task_that_asks_the_same_of_each_document_is_planned_without_a_model_call(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server([_concat_worker()])  # no planner: a planning request fails the run
+    app = compile_apr_graph(settings=settings_for(server))
+    task = "For each file, list what it defines."
+    _, result = await _run(app, {"task": task, "context": MAPPED_DOCUMENTS})
+    assert server.chat_requests("planner") == []
+    assert [s["goal"] for s in result["plan"]["subtasks"]] == list(MAPPED_DOCUMENTS)
+    sent = {_goal_last(r): json.dumps(r.messages) for r in server.chat_requests("worker")}
+    assert "CALC-BODY" in sent["calculator.py"]
+    assert "DATA-BODY" in sent["src/dataset.py"]
+    assert "CALC-BODY" not in sent["src/dataset.py"]
+    assert "NOTES-BODY" not in sent["src/dataset.py"]
+    for name in MAPPED_DOCUMENTS:
+        assert f"result({name})" in result["answer"]
+
+
 @pytest.mark.parametrize(
     ("task", "documents", "context"),
     [
@@ -320,8 +338,13 @@ async def test_a_task_that_maps_over_its_documents_is_planned_without_a_model_ca
         ("Review (a) calculator.py (b) dataset.py", MAPPED_DOCUMENTS, None),
         # a part that is a sentence, not a name
         ("Review (a) calculator.py (b) dataset.py. Is it safe? (c) notes.md", MAPPED_DOCUMENTS, {}),
+        # the same of each file, then something across them
+        ("For each file, say how it relates to the others.", MAPPED_DOCUMENTS, None),
+        # each of its documents, but one string of context
+        ("For each file, list what it defines.", "calculator.py: ...", None),
         # turned off for this run
         (MAPPED_TASK, MAPPED_DOCUMENTS, {"plan_documents": False}),
+        ("For each file, list what it defines.", MAPPED_DOCUMENTS, {"plan_documents": False}),
         # threads read every document
         (MAPPED_TASK, MAPPED_DOCUMENTS, {"thread_documents": "all"}),
         # every thread would attempt the same question

@@ -172,7 +172,7 @@ def make_decompose(
             width=limit,
             depth=run.depth,
             given=given,
-            planning=mapped is None,
+            goals=None if mapped is None else [s["goal"] for s in mapped],
             tools=bool(tools),
         )
         if decision is not None:
