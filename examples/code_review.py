@@ -17,15 +17,15 @@ from pathlib import Path
 from apr_graph import AprSettings, compile_apr_graph
 
 
-def review_task(paths: list[Path]) -> tuple[str, str]:
-    """The task (one subtask per file suits it) and the files as context."""
+def review_task(paths: list[Path]) -> tuple[str, dict[str, str]]:
+    """The task (one subtask per file suits it) and the files as named documents: a thread
+    whose goal names a file reads that file only."""
     names = ", ".join(p.name for p in paths)
     task = (
         f"Review each of these files on its own for bugs, risky code and unclear names: {names}. "
         "Then merge the findings into one list, most serious first, each with its file."
     )
-    context = "\n\n".join(f"--- {p.name} ---\n{p.read_text()}" for p in paths)
-    return task, context
+    return task, {str(p): p.read_text() for p in paths}
 
 
 async def main(paths: list[Path]) -> None:

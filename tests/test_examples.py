@@ -97,6 +97,10 @@ def test_code_review(
     assert done.out.strip() == "a.py: division by zero | b.py: shell injection"
     planner = server.chat_requests("planner")[0].messages[-1]["content"]
     assert "os.system(input())" in planner  # the files reached the model as context
+    # Each review read its own file only.
+    for worker in server.chat_requests("worker"):
+        read = [code for code in ("x / 0", "os.system") if code in worker.all_text]
+        assert len(read) == 1, worker.all_text
     assert "2 reviews in parallel" in done.err
 
 
