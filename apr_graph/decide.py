@@ -113,6 +113,7 @@ def before_plan(
     depth: int,
     given: str | Mapping[str, str] = "",
     goals: list[str] | None = None,
+    planning: bool = True,
     tools: bool = False,
 ) -> tuple[DecisionRecord | None, Shape | None]:
     """A decision to answer directly before any model call, or ``None`` (plan it).
@@ -120,13 +121,16 @@ def before_plan(
     The router reads top-level tasks only (``depth == 0``), and none with ``tools``: it
     reads the answer's shape, not the lookups a task needs ("How many bolts, nuts and
     gears are in stock?" reads as one piece), which the planner, told of the tools, can
-    write as goals run without the model, nor one that maps over its documents (``goals``:
-    the goals of ``inputs.document_plan``, known without a planning call), whose parts are
-    its documents. ``width``: requests the server runs at once. ``given``: the context as
-    the input gave it.
+    write as goals run without the model. A task whose parts are known (``goals``: its
+    documents, when it asks something of each of them) is decided on speed instead, once the
+    endpoint's profile can compare (or with ``prefer="quality"``): the router reads words,
+    and there the documents are the parts. Until then the router decides, as a first run on
+    a slow server would otherwise pay for a fork. ``planning``: a fork would cost a planning
+    call (not for ``inputs.document_plan``). ``width``: requests the server runs at once.
+    ``given``: the context as the input gave it.
     """
-    planning = goals is None
-    routed = settings.router and depth == 0 and not tools and planning
+    known = settings.prefer == "quality" or (profile is not None and _measured(profile, width))
+    routed = settings.router and depth == 0 and not tools and (goals is None or not known)
     shape = task_shape(task, context) if routed else None
     if shape is not None and not shape.splits:
         why = f" ({', '.join(shape.why)})" if shape.why else ""

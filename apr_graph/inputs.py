@@ -25,6 +25,7 @@ __all__ = [
     "Pieces",
     "document_plan",
     "documents_named",
+    "each_document",
     "pieces_plan",
     "planner_view",
     "prefix_stats",
@@ -160,6 +161,17 @@ _TAIL = re.compile(r"(?:[\s,;.]|\b(?:and|or)\b)+$", re.I)
 """What joins a part to the next ("(a) calc.py, (b) io.py and (c) ..."), not a part of it."""
 
 
+def each_document(task: str, context: str | Mapping[str, str] | None) -> list[str] | None:
+    """The names of the context's documents when the task asks something of each of them
+    ("For each file, ...", "Review every document ..."), each name naming its document alone;
+    else ``None``."""
+    if not isinstance(context, Mapping) or len(context) < 2 or not _EACH.search(task):
+        return None
+    if any(documents_named(context, name) != [name] for name in context):
+        return None
+    return list(context)
+
+
 def document_plan(
     task: str,
     context: str | Mapping[str, str] | None,
@@ -192,10 +204,8 @@ def document_plan(
     if len(context) > max_threads:
         return None
     parts = {label: _TAIL.sub("", text) for label, text in labelled_parts(task).items()}
-    if not parts and _EACH.search(task):
-        if any(documents_named(context, name) != [name] for name in context):
-            return None  # a name that is not its document's alone
-        return [_mapped(index, name) for index, name in enumerate(context, start=1)]
+    if not parts and (names := each_document(task, context)) is not None:
+        return [_mapped(index, name) for index, name in enumerate(names, start=1)]
     if len(parts) != len(context):
         return None
     named = [documents_named(context, text) for text in parts.values()]

@@ -329,6 +329,44 @@ async def test_a_task_over_each_of_its_files_is_decided_by_speed_not_by_its_word
         assert request.last_user_message.endswith(read[0])
 
 
+async def test_until_the_endpoint_s_speed_is_known_the_router_decides_a_task_over_each_file(
+    make_server: ServerFactory,
+) -> None:
+    # A first run on a slow server would otherwise pay for a fork it cannot know is slower.
+    server = make_server([Rule(role="planner", reply=Reply(content="a.py defines a ..."))])
+    result = await compile_apr_graph(settings=settings_for(server, **decided())).ainvoke(
+        {"task": EACH, "context": FILES}
+    )
+    assert result["plan"]["decision"]["by"] == "router"
+    assert result["answer"] == "a.py defines a ..."
+    assert len(server.chat_requests()) == 1
+
+
+async def test_a_review_of_each_file_then_merged_is_decided_by_speed_before_the_plan(
+    simulated: list[SimulatedServer],
+) -> None:
+    review = (
+        "Review each of these files on its own for bugs: a.py, b.py, c.py. Then merge the "
+        "findings into one list, most serious first."
+    )
+    assert not task_shape(review).splits  # its words alone read as one piece
+    cpu = await calibrated(simulated, LatencyModel.cpu(20))
+    result = await compile_apr_graph(settings=settings_for(cpu, **decided())).ainvoke(
+        {"task": review, "context": FILES}
+    )
+    decision = result["plan"]["decision"]
+    assert (decision["choice"], decision["by"]) == ("direct", "speed"), decision
+    assert "as 3 threads" in decision["reason"]
+    assert not any(planner_request(r) for r in cpu.chat_requests())  # no planning call spent
+    gpu = await calibrated(simulated, LatencyModel.gpu(4))
+    result = await compile_apr_graph(settings=settings_for(gpu, **decided())).ainvoke(
+        {"task": review, "context": FILES}
+    )
+    decision = result["plan"]["decision"]
+    assert (decision["choice"], decision["by"]) == ("parallel", "plan"), decision
+    assert sum(planner_request(r) for r in gpu.chat_requests()) == 1  # it asks for merging
+
+
 async def test_prefer_quality_forks_on_the_cpu_like_server_too(
     simulated: list[SimulatedServer],
 ) -> None:

@@ -464,17 +464,25 @@ def test_the_planning_call_is_costed_with_what_the_planner_reads() -> None:
     whole = render_context(files)
 
     def parallel_s(**overrides: Any) -> float:
-        goals = overrides.pop("goals", None)
+        goals, planning = overrides.pop("goals", None), overrides.pop("planning", True)
         settings = AprSettings(prefer="speed", router=False, **overrides)
         record, _ = before_plan(
-            task, whole, settings, profile, width=4, depth=0, given=files, goals=goals
+            task,
+            whole,
+            settings,
+            profile,
+            width=4,
+            depth=0,
+            given=files,
+            goals=goals,
+            planning=planning,
         )
         assert record is not None  # forking loses on this profile: the record has the figures
         return record["predicted_parallel_s"]  # type: ignore[typeddict-item]
 
     reads_all = parallel_s(planner_document_chars=None)
     reads_part = parallel_s()  # 600 characters of each file
-    no_plan = parallel_s(goals=["(a) calc.py", "(b) data.py", "(c) sample.py"])
+    no_plan = parallel_s(goals=["(a) calc.py", "(b) data.py", "(c) sample.py"], planning=False)
     unread = (len(whole) - 3 * 600) // 4  # tokens of the documents the planner does not read
     assert reads_all - reads_part == pytest.approx(unread / 200.0, rel=0.05)
     assert no_plan < reads_part

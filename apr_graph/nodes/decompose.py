@@ -25,6 +25,7 @@ from apr_graph.events import emit, emit_plan
 from apr_graph.inputs import (
     Pieces,
     document_plan,
+    each_document,
     pieces_plan,
     planner_view,
     prefix_stats,
@@ -164,6 +165,7 @@ def make_decompose(
         """Direct or parallel: by a document map, the router and speed, or the planner."""
         settings, given = run.settings, run.given
         mapped = document_plan(run.task, given, settings, slots=free, tools=bool(tools))
+        goals = each_document(run.task, given) if mapped is None else [s["goal"] for s in mapped]
         decision, shape = before_plan(
             run.task,
             run.context,
@@ -172,7 +174,8 @@ def make_decompose(
             width=limit,
             depth=run.depth,
             given=given,
-            goals=None if mapped is None else [s["goal"] for s in mapped],
+            goals=goals,
+            planning=mapped is None,
             tools=bool(tools),
         )
         if decision is not None:
