@@ -204,7 +204,9 @@ class PlainView(View):
             self.notice(f"apr: {summary_line(metrics)}")
 
     def interrupted(self) -> None:
-        finished = [(tid, t) for tid, t in self.threads.items() if t.get("answer")]
+        finished = [
+            (tid, t) for tid, t in self.threads.items() if t["status"] == "done" and t.get("answer")
+        ]
         if not self.threads:
             self.notice("apr: interrupted while planning")
             return
