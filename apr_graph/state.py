@@ -59,7 +59,8 @@ class ThreadRecord(TypedDict):
     ``status``: ``done``; ``truncated`` (cut off by its token limit even after a retry with
     more room: ``answer`` holds what it wrote); ``failed`` (errors, a dead end, or pruned
     after failed verification: a dead end's ``error`` starts with ``dead end:``);
-    ``cancelled`` (stopped mid-way: a sibling settled the answer, or a budget ran out);
+    ``cancelled`` (stopped mid-way: a sibling settled the answer, or a budget ran out;
+    ``answer`` holds what it had written, if anything);
     ``skipped`` (never started). Nested threads have ids ``parent/child`` and a ``parent``.
     """
 
