@@ -44,6 +44,7 @@ from apr_graph.cli_common import (
     default_db,
     loading,
     local_choice,
+    read_files,
     settings_from,
 )
 from apr_graph.cli_local import add_local_options, serve
@@ -98,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH",
         help="a file the model may use, named by its path (repeat it for several; '-' reads "
-        "one from stdin); a thread whose goal names some of the files reads only those "
-        "(setting thread_documents)",
+        "one from stdin; a folder gives its text files); a thread whose goal names some of "
+        "the files reads only those (setting thread_documents)",
     )
     ask.add_argument(
         "--thread-id", help="checkpoint the run under this id, so 'apr resume ID' can finish it"
@@ -151,18 +152,7 @@ def _inputs(args: argparse.Namespace) -> AprInput:
         )
     if args.task == "-" and "-" in args.file:
         raise CliError("the task and a --file cannot both come from stdin", EXIT_USAGE)
-    documents = {}
-    for path in args.file:  # each named by its path as given; "-": stdin, named "stdin"
-        if path == "-":
-            documents["stdin"] = sys.stdin.read()
-            continue
-        try:
-            documents[path] = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise CliError(f"--file {path}: not UTF-8 text ({exc})", EXIT_USAGE) from exc
-        except OSError as exc:  # missing, a folder, not readable
-            raise CliError(f"--file {path}: {exc.strerror or exc}", EXIT_USAGE) from exc
-    context = documents or args.context
+    context = read_files(args.file) or args.context
     return {"task": task, "context": context} if context else {"task": task}
 
 

@@ -8,7 +8,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +35,7 @@ __all__ = [
     "default_db",
     "loading",
     "local_choice",
+    "read_files",
     "settings_from",
     "unknown_model_error",
 ]
@@ -133,3 +134,53 @@ def local_choice(args: argparse.Namespace, settings: AprSettings) -> LocalChoice
     if settings.base_url is not None and not args.local_model:
         return None  # a configured server beats APR_LOCAL_MODEL, which stands in for one
     return choose_local(args)
+
+
+FOLDER_FILES = 200
+"""The most text files a folder given to ``--file`` may hold (a wrong path, such as a home
+folder, is refused at once instead of read for minutes)."""
+
+
+def read_files(paths: Sequence[str]) -> dict[str, str]:
+    """The documents ``--file`` names, by path: ``-`` is standard input (named ``stdin``); a
+    folder gives its UTF-8 text files, hidden ones and ``__pycache__`` aside, and says on
+    stderr how many others it skipped."""
+    documents: dict[str, str] = {}
+    for given in paths:
+        if given == "-":
+            documents["stdin"] = sys.stdin.read()
+            continue
+        path = Path(given)
+        if not path.is_dir():
+            try:
+                documents[given] = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise CliError(f"--file {given}: not UTF-8 text ({exc})", EXIT_USAGE) from exc
+            except OSError as exc:  # missing, not readable
+                raise CliError(f"--file {given}: {exc.strerror or exc}", EXIT_USAGE) from exc
+            continue
+        found, skipped = 0, 0
+        for file in sorted(path.rglob("*")):
+            inside = file.relative_to(path).parts
+            if any(p.startswith(".") or p == "__pycache__" for p in inside) or not file.is_file():
+                continue
+            try:
+                documents[str(file)] = file.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                skipped += 1
+                continue
+            found += 1
+            if found > FOLDER_FILES:
+                raise CliError(
+                    f"--file {given}: more than {FOLDER_FILES} text files; give a smaller "
+                    "folder or the files themselves",
+                    EXIT_USAGE,
+                )
+        if not found:
+            raise CliError(f"--file {given}: no UTF-8 text file in this folder", EXIT_USAGE)
+        if skipped:
+            print(
+                f"apr: --file {given}: skipped {skipped} files that are not UTF-8 text",
+                file=sys.stderr,
+            )
+    return documents

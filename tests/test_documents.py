@@ -150,14 +150,50 @@ def test_apr_ask_takes_files_as_documents(
     assert f'<document name=\\"{calc}\\">' in sent["Review calculator.py for bugs"]
 
 
+def test_apr_ask_reads_a_folder_s_text_files(
+    make_server: ServerFactory, run_cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = _server(make_server)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "calculator.py").write_text(DOCUMENTS["calculator.py"])
+    (src / "sub" / "dataset.py").write_text(DOCUMENTS["src/dataset.py"])
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (src / ".env").write_text("SECRET=1")
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "calculator.txt").write_text("cached")
+    monkeypatch.chdir(tmp_path)
+    done = run_cli(
+        "ask", "--base-url", server.base_url, "--model", "test-model", "--file", "src", TASK
+    )
+    assert done.code == 0, done.err
+    assert "apr: --file src: skipped 1 files that are not UTF-8 text" in done.err
+    sent = _worker_text(server)
+    review = sent["Review calculator.py for bugs"]
+    assert '<document name=\\"src/calculator.py\\">' in review
+    assert "DATA-BODY" in sent["Review dataset.py for bugs"]
+    everything = server.chat_requests("planner")[0].all_text
+    assert "SECRET" not in everything
+    assert "cached" not in everything
+    from apr_graph import cli_common
+
+    monkeypatch.setattr(cli_common, "FOLDER_FILES", 1)
+    many = run_cli("ask", "--file", "src", "x")
+    assert many.code == 2
+    assert "--file src: more than 1 text files" in many.err
+
+
 def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> None:
     done = run_cli("ask", "--file", str(tmp_path / "missing.py"), "x")
     assert done.code == 2
     assert "--file" in done.err
     assert "missing.py: No such file or directory" in done.err
     assert "Traceback" not in done.err
-    folder = run_cli("ask", "--file", str(tmp_path), "x")
-    assert f"{tmp_path}: Is a directory" in folder.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder = run_cli("ask", "--file", str(empty), "x")
+    assert folder.code == 2
+    assert f"{empty}: no UTF-8 text file in this folder" in folder.err
     binary = tmp_path / "blob.bin"
     binary.write_bytes(b"\x00\xd0\xff")
     assert "blob.bin: not UTF-8 text" in run_cli("ask", "--file", str(binary), "x").err
