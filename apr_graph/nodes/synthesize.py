@@ -53,25 +53,18 @@ def threads_in_plan_order(state: AprState) -> list[ThreadRecord]:
 def _partial_answer(threads: list[ThreadRecord], reason: str) -> str:
     """The answer of a run stopped by its deadline or budget: every result, whole or cut."""
 
-    def kind(thread: ThreadRecord) -> str:
-        if not (thread["answer"] or "").strip():
-            return "missing"
-        if thread["status"] == "done":
-            return "whole"
-        return "cut" if thread["status"] in {"cancelled", "truncated"} else "missing"
+    def cut(thread: ThreadRecord) -> bool:
+        return thread["status"] in {"cancelled", "truncated"}
 
-    cut = [t["id"] for t in threads if kind(t) == "cut"]
-    missing = [t["id"] for t in threads if kind(t) == "missing"]
-    notes = [f"the {reason} was reached"]
-    if cut:
-        notes.append(f"cut off: {', '.join(cut)}")
-    if missing:
-        notes.append(f"missing subtasks: {', '.join(missing)}")
-    parts = [
-        f"{t['goal']}\n{t['answer']}" + ("\n(cut off here)" if kind(t) == "cut" else "")
-        for t in threads
-        if kind(t) != "missing"
+    shown = [
+        t for t in threads if (t["answer"] or "").strip() and (t["status"] == "done" or cut(t))
     ]
+    notes = [f"the {reason} was reached"]
+    if cut_off := [t["id"] for t in shown if cut(t)]:
+        notes.append(f"cut off: {', '.join(cut_off)}")
+    if missing := [t["id"] for t in threads if t not in shown]:
+        notes.append(f"missing subtasks: {', '.join(missing)}")
+    parts = [f"{t['goal']}\n{t['answer']}" + ("\n(cut off here)" if cut(t) else "") for t in shown]
     return "\n\n".join([f"(incomplete: {'; '.join(notes)})", *parts])
 
 
