@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -143,8 +144,8 @@ folder, is refused at once instead of read for minutes)."""
 
 def read_files(paths: Sequence[str]) -> dict[str, str]:
     """The documents ``--file`` names, by path: ``-`` is standard input (named ``stdin``); a
-    folder gives its UTF-8 text files, hidden ones and ``__pycache__`` aside, and says on
-    stderr how many others it skipped."""
+    folder gives its UTF-8 text files (``_folder_files``), and says on stderr how many it
+    read and how many others it skipped."""
     documents: dict[str, str] = {}
     for given in paths:
         if given == "-":
@@ -160,10 +161,7 @@ def read_files(paths: Sequence[str]) -> dict[str, str]:
                 raise CliError(f"--file {given}: {exc.strerror or exc}", EXIT_USAGE) from exc
             continue
         found, skipped = 0, 0
-        for file in sorted(path.rglob("*")):
-            inside = file.relative_to(path).parts
-            if any(p.startswith(".") or p == "__pycache__" for p in inside) or not file.is_file():
-                continue
+        for file in _folder_files(path):
             try:
                 documents[str(file)] = file.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
@@ -178,9 +176,38 @@ def read_files(paths: Sequence[str]) -> dict[str, str]:
                 )
         if not found:
             raise CliError(f"--file {given}: no UTF-8 text file in this folder", EXIT_USAGE)
-        if skipped:
-            print(
-                f"apr: --file {given}: skipped {skipped} files that are not UTF-8 text",
-                file=sys.stderr,
-            )
+        others = f"; skipped {skipped} that are not UTF-8 text" if skipped else ""
+        print(f"apr: --file {given}: {found} text files{others}", file=sys.stderr)
     return documents
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """A folder's files, sorted: in a git work tree the ones git tracks or would track (not
+    what .gitignore ignores, such as a virtualenv); else all, hidden ones and ``__pycache__``
+    aside."""
+    try:
+        listed = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(folder),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=False,
+        )
+    except OSError:  # no git
+        listed = None
+    if listed is not None and listed.returncode == 0:
+        names = sorted(set(listed.stdout.decode("utf-8", "replace").split("\0")) - {""})
+        return [file for name in names if (file := folder / name).is_file()]
+    return [
+        file
+        for file in sorted(folder.rglob("*"))
+        if file.is_file()
+        and not any(p.startswith(".") or p == "__pycache__" for p in file.relative_to(folder).parts)
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ def test_apr_ask_reads_a_folder_s_text_files(
         "ask", "--base-url", server.base_url, "--model", "test-model", "--file", "src", TASK
     )
     assert done.code == 0, done.err
-    assert "apr: --file src: skipped 1 files that are not UTF-8 text" in done.err
+    assert "apr: --file src: 2 text files; skipped 1 that are not UTF-8 text" in done.err
     sent = _worker_text(server)
     review = sent["Review calculator.py for bugs"]
     assert '<document name=\\"src/calculator.py\\">' in review
@@ -181,6 +182,26 @@ def test_apr_ask_reads_a_folder_s_text_files(
     many = run_cli("ask", "--file", "src", "x")
     assert many.code == 2
     assert "--file src: more than 1 text files" in many.err
+
+
+def test_apr_ask_reads_what_git_would_track_of_a_folder_in_a_work_tree(
+    make_server: ServerFactory, run_cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = _server(make_server)
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "venv" / "lib" / "site.py").write_text("VENV-BODY")
+    (tmp_path / ".gitignore").write_text("venv/\n")
+    (tmp_path / "calculator.py").write_text(DOCUMENTS["calculator.py"])
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    done = run_cli(
+        "ask", "--base-url", server.base_url, "--model", "test-model", "--file", ".", TASK
+    )
+    assert done.code == 0, done.err
+    assert "apr: --file .: 2 text files" in done.err  # calculator.py and .gitignore
+    everything = server.chat_requests("planner")[0].all_text
+    assert "CALC-BODY" in everything
+    assert "VENV-BODY" not in everything
 
 
 def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> None:
