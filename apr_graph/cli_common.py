@@ -187,16 +187,7 @@ def _folder_files(folder: Path) -> list[Path]:
     aside."""
     try:
         listed = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(folder),
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ],
+            ["git", "-C", str(folder), "ls-files", "-z", "-co", "--exclude-standard"],
             capture_output=True,
             check=False,
         )
