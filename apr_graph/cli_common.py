@@ -183,8 +183,8 @@ def read_files(paths: Sequence[str]) -> dict[str, str]:
 
 def _folder_files(folder: Path) -> list[Path]:
     """A folder's files, sorted: in a git work tree the ones git tracks or would track (not
-    what .gitignore ignores, such as a virtualenv); else all, hidden ones and ``__pycache__``
-    aside."""
+    what .gitignore ignores, such as a virtualenv); else (or if git ignores the whole
+    folder) all, hidden ones and ``__pycache__`` aside."""
     try:
         listed = subprocess.run(
             ["git", "-C", str(folder), "ls-files", "-z", "-co", "--exclude-standard"],
@@ -195,7 +195,8 @@ def _folder_files(folder: Path) -> list[Path]:
         listed = None
     if listed is not None and listed.returncode == 0:
         names = sorted(set(listed.stdout.decode("utf-8", "replace").split("\0")) - {""})
-        return [file for name in names if (file := folder / name).is_file()]
+        if names:  # none: git ignores the whole folder
+            return [file for name in names if (file := folder / name).is_file()]
     return [
         file
         for file in sorted(folder.rglob("*"))

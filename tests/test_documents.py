@@ -202,6 +202,12 @@ def test_apr_ask_reads_what_git_would_track_of_a_folder_in_a_work_tree(
     everything = server.chat_requests("planner")[0].all_text
     assert "CALC-BODY" in everything
     assert "VENV-BODY" not in everything
+    # A folder git ignores whole is read as a folder outside git would be.
+    ignored = run_cli(
+        "ask", "--base-url", server.base_url, "--model", "test-model", "--file", "venv", TASK
+    )
+    assert ignored.code == 0, ignored.err
+    assert "apr: --file venv: 1 text files" in ignored.err
 
 
 def test_apr_ask_file_errors_are_clear(run_cli: CliRunner, tmp_path: Path) -> None:
