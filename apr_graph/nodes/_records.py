@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.state import CallRecord
@@ -37,17 +37,21 @@ def stopped_record(
     role: str,
     model: str,
     mode: str,
+    charge: Callable[[int], None],
     thread_id: str | None = None,
 ) -> CallRecord | None:
-    """The record of a request stopped before its reply ended (its prompt estimated), or
-    ``None`` if it was never sent."""
+    """The record of a request stopped before its reply ended (its prompt estimated), its
+    cost given to ``charge`` unless the client charged it; ``None`` if it was never sent."""
     if progress.started_at <= 0:
         return None
+    prompt = prompt_estimate(messages)
+    if not progress.charged:
+        charge(prompt + progress.completion_tokens)
     return CallRecord(
         role=role,
         thread_id=thread_id,
         model=model,
-        prompt_tokens=prompt_estimate(messages),
+        prompt_tokens=prompt,
         completion_tokens=progress.completion_tokens,
         cached_tokens=None,
         requests=max(1, progress.requests),

@@ -73,12 +73,16 @@ async def direct_answer(
             direct = await board.guard(work)
         except (StoppedError, BudgetExhaustedError) as stop:
             reason = board.budget.stop_reason or getattr(stop, "reason", "budget")
-            model = settings.model_for("planner")
-            record = stopped_record(progress, messages, role="planner", model=model, mode="stopped")
+            record = stopped_record(
+                progress,
+                messages,
+                role="planner",
+                model=settings.model_for("planner"),
+                mode="stopped",
+                charge=board.budget.charge,
+            )
             if record is not None:  # its cost counts, as a thread's does
                 calls.append(record)
-                if not progress.charged:
-                    board.budget.charge(record["prompt_tokens"] + record["completion_tokens"])
             so_far = "" if tools else strip_reasoning(progress.text)  # shown as it streamed
             if so_far:
                 return f"(incomplete: the {reason} was reached; the answer is cut off)\n\n{so_far}"

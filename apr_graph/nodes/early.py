@@ -145,17 +145,15 @@ class EarlyCall:
         if self.cancelled:
             return None
         self.cancelled = True
-        record = stopped_record(
+        return stopped_record(
             self.progress,
             self.messages,
             role="worker",
             model=self.model,
             mode="discarded",
+            charge=charge,
             thread_id=self.subtask["id"],
         )
-        if record is not None and not self.progress.charged:
-            charge(record["prompt_tokens"] + record["completion_tokens"])
-        return record
 
 
 @dataclass(eq=False)
