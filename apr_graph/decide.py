@@ -2,11 +2,11 @@
 
 Before the plan, a task the router (``apr_graph.router``) reads as one continuous piece is
 answered by one call, and so is one whose fan-out (plan + threads under the measured
-concurrency + merge) a speed profile of the endpoint (``apr calibrate``, or learned from
-earlier runs) predicts slower than one direct call. After the plan, a plan whose goals form
-one chain runs as one call, and the prediction is made again with the plan's own width and
-merge. With ``prefer="quality"`` the plan runs as planned. The decision goes into
-``plan["decision"]`` with its reason and predictions.
+concurrency + merge) a speed profile of the endpoint (``apr calibrate``, learned from
+earlier runs, or measured just before: ``probe_streams``) predicts slower than one direct
+call. After the plan, a plan whose goals form one chain runs as one call, and the prediction
+is made again with the plan's own width and merge. With ``prefer="quality"`` the plan runs
+as planned. The decision goes into ``plan["decision"]`` with its reason and predictions.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "before_plan",
     "is_chain",
     "predict",
+    "probe_streams",
     "prompt_tokens",
     "speed_store",
 ]
@@ -124,8 +125,9 @@ def before_plan(
     write as goals run without the model. A task whose parts are known (``goals``: its
     documents, when it asks something of each of them) is decided on speed instead, once the
     endpoint's profile can compare (or with ``prefer="quality"``): the router reads words,
-    and there the documents are the parts. Until then the router decides, as a first run on
-    a slow server would otherwise pay for a fork. ``planning``: a fork would cost a planning
+    and there the documents are the parts. Until then (the decompose node measures the
+    endpoint first, unless ``probe_speed`` is off) the router decides, as a first run on a
+    slow server would otherwise pay for a fork. ``planning``: a fork would cost a planning
     call (not for ``inputs.document_plan``). ``width``: requests the server runs at once.
     ``given``: the context as the input gave it.
     """
@@ -289,6 +291,26 @@ def _measured(profile: SpeedProfile, width: int) -> bool:
     runs answered directly teach) says nothing of what threads at once decode: read as "no
     gain", it would keep the endpoint from ever forking, and so from ever learning it."""
     return width <= 1 or max(profile.decode_tps) > 1
+
+
+def probe_streams(
+    task: str,
+    settings: AprSettings,
+    profile: SpeedProfile | None,
+    width: int,
+    depth: int,
+    goals: list[str] | None,
+) -> int:
+    """How many streams at once to measure before deciding on ``task`` (0: no measure:
+    the profile can compare, or the run does not decide on speed): as many as its parts
+    would run at once."""
+    if not settings.probe_speed or settings.prefer != "speed" or depth:
+        return 0
+    if profile is not None and _measured(profile, width):
+        return 0
+    parts = len(goals if goals is not None else labelled_parts(task)) or PARTS_UNLABELLED
+    streams = min(width, settings.max_threads, parts)
+    return streams if streams > 1 else 0
 
 
 def _part_tokens(profile: SpeedProfile) -> int:

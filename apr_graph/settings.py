@@ -278,6 +278,12 @@ class AprSettings(BaseSettings):
     learn_speed: bool = True
     """Update the endpoint's speed profile from each finished run's calls."""
 
+    probe_speed: bool = True
+    """Before the first fork decision on an endpoint whose profile has no figure for threads
+    at once, measure it (a few seconds on a CPU server, well under one on a GPU; once per
+    graph and endpoint, stored as runs' figures are). Off: such a first run forks as the
+    router and planner say, and its threads teach the figure."""
+
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
     """How to ask for JSON: ``auto`` tries ``json_schema``, ``json_object``, then the schema
     in the prompt, and remembers per endpoint what worked."""

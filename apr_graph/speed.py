@@ -21,6 +21,7 @@ from apr_graph.speed_profile import SpeedProfile, predict_call_s, predict_plan_s
 from apr_graph.speed_store import CALIBRATION_WEIGHT, SpeedStore, default_speed_file, endpoint_key
 
 __all__ = [
+    "COUNT",
     "SpeedProfile",
     "SpeedStore",
     "calibrate",
@@ -30,7 +31,8 @@ __all__ = [
     "predict_plan_s",
 ]
 
-_COUNT: list[Message] = [{"role": "user", "content": "Count from 1 to 500, separated by spaces."}]
+COUNT: list[Message] = [{"role": "user", "content": "Count from 1 to 500, separated by spaces."}]
+"""What a timed request asks (``apr calibrate``, the speed probe): a long, predictable reply."""
 _PREFILL_WORDS = 1000  # about a thousand tokens with common English words
 _MIN_DECODED = 16  # fewer tokens than this time only noise
 _VOCABULARY = (
@@ -101,7 +103,7 @@ async def calibrate(
     decode: dict[int, float] = {}
     for k in sorted({1, min(2, width), width}):
         started = time.perf_counter()
-        done = await asyncio.gather(*(ask(_COUNT, max_tokens=tokens) for _ in range(k)))
+        done = await asyncio.gather(*(ask(COUNT, max_tokens=tokens) for _ in range(k)))
         decode[k] = _aggregate_tps(done)
         gain = f" together, {decode[k] / decode[1]:.2f}x one stream" if k > 1 else ""
         say(

@@ -168,7 +168,8 @@ class SpeedStore:
         if part is not None:  # the last PART_MEMORY runs count: a model's habits change
             part_tokens, part_weight = _blend(part_tokens, min(part_weight, PART_MEMORY), part)
         observed = (stored.observed_calls if stored else 0) + len(calls)
-        base = stored.source.split("; observed in")[0] if stored else ""
+        # What the figures rest on besides observations: a calibration, say ("" if none).
+        base = stored.source.split("observed in")[0].rstrip("; ") if stored else ""
         since = f"observed in {observed} calls" + (" since" if base else "")
         profile = SpeedProfile(
             decode_tps=decode,

@@ -1,22 +1,26 @@
 """What an endpoint's speed profile learns from a user's own runs, without ``apr calibrate``.
 
-Not a test: it times whole runs on simulated servers (``apr_graph.testing.simulated``) and
-takes about a minute.
+Not a test: it times whole runs on simulated servers (``apr_graph.testing.simulated``), about
+a minute, or on a real endpoint (``--base-url``, a few minutes on a CPU server).
 
     PYTHONPATH=. python scripts/eval_speed_learning.py --out /tmp/learning.json
+    PYTHONPATH=. python scripts/eval_speed_learning.py --base-url http://127.0.0.1:8090/v1 \
+        --model qwen --tasks 2 --out /tmp/learning-real.json
 
-One compiled graph per server and policy, an empty speed profile, and the decision's defaults
-(router on, ``prefer="speed"``, learning on). The runs: a story first (the router answers it
-with one call, which teaches one stream's rate only), then ``--tasks`` tasks of three
-independent labelled parts. A scripted model writes as much as a real one would: 150 words a
-part, three times that for a direct answer to the whole task. The servers: ``gpu`` (batching
-nearly free, 3.9x one stream at 4 streams) and ``cpu`` (a 2-core llama-server ``-np 4``, 1.37x
-at 4). The policies, side by side in one process:
+One compiled graph per server and policy, an empty speed profile (in memory), and the
+decision's defaults (router on, ``prefer="speed"``, learning on). The runs: a story first (the
+router answers it with one call, which teaches one stream's rate only), then ``--tasks`` tasks
+of three independent labelled parts. On the simulated servers a scripted model writes as much
+as a real one would: 150 words a part, three times that for a direct answer to the whole task.
+The servers: ``gpu`` (batching nearly free, 3.9x one stream at 4 streams) and ``cpu`` (a 2-core
+llama-server ``-np 4``, 1.37x at 4). The policies, side by side in one process:
 
-- ``now``: a profile with no figure for threads at once is not used to decide (the task
-  forks as planned, and its threads measure the rest);
-- ``one-stream``: the decision before this change, which read such a profile as "threads at
-  once decode no faster than one".
+- ``one-stream``: a profile with no figure for threads at once read as "threads at once
+  decode no faster than one" (before session 23; simulated servers only);
+- ``learn``: such a profile is not used to decide: the task forks as planned, and its threads
+  measure the rest (``probe_speed=False``);
+- ``probe``: the endpoint is measured (one short probe) before that first decision (the
+  default since session 28).
 """
 
 from __future__ import annotations
@@ -61,12 +65,20 @@ def scripted_model(request: RecordedRequest) -> Reply:
     return Reply(content=" ".join(f"w{i}" for i in range(words)))
 
 
-async def sequence(kind: str, policy: str, tasks: int) -> list[dict[str, Any]]:
-    """The runs of one server and policy, each with its decision and wall time."""
-    server = SimulatedServer(scripted_model, latency=SERVERS[kind]).start()
+async def sequence(
+    kind: str, policy: str, tasks: int, endpoint: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The runs of one server (simulated ``kind``, or the real ``endpoint``: its URL and
+    model) and policy, each with its decision and wall time."""
+    server = None if endpoint else SimulatedServer(scripted_model, latency=SERVERS[kind]).start()
+    url, model = endpoint or (server.base_url if server else "", "test-model")
     try:
         settings = AprSettings(
-            base_url=server.base_url, model="test-model", speed_file="", prefer="speed"
+            base_url=url,
+            model=model,
+            speed_file="",
+            prefer="speed",
+            probe_speed=policy == "probe",
         )
         app = compile_apr_graph(settings=settings)
         rows = []
@@ -84,26 +96,31 @@ async def sequence(kind: str, policy: str, tasks: int) -> list[dict[str, Any]]:
                     "by": decision["by"],
                     "wall_s": round(time.perf_counter() - started, 3),
                     "threads": len(result["threads"]),
+                    "probe_calls": sum(c["role"] == "probe" for c in result["calls"]),
                 }
             )
         return rows
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=5, help="three-part tasks after the story")
     parser.add_argument("--out", type=Path, required=True, help="JSON file of the runs")
+    parser.add_argument("--base-url", help="a real endpoint instead of the simulated servers")
+    parser.add_argument("--model", default="default", help="its model name")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"tasks": args.tasks, "part_words": PART_WORDS, "runs": {}}
     lines = [
         "| server | policy | decisions (story, then the three-part tasks) | three-part wall s |",
         "|---|---|---|---|",
     ]
-    for kind in SERVERS:
-        for policy in ("one-stream", "now"):
-            rows = await sequence(kind, policy, args.tasks)
+    endpoint = (args.base_url, args.model) if args.base_url else None
+    for kind in [args.base_url] if endpoint else SERVERS:
+        for policy in ("learn", "probe") if endpoint else ("one-stream", "learn", "probe"):
+            rows = await sequence(kind, policy, args.tasks, endpoint)
             results["runs"][f"{kind}/{policy}"] = rows
             said = ", ".join(f"{r['choice']} ({r['by']})" for r in rows)
             wall = sum(r["wall_s"] for r in rows if r["task"] != "story")

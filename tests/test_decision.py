@@ -3,6 +3,7 @@ the server at hand (the speed profile), and plans whose goals form a chain."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -133,7 +134,7 @@ async def test_a_labelled_three_part_task_is_planned_and_forked(
     server = make_server(
         [Rule(role="planner", reply=Reply(content=plan)), Rule(role="worker", reply=worker)]
     )
-    app = compile_apr_graph(settings=settings_for(server, **decided()))
+    app = compile_apr_graph(settings=settings_for(server, **decided(probe_speed=False)))
 
     result = await app.ainvoke({"task": THREE})
 
@@ -150,7 +151,7 @@ async def test_the_router_can_be_turned_off_per_run(make_server: ServerFactory) 
     server = make_server(
         [Rule(role="planner", reply=Reply(content={"strategy": "direct", "answer": "ok"}))]
     )
-    app = compile_apr_graph(settings=settings_for(server, **decided()))
+    app = compile_apr_graph(settings=settings_for(server, **decided(probe_speed=False)))
 
     result = await app.ainvoke({"task": STORY}, context={"router": False})
 
@@ -177,7 +178,8 @@ async def test_a_plan_whose_goals_form_a_chain_runs_as_one_call(
         return Reply(content=chain if planner_request(request) else "72 clips")
 
     server = make_server([Rule(role="planner", reply=planner)])
-    app = compile_apr_graph(settings=settings_for(server, **decided(router=False)))
+    settings = settings_for(server, **decided(router=False, probe_speed=False))
+    app = compile_apr_graph(settings=settings)
 
     result = await app.ainvoke({"task": "Natalia sold clips in April and May: how many?"})
 
@@ -329,14 +331,13 @@ async def test_a_task_over_each_of_its_files_is_decided_by_speed_not_by_its_word
         assert request.last_user_message.endswith(read[0])
 
 
-async def test_until_the_endpoint_s_speed_is_known_the_router_decides_a_task_over_each_file(
+async def test_unmeasured_and_unprobed_the_router_decides_a_task_over_each_file(
     make_server: ServerFactory,
 ) -> None:
     # A first run on a slow server would otherwise pay for a fork it cannot know is slower.
     server = make_server([Rule(role="planner", reply=Reply(content="a.py defines a ..."))])
-    result = await compile_apr_graph(settings=settings_for(server, **decided())).ainvoke(
-        {"task": EACH, "context": FILES}
-    )
+    settings = settings_for(server, **decided(probe_speed=False))
+    result = await compile_apr_graph(settings=settings).ainvoke({"task": EACH, "context": FILES})
     assert result["plan"]["decision"]["by"] == "router"
     assert result["answer"] == "a.py defines a ..."
     assert len(server.chat_requests()) == 1
@@ -385,13 +386,14 @@ async def test_prefer_quality_forks_on_the_cpu_like_server_too(
 async def test_a_direct_answer_does_not_keep_an_endpoint_from_learning_what_forking_buys(
     simulated: list[SimulatedServer], latency: str, forks_again: bool
 ) -> None:
-    # No calibration. A first task answered directly teaches the endpoint one stream's rate
-    # only; that says nothing of what threads at once decode, so the next task that splits
-    # forks as planned, and its threads teach the rest: the third is decided on the server.
+    # No calibration, no probe. A first task answered directly teaches the endpoint one
+    # stream's rate only; that says nothing of what threads at once decode, so the next task
+    # that splits forks as planned, and its threads teach the rest: the third is decided on
+    # the server.
     model = LatencyModel.gpu(4) if latency == "gpu" else LatencyModel.cpu(20)
     server = SimulatedServer(scripted_model, latency=model).start()
     simulated.append(server)
-    settings = settings_for(server, **decided())
+    settings = settings_for(server, **decided(probe_speed=False))
     store, key = speed_store(settings), endpoint_key(server.base_url, "test-model")
     app = compile_apr_graph(settings=settings)
 
@@ -411,6 +413,95 @@ async def test_a_direct_answer_does_not_keep_an_endpoint_from_learning_what_fork
     assert faster is forks_again, again
 
 
+def counting(request: RecordedRequest) -> bool:
+    return "Count from 1" in request.last_user_message
+
+
+@pytest.mark.parametrize(
+    ("latency", "choice", "by"), [("gpu", "parallel", "plan"), ("cpu", "direct", "speed")]
+)
+async def test_a_first_fork_on_an_unmeasured_endpoint_is_measured_before_it_is_decided(
+    simulated: list[SimulatedServer], latency: str, choice: str, by: str
+) -> None:
+    # No calibration, no run has forked: before deciding on a task that splits, the graph
+    # times one stream and three at once, and decides on the server's own figures.
+    model = LatencyModel.gpu(4) if latency == "gpu" else LatencyModel.cpu(20)
+    server = SimulatedServer(scripted_model, latency=model).start()
+    simulated.append(server)
+    settings = settings_for(server, **decided())
+    store, key = speed_store(settings), endpoint_key(server.base_url, "test-model")
+    app = compile_apr_graph(settings=settings)
+
+    story = await app.ainvoke({"task": STORY})  # one piece: nothing to measure
+    assert story["plan"]["decision"]["by"] == "router"
+    assert not any(counting(r) for r in server.chat_requests())
+
+    notices: list[str] = []
+    result: dict[str, Any] = {}
+    async for mode, chunk in app.astream({"task": THREE}, stream_mode=["custom", "values"]):
+        if mode == "custom" and chunk["event"] == "notice":
+            notices.append(chunk["text"])
+        elif mode == "values":
+            result = chunk
+    decision = result["plan"]["decision"]
+    assert (decision["choice"], decision["by"]) == (choice, by), decision
+    assert (decision["predicted_parallel_s"] < decision["predicted_direct_s"]) is (
+        choice == "parallel"
+    )
+    # One stream's rate came from the story: only the three at once were timed.
+    probes = [r for r in server.chat_requests() if counting(r)]
+    assert len(probes) == 3
+    assert all(r.body and r.body["max_tokens"] == 32 for r in probes)
+    assert max(store.get(key).decode_tps) == 3  # type: ignore[union-attr]
+    assert [c["role"] for c in result["calls"]].count("probe") == 3
+    assert result["metrics"]["model_calls"] == len(result["calls"])
+    assert any("measuring what 3 threads at once buy" in n for n in notices), notices
+    gain = store.get(key).gain(3)  # type: ignore[union-attr]
+    assert (gain > 2) is (latency == "gpu"), gain
+
+    again = await app.ainvoke({"task": THREE})  # measured: decided at once
+    assert (again["plan"]["decision"]["choice"], again["plan"]["decision"]["by"]) == (choice, by)
+    assert len([r for r in server.chat_requests() if counting(r)]) == 3
+
+
+async def test_runs_at_once_on_an_unmeasured_endpoint_share_one_probe(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
+    simulated.append(server)
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    results = await asyncio.gather(*(app.ainvoke({"task": THREE}) for _ in range(4)))
+
+    # No profile at all: one stream alone, then three at once, for all four runs.
+    assert len([r for r in server.chat_requests() if counting(r)]) == 4
+    assert sum(r["plan"]["decision"]["by"] == "plan" for r in results) == 4
+    assert sum(c["role"] == "probe" for r in results for c in r["calls"]) == 4
+
+
+async def test_a_probe_that_fails_leaves_the_run_to_fork_as_planned(
+    simulated: list[SimulatedServer],
+) -> None:
+    def refuses_to_count(request: RecordedRequest) -> Reply:
+        if counting(request):
+            return Reply(status=400, error_message="this proxy refuses that request")
+        return scripted_model(request)
+
+    server = SimulatedServer(refuses_to_count, latency=LatencyModel.gpu(4)).start()
+    simulated.append(server)
+    app = compile_apr_graph(settings=settings_for(server, **decided(learn_speed=False)))
+
+    first = await app.ainvoke({"task": THREE})
+    second = await app.ainvoke({"task": THREE})
+
+    for result in (first, second):
+        decision = result["plan"]["decision"]
+        assert (decision["choice"], decision["by"]) == ("parallel", "plan"), decision
+        assert "no speed profile" in decision["reason"]
+        assert len(result["threads"]) == 3
+    assert len([r for r in server.chat_requests() if counting(r)]) == 1  # not tried again
+
+
 async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
     simulated: list[SimulatedServer],
 ) -> None:
@@ -419,7 +510,7 @@ async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
     server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
     simulated.append(server)
     store = InMemoryStore()
-    settings = settings_for(server, **decided(speed_file=None))
+    settings = settings_for(server, **decided(speed_file=None, probe_speed=False))
     first, second = (compile_apr_graph(settings=settings, store=store) for _ in "ab")
 
     await first.ainvoke({"task": STORY})

@@ -18,6 +18,7 @@ from apr_graph.prompts import (
     verifier_messages,
     worker_messages,
 )
+from apr_graph.speed import COUNT
 from apr_graph.state import SubtaskRecord
 from apr_graph.structured import repair_message, schema_instruction
 from apr_graph.testing import RecordedRequest, Reply, Rule
@@ -88,7 +89,7 @@ WARMUP = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Re
     [("planner", m) for m in PLANNER]
     + [("worker", m) for m in WORKER]
     + [("synthesizer", m) for m in SYNTHESIZER]
-    + [("warmup", WARMUP)],
+    + [("warmup", WARMUP), ("probe", COUNT)],
 )
 def test_every_prompt_is_read_as_the_role_it_is_sent_with(
     expected: str, messages: Messages

@@ -290,6 +290,7 @@ def test_observe_learns_a_profile_from_a_run() -> None:
     assert profile.first_token_s == pytest.approx(0.5)
     assert profile.source == "observed in 6 calls"
     assert store.get("e") == profile
+    assert store.observe("e", run_calls()).source == "observed in 12 calls"  # type: ignore[union-attr]
     assert SpeedStore(None).observe("e", [call(0.0, 3, 1.0)]) is None  # too short to time
 
 

@@ -54,9 +54,9 @@ class SimModel:
             "expand": self._expand,
             "native": self._native,
         }.get(role)
-        if task is None and role in {"sequential", "worker"}:
-            # Not one of its tasks: a calibration's request (``apr bench --calibrate``), which
-            # asks it to count for as long as it is allowed.
+        if task is None and role in {"sequential", "probe"}:
+            # Not one of its tasks: a calibration's or the speed probe's request, which asks
+            # it to count (or say OK) for as long as it is allowed.
             allowed = int((request.body or {}).get("max_tokens") or 64)
             return Reply(content=" ".join(str(n) for n in range(1, allowed + 1)))
         if task is None or handler is None:

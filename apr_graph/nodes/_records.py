@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from apr_graph.errors import StructuredOutputError
 from apr_graph.responses import Completion, Message, StreamProgress, prompt_estimate
 from apr_graph.state import CallRecord
 
-__all__ = ["call_record", "stopped_record"]
+__all__ = ["call_record", "failed_record", "stopped_record"]
 
 
 def call_record(completion: Completion, *, role: str, thread_id: str | None = None) -> CallRecord:
@@ -59,4 +60,22 @@ def stopped_record(
         ended_at=time.time(),
         mode=mode,
         first_token_at=progress.first_token_at,
+    )
+
+
+def failed_record(
+    exc: StructuredOutputError, *, role: str, model: str, started: float
+) -> CallRecord:
+    """The record of a structured call whose attempts all failed (what they cost)."""
+    return CallRecord(
+        role=role,
+        thread_id=None,
+        model=model,
+        prompt_tokens=exc.prompt_tokens,
+        completion_tokens=exc.completion_tokens,
+        cached_tokens=None,
+        requests=exc.attempts,
+        started_at=started,
+        ended_at=time.time(),
+        mode="failed",
     )

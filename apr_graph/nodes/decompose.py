@@ -14,7 +14,7 @@ from langgraph.types import Overwrite
 
 from apr_graph.board import Boards, RunBoard
 from apr_graph.budget import Budget, StoppedError
-from apr_graph.decide import after_plan, before_plan
+from apr_graph.decide import after_plan, before_plan, probe_streams
 from apr_graph.errors import (
     BudgetExhaustedError,
     ContextOverflowError,
@@ -34,9 +34,10 @@ from apr_graph.inputs import (
     split_context,
 )
 from apr_graph.llm import LLMClient
-from apr_graph.nodes._records import call_record
+from apr_graph.nodes._records import call_record, failed_record
 from apr_graph.nodes.direct import direct_answer
 from apr_graph.nodes.early import EarlyStarter
+from apr_graph.nodes.speed_probe import SpeedProbes
 from apr_graph.plan import (
     direct_plan,
     labelled_parts,
@@ -71,6 +72,7 @@ def make_decompose(
     ``settings.stream_plan``); ``tools``: the threads' tools, which the planner is told of
     and a direct answer may call."""
     listed = [(t.name, (t.description or "").strip().split("\n")[0][:200]) for t in tools]
+    probes = SpeedProbes()
 
     async def decompose(state: AprState, settings: AprSettings) -> dict[str, Any]:
         task, context = read_input(state)
@@ -100,6 +102,9 @@ def make_decompose(
         here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
         profile = await here.aget(endpoint) if settings.prefer == "speed" else None
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some
+        measure = functools.partial(
+            probes.profile, client, settings, here, endpoint, budget=board.budget, calls=run.calls
+        )
         slot = capacity.get("slot_context")
 
         async def follow(run: _Run, split: Pieces | None) -> dict[str, Any]:
@@ -111,7 +116,7 @@ def make_decompose(
                 board.system = shared_system(task, "", merge=merge)  # the merge reads results
                 normalised = within_slots(pieces_plan(split, merge, slot), set(), board.budget)
             else:
-                normalised = await choose(run, free, limit, profile)
+                normalised = await choose(run, free, limit, profile, measure)
             if normalised["strategy"] == "parallel":
                 if settings.review_plan and depth == 0:  # the checkpoint says so on resume
                     normalised["review"] = "pending"
@@ -161,16 +166,22 @@ def make_decompose(
                 raise
             return await follow(run, split)
 
-    async def choose(run: _Run, free: int, limit: int, profile: SpeedProfile | None) -> PlanRecord:
+    async def choose(
+        run: _Run,
+        free: int,
+        limit: int,
+        profile: SpeedProfile | None,
+        measure: Callable[[int], Awaitable[SpeedProfile | None]],
+    ) -> PlanRecord:
         """Direct or parallel: by a document map, the router and speed, or the planner."""
         settings, given = run.settings, run.given
         mapped = document_plan(run.task, given, settings, slots=free, tools=bool(tools))
         goals = each_document(run.task, given) if mapped is None else [s["goal"] for s in mapped]
-        decision, shape = before_plan(
+        decide = functools.partial(
+            before_plan,
             run.task,
             run.context,
             settings,
-            profile,
             width=limit,
             depth=run.depth,
             given=given,
@@ -178,6 +189,13 @@ def make_decompose(
             planning=mapped is None,
             tools=bool(tools),
         )
+        decision, shape = decide(profile)
+        # A fork to weigh (or known parts the router would otherwise decide) on an endpoint
+        # whose speed with threads at once is unknown: measure it first.
+        streams = probe_streams(run.task, settings, profile, limit, run.depth, goals)
+        if streams and (decision is None or goals is not None):
+            profile = await measure(streams)
+            decision, shape = decide(profile)
         if decision is not None:
             normalised = direct_plan("", [])
             normalised["decision"] = decision
@@ -294,20 +312,8 @@ def make_decompose(
             normalised = direct_plan(
                 "", [f"no valid plan ({exc.attempts} attempts): answering directly"]
             )
-            calls.append(
-                CallRecord(
-                    role="planner",
-                    thread_id=None,
-                    model=settings.model_for("planner"),
-                    prompt_tokens=exc.prompt_tokens,
-                    completion_tokens=exc.completion_tokens,
-                    cached_tokens=None,
-                    requests=exc.attempts,
-                    started_at=started,
-                    ended_at=time.time(),
-                    mode="failed",
-                )
-            )
+            model = settings.model_for("planner")
+            calls.append(failed_record(exc, role="planner", model=model, started=started))
         except (StoppedError, BudgetExhaustedError):
             reason = budget.stop_reason or "budget"
             normalised = direct_plan("", [f"stopped while planning: {reason}"])

@@ -155,7 +155,8 @@ def make_finish(
             # A small file written with fsync: in a worker thread, not on the loop where
             # other runs' threads are streaming.
             here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
-            await asyncio.to_thread(here.observe, endpoint, state.get("calls") or [])
+            calls = [c for c in state.get("calls") or [] if c["role"] != "probe"]  # learned
+            await asyncio.to_thread(here.observe, endpoint, calls)
         update: dict[str, Any] = {"metrics": metrics}
         answer = state.get("answer")
         if (

@@ -14,6 +14,7 @@ differently from a thread tells them apart by what every request of a role carri
   user message says what is asked (later user messages are repairs or tool results):
   ``warmup`` (the cache warm-up's "Reply with OK."), ``synthesizer`` (a merge, and the judge
   and the verifier, which run with the synthesizer's role) or ``worker`` (a thread's subtask);
+- ``probe``: a timed request of ``apr calibrate`` or the speed probe (``speed.COUNT``);
 - the benchmark's other baselines (``apr_graph.bench.strategies``): ``skeleton`` by its
   system message, ``expand`` by its one user message, and its
   warm-up's "Say OK." as ``warmup``.
@@ -32,10 +33,11 @@ from __future__ import annotations
 from typing import Any
 
 from apr_graph.local import FIRST_ANSWER
+from apr_graph.speed import COUNT
 
 __all__ = ["ROLES", "role_of", "text_of"]
 
-ROLES = ("planner", "worker", "synthesizer", "warmup", "native", "skeleton", "expand")
+ROLES = ("planner", "worker", "synthesizer", "warmup", "probe", "native", "skeleton", "expand")
 """Every role ``role_of`` can tell."""
 
 _PLANNER = (
@@ -52,6 +54,7 @@ _MERGES = (
 )
 _THREADS = ("Subtask ", "Results of the subtasks this one depends on:")
 _WARMUPS = ("Reply with OK.", "Say OK.", FIRST_ANSWER)
+_PROBE = str(COUNT[0]["content"])  # the speed probe's and calibration's timed requests
 _BASELINES = {
     "Write the skeleton of an answer": "skeleton",
 }
@@ -80,6 +83,8 @@ def role_of(body: dict[str, Any] | None) -> str | None:
             return role
     if not system and asked in _WARMUPS:
         return "warmup"
+    if not system and asked == _PROBE:
+        return "probe"
     if asked.endswith("\n</context>") and len(messages) <= 2:
         return "planner"  # a direct answer with a context (and own instructions, if any)
     if not system and asked.startswith("Task: ") and "\nExpand point " in asked:
