@@ -502,6 +502,34 @@ async def test_a_probe_that_fails_leaves_the_run_to_fork_as_planned(
     assert len([r for r in server.chat_requests() if counting(r)]) == 1  # not tried again
 
 
+async def test_a_probe_takes_at_most_a_quarter_of_a_run_s_deadline_and_is_tried_again_later(
+    make_server: ServerFactory,
+) -> None:
+    plan = {"strategy": "parallel", "merge": "concat", "subtasks": ["1", "2", "3"]}
+    server = make_server(
+        [
+            Rule(role="probe", reply=Reply(content="1 2 3", delay_s=5.0), times=1),
+            Rule(role="probe", reply=Reply(content=" ".join(str(n) for n in range(1, 33)))),
+            Rule(role="planner", reply=Reply(content=plan)),
+            Rule(role="worker", reply=Reply(content="a part")),
+        ]
+    )
+    app = compile_apr_graph(settings=settings_for(server, **decided()))
+
+    started = time.perf_counter()
+    hurried = await app.ainvoke({"task": THREE}, context={"deadline_s": 8.0})
+
+    assert time.perf_counter() - started < 5.0  # the probe gave up after 2 s, not 5
+    decision = hurried["plan"]["decision"]
+    assert (decision["choice"], decision["by"]) == ("parallel", "plan"), decision
+    assert "no speed profile" in decision["reason"]
+    assert hurried["answer"].count("a part") == 3
+    later = await app.ainvoke({"task": THREE})  # no deadline: this run has the time
+    # The hurried run's one request (given up), then one stream alone and three at once.
+    assert len(server.chat_requests("probe")) == 1 + 4
+    assert "no speed profile" not in later["plan"]["decision"]["reason"]
+
+
 async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
     simulated: list[SimulatedServer],
 ) -> None:

@@ -12,11 +12,12 @@ profile learns from them as from any run's calls, so later runs and processes re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 from apr_graph.budget import Budget, StoppedError
 from apr_graph.capacity import ProbeOnce
-from apr_graph.errors import AprError
+from apr_graph.errors import AprError, BudgetExhaustedError
 from apr_graph.events import emit
 from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record
@@ -30,7 +31,8 @@ PROBE_TOKENS = 32
 """Tokens each probe reply is asked for: enough to time a decode rate, few enough to cost
 a few seconds on a 1.5B model on 2 CPU cores (well under one on a GPU server)."""
 PROBE_TIMEOUT_S = 60.0
-"""A probe that takes longer is given up (the run goes on as if it had not been asked)."""
+"""A probe that takes longer (or over a quarter of the run's deadline) is given up: the run
+goes on as if it had not been asked, and a later run probes again."""
 
 
 class SpeedProbes:
@@ -63,12 +65,19 @@ class SpeedProbes:
             if known is not None and max(known.decode_tps) > 1:  # another process measured it
                 return
             emit("notice", text=f"apr: measuring what {streams} threads at once buy here (once)")
+            own: list[CallRecord] = []
+            remaining = budget.remaining_s()  # a deadline: the probe may take a quarter of it
+            limit = PROBE_TIMEOUT_S if remaining is None else min(PROBE_TIMEOUT_S, remaining / 4)
             try:
-                async with asyncio.timeout(PROBE_TIMEOUT_S):
-                    own = await _measure(client, settings, streams, budget, alone=known is None)
+                async with asyncio.timeout(limit):
+                    await _measure(client, settings, streams, budget, own, alone=known is None)
             except (AprError, StoppedError, TimeoutError) as exc:
-                reason = "it took too long" if isinstance(exc, TimeoutError) else exc
+                calls.extend(own)
+                late = isinstance(exc, TimeoutError | StoppedError | BudgetExhaustedError)
+                reason = f"it took over {limit:.1f}s" if isinstance(exc, TimeoutError) else exc
                 emit("notice", text=f"apr: the speed probe failed ({reason}): forking as planned")
+                if late:  # a later run may have the time
+                    raise _LateError from None
                 return
             calls.extend(own)
             learned = await asyncio.to_thread(store.observe, endpoint, own)
@@ -76,24 +85,38 @@ class SpeedProbes:
                 gain = learned.gain(streams)
                 emit("notice", text=f"apr: {streams} at once decode {gain:.2f}x one stream here")
 
-        await once.run(probe)
+        with contextlib.suppress(_LateError):
+            await once.run(probe)
         return await store.aget(endpoint)
 
 
+class _LateError(Exception):
+    """The probe ran out of time or budget (its timeout, the run's deadline or tokens): not
+    done, so a later run probes again."""
+
+
 async def _measure(
-    client: LLMClient, settings: AprSettings, streams: int, budget: Budget, *, alone: bool
-) -> list[CallRecord]:
-    """The probe's calls: one stream alone (if ``alone``), then ``streams`` at once."""
+    client: LLMClient,
+    settings: AprSettings,
+    streams: int,
+    budget: Budget,
+    calls: list[CallRecord],
+    *,
+    alone: bool,
+) -> None:
+    """The probe's calls, each added to ``calls`` as it ends: one stream alone (if
+    ``alone``), then ``streams`` at once."""
     # Counting repeats digits: the loop guard must not cut it short. The profile is of the
     # worker model (the endpoint's key).
     update = {"stop_loops": False, "model": settings.model_for("worker")}
     client = client.for_run(settings.model_copy(update=update))
 
-    async def ask() -> CallRecord:
+    async def ask() -> None:
         done = await client.chat(
             COUNT, role="probe", max_tokens=PROBE_TOKENS, temperature=0.0, budget=budget
         )
-        return call_record(done, role="probe")
+        calls.append(call_record(done, role="probe"))
 
-    calls = [await ask()] if alone else []
-    return calls + list(await asyncio.gather(*(ask() for _ in range(streams))))
+    if alone:
+        await ask()
+    await asyncio.gather(*(ask() for _ in range(streams)))
