@@ -81,7 +81,8 @@ async def _measure(
 def calibrate_command(args: argparse.Namespace) -> int:
     """Run ``apr calibrate``; errors are raised for ``apr``'s main to report."""
     # apr's own option handling, as apr ask uses it (cli imports this module first)
-    from apr_graph.speed import SpeedStore, default_speed_file, endpoint_key
+    from apr_graph.speed import SpeedStore, default_speed_file
+    from apr_graph.speed_store import profile_key
 
     if args.streams < 1 or args.tokens < 16:
         raise CliError("--streams must be at least 1 and --tokens at least 16", EXIT_USAGE)
@@ -93,13 +94,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
 
     with ExitStack() as stack:
-        if local is None:
-            assert settings.base_url is not None  # local_choice picks a model otherwise
-            key = endpoint_key(settings.base_url, settings.model)
-        else:
+        if local is not None:  # its key names the model file (speed_endpoint), not the port
             settings, _, _ = local.start(stack, settings, notice=notice)
-            # The embedded server listens on a new port each time: its model is the key.
-            key = endpoint_key(f"local://{local.model.path}", settings.model)
+        assert settings.base_url is not None  # local_choice picks a model otherwise
+        key = profile_key(settings, settings.base_url)  # the key runs decide with
         profile = asyncio.run(_measure(settings, args, notice))
     path = args.speed_file or default_speed_file()
     SpeedStore(path).put(key, profile)

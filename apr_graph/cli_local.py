@@ -146,8 +146,12 @@ class LocalChoice:
         self, settings: AprSettings, server: LocalServer
     ) -> tuple[AprSettings, dict[str, Any]]:
         """``settings`` aimed at ``server`` with this model's defaults, and the run record."""
+        # Replicas are not this server; its port changes with every start, so its speed
+        # profile is kept under its model file and slots.
+        where = f"local://{self.model.path}?parallel={server.parallel_requests}"
+        speed = {} if "speed_endpoint" in settings.model_fields_set else {"speed_endpoint": where}
         updated, sources = apply_local_defaults(
-            settings.model_copy(update={"base_urls": []}),  # replicas are not this server
+            settings.model_copy(update={"base_urls": [], **speed}),
             self.defaults,
             base_url=server.base_url,
             model=self.model.alias,

@@ -44,6 +44,7 @@ GRAPH_ONLY: dict[str, str] = {
     "structured_output": "the structured-output mode remembered per endpoint",
     "speed_file": "the endpoint's speed profile, shared by every run",
     "learn_speed": "the endpoint's speed profile, shared by every run",
+    "speed_endpoint": "the endpoint's speed profile, shared by every run",
     "probe_speed": "the endpoint's speed profile, shared by every run",
     "native": "the graph's shape",
     "native_prompt": "the graph's native format",

@@ -275,6 +275,11 @@ class AprSettings(BaseSettings):
     """The JSON file of measured endpoint speeds; ``None``: ``$APR_SPEED_FILE``, else
     ``~/.cache/apr-graph/speed.json``; ``""``: in memory only."""
 
+    speed_endpoint: str | None = None
+    """The name the endpoint's speed profile is kept under, instead of its ``base_url``: the
+    embedded local model names it after its file and slots, as its server's port changes
+    with every start."""
+
     learn_speed: bool = True
     """Update the endpoint's speed profile from each finished run's calls."""
 

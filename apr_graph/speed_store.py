@@ -35,6 +35,7 @@ __all__ = [
     "SpeedStore",
     "default_speed_file",
     "endpoint_key",
+    "profile_key",
     "run_speed_store",
 ]
 
@@ -60,6 +61,12 @@ def endpoint_key(base_url: str, model: str) -> str:
         host, slash, path = rest.partition("/")
         url = f"{scheme.lower()}://{host.lower()}{slash}{path}"
     return f"{model} @ {url}"
+
+
+def profile_key(settings: AprSettings, base_url: str) -> str:
+    """The store's key of the profile runs with ``settings`` on ``base_url`` decide with: the
+    worker model at ``settings.speed_endpoint`` or ``base_url``."""
+    return endpoint_key(settings.speed_endpoint or base_url, settings.model_for("worker"))
 
 
 def default_speed_file() -> Path:

@@ -41,7 +41,7 @@ from apr_graph.plan import labelled_parts, normalise_plan
 from apr_graph.plan_schema import Plan, plan_json_schema
 from apr_graph.prompts import planner_messages
 from apr_graph.settings import AprSettings
-from apr_graph.speed import endpoint_key
+from apr_graph.speed_store import profile_key
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "decision"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -94,7 +94,7 @@ async def decide_only(
 ) -> dict[str, Any]:
     """The run's decision as the decompose node takes it, without running the threads."""
     store = speed_store(settings)
-    profile = store.get(endpoint_key(client.base_url, settings.model_for("worker")))
+    profile = store.get(profile_key(settings, client.base_url))
     profile = profile if settings.prefer == "speed" else None
     started = time.time()
     decision, shape = before_plan(task, "", settings, profile, width=width, depth=0)
@@ -248,7 +248,7 @@ async def main() -> int:
         width = report["limit"]
         results["capacity"] = report
         store = speed_store(settings)
-        profile = store.get(endpoint_key(client.base_url, settings.model_for("worker")))
+        profile = store.get(profile_key(settings, client.base_url))
         results["speed_profile"] = None if profile is None else profile.source
         sets = [s for s in args.sets.split(",") if s]
         ways = [w for w in args.ways.split(",") if w]

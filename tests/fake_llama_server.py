@@ -49,6 +49,12 @@ def _worker(request: RecordedRequest) -> Reply:
     return Reply(content=f"the result is {ANSWERS[goal]}", chunk_delay_s=0.05)
 
 
+def _count(request: RecordedRequest) -> Reply:
+    # A timed request (apr calibrate, the speed probe): counting, as long as it is allowed.
+    allowed = int((request.body or {}).get("max_tokens") or 16)
+    return Reply(content=" ".join(str(n) for n in range(1, allowed + 1)), chunk_delay_s=0.005)
+
+
 def _crash(request: RecordedRequest) -> Reply:
     # As llama.cpp does on a CPU path this machine refuses (AMX in a sandbox): SIGSEGV.
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -71,6 +77,9 @@ def _rules(no_repack: bool) -> list[Rule]:
         Rule(role="worker", reply=_worker),
         Rule(role="synthesizer", reply=Reply(content=joined)),
         Rule(role="warmup", reply=Reply(content="OK")),
+        Rule(role="probe", reply=_count),
+        # apr calibrate's latency and prefill requests ("Note ...: Say OK.")
+        Rule(where=lambda r: r.role is None, reply=Reply(content="OK")),
     ]
 
 

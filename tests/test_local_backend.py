@@ -123,6 +123,32 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
     assert metrics["thread_span_s"] < metrics["thread_time_sum_s"]
 
 
+def test_a_local_model_s_speed_is_kept_under_its_file_not_its_server_s_port(
+    run_cli: CliRunner,
+    fake_llama: Path,
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each start of the model's server takes a new port: a profile kept under the port
+    # would never be read again, by the next run or after apr calibrate.
+    monkeypatch.setenv("APR_PREFER", "speed")
+    speed = tmp_path / "speed.json"
+    done = run_cli("calibrate", "--local-model", str(model), "--streams", "2", "--tokens", "16")
+    assert done.code == 0, done.err
+    (key,) = json.loads(speed.read_text())["endpoints"]
+    assert key == f"qwen2.5-1.5b-instruct-q4_k_m @ local://{model}?parallel=4"
+
+    trace = tmp_path / "run.json"
+    done = run_cli("ask", "--local-model", str(model), "--trace", str(trace), TASK)
+    assert done.code == 0, done.err
+    decision = json.loads(trace.read_text())["plan"]["decision"]
+    assert decision["by"] in {"speed", "plan"}, decision
+    assert decision["speed_source"].startswith("apr calibrate"), decision
+    assert "measuring" not in done.err  # calibrated: nothing to probe
+    assert list(json.loads(speed.read_text())["endpoints"]) == [key]
+
+
 @pytest.fixture
 def ask_crashing(
     run_cli: CliRunner, fake_llama: Path, model: Path, tmp_path: Path, monkeypatch: Any

@@ -34,7 +34,8 @@ from apr_graph.errors import InputError
 from apr_graph.llm import LLMClient
 from apr_graph.local import LocalBackendError, LocalServer
 from apr_graph.settings import AprSettings
-from apr_graph.speed import calibrate, endpoint_key
+from apr_graph.speed import calibrate
+from apr_graph.speed_store import profile_key
 from apr_graph.testing.simulated import LatencyModel, SimulatedServer
 
 __all__ = ["main", "parser"]
@@ -227,9 +228,7 @@ async def _bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]
             profile = await calibrate(
                 client, on_progress=lambda line: print(f"apr bench: {line}", file=sys.stderr)
             )
-            speed_store(settings).put(
-                endpoint_key(client.base_url, settings.model_for("worker")), profile
-            )
+            speed_store(settings).put(profile_key(settings, client.base_url), profile)
             results["speed_profile"] = profile.to_json()
         outcomes = await run_tasks(client, tasks, strategies, points=args.points, progress=step)
         results["suites"] = summarise(outcomes)

@@ -49,8 +49,8 @@ from apr_graph.plan_schema import Plan, plan_json_schema
 from apr_graph.prompts import planner_messages, shared_system
 from apr_graph.router import Shape
 from apr_graph.settings import AprSettings
-from apr_graph.speed import SpeedProfile, SpeedStore, endpoint_key
-from apr_graph.speed_store import run_speed_store
+from apr_graph.speed import SpeedProfile, SpeedStore
+from apr_graph.speed_store import profile_key, run_speed_store
 from apr_graph.state import AprState, CallRecord, PlanRecord, SubtaskRecord
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def make_decompose(
                 text=f"apr: {client.base_url} does not report how many requests it runs at "
                 f"once; sending up to {limit} at a time (set max_concurrency to change it)",
             )
-        endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
+        endpoint = profile_key(settings, client.base_url)
         here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
         profile = await here.aget(endpoint) if settings.prefer == "speed" else None
         free = settings.max_total_threads - board.budget.threads_started  # siblings hold some

@@ -15,8 +15,8 @@ from apr_graph.llm import LLMClient
 from apr_graph.plan import plan_of
 from apr_graph.responses import LOOPED
 from apr_graph.settings import AprSettings
-from apr_graph.speed import SpeedStore, endpoint_key
-from apr_graph.speed_store import run_speed_store
+from apr_graph.speed import SpeedStore
+from apr_graph.speed_store import profile_key, run_speed_store
 from apr_graph.state import AprState, CallRecord, DecisionRecord, ThreadRecord
 
 __all__ = ["compute_metrics", "decision_metrics", "make_finish"]
@@ -151,7 +151,7 @@ def make_finish(
         if decision is not None:
             metrics.update(decision_metrics(decision))
         if settings.learn_speed and not state.get("depth"):
-            endpoint = endpoint_key(client.base_url, settings.model_for("worker"))
+            endpoint = profile_key(settings, client.base_url)
             # A small file written with fsync: in a worker thread, not on the loop where
             # other runs' threads are streaming.
             here = run_speed_store(speed, settings)  # the graph's LangGraph store, if any
