@@ -140,6 +140,8 @@ def before_plan(
         return _record("direct", "router", reason + why, shape), shape
     if settings.prefer == "quality" or profile is None or not _measured(profile, width):
         return None, shape
+    if tools:  # its goals may be tool calls, run without the model: the plan will say
+        return None, shape
     goals = list(labelled_parts(task).values()) if goals is None else goals
     view, partial = planner_view(given, settings.planner_document_chars)
     estimate = Estimate(
@@ -168,17 +170,22 @@ def after_plan(
     width: int,
     spent_s: float = 0.0,
     given: str | Mapping[str, str] = "",
+    tool_goals: int = 0,
 ) -> DecisionRecord:
     """The decision once the model has planned: run the plan, or answer with one call.
 
     ``spent_s``: seconds the run has taken so far (the planning call), added to both
-    predictions so that each is of the whole run."""
+    predictions so that each is of the whole run. ``tool_goals``: goals written as calls of
+    the threads' tools, run without the model."""
     if plan["strategy"] != "parallel":  # the planner's choice, or its plan had no parts
         why = "; ".join(plan["notes"]) or "the planner answered directly"
         return _record("direct", "model", why, shape)
     subtasks = plan["subtasks"]
     if settings.prefer == "quality":
         return _record("parallel", "quality", "prefer='quality': forking as planned", shape)
+    if subtasks and tool_goals == len(subtasks):
+        why = f"its {len(subtasks)} goals are tool calls, run without the model"
+        return _record("parallel", "plan", why, shape)
     if is_chain(subtasks):
         return _record(
             "direct",
@@ -300,11 +307,13 @@ def probe_streams(
     width: int,
     depth: int,
     goals: list[str] | None,
+    *,
+    tools: bool = False,
 ) -> int:
     """How many streams at once to measure before deciding on ``task`` (0: no measure:
-    the profile can compare, or the run does not decide on speed): as many as its parts
-    would run at once."""
-    if not settings.probe_speed or settings.prefer != "speed" or depth:
+    the profile can compare, or the run does not decide on speed, nor before its plan, as
+    with ``tools``): as many as its parts would run at once."""
+    if not settings.probe_speed or settings.prefer != "speed" or depth or tools:
         return 0
     if profile is not None and _measured(profile, width):
         return 0

@@ -20,6 +20,7 @@ __all__ = [
     "labelled_parts",
     "normalise_plan",
     "part_markers",
+    "plan_labels",
     "plan_of",
     "repair_dependencies",
     "within_slots",
@@ -329,3 +330,12 @@ def within_slots(plan: PlanRecord, held: set[str], budget: Budget) -> PlanRecord
     clamped = plan.copy()
     clamped["subtasks"], clamped["notes"] = subtasks, notes
     return clamped
+
+
+def plan_labels(task: str, settings: AprSettings, tools: bool) -> list[str]:
+    """The labels a parallel plan names its subtasks by, or none (goals written out): none
+    with tools (a part is written as its call), nor past ``max_threads`` (parts grouped)."""
+    if not settings.label_goals or tools:
+        return []
+    labels = list(labelled_parts(task))
+    return labels if len(labels) <= settings.max_threads else []

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from langchain_core.tools import tool
 from langgraph.store.memory import InMemoryStore
 
 from apr_graph import compile_apr_graph
@@ -17,7 +18,7 @@ from apr_graph.decide import is_chain, speed_store
 from apr_graph.llm import LLMClient
 from apr_graph.prompts import DIRECT_SYSTEM, direct_messages
 from apr_graph.router import task_shape
-from apr_graph.speed import calibrate, default_speed_file, endpoint_key
+from apr_graph.speed import SpeedProfile, calibrate, default_speed_file, endpoint_key
 from apr_graph.speed_store import PROFILES
 from apr_graph.state import SubtaskRecord
 from apr_graph.testing import RecordedRequest, Reply, Rule
@@ -528,6 +529,39 @@ async def test_a_probe_takes_at_most_a_quarter_of_a_run_s_deadline_and_is_tried_
     # The hurried run's one request (given up), then one stream alone and three at once.
     assert len(server.chat_requests("probe")) == 1 + 4
     assert "no speed profile" not in later["plan"]["decision"]["reason"]
+
+
+@tool
+def stock_level(item: str) -> int:
+    """How many units of an item are in stock (bolts, nuts, gears)."""
+    return {"bolts": 1200, "nuts": 860, "gears": 42}[item]
+
+
+async def test_with_tools_a_plan_of_tool_calls_forks_even_where_threads_would_not_pay(
+    make_server: ServerFactory,
+) -> None:
+    # A CPU-like profile, where three model threads would lose to one call. Before the plan
+    # nothing can tell that the parts are lookups: the planner is asked, and a plan whose
+    # goals are all tool calls runs them without the model (one call answering directly
+    # would make them one after another, and may run out of tool calls: the example did).
+    plan = {
+        "strategy": "parallel",
+        "merge": "concat",
+        "subtasks": [f"stock_level({item})" for item in ("bolts", "nuts", "gears")],
+    }
+    server = make_server([Rule(role="planner", reply=Reply(content=plan))])
+    settings = settings_for(server, **decided())
+    cpu = SpeedProfile({1: 20.0, 4: 24.0}, 150.0, 0.2, "hand")
+    speed_store(settings).put(endpoint_key(server.base_url, "test-model"), cpu)
+    app = compile_apr_graph(settings=settings, tools=[stock_level])
+
+    result = await app.ainvoke({"task": "How many bolts, nuts and gears are in stock?"})
+
+    decision = result["plan"]["decision"]
+    assert (decision["choice"], decision["by"]) == ("parallel", "plan"), decision
+    assert "tool calls, run without the model" in decision["reason"]
+    assert [t["answer"] for t in result["threads"]] == ["1200", "860", "42"]
+    assert [r.role for r in server.chat_requests()] == ["planner"]  # no probe, no thread call
 
 
 async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(

@@ -240,7 +240,31 @@ async def test_a_text_call_past_the_limit_is_flagged(make_server: ServerFactory)
     completion = await run_loop(server, max_tool_calls=1)
 
     assert completion.unrun_tool_call == "a call to multiply after the limit of 1 tool calls"
-    assert [bool(r.body.get("tools")) for r in server.chat_requests()] == [True, False]
+    # Run; told once that the limit is reached; still a call: flagged.
+    assert [bool(r.body.get("tools")) for r in server.chat_requests()] == [True, False, False]
+    told = responses_in(server.chat_requests()[-1])[-1]
+    assert "not run: the limit of 1 tool calls is reached; answer now" in told
+
+
+async def test_a_model_told_the_limit_is_reached_answers_with_what_it_has(
+    make_server: ServerFactory,
+) -> None:
+    # A question of three lookups under a limit of two (Qwen2.5-Coder-1.5B asked for the
+    # third): the third call is answered "answer now", and the model answers.
+    server = make_server(
+        [
+            Rule(reply=Reply(content=FENCED_CALL), times=3),
+            Rule(reply=Reply(content="17 * 23 = 391; the third was not looked up")),
+        ]
+    )
+
+    completion = await run_loop(server, max_tool_calls=2)
+
+    assert completion.unrun_tool_call is None
+    assert completion.text == "17 * 23 = 391; the third was not looked up"
+    requests = server.chat_requests()
+    assert [bool(r.body.get("tools")) for r in requests] == [True, True, False, False]
+    assert responses_in(requests[-1])[-1].endswith("reached; answer now\n</tool_response>")
 
 
 async def test_a_thread_whose_text_call_is_cut_is_not_done_without_an_error(
@@ -571,7 +595,8 @@ async def test_a_direct_answer_that_is_an_unrun_call_is_an_error(
     app = compile_apr_graph(settings=settings_for(server, max_tool_calls=1), tools=TOOLS)
     with pytest.raises(ModelCallError, match="did not answer: its reply was a call to multiply"):
         await app.ainvoke({"task": "Write what 17 times 23 is"})
-    assert len(server.chat_requests("planner")) == 3  # the plan; the call run once, then refused
+    # The plan; the call run once; told the limit is reached; a call again: refused.
+    assert len(server.chat_requests("planner")) == 4
 
 
 @pytest.mark.parametrize(

@@ -37,11 +37,12 @@ from apr_graph.llm import LLMClient
 from apr_graph.nodes._records import call_record, failed_record
 from apr_graph.nodes.direct import direct_answer
 from apr_graph.nodes.early import EarlyStarter
+from apr_graph.nodes.goal_call import goal_call
 from apr_graph.nodes.speed_probe import SpeedProbes
 from apr_graph.plan import (
     direct_plan,
-    labelled_parts,
     normalise_plan,
+    plan_labels,
     repair_dependencies,
     within_slots,
 )
@@ -192,7 +193,9 @@ def make_decompose(
         decision, shape = decide(profile)
         # A fork to weigh (or known parts the router would otherwise decide) on an endpoint
         # whose speed with threads at once is unknown: measure it first.
-        streams = probe_streams(run.task, settings, profile, limit, run.depth, goals)
+        streams = probe_streams(
+            run.task, settings, profile, limit, run.depth, goals, tools=bool(tools)
+        )
         if streams and (decision is None or goals is not None):
             profile = await measure(streams)
             decision, shape = decide(profile)
@@ -244,7 +247,7 @@ def make_decompose(
         depth, board, calls = run.depth, run.board, run.calls
         started = time.time()
         budget = board.budget
-        labels = _labels(task, settings, listed)
+        labels = plan_labels(task, settings, bool(listed))
         view, partial = planner_view(run.given, settings.planner_document_chars)
         # Documents shown cut: the schema (no answer field) keeps the planner from answering.
         messages = planner_messages(task, view, settings.max_threads, width, listed, labels)
@@ -301,6 +304,9 @@ def make_decompose(
                 width=limit,
                 spent_s=time.time() - started,
                 given=run.given,
+                tool_goals=sum(
+                    goal_call(s["goal"], tools) is not None for s in normalised["subtasks"]
+                ),
             )
             if decision["choice"] == "direct" and normalised["strategy"] == "parallel":
                 normalised = direct_plan(
@@ -373,15 +379,6 @@ def _dropped_reason(planned: bool, budget: Budget, settings: AprSettings, plan: 
     if budget.stop_reason:
         return f"the run stopped while planning ({budget.stop_reason})"
     return "the final plan has no place for it"
-
-
-def _labels(task: str, settings: AprSettings, tools: list[tuple[str, str]] | None) -> list[str]:
-    """The labels a parallel plan names its subtasks by, or none (goals written out): none
-    with tools (a part is written as its call), nor past ``max_threads`` (parts grouped)."""
-    if not settings.label_goals or tools:
-        return []
-    labels = list(labelled_parts(task))
-    return labels if len(labels) <= settings.max_threads else []
 
 
 async def _warm(run: _Run) -> None:

@@ -71,9 +71,10 @@ async def tool_loop(
     role: str = "worker",
 ) -> Completion:
     """Let the model call ``tools`` until it answers, at most ``max_tool_calls`` calls (a
-    failing or unknown tool is reported to the model, not raised): one ``Completion`` for
-    all. The tools note ends the last message, so the shared system prefix stays the same.
-    ``role``: whose model answers (a thread's, or the planner's for a direct answer)."""
+    failing or unknown tool is reported to the model, not raised; a call past the limit is
+    answered "answer now" once): one ``Completion`` for all. The tools note ends the last
+    message, so the shared system prefix stays the same. ``role``: whose model answers (a
+    thread's, or the planner's for a direct answer)."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     by_name = {tool.name: tool for tool in tools}
@@ -81,7 +82,7 @@ async def tool_loop(
     conversation = _with_note(
         messages, tools_note(tools, unit="subtask" if role == "worker" else "task")
     )
-    used, limit = 0, settings.max_tool_calls
+    used, limit, told = 0, settings.max_tool_calls, False
     total: Completion | None = None
     while True:
         offer = specs if used < limit else None
@@ -96,7 +97,9 @@ async def tool_loop(
         )
         total = completion if total is None else total.plus(completion)
         calls, unrun, as_text = _requested(completion, by_name)
-        if calls and offer is None:
+        if calls and offer is None and not told:  # told once to answer with what it has
+            told, used = True, limit + 1
+        elif calls and offer is None:
             names = ", ".join(dict.fromkeys(c["name"] for c in calls))
             calls, unrun = [], f"a call to {names} after the limit of {limit} tool calls"
         if not calls:
