@@ -124,11 +124,11 @@ def test_a_gguf_runs_on_parallel_slots_with_defaults_that_fit_it(
 
 
 def test_a_local_model_s_speed_is_kept_under_its_file_not_its_server_s_port(
-    run_cli: CliRunner,
     fake_llama: Path,
     model: Path,
-    tmp_path: Path,
+    run_cli: CliRunner,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     # Each start of the model's server takes a new port: a profile kept under the port
     # would never be read again, by the next run or after apr calibrate.
