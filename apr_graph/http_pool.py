@@ -271,6 +271,8 @@ class SseResponse:
         self._timeout_s = timeout_s
         self._url = url
         self._lines: AsyncGenerator[list[str], None] | None = None
+        self.cut = False
+        """Closed before its end (the server may still be generating until it notices)."""
 
     @property
     def request(self) -> Any:
@@ -304,4 +306,5 @@ class SseResponse:
         if self._response.content.is_eof():
             self._response.release()
         else:
+            self.cut = True
             self._response.close()
