@@ -142,11 +142,11 @@ def before_plan(
         return None, shape
     if tools:  # its goals may be tool calls, run without the model: the plan will say
         return None, shape
-    goals = list(labelled_parts(task).values()) if goals is None else goals
+    goals, parts = _fork_parts(task, goals, settings)
     view, partial = planner_view(given, settings.planner_document_chars)
     estimate = Estimate(
         prompt_tokens=prompt_tokens(task, context),
-        parts=min(len(goals) or PARTS_UNLABELLED, settings.max_threads),
+        parts=parts,
         part_tokens=_part_tokens(profile),
         thread_prompt_tokens=thread_prompt_tokens(task, given, goals, settings.thread_documents),
         planner_prompt_tokens=prompt_tokens(task, view) if planning and partial else None,
@@ -317,9 +317,15 @@ def probe_streams(
         return 0
     if profile is not None and _measured(profile, width):
         return 0
-    parts = len(goals if goals is not None else labelled_parts(task)) or PARTS_UNLABELLED
-    streams = min(width, settings.max_threads, parts)
+    streams = min(width, _fork_parts(task, goals, settings)[1])
     return streams if streams > 1 else 0
+
+
+def _fork_parts(task: str, goals: list[str] | None, settings: AprSettings) -> tuple[list[str], int]:
+    """The goals a fork of ``task`` is costed by (``goals`` if known, else its labelled
+    parts), and how many threads it would run (``PARTS_UNLABELLED`` without any)."""
+    known = list(labelled_parts(task).values()) if goals is None else goals
+    return known, min(len(known) or PARTS_UNLABELLED, settings.max_threads)
 
 
 def _part_tokens(profile: SpeedProfile) -> int:
