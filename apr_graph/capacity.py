@@ -44,6 +44,11 @@ class CapacityReport:
     slot_context: int | None = None
     kv_cache_tokens: int | None = None
 
+    @property
+    def slot_caches(self) -> bool:
+        """Whether each of the server's slots keeps its own prompt cache (llama.cpp)."""
+        return self.source.startswith("llama.cpp")
+
 
 def server_root(base_url: str) -> str:
     """``http://host:port`` of an OpenAI-compatible ``.../v1`` URL."""

@@ -279,7 +279,7 @@ class OpenAITransport:
         try:
             end = await read_stream(response, progress, piece_of)
         finally:
-            if response.cut and endpoint.report.source.startswith("llama.cpp"):
+            if response.cut and endpoint.report.slot_caches:
                 endpoint.settle_until = time.monotonic() + _SETTLE_S
         return Reply(
             progress.text,
