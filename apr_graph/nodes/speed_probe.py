@@ -75,7 +75,7 @@ class SpeedProbes:
                 calls.extend(own)
                 late = isinstance(exc, TimeoutError | StoppedError | BudgetExhaustedError)
                 reason = f"it took over {limit:.1f}s" if isinstance(exc, TimeoutError) else exc
-                emit("notice", text=f"apr: the speed probe failed ({reason}): forking as planned")
+                emit("notice", text=f"apr: the speed probe failed ({reason}): deciding without it")
                 if late:  # a later run may have the time
                     raise _LateError from None
                 return
