@@ -3,7 +3,7 @@
 Every event is a JSON-shaped dict with an ``event`` key:
 
 - ``{"event": "notice", "text"}``: a one-line message for the user (e.g. the server does
-  not report its capacity).
+  not report its capacity, or is being measured before a first fork: ``probe_speed``).
 - ``{"event": "plan", "strategy", "subtasks": [{"id", "goal"}], "notes", "merge", "depth",
   "decision"}``: the plan is ready. ``merge``: how results are combined (``None`` for a
   direct answer); ``depth``: 0 for the run's own plan, one more per nested fork;
