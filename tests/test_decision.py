@@ -531,6 +531,26 @@ async def test_a_probe_takes_at_most_a_quarter_of_a_run_s_deadline_and_is_tried_
     assert "no speed profile" not in later["plan"]["decision"]["reason"]
 
 
+async def test_a_probe_s_figures_go_to_the_graphs_langgraph_store_for_every_replica(
+    simulated: list[SimulatedServer],
+) -> None:
+    server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
+    simulated.append(server)
+    store = InMemoryStore()
+    settings = settings_for(server, **decided(speed_file=None))
+    first, second = (compile_apr_graph(settings=settings, store=store) for _ in "ab")
+
+    measured = await first.ainvoke({"task": THREE})
+    (item,) = store.search(PROFILES)
+    assert sorted(item.value["decode_tps"]) == ["1", "3"]
+    assert [c["role"] for c in measured["calls"]].count("probe") == 4
+    again = await second.ainvoke({"task": THREE})  # another replica: nothing to measure
+
+    assert not any(c["role"] == "probe" for c in again["calls"])
+    assert len([r for r in server.chat_requests() if counting(r)]) == 4
+    assert not default_speed_file().exists()
+
+
 @tool
 def stock_level(item: str) -> int:
     """How many units of an item are in stock (bolts, nuts, gears)."""
