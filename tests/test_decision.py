@@ -531,14 +531,23 @@ async def test_a_probe_takes_at_most_a_quarter_of_a_run_s_deadline_and_is_tried_
     assert "no speed profile" not in later["plan"]["decision"]["reason"]
 
 
-async def test_a_probe_s_figures_go_to_the_graphs_langgraph_store_for_every_replica(
-    simulated: list[SimulatedServer],
-) -> None:
+def replicas(
+    simulated: list[SimulatedServer], **overrides: Any
+) -> tuple[SimulatedServer, InMemoryStore, Any, Any]:
+    """A GPU-like server, and two graphs on it sharing one LangGraph store and no speed file
+    (two replicas of a deployment: LangGraph Server brings one store for all)."""
     server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
     simulated.append(server)
     store = InMemoryStore()
-    settings = settings_for(server, **decided(speed_file=None))
+    settings = settings_for(server, **decided(speed_file=None, **overrides))
     first, second = (compile_apr_graph(settings=settings, store=store) for _ in "ab")
+    return server, store, first, second
+
+
+async def test_a_probe_s_figures_go_to_the_graphs_langgraph_store_for_every_replica(
+    simulated: list[SimulatedServer],
+) -> None:
+    server, store, first, second = replicas(simulated)
 
     measured = await first.ainvoke({"task": THREE})
     (item,) = store.search(PROFILES)
@@ -587,13 +596,8 @@ async def test_with_tools_a_plan_of_tool_calls_forks_even_where_threads_would_no
 async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
     simulated: list[SimulatedServer],
 ) -> None:
-    # Two replicas of a deployment (LangGraph Server brings one store for all): what one
-    # learns of the endpoint, the other decides with; no speed file is written.
-    server = SimulatedServer(scripted_model, latency=LatencyModel.gpu(4)).start()
-    simulated.append(server)
-    store = InMemoryStore()
-    settings = settings_for(server, **decided(speed_file=None, probe_speed=False))
-    first, second = (compile_apr_graph(settings=settings, store=store) for _ in "ab")
+    # What one replica learns of the endpoint, the other decides with; no speed file.
+    server, store, first, second = replicas(simulated, probe_speed=False)
 
     await first.ainvoke({"task": STORY})
     (item,) = store.search(PROFILES)
@@ -606,7 +610,6 @@ async def test_graphs_sharing_a_langgraph_store_share_what_they_learn(
     again = (await first.ainvoke({"task": THREE}))["plan"]["decision"]
     assert (again["choice"], again["by"]) == ("parallel", "plan")
     assert again["predicted_parallel_s"] < again["predicted_direct_s"]
-    assert settings.speed_file is None
     assert not default_speed_file().exists()
 
 
