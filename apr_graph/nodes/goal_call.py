@@ -24,7 +24,7 @@ _MAX_GOAL_CHARS = 500
 def goal_call(goal: str, tools: Sequence[BaseTool]) -> dict[str, str] | None:
     """``{"name", "arguments"}`` (arguments as JSON) if ``goal`` is a call of one of ``tools``."""
     text = goal.strip().rstrip(".;")
-    if not text or len(text) > _MAX_GOAL_CHARS:
+    if not tools or not text or len(text) > _MAX_GOAL_CHARS:
         return None
     try:
         tree = ast.parse(text, mode="eval").body
