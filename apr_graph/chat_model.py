@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from apr_graph.errors import ConfigurationError
 from apr_graph.limiter import AdaptiveLimiter
 from apr_graph.llm import LLMClient
-from apr_graph.responses import LOOPED, Completion, Reply, StreamProgress, prompt_estimate
+from apr_graph.responses import (
+    LOOPED,
+    Completion,
+    Reply,
+    StreamProgress,
+    estimate_tokens,
+    prompt_estimate,
+)
 from apr_graph.retry import CallBudget
 from apr_graph.settings import AprSettings
 from apr_graph.transport import ChatRequest, TextRequest, admit
@@ -67,15 +74,19 @@ class ChatModelTransport:
             runnable: Any = self._model_for(request)
             if request.tools:
                 runnable = runnable.bind_tools(list(request.tools))
+            counted = None
             if request.stream:
                 reply = await _stream(runnable, messages, progress)
                 text = progress.text
+                # Without usage: each chunk is a token at least, 4 characters one at most
+                # (digits and code run denser than that).
+                counted = max(progress.completion_tokens, estimate_tokens(text))
             else:
                 reply = await runnable.ainvoke(messages)
                 text = reply.content if isinstance(reply.content, str) else str(reply.content)
             calls = _tool_calls(reply)
             finish = LOOPED if progress.loop is not None else _finish_reason(reply, calls)
-            answered = Reply(text, finish, _usage(reply), tool_calls=calls)
+            answered = Reply(text, finish, _usage(reply), tool_calls=calls, counted=counted)
             return answered.completion(
                 request.model, prompt_estimate(request.messages), progress, budget
             )

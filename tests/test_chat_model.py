@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field
 
 from apr_graph import AprSettings, ChatModelClient, compile_apr_graph
@@ -185,3 +186,37 @@ async def test_chatopenai_sends_the_limits_to_the_server(make_server: ServerFact
     sent = [(b.get("max_completion_tokens"), b.get("temperature")) for b in bodies]
     assert sent == [(800, 0.2), (300, 0.2), (300, 0.2), (700, 0.2)]
     assert result["threads"][0]["answer"] == "The proof begins and ends here."
+
+
+class Chunked(BaseChatModel):
+    """Streams ``chunks`` as they are, with no usage (as many providers' streams come)."""
+
+    chunks: list[str]
+
+    @property
+    def _llm_type(self) -> str:
+        return "chunked-fake"
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("".join(self.chunks)))])
+
+    def _stream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self.chunks:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=chunk))
+
+
+async def test_a_stream_without_usage_is_counted_by_its_chunks_or_its_characters() -> None:
+    # Counting (the speed probe's request) streams a token of 2-3 characters a chunk: at 4
+    # characters a token it read as a quarter of its length, too short to time.
+    numbers = [f"{n} " for n in range(1, 41)]
+    prose = ["The quick brown fox jumps over the lazy dog. " * 2] * 4  # a few tokens a chunk
+    for chunks, tokens in ((numbers, 40), (prose, len("".join(prose)) // 4)):
+        client = ChatModelClient(Chunked(chunks=chunks), AprSettings(stop_loops=False))
+        done = await client.chat([{"role": "user", "content": "Go."}], role="worker")
+        assert done.text == "".join(chunks).strip()
+        assert done.completion_tokens == tokens
+        await client.aclose()
