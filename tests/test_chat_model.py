@@ -193,20 +193,20 @@ class Chunked(BaseChatModel):
 
     chunks: list[str]
 
-    @property
-    def _llm_type(self) -> str:
-        return "chunked-fake"
+    def _stream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self.chunks:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=chunk))
 
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
     ) -> ChatResult:
         return ChatResult(generations=[ChatGeneration(message=AIMessage("".join(self.chunks)))])
 
-    def _stream(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
-    ) -> Iterator[ChatGenerationChunk]:
-        for chunk in self.chunks:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=chunk))
+    @property
+    def _llm_type(self) -> str:
+        return "chunked-fake"
 
 
 async def test_a_stream_without_usage_is_counted_by_its_chunks_or_its_characters() -> None:
