@@ -295,10 +295,16 @@ def _repeated_goals(
 
 
 def direct_plan(answer: str | None, notes: list[str]) -> PlanRecord:
-    """A plan that answers in one call (``answer`` may be empty: then a direct call follows)."""
-    return PlanRecord(
-        strategy="direct", answer=(answer or "").strip(), subtasks=[], merge=None, notes=notes
-    )
+    """A plan that answers in one call (``answer`` may be empty: then a direct call follows;
+    so it is when the answer is a placeholder, as the 135M demo model writes "...")."""
+    text = (answer or "").strip()
+    if text and _PLACEHOLDER.fullmatch(text):
+        notes = [*notes, f"the planner's answer {text!r} says nothing: answering by one call"]
+        text = ""
+    return PlanRecord(strategy="direct", answer=text, subtasks=[], merge=None, notes=notes)
+
+
+_PLACEHOLDER = re.compile(r"[.\u2026\u2013\u2014_?\s-]{1,40}")  # dots, ellipsis, dashes
 
 
 def plan_of(state: Mapping[str, Any]) -> PlanRecord:

@@ -56,6 +56,19 @@ def test_direct_plan_without_subtasks_has_no_notes() -> None:
     assert result["notes"] == []
 
 
+@pytest.mark.parametrize("placeholder", ["...", "\u2026", " - ", "?"])
+def test_a_direct_answer_that_is_a_placeholder_is_no_answer(placeholder: str) -> None:
+    # The 135M demo model planned {"strategy": "direct", "answer": "..."}: apr printed "...".
+    plan = Plan.model_validate({"strategy": "direct", "answer": placeholder})
+    result = normalise_plan(plan, AprSettings())
+    assert result["answer"] == ""  # the node asks one call for the answer
+    assert result["notes"] == [
+        f"the planner's answer {placeholder.strip()!r} says nothing: answering by one call"
+    ]
+    plus = Plan.model_validate({"strategy": "direct", "answer": "+"})
+    assert normalise_plan(plus, AprSettings())["answer"] == "+"  # an answer of one symbol
+
+
 def test_empty_parallel_plan_becomes_direct() -> None:
     result = normalise_plan(parallel(answer="42"), AprSettings())
     assert result == {
